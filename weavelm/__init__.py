@@ -1,0 +1,11 @@
+"""weavelm: a plugin-based LLM inference engine."""
+
+from weavelm.core.config import EngineConfig
+from weavelm.core.llm_engine import LLM, LLMEngine
+from weavelm.core.outputs import CompletionOutput, RequestOutput
+from weavelm.core.request import SamplingParams
+from weavelm.errors import ConfigError, LoadError, PluginError, RequestError, WeaveError
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput",
+           "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "__version__"]

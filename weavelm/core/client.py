@@ -1,0 +1,54 @@
+"""EngineCoreClient: how the frontend talks to the engine core. InprocClient runs the core in this process."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from weavelm.core.config import EngineConfig
+from weavelm.core.engine_core import EngineCore
+from weavelm.core.outputs import EngineCoreOutput
+from weavelm.core.request import Request
+
+
+class EngineCoreClient(ABC):
+    max_model_len: int
+    model_info: dict[str, Any]
+
+    @abstractmethod
+    def add_request(self, request: Request) -> None: ...
+
+    @abstractmethod
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]: ...
+
+    @abstractmethod
+    def get_output(self) -> list[EngineCoreOutput]:
+        """Run (or wait for) one core step and return its per-request deltas."""
+
+    @abstractmethod
+    def has_unfinished_requests(self) -> bool: ...
+
+    def shutdown(self) -> None:
+        pass
+
+
+class InprocClient(EngineCoreClient):
+    def __init__(self, config: EngineConfig):
+        self.core = EngineCore(config)
+        self.max_model_len = self.core.max_model_len
+        self.model_info = self.core.model_info
+
+    def add_request(self, request: Request) -> None:
+        self.core.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        return self.core.abort_requests(request_ids)
+
+    def get_output(self) -> list[EngineCoreOutput]:
+        return self.core.step()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def shutdown(self) -> None:
+        self.core.shutdown()

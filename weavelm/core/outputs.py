@@ -1,0 +1,132 @@
+"""The data that crosses stage boundaries. Plain dataclasses of builtins so they pickle cheaply (multiproc, Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from weavelm.core.request import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the worker has not seen yet, sent once in full.
+
+    `block_ids` are the KV blocks the request owns; `num_computed_tokens` tokens already sit in them
+    (prefix-cache hits), so the worker computes from there.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestsData:
+    """Deltas for requests the worker already holds, parallel lists indexed alike.
+
+    `new_block_ids[i]` are blocks appended since the last step; when `resumed_from_preemption[i]` is true they
+    replace the request's block table instead (its blocks were freed when it was preempted).
+    """
+
+    req_ids: list[str] = field(default_factory=list)
+    resumed_from_preemption: list[bool] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run this step. `num_scheduled_tokens[req_id]` new tokens per scheduled request.
+
+    `preempted_req_ids` left the running batch this step (their state stays with the worker until they resume or
+    finish); `finished_req_ids` finished since the last step and can be dropped by the worker.
+    """
+
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: CachedRequestsData
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    scheduled_encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
+    num_common_prefix_blocks: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What one step produced. `sampled_token_ids[i]` is empty for a request whose prompt chunk did not finish
+    the prompt. `logprobs[i]` parallels it (logprob of each sampled token) or is None when not requested."""
+
+    req_ids: list[str]
+    req_id_to_index: dict[str, int]
+    sampled_token_ids: list[list[int]]
+    logprobs: list[list[float] | None] | None = None
+
+
+EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, [], None)
+
+
+@dataclass
+class EngineCoreOutput:
+    """Per-request delta from one core step, for the frontend."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[float] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class SchedulerStats:
+    """Per-step stats, passed to the `weavelm_step_finished` hook."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_preempted: int = 0  # preemptions during this step
+    kv_usage: float = 0.0  # fraction of KV blocks in use
+    prefix_hit_rate: float = 0.0  # cumulative share of queried prompt tokens found in the prefix cache
+    num_cached_blocks: int = 0
+    num_scheduled_tokens: int = 0
+    step: int = 0
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The user-facing result (vLLM's shape). Streaming yields it repeatedly with growing outputs."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,37 @@
+"""Typed errors. Every error a user can cause is a WeaveError whose message names the field and the fix."""
+
+from __future__ import annotations
+
+
+class WeaveError(Exception):
+    """Base of every error weavelm raises on purpose."""
+
+
+class ConfigError(WeaveError, ValueError):
+    """An engine configuration (YAML, keyword overrides, --set) is invalid.
+
+    `errors` holds one `(yaml_path, message)` pair per problem; all are reported together.
+    """
+
+    def __init__(self, errors: list[tuple[str, str]] | str):
+        if isinstance(errors, str):
+            errors = [("", errors)]
+        self.errors = errors
+        lines = [f"{path}: {msg}" if path else msg for path, msg in errors]
+        super().__init__("invalid engine configuration:\n  " + "\n  ".join(lines))
+
+
+class PluginError(WeaveError, LookupError):
+    """A plugin is unknown, failed to load, or two distributions claim the same name."""
+
+
+class LoadError(WeaveError, OSError):
+    """Weights or a model directory cannot be loaded: missing, truncated, corrupt or unsafe."""
+
+
+class RequestError(WeaveError, ValueError):
+    """A request (prompt or sampling parameters) is invalid. The engine keeps serving other requests."""
+
+
+class EngineError(WeaveError, RuntimeError):
+    """The engine itself failed (a worker died, the core process exited)."""

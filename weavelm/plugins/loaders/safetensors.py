@@ -1,0 +1,123 @@
+"""The `safetensors` loader: single files and sharded checkpoints (`model.safetensors.index.json`).
+
+The safetensors library validates each file; the tensors are then read one at a time with plain reads into fresh
+buffers rather than through a memory map, so pages of the file never count against the process: peak host memory
+is the model plus the largest tensor, not the model plus the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+
+from weavelm.core.hookspecs import hookimpl
+from weavelm.errors import LoadError
+from weavelm.plugins.loaders.common import FileLoader, WeightRecord, weight_files
+
+INDEX = "model.safetensors.index.json"
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(file: str) -> tuple[int, dict[str, dict]]:
+    """`(data_start, name -> {dtype, shape, data_offsets})`, with each tensor's span checked against the file size.
+
+    Raises LoadError naming the file, and the tensor when one is at fault (truncation, wrong size, bad dtype).
+    """
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(MAX_HEADER, size - 8):
+            raise LoadError(f"{file}: not a safetensors file or its header is corrupt (header length {n}, file "
+                            f"size {size}); re-download or re-convert it")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoadError(f"{file}: safetensors header is corrupt ({e}); re-download or re-convert it") from e
+    header.pop("__metadata__", None)
+    data_start, data_size = 8 + n, size - 8 - n
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            nbytes = math.prod(shape) * dtype.itemsize
+        except (KeyError, TypeError, ValueError) as e:
+            raise LoadError(f"{file}: tensor {name!r} has a corrupt header entry {info!r}") from e
+        if end - begin != nbytes or begin < 0:
+            raise LoadError(f"{file}: tensor {name!r} spans bytes {begin}..{end} but dtype {info['dtype']} and "
+                            f"shape {shape} need {nbytes}; the header is corrupt")
+        if end > data_size:
+            raise LoadError(f"{file}: tensor {name!r} ends at byte {data_start + end} but the file has {size} "
+                            f"bytes; the file is truncated")
+    return data_start, header
+
+
+def validate(file: str) -> tuple[int, dict[str, dict]]:
+    """Our header read (names the tensor at fault) followed by the library's own validation."""
+    from safetensors import safe_open
+
+    parsed = read_header(file)
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except Exception as e:  # the library raises SafetensorError and others
+        raise LoadError(f"{file}: rejected by safetensors ({e}); re-download or re-convert it") from e
+    return parsed
+
+
+def read_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of a validated file, in file order, in a fresh buffer of its own."""
+    data_start, header = validate(file)
+    order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    with open(file, "rb", buffering=0) as f:
+        for name, info in order:
+            tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            if end > begin:
+                f.seek(data_start + begin)
+                buf = tensor.reshape(-1).view(torch.uint8).numpy()
+                if f.readinto(memoryview(buf)) != end - begin:
+                    raise LoadError(f"{file}: tensor {name!r} could not be read in full; the file is truncated")
+            yield name, tensor
+
+
+class SafetensorsLoader(FileLoader):
+    name = "safetensors"
+    description = "Hugging Face safetensors, single or sharded; streams one tensor at a time with low peak memory."
+
+    @classmethod
+    def detect(cls, path: str) -> str | None:
+        if os.path.isfile(path):
+            return "a .safetensors file" if path.endswith(".safetensors") else None
+        if os.path.isfile(os.path.join(path, INDEX)):
+            return f"{INDEX} (sharded safetensors)"
+        if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
+            return "*.safetensors files"
+        return None
+
+    def load_hf_config(self, path: str):
+        from weavelm.core.model_files import load_hf_config
+        return load_hf_config(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+
+    def iter_sourced(self, path: str) -> Iterator[WeightRecord]:
+        files = weight_files(path, single=("model.safetensors",), index=INDEX, suffixes=(".safetensors",),
+                             fmt="safetensors")
+        for file in files:
+            for name, tensor in read_tensors(file):
+                yield file, name, tensor
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("loader", SafetensorsLoader.name, SafetensorsLoader)

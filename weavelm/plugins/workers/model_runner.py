@@ -1,0 +1,195 @@
+"""The default ModelRunner: persistent batch, vectorised input preparation, forward, logits, sampling."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
+from weavelm.core.hookspecs import hookimpl
+from weavelm.core.interfaces import ModelRunner
+from weavelm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from weavelm.core.registry import get_registry
+from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
+from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle, select_attention
+from weavelm.plugins.workers.sampler import SamplingMetadata, sample
+
+logger = logging.getLogger("weavelm.runner")
+
+
+class RunnerOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cuda_graph_max_bs: int = Field(512, ge=0, le=512, description="Largest decode batch captured in a CUDA graph.")
+
+
+
+
+class GPUModelRunner(ModelRunner):
+    name = "model_runner"
+    description = "Persistent batch, vectorised input preparation, paged attention, on-device sampling."
+    Options = RunnerOptions
+
+    def __init__(self, options: RunnerOptions, config: Any, device: torch.device):
+        super().__init__(options, config, device)
+        self.bundle: ModelBundle | None = None
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        sched = config.scheduler.options
+        self.max_num_reqs = getattr(sched, "max_num_seqs", 256)
+        self.max_num_tokens = getattr(sched, "max_num_batched_tokens", 8192)
+        self.block_size = config.cache.block_size
+        self.graphs = None
+
+    # -- setup --------------------------------------------------------------------------------------------
+    def load_model(self) -> None:
+        self.bundle = load_model_bundle(self.config, self.device)
+        b = self.bundle
+        self.max_model_len = b.max_model_len
+        self.max_blocks_per_req = -(-self.max_model_len // self.block_size)
+        self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
+        num_layers, num_heads, num_kv_heads, head_size = b.model.attention_layout()
+        spec = AttentionSpec(self.device.type, b.dtype, head_size, num_heads, num_kv_heads, self.block_size)
+        self.attn_backend = select_attention(self.config, spec, get_registry())
+        scale = head_size ** -0.5
+        self.attn_impls = [self.attn_backend.make_impl(num_heads, num_kv_heads, head_size, scale)
+                           for _ in range(num_layers)]
+        self.attn_builder = self.attn_backend.make_builder(self.device)
+        self.layout = (num_layers, num_heads, num_kv_heads, head_size)
+
+    def model_info(self) -> dict[str, Any]:
+        b = self.bundle
+        return {"max_model_len": b.max_model_len, "vocab_size": b.vocab_size, "dtype": str(b.dtype),
+                "attention": self.attn_backend.name, "architecture": type(b.model).__name__}
+
+    def kv_cache_bytes_per_block(self) -> int:
+        num_layers, _, num_kv_heads, head_size = self.layout
+        elem = torch.empty((), dtype=self.bundle.dtype).element_size()
+        return 2 * num_layers * self.block_size * num_kv_heads * head_size * elem
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        num_layers, _, num_kv_heads, head_size = self.layout
+        shape = self.attn_backend.kv_cache_shape(num_blocks, self.block_size, num_kv_heads, head_size)
+        self.kv_caches = [torch.zeros(shape, dtype=self.bundle.dtype, device=self.device) for _ in range(num_layers)]
+        self.num_blocks = num_blocks
+
+    @torch.inference_mode()
+    def profile_peak_memory(self) -> int:
+        """Run a forward of `max_num_batched_tokens` tokens with no KV cache and return peak bytes."""
+        from weavelm.plugins.workers.profiling import profile_run
+        return profile_run(self)
+
+    # -- per step -----------------------------------------------------------------------------------------
+    def _update_states(self, so: SchedulerOutput) -> None:
+        batch = self.batch
+        for rid in so.finished_req_ids:
+            self.requests.pop(rid, None)
+        unscheduled = {r for r in batch.req_ids if r not in so.num_scheduled_tokens}
+        batch.remove(set(so.finished_req_ids) | set(so.preempted_req_ids) | unscheduled)
+        for nr in so.scheduled_new_reqs:
+            sp = nr.sampling_params
+            gen = None
+            if sp.seed is not None and sp.temperature > 0:
+                gen = torch.Generator(device=self.device).manual_seed(sp.seed)
+            state = CachedRequestState(nr.req_id, nr.prompt_token_ids, sp, list(nr.block_ids),
+                                       nr.num_computed_tokens, generator=gen)
+            self.requests[nr.req_id] = state
+            batch.add(state)
+        c = so.scheduled_cached_reqs
+        for rid, resumed, new_blocks, num_computed in zip(c.req_ids, c.resumed_from_preemption, c.new_block_ids,
+                                                          c.num_computed_tokens):
+            state = self.requests[rid]
+            state.num_computed_tokens = num_computed
+            if resumed:
+                state.block_ids = list(new_blocks)
+            else:
+                state.block_ids.extend(new_blocks)
+            row = batch.index.get(rid)
+            if row is None:
+                batch.add(state)
+            else:
+                batch.num_computed[row] = num_computed
+                if resumed:
+                    batch.set_blocks(row, new_blocks)
+                else:
+                    batch.append_blocks(row, new_blocks)
+
+    def _prepare_inputs(self, so: SchedulerOutput):
+        batch = self.batch
+        n = batch.num_reqs
+        counts = np.fromiter((so.num_scheduled_tokens[r] for r in batch.req_ids), dtype=np.int64, count=n)
+        cu = np.cumsum(counts)
+        total = int(cu[-1])
+        token_req = np.repeat(np.arange(n), counts)
+        positions = batch.num_computed[token_req] + (np.arange(total) - np.repeat(cu - counts, counts))
+        input_ids = batch.token_ids[token_req, positions]
+        bs = self.block_size
+        slots = batch.block_table[token_req, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = batch.num_computed[:n] + counts
+        qsl = np.zeros(n + 1, dtype=np.int32)
+        qsl[1:] = cu
+        sampling = seq_lens >= batch.num_tokens[:n]
+        logits_rows = np.nonzero(sampling)[0]
+        max_blocks = int(-(-seq_lens.max() // bs))
+        dev = self.device
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)  # noqa: E731
+        qsl_cpu = torch.from_numpy(qsl)
+        seq_lens_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+        common = CommonAttentionMetadata(
+            query_start_loc=qsl_cpu.to(dev, non_blocking=True), seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
+            block_table=to(batch.block_table[:n, :max_blocks]), slot_mapping=to(slots),
+            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_lens_cpu, num_reqs=n, num_actual_tokens=total,
+            max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()), block_size=bs)
+        logits_indices = to(cu[logits_rows] - 1)
+        return to(input_ids), to(positions), common, logits_indices, logits_rows
+
+    def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+        b = self.batch
+        temp, top_k, top_p, min_p = b.temperature[rows], b.top_k[rows], b.top_p[rows], b.min_p[rows]
+        gens = {i: b.states[r].generator for i, r in enumerate(rows) if b.states[r].generator is not None}
+        dev = self.device
+        return SamplingMetadata(
+            temperature=torch.from_numpy(temp).to(dev), top_k=torch.from_numpy(top_k).to(dev),
+            top_p=torch.from_numpy(top_p).to(dev), min_p=torch.from_numpy(min_p).to(dev),
+            all_greedy=bool((temp == 0).all()), any_top_k=bool((top_k > 0).any()),
+            any_top_p=bool((top_p < 1).any()), any_min_p=bool((min_p > 0).any()), generators=gens,
+            want_logprobs=any(b.states[r].sampling_params.logprobs for r in rows))
+
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        return self.bundle.model(input_ids, positions, fb)
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(so)
+        batch = self.batch
+        if so.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
+            return ModelRunnerOutput([], {}, [], None)
+        input_ids, positions, common, logits_indices, rows = self._prepare_inputs(so)
+        fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
+        hidden = self.run_model(input_ids, positions, fb)
+        logits = self.bundle.model.compute_logits(hidden[logits_indices]).float()
+        sm = self._sampling_metadata(rows)
+        ids, lps = sample(logits, sm)
+        ids_list = ids.tolist()
+        lps_list = lps.tolist() if lps is not None else None
+        sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
+        logprobs: list[list[float] | None] = [None] * batch.num_reqs
+        for j, row in enumerate(rows.tolist()):
+            tok = ids_list[j]
+            sampled[row] = [tok]
+            state = batch.states[row]
+            state.output_token_ids.append(tok)
+            batch.token_ids[row, batch.num_tokens[row]] = tok
+            batch.num_tokens[row] += 1
+            if lps_list is not None and state.sampling_params.logprobs:
+                logprobs[row] = [lps_list[j]]
+        return ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled,
+                                 logprobs if lps_list is not None else None)
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("model_runner", GPUModelRunner.name, GPUModelRunner)

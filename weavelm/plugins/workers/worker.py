@@ -1,0 +1,69 @@
+"""The default Worker: one device, one model runner."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from weavelm.core.hookspecs import hookimpl
+from weavelm.core.interfaces import NoOptions, Worker
+from weavelm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from weavelm.core.registry import get_registry
+from weavelm.errors import ConfigError
+from weavelm.plugins.workers.model_loading import resolve_device
+
+logger = logging.getLogger("weavelm.worker")
+GIB = 1 << 30
+
+
+class DeviceWorker(Worker):
+    name = "worker"
+    description = "One device: seeds, loads the model through the runner, sizes the KV cache."
+    Options = NoOptions
+
+    def init_device(self) -> None:
+        self.device = resolve_device(self.config)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(self.config.seed)
+        runner_cls = get_registry().get("model_runner", self.config.model_runner.name)
+        self.runner = runner_cls(self.config.model_runner.options, self.config, self.device)
+
+    def load_model(self) -> None:
+        self.runner.load_model()
+
+    def model_info(self) -> dict[str, Any]:
+        return {**self.runner.model_info(), "device": str(self.device)}
+
+    def determine_num_blocks(self) -> int:
+        cache = self.config.cache
+        per_block = self.runner.kv_cache_bytes_per_block()
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        if self.device.type == "cuda":
+            peak = self.runner.profile_peak_memory()
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            free_for_kv = int(total * cache.gpu_memory_utilization) - peak
+            n = free_for_kv // per_block
+            logger.info("KV cache: peak step %.2f GiB, %d blocks (%.2f GiB)", peak / GIB, n, n * per_block / GIB)
+        else:
+            n = int(cache.cpu_kv_cache_gib * GIB) // per_block
+        if n < 1:
+            raise ConfigError([("cache", "no memory left for the KV cache; lower max_num_batched_tokens, raise "
+                                         "gpu_memory_utilization / cpu_kv_cache_gib, or set cache.num_blocks")])
+        return n
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.runner.initialize_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute_model(scheduler_output)
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("worker", DeviceWorker.name, DeviceWorker)
