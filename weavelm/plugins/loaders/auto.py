@@ -1,0 +1,83 @@
+"""The `auto` loader: picks the loader from what is on disk and says which it picked.
+
+Every registered loader's `detect(path)` is asked in order (built-in formats first: safetensors, pt, tensorizer,
+gguf; then any third-party loader), so a plugin format is picked up without changes here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from weavelm.core.hookspecs import hookimpl
+from weavelm.core.interfaces import ModelArchitecture, ModelLoader
+from weavelm.errors import LoadError
+
+logger = logging.getLogger("weavelm.loaders")
+PREFERENCE = ("safetensors", "pt", "tensorizer", "gguf")
+NOT_CANDIDATES = ("auto", "dummy")
+
+
+def choose_loader(path: str, registry: Any = None) -> tuple[str, str]:
+    """`(loader name, reason)` for `path`, or LoadError listing the formats looked for."""
+    from weavelm.core.registry import get_registry
+
+    registry = registry or get_registry()
+    names = registry.names("loader")
+    ordered = [n for n in PREFERENCE if n in names] + [n for n in names if n not in PREFERENCE]
+    for name in ordered:
+        if name in NOT_CANDIDATES:
+            continue
+        reason = registry.get("loader", name).detect(path)
+        if reason:
+            return name, reason
+    candidates = ", ".join(n for n in ordered if n not in NOT_CANDIDATES)
+    raise LoadError(f"model: no loader recognises {path!r} (tried {candidates}); give a directory with config.json "
+                    f"and weights, a .gguf file, or set `loader:` explicitly")
+
+
+class AutoLoader(ModelLoader):
+    name = "auto"
+    description = "Picks safetensors, pt, tensorizer, gguf (or a plugin format) from the files on disk."
+
+    def __init__(self, options: Any):
+        super().__init__(options)
+        self._chosen: dict[str, ModelLoader] = {}
+        self.picked: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def detect(cls, path: str) -> str | None:
+        return None
+
+    def resolve(self, path: str) -> ModelLoader:
+        """The loader `auto` delegates to for `path` (chosen once per path and logged)."""
+        if path not in self._chosen:
+            from weavelm.core.registry import get_registry
+
+            registry = get_registry()
+            name, reason = choose_loader(path, registry)
+            cls = registry.get("loader", name)
+            self._chosen[path] = cls(cls.Options())
+            self.picked[path] = (name, reason)
+            logger.info("loader auto: picked %r for %s (%s)", name, path, reason)
+        return self._chosen[path]
+
+    def load_hf_config(self, path: str) -> Any:
+        return self.resolve(path).load_hf_config(path)
+
+    def load_tokenizer(self, path: str) -> Any | None:
+        return self.resolve(path).load_tokenizer(path)
+
+    def iter_weights(self, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.resolve(path).iter_weights(path)
+
+    def load_weights(self, model: ModelArchitecture, path: str) -> None:
+        self.resolve(path).load_weights(model, path)
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("loader", AutoLoader.name, AutoLoader)
