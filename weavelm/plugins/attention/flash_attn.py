@@ -1,0 +1,135 @@
+"""The `flash_attn` attention backend: flash-attn's paged kernels, whichever build is importable.
+
+Tried in order (first that loads wins):
+  1. vLLM's FA3 build as `torch.ops._vllm_fa3_C.fwd`: loaded from `WEAVELM_FA3_LIB=/path/to/_vllm_fa3_C.abi3.so`,
+     or already registered (vllm imported).
+  2. FA3 from flash-attention's `hopper/` (`flash_attn_interface.flash_attn_with_kvcache(..., page_table=)`).
+  3. FA2 (`flash_attn.flash_attn_varlen_func(..., block_table=)`, which needs block_size % 256 == 0).
+The cache keeps the default layout `(2, num_blocks, block_size, kv_heads, head)`: `kv_cache[0]` / `kv_cache[1]` are
+the per-K/V `(num_blocks, block_size, kv_heads, head)` tensors these APIs take. New K/V are written by the Triton
+backend's cache kernel, which also zeroes CUDA-graph padding rows of the output.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Any
+
+import torch
+
+from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata
+from weavelm.core.hookspecs import hookimpl
+from weavelm.core.interfaces import AttentionBackend, AttentionImpl
+
+FA3_LIB_ENV = "WEAVELM_FA3_LIB"
+MAX_HEAD_SIZE = 256
+
+
+@functools.cache
+def load_flash_api() -> tuple[str | None, Any, str]:
+    """(kind, entry point, why-not) with kind one of 'vllm_fa3', 'fa3', 'fa2', or None and the reasons."""
+    tried = []
+    lib = os.environ.get(FA3_LIB_ENV)
+    if lib:
+        try:
+            torch.ops.load_library(lib)
+        except Exception as e:  # a wrong path or an ABI mismatch: say so, try the packages next
+            tried.append(f"{FA3_LIB_ENV}={lib} did not load ({type(e).__name__}: {e})")
+    try:
+        return "vllm_fa3", torch.ops._vllm_fa3_C.fwd, ""
+    except (AttributeError, RuntimeError):
+        if not lib:
+            tried.append(f"vLLM's FA3 op is not loaded (set {FA3_LIB_ENV}=/path/to/_vllm_fa3_C.abi3.so)")
+    for kind, module, fn in (("fa3", "flash_attn_interface", "flash_attn_with_kvcache"),
+                             ("fa2", "flash_attn", "flash_attn_varlen_func")):
+        try:
+            return kind, getattr(importlib.import_module(module), fn), ""
+        except Exception as e:  # ImportError, or an extension built for another torch
+            tried.append(f"{module}: {type(e).__name__}: {e}")
+    return None, None, "; ".join(tried)
+
+
+class FlashAttnImpl(AttentionImpl):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float):
+        super().__init__(num_heads, num_kv_heads, head_size, scale)
+        self.kind, self.fn, why = load_flash_api()
+        if self.kind is None:
+            raise RuntimeError(f"flash_attn backend: no flash-attn build is usable: {why}")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: Any) -> torch.Tensor:
+        from weavelm.plugins.attention.triton.kernels import reshape_and_cache
+
+        m: CommonAttentionMetadata = getattr(metadata, "common", metadata)
+        n = q.shape[0]
+        q3 = q.view(n, self.num_heads, self.head_size)
+        out = torch.empty_like(q3)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        reshape_and_cache(k.view(n, self.num_kv_heads, self.head_size), v.view(n, self.num_kv_heads, self.head_size),
+                          k_cache, v_cache, m.slot_mapping, out, m.query_start_loc, m.num_reqs)
+        if n > m.slot_mapping.shape[0]:
+            out[m.slot_mapping.shape[0]:].zero_()
+        if self.kind == "vllm_fa3":
+            self.fn(q3, k_cache, v_cache, None, None, None, out, m.query_start_loc, None, None, None, m.seq_lens,
+                    m.max_query_len, m.max_seq_len, m.block_table, None, None, None, None, None, None, None, None,
+                    self.scale, True, -1, -1, 0.0, True, None, 0, None, 0, None, 1, 0, None)
+        else:
+            if self.kind == "fa3":
+                res = self.fn(q3, k_cache, v_cache, cache_seqlens=m.seq_lens, page_table=m.block_table,
+                              cu_seqlens_q=m.query_start_loc, max_seqlen_q=m.max_query_len,
+                              softmax_scale=self.scale, causal=True)
+            else:
+                cu_k = torch.nn.functional.pad(m.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+                res = self.fn(q3, k_cache, v_cache, cu_seqlens_q=m.query_start_loc, cu_seqlens_k=cu_k,
+                              max_seqlen_q=m.max_query_len, max_seqlen_k=m.max_seq_len, softmax_scale=self.scale,
+                              causal=True, block_table=m.block_table)
+            res = res[0] if isinstance(res, tuple) else res
+            real = torch.arange(n, device=q.device) < m.query_start_loc[m.num_reqs]
+            torch.where(real[:, None, None], res, out, out=out)  # padded rows keep the zeros written above
+        return out.view(n, self.num_heads * self.head_size)
+
+
+class FlashAttnBackend(AttentionBackend):
+    name = "flash_attn"
+    description = "flash-attn paged kernels (vLLM's FA3 build, FA3 hopper interface or FA2), fp16/bf16 on CUDA."
+    graph_safe = True
+
+    def __init__(self, options=None):
+        super().__init__(options if options is not None else self.Options())
+
+    @classmethod
+    def check(cls, spec: AttentionSpec) -> list[str]:
+        from weavelm.plugins.attention.triton.backend import triton_unavailable_reasons
+
+        if spec.device != "cuda":
+            return [f"device {spec.device!r}: flash-attn kernels need CUDA"]
+        reasons = []
+        if spec.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"dtype {spec.dtype}: flash-attn takes float16 or bfloat16")
+        if spec.head_size % 8 or spec.head_size > MAX_HEAD_SIZE:
+            reasons.append(f"head_size {spec.head_size}: flash-attn needs a multiple of 8 up to {MAX_HEAD_SIZE}")
+        if spec.num_heads % spec.num_kv_heads:
+            reasons.append(f"num_heads ({spec.num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})")
+        reasons += [f"cache write: {r}" for r in triton_unavailable_reasons(spec.device)]
+        kind, _, why = load_flash_api()
+        if kind is None:
+            reasons.append(f"no flash-attn build is usable: {why}")
+        elif kind == "fa2" and spec.block_size % 256:
+            reasons.append(f"block_size {spec.block_size}: FA2's paged KV needs a multiple of 256")
+        elif kind in ("vllm_fa3", "fa3"):
+            if spec.block_size % 16:
+                reasons.append(f"block_size {spec.block_size}: FA3's paged KV needs a multiple of 16")
+            if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
+                reasons.append(f"FA3 runs on Hopper (sm_90) only; this GPU is sm_"
+                               f"{''.join(map(str, torch.cuda.get_device_capability()))}")
+        return reasons
+
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl:
+        return FlashAttnImpl(num_heads, num_kv_heads, head_size, scale)
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("attention", FlashAttnBackend.name, FlashAttnBackend)
