@@ -1,0 +1,1 @@
+"""Example out-of-tree weavelm plugin."""

@@ -1,0 +1,30 @@
+"""`weavelm generate` and `weavelm plugins` as a user runs them."""
+
+from weavelm.cli import main
+
+
+def test_generate_prints_text(smol_tokenizer_model, capsys, tmp_path):
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("# test\ndtype: float32\ndevice: cpu\nscheduler: {name: fcfs, max_num_seqs: 2}\n")
+    rc = main(["generate", "--config", str(cfg), "--model", smol_tokenizer_model, "--set", "loader=safetensors",
+               "--set", "scheduler.max_num_batched_tokens=16", "--prompt", "Hello", "--max-tokens", "5",
+               "--ignore-eos"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hello") and len(out.strip()) > len("Hello")
+
+
+def test_generate_stream_and_bad_option(smol_tokenizer_model, capsys):
+    rc = main(["generate", "--model", smol_tokenizer_model, "--device", "cpu", "--prompt", "Hi",
+               "--max-tokens", "3", "--stream", "--ignore-eos"])
+    assert rc == 0
+    rc = main(["generate", "--model", smol_tokenizer_model, "--set", "scheduler.max_num_seqs=0", "--prompt", "x"])
+    assert rc == 2
+    assert "scheduler.max_num_seqs: Input should be greater than or equal to 1 (got 0)" in capsys.readouterr().err
+
+
+def test_plugins_lists_builtins(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fcfs", "priority", "uniproc", "torch_ref", "safetensors", "llama", "qwen3"):
+        assert name in out

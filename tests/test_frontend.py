@@ -1,0 +1,47 @@
+"""Text in, text out: tokenization, incremental detokenization, stop strings, streaming, chat."""
+
+import pytest
+
+from weavelm import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(smol_tokenizer_model):
+    return LLM(model=smol_tokenizer_model, dtype="float32", device="cpu", loader="safetensors")
+
+
+def test_text_matches_decode_of_tokens(llm):
+    out = llm.generate(["Hello there, my friend"], SamplingParams(max_tokens=24, temperature=0,
+                                                                   ignore_eos=True))[0]
+    tok = llm.get_tokenizer()
+    assert out.prompt_token_ids == tok.encode("Hello there, my friend")
+    assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_stream_grows_to_the_final_output(llm):
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    final = llm.generate(["Streaming test"], params)[0].outputs[0]
+    seen = list(llm.stream("Streaming test", params))
+    assert len(seen) == 16 and seen[-1].finished and not seen[0].finished
+    texts = [s.outputs[0].text for s in seen]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert seen[-1].outputs[0].token_ids == final.token_ids and texts[-1] == final.text
+
+
+def test_stop_string_truncates_and_finishes(llm):
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    full = llm.generate(["Once upon a time"], params)[0].outputs[0].text
+    assert len(full) > 8
+    stop = full[5:8]
+    cut = full.find(stop)
+    out = llm.generate(["Once upon a time"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                            stop=[stop]))[0].outputs[0]
+    assert out.text == full[:cut] and out.finish_reason == "stop" and out.stop_reason == stop
+    inc = llm.generate(["Once upon a time"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                            stop=[stop], include_stop_str_in_output=True))[0]
+    assert inc.outputs[0].text == full[:cut + len(stop)]
+
+
+def test_chat_template_applies(llm):
+    out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4, temperature=0))
+    assert "<|im_start|>assistant" in out.prompt
