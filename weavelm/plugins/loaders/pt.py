@@ -31,8 +31,9 @@ def load_state_dict(file: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoadError(f"{file}: refused to unpickle: the file holds objects other than tensors ({first}); nothing "
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])
+        raise LoadError(f"{file}: refused to unpickle: the file holds objects other than tensors ({reason}); nothing "
                         f"from it was executed. Only plain state dicts of tensors are loaded") from e
     except Exception as e:  # torch raises RuntimeError / zipfile / EOF errors for corrupt archives
         raise LoadError(f"{file}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); the file is "
