@@ -36,3 +36,43 @@ def prompt_logits(llm, token_ids: list[int], all_positions: bool = False) -> tor
         return runner.bundle.model.compute_logits(hidden).float().cpu()
     finally:
         runner._update_states(SchedulerOutput([], CachedRequestsData(), {}, 0, finished_req_ids={rid}))
+
+
+@torch.inference_mode()
+def teacher_forced_logits(llm, prompts: list[list[int]], continuations: list[list[int]]) -> list[torch.Tensor]:
+    """Run the prompts together through the real engine loop (scheduler, runner, CUDA graphs if captured), forcing
+    each request's next token to its continuation, and return per request the logits (steps, vocab) of every
+    step: position len(prompt)-1 onward, one row per continuation token."""
+    runner, core = _runner(llm)
+    engine = llm.engine
+    forced = {}
+    rows: dict[str, list[torch.Tensor]] = {}
+
+    def observe(req_ids, logits):
+        for i, rid in enumerate(req_ids):
+            rows.setdefault(rid, []).append(logits[i].float().cpu())
+
+    runner.logits_observer = observe
+    try:
+        for i, (p, c) in enumerate(zip(prompts, continuations)):
+            rid = f"tf-{i}"
+            forced[rid] = list(c)
+            engine.add_request({"prompt_token_ids": p}, SamplingParams(max_tokens=len(c), temperature=0.0,
+                                                                       ignore_eos=True), request_id=rid)
+        sched = core.scheduler
+        while engine.has_unfinished_requests():
+            so = sched.schedule()
+            out = core.executor.execute_model(so)
+            for rid, toks in zip(out.req_ids, out.sampled_token_ids):
+                if toks:
+                    step = len(rows[rid]) - 1
+                    tok = forced[rid][step]
+                    toks[0] = tok
+                    row = runner.batch.index[rid]
+                    runner.batch.token_ids[row, runner.batch.num_tokens[row] - 1] = tok
+                    runner.batch.states[row].output_token_ids[-1] = tok
+            for co in sched.update_from_output(so, out):
+                engine._process(co)
+    finally:
+        runner.logits_observer = None
+    return [torch.stack(rows[f"tf-{i}"]) for i in range(len(prompts))]

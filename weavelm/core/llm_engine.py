@@ -131,15 +131,17 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.states)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one core step. Returns a RequestOutput per request that changed, or with `finished_only` only
+        for requests that finished (cheaper: no per-step copies of growing outputs)."""
         outs = []
         for co in self.client.get_output():
-            ro = self._process(co)
+            ro = self._process(co, finished_only)
             if ro is not None:
                 outs.append(ro)
         return outs
 
-    def _process(self, co: EngineCoreOutput) -> RequestOutput | None:
+    def _process(self, co: EngineCoreOutput, finished_only: bool = False) -> RequestOutput | None:
         st = self.states.get(co.request_id)
         if st is None:
             return None
@@ -155,6 +157,8 @@ class LLMEngine:
         if hit is not None and finish_reason is None:
             self.client.abort_requests([co.request_id])
             finish_reason, stop_reason = "stop", hit
+        if finished_only and finish_reason is None:
+            return None
         out = RequestOutput(
             request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
             outputs=[CompletionOutput(0, st.detok.text, list(st.token_ids), finish_reason, stop_reason,
@@ -226,7 +230,7 @@ class LLM:
                 results[rid] = error_output(p, e, rid)
         bar = _progress(len(prompts) - len(results), use_tqdm)
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            for out in self.engine.step(finished_only=True):
                 if out.finished:
                     results[out.request_id] = out
                     if bar is not None:

@@ -26,14 +26,16 @@ class DummyLoader(ModelLoader):
         return iter(())
 
     def load_weights(self, model: ModelArchitecture, path: str) -> None:
-        gen = torch.Generator(device="cpu").manual_seed(self.options.seed)
+        gens: dict[torch.device, torch.Generator] = {}
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
                     continue
-                t = torch.randn(p.shape, generator=gen, dtype=torch.float32) * self.options.std
-                p.copy_(t.to(p.dtype))
+                gen = gens.get(p.device)
+                if gen is None:
+                    gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(self.options.seed)
+                p.normal_(0.0, self.options.std, generator=gen)
 
 
 @hookimpl

@@ -43,6 +43,7 @@ class GPUModelRunner(ModelRunner):
         self.max_num_tokens = getattr(sched, "max_num_batched_tokens", 8192)
         self.block_size = config.cache.block_size
         self.graphs = None
+        self.logits_observer = None  # debugging/parity hook: called with (req_ids, logits) every step
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -75,6 +76,15 @@ class GPUModelRunner(ModelRunner):
         shape = self.attn_backend.kv_cache_shape(num_blocks, self.block_size, num_kv_heads, head_size)
         self.kv_caches = [torch.zeros(shape, dtype=self.bundle.dtype, device=self.device) for _ in range(num_layers)]
         self.num_blocks = num_blocks
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.options.cuda_graph_max_bs > 0:
+            if not self.attn_backend.graph_safe:
+                logger.warning("attention backend %s is not CUDA-graph safe; running eagerly",
+                               self.attn_backend.name)
+                return
+            from weavelm.plugins.workers.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, min(self.max_num_reqs, self.options.cuda_graph_max_bs))
+            self.graphs.capture()
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:
@@ -168,9 +178,14 @@ class GPUModelRunner(ModelRunner):
         if so.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
             return ModelRunnerOutput([], {}, [], None)
         input_ids, positions, common, logits_indices, rows = self._prepare_inputs(so)
-        fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
-        hidden = self.run_model(input_ids, positions, fb)
-        logits = self.bundle.model.compute_logits(hidden[logits_indices]).float()
+        if self.graphs is not None and self.graphs.can_run(common):
+            logits = self.graphs.run(input_ids, positions, common)[logits_indices].float()
+        else:
+            fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
+            hidden = self.run_model(input_ids, positions, fb)
+            logits = self.bundle.model.compute_logits(hidden[logits_indices]).float()
+        if self.logits_observer is not None:
+            self.logits_observer([batch.req_ids[r] for r in rows.tolist()], logits)
         sm = self._sampling_metadata(rows)
         ids, lps = sample(logits, sm)
         ids_list = ids.tolist()
