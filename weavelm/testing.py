@@ -70,7 +70,6 @@ def teacher_forced_logits(llm, prompts: list[list[int]], continuations: list[lis
                     toks[0] = tok
                     row = runner.batch.index[rid]
                     runner.batch.token_ids[row, runner.batch.num_tokens[row] - 1] = tok
-                    runner.batch.states[row].output_token_ids[-1] = tok
             for co in sched.update_from_output(so, out):
                 engine._process(co)
     finally:

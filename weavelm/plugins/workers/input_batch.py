@@ -13,7 +13,8 @@ from weavelm.core.request import SamplingParams
 
 @dataclass
 class CachedRequestState:
-    """What the runner keeps about a request between steps, also while it is preempted."""
+    """What the runner keeps about a request between steps, also while it is preempted. While the request has a
+    batch row, the row's token ids are authoritative; `output_token_ids` is brought up to date when it leaves."""
 
     req_id: str
     prompt_token_ids: list[int]
@@ -82,6 +83,8 @@ class InputBatch:
         arrays = (self.token_ids, self.num_tokens, self.num_computed, self.block_table, self.num_blocks,
                   self.temperature, self.top_p, self.top_k, self.min_p)
         for row in rows:
+            s = self.states[row]
+            s.output_token_ids = self.token_ids[row, len(s.prompt_token_ids):self.num_tokens[row]].tolist()
             last = len(self.req_ids) - 1
             del self.index[self.req_ids[row]]
             if row != last:

@@ -188,21 +188,19 @@ class GPUModelRunner(ModelRunner):
             self.logits_observer([batch.req_ids[r] for r in rows.tolist()], logits)
         sm = self._sampling_metadata(rows)
         ids, lps = sample(logits, sm)
-        ids_list = ids.tolist()
-        lps_list = lps.tolist() if lps is not None else None
+        ids_np = ids.cpu().numpy()  # the step's one device -> host sync
+        batch.token_ids[rows, batch.num_tokens[rows]] = ids_np
+        batch.num_tokens[rows] += 1
         sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
-        logprobs: list[list[float] | None] = [None] * batch.num_reqs
-        for j, row in enumerate(rows.tolist()):
-            tok = ids_list[j]
+        for row, tok in zip(rows.tolist(), ids_np.tolist()):
             sampled[row] = [tok]
-            state = batch.states[row]
-            state.output_token_ids.append(tok)
-            batch.token_ids[row, batch.num_tokens[row]] = tok
-            batch.num_tokens[row] += 1
-            if lps_list is not None and state.sampling_params.logprobs:
-                logprobs[row] = [lps_list[j]]
-        return ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled,
-                                 logprobs if lps_list is not None else None)
+        logprobs: list[list[float] | None] | None = None
+        if lps is not None:
+            logprobs = [None] * batch.num_reqs
+            for row, lp in zip(rows.tolist(), lps.tolist()):
+                if batch.states[row].sampling_params.logprobs:
+                    logprobs[row] = [lp]
+        return ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled, logprobs)
 
 
 @hookimpl
