@@ -56,10 +56,12 @@ class LLMEngine:
         self.hook = registry.hook
 
     def _load_tokenizer(self, loader) -> Any:
-        tok = loader.load_tokenizer(self.config.model)
-        if tok is not None:
-            return tok
         from transformers import AutoTokenizer
+
+        if not self.config.tokenizer:  # an explicit tokenizer wins over the one the weights carry
+            tok = loader.load_tokenizer(self.config.model)
+            if tok is not None:
+                return tok
         path = self.config.tokenizer or self.config.model
         try:
             return AutoTokenizer.from_pretrained(path, local_files_only=True)
