@@ -46,6 +46,11 @@ def work(query_lens, context_lens, elem: int) -> tuple[float, float]:
     return nbytes, 4.0 * pairs * HEADS * HEAD
 
 
+def batch_work(m, elem: int) -> tuple[float, float]:
+    query_lens = m.query_start_loc_cpu.diff()
+    return work(query_lens.tolist(), (m.seq_lens_cpu - query_lens).tolist(), elem)
+
+
 def row(name: str, kernel: str, seconds: float, nbytes: float, flops: float, **extra) -> dict:
     return dict(case=name, kernel=kernel, us=seconds * 1e6, GBps=nbytes / seconds / 1e9,
                 TFLOPs=flops / seconds / 1e12, **extra)
@@ -56,8 +61,7 @@ def triton_kernel_rows(name, b, kernels, sweep: bool) -> list[dict]:
     q3 = b.q.view(n, HEADS, HEAD)
     out = torch.empty_like(q3)
     kc, vc = b.kv_cache[0], b.kv_cache[1]
-    nbytes, flops = work(m.query_start_loc_cpu.diff().tolist(), (m.seq_lens_cpu - m.query_start_loc_cpu.diff()).tolist(),
-                         b.q.element_size())
+    nbytes, flops = batch_work(m, b.q.element_size())
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfg = kernels.select_config(m.max_query_len <= 1, m.num_reqs, m.max_query_len, m.max_seq_len, KV_HEADS, sms)
 
@@ -69,37 +73,39 @@ def triton_kernel_rows(name, b, kernels, sweep: bool) -> list[dict]:
     if sweep:
         decode = m.max_query_len <= 1
         if name == "decode_b64_ctx4k":
-            space = dict(block_m=[16], tile_n=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 4], num_splits=[1, 2])
+            space = dict(block_m=[16], tile_n=[64, 128], num_warps=[4], num_stages=[2, 3], num_splits=[1, 2])
         elif decode:
-            space = dict(block_m=[16], tile_n=[64], num_warps=[4], num_stages=[3], num_splits=[1, 2, 4, 8, 16])
+            space = dict(block_m=[16], tile_n=[64], num_warps=[4], num_stages=[3], num_splits=[4, 8, 16, 32, 64])
         else:
-            space = dict(block_m=[64, 128], tile_n=[32, 64], num_warps=[4, 8], num_stages=[2, 3], num_splits=[1])
-        best = None
+            space = dict(block_m=[64, 128], tile_n=[64, 128], num_warps=[4, 8], num_stages=[2, 3], num_splits=[1])
+        timings = []
         for values in itertools.product(*space.values()):
             c = dict(zip(space, values))
             try:
-                t = bench(run(c), rep_ms=50)
+                timings.append((bench(run(c), rep_ms=50), c))
             except Exception as e:  # out of shared memory / registers for this shape
                 print(f"  {name} {c}: {type(e).__name__}", flush=True)
-                continue
-            if best is None or t < best[0]:
-                best = (t, c)
-        if best:
-            rows.append(row(name, "triton.paged_attention (best of sweep)", best[0], nbytes, flops, config=best[1]))
+        if timings:
+            t, c = min(timings, key=lambda x: x[0])
+            rows.append(row(name, "triton.paged_attention (best of sweep)", t, nbytes, flops, config=c,
+                            sweep=[dict(us=t * 1e6, **c) for t, c in timings]))
     return rows
 
 
 def forward_rows(name, b, backends) -> list[dict]:
     rows = []
     m, n = b.meta, b.meta.num_actual_tokens
-    nbytes, flops = work(m.query_start_loc_cpu.diff().tolist(), (m.seq_lens_cpu - m.query_start_loc_cpu.diff()).tolist(),
-                         b.q.element_size())
+    nbytes, flops = batch_work(m, b.q.element_size())
     for bname, backend in backends.items():
         impl = backend.make_impl(HEADS, KV_HEADS, HEAD, b.scale)
         meta = backend.make_builder(torch.device("cuda")).build(m)
-        cache = b.kv_cache
-        t = bench(lambda: impl.forward(b.q, b.k, b.v, cache, meta), rep_ms=100 if bname == "torch_ref" else 200)
+        t = bench(lambda: impl.forward(b.q, b.k, b.v, b.kv_cache, meta), rep_ms=100 if bname == "torch_ref" else 200)
         rows.append(row(name, f"{bname}.forward", t, nbytes, flops))
+        if backend.graph_safe and m.max_query_len == 1:  # decode as the runner replays it: no launch overhead
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                impl.forward(b.q, b.k, b.v, b.kv_cache, meta)
+            rows.append(row(name, f"{bname}.forward (CUDA graph)", bench(graph.replay), nbytes, flops))
     return rows
 
 

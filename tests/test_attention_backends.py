@@ -106,6 +106,21 @@ def test_triton_split_kv_decode(num_splits):
     check_against_reference(backend, b, torch.float32)
 
 
+@pytest.mark.parametrize("block_m,tile_n,num_splits", [(16, 16, 1), (64, 16, 4), (128, 32, 2), (16, 128, 1)])
+def test_triton_kernel_launch_configs(block_m, tile_n, num_splits):
+    """Any tile shape and split count is correct, on mixed batches too (tiles smaller than a cache block)."""
+    backend_or_skip("triton", 8, 2, 64, 32, torch.float32)
+    kernels = importlib.import_module(KERNELS)
+    b = make_batch(*MIXED, num_heads=8, num_kv_heads=2, head_size=64, block_size=32, device=DEVICE, seed=tile_n)
+    ref, cache = reference_output(b)
+    n, m = b.meta.num_actual_tokens, b.meta
+    out = torch.empty(n, 8, 64, device=DEVICE)
+    kernels.paged_attention(b.q.view(n, 8, 64), cache[0], cache[1], out, m.block_table, m.seq_lens,
+                            m.query_start_loc, m.num_reqs, b.scale, block_m=block_m, tile_n=tile_n,
+                            num_splits=num_splits)
+    assert rel_err(out.view(n, -1), ref) <= 1e-5
+
+
 def test_triton_odd_head_size():
     backend = backend_or_skip("triton", 6, 2, 80, 16, torch.float32)
     b = make_batch(*MIXED, num_heads=6, num_kv_heads=2, head_size=80, block_size=16, device=DEVICE, seed=3)

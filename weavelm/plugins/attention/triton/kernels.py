@@ -59,6 +59,28 @@ def _find_request(qsl_ptr, target, num_reqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kv_head_off,
+                 stride_cb, stride_cs, d, dm, qk_scale, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+                 PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over KV positions [tile * TILE_N, (tile + 1) * TILE_N) (base-2 exponents)."""
+    kpos = tile * TILE_N + tl.arange(0, TILE_N)
+    kmask = (kpos < kv_end) | (not MASKED)
+    blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
+    off = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_cs + kv_head_off
+    k = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=kmask[None, :] & dm[:, None], other=0.0)
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where((kpos[None, :] <= q_pos[:, None]) & kmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kmask[:, None] & dm[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr, num_reqs, num_heads, qk_scale,
@@ -106,24 +128,17 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    offs_n = tl.arange(0, TILE_N)
     bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
-    kv_head_off = kvh * stride_ch
-    for tile in range(tile_lo, tile_hi):
-        kpos = tile * TILE_N + offs_n
-        kmask = kpos < kv_end
-        blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
-        off = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_cs + kv_head_off
-        k = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=kmask[None, :] & dm[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-        s = tl.where((kpos[None, :] <= q_pos[:, None]) & kmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kmask[:, None] & dm[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    # tiles wholly at or before the block's first query position need no causal / length mask
+    num_full = (ctx_len + local_qb * BLOCK_Q + 1) // TILE_N
+    for tile in range(tile_lo, tl.minimum(tile_hi, num_full)):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr,
+                                     kvh * stride_ch, stride_cb, stride_cs, d, dm, qk_scale, BLOCK_SIZE, TILE_N,
+                                     PRECISION, False)
+    for tile in range(tl.maximum(tile_lo, num_full), tile_hi):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr,
+                                     kvh * stride_ch, stride_cb, stride_cs, d, dm, qk_scale, BLOCK_SIZE, TILE_N,
+                                     PRECISION, True)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -186,17 +201,19 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
 def select_config(decode_only: bool, num_reqs: int, max_query_len: int, max_seq_len: int, num_kv_heads: int,
                   num_sms: int, forced_splits: int = 0) -> dict:
     """Launch parameters from Python ints only (no device sync). Split-KV is used for decode-only batches whose
-    (request, kv head) programs would leave the card underfilled; `forced_splits` > 0 overrides the count."""
+    (request, kv head) programs would leave the card underfilled (aiming at ~4 programs per multiprocessor, at
+    least 256 positions per split); `forced_splits` > 0 overrides the count."""
     if max_query_len >= 64:
-        cfg = dict(block_m=64, tile_n=64, num_splits=1, num_warps=4, num_stages=2)
-    else:
-        cfg = dict(block_m=16, tile_n=64, num_splits=1, num_warps=4, num_stages=3)
+        return dict(block_m=64, tile_n=64, num_splits=1, num_warps=4, num_stages=2)
+    cfg = dict(block_m=16, tile_n=64, num_splits=1, num_warps=4, num_stages=3)
     if decode_only:
         splits = forced_splits
         if splits == 0:
             programs = max(1, num_reqs * num_kv_heads)
-            splits = min(16, max(1, _pow2_floor(2 * num_sms // programs)), max(1, _pow2_floor(max_seq_len // 512)))
+            splits = min(64, _pow2_floor(4 * num_sms // programs), _pow2_floor(max_seq_len // 256))
         cfg["num_splits"] = splits
+        if splits == 1:  # long unsplit streams: bigger tiles, shallower pipeline (best on H100, see benchmarks/)
+            cfg.update(tile_n=128, num_stages=2)
     return cfg
 
 
