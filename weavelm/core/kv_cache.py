@@ -1,29 +1,35 @@
 """Paged KV block accounting: a block pool with ref counts and prefix caching, and per-request block tables.
 
-Each full block is identified by a hash chained with its prefix's hash. A lookup hit also compares the parent hash
-and the block's tokens, so a hash collision can never hand out wrong KV. Blocks whose ref count drops to zero go to
-the back of the free queue but keep their hash: they can be reused by a later request with the same prefix until
-they are evicted (the front of the free queue is evicted first, so the least recently freed block goes first).
+Each full block is keyed by a hash chained with its prefix's hash. The key only finds a candidate: a hit also
+compares the block's tokens and the registration serial of its parent block, so neither a hash collision nor a
+parent that was evicted and re-registered with other tokens can ever hand out wrong KV. A block is registered only
+after the step that computed its tokens ran (`cache_computed`), so a hit never points at KV that is still pending or
+that a preempted request never wrote. Blocks whose ref count drops to zero go to the back of the free queue but keep
+their registration: a later request with the same prefix can reuse them until they are evicted (the front of the
+free queue is taken first, so the least recently freed block goes first).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from weavelm.core.request import Request
 
 NONE_HASH = 0
+ROOT_SERIAL = 0  # the "parent" of every request's first block
 
 
 class KVCacheBlock:
-    __slots__ = ("block_id", "ref_cnt", "block_hash", "parent_hash", "token_ids")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "serial", "parent_serial", "token_ids")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: int | None = None
-        self.parent_hash: int | None = None
+        self.block_hash: int | None = None  # key in the prefix table while registered
+        self.serial = 0  # unique per registration; 0 while unregistered
+        self.parent_serial = 0
         self.token_ids: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
@@ -35,7 +41,7 @@ def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockPool:
-    """All blocks, the free queue (LRU order) and the prefix-hash table."""
+    """All blocks, the free queue (LRU order) and the prefix table (chained hash -> registered block)."""
 
     def __init__(self, num_blocks: int, enable_caching: bool):
         self.num_blocks = num_blocks
@@ -43,25 +49,27 @@ class BlockPool:
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, KVCacheBlock] = {}
+        self._serials = itertools.count(ROOT_SERIAL + 1)
 
     @property
     def num_free_blocks(self) -> int:
         return len(self.free_queue)
 
-    def lookup(self, parent_hash: int, token_ids: tuple[int, ...]) -> KVCacheBlock | None:
-        block = self.cached.get(hash_block(parent_hash, token_ids))
-        if block is None or block.parent_hash != parent_hash or block.token_ids != token_ids:
+    def lookup(self, block_hash: int, parent_serial: int, token_ids: tuple[int, ...]) -> KVCacheBlock | None:
+        block = self.cached.get(block_hash)
+        if block is None or block.parent_serial != parent_serial or block.token_ids != token_ids:
             return None
         return block
 
     def take(self, n: int) -> list[KVCacheBlock]:
-        """Allocate `n` blocks from the front of the free queue, evicting their cached hashes."""
+        """Allocate `n` blocks from the front of the free queue, evicting their registrations."""
         assert n <= len(self.free_queue), "caller must check can_allocate first"
         out = []
         for _ in range(n):
             block_id, _ = self.free_queue.popitem(last=False)
             block = self.blocks[block_id]
-            self._evict(block)
+            if block.block_hash is not None:
+                self._evict(block)
             block.ref_cnt = 1
             out.append(block)
         return out
@@ -81,18 +89,30 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = None
 
-    def cache(self, block: KVCacheBlock, parent_hash: int, token_ids: tuple[int, ...]) -> int:
-        h = hash_block(parent_hash, token_ids)
-        if block.block_hash is None and h not in self.cached:
-            block.block_hash, block.parent_hash, block.token_ids = h, parent_hash, token_ids
-            self.cached[h] = block
-        return h
+    def register(self, block: KVCacheBlock, block_hash: int, parent_serial: int,
+                 token_ids: tuple[int, ...]) -> int | None:
+        """Enter a computed full block in the prefix table.
+
+        Returns the serial that identifies this content for the next block's chain: the block's own, or that of
+        an already registered block holding the same prefix; None when the key is taken by different content
+        (a hash collision), which ends the chain.
+        """
+        existing = self.cached.get(block_hash)
+        if existing is not None:
+            if existing.parent_serial == parent_serial and existing.token_ids == token_ids:
+                return existing.serial
+            return None
+        assert block.block_hash is None, f"block {block.block_id} is registered twice"
+        block.block_hash, block.parent_serial, block.token_ids = block_hash, parent_serial, token_ids
+        block.serial = next(self._serials)
+        self.cached[block_hash] = block
+        return block.serial
 
     def _evict(self, block: KVCacheBlock) -> None:
-        if block.block_hash is not None:
-            if self.cached.get(block.block_hash) is block:
-                del self.cached[block.block_hash]
-            block.block_hash = block.parent_hash = block.token_ids = None
+        if self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+        block.block_hash = block.token_ids = None
+        block.serial = block.parent_serial = 0
 
     def num_cached_blocks(self) -> int:
         return len(self.cached)
@@ -105,16 +125,28 @@ class ComputedBlocks:
     blocks: list[KVCacheBlock]
     num_tokens: int
 
+    @property
+    def tail_serial(self) -> int:
+        return self.blocks[-1].serial if self.blocks else ROOT_SERIAL
+
+
+NO_HITS = ComputedBlocks([], 0)
+
 
 class KVCacheManager:
-    """Per-request block tables on top of a BlockPool. Used by schedulers; knows no policy."""
+    """Per-request block tables on top of a BlockPool. Used by schedulers; knows no policy.
+
+    Per request: `req_blocks[id]` (its block table), `num_hashed[id]` (leading blocks already registered or
+    matched) and `chain_serial[id]` (serial of the registered content of its last hashed block; None once broken).
+    """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.enable_caching = enable_prefix_caching
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
-        self.num_hashed: dict[str, int] = {}  # blocks of the request already entered in the hash table
+        self.num_hashed: dict[str, int] = {}
+        self.chain_serial: dict[str, int | None] = {}
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -132,10 +164,11 @@ class KVCacheManager:
 
     @property
     def prefix_hit_rate(self) -> float:
+        """Share of the tokens of admitted requests that were found in the prefix cache."""
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
 
     def _update_hashes(self, request: Request) -> None:
         tokens, bs = request.all_token_ids, self.block_size
@@ -146,93 +179,125 @@ class KVCacheManager:
             hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs])))
 
     def get_computed_blocks(self, request: Request) -> ComputedBlocks:
-        """Longest cached prefix of the request's tokens, leaving at least one token to compute."""
+        """Longest cached prefix of a request without blocks, leaving at least one token to compute."""
         if not self.enable_caching:
-            return ComputedBlocks([], 0)
+            return NO_HITS
         self._update_hashes(request)
-        bs = self.block_size
-        max_blocks = (request.num_tokens - 1) // bs
+        bs, tokens = self.block_size, request.all_token_ids
         hits: list[KVCacheBlock] = []
-        parent = NONE_HASH
-        for i in range(max_blocks):
-            block = self.pool.lookup(parent, tuple(request.all_token_ids[i * bs:(i + 1) * bs]))
+        serial = ROOT_SERIAL
+        for i in range((request.num_tokens - 1) // bs):
+            block = self.pool.lookup(request.block_hashes[i], serial, tuple(tokens[i * bs:(i + 1) * bs]))
             if block is None:
                 break
             hits.append(block)
-            parent = block.block_hash
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hits) * bs
-        return ComputedBlocks(hits, len(hits) * bs)
+            serial = block.serial
+        return ComputedBlocks(hits, len(hits) * bs) if hits else NO_HITS
 
     def blocks_needed(self, request: Request, num_new_tokens: int, computed: ComputedBlocks | None = None) -> int:
-        have = len(self.req_blocks.get(request.request_id, ()))
-        num_computed = request.num_computed_tokens + (computed.num_tokens if computed else 0)
-        total = -(-(num_computed + num_new_tokens) // self.block_size)
-        new = max(total - have - (len(computed.blocks) if computed else 0), 0)
-        # reviving unreferenced cache hits takes them out of the free queue too
-        revived = sum(1 for b in computed.blocks if b.ref_cnt == 0) if computed else 0
-        return new + revived
+        """Free blocks that `allocate_slots(request, num_new_tokens, computed)` would take."""
+        table = self.req_blocks.get(request.request_id)
+        have = len(table) if table else 0
+        num_tokens = request.num_computed_tokens + num_new_tokens
+        revived = 0
+        if computed is not None and computed.blocks:
+            num_tokens += computed.num_tokens
+            have += len(computed.blocks)
+            # reviving unreferenced cache hits takes them out of the free queue too
+            revived = sum(1 for b in computed.blocks if b.ref_cnt == 0)
+        return max(-(-num_tokens // self.block_size) - have, 0) + revived
 
     def can_allocate(self, request: Request, num_new_tokens: int, computed: ComputedBlocks | None = None) -> bool:
         return self.blocks_needed(request, num_new_tokens, computed) <= self.pool.num_free_blocks
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed: ComputedBlocks | None = None) -> list[int] | None:
-        """Reserve blocks so the request's KV covers its computed tokens plus `num_new_tokens`.
+        """Reserve blocks so the request's KV covers its computed tokens (plus `computed` hits, for a request
+        without blocks) and `num_new_tokens` more.
 
         Returns the ids of the blocks added to its table (cache hits first), or None when they do not fit (then
-        nothing changed). Full blocks are entered in the prefix-hash table as soon as their tokens are scheduled.
+        nothing changed).
         """
+        rid = request.request_id
+        table = self.req_blocks.get(rid)
+        if table is not None and not (computed and computed.blocks):
+            # the hot path: a running request, usually a decode that fits in its last block
+            total = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
+            extra = total - len(table)
+            if extra <= 0:
+                return []
+            if extra > self.pool.num_free_blocks:
+                return None
+            fresh = self.pool.take(extra)
+            table.extend(fresh)
+            return [b.block_id for b in fresh]
         if not self.can_allocate(request, num_new_tokens, computed):
             return None
-        rid = request.request_id
-        table = self.req_blocks.setdefault(rid, [])
-        added: list[KVCacheBlock] = []
-        num_computed = request.num_computed_tokens
-        if computed and computed.blocks:
-            assert not table, "prefix hits are only taken for a request without blocks"
-            self.pool.touch(computed.blocks)
-            table.extend(computed.blocks)
-            added.extend(computed.blocks)
-            self.num_hashed[rid] = len(computed.blocks)
-            num_computed += computed.num_tokens
-        total = -(-(num_computed + num_new_tokens) // self.block_size)
-        if total > len(table):
-            fresh = self.pool.take(total - len(table))
-            table.extend(fresh)
-            added.extend(fresh)
+        assert not table, "prefix hits are only taken for a request without blocks"
+        table = self.req_blocks[rid] = []
+        hits = computed.blocks if computed else []
+        if hits:
+            self.pool.touch(hits)
+            table.extend(hits)
+        self.num_hashed[rid] = len(hits)
+        self.chain_serial[rid] = computed.tail_serial if computed else ROOT_SERIAL
         if self.enable_caching:
-            self._cache_full_blocks(request, num_computed + num_new_tokens)
-        return [b.block_id for b in added]
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += len(hits) * self.block_size
+        total = -(-(request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens) // self.block_size)
+        if total > len(table):
+            table.extend(self.pool.take(total - len(table)))
+        return [b.block_id for b in table]
 
-    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+    def cache_computed(self, request: Request) -> None:
+        """Register the request's full blocks whose KV has been computed (`request.num_computed_tokens`).
+
+        The scheduler calls this after the step that computed them ran, never earlier.
+        """
+        if not self.enable_caching:
+            return
         rid = request.request_id
-        table = self.req_blocks[rid]
-        num_full = min(num_tokens, request.num_tokens) // self.block_size
-        start = self.num_hashed.get(rid, 0)
-        if num_full <= start:
+        start = self.num_hashed.get(rid)
+        num_full = request.num_computed_tokens // self.block_size  # computed tokens never exceed the known ones
+        if start is None or num_full <= start:
+            return
+        serial = self.chain_serial[rid]
+        if serial is None:
             return
         self._update_hashes(request)
-        bs = self.block_size
+        bs, table, tokens, hashes = self.block_size, self.req_blocks[rid], request.all_token_ids, request.block_hashes
         for i in range(start, num_full):
-            parent = request.block_hashes[i - 1] if i else NONE_HASH
-            self.pool.cache(table[i], parent, tuple(request.all_token_ids[i * bs:(i + 1) * bs]))
+            serial = self.pool.register(table[i], hashes[i], serial, tuple(tokens[i * bs:(i + 1) * bs]))
+            if serial is None:
+                break
         self.num_hashed[rid] = num_full
+        self.chain_serial[rid] = serial
 
     def free(self, request: Request) -> None:
         """Release every block of the request; tail blocks are evicted before the shared prefix."""
-        blocks = self.req_blocks.pop(request.request_id, [])
-        self.num_hashed.pop(request.request_id, None)
-        self.pool.free(list(reversed(blocks)))
+        rid = request.request_id
+        blocks = self.req_blocks.pop(rid, None)
+        self.num_hashed.pop(rid, None)
+        self.chain_serial.pop(rid, None)
+        if blocks:
+            blocks.reverse()
+            self.pool.free(blocks)
 
     def check_invariants(self) -> None:
-        """Ref counts equal table membership; free queue holds exactly the unreferenced blocks (tests)."""
-        refs = [0] * self.pool.num_blocks
+        """Ref counts equal table membership; the free queue holds exactly the unreferenced blocks; the prefix
+        table is consistent (tests)."""
+        pool = self.pool
+        refs = [0] * pool.num_blocks
         for table in self.req_blocks.values():
+            assert len({b.block_id for b in table}) == len(table), "a block appears twice in one table"
             for b in table:
                 refs[b.block_id] += 1
-        for b in self.pool.blocks:
+        for b in pool.blocks:
             assert b.ref_cnt == refs[b.block_id], f"block {b.block_id}: ref {b.ref_cnt} != {refs[b.block_id]}"
-            assert (b.ref_cnt == 0) == (b.block_id in self.pool.free_queue), f"block {b.block_id} free-list state"
+            assert (b.ref_cnt == 0) == (b.block_id in pool.free_queue), f"block {b.block_id} free-list state"
+        for h, b in pool.cached.items():
+            assert b.block_hash == h and b.serial > ROOT_SERIAL and len(b.token_ids) == self.block_size
+        assert sum(1 for b in pool.blocks if b.block_hash is not None) == len(pool.cached)
         used = sum(1 for r in refs if r)
-        assert used + self.pool.num_free_blocks == self.pool.num_blocks
+        assert used + pool.num_free_blocks == pool.num_blocks
+        assert set(self.num_hashed) == set(self.chain_serial) == set(self.req_blocks)

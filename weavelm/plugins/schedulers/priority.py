@@ -1,21 +1,20 @@
-"""Priority scheduling: lower `SamplingParams.priority` runs first, arrival time breaks ties."""
+"""Priority scheduling: lower `SamplingParams.priority` runs first, arrival breaks ties (FCFS among equals)."""
 
 from __future__ import annotations
+
+import itertools
 
 from pydantic import Field
 
 from weavelm.core.hookspecs import hookimpl
+from weavelm.core.interfaces import SchedulerContext
 from weavelm.core.request import Request
 from weavelm.plugins.schedulers.base import BaseScheduler, SchedulerOptions
 
 
 class PriorityOptions(SchedulerOptions):
     preempt_for_higher_priority: bool = Field(
-        True, description="Let a waiting request preempt a running request of lower priority.")
-
-
-def _rank(r: Request) -> tuple[int, float]:
-    return (r.priority, r.arrival_time)
+        True, description="Let a waiting request preempt a running request of lower priority (higher value).")
 
 
 class PriorityScheduler(BaseScheduler):
@@ -25,11 +24,28 @@ class PriorityScheduler(BaseScheduler):
     description = "Lower priority value first, arrival breaks ties; preempts the lowest-priority running request."
     Options = PriorityOptions
 
+    def __init__(self, options: PriorityOptions, context: SchedulerContext):
+        super().__init__(options, context)
+        self._order: dict[str, int] = {}  # add order: breaks ties between equal arrival times
+        self._counter = itertools.count()
+
+    def _rank(self, r: Request) -> tuple[int, float, int]:
+        return (r.priority, r.arrival_time, self._order[r.request_id])
+
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        self._order[request.request_id] = next(self._counter)
+
+    def _release(self, req: Request) -> None:
+        super()._release(req)
+        del self._order[req.request_id]
+
     def next_waiting_index(self) -> int:
-        return min(range(len(self.waiting)), key=lambda i: _rank(self.waiting[i]))
+        waiting, rank = self.waiting, self._rank
+        return min(range(len(waiting)), key=lambda i: rank(waiting[i]))
 
     def select_victim(self, candidates: list[Request], for_request: Request) -> Request | None:
-        return max(candidates, key=_rank) if candidates else None
+        return max(candidates, key=self._rank) if candidates else None
 
     def may_preempt_for_waiting(self, waiting: Request, victim: Request) -> bool:
         return self.options.preempt_for_higher_priority and waiting.priority < victim.priority
