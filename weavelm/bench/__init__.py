@@ -1,0 +1,1 @@
+"""Benchmarks: throughput, latency and the A/B comparison of two engine compositions (`weavelm bench`, `weavelm ab`)."""
