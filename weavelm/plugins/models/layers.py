@@ -1,10 +1,36 @@
-"""Building blocks shared by the architectures: RMSNorm, rotary embedding, SiLU-and-mul, packed weight loading."""
+"""Building blocks shared by the architectures: RMSNorm, rotary embedding, SiLU-and-mul, packed weight loading.
+
+On CUDA tensors RMSNorm, SiluAndMul and RotaryEmbedding run the Triton kernels of `triton_ops.py` (imported at the
+first CUDA call); the torch code here is the CPU path and the reference they are tested against.
+`WEAVELM_DISABLE_TRITON_OPS=1`, read when a layer is built, keeps a layer on the torch path everywhere.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def triton_ops_enabled() -> bool:
+    """Whether new layers may use the Triton kernels: triton is installed and WEAVELM_DISABLE_TRITON_OPS is unset
+    (or "0"). Layers call this once, in their constructor."""
+    if os.environ.get("WEAVELM_DISABLE_TRITON_OPS", "0") not in ("", "0"):
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_device(x: torch.Tensor) -> bool:
+    """The per-call check: the Triton kernels run on CUDA tensors only."""
+    return x.is_cuda
+
+
+def _ops():
+    from weavelm.plugins.models import triton_ops
+    return triton_ops
 
 
 class RMSNorm(nn.Module):
@@ -16,6 +42,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.use_triton = triton_ops_enabled()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -24,6 +51,10 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.use_triton and triton_device(x):
+            if residual is None:
+                return _ops().rms_norm(x, self.weight, self.eps)
+            return _ops().fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -31,7 +62,15 @@ class RMSNorm(nn.Module):
 
 
 class SiluAndMul(nn.Module):
+    """(..., 2d) -> silu(x[..., :d]) * x[..., d:]."""
+
+    def __init__(self):
+        super().__init__()
+        self.use_triton = triton_ops_enabled()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton and triton_device(x):
+            return _ops().silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 
@@ -60,9 +99,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", freqs.cos() * scaling, persistent=False)
         self.register_buffer("sin_cache", freqs.sin() * scaling, persistent=False)
         self.head_dim = head_dim
+        self.use_triton = triton_ops_enabled()
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim)."""
+        """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim); positions: (tokens,) int.
+
+        The Triton path computes in fp32 and rounds once; the torch path rounds cos/sin and each product to q's
+        dtype as transformers does (the two differ by a couple of ulps in bf16, not at all in fp32)."""
+        if self.use_triton and triton_device(q):
+            return _ops().rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
