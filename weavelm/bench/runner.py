@@ -87,23 +87,25 @@ def run_workload(engine, workload: Workload, temperature: float = 0.0, seed: int
         except RequestError as e:
             rec.error = str(e)
     while engine.has_unfinished_requests():
-        outs = engine.step()
+        outs = engine.step(delta=True)
         steps += 1
         now = time.perf_counter()
+        added_total = 0
         for out in outs:
             rec = records.get(out.request_id)
             if rec is None:
                 continue
-            rec.prompt_len = len(out.prompt_token_ids)
             new = out.outputs[0].token_ids
-            added = len(new) - len(rec.token_ids)
-            if added > 0:
-                rec.token_times.extend([now] * added)
-                rec.token_ids = list(new)
-                if bar is not None:
-                    bar.update(added)
+            if new:
+                rec.token_times.extend([now] * len(new))
+                rec.token_ids.extend(new)
+                added_total += len(new)
+            if out.finished:
+                rec.prompt_len = len(out.prompt_token_ids)
             if out.finished and out.error:
                 rec.error = out.error
+        if bar is not None and added_total:
+            bar.update(added_total)
     wall = time.perf_counter() - start
     if bar is not None:
         bar.close()

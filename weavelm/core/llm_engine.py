@@ -133,17 +133,19 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.states)
 
-    def step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """Run one core step. Returns a RequestOutput per request that changed, or with `finished_only` only
-        for requests that finished (cheaper: no per-step copies of growing outputs)."""
+    def step(self, finished_only: bool = False, delta: bool = False) -> list[RequestOutput]:
+        """Run one core step. Returns a RequestOutput per request that changed; with `finished_only` only for
+        requests that finished; with `delta` each output's token_ids (and logprobs) hold only this step's new
+        tokens (text stays cumulative). Both avoid per-step copies of growing outputs."""
         outs = []
         for co in self.client.get_output():
-            ro = self._process(co, finished_only)
+            ro = self._process(co, finished_only, delta)
             if ro is not None:
                 outs.append(ro)
         return outs
 
-    def _process(self, co: EngineCoreOutput, finished_only: bool = False) -> RequestOutput | None:
+    def _process(self, co: EngineCoreOutput, finished_only: bool = False,
+                 delta: bool = False) -> RequestOutput | None:
         st = self.states.get(co.request_id)
         if st is None:
             return None
@@ -163,8 +165,10 @@ class LLMEngine:
             return None
         out = RequestOutput(
             request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
-            outputs=[CompletionOutput(0, st.detok.text, list(st.token_ids), finish_reason, stop_reason,
-                                      list(st.logprobs) if st.logprobs is not None else None)],
+            outputs=[CompletionOutput(
+                0, st.detok.text, list(co.new_token_ids) if delta else list(st.token_ids), finish_reason,
+                stop_reason, (list(co.new_logprobs or []) if delta else list(st.logprobs))
+                if st.logprobs is not None else None)],
             finished=finish_reason is not None, num_cached_tokens=st.num_cached_tokens,
             error=co.error,
             metrics={"arrival": st.arrival, "first_token": st.first_token_time or 0.0, "now": now})
