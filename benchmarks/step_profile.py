@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="step_profile.json")
+    ap.add_argument("--cprofile", action="store_true", help="also print the top functions by own time")
     args = ap.parse_args()
     model = args.model_dir or write_config(args.shape, tempfile.mkdtemp(prefix="weavelm_shape_"))
     loader = args.loader or ("safetensors" if args.model_dir else "dummy")
@@ -77,7 +78,15 @@ def main() -> None:
     lo, hi = (int(x) for x in args.input_len.split(":"))
     olo, ohi = (int(x) for x in args.output_len.split(":"))
     wl = random_workload(args.num_prompts, (lo, hi), (olo, ohi), llm.engine.vocab_size, llm.engine.max_model_len, seed=0)
-    rec = run_workload(llm.engine, wl)
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        rec = prof.runcall(run_workload, llm.engine, wl)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    else:
+        rec = run_workload(llm.engine, wl)
     steps = rec.num_steps
     accounted = t["schedule"] + t["execute_model (total)"] + t["update_from_output"]
     t["frontend + other"] = rec.wall_s - accounted

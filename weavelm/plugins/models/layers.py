@@ -81,11 +81,12 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     if rope_type == "default":
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
         return inv, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    with torch.device("cpu"):
+        inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
     return inv.float(), float(scaling)
 
 
@@ -94,10 +95,11 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, hf_config, head_dim: int, max_positions: int):
         super().__init__()
-        inv_freq, scaling = rope_inv_freq(hf_config, head_dim)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.register_buffer("cos_cache", freqs.cos() * scaling, persistent=False)
-        self.register_buffer("sin_cache", freqs.sin() * scaling, persistent=False)
+        inv_freq, scaling = rope_inv_freq(hf_config, head_dim)  # on the CPU, in fp32, whatever the device
+        freqs = torch.arange(max_positions, dtype=torch.float32, device="cpu")[:, None] * inv_freq[None, :]
+        device = torch.empty(0).device  # the device the model is being built on
+        self.register_buffer("cos_cache", (freqs.cos() * scaling).to(device), persistent=False)
+        self.register_buffer("sin_cache", (freqs.sin() * scaling).to(device), persistent=False)
         self.head_dim = head_dim
         self.use_triton = triton_ops_enabled()
 
