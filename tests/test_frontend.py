@@ -45,3 +45,19 @@ def test_stop_string_truncates_and_finishes(llm):
 def test_chat_template_applies(llm):
     out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4, temperature=0))
     assert "<|im_start|>assistant" in out.prompt
+
+
+def test_batched_detokenization_equals_one_by_one(llm):
+    import random
+
+    from weavelm.core.detokenizer import IncrementalDetokenizer, add_tokens_batch
+
+    tok = llm.get_tokenizer()
+    rng = random.Random(0)
+    seqs = [[rng.randrange(len(tok)) for _ in range(30)] for _ in range(12)]
+    one = [IncrementalDetokenizer(tok, [1, 2], ["the", "ing"]) for _ in seqs]
+    many = [IncrementalDetokenizer(tok, [1, 2], ["the", "ing"]) for _ in seqs]
+    for t in range(30):
+        hits_one = [d.add_tokens([s[t]]) for d, s in zip(one, seqs)]
+        assert add_tokens_batch([(d, [s[t]]) for d, s in zip(many, seqs)]) == hits_one
+    assert [d.text for d in one] == [d.text for d in many]

@@ -19,9 +19,19 @@ class IncrementalDetokenizer:
         self.include_stop_str = include_stop_str
         self.skip_special = skip_special_tokens
         self.max_stop_len = max((len(s) for s in stop), default=0)
+        # A fast tokenizer's Rust backend decodes the same text without transformers' per-call Python work
+        # (to_py_obj walks every id), which dominated steps at large batch.
+        backend = getattr(tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "decode") and \
+                not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._decode_fn = backend.decode
+            self.batch_backend = backend  # requests sharing it are decoded together (decode_batch, in Rust)
+        else:
+            self._decode_fn = tokenizer.decode if tokenizer is not None else None
+            self.batch_backend = None
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+        return self._decode_fn(ids, skip_special_tokens=self.skip_special)
 
     def add_tokens(self, token_ids: list[int]) -> str | None:
         """Append tokens; return the stop string that appeared (text is then truncated), else None."""
@@ -30,12 +40,14 @@ class IncrementalDetokenizer:
         start = len(self.text)
         for tok in token_ids:
             self.ids.append(tok)
-            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-            full = self._decode(self.ids[self.prefix_offset:])
-            if len(full) > len(prefix) and not full.endswith("\ufffd"):
-                self.text += full[len(prefix):]
-                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self._advance(self._decode(self.ids[self.prefix_offset:self.read_offset]),
+                          self._decode(self.ids[self.prefix_offset:]))
         return self._check_stop(start)
+
+    def _advance(self, prefix: str, full: str) -> None:
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
 
     def _check_stop(self, new_text_start: int) -> str | None:
         if not self.stop or len(self.text) == new_text_start:
@@ -51,3 +63,36 @@ class IncrementalDetokenizer:
         i, s = best
         self.text = self.text[: i + len(s)] if self.include_stop_str else self.text[:i]
         return s
+
+
+def add_tokens_batch(items: list[tuple[IncrementalDetokenizer, list[int]]]) -> list[str | None]:
+    """`add_tokens` for many requests at once: requests with one new token and a shared fast backend are decoded
+    with two `decode_batch` calls instead of two decodes each. Returns each item's stop-string hit or None."""
+    hits: list[str | None] = [None] * len(items)
+    groups: dict[int, list[int]] = {}
+    for i, (d, toks) in enumerate(items):
+        if d.tokenizer is None:
+            continue
+        if len(toks) == 1 and d.batch_backend is not None:
+            groups.setdefault(id(d.batch_backend), []).append(i)
+        else:
+            hits[i] = d.add_tokens(toks)
+    for idx in groups.values():
+        dets = [items[i][0] for i in idx]
+        backend = dets[0].batch_backend
+        for i, d in zip(idx, dets):
+            d.ids.append(items[i][1][0])
+        for skip in (True, False):
+            sel = [k for k, d in enumerate(dets) if d.skip_special == skip]
+            if not sel:
+                continue
+            prefixes = backend.decode_batch([dets[k].ids[dets[k].prefix_offset:dets[k].read_offset] for k in sel],
+                                            skip_special_tokens=skip)
+            fulls = backend.decode_batch([dets[k].ids[dets[k].prefix_offset:] for k in sel],
+                                         skip_special_tokens=skip)
+            for k, prefix, full in zip(sel, prefixes, fulls):
+                d = dets[k]
+                start = len(d.text)
+                d._advance(prefix, full)
+                hits[idx[k]] = d._check_stop(start)
+    return hits

@@ -11,7 +11,7 @@ from typing import Any
 
 from weavelm.core.client import EngineCoreClient, InprocClient
 from weavelm.core.config import EngineConfig, merge_overrides, read_yaml
-from weavelm.core.detokenizer import IncrementalDetokenizer
+from weavelm.core.detokenizer import IncrementalDetokenizer, add_tokens_batch
 from weavelm.core.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
 from weavelm.core.registry import get_registry
 from weavelm.core.request import Request, RequestStatus, SamplingParams
@@ -137,15 +137,19 @@ class LLMEngine:
         """Run one core step. Returns a RequestOutput per request that changed; with `finished_only` only for
         requests that finished; with `delta` each output's token_ids (and logprobs) hold only this step's new
         tokens (text stays cumulative). Both avoid per-step copies of growing outputs."""
+        core_outs = [co for co in self.client.get_output() if co.request_id in self.states]
+        hits = add_tokens_batch([(self.states[co.request_id].detok, co.new_token_ids) for co in core_outs])
         outs = []
-        for co in self.client.get_output():
-            ro = self._process(co, finished_only, delta)
+        for co, hit in zip(core_outs, hits):
+            ro = self._process(co, finished_only, delta, hit)
             if ro is not None:
                 outs.append(ro)
         return outs
 
-    def _process(self, co: EngineCoreOutput, finished_only: bool = False,
-                 delta: bool = False) -> RequestOutput | None:
+    def _process(self, co: EngineCoreOutput, finished_only: bool = False, delta: bool = False,
+                 hit: str | None | object = ...) -> RequestOutput | None:
+        """Fold one core delta into the request's state; `hit` is the stop string found by a batched
+        detokenization of this delta (`...`: detokenize here)."""
         st = self.states.get(co.request_id)
         if st is None:
             return None
@@ -157,7 +161,8 @@ class LLMEngine:
         if st.logprobs is not None and co.new_logprobs:
             st.logprobs.extend(co.new_logprobs)
         finish_reason, stop_reason = co.finish_reason, co.stop_reason
-        hit = st.detok.add_tokens(co.new_token_ids)
+        if hit is ...:
+            hit = st.detok.add_tokens(co.new_token_ids)
         if hit is not None and finish_reason is None:
             self.client.abort_requests([co.request_id])
             finish_reason, stop_reason = "stop", hit

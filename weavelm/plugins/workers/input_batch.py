@@ -41,6 +41,8 @@ class InputBatch:
         self.top_p = np.ones(max_num_reqs, dtype=np.float32)
         self.top_k = np.zeros(max_num_reqs, dtype=np.int64)
         self.min_p = np.zeros(max_num_reqs, dtype=np.float32)
+        self.logprobs = np.zeros(max_num_reqs, dtype=bool)
+        self.seeded = np.zeros(max_num_reqs, dtype=bool)
         self.req_ids: list[str] = []  # row order; rows [0, len) are occupied
         self.index: dict[str, int] = {}
         self.states: list[CachedRequestState] = []
@@ -67,6 +69,8 @@ class InputBatch:
         self.top_p[row] = sp.top_p
         self.top_k[row] = sp.top_k
         self.min_p[row] = sp.min_p
+        self.logprobs[row] = sp.logprobs
+        self.seeded[row] = s.generator is not None
 
     def set_blocks(self, row: int, block_ids: list[int]) -> None:
         self.block_table[row, :len(block_ids)] = block_ids
@@ -81,7 +85,7 @@ class InputBatch:
         """Drop rows, filling each hole with the last row (only moved rows are copied)."""
         rows = sorted((self.index[r] for r in req_ids if r in self.index), reverse=True)
         arrays = (self.token_ids, self.num_tokens, self.num_computed, self.block_table, self.num_blocks,
-                  self.temperature, self.top_p, self.top_k, self.min_p)
+                  self.temperature, self.top_p, self.top_k, self.min_p, self.logprobs, self.seeded)
         for row in rows:
             s = self.states[row]
             s.output_token_ids = self.token_ids[row, len(s.prompt_token_ids):self.num_tokens[row]].tolist()

@@ -159,14 +159,19 @@ class GPUModelRunner(ModelRunner):
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         b = self.batch
         temp, top_k, top_p, min_p = b.temperature[rows], b.top_k[rows], b.top_p[rows], b.min_p[rows]
-        gens = {i: b.states[r].generator for i, r in enumerate(rows) if b.states[r].generator is not None}
+        all_greedy = bool((temp == 0).all())
+        want_logprobs = bool(b.logprobs[rows].any())
+        if all_greedy:  # argmax only: no per-row tensors to send
+            empty = torch.empty(0, device=self.device)
+            return SamplingMetadata(empty, empty, empty, empty, True, False, False, False, {}, want_logprobs)
+        seeded = np.nonzero(b.seeded[rows])[0]
+        gens = {int(i): b.states[int(rows[i])].generator for i in seeded}
         dev = self.device
         return SamplingMetadata(
             temperature=torch.from_numpy(temp).to(dev), top_k=torch.from_numpy(top_k).to(dev),
             top_p=torch.from_numpy(top_p).to(dev), min_p=torch.from_numpy(min_p).to(dev),
-            all_greedy=bool((temp == 0).all()), any_top_k=bool((top_k > 0).any()),
-            any_top_p=bool((top_p < 1).any()), any_min_p=bool((min_p > 0).any()), generators=gens,
-            want_logprobs=any(b.states[r].sampling_params.logprobs for r in rows))
+            all_greedy=False, any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1).any()),
+            any_min_p=bool((min_p > 0).any()), generators=gens, want_logprobs=want_logprobs)
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         return self.bundle.model(input_ids, positions, fb)
