@@ -73,6 +73,15 @@ def main() -> None:
 
     mr.sample = timed(t, "sample (+sync)", mr.sample, sync)
     core.executor.execute_model = timed(t, "execute_model (total)", core.executor.execute_model, sync)
+    import weavelm.core.llm_engine as le
+
+    le.add_tokens_batch = timed(t, "frontend.detokenize", le.add_tokens_batch)
+    llm.engine._process = timed(t, "frontend.process", llm.engine._process)
+    llm.engine.client.get_output = timed(t, "core.step (total)", llm.engine.client.get_output)
+    tok = llm.engine.tokenizer
+    print(f"tokenizer: {type(tok).__name__ if tok is not None else None}, "
+          f"fast backend: {getattr(tok, '_tokenizer', None) is not None}, "
+          f"clean_up_tokenization_spaces: {getattr(tok, 'clean_up_tokenization_spaces', None)}")
     warmup(llm.engine)
     t.clear()
     lo, hi = (int(x) for x in args.input_len.split(":"))
