@@ -64,12 +64,19 @@ class LLMEngine:
                 return tok
         path = self.config.tokenizer or self.config.model
         try:
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:  # no tokenizer files: token-id prompts only
             if self.config.tokenizer:
                 raise RequestError(f"tokenizer: cannot load a tokenizer from {path!r} ({e})") from e
             logger.info("no tokenizer beside %s; only token-id prompts are accepted", path)
             return None
+        vocab = getattr(self.hf_config, "vocab_size", 0) or 0
+        if not self.config.tokenizer and len(tok) < vocab // 2:
+            # some transformers versions build an empty tokenizer from a config-only folder
+            logger.warning("ignoring the tokenizer found for %s: %d tokens for a %d-token model; only token-id "
+                           "prompts are accepted", path, len(tok), vocab)
+            return None
+        return tok
 
     def _eos_ids(self) -> tuple[int | None, list[int]]:
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
