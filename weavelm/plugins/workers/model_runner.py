@@ -44,6 +44,7 @@ class GPUModelRunner(ModelRunner):
         self.block_size = config.cache.block_size
         self.graphs = None
         self.logits_observer = None  # debugging/parity hook: called with (req_ids, logits) every step
+        self._pinned: dict[torch.dtype, torch.Tensor] = {}  # staging buffers; reused only after the step's sync
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -144,17 +145,35 @@ class GPUModelRunner(ModelRunner):
         sampling = seq_lens >= batch.num_tokens[:n]
         logits_rows = np.nonzero(sampling)[0]
         max_blocks = int(-(-seq_lens.max() // bs))
-        dev = self.device
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)  # noqa: E731
-        qsl_cpu = torch.from_numpy(qsl)
-        seq_lens_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+        r = len(logits_rows)
+        # Two host -> device copies per step: every int64 input packed in one buffer, every int32 in another.
+        i64 = np.empty(3 * total + r, dtype=np.int64)
+        i64[:total], i64[total:2 * total], i64[2 * total:3 * total] = input_ids, positions, slots
+        i64[3 * total:] = cu[logits_rows] - 1
+        i32 = np.empty(2 * n + 1 + n * max_blocks, dtype=np.int32)
+        i32[:n + 1], i32[n + 1:2 * n + 1] = qsl, seq_lens
+        i32[2 * n + 1:].reshape(n, max_blocks)[:] = batch.block_table[:n, :max_blocks]
+        d64, d32 = self._to_device(i64), self._to_device(i32)
         common = CommonAttentionMetadata(
-            query_start_loc=qsl_cpu.to(dev, non_blocking=True), seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
-            block_table=to(batch.block_table[:n, :max_blocks]), slot_mapping=to(slots),
-            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_lens_cpu, num_reqs=n, num_actual_tokens=total,
-            max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()), block_size=bs)
-        logits_indices = to(cu[logits_rows] - 1)
-        return to(input_ids), to(positions), common, logits_indices, logits_rows
+            query_start_loc=d32[:n + 1], seq_lens=d32[n + 1:2 * n + 1],
+            block_table=d32[2 * n + 1:].view(n, max_blocks), slot_mapping=d64[2 * total:3 * total],
+            query_start_loc_cpu=torch.from_numpy(i32[:n + 1]), seq_lens_cpu=torch.from_numpy(i32[n + 1:2 * n + 1]),
+            num_reqs=n, num_actual_tokens=total, max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
+            block_size=bs)
+        return d64[:total], d64[total:2 * total], common, d64[3 * total:], logits_rows
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        """A fresh device tensor of `a`, copied through a pinned staging buffer on CUDA (asynchronous)."""
+        t = torch.from_numpy(a)
+        if self.device.type != "cuda":
+            return t
+        key = t.dtype
+        buf = self._pinned.get(key)
+        if buf is None or buf.numel() < t.numel():
+            buf = self._pinned[key] = torch.empty(max(t.numel(), 1 << 16), dtype=t.dtype, pin_memory=True)
+        staged = buf[: t.numel()]
+        staged.copy_(t)
+        return staged.to(self.device, non_blocking=True)
 
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         b = self.batch
