@@ -9,6 +9,7 @@ from weavelm.core.request import SamplingParams
 
 
 def _runner(llm):
+    llm.engine.client.drain()  # no launched step may be in flight while the core is driven directly
     core = llm.engine.client.core
     return core.executor.worker.runner, core
 

@@ -33,8 +33,10 @@ class EngineCoreClient(ABC):
 
 
 class InprocClient(EngineCoreClient):
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, overlap: bool = True):
         self.core = EngineCore(config)
+        self.overlap = overlap
+        self._pending = None
         self.max_model_len = self.core.max_model_len
         self.model_info = self.core.model_info
 
@@ -45,10 +47,22 @@ class InprocClient(EngineCoreClient):
         return self.core.abort_requests(request_ids)
 
     def get_output(self) -> list[EngineCoreOutput]:
-        return self.core.step()
+        """Collect the launched step, then launch the next one before returning, so the caller's output
+        processing overlaps the device's work on the next step."""
+        if self._pending is None:
+            self._pending = self.core.step_begin()
+        outputs = self.core.step_end(self._pending) if self._pending is not None else []
+        self._pending = self.core.step_begin() if self.overlap else None
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests()
+        return self._pending is not None or self.core.has_unfinished_requests()
+
+    def drain(self) -> list[EngineCoreOutput]:
+        """Collect a launched step, if any, without launching another (before driving the core directly)."""
+        pending, self._pending = self._pending, None
+        return self.core.step_end(pending) if pending is not None else []
 
     def shutdown(self) -> None:
+        self.drain()
         self.core.shutdown()

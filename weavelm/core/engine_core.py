@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from weavelm.core.config import EngineConfig
 from weavelm.core.interfaces import SchedulerContext
-from weavelm.core.outputs import EngineCoreOutput, SchedulerStats
+from weavelm.core.outputs import EngineCoreOutput, RunnerFuture, SchedulerOutput, SchedulerStats
 from weavelm.core.registry import Registry, get_registry
 from weavelm.core.request import Request, RequestStatus
 from weavelm.errors import EngineError
 
 logger = logging.getLogger("weavelm.engine")
+
+
+@dataclass
+class PendingStep:
+    """A scheduled step whose device work was launched but not yet collected."""
+
+    scheduler_output: SchedulerOutput
+    future: RunnerFuture
+
 MAX_IDLE_STEPS = 64
 
 
@@ -52,8 +62,14 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        """One synchronous step: schedule -> execute -> update."""
+        pending = self.step_begin()
+        return self.step_end(pending) if pending is not None else []
+
+    def step_begin(self) -> PendingStep | None:
+        """Schedule and launch a step without waiting for the device; None when there is nothing to run."""
         if not self.scheduler.has_unfinished_requests():
-            return []
+            return None
         so = self.scheduler.schedule()
         if so.is_empty:
             self._idle_steps += 1
@@ -62,10 +78,13 @@ class EngineCore:
                                   f"{self.scheduler.get_stats()}; the KV cache is too small for the requests")
         else:
             self._idle_steps = 0
-        runner_output = self.executor.execute_model(so)
-        outputs = self.scheduler.update_from_output(so, runner_output)
+        return PendingStep(so, self.executor.execute_model_async(so))
+
+    def step_end(self, pending: PendingStep) -> list[EngineCoreOutput]:
+        """Wait for a launched step and fold its output into the scheduler. Must precede the next step_begin."""
+        outputs = self.scheduler.update_from_output(pending.scheduler_output, pending.future.result())
         self.last_stats = self.scheduler.get_stats()
-        if not so.is_empty:
+        if not pending.scheduler_output.is_empty:
             self.registry.hook.weavelm_step_finished(stats=self.last_stats)
         return outputs
 

@@ -21,11 +21,12 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     from weavelm.core.config import EngineConfig
     from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
-    from weavelm.core.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput, SchedulerStats
+    from weavelm.core.outputs import (EngineCoreOutput, ModelRunnerOutput, RunnerFuture, SchedulerOutput,
+                                      SchedulerStats)
     from weavelm.core.request import Request, RequestStatus
 
-API_VERSION = "1.0"
-"""Bumped on any incompatible change to the interfaces below or the data in outputs.py / forward.py."""
+API_VERSION = "1.1"
+"""Bumped on any change to the interfaces below or the data in outputs.py / forward.py (1.1: execute_model_async)."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model")
 
@@ -113,6 +114,12 @@ class Executor(Component, ABC):
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
+        """Launch the step and return before the device finishes, so the caller can overlap host work (output
+        processing) with it. The default runs `execute_model` synchronously."""
+        from weavelm.core.outputs import RunnerFuture
+        return RunnerFuture(self.execute_model(scheduler_output))
+
     def model_info(self) -> dict[str, Any]:
         """Facts about the loaded model the core needs (max_model_len, eos_token_id, vocab_size)."""
         return {}
@@ -145,6 +152,12 @@ class Worker(Component, ABC):
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
+        """Launch the step and return before the device finishes, so the caller can overlap host work (output
+        processing) with it. The default runs `execute_model` synchronously."""
+        from weavelm.core.outputs import RunnerFuture
+        return RunnerFuture(self.execute_model(scheduler_output))
+
     def model_info(self) -> dict[str, Any]:
         return {}
 
@@ -169,6 +182,12 @@ class ModelRunner(Component, ABC):
 
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
+        """Launch the step and return before the device finishes, so the caller can overlap host work (output
+        processing) with it. The default runs `execute_model` synchronously."""
+        from weavelm.core.outputs import RunnerFuture
+        return RunnerFuture(self.execute_model(scheduler_output))
 
 
 class ModelLoader(Component, ABC):

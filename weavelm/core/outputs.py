@@ -77,6 +77,18 @@ class ModelRunnerOutput:
 EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, [], None)
 
 
+class RunnerFuture:
+    """A step whose device work may still be running. `result()` waits for it and returns its output; call it
+    exactly once, before the next step is prepared. The base class wraps an output that is already complete."""
+
+    def __init__(self, output: ModelRunnerOutput | None = None):
+        self._output = output
+
+    def result(self) -> ModelRunnerOutput:
+        assert self._output is not None
+        return self._output
+
+
 @dataclass
 class EngineCoreOutput:
     """Per-request delta from one core step, for the frontend."""

@@ -6,7 +6,7 @@ from typing import Any
 
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import Executor, NoOptions
-from weavelm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
 from weavelm.core.registry import get_registry
 
 
@@ -33,6 +33,9 @@ class UniprocExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
+        return self.worker.execute_model_async(scheduler_output)
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import ModelRunner
-from weavelm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
 from weavelm.core.registry import get_registry
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle, select_attention
@@ -197,10 +197,16 @@ class GPUModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(so).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, so: SchedulerOutput) -> RunnerFuture:
+        """Update the batch, prepare inputs and launch forward + sampling; the returned future's `result()`
+        waits for the sampled ids (the step's one device -> host sync) and folds them into the batch."""
         self._update_states(so)
         batch = self.batch
         if so.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
-            return ModelRunnerOutput([], {}, [], None)
+            return RunnerFuture(ModelRunnerOutput([], {}, [], None))
         input_ids, positions, common, logits_indices, rows = self._prepare_inputs(so)
         if self.graphs is not None and self.graphs.can_run(common):
             logits = self.graphs.run(input_ids, positions, common)[logits_indices].float()
@@ -210,8 +216,11 @@ class GPUModelRunner(ModelRunner):
             logits = self.bundle.model.compute_logits(hidden[logits_indices]).float()
         if self.logits_observer is not None:
             self.logits_observer([batch.req_ids[r] for r in rows.tolist()], logits)
-        sm = self._sampling_metadata(rows)
-        ids, lps = sample(logits, sm)
+        ids, lps = sample(logits, self._sampling_metadata(rows))
+        return _StepFuture(self, rows, ids, lps)
+
+    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps: torch.Tensor | None) -> ModelRunnerOutput:
+        batch = self.batch
         ids_np = ids.cpu().numpy()  # the step's one device -> host sync
         batch.token_ids[rows, batch.num_tokens[rows]] = ids_np
         batch.num_tokens[rows] += 1
@@ -225,6 +234,19 @@ class GPUModelRunner(ModelRunner):
                 if batch.states[row].sampling_params.logprobs:
                     logprobs[row] = [lp]
         return ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled, logprobs)
+
+
+class _StepFuture(RunnerFuture):
+    def __init__(self, runner: GPUModelRunner, rows: np.ndarray, ids: torch.Tensor, lps: torch.Tensor | None):
+        super().__init__()
+        self._args = (runner, rows, ids, lps)
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is None:
+            runner, rows, ids, lps = self._args
+            self._output = runner._finish_step(rows, ids, lps)
+            self._args = None
+        return self._output
 
 
 @hookimpl

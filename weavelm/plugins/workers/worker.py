@@ -9,7 +9,7 @@ import torch
 
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import NoOptions, Worker
-from weavelm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
 from weavelm.core.registry import get_registry
 from weavelm.errors import ConfigError
 from weavelm.plugins.workers.model_loading import resolve_device
@@ -62,6 +62,9 @@ class DeviceWorker(Worker):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
+        return self.runner.execute_model_async(scheduler_output)
 
 
 @hookimpl
