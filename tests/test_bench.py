@@ -147,3 +147,24 @@ def test_latency_rejects_lengths_past_the_context(tiny_llama, capsys):
                "--input-len", "500", "--output-len", "100", "--quiet"])
     assert rc == 2
     assert "exceeds max_model_len 512" in capsys.readouterr().err
+
+
+def test_ab_of_two_attention_backends_agrees(tiny_llama, tmp_path):
+    """torch_ref vs triton (Triton's CPU interpreter, in a child process so the env var precedes any triton
+    import): the two backends must produce identical greedy outputs."""
+    import subprocess
+    import sys
+
+    a, b = tmp_path / "ref.yaml", tmp_path / "triton.yaml"
+    a.write_text("# A: torch_ref on CPU\nattention: torch_ref\ndtype: float32\ndevice: cpu\nloader: safetensors\n")
+    b.write_text("# B: triton (interpreted) on CPU\nattention: triton\ndtype: float32\ndevice: cpu\nloader: safetensors\n")
+    out = tmp_path / "ab"
+    root = os.path.dirname(EXAMPLES)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
+    res = subprocess.run([sys.executable, "-m", "weavelm.cli", "ab", str(a), str(b), "--model", tiny_llama,
+                          "--num-prompts", "3", "--input-len", "8:24", "--output-len", "4:6", "--repeats", "1",
+                          "--require-agreement", "--out", str(out), "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((out / "ab.json").read_text())
+    assert result["agreement"]["identical_share"] == 1.0
