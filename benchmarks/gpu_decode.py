@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import tempfile
 import time
 
@@ -61,7 +60,7 @@ def run_one(path: str, attention: str, eager: bool, args) -> dict:
     best = None
     for _ in range(args.repeats):
         stamps = []
-        for out in llm.stream(prompt, params):
+        for _ in llm.stream(prompt, params):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())

@@ -40,7 +40,6 @@ def build_tiny_model(arch: str, path: str, seed: int = 0, **kw) -> str:
 
 
 def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
 
     model = _hf_model(path)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from weavelm.core.config import EngineConfig, merge_overrides, read_yaml
 from weavelm.core.detokenizer import IncrementalDetokenizer, add_tokens_batch
 from weavelm.core.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
 from weavelm.core.registry import get_registry
-from weavelm.core.request import Request, RequestStatus, SamplingParams
+from weavelm.core.request import Request, SamplingParams
 from weavelm.errors import RequestError
 
 logger = logging.getLogger("weavelm.llm")
