@@ -7,7 +7,7 @@ from typing import Any
 
 from weavelm.core.config import EngineConfig
 from weavelm.core.engine_core import EngineCore
-from weavelm.core.outputs import EngineCoreOutput
+from weavelm.core.outputs import EngineCoreOutput, SchedulerStats
 from weavelm.core.request import Request
 
 
@@ -27,6 +27,10 @@ class EngineCoreClient(ABC):
 
     @abstractmethod
     def has_unfinished_requests(self) -> bool: ...
+
+    @abstractmethod
+    def get_stats(self) -> SchedulerStats:
+        """The core's current scheduler stats."""
 
     def shutdown(self) -> None:
         pass
@@ -57,6 +61,9 @@ class InprocClient(EngineCoreClient):
 
     def has_unfinished_requests(self) -> bool:
         return self._pending is not None or self.core.has_unfinished_requests()
+
+    def get_stats(self) -> SchedulerStats:
+        return self.core.get_stats()
 
     def drain(self) -> list[EngineCoreOutput]:
         """Collect a launched step, if any, without launching another (before driving the core directly)."""

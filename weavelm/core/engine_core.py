@@ -11,7 +11,7 @@ from weavelm.core.interfaces import SchedulerContext
 from weavelm.core.outputs import EngineCoreOutput, RunnerFuture, SchedulerOutput, SchedulerStats
 from weavelm.core.registry import Registry, get_registry
 from weavelm.core.request import Request, RequestStatus
-from weavelm.errors import EngineError
+from weavelm.errors import EngineError, RequestError
 
 logger = logging.getLogger("weavelm.engine")
 
@@ -53,7 +53,15 @@ class EngineCore:
         self.registry.hook.weavelm_engine_started(config=config)
 
     def add_request(self, request: Request) -> None:
+        """Queue a request, or raise RequestError (nothing queued) when the scheduler can never run it."""
+        reason = self.scheduler.check_request(request)
+        if reason is not None:
+            raise RequestError(reason)
         self.scheduler.add_request(request)
+
+    def get_stats(self) -> SchedulerStats:
+        """The scheduler's current stats (running / waiting requests, KV blocks used and total, hit rate)."""
+        return self.scheduler.get_stats()
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)

@@ -68,9 +68,16 @@ class Scheduler(Component, ABC):
         self.options = options
         self.context = context
 
+    def check_request(self, request: Request) -> str | None:
+        """Called by EngineCore before `add_request`: why this request can never be scheduled under this
+        scheduler's limits (e.g. a prompt above the token budget with chunked prefill off, or more blocks than
+        the pool holds), or None when it can. A reason rejects the request with a RequestError; nothing is
+        queued."""
+        return None
+
     @abstractmethod
     def add_request(self, request: Request) -> None:
-        """Queue a new, validated request."""
+        """Queue a new, validated request (one that passed `check_request`)."""
 
     @abstractmethod
     def schedule(self) -> SchedulerOutput:

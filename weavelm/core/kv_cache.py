@@ -15,6 +15,7 @@ import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from weavelm.utils import cdiv
 from weavelm.core.request import Request
 
 NONE_HASH = 0
@@ -167,6 +168,10 @@ class KVCacheManager:
         """Share of the tokens of admitted requests that were found in the prefix cache."""
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        """Blocks that hold `num_tokens` KV entries."""
+        return cdiv(num_tokens, self.block_size)
+
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, ())]
 
@@ -205,7 +210,7 @@ class KVCacheManager:
             have += len(computed.blocks)
             # reviving unreferenced cache hits takes them out of the free queue too
             revived = sum(1 for b in computed.blocks if b.ref_cnt == 0)
-        return max(-(-num_tokens // self.block_size) - have, 0) + revived
+        return max(self.blocks_for_tokens(num_tokens) - have, 0) + revived
 
     def can_allocate(self, request: Request, num_new_tokens: int, computed: ComputedBlocks | None = None) -> bool:
         return self.blocks_needed(request, num_new_tokens, computed) <= self.pool.num_free_blocks
@@ -222,7 +227,7 @@ class KVCacheManager:
         table = self.req_blocks.get(rid)
         if table is not None and not (computed and computed.blocks):
             # the hot path: a running request, usually a decode that fits in its last block
-            total = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
+            total = self.blocks_for_tokens(request.num_computed_tokens + num_new_tokens)
             extra = total - len(table)
             if extra <= 0:
                 return []
@@ -244,7 +249,7 @@ class KVCacheManager:
         if self.enable_caching:
             self.prefix_queries += request.num_tokens
             self.prefix_hits += len(hits) * self.block_size
-        total = -(-(request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens) // self.block_size)
+        total = self.blocks_for_tokens(request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens)
         if total > len(table):
             table.extend(self.pool.take(total - len(table)))
         return [b.block_id for b in table]

@@ -118,6 +118,8 @@ class SchedulerStats:
     num_cached_blocks: int = 0
     num_scheduled_tokens: int = 0
     step: int = 0
+    num_used_blocks: int = 0  # KV blocks held by unfinished requests
+    num_total_blocks: int = 0  # size of the KV pool
 
 
 @dataclass

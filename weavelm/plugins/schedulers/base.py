@@ -80,6 +80,20 @@ class BaseScheduler(Scheduler):
         self.waiting.insert(0, request)
 
     # -- Scheduler interface ------------------------------------------------------------------------------
+    def check_request(self, request: Request) -> str | None:
+        opts, ctx = self.options, self.context
+        if not opts.enable_chunked_prefill and request.num_prompt_tokens > opts.max_num_batched_tokens:
+            return (f"prompt: has {request.num_prompt_tokens} tokens but chunked prefill is off and the step budget "
+                    f"is scheduler.max_num_batched_tokens={opts.max_num_batched_tokens}; shorten the prompt, raise "
+                    f"the budget or set scheduler.enable_chunked_prefill: true")
+        longest = min(request.num_prompt_tokens + request.sampling_params.max_tokens, ctx.max_model_len)
+        needed = self.kv.blocks_for_tokens(longest)
+        if needed > ctx.num_blocks:
+            return (f"prompt: {request.num_prompt_tokens} tokens + max_tokens "
+                    f"{request.sampling_params.max_tokens} need {needed} KV blocks but the pool holds "
+                    f"{ctx.num_blocks}; lower max_tokens or give the KV cache more memory")
+        return None
+
     def add_request(self, request: Request) -> None:
         assert request.request_id not in self.requests, f"duplicate request id {request.request_id!r}"
         self.requests[request.request_id] = request
@@ -310,4 +324,5 @@ class BaseScheduler(Scheduler):
             num_running=len(self.running), num_waiting=len(self.waiting), num_preempted=self._step_preemptions,
             kv_usage=self.kv.usage, prefix_hit_rate=self.kv.prefix_hit_rate,
             num_cached_blocks=self.kv.pool.num_cached_blocks(), num_scheduled_tokens=self._step_tokens,
-            step=self.step_count)
+            step=self.step_count, num_used_blocks=self.kv.num_blocks - self.kv.num_free_blocks,
+            num_total_blocks=self.kv.num_blocks)
