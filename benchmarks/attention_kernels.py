@@ -109,13 +109,13 @@ def forward_rows(name, b, backends) -> list[dict]:
     return rows
 
 
-def cache_write_rows(kernels, dtype) -> list[dict]:
+def cache_write_rows(cache_write, dtype) -> list[dict]:
     n = 8192
     k = torch.randn(n, KV_HEADS, HEAD, device="cuda", dtype=dtype)
     v = torch.randn_like(k)
     cache = torch.empty(2, n // BLOCK + 8, BLOCK, KV_HEADS, HEAD, device="cuda", dtype=dtype)
     slots = torch.randperm(cache.shape[1] * BLOCK, device="cuda")[:n]
-    t = bench(lambda: kernels.reshape_and_cache(k, v, cache[0], cache[1], slots))
+    t = bench(lambda: cache_write.reshape_and_cache(k, v, cache[0], cache[1], slots))
     return [row(f"cache_write_{n}_tokens", "triton.reshape_and_cache", t, 4 * k.numel() * k.element_size(), 0.0)]
 
 
@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time Triton launch configurations")
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     args = ap.parse_args()
+    from weavelm.ops import cache_write
     from weavelm.plugins.attention.triton import kernels
 
     dtype = torch.bfloat16
@@ -147,7 +148,7 @@ def main() -> None:
                   triton=__import__("triton").__version__, dtype=str(dtype),
                   shape=dict(heads=HEADS, kv_heads=KV_HEADS, head=HEAD, block=BLOCK),
                   copy_GBps=copy_bandwidth(), rows=[])
-    result["rows"] += cache_write_rows(kernels, dtype)
+    result["rows"] += cache_write_rows(cache_write, dtype)
     for name in args.cases.split(","):
         t0 = time.time()
         b = make_batch(*CASES[name], num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD, block_size=BLOCK,

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from weavelm.core.forward import CommonAttentionMetadata
-from weavelm.plugins.attention.torch_ref import paged_attention_ref, write_kv_cache
+from weavelm.ops.cache_write import write_kv_cache
+from weavelm.plugins.attention.torch_ref import paged_attention_ref
 
 
 @dataclass

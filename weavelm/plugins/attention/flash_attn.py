@@ -6,8 +6,8 @@ Tried in order (first that loads wins):
   2. FA3 from flash-attention's `hopper/` (`flash_attn_interface.flash_attn_with_kvcache(..., page_table=)`).
   3. FA2 (`flash_attn.flash_attn_varlen_func(..., block_table=)`, which needs block_size % 256 == 0).
 The cache keeps the default layout `(2, num_blocks, block_size, kv_heads, head)`: `kv_cache[0]` / `kv_cache[1]` are
-the per-K/V `(num_blocks, block_size, kv_heads, head)` tensors these APIs take. New K/V are written by the Triton
-backend's cache kernel, which also zeroes CUDA-graph padding rows of the output.
+the per-K/V `(num_blocks, block_size, kv_heads, head)` tensors these APIs take. New K/V are written by the shared Triton
+cache kernel (`weavelm.ops.cache_write`), which also zeroes CUDA-graph padding rows of the output.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import AttentionBackend, AttentionImpl
+from weavelm.ops.cache_write import reshape_and_cache, triton_unavailable_reasons
 
 FA3_LIB_ENV = "WEAVELM_FA3_LIB"
 MAX_HEAD_SIZE = 256
@@ -60,8 +61,6 @@ class FlashAttnImpl(AttentionImpl):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: Any) -> torch.Tensor:
-        from weavelm.plugins.attention.triton.kernels import reshape_and_cache
-
         m: CommonAttentionMetadata = getattr(metadata, "common", metadata)
         n = q.shape[0]
         q3 = q.view(n, self.num_heads, self.head_size)
@@ -101,8 +100,6 @@ class FlashAttnBackend(AttentionBackend):
 
     @classmethod
     def check(cls, spec: AttentionSpec) -> list[str]:
-        from weavelm.plugins.attention.triton.backend import triton_unavailable_reasons
-
         if spec.device != "cuda":
             return [f"device {spec.device!r}: flash-attn kernels need CUDA"]
         reasons = []

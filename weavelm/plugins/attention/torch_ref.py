@@ -9,14 +9,7 @@ import torch
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import AttentionBackend, AttentionImpl
-
-
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter new keys/values (num_tokens, kv_heads, head) into a (2, blocks, block_size, kv_heads, head) cache."""
-    n = slot_mapping.shape[0]
-    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
-    flat[0].index_copy_(0, slot_mapping, k[:n])
-    flat[1].index_copy_(0, slot_mapping, v[:n])
+from weavelm.ops.cache_write import write_kv_cache
 
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: CommonAttentionMetadata,

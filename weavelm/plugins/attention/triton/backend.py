@@ -5,8 +5,6 @@ triton is imported only when a forward first runs (or `check()` probes it), neve
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import AttentionBackend, AttentionImpl, AttentionMetadataBuilder
+from weavelm.ops.cache_write import reshape_and_cache, triton_unavailable_reasons
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_SIZE = 256
@@ -24,15 +23,6 @@ MAX_HEAD_SIZE = 256
 def _kernels():
     from weavelm.plugins.attention.triton import kernels
     return kernels
-
-
-def triton_unavailable_reasons(device: str) -> list[str]:
-    """Why Triton kernels cannot run on `device` here (empty: they can). Shared with the flash_attn backend."""
-    if importlib.util.find_spec("triton") is None:
-        return ["triton is not installed (pip install triton)"]
-    if device != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
-        return [f"device {device!r}: Triton kernels need CUDA (or TRITON_INTERPRET=1 for the CPU interpreter)"]
-    return []
 
 
 class TritonOptions(BaseModel):
@@ -95,7 +85,7 @@ class TritonAttentionImpl(AttentionImpl):
         n = q.shape[0]
         q3 = q.view(n, self.num_heads, self.head_size)
         out = torch.empty(n, self.num_heads, self.head_size, dtype=q.dtype, device=q.device)
-        kernels.reshape_and_cache(k.view(n, self.num_kv_heads, self.head_size),
+        reshape_and_cache(k.view(n, self.num_kv_heads, self.head_size),
                                   v.view(n, self.num_kv_heads, self.head_size), kv_cache[0], kv_cache[1],
                                   common.slot_mapping, out, common.query_start_loc, common.num_reqs)
         if n > common.slot_mapping.shape[0]:  # rows beyond slot_mapping are padding the cache kernel never saw

@@ -1,0 +1,61 @@
+"""The Triton cache-write kernel (`weavelm.ops.cache_write` imports it at first use, never at plugin listing)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["num_reqs"])
+def _reshape_and_cache_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, out_ptr, qsl_ptr, num_reqs,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch, stride_ot,
+    BLOCK_SIZE: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    OUT_COLS: tl.constexpr, BLOCK_O: tl.constexpr, ZERO_PADDED: tl.constexpr,
+):
+    """Grid (num_tokens, num_kv_heads). Writes K/V of token t at slot_mapping[t] (skipped when < 0); with
+    ZERO_PADDED also zeroes this head group's columns of out[t] for padded rows (t >= query_start_loc[num_reqs]),
+    which no attention program writes."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < HEAD
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + h * stride_ch + d
+        key = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=dm)
+        val = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=dm)
+        tl.store(k_cache_ptr + dst, key.to(k_cache_ptr.dtype.element_ty), mask=dm)
+        tl.store(v_cache_ptr + dst, val.to(v_cache_ptr.dtype.element_ty), mask=dm)
+    if ZERO_PADDED:
+        if t >= tl.load(qsl_ptr + num_reqs):
+            o = tl.arange(0, BLOCK_O)
+            zeros = tl.zeros([BLOCK_O], dtype=out_ptr.dtype.element_ty)
+            tl.store(out_ptr + t * stride_ot + h * OUT_COLS + o, zeros, mask=o < OUT_COLS)
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor, out: torch.Tensor | None = None,
+                      query_start_loc: torch.Tensor | None = None, num_reqs: int = 0) -> None:
+    """Write key/value (num_tokens, kv_heads, head) into the caches at slot_mapping; slots < 0 are skipped.
+
+    With `out` (num_tokens, num_heads, head) and `query_start_loc`, rows of `out` at or after
+    query_start_loc[num_reqs] (CUDA-graph padding) are zeroed in the same launch.
+    """
+    num_tokens = min(key.shape[0], slot_mapping.shape[0])
+    if num_tokens == 0:
+        return
+    kv_heads, head = key.shape[1], key.shape[2]
+    assert key.stride(2) == 1 and value.stride(2) == 1 and k_cache.stride() == v_cache.stride()
+    assert k_cache.stride(3) == 1
+    zero = out is not None and query_start_loc is not None
+    out_cols = out.shape[1] // kv_heads * head if zero else 1
+    _reshape_and_cache_kernel[(num_tokens, kv_heads)](
+        key, value, k_cache, v_cache, slot_mapping, out if zero else key,
+        query_start_loc if zero else slot_mapping, num_reqs,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0) if zero else 0,
+        BLOCK_SIZE=k_cache.shape[1], HEAD=head, BLOCK_D=triton.next_power_of_2(head),
+        OUT_COLS=out_cols, BLOCK_O=triton.next_power_of_2(out_cols), ZERO_PADDED=zero, num_warps=1,
+    )
