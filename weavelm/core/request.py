@@ -3,15 +3,42 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
+import reprlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from weavelm.errors import RequestError
 
 
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+INT32_MAX = 2**31 - 1
+MIN_TEMPERATURE = 1e-5  # below this, float32 logits / temperature overflow to inf; 0 means greedy
+MAX_TEMPERATURE = 1e6  # far past the point where sampling is uniform
+MAX_LOGPROBS = 20
+
+
 @dataclass
 class SamplingParams:
-    """How to sample one request. Validated on construction; bad values raise RequestError naming the field."""
+    """How to sample one request. Validated on construction: every field is checked for type and range, with no
+    silent coercion (a bool is not an int, a float is not an int, a str is not a number). A bad value raises
+    RequestError naming the field, the value and what is allowed. Every value that passes can be executed.
+
+    - `max_tokens`: int in [1, 2**31-1].
+    - `temperature`: real, 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE].
+    - `top_p`: real in (0, 1]; `min_p`: real in [0, 1].
+    - `top_k`: int in [0, 2**31-1]; 0 or -1 disables.
+    - `seed`: None or int in the int64 range (what every torch.Generator accepts).
+    - `stop`: None, a non-empty str or a list/tuple of them; `stop_token_ids`: None or a list/tuple of ints >= 0.
+    - `ignore_eos`, `include_stop_str_in_output`: bool.
+    - `logprobs`: bool, or an int in [0, MAX_LOGPROBS] (non-zero returns the sampled token's logprob).
+    - `priority`: int in the int64 range.
+
+    Integral / real numpy scalars are accepted and stored as Python int / float.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -22,39 +49,94 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: bool | int = False
     priority: int = 0
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
-            self.top_k = 0
-        self._check()
-
-    def _check(self) -> None:
-        def bad(field_name: str, value, rule: str) -> RequestError:
-            return RequestError(f"SamplingParams.{field_name}: {rule} (got {value!r})")
-
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1; ask for at least one token")
-        if self.temperature < 0:
-            raise bad("temperature", self.temperature, "must be >= 0; use 0 for greedy decoding")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", self.top_p, "must be in (0, 1]; use 1 to disable nucleus sampling")
-        if self.top_k < 0:
-            raise bad("top_k", self.top_k, "must be >= 0 (0 or -1 disables top-k)")
-        if not 0 <= self.min_p <= 1:
-            raise bad("min_p", self.min_p, "must be in [0, 1]; use 0 to disable")
-        if any(not s for s in self.stop):
-            raise bad("stop", self.stop, "stop strings must be non-empty")
+        self.max_tokens = _int("max_tokens", self.max_tokens, 1, INT32_MAX,
+                               "must be an integer in [1, 2**31-1]; ask for at least one token")
+        self.temperature = _temperature(self.temperature)
+        self.top_p = _real("top_p", self.top_p, "must be a number in (0, 1]; use 1 to disable nucleus sampling",
+                           lambda x: 0 < x <= 1)
+        self.min_p = _real("min_p", self.min_p, "must be a number in [0, 1]; use 0 to disable", lambda x: 0 <= x <= 1)
+        top_k_rule = "must be an integer in [0, 2**31-1] (0 or -1 disables top-k)"
+        self.top_k = 0 if _is_int(self.top_k) and self.top_k == -1 else _int("top_k", self.top_k, 0, INT32_MAX,
+                                                                              top_k_rule)
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed, INT64_MIN, INT64_MAX, "must be None or an integer in [-2**63, 2**63-1]")
+        self.stop = _stop_strings(self.stop)
+        self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids)
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "must be True or False")
+        if not isinstance(self.logprobs, bool):
+            self.logprobs = _int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
+                                 f"must be a bool or an integer in [0, {MAX_LOGPROBS}]")
+        self.priority = _int("priority", self.priority, INT64_MIN, INT64_MAX,
+                             "must be an integer in [-2**63, 2**63-1]; lower runs first")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _show(value: Any) -> str:
+    try:
+        return reprlib.repr(value)
+    except Exception:  # e.g. an int too long for str()
+        return f"<{type(value).__name__}>"
+
+
+def _bad(field_name: str, value: Any, rule: str) -> RequestError:
+    return RequestError(f"SamplingParams.{field_name}: {rule} (got {_show(value)})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int(field_name: str, value: Any, lo: int, hi: int, rule: str) -> int:
+    if not _is_int(value) or not lo <= int(value) <= hi:
+        raise _bad(field_name, value, rule)
+    return int(value)
+
+
+def _real(field_name: str, value: Any, rule: str, ok: Callable[[float], bool]) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _bad(field_name, value, rule)
+    try:
+        x = float(value)
+    except (OverflowError, ValueError):
+        raise _bad(field_name, value, rule) from None
+    if not math.isfinite(x) or not ok(x):
+        raise _bad(field_name, value, rule)
+    return x
+
+
+def _temperature(value: Any) -> float:
+    rule = (f"must be 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]; smaller positive "
+            f"values overflow the sampler")
+    return _real("temperature", value, rule, lambda x: x == 0 or MIN_TEMPERATURE <= x <= MAX_TEMPERATURE)
+
+
+def _stop_strings(value: Any) -> list[str]:
+    rule = "must be None, a non-empty string or a list of non-empty strings"
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
+        raise _bad("stop", value, rule)
+    return list(items)
+
+
+def _token_ids(field_name: str, value: Any) -> list[int]:
+    rule = "must be None or a list of integer token ids >= 0"
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(_is_int(t) and 0 <= t <= INT64_MAX for t in value):
+        raise _bad(field_name, value, rule)
+    return [int(t) for t in value]
 
 
 class RequestStatus(enum.IntEnum):
