@@ -1,0 +1,37 @@
+"""The one public façade for plugin authors: everything a third-party component needs, importable from here.
+
+    from weavelm.plugin import hookimpl, AttentionBackend, AttentionImpl, API_VERSION
+
+    WEAVELM_API_VERSION = API_VERSION      # the plugin API this module was written for (checked at load)
+
+    @hookimpl
+    def weavelm_register(registry):
+        registry.add("attention", MyBackend.name, MyBackend)
+
+Names exported here follow `API_VERSION` (semantic: a major bump breaks plugins, a minor one only adds).
+Anything not exported here is internal and may change without notice.
+"""
+
+from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
+from weavelm.core.hookspecs import hookimpl
+from weavelm.core.interfaces import (API_VERSION, COMPONENT_KINDS, AttentionBackend, AttentionImpl,
+                                     AttentionMetadataBuilder, Component, Executor, ModelArchitecture,
+                                     ModelLoader, ModelRunner, NoOptions, Scheduler, SchedulerContext, Worker)
+from weavelm.core.kv_cache import KVCacheManager
+from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
+                                  RunnerFuture, SchedulerOutput, SchedulerStats)
+from weavelm.core.request import Request, RequestStatus, SamplingParams
+from weavelm.errors import ConfigError, EngineError, LoadError, PluginError, RequestError, WeaveError
+from weavelm.ops.cache_write import write_kv_cache
+
+__all__ = [
+    "API_VERSION", "COMPONENT_KINDS", "hookimpl",
+    "Component", "NoOptions",
+    "Scheduler", "SchedulerContext", "Executor", "Worker", "ModelRunner", "ModelLoader", "ModelArchitecture",
+    "AttentionBackend", "AttentionImpl", "AttentionMetadataBuilder", "AttentionSpec", "CommonAttentionMetadata",
+    "ForwardBatch", "KVCacheManager",
+    "SchedulerOutput", "NewRequestData", "CachedRequestsData", "ModelRunnerOutput", "RunnerFuture",
+    "EngineCoreOutput", "SchedulerStats", "Request", "RequestStatus", "SamplingParams",
+    "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",
+    "write_kv_cache",
+]
