@@ -8,6 +8,7 @@ All problems from both phases are reported together, each with its YAML path.
 from __future__ import annotations
 
 import copy
+import reprlib
 from typing import Any, Literal
 
 import yaml
@@ -18,12 +19,23 @@ from weavelm.errors import ConfigError, PluginError
 COMPONENT_SECTIONS = {
     "scheduler": ("scheduler", "fcfs"),
     "executor": ("executor", "uniproc"),
-    "worker": ("worker", "worker"),
-    "model_runner": ("model_runner", "model_runner"),
+    "worker": ("worker", "device"),
+    "model_runner": ("model_runner", "paged"),
     "loader": ("loader", "auto"),
     "attention": ("attention", "auto"),
 }
-AUTO_ATTENTION = "auto"  # resolved by the runner: flash_attn > triton > torch_ref on CUDA, torch_ref on CPU
+# Upper bounds that keep every accepted value buildable: the block pool holds one Python object per block, and the
+# runner's persistent batch keeps `max_model_len` token ids per sequence.
+MAX_NUM_BLOCKS = 1 << 24
+MAX_CPU_KV_CACHE_GIB = 4096.0
+MAX_MODEL_LEN = 1 << 24
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+MAX_YAML_DEPTH = 64
+MAX_ECHO = 200  # characters of a user value repeated in an error message
+
+NOT_YET_SUPPORTED = {
+    "lora": "multi-LoRA serving is not implemented yet, so this section would be ignored; remove `lora:`",
+}
 
 
 class CacheConfig(BaseModel):
@@ -31,9 +43,12 @@ class CacheConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
-    num_blocks: int | None = Field(None, ge=1, description="Fix the pool size; default: sized from memory.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU the engine may use.")
-    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU, in GiB.")
+    num_blocks: int | None = Field(None, ge=1, le=MAX_NUM_BLOCKS,
+                                   description="Fix the pool size; default: sized from memory.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, allow_inf_nan=False,
+                                          description="Share of the GPU the engine may use.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, le=MAX_CPU_KV_CACHE_GIB, allow_inf_nan=False,
+                                    description="KV cache size on CPU, in GiB (a finite number).")
     enable_prefix_caching: bool = Field(True, description="Share KV blocks of identical prompt prefixes.")
 
 
@@ -43,11 +58,12 @@ class _TopLevel(BaseModel):
     tokenizer: str | None = Field(None, description="Tokenizer directory; default: beside the model.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Weights/activations.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when available.")
-    seed: int = Field(0, description="Seed for random weights and unseeded sampling.")
-    max_model_len: int | None = Field(None, ge=1, description="Context limit; default: the model's.")
+    seed: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="Seed for random weights and unseeded sampling "
+                      "(a 64-bit signed integer).")
+    max_model_len: int | None = Field(None, ge=1, le=MAX_MODEL_LEN,
+                                      description="Context limit; default: the model's.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    lora: dict[str, Any] | None = Field(None, description="Reserved for multi-LoRA serving.")
     scheduler: Any = None
     executor: Any = None
     worker: Any = None
@@ -82,7 +98,6 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = None
     enforce_eager: bool = False
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    lora: dict[str, Any] | None = None
     scheduler: ComponentConfig
     executor: ComponentConfig
     worker: ComponentConfig
@@ -93,16 +108,19 @@ class EngineConfig(BaseModel):
 
     @classmethod
     def build(cls, raw: dict[str, Any] | None = None, registry: Any = None) -> EngineConfig:
-        from weavelm.core.registry import get_registry
+        from weavelm.core.registry import Registry
 
         raw = copy.deepcopy(raw or {})
         if not isinstance(raw, dict):
             raise ConfigError([("", f"the configuration must be a mapping (got {type(raw).__name__})")])
-        registry = registry or get_registry()
+        registry = registry or Registry.load()
         errors: list[tuple[str, str]] = []
         top = None
+        for key, why in NOT_YET_SUPPORTED.items():
+            if key in raw:
+                errors.append((key, why))
         try:
-            top = _TopLevel.model_validate(raw)
+            top = _TopLevel.model_validate({k: v for k, v in raw.items() if k not in NOT_YET_SUPPORTED})
         except ValidationError as e:
             errors.extend(_pydantic_errors(e))
         sections: dict[str, ComponentConfig] = {}
@@ -115,7 +133,7 @@ class EngineConfig(BaseModel):
             raise ConfigError(errors)
         assert top is not None
         fields = {k: getattr(top, k) for k in ("model", "tokenizer", "dtype", "device", "seed", "max_model_len",
-                                                "enforce_eager", "cache", "lora")}
+                                                "enforce_eager", "cache")}
         return cls(**fields, **sections, raw=raw)
 
     @classmethod
@@ -125,7 +143,7 @@ class EngineConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in ("model", "tokenizer", "dtype", "device", "seed",
-                                                              "max_model_len", "enforce_eager", "lora")}
+                                                              "max_model_len", "enforce_eager")}
         out["cache"] = self.cache.model_dump()
         for key in COMPONENT_SECTIONS:
             comp: ComponentConfig = getattr(self, key)
@@ -142,9 +160,19 @@ def _pydantic_errors(e: ValidationError, prefix: str = "") -> list[tuple[str, st
         if err["type"] == "extra_forbidden":
             msg = "unknown option; remove it or check its spelling"
         elif "input" in err and err["type"] != "missing":
-            msg = f"{msg} (got {err['input']!r})"
+            msg = f"{msg} (got {echo(err['input'])})"
         out.append((path, msg))
     return out
+
+
+_ECHO_REPR = reprlib.Repr()
+_ECHO_REPR.maxlevel, _ECHO_REPR.maxstring, _ECHO_REPR.maxother, _ECHO_REPR.maxlong = 3, MAX_ECHO, MAX_ECHO, 60
+
+
+def echo(value: Any) -> str:
+    """A bounded repr of a user-supplied value for an error message (a huge value never becomes a huge message)."""
+    text = _ECHO_REPR.repr(value)
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 3] + "..."
 
 
 def _validate_section(key: str, kind: str, section: Any, registry: Any, errors: list[tuple[str, str]],
@@ -152,17 +180,13 @@ def _validate_section(key: str, kind: str, section: Any, registry: Any, errors: 
     if isinstance(section, str):
         section = {"name": section}
     if not isinstance(section, dict):
-        errors.append((key, f"must be a plugin name or a mapping with `name:` (got {section!r})"))
+        errors.append((key, f"must be a plugin name or a mapping with `name:` (got {echo(section)})"))
         return None
     section = dict(section)
     name = section.pop("name", default)
     if not isinstance(name, str) or not name:
         errors.append((f"{key}.name", "missing; name the plugin to use, e.g. `name: ...`"))
         return None
-    if kind == "attention" and name == AUTO_ATTENTION:
-        if section:
-            errors.append((key, f"`auto` takes no options (got {sorted(section)})"))
-        return ComponentConfig(name=name, options=None)
     try:
         cls = registry.get(kind, name)
     except PluginError as e:
@@ -176,14 +200,62 @@ def _validate_section(key: str, kind: str, section: Any, registry: Any, errors: 
     return ComponentConfig(name=name, options=options)
 
 
+class RefusedYAML(yaml.MarkedYAMLError):
+    """YAML that parses but that engine configs do not accept (aliases, deep nesting); `hint` says what to do."""
+
+    def __init__(self, problem: str, mark: Any, hint: str):
+        super().__init__(problem=problem, problem_mark=mark)
+        self.hint = hint
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses aliases (`*name`, so no "billion laughs" expansion) and nesting deeper than
+    MAX_YAML_DEPTH (so no recursion overflow). Engine configs are small; repeat a value instead of aliasing it."""
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise RefusedYAML(f"found alias *{event.anchor}", event.start_mark,
+                              "anchors and aliases are not allowed in engine configs; write the value out")
+        if self._depth >= MAX_YAML_DEPTH:
+            raise RefusedYAML(f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark,
+                              "flatten the value")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(text: Any, source: str) -> Any:
+    """Parse YAML with `ConfigLoader`; a ConfigError naming `source` (file or `--set` item) and the position."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
+    except yaml.YAMLError as e:
+        raise ConfigError([("", f"{source}: not valid YAML ({yaml_problem(e)})")]) from e
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: the problem and where (`found alias *a at line 3, column 5; ...`)."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return echo(str(e))
+    problem = e.problem or e.context or type(e).__name__
+    mark = e.problem_mark or e.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    hint = f"; {e.hint}" if isinstance(e, RefusedYAML) else ""
+    return f"{problem}{where}{hint}"
+
+
 def read_yaml(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = load_yaml(f, path) or {}
     except OSError as e:
         raise ConfigError([("", f"cannot read config file {path!r}: {e.strerror}")]) from e
-    except yaml.YAMLError as e:
-        raise ConfigError([("", f"{path}: not valid YAML ({e})")]) from e
     if not isinstance(data, dict):
         raise ConfigError([("", f"{path}: must hold a mapping at the top level")])
     return data
@@ -200,7 +272,7 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
         if child is None:
             child = {}
         if not isinstance(child, dict):
-            raise ConfigError([(dotted, f"cannot set a key under {part!r}, which is {child!r}")])
+            raise ConfigError([(dotted, f"cannot set a key under {part!r}, which is {echo(child)}")])
         node[part] = child
         node = child
     node[parts[-1]] = value
@@ -224,5 +296,12 @@ def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None = None
         if "=" not in item:
             raise ConfigError([(item, "--set takes KEY=VALUE, e.g. --set scheduler.max_num_seqs=8")])
         key, text = item.split("=", 1)
-        set_path(raw, key.strip(), yaml.safe_load(text))
+        key = key.strip()
+        if not key or not all(key.split(".")):
+            raise ConfigError([(echo(item), "--set needs a dotted key before '=', e.g. scheduler.max_num_seqs=8")])
+        try:
+            value = load_yaml(text, f"--set {echo(item)}")
+        except ConfigError as e:
+            raise ConfigError([(key, e.errors[0][1])]) from e.__cause__
+        set_path(raw, key, value)
     return raw

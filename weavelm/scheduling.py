@@ -1,0 +1,328 @@
+"""Scheduling mechanics shared by the built-in policies: queues, token budget, chunked prefill, block accounting
+through `core.kv_cache`, preemption by recompute. A policy subclass decides only the order of the waiting queue,
+which running request to preempt, whether a waiting request may preempt a running one, and where a preempted
+request is requeued (the four hooks below)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from weavelm.core.interfaces import Scheduler, SchedulerContext
+from weavelm.core.kv_cache import KVCacheManager
+from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
+                                  SchedulerOutput, SchedulerStats)
+from weavelm.core.request import Request, RequestStatus
+
+_RUNNING = RequestStatus.RUNNING
+
+
+class SchedulerOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_num_seqs: int = Field(256, ge=1, description="Most requests running at once.")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one step.")
+    enable_chunked_prefill: bool = Field(True, description="Split prompts across steps to fit the budget.")
+    long_prefill_token_threshold: int = Field(
+        0, ge=0, description="Cap on one request's prefill chunk per step (with chunked prefill); 0: none.")
+
+
+@dataclass
+class _StepPlan:
+    """What one `schedule()` call has decided so far."""
+
+    budget: int
+    num_sched: dict[str, int] = field(default_factory=dict)
+    new_blocks: dict[str, list[int]] = field(default_factory=dict)
+    running: dict[str, Request] = field(default_factory=dict)  # scheduled from the running queue, in order
+    new: list[Request] = field(default_factory=list)
+    resumed: list[Request] = field(default_factory=list)
+    admitted: set[str] = field(default_factory=set)  # moved from waiting to running this step
+    preempted: set[str] = field(default_factory=set)
+
+
+class BaseScheduler(Scheduler):
+    """vLLM v1-style scheduling: running requests first (decodes and unfinished prefill chunks), then waiting
+    requests while the budget, `max_num_seqs` and free blocks allow. No waiting request is admitted in a step that
+    had to preempt a running one for blocks."""
+
+    Options = SchedulerOptions
+
+    def __init__(self, options: SchedulerOptions, context: SchedulerContext):
+        super().__init__(options, context)
+        self.kv = KVCacheManager(context.num_blocks, context.block_size, context.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.finished_req_ids: set[str] = set()
+        self.step_count = 0
+        self.num_preemptions = 0  # since start
+        self._step_preemptions = 0
+        self._step_tokens = 0
+
+    # -- policy hooks -------------------------------------------------------------------------------------
+    def next_waiting_index(self) -> int:
+        """Index in `self.waiting` (non-empty) of the request to admit next."""
+        return 0
+
+    def select_victim(self, candidates: list[Request], for_request: Request) -> Request | None:
+        """The request of `candidates` (running, in admission order) to preempt so `for_request` can get blocks
+        or a seat, or None to give up. `for_request` itself may be among the candidates and chosen."""
+        return candidates[-1] if candidates else None
+
+    def may_preempt_for_waiting(self, waiting: Request, victim: Request) -> bool:
+        """Whether the waiting request may preempt the running `victim` to be admitted (off for FCFS)."""
+        return False
+
+    def requeue_preempted(self, request: Request) -> None:
+        """Put a preempted request back in `self.waiting`."""
+        self.waiting.insert(0, request)
+
+    # -- Scheduler interface ------------------------------------------------------------------------------
+    def check_request(self, request: Request) -> str | None:
+        opts, ctx = self.options, self.context
+        if not opts.enable_chunked_prefill and request.num_prompt_tokens > opts.max_num_batched_tokens:
+            return (f"prompt: has {request.num_prompt_tokens} tokens but chunked prefill is off and the step budget "
+                    f"is scheduler.max_num_batched_tokens={opts.max_num_batched_tokens}; shorten the prompt, raise "
+                    f"the budget or set scheduler.enable_chunked_prefill: true")
+        longest = min(request.num_prompt_tokens + request.sampling_params.max_tokens, ctx.max_model_len)
+        needed = self.kv.blocks_for_tokens(longest)
+        if needed > ctx.num_blocks:
+            return (f"prompt: {request.num_prompt_tokens} tokens + max_tokens "
+                    f"{request.sampling_params.max_tokens} need {needed} KV blocks but the pool holds "
+                    f"{ctx.num_blocks}; lower max_tokens or give the KV cache more memory")
+        return None
+
+    def add_request(self, request: Request) -> None:
+        assert request.request_id not in self.requests, f"duplicate request id {request.request_id!r}"
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        plan = _StepPlan(self.options.max_num_batched_tokens)
+        self._step_preemptions = 0
+        self._schedule_running(plan)
+        if not plan.preempted:
+            self._schedule_waiting(plan)
+        return self._make_output(plan)
+
+    def _chunk(self, request: Request, budget: int, num_computed: int) -> int:
+        n = request.num_tokens - num_computed
+        threshold = self.options.long_prefill_token_threshold
+        if threshold and self.options.enable_chunked_prefill:
+            n = min(n, threshold)
+        return min(n, budget, self.context.max_model_len - num_computed)
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        i = 0
+        max_len = self.context.max_model_len
+        while i < len(self.running) and plan.budget > 0:
+            req = self.running[i]
+            computed = req.num_computed_tokens
+            if len(req.all_token_ids) - computed == 1 and computed < max_len:
+                n = 1  # a decode: the common case, spared the general computation
+            else:
+                n = self._chunk(req, plan.budget, computed)
+            if n <= 0:
+                i += 1
+                continue
+            blocks = self.kv.allocate_slots(req, n)
+            while blocks is None:
+                victim = self.select_victim(list(self.running), req)
+                if victim is None:
+                    break
+                victim_index = self.running.index(victim)
+                self._preempt(victim, plan)
+                if victim is req:
+                    break
+                if victim_index < i:
+                    i -= 1
+                blocks = self.kv.allocate_slots(req, n)
+            if blocks is None:
+                if req.status == RequestStatus.RUNNING:  # the policy gave up: leave it for a later step
+                    i += 1
+                continue
+            plan.running[req.request_id] = req
+            plan.num_sched[req.request_id] = n
+            plan.new_blocks[req.request_id] = blocks
+            plan.budget -= n
+            i += 1
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        opts = self.options
+        while self.waiting and plan.budget > 0:
+            idx = self.next_waiting_index()
+            req = self.waiting[idx]
+            if req.request_id in plan.preempted:  # never resume in the step that preempted it
+                break
+            if len(self.running) >= opts.max_num_seqs:
+                if self._preempt_for_waiting(req, plan):
+                    continue
+                break
+            computed = self.kv.get_computed_blocks(req)
+            n = self._chunk(req, plan.budget, computed.num_tokens)
+            if not opts.enable_chunked_prefill and n < req.num_tokens - computed.num_tokens:
+                break
+            blocks = self.kv.allocate_slots(req, n, computed)
+            if blocks is None:
+                if self._preempt_for_waiting(req, plan):
+                    continue
+                break
+            del self.waiting[idx]
+            (plan.resumed if req.status == RequestStatus.PREEMPTED else plan.new).append(req)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = computed.num_tokens
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = computed.num_tokens
+            self.running.append(req)
+            plan.admitted.add(req.request_id)
+            plan.num_sched[req.request_id] = n
+            plan.new_blocks[req.request_id] = blocks
+            plan.budget -= n
+
+    def _preempt_for_waiting(self, waiting: Request, plan: _StepPlan) -> bool:
+        # requests admitted this step are not candidates: the worker has not seen the new ones yet
+        candidates = [r for r in self.running if r.request_id not in plan.admitted]
+        victim = self.select_victim(candidates, waiting)
+        if victim is None or victim is waiting or not self.may_preempt_for_waiting(waiting, victim):
+            return False
+        self._preempt(victim, plan)
+        return True
+
+    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+        """Preempt by recompute: drop the request's blocks and progress (and any scheduling of it this step)."""
+        rid = request.request_id
+        assert rid not in plan.admitted, "a request admitted this step cannot be preempted in it"
+        self.running.remove(request)
+        if rid in plan.num_sched:
+            plan.budget += plan.num_sched.pop(rid)
+            del plan.new_blocks[rid]
+            del plan.running[rid]
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        plan.preempted.add(rid)
+        self._step_preemptions += 1
+        self.num_preemptions += 1
+        self.requeue_preempted(request)
+
+    def _make_output(self, plan: _StepPlan) -> SchedulerOutput:
+        new_data = [NewRequestData(r.request_id, r.prompt_token_ids, r.sampling_params,
+                                   plan.new_blocks[r.request_id], r.num_computed_tokens) for r in plan.new]
+        new_blocks = plan.new_blocks
+        ids = list(plan.running)
+        cached = CachedRequestsData(ids, [False] * len(ids), [new_blocks[rid] for rid in ids],
+                                    [r.num_computed_tokens for r in plan.running.values()])
+        for r in plan.resumed:
+            cached.req_ids.append(r.request_id)
+            cached.resumed_from_preemption.append(True)
+            cached.new_block_ids.append(plan.new_blocks[r.request_id])  # the whole table: it replaces the old
+            cached.num_computed_tokens.append(r.num_computed_tokens)
+        num_sched = plan.num_sched
+        total = self.options.max_num_batched_tokens - plan.budget
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_data,
+            scheduled_cached_reqs=cached,
+            num_scheduled_tokens=num_sched,
+            total_num_scheduled_tokens=total,
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids=plan.preempted,
+        )
+        self.finished_req_ids = set()
+        requests = self.requests
+        for rid, n in num_sched.items():
+            requests[rid].num_computed_tokens += n
+        self._step_tokens = total
+        self.step_count += 1
+        return out
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        finished: list[Request] = []
+        requests, index = self.requests, runner_output.req_id_to_index
+        sampled_ids, all_logprobs = runner_output.sampled_token_ids, runner_output.logprobs
+        kv = self.kv
+        caching, bs, num_hashed = kv.enable_caching, kv.block_size, kv.num_hashed
+        for rid in scheduler_output.num_scheduled_tokens:
+            req = requests.get(rid)
+            if req is None or req.status is not _RUNNING:
+                continue
+            # the step computed these tokens: full blocks among them may now be shared
+            if caching and req.num_computed_tokens // bs > num_hashed.get(rid, 1 << 62):
+                kv.cache_computed(req)
+            i = index.get(rid)
+            if i is None:
+                continue
+            sampled = sampled_ids[i]
+            if not sampled:
+                continue
+            new_tokens: list[int] = []
+            for tok in sampled:
+                req.output_token_ids.append(tok)
+                req.all_token_ids.append(tok)
+                new_tokens.append(tok)
+                if self._check_stop(req, tok):
+                    break
+            lps = all_logprobs[i] if all_logprobs else None
+            if lps is not None:
+                lps = lps[:len(new_tokens)]
+                req.logprobs.extend(lps)
+            out = EngineCoreOutput(rid, new_tokens, lps, None, None, max(req.num_cached_tokens, 0))
+            if req.status is not _RUNNING:
+                out.finish_reason = req.status.finish_reason
+                out.stop_reason = req.stop_reason
+                finished.append(req)
+            outputs.append(out)
+        if finished:
+            self.running = [r for r in self.running if r.status is _RUNNING]
+            for req in finished:
+                self._release(req)
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> bool:
+        """Finish `req` if `token` (just appended) ends it; True when it did."""
+        sp = req.sampling_params
+        if token == req.eos_token_id and not sp.ignore_eos:
+            req.status = RequestStatus.FINISHED_STOPPED
+        elif sp.stop_token_ids and token in sp.stop_token_ids:
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token
+        elif len(req.output_token_ids) >= sp.max_tokens or len(req.all_token_ids) >= self.context.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+        else:
+            return False
+        return True
+
+    def _release(self, req: Request) -> None:
+        self.kv.free(req)
+        self.finished_req_ids.add(req.request_id)
+        del self.requests[req.request_id]
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[EngineCoreOutput]:
+        assert status.finished, f"finish_requests needs a finished status (got {status.name})"
+        outs = []
+        for rid in ([request_ids] if isinstance(request_ids, str) else request_ids):
+            req = self.requests.get(rid)
+            if req is None or req.is_finished():
+                continue
+            queue = self.running if req.status == RequestStatus.RUNNING else self.waiting
+            queue.remove(req)
+            req.status = status
+            self._release(req)
+            outs.append(EngineCoreOutput(rid, [], finish_reason=status.finish_reason,
+                                         num_cached_tokens=max(req.num_cached_tokens, 0)))
+        return outs
+
+    def get_stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting), num_preempted=self._step_preemptions,
+            kv_usage=self.kv.usage, prefix_hit_rate=self.kv.prefix_hit_rate,
+            num_cached_blocks=self.kv.pool.num_cached_blocks(), num_scheduled_tokens=self._step_tokens,
+            step=self.step_count, num_used_blocks=self.kv.num_blocks - self.kv.num_free_blocks,
+            num_total_blocks=self.kv.num_blocks)
