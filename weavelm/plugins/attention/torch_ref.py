@@ -6,40 +6,11 @@ from typing import Any
 
 import torch
 
-from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata
+from weavelm.core.forward import AttentionSpec
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import AttentionBackend, AttentionImpl
 from weavelm.ops.cache_write import write_kv_cache
-
-
-def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: CommonAttentionMetadata,
-                        scale: float) -> torch.Tensor:
-    """q: (num_tokens, heads, head); returns (num_tokens, heads, head). One request at a time, in fp32."""
-    num_heads = q.shape[1]
-    num_kv_heads, head_size = kv_cache.shape[-2], kv_cache.shape[-1]
-    block_size = kv_cache.shape[2]
-    out = torch.empty_like(q)
-    qsl = meta.query_start_loc_cpu.tolist()
-    seq_lens = meta.seq_lens_cpu.tolist()
-    for i in range(meta.num_reqs):
-        start, end, seq_len = qsl[i], qsl[i + 1], seq_lens[i]
-        if end == start:
-            continue
-        nblocks = (seq_len + block_size - 1) // block_size
-        blocks = meta.block_table[i, :nblocks].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_size)[:seq_len]
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_size)[:seq_len]
-        if num_heads != num_kv_heads:
-            k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-            v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        qi = q[start:end].transpose(0, 1).float()  # (heads, q_len, head)
-        scores = torch.matmul(qi, k.transpose(0, 1).float().transpose(1, 2)) * scale  # (heads, q_len, seq_len)
-        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None]
-        scores.masked_fill_(mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[start:end] = torch.matmul(probs, v.transpose(0, 1).float()).transpose(0, 1).to(q.dtype)
-    return out
+from weavelm.ops.reference_attention import paged_attention_ref
 
 
 class TorchRefImpl(AttentionImpl):
