@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from weavelm.core.client import EngineCoreClient, InprocClient
@@ -14,11 +17,32 @@ from weavelm.core.config import EngineConfig, merge_overrides, read_yaml
 from weavelm.core.detokenizer import IncrementalDetokenizer, add_tokens_batch
 from weavelm.core.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
 from weavelm.core.registry import get_registry
-from weavelm.core.request import Request, SamplingParams
+from weavelm.core.request import Request, SamplingParams, show_value
 from weavelm.errors import RequestError
 
 logger = logging.getLogger("weavelm.llm")
 PromptType = str | dict[str, Any] | list[int]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, from `LLM.get_stats()`."""
+
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_used_blocks: int  # KV blocks held by unfinished requests
+    num_total_blocks: int  # size of the KV pool
+    kv_cache_usage: float  # num_used_blocks / num_total_blocks
+    prefix_cache_hit_rate: float  # cumulative share of queried prompt tokens found in the prefix cache
+
+
+class _Outbox:
+    """The outputs of one consumer's requests (one `generate` call or one stream), deposited by whichever caller
+    steps the engine. Holds the latest output per request: outputs are cumulative, so older ones are redundant."""
+
+    def __init__(self, finished_only: bool):
+        self.finished_only = finished_only
+        self.outputs: dict[str, RequestOutput] = {}
 
 
 @dataclass
@@ -33,6 +57,7 @@ class _RequestState:
     arrival: float
     first_token_time: float | None = None
     num_cached_tokens: int = 0
+    outbox: _Outbox | None = None
 
 
 class LLMEngine:
@@ -53,6 +78,9 @@ class LLMEngine:
         self.eos_token_id, self.extra_eos = self._eos_ids()
         self.states: dict[str, _RequestState] = {}
         self._counter = itertools.count()
+        self._lock = threading.Lock()  # one caller at a time drives the core
+        self._deferred_aborts: deque[str] = deque()
+        self._unclaimed: list[RequestOutput] = []  # outputs for step()'s caller, produced while another drove
         self.hook = registry.hook
 
     def _load_tokenizer(self, loader) -> Any:
@@ -88,24 +116,38 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """A prompt's text (None for token ids) and token ids. A str is text; a list or tuple holds token ids; a
+        dict has `prompt` (text) and/or `prompt_token_ids` (which wins). Raises RequestError on any other shape."""
         if isinstance(prompt, dict):
+            unknown = sorted(map(str, set(prompt) - {"prompt", "prompt_token_ids"}))
+            if unknown:
+                raise RequestError(f"prompt: unknown key(s) {unknown}; a dict prompt takes `prompt` and/or "
+                                   f"`prompt_token_ids`")
+            text = prompt.get("prompt")
+            if text is not None and not isinstance(text, str):
+                raise RequestError(f"prompt: must be a str (got {type(text).__name__})")
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
+                return text, _token_id_list(prompt["prompt_token_ids"])
+            if text is None:
                 raise RequestError("prompt: a dict prompt needs `prompt` or `prompt_token_ids`")
-        if isinstance(prompt, list):
-            return None, list(prompt)
+            prompt = text
+        if isinstance(prompt, (list, tuple)):
+            return None, _token_id_list(prompt)
         if not isinstance(prompt, str):
             raise RequestError(f"prompt: must be a str, a token-id list or a dict (got {type(prompt).__name__})")
         if self.tokenizer is None:
             raise RequestError("prompt: this model has no tokenizer; pass {'prompt_token_ids': [...]} instead")
-        return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        try:
+            return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        except Exception as e:  # e.g. lone surrogates
+            raise RequestError(f"prompt: the tokenizer cannot encode it ({type(e).__name__}: {e})") from e
 
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Check a tokenized request; returns a re-validated copy of `params` (the caller may have changed
+        fields after construction), which is what the engine runs."""
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling_params: expected SamplingParams (got {type(params).__name__})")
+        params = replace(params)
         if not token_ids:
             raise RequestError("prompt: is empty; give at least one token")
         if len(token_ids) >= self.max_model_len:
@@ -115,51 +157,124 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"prompt_token_ids: {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        if self.extra_eos and not params.ignore_eos:
+            params.stop_token_ids = params.stop_token_ids + self.extra_eos
+        return params
+
+    def prepare(self, prompt: PromptType, params: SamplingParams | None = None
+                ) -> tuple[str | None, list[int], SamplingParams]:
+        """Tokenize and validate a whole request without queueing anything; raises RequestError."""
+        text, ids = self.tokenize(prompt)
+        return text, ids, self.validate(ids, SamplingParams() if params is None else params)
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate and queue a request; raises RequestError (nothing is queued) when it is invalid."""
-        params = params or SamplingParams()
-        text, ids = self.tokenize(prompt)
-        self.validate(ids, params)
-        rid = request_id or str(next(self._counter))
-        if rid in self.states:
-            raise RequestError(f"request_id: {rid!r} is already in use")
-        if self.extra_eos and not params.ignore_eos:
-            params = SamplingParams(**{**params.__dict__, "stop_token_ids": params.stop_token_ids + self.extra_eos})
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
-        self.states[rid] = _RequestState(rid, text, ids, params, detok, [], [] if params.logprobs else None,
-                                         time.perf_counter())
-        self.client.add_request(Request(rid, ids, params, eos_token_id=self.eos_token_id))
+                    request_id: str | None = None, outbox: _Outbox | None = None) -> str:
+        """Validate and queue a request; raises RequestError (nothing is queued) when it is invalid or the core
+        can never schedule it. Outputs go to `outbox` when given, else to the caller of `step()`."""
+        return self.submit(self.prepare(prompt, params), request_id, outbox)
+
+    def submit(self, prepared: tuple[str | None, list[int], SamplingParams], request_id: str | None = None,
+               outbox: _Outbox | None = None) -> str:
+        """Queue a request from `prepare()`; raises RequestError (nothing kept) when the core rejects it."""
+        if request_id is not None and not isinstance(request_id, str):
+            raise RequestError(f"request_id: must be a str (got {show_value(request_id)})")
+        text, ids, params = prepared
+        with self._lock:
+            rid = request_id or str(next(self._counter))
+            if rid in self.states:
+                raise RequestError(f"request_id: {rid!r} is already in use")
+            self.client.add_request(Request(rid, ids, params, eos_token_id=self.eos_token_id))
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
+            self.states[rid] = _RequestState(rid, text, ids, params, detok, [], [] if params.logprobs else None,
+                                             time.perf_counter(), outbox=outbox)
         return rid
 
-    def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
-        outs = self.client.abort_requests(request_ids)
-        return [o for o in (self._process(c) for c in outs) if o is not None]
+    def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
+        """Abort requests (unknown or finished ids are ignored) and free their KV blocks. Each aborted request's
+        final output (finish_reason "abort") goes to its consumer; those of requests added without an outbox are
+        returned. Safe from any thread and from a generator's `finally`: while another caller is stepping (or
+        this thread is inside a step), the abort is applied right before the next step and [] is returned."""
+        self._deferred_aborts.extend([request_ids] if isinstance(request_ids, str) else request_ids)
+        if not self._lock.acquire(blocking=False):
+            return []
+        try:
+            return self._apply_aborts()
+        finally:
+            self._lock.release()
+
+    def _apply_aborts(self) -> list[RequestOutput]:
+        ids = []
+        while self._deferred_aborts:
+            ids.append(self._deferred_aborts.popleft())
+        if not ids:
+            return []
+        return [o for o in (self._process(c) for c in self.client.abort_requests(ids)) if o is not None]
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.states)
+        """Whether a request is unfinished or step() still has outputs to hand out."""
+        return bool(self.states or self._unclaimed)
+
+    def get_stats(self) -> EngineStats:
+        """Current load of the core (pending aborts applied first)."""
+        with self._lock:
+            self._unclaimed.extend(self._apply_aborts())
+            s = self.client.get_stats()
+        return EngineStats(s.num_running, s.num_waiting, s.num_used_blocks, s.num_total_blocks, s.kv_usage,
+                           s.prefix_hit_rate)
 
     def step(self, finished_only: bool = False, delta: bool = False) -> list[RequestOutput]:
-        """Run one core step. Returns a RequestOutput per request that changed; with `finished_only` only for
+        """Run one core step. Outputs of requests added with an outbox (LLM.generate / LLM.stream) go to it;
+        the others are returned: one RequestOutput per request that changed; with `finished_only` only for
         requests that finished; with `delta` each output's token_ids (and logprobs) hold only this step's new
         tokens (text stays cumulative). Both avoid per-step copies of growing outputs."""
+        with self._lock:
+            return self._step(finished_only, delta)
+
+    def collect(self, outbox: _Outbox) -> list[RequestOutput]:
+        """Drive the engine for one consumer: step unless `outbox` already holds outputs (another caller may
+        have stepped meanwhile), then take them. Threads wait for each other here; nobody spins."""
+        with self._lock:
+            if not outbox.outputs:
+                unclaimed = self._step(False, False)  # (_step swaps self._unclaimed)
+                self._unclaimed.extend(unclaimed)
+            outs = list(outbox.outputs.values())
+            outbox.outputs.clear()
+        return outs
+
+    def _step(self, finished_only: bool, delta: bool) -> list[RequestOutput]:
+        outs, self._unclaimed = self._unclaimed, []
+        outs += self._apply_aborts()
         core_outs = [co for co in self.client.get_output() if co.request_id in self.states]
+        core_outs += self._lost_requests(core_outs)
         hits = add_tokens_batch([(self.states[co.request_id].detok, co.new_token_ids) for co in core_outs])
-        outs = []
         for co, hit in zip(core_outs, hits):
             ro = self._process(co, finished_only, delta, hit)
             if ro is not None:
                 outs.append(ro)
         return outs
 
+    def _lost_requests(self, core_outs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
+        """Error outputs for requests the core no longer holds without having finished them, so no consumer
+        waits for them forever (an internal failure; logged)."""
+        if self.client.has_unfinished_requests():
+            return []
+        finishing = {co.request_id for co in core_outs if co.finished}
+        lost = [rid for rid in self.states if rid not in finishing]
+        if lost:
+            logger.error("the engine core dropped requests %s without finishing them", lost[:5])
+        return [EngineCoreOutput(rid, [], finish_reason="error", error="the engine core dropped this request")
+                for rid in lost]
+
     def _process(self, co: EngineCoreOutput, finished_only: bool = False, delta: bool = False,
                  hit: str | None | object = ...) -> RequestOutput | None:
         """Fold one core delta into the request's state; `hit` is the stop string found by a batched
-        detokenization of this delta (`...`: detokenize here)."""
+        detokenization of this delta (`...`: detokenize here). A request with an outbox gets its output there
+        (with the outbox's own `finished_only`, cumulative) and None is returned."""
         st = self.states.get(co.request_id)
         if st is None:
             return None
+        if st.outbox is not None:
+            finished_only, delta = st.outbox.finished_only, False
         now = time.perf_counter()
         if co.new_token_ids and st.first_token_time is None:
             st.first_token_time = now
@@ -187,17 +302,40 @@ class LLMEngine:
         if out.finished:
             del self.states[co.request_id]
             self.hook.weavelm_request_finished(output=out)
+        if st.outbox is not None:
+            st.outbox.outputs[co.request_id] = out
+            return None
         return out
 
     def shutdown(self) -> None:
         self.client.shutdown()
 
 
-def error_output(prompt: PromptType, err: Exception, request_id: str) -> RequestOutput:
+def error_output(prompt: Any, err: Exception, request_id: str) -> RequestOutput:
     text = prompt if isinstance(prompt, str) else None
     ids = prompt.get("prompt_token_ids", []) if isinstance(prompt, dict) else []
-    return RequestOutput(request_id, text, list(ids) if isinstance(ids, list) else [],
-                         [CompletionOutput(0, "", [], "error")], True, error=str(err))
+    ids = ids if isinstance(ids, list) and all(_is_token_id(t) for t in ids) else []
+    return RequestOutput(request_id, text, [int(t) for t in ids], [CompletionOutput(0, "", [], "error")], True,
+                         error=str(err))
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _token_id_list(value: Any) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not all(_is_token_id(t) for t in value):
+        raise RequestError(f"prompt_token_ids: must be a list of integer token ids (got {show_value(value)})")
+    return [int(t) for t in value]
+
+
+def _prompt_list(prompts: Any) -> list:
+    """`generate`'s prompts as a list: one prompt (str, dict or a token-id list) or a list/tuple of prompts."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and _is_token_id(prompts[0])):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise RequestError(f"prompts: expected a prompt or a list of prompts (got {type(prompts).__name__})")
+    return list(prompts)
 
 
 class LLM:
@@ -217,55 +355,83 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def _params_list(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None):
+    def get_stats(self) -> EngineStats:
+        """Running / waiting requests, KV blocks used and total, KV usage and prefix-cache hit rate."""
+        return self.engine.get_stats()
+
+    def abort(self, request_ids: str | Sequence[str]) -> None:
+        """Abort requests by id (unknown or finished ids are ignored); their consumers get a final output with
+        finish_reason "abort" and their KV blocks are freed."""
+        self.engine.abort_request(request_ids)
+
+    def _params_list(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None) -> list:
         if params is None or isinstance(params, SamplingParams):
             return [params or SamplingParams()] * n
-        params = list(params)
+        if not isinstance(params, (list, tuple)):
+            raise RequestError(f"sampling_params: expected SamplingParams or a list of them "
+                               f"(got {type(params).__name__})")
         if len(params) != n:
             raise RequestError(f"sampling_params: {len(params)} given for {n} prompts; give one or one per prompt")
-        return params
+        return list(params)
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run prompts to completion. An invalid prompt yields an output with `error` set and
-        finish_reason "error"; the other prompts run normally."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        """Run prompts to completion. Every request is validated before any is queued; an invalid one (or one
+        the engine can never schedule) yields an output with `error` set and finish_reason "error", and the
+        other prompts run normally. Safe to call from several threads and while streams are open."""
+        prompts = _prompt_list(prompts)
         params = self._params_list(len(prompts), sampling_params)
-        results: dict[str, RequestOutput] = {}
-        order: list[str] = []
         base = next(self.engine._counter)
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            rid = f"gen-{base}-{i}"
-            order.append(rid)
+        order = [f"gen-{base}-{i}" for i in range(len(prompts))]
+        results: dict[str, RequestOutput] = {}
+        prepared = {}
+        for rid, p, sp in zip(order, prompts, params):
             try:
-                self.engine.add_request(p, sp, request_id=rid)
+                prepared[rid] = self.engine.prepare(p, sp)
             except RequestError as e:
-                logger.warning("request %s rejected: %s", rid, e)
                 results[rid] = error_output(p, e, rid)
-        bar = _progress(len(prompts) - len(results), use_tqdm)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step(finished_only=True):
-                if out.finished:
-                    results[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        outbox = _Outbox(finished_only=True)
+        pending: set[str] = set()
+        try:
+            for rid, req in prepared.items():
+                try:
+                    pending.add(self.engine.submit(req, rid, outbox))
+                except RequestError as e:
+                    results[rid] = error_output(prompts[order.index(rid)], e, rid)
+            self._run_until_done(pending, outbox, results, use_tqdm)
+        finally:
+            if pending:  # an exception (or KeyboardInterrupt) left requests behind
+                self.engine.abort_request(list(pending))
         return [results[r] for r in order]
 
+    def _run_until_done(self, pending: set[str], outbox: _Outbox, results: dict[str, RequestOutput],
+                        use_tqdm: bool) -> None:
+        bar = _progress(len(pending), use_tqdm)
+        while pending:
+            for out in self.engine.collect(outbox):
+                results[out.request_id] = out
+                pending.discard(out.request_id)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield a growing RequestOutput after every step that adds text, ending with the finished one."""
-        rid = self.engine.add_request(prompt, sampling_params)
-        done = False
-        while not done:
-            for out in self.engine.step():
-                if out.request_id == rid:
-                    done = out.finished
+        """Yield a growing RequestOutput after every step that adds text, ending with the finished one. Closing
+        the generator early (break, close(), garbage collection) aborts the request. Safe to interleave with
+        other streams, `generate` calls and threads."""
+        outbox = _Outbox(finished_only=False)
+        rid = self.engine.add_request(prompt, sampling_params, outbox=outbox)
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.collect(outbox):
+                    finished = out.finished
                     yield out
+        finally:
+            if not finished:
+                self.engine.abort_request(rid)
 
     def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:
         tok = self.get_tokenizer()

@@ -81,7 +81,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     try:
         return reprlib.repr(value)
     except Exception:  # e.g. an int too long for str()
@@ -89,7 +89,7 @@ def _show(value: Any) -> str:
 
 
 def _bad(field_name: str, value: Any, rule: str) -> RequestError:
-    return RequestError(f"SamplingParams.{field_name}: {rule} (got {_show(value)})")
+    return RequestError(f"SamplingParams.{field_name}: {rule} (got {show_value(value)})")
 
 
 def _is_int(value: Any) -> bool:
