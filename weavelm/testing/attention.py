@@ -1,0 +1,244 @@
+"""The attention backend contract: a backend's output and cache writes equal the reference on hand-built batches.
+
+Subclass it in your distribution's tests, naming the backend you registered:
+
+    from weavelm.testing.attention import AttentionContract
+
+    class TestMyBackend(AttentionContract):
+        backend = "my_backend"          # registered name, found through your installed entry point
+        options = {"block_q": 64}       # your backend's Options, if any
+
+Every batch mixes prefill chunks with cached prefixes and decodes, in shuffled (non-contiguous) block tables, and
+is compared with `weavelm.ops.reference_attention.paged_attention_ref` (fp32 math): the new K/V must be written
+exactly at `slot_mapping`, and the output must match within a dtype tolerance. A case the backend's `check(spec)`
+refuses is skipped with its reasons. Without CUDA, `TRITON_INTERPRET=1` is set for the class so Triton kernels
+run in triton's interpreter. Tests marked `gpu` (long contexts, CUDA graphs) run only where CUDA is.
+
+A backend whose `kv_cache_shape` is not the default `(2, num_blocks, block_size, num_kv_heads, head_size)`
+overrides `to_backend_cache` / `from_backend_cache` to convert from and to that layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from weavelm.plugin import AttentionSpec
+from weavelm.testing._attention_batches import AttentionBatch, make_batch, reference_output, rel_err
+from weavelm.testing._registry import component, registry
+
+ON_GPU = torch.cuda.is_available()
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# prefill chunk with a cached prefix, decode, fresh prefill, decode, short chunk with a long prefix
+MIXED = ([5, 1, 17, 1, 3], [11, 40, 0, 7, 70])
+LONG = ([1, 1, 1, 300, 1, 64], [8191, 4000, 17, 3800, 2047, 0])
+
+
+@contextlib.contextmanager
+def triton_interpreter_without_cuda(reload: tuple[str, ...] = ()) -> Iterator[None]:
+    """Without CUDA, set `TRITON_INTERPRET=1` for the duration (restored after) and reload the modules named in
+    `reload` whose `@triton.jit` kernels were built before it was set; with CUDA, do nothing."""
+    if ON_GPU:
+        yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    for name in reload:
+        mod = sys.modules.get(name)
+        if mod is not None and any(type(v).__name__ == "JITFunction" for v in vars(mod).values()):
+            importlib.reload(mod)  # compiled for a GPU earlier in this process: rebuild under the interpreter
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+class AttentionContract:
+    """The suite; pytest collects it through your `Test...` subclass."""
+
+    backend: ClassVar[str] = ""
+    """Registered name of the backend under test."""
+    options: ClassVar[dict[str, Any]] = {}
+    """Keyword arguments of the backend's `Options`."""
+    device: ClassVar[str] = "cuda" if ON_GPU else "cpu"
+    interpreter_reload: ClassVar[tuple[str, ...]] = ()
+    """Modules holding `@triton.jit` kernels that may have been imported before `TRITON_INTERPRET=1` was set;
+    reloaded under the interpreter (CPU only)."""
+
+    # -- fixtures and helpers ----------------------------------------------------------------------------------
+    @pytest.fixture(scope="class", autouse=True)
+    def _triton_interpreter_without_cuda(self):
+        with triton_interpreter_without_cuda(self.interpreter_reload):
+            yield
+
+    @property
+    def backend_cls(self) -> Any:
+        assert self.backend, f"{type(self).__name__} must set `backend` to a registered attention backend name"
+        return component("attention", self.backend)
+
+    def build_backend(self, num_heads: int, num_kv_heads: int, head_size: int, block_size: int,
+                      dtype: torch.dtype, device: str | None = None) -> Any:
+        """The backend as the engine builds it (`select`), or a skip with `check()`'s reasons."""
+        cls = self.backend_cls
+        spec = AttentionSpec(device or self.device, dtype, head_size, num_heads, num_kv_heads, block_size)
+        reasons = cls.check(spec)
+        if reasons:
+            pytest.skip(f"{self.backend}: {'; '.join(reasons)}")
+        candidates = {name: component("attention", name) for name in registry().names("attention")}
+        return cls.select(cls.Options(**self.options), spec, candidates)
+
+    def to_backend_cache(self, backend: Any, cache: torch.Tensor) -> torch.Tensor:
+        """A copy of `cache` (default layout) in the backend's `kv_cache_shape`."""
+        _, num_blocks, block_size, num_kv_heads, head_size = cache.shape
+        shape = tuple(backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size))
+        if shape != tuple(cache.shape):
+            pytest.skip(f"{self.backend}: kv_cache_shape {shape} is not the default layout; override "
+                        f"to_backend_cache / from_backend_cache to convert")
+        return cache.clone()
+
+    def from_backend_cache(self, backend: Any, cache: torch.Tensor) -> torch.Tensor:
+        """The backend's cache back in the default layout (inverse of `to_backend_cache`)."""
+        return cache
+
+    def run(self, backend: Any, b: AttentionBatch, layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build the metadata once, run `layers` layers on it (as the runner does), return the last output and
+        cache in the default layout."""
+        meta = backend.make_builder(torch.device(self.device)).build(b.meta)
+        for _ in range(layers):
+            impl = backend.make_impl(b.num_heads, b.num_kv_heads, b.head_size, b.scale)
+            cache = self.to_backend_cache(backend, b.kv_cache)
+            out = impl.forward(b.q, b.k, b.v, cache, meta)
+            assert out.shape == b.q.shape and out.dtype == b.q.dtype, (out.shape, out.dtype)
+        return out, self.from_backend_cache(backend, cache)
+
+    def check_against_reference(self, backend: Any, b: AttentionBatch, dtype: torch.dtype,
+                                layers: int = 1) -> None:
+        ref, ref_cache = reference_output(b)
+        out, cache = self.run(backend, b, layers)
+        n = b.meta.num_actual_tokens
+        assert torch.equal(cache, ref_cache), "new K/V were not written exactly at slot_mapping"
+        err = rel_err(out[:n], ref)
+        assert err <= TOL[dtype], f"relative error {err:.2e} > {TOL[dtype]:.0e}"
+        assert torch.isfinite(out[n:]).all(), "padded rows must be finite"
+
+    # -- the contract ------------------------------------------------------------------------------------------
+    def test_registered_shape(self):
+        cls = self.backend_cls
+        assert cls.name == self.backend
+        assert cls.description and "\n" not in cls.description
+        assert cls.Options.model_config.get("extra") == "forbid"
+        assert isinstance(cls.priority, int) and isinstance(cls.graph_safe, bool)
+        reasons = cls.check(AttentionSpec(self.device, torch.float32, 64, 8, 2, 16))
+        assert isinstance(reasons, list) and all(isinstance(r, str) and r for r in reasons)
+
+    @pytest.mark.parametrize("num_blocks,block_size,num_kv_heads,head_size", [(7, 16, 2, 64), (1, 1, 1, 8)])
+    def test_kv_cache_shape_holds_every_slot(self, num_blocks, block_size, num_kv_heads, head_size):
+        """The runner sizes the KV pool from `kv_cache_shape`: it holds K and V for every slot, no more."""
+        backend = self.backend_cls(self.backend_cls.Options(**self.options))
+        shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size)
+        assert all(isinstance(d, int) and d > 0 for d in shape), shape
+        assert torch.Size(shape).numel() == 2 * num_blocks * block_size * num_kv_heads * head_size
+
+    @pytest.mark.parametrize("block_size", [16, 32])
+    @pytest.mark.parametrize("gqa", [1, 4, 8])
+    @pytest.mark.parametrize("head_size", [64, 128])
+    def test_mixed_prefill_and_decode(self, head_size, gqa, block_size):
+        backend = self.build_backend(2 * gqa, 2, head_size, block_size, torch.float32)
+        b = make_batch(*MIXED, num_heads=2 * gqa, num_kv_heads=2, head_size=head_size, block_size=block_size,
+                       device=self.device, seed=head_size + gqa + block_size)
+        self.check_against_reference(backend, b, torch.float32)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_half_precision(self, dtype):
+        backend = self.build_backend(8, 2, 64, 16, dtype)
+        b = make_batch(*MIXED, num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=dtype,
+                       device=self.device, seed=11)
+        self.check_against_reference(backend, b, dtype)
+
+    def test_metadata_shared_by_layers(self):
+        """The runner builds metadata once per step and hands it to every layer."""
+        backend = self.build_backend(4, 2, 64, 16, torch.float32)
+        b = make_batch(*MIXED, num_heads=4, num_kv_heads=2, head_size=64, block_size=16, device=self.device,
+                       seed=21)
+        self.check_against_reference(backend, b, torch.float32, layers=3)
+
+    def test_prefill_only_and_decode_only(self):
+        for query_lens, context_lens in (([7, 1, 33], [0, 0, 0]), ([1, 1, 1, 1], [1, 16, 17, 95])):
+            backend = self.build_backend(4, 4, 64, 16, torch.float32)
+            b = make_batch(query_lens, context_lens, num_heads=4, num_kv_heads=4, head_size=64, block_size=16,
+                           device=self.device, seed=len(query_lens))
+            self.check_against_reference(backend, b, torch.float32)
+
+    def test_decode_only_with_graph_padding(self):
+        """A padded decode batch as CUDA graphs run it: extra rows with slot -1 must not touch the cache."""
+        if not self.backend_cls.graph_safe:
+            pytest.skip(f"{self.backend} is not graph-safe, so it never sees padded rows")
+        backend = self.build_backend(8, 2, 64, 16, torch.float32)
+        b = make_batch([1] * 4, [150, 0, 33, 64], num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
+                       device=self.device, pad_tokens=3, seed=1)
+        self.check_against_reference(backend, b, torch.float32)
+
+    # -- on the GPU: long contexts, bf16, head 256, CUDA graphs ------------------------------------------------
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    @pytest.mark.parametrize("head_size,gqa", [(64, 8), (128, 4), (128, 1), (256, 2)])
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+    def test_long_context_gpu(self, head_size, gqa, dtype):
+        backend = self.build_backend(4 * gqa, 4, head_size, 16, dtype, device="cuda")
+        b = make_batch(*LONG, num_heads=4 * gqa, num_kv_heads=4, head_size=head_size, block_size=16, dtype=dtype,
+                       device="cuda", seed=head_size * gqa)
+        self.check_against_reference(backend, b, dtype)
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+    def test_long_decode_only_gpu(self):
+        backend = self.build_backend(32, 8, 128, 16, torch.bfloat16, device="cuda")
+        b = make_batch([1] * 5, [8191, 6000, 1, 4095, 300], num_heads=32, num_kv_heads=8, head_size=128,
+                       block_size=16, dtype=torch.bfloat16, device="cuda", seed=5)
+        self.check_against_reference(backend, b, torch.bfloat16)
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+    def test_cuda_graph_replay_gpu(self):
+        """Capture a padded decode batch, refill its static buffers with another batch, replay, compare."""
+        if not self.backend_cls.graph_safe:
+            pytest.skip(f"{self.backend} is not graph-safe")
+        dtype = torch.bfloat16
+        backend = self.build_backend(16, 4, 128, 16, dtype, device="cuda")
+        b = make_batch([1] * 6, [5000, 3, 700, 1200, 64, 2500], num_heads=16, num_kv_heads=4, head_size=128,
+                       block_size=16, dtype=dtype, device="cuda", pad_tokens=2, seed=7)
+        ref, ref_cache = reference_output(b)
+        impl = backend.make_impl(b.num_heads, b.num_kv_heads, b.head_size, b.scale)
+        m = b.meta
+        static = {f: getattr(m, f).clone() for f in ("query_start_loc", "seq_lens", "block_table", "slot_mapping")}
+        static["seq_lens"].fill_(1)
+        static["block_table"].zero_()
+        static["slot_mapping"].fill_(-1)
+        meta = backend.make_builder(torch.device("cuda")).build(type(m)(**{**vars(m), **static}))
+        q, k, v = b.q.clone().zero_(), b.k.clone(), b.v.clone()
+        cache = self.to_backend_cache(backend, b.kv_cache)
+        impl.forward(q, k, v, cache, meta)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = impl.forward(q, k, v, cache, meta)
+        for f, t in static.items():
+            t.copy_(getattr(m, f))
+        q.copy_(b.q)
+        cache.copy_(self.to_backend_cache(backend, b.kv_cache))
+        graph.replay()
+        torch.cuda.synchronize()
+        n = m.num_actual_tokens
+        assert torch.equal(self.from_backend_cache(backend, cache), ref_cache)
+        assert rel_err(out[:n], ref) <= TOL[dtype]
+        assert torch.isfinite(out).all()
