@@ -1,207 +1,27 @@
-"""Drive a scheduler on CPU without a model: `schedule()` -> a hand-built `ModelRunnerOutput` ->
-`update_from_output()` (as vLLM's tests/v1/core/utils.py).
-
-`FakeRunner` plays the worker. It keeps its own persistent per-request state from the SchedulerOutput deltas only,
-so it checks the message contract (new requests sent once in full, cached ones as deltas, resumed ones with a whole
-new block table), and it simulates the paged KV cache: every computed position writes a fingerprint of the token
-prefix up to it into its slot, and before computing a request it checks that every slot of its already-computed
-positions holds its own prefix's fingerprint. A wrong prefix-cache hit, a block freed while in use or a stale block
-table therefore fails loudly. Sampled tokens depend only on (request id, position), so a run's outputs must not
-depend on batching, chunking, preemption or caching.
-"""
+"""Drive a scheduler on CPU without a model: the test kit's driver (`weavelm.testing._scheduler_driver`), re-exported
+for the repository's own scheduler tests, plus registry shortcuts for them."""
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from weavelm.plugin import SchedulerContext
+from weavelm.testing._registry import component, names
+from weavelm.testing._scheduler_driver import (EOS, VOCAB, Driver, FakeRunner, check_scheduler, fake_token,
+                                               make_request)
 
-from weavelm.core.interfaces import SchedulerContext
-from weavelm.core.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
-from weavelm.core.registry import get_registry
-from weavelm.core.request import Request, RequestStatus, SamplingParams
-
-EOS = 2
-VOCAB = 500
+__all__ = ["EOS", "VOCAB", "Driver", "FakeRunner", "check_scheduler", "fake_token", "make_request",
+           "make_scheduler", "scheduler_names"]
 
 
 def scheduler_names() -> list[str]:
-    return sorted(get_registry().names("scheduler"))
+    return names("scheduler")
 
 
 def make_scheduler(name: str, num_blocks: int = 64, block_size: int = 4, max_model_len: int = 256,
                    enable_prefix_caching: bool = True, **options):
     """A registered scheduler with fake block counts. Options its `Options` does not know are dropped, so one
-    call works for every plugin (the contract suite passes only the common budget options)."""
-    cls = get_registry().get("scheduler", name)
+    call works for every plugin."""
+    cls = component("scheduler", name)
     known = cls.Options.model_fields
     opts = cls.Options(**{k: v for k, v in options.items() if k in known})
     return cls(opts, SchedulerContext(num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
                                       enable_prefix_caching=enable_prefix_caching))
-
-
-def make_request(rid: str, prompt: int | list[int], max_tokens: int = 8, priority: int = 0,
-                 arrival_time: float | None = None, stop_token_ids: Iterable[int] = (),
-                 ignore_eos: bool = True) -> Request:
-    """`prompt` is a token list, or a length for a prompt of tokens unique to `rid`."""
-    if isinstance(prompt, int):
-        base = sum(map(ord, rid)) * 7
-        prompt = [3 + (base + 13 * i) % (VOCAB - 3) for i in range(prompt)]
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, priority=priority,
-                        stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
-    return Request(rid, prompt, sp, eos_token_id=EOS, arrival_time=arrival_time)
-
-
-def fake_token(rid: str, position: int) -> int:
-    """The token the fake model samples at `position` of request `rid`: never EOS, never < 3."""
-    return 3 + zlib.crc32(f"{rid}@{position}".encode()) % (VOCAB - 3)
-
-
-@dataclass
-class _RunnerState:
-    tokens: list[int]
-    block_ids: list[int]
-    num_computed: int
-    fingerprints: list[int] = field(default_factory=list)  # fingerprints[p]: hash of tokens[:p + 1]
-
-    def fingerprint(self, p: int) -> int:
-        while len(self.fingerprints) <= p:
-            prev = self.fingerprints[-1] if self.fingerprints else 0
-            self.fingerprints.append(hash((prev, self.tokens[len(self.fingerprints)])))
-        return self.fingerprints[p]
-
-
-class FakeRunner:
-    """A model-free worker that checks the SchedulerOutput contract and simulates paged KV."""
-
-    def __init__(self, block_size: int, max_num_batched_tokens: int | None = None,
-                 token_fn=fake_token, check_kv: bool = True):
-        self.block_size = block_size
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.token_fn = token_fn
-        self.check_kv = check_kv
-        self.states: dict[str, _RunnerState] = {}
-        self.kv: dict[tuple[int, int], int] = {}  # (block id, offset) -> fingerprint written there
-        self.seen: set[str] = set()
-
-    def _slot(self, st: _RunnerState, p: int) -> tuple[int, int]:
-        return st.block_ids[p // self.block_size], p % self.block_size
-
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        for rid in so.finished_req_ids:
-            self.states.pop(rid, None)
-        assert sum(so.num_scheduled_tokens.values()) == so.total_num_scheduled_tokens
-        if self.max_num_batched_tokens is not None:
-            assert so.total_num_scheduled_tokens <= self.max_num_batched_tokens
-        assert all(n > 0 for n in so.num_scheduled_tokens.values())
-        assert not (so.preempted_req_ids & set(so.num_scheduled_tokens))
-        new_ids = [nr.req_id for nr in so.scheduled_new_reqs]
-        cached = so.scheduled_cached_reqs
-        listed = new_ids + cached.req_ids
-        assert len(listed) == len(set(listed)) and set(listed) == set(so.num_scheduled_tokens), \
-            "each scheduled request is listed exactly once, as new or cached"
-        for nr in so.scheduled_new_reqs:
-            assert nr.req_id not in self.seen, f"{nr.req_id} sent as new twice"
-            self.seen.add(nr.req_id)
-            self.states[nr.req_id] = _RunnerState(list(nr.prompt_token_ids), list(nr.block_ids),
-                                                  nr.num_computed_tokens)
-        for rid, resumed, blocks, num_computed in zip(cached.req_ids, cached.resumed_from_preemption,
-                                                      cached.new_block_ids, cached.num_computed_tokens, strict=True):
-            st = self.states.get(rid)
-            assert st is not None, f"cached request {rid} unknown to the worker"
-            if resumed:
-                st.block_ids = list(blocks)
-            else:
-                assert num_computed == st.num_computed, f"{rid}: computed {num_computed} != {st.num_computed}"
-                st.block_ids.extend(blocks)
-            st.num_computed = num_computed
-        req_ids, sampled = [], []
-        for rid, n in so.num_scheduled_tokens.items():
-            st = self.states[rid]
-            start, end = st.num_computed, st.num_computed + n
-            assert end <= len(st.tokens), f"{rid}: scheduled past its known tokens"
-            assert len(st.block_ids) * self.block_size >= end, f"{rid}: blocks do not cover the scheduled tokens"
-            if self.check_kv:
-                for p in range(start):
-                    got = self.kv.get(self._slot(st, p))
-                    assert got == st.fingerprint(p), f"{rid}: stale or foreign KV at position {p}"
-                for p in range(start, end):
-                    self.kv[self._slot(st, p)] = st.fingerprint(p)
-            st.num_computed = end
-            req_ids.append(rid)
-            if end == len(st.tokens):
-                tok = self.token_fn(rid, end)
-                st.tokens.append(tok)
-                sampled.append([tok])
-            else:
-                sampled.append([])
-        return ModelRunnerOutput(req_ids, {r: i for i, r in enumerate(req_ids)}, sampled, None)
-
-
-@dataclass
-class Driver:
-    """Runs steps and keeps what a client would see: tokens per request and each finish."""
-
-    scheduler: object
-    runner: FakeRunner
-    tokens: dict[str, list[int]] = field(default_factory=dict)
-    finishes: dict[str, list[str]] = field(default_factory=dict)  # request id -> finish reasons reported
-    outputs: list[SchedulerOutput] = field(default_factory=list)
-    check: bool = True
-
-    def add(self, req: Request) -> None:
-        self.tokens[req.request_id] = []
-        self.scheduler.add_request(req)
-
-    def _collect(self, outs: list[EngineCoreOutput]) -> None:
-        for o in outs:
-            self.tokens[o.request_id].extend(o.new_token_ids)
-            if o.finished:
-                self.finishes.setdefault(o.request_id, []).append(o.finish_reason)
-
-    def step(self) -> SchedulerOutput:
-        so = self.scheduler.schedule()
-        self.outputs.append(so)
-        ro = self.runner.execute(so)
-        self._collect(self.scheduler.update_from_output(so, ro))
-        if self.check:
-            check_scheduler(self.scheduler)
-        return so
-
-    def abort(self, rids: Iterable[str]) -> None:
-        self._collect(self.scheduler.finish_requests(list(rids), RequestStatus.FINISHED_ABORTED))
-        if self.check:
-            check_scheduler(self.scheduler)
-
-    def run(self, max_steps: int = 10_000) -> int:
-        steps = 0
-        while self.scheduler.has_unfinished_requests():
-            self.step()
-            steps += 1
-            assert steps <= max_steps, "no progress"
-        return steps
-
-
-def check_scheduler(sched) -> None:
-    """Invariants of the built-in mechanics; only what a plugin exposes is checked."""
-    kv = getattr(sched, "kv", None)
-    if kv is not None and hasattr(kv, "check_invariants"):
-        kv.check_invariants()
-    running, waiting = getattr(sched, "running", None), getattr(sched, "waiting", None)
-    if running is None or waiting is None:
-        return
-    ids = [r.request_id for r in running] + [r.request_id for r in waiting]
-    assert len(ids) == len(set(ids)), "a request is queued twice"
-    if hasattr(sched, "requests"):
-        assert set(ids) == set(sched.requests), "queues and the request table disagree"
-    assert all(r.status == RequestStatus.RUNNING for r in running)
-    assert all(r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) for r in waiting)
-    if kv is not None and hasattr(kv, "req_blocks"):
-        holders = {rid for rid, table in kv.req_blocks.items() if table}
-        assert holders <= {r.request_id for r in running}, "a waiting or finished request holds blocks"
-        for r in running:
-            table = kv.req_blocks.get(r.request_id, [])
-            assert len(table) * kv.block_size >= r.num_computed_tokens
-    stats = sched.get_stats()
-    assert stats.num_running == len(running) and stats.num_waiting == len(waiting)
-    assert 0.0 <= stats.kv_usage <= 1.0 and 0.0 <= stats.prefix_hit_rate <= 1.0
