@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.attention_utils import make_batch  # noqa: E402
 from weavelm.core.forward import AttentionSpec  # noqa: E402
-from weavelm.core.registry import get_registry  # noqa: E402
+from weavelm.core.registry import Registry  # noqa: E402
 
 HEADS, KV_HEADS, HEAD, BLOCK = 32, 8, 128, 16
 CASES = {
@@ -135,7 +135,7 @@ def main() -> None:
     from weavelm.plugins.attention.triton import kernels
 
     dtype = torch.bfloat16
-    reg = get_registry()
+    reg = Registry.load()
     backends = {}
     for bname in reg.names("attention"):
         cls = reg.get("attention", bname)

@@ -83,10 +83,10 @@ def child(fmt: str, path: str) -> dict:
     """Runs in its own process: load `path` into preallocated bfloat16 parameters."""
     import torch
 
-    from weavelm.core.registry import get_registry
+    from weavelm.core.registry import Registry
     from weavelm.plugins.loaders.common import expected_tensors
 
-    cls = get_registry().get("loader", fmt.partition("_")[0])
+    cls = Registry.load().get("loader", fmt.partition("_")[0])
     loader = cls(cls.Options())
     cfg = loader.load_hf_config(path)
     shapes, optional = expected_tensors(cfg)

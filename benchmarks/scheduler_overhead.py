@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from weavelm.core.interfaces import SchedulerContext  # noqa: E402
 from weavelm.core.outputs import ModelRunnerOutput  # noqa: E402
-from weavelm.core.registry import get_registry  # noqa: E402
+from weavelm.core.registry import Registry  # noqa: E402
 from weavelm.core.request import Request, SamplingParams  # noqa: E402
 
 BLOCK_SIZE = 16
@@ -39,7 +39,7 @@ class Workload:
         self.counter = 0
         max_len = SYSTEM_PROMPT + PROMPT + steps + 64
         num_blocks = 2 * running * (-(-max_len // BLOCK_SIZE)) + 64
-        cls = get_registry().get("scheduler", name)
+        cls = Registry.load().get("scheduler", name)
         opts = cls.Options(max_num_seqs=running, max_num_batched_tokens=max(8192, 2 * running))
         self.sched = cls(opts, SchedulerContext(num_blocks=num_blocks, block_size=BLOCK_SIZE,
                                                 max_model_len=max_len, enable_prefix_caching=True))

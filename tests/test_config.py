@@ -6,7 +6,7 @@ import os
 import pytest
 
 from weavelm.core.config import EngineConfig, merge_overrides
-from weavelm.core.registry import get_registry
+from weavelm.core.registry import Registry
 from weavelm.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -59,6 +59,6 @@ def test_bad_yaml_file(tmp_path):
 def test_shipped_examples_validate(path):
     first = open(path).readline()
     assert first.startswith("#"), "every shipped YAML starts with a comment saying what it is for"
-    if "shortest_prompt" in open(path).read() and "shortest_prompt" not in get_registry().names("scheduler"):
+    if "shortest_prompt" in open(path).read() and "shortest_prompt" not in Registry.load().names("scheduler"):
         pytest.skip("example plugin not installed")
     EngineConfig.from_yaml(path)

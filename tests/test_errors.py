@@ -63,9 +63,9 @@ def test_bad_request_does_not_stop_the_others(llm):
 
 
 def test_selected_backend_that_cannot_run(tiny_llama, monkeypatch):
-    from weavelm.core.registry import get_registry
+    from weavelm.core.registry import Registry
 
-    cls = get_registry().get("attention", "torch_ref")
+    cls = Registry.load().get("attention", "torch_ref")
     monkeypatch.setattr(cls, "check", classmethod(lambda c, spec: ["needs a unicorn"]))
     with pytest.raises(PluginError, match="attention backend 'torch_ref' cannot run here: needs a unicorn"):
         LLM(model=tiny_llama, device="cpu", loader="safetensors", attention="torch_ref")

@@ -170,7 +170,7 @@ program = st.builds(lambda first, rest: first + rest, st.lists(add_op, min_size=
 
 def _preempt_between_steps(sched, k: int) -> None:
     """Preempt a running request from outside a step (built-in mechanics only)."""
-    from weavelm.plugins.schedulers.base import BaseScheduler, _StepPlan
+    from weavelm.scheduling import BaseScheduler, _StepPlan
     if not isinstance(sched, BaseScheduler) or not sched.running:
         return
     sched._preempt(sched.running[k % len(sched.running)], _StepPlan(0))

@@ -17,7 +17,7 @@ import torch
 
 from tests.gguf_fixtures import model_zoo, state_dict
 from tests.gguf_writer_util import write_llama_cpp_gguf
-from weavelm.core.registry import get_registry
+from weavelm.core.registry import Registry
 from weavelm.errors import LoadError
 
 FORMATS = ("safetensors", "pt", "tensorizer", "gguf")
@@ -28,7 +28,7 @@ FILE_NAMES = {"safetensors": "model.safetensors", "pt": "pytorch_model.bin", "te
 
 
 def load_all(fmt: str, path: str) -> None:
-    cls = get_registry().get("loader", fmt)
+    cls = Registry.load().get("loader", fmt)
     list(cls(cls.Options()).checked_weights(path))
 
 

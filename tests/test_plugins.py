@@ -14,8 +14,8 @@ from weavelm.core import hookspecs, interfaces
 from weavelm.core.registry import Registry
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
-BUILTINS = {"scheduler": {"fcfs", "priority"}, "executor": {"uniproc"}, "worker": {"worker"},
-            "model_runner": {"model_runner"}, "attention": {"torch_ref", "triton", "flash_attn"},
+BUILTINS = {"scheduler": {"fcfs", "priority"}, "executor": {"uniproc"}, "worker": {"device"},
+            "model_runner": {"paged"}, "attention": {"auto", "torch_ref", "triton", "flash_attn"},
             "loader": {"auto", "safetensors", "pt", "gguf", "tensorizer", "dummy"}, "model": {"llama", "qwen3"}}
 
 
@@ -46,10 +46,7 @@ def test_broken_plugin_is_listed_and_breaks_nothing(tmp_path, monkeypatch, capsy
     rec = reg.plugins["broken"]
     assert rec.distribution == "weavelm-broken" and "unicorn" in rec.error
     assert "fcfs" in reg.names("scheduler")  # everything else still loads
-    from weavelm.core import registry as registry_mod
-
-    monkeypatch.setattr(registry_mod, "_default", reg)
-    assert main(["plugins"]) == 0
+    assert main(["plugins"]) == 0  # a fresh registry: no global state to patch
     out = capsys.readouterr().out
     assert "weavelm-broken" in out and "failed: ImportError: no such dependency: unicorn" in out
     assert "fcfs" in out and "weavelm " in out
@@ -97,10 +94,9 @@ def test_example_plugin_installs_and_is_selected_from_yaml(tmp_path, tiny_llama)
                    "scheduler: {name: shortest_prompt, max_num_seqs: 4}\n")
     script = textwrap.dedent(f"""
         from weavelm import LLM, SamplingParams
-        from weavelm.core.registry import get_registry
         llm = LLM(config={str(cfg)!r})
         cls = type(llm.engine.client.core.scheduler)
-        rec = get_registry().components["scheduler"]["shortest_prompt"]
+        rec = llm.engine.registry.components["scheduler"]["shortest_prompt"]
         outs = llm.generate([{{"prompt_token_ids": list(range(1, 30))}}, {{"prompt_token_ids": [5]}}],
                             SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         print(cls.name, rec.distribution, __import__(cls.__module__).__file__, [len(o.outputs[0].token_ids) for o in outs])
@@ -126,7 +122,7 @@ def test_hookspecs_are_frozen():
     specs = sorted(n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("weavelm_"))
     assert specs == ["weavelm_engine_started", "weavelm_register", "weavelm_request_finished",
                      "weavelm_step_finished"]
-    assert interfaces.API_VERSION == "1.1"
+    assert interfaces.API_VERSION == "2.0"
 
 
 def test_public_exports_are_frozen():
@@ -138,7 +134,7 @@ def test_public_exports_are_frozen():
 def test_event_hooks_reach_an_observer(tiny_llama):
     from weavelm import LLM, SamplingParams
     from weavelm.core.hookspecs import hookimpl
-    from weavelm.core.registry import get_registry
+    from weavelm.core.registry import Registry
 
     seen = {"started": 0, "steps": [], "finished": []}
 
@@ -155,13 +151,9 @@ def test_event_hooks_reach_an_observer(tiny_llama):
         def weavelm_request_finished(self, output):
             seen["finished"].append(output.request_id)
 
-    obs = Observer()
-    pm = get_registry().pm
-    pm.register(obs)
-    try:
-        llm = LLM(model=tiny_llama, dtype="float32", device="cpu", loader="safetensors")
-        llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-    finally:
-        pm.unregister(obs)
+    registry = Registry.load()
+    registry.pm.register(Observer())
+    llm = LLM(model=tiny_llama, dtype="float32", device="cpu", loader="safetensors", registry=registry)
+    llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert seen["started"] == 1 and len(seen["finished"]) == 2
     assert seen["steps"][0].num_scheduled_tokens == 5 and seen["steps"][0].num_running == 2

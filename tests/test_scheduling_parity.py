@@ -14,7 +14,7 @@ import torch
 from tests.model_fixtures import hf_greedy
 from weavelm import LLM, SamplingParams
 from weavelm.core.hookspecs import hookimpl
-from weavelm.core.registry import get_registry
+from weavelm.core.registry import Registry
 
 BS = 4
 MAX_TOKENS = 12
@@ -43,10 +43,9 @@ class StepObserver:
 @pytest.fixture
 def observer():
     obs = StepObserver()
-    pm = get_registry().pm
-    pm.register(obs)
+    obs.registry = Registry.load()  # the engines of a test that observes are built on this registry
+    obs.registry.pm.register(obs)
     yield obs
-    pm.unregister(obs)
 
 
 def _prompts() -> list[list[int]]:
@@ -68,12 +67,13 @@ def references(tiny_llama):
     return [hf_greedy(tiny_llama, p, MAX_TOKENS) for p in PROMPTS]
 
 
-def make_llm(path: str, scheduler: str, chunk: int | None, caching: bool, num_blocks: int, **sched) -> LLM:
+def make_llm(path: str, scheduler: str, chunk: int | None, caching: bool, num_blocks: int, registry=None,
+             **sched) -> LLM:
     opts = {"name": scheduler, "max_num_seqs": 4}
     if chunk is not None:
         opts.update(max_num_batched_tokens=chunk + 3, long_prefill_token_threshold=chunk)
     opts.update(sched)
-    return LLM(model=path, dtype="float32", device="cpu", loader="safetensors",
+    return LLM(model=path, dtype="float32", device="cpu", loader="safetensors", registry=registry,
                cache={"block_size": BS, "num_blocks": num_blocks, "enable_prefix_caching": caching},
                scheduler=opts)
 
@@ -90,7 +90,7 @@ def generate(llm: LLM, prompts=PROMPTS, priorities=PRIORITIES) -> list[list[int]
 @pytest.mark.parametrize("chunk", [1, 7, 64, None], ids=["chunk1", "chunk7", "chunk64", "unlimited"])
 @pytest.mark.parametrize("caching", [True, False], ids=["cache", "nocache"])
 def test_parity_under_repeated_preemption(tiny_llama, references, observer, scheduler, chunk, caching):
-    llm = make_llm(tiny_llama, scheduler, chunk, caching, num_blocks=9)  # 36 tokens: one request at a time
+    llm = make_llm(tiny_llama, scheduler, chunk, caching, num_blocks=9, registry=observer.registry)  # 36 tokens: one request at a time
     assert generate(llm) == references
     preemptions = sum(s.num_preempted for s in observer.stats)
     assert preemptions >= 3, f"only {preemptions} preemptions: the KV budget does not bind"
@@ -102,7 +102,8 @@ def test_parity_under_repeated_preemption(tiny_llama, references, observer, sche
 
 
 def test_parity_with_a_one_token_budget(tiny_llama, references, observer):
-    llm = make_llm(tiny_llama, "fcfs", None, True, num_blocks=10, max_num_batched_tokens=1)
+    llm = make_llm(tiny_llama, "fcfs", None, True, num_blocks=10, registry=observer.registry,
+                   max_num_batched_tokens=1)
     assert generate(llm) == references
     assert all(s.num_scheduled_tokens == 1 for s in observer.stats)
 
@@ -111,12 +112,12 @@ def test_parity_with_a_one_token_budget(tiny_llama, references, observer):
 def test_parity_other_architectures_under_preemption(tiny_models, observer, arch):
     path = tiny_models[arch]
     refs = [hf_greedy(path, p, MAX_TOKENS) for p in PROMPTS]
-    assert generate(make_llm(path, "priority", 7, True, num_blocks=9)) == refs
+    assert generate(make_llm(path, "priority", 7, True, num_blocks=9, registry=observer.registry)) == refs
     assert sum(s.num_preempted for s in observer.stats) > 0
 
 
 def _run_shared_prefix(path: str, caching: bool, observer: StepObserver):
-    llm = make_llm(path, "fcfs", None, caching, num_blocks=64)
+    llm = make_llm(path, "fcfs", None, caching, num_blocks=64, registry=observer.registry)
     scheduler = llm.engine.client.core.scheduler
     scheduled = []
     original = scheduler.schedule

@@ -63,21 +63,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from weavelm.core.registry import get_registry
+    from weavelm.core.registry import Registry
 
-    reg = get_registry()
-    rows = [("kind", "name", "distribution", "version", "status")]
+    reg = Registry.load()
+    rows = [("kind", "name", "distribution", "version", "api", "status")]
     for kind, comps in reg.components.items():
         for name, rec in sorted(comps.items()):
-            rows.append((kind, name, rec.distribution, rec.version, "ok"))
-    for p in reg.plugins.values():
+            api = reg.plugins[rec.plugin].api_version if rec.plugin in reg.plugins else ""
+            rows.append((kind, name, rec.distribution, rec.version, api or "undeclared", "ok"))
+    for p in sorted(reg.plugins.values(), key=lambda p: p.name):
         if p.error:
-            rows.append(("?", p.name, p.distribution, p.version, f"failed: {p.error}"))
-    for (kind, name), dists in reg.clashes.items():
-        rows.append((kind, name, " & ".join(dists), "", "clash: two distributions claim this name"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            rows.append(("?", p.name, p.distribution, p.version, p.api_version or "undeclared", f"failed: {p.error}"))
+    for (kind, name), dists in sorted(reg.clashes.items()):
+        rows.append((kind, name, " & ".join(dists), "", "", "clash: two distributions claim this name"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
     return 0
 
 

@@ -32,13 +32,15 @@ def convert(src_path: str, dst_path: str, to: str, gguf_type: str = "F16", *, sh
     is written when there is more than one). `dtype`: cast floating tensors first (e.g. "float16").
     `passphrase_env`: encrypt a tensorizer file with the passphrase in that environment variable.
     """
-    from weavelm.plugins.loaders.auto import AutoLoader
+    from weavelm.core.registry import Registry
 
     if to not in FORMATS:
         raise LoadError(f"--to: unknown format {to!r}; choose one of {', '.join(FORMATS)}")
     if os.path.abspath(src_path) == os.path.abspath(dst_path):
         raise LoadError("convert: SRC and DST are the same path; write the converted model elsewhere")
-    loader = AutoLoader(AutoLoader.Options()).resolve(src_path)
+    registry = Registry.load()
+    auto = registry.get("loader", "auto")
+    loader = auto.select(auto.Options(), registry.classes("loader")).resolve(src_path)
     cfg = loader.load_hf_config(src_path)
     weights = loader.checked_weights(src_path, cfg) if hasattr(loader, "checked_weights") else \
         loader.iter_weights(src_path)

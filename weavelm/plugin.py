@@ -12,26 +12,31 @@ Names exported here follow `API_VERSION` (semantic: a major bump breaks plugins,
 Anything not exported here is internal and may change without notice.
 """
 
+from weavelm.core.contexts import (ExecutorContext, RunnerContext, SchedulerContext, SchedulerLimits,
+                                   WorkerContext)
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import (API_VERSION, COMPONENT_KINDS, AttentionBackend, AttentionImpl,
                                      AttentionMetadataBuilder, Component, Executor, ModelArchitecture,
-                                     ModelLoader, ModelRunner, NoOptions, Scheduler, SchedulerContext, Worker)
-from weavelm.core.kv_cache import KVCacheManager
+                                     ModelLoader, ModelRunner, NoOptions, Scheduler, Worker)
+from weavelm.core.kv_cache import KVCacheManager, KVCacheStats
 from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                   RunnerFuture, SchedulerOutput, SchedulerStats)
 from weavelm.core.request import Request, RequestStatus, SamplingParams
 from weavelm.errors import ConfigError, EngineError, LoadError, PluginError, RequestError, WeaveError
 from weavelm.ops.cache_write import write_kv_cache
+from weavelm.scheduling import BaseScheduler, SchedulerOptions
+from weavelm.utils import cdiv
 
 __all__ = [
     "API_VERSION", "COMPONENT_KINDS", "hookimpl",
     "Component", "NoOptions",
-    "Scheduler", "SchedulerContext", "Executor", "Worker", "ModelRunner", "ModelLoader", "ModelArchitecture",
+    "Scheduler", "SchedulerContext", "SchedulerLimits", "BaseScheduler", "SchedulerOptions",
+    "ExecutorContext", "WorkerContext", "RunnerContext", "Executor", "Worker", "ModelRunner", "ModelLoader", "ModelArchitecture",
     "AttentionBackend", "AttentionImpl", "AttentionMetadataBuilder", "AttentionSpec", "CommonAttentionMetadata",
-    "ForwardBatch", "KVCacheManager",
+    "ForwardBatch", "KVCacheManager", "KVCacheStats",
     "SchedulerOutput", "NewRequestData", "CachedRequestsData", "ModelRunnerOutput", "RunnerFuture",
     "EngineCoreOutput", "SchedulerStats", "Request", "RequestStatus", "SamplingParams",
     "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",
-    "write_kv_cache",
+    "write_kv_cache", "cdiv",
 ]

@@ -1,7 +1,12 @@
-"""Scheduling mechanics shared by the built-in policies: queues, token budget, chunked prefill, block accounting
-through `core.kv_cache`, preemption by recompute. A policy subclass decides only the order of the waiting queue,
-which running request to preempt, whether a waiting request may preempt a running one, and where a preempted
-request is requeued (the four hooks below)."""
+"""The public scheduling-policy base (`weavelm.plugin.BaseScheduler`, versioned with `API_VERSION`).
+
+`BaseScheduler` implements every duty of the `Scheduler` interface (queues, token budget, chunked prefill, block
+accounting through `KVCacheManager`, preemption by recompute, prefix caching, stop checks). A policy subclass
+decides only four things, through the hooks below: the order of the waiting queue (`next_waiting_index`), which
+running request to preempt (`select_victim`), whether a waiting request may preempt a running one
+(`may_preempt_for_waiting`), and where a preempted request is requeued (`requeue_preempted`). The built-in `fcfs`
+and `priority` plugins are such subclasses; so is the out-of-tree `shortest_prompt` example.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from weavelm.core.interfaces import Scheduler, SchedulerContext
+from weavelm.core.contexts import SchedulerContext, SchedulerLimits
+from weavelm.core.interfaces import Scheduler
 from weavelm.core.kv_cache import KVCacheManager
 from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                   SchedulerOutput, SchedulerStats)
@@ -21,11 +27,12 @@ _RUNNING = RequestStatus.RUNNING
 
 class SchedulerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_num_seqs: int = Field(256, ge=1, description="Most requests running at once.")
-    max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one step.")
+    max_num_seqs: int = Field(256, ge=1, le=8192, description="Most requests running at once (the runner keeps a "
+                              "row of max_model_len token ids for each, so the bound keeps that allocatable).")
+    max_num_batched_tokens: int = Field(8192, ge=1, le=1 << 20, description="Token budget of one step.")
     enable_chunked_prefill: bool = Field(True, description="Split prompts across steps to fit the budget.")
     long_prefill_token_threshold: int = Field(
-        0, ge=0, description="Cap on one request's prefill chunk per step (with chunked prefill); 0: none.")
+        0, ge=0, le=1 << 20, description="Cap on one request's prefill chunk per step (with chunked prefill); 0: none.")
 
 
 @dataclass
@@ -48,6 +55,10 @@ class BaseScheduler(Scheduler):
     had to preempt a running one for blocks."""
 
     Options = SchedulerOptions
+
+    @classmethod
+    def limits(cls, options: SchedulerOptions) -> SchedulerLimits:
+        return SchedulerLimits(options.max_num_seqs, options.max_num_batched_tokens)
 
     def __init__(self, options: SchedulerOptions, context: SchedulerContext):
         super().__init__(options, context)
@@ -248,13 +259,13 @@ class BaseScheduler(Scheduler):
         requests, index = self.requests, runner_output.req_id_to_index
         sampled_ids, all_logprobs = runner_output.sampled_token_ids, runner_output.logprobs
         kv = self.kv
-        caching, bs, num_hashed = kv.enable_caching, kv.block_size, kv.num_hashed
+        caching = kv.enable_caching
         for rid in scheduler_output.num_scheduled_tokens:
             req = requests.get(rid)
             if req is None or req.status is not _RUNNING:
                 continue
             # the step computed these tokens: full blocks among them may now be shared
-            if caching and req.num_computed_tokens // bs > num_hashed.get(rid, 1 << 62):
+            if caching:
                 kv.cache_computed(req)
             i = index.get(rid)
             if i is None:
@@ -320,9 +331,9 @@ class BaseScheduler(Scheduler):
         return outs
 
     def get_stats(self) -> SchedulerStats:
+        kv = self.kv.stats()
         return SchedulerStats(
             num_running=len(self.running), num_waiting=len(self.waiting), num_preempted=self._step_preemptions,
-            kv_usage=self.kv.usage, prefix_hit_rate=self.kv.prefix_hit_rate,
-            num_cached_blocks=self.kv.pool.num_cached_blocks(), num_scheduled_tokens=self._step_tokens,
-            step=self.step_count, num_used_blocks=self.kv.num_blocks - self.kv.num_free_blocks,
-            num_total_blocks=self.kv.num_blocks)
+            kv_usage=kv.usage, prefix_hit_rate=kv.prefix_hit_rate, num_cached_blocks=kv.num_cached_blocks,
+            num_scheduled_tokens=self._step_tokens, step=self.step_count, num_used_blocks=kv.num_used_blocks,
+            num_total_blocks=kv.num_total_blocks)

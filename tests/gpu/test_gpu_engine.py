@@ -45,9 +45,9 @@ def qwen3_06b(tmp_path_factory):
 @pytest.mark.parametrize("backend", ["torch_ref", "triton", "flash_attn"])
 def test_teacher_forced_logits_track_transformers(qwen3_06b, backend, eager):
     from weavelm.core.forward import AttentionSpec
-    from weavelm.core.registry import get_registry
+    from weavelm.core.registry import Registry
 
-    reasons = get_registry().get("attention", backend).check(
+    reasons = Registry.load().get("attention", backend).check(
         AttentionSpec("cuda", torch.bfloat16, 128, 16, 8, 16))
     if reasons:
         pytest.skip("; ".join(reasons))

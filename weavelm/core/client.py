@@ -8,7 +8,9 @@ from typing import Any
 from weavelm.core.config import EngineConfig
 from weavelm.core.engine_core import EngineCore
 from weavelm.core.outputs import EngineCoreOutput, SchedulerStats
+from weavelm.core.registry import Registry
 from weavelm.core.request import Request
+from weavelm.errors import EngineError
 
 
 class EngineCoreClient(ABC):
@@ -32,13 +34,18 @@ class EngineCoreClient(ABC):
     def get_stats(self) -> SchedulerStats:
         """The core's current scheduler stats."""
 
+    @abstractmethod
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list[Any]:
+        """Call a method on every worker (see `Executor.collective_rpc`) once no step is in flight."""
+
     def shutdown(self) -> None:
         pass
 
 
 class InprocClient(EngineCoreClient):
-    def __init__(self, config: EngineConfig, overlap: bool = True):
-        self.core = EngineCore(config)
+    def __init__(self, config: EngineConfig, registry: Registry, overlap: bool = True):
+        self.core = EngineCore(config, registry)
         self.overlap = overlap
         self._pending = None
         self.max_model_len = self.core.max_model_len
@@ -64,6 +71,12 @@ class InprocClient(EngineCoreClient):
 
     def get_stats(self) -> SchedulerStats:
         return self.core.get_stats()
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list[Any]:
+        if self._pending is not None:
+            raise EngineError("collective_rpc: a step is in flight; call it between requests (after drain())")
+        return self.core.collective_rpc(method, args, kwargs, ranks)
 
     def drain(self) -> list[EngineCoreOutput]:
         """Collect a launched step, if any, without launching another (before driving the core directly)."""

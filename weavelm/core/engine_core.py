@@ -1,19 +1,23 @@
-"""EngineCore: builds the executor and scheduler from the config and runs schedule -> execute -> update."""
+"""EngineCore: assembles the engine from its config and registry and runs schedule -> execute -> update."""
 
 from __future__ import annotations
 
 import logging
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from weavelm.core.assembly import Assembly
 from weavelm.core.config import EngineConfig
-from weavelm.core.interfaces import SchedulerContext
-from weavelm.core.outputs import EngineCoreOutput, RunnerFuture, SchedulerOutput, SchedulerStats
-from weavelm.core.registry import Registry, get_registry
+from weavelm.core.contexts import SchedulerContext
+from weavelm.core.outputs import EngineCoreOutput, ModelRunnerOutput, RunnerFuture, SchedulerOutput, SchedulerStats
+from weavelm.core.registry import Registry
 from weavelm.core.request import Request, RequestStatus
 from weavelm.errors import EngineError, RequestError
 
 logger = logging.getLogger("weavelm.engine")
+MAX_IDLE_STEPS = 64
+MAX_CONSECUTIVE_FAILURES = 8
 
 
 @dataclass
@@ -23,17 +27,34 @@ class PendingStep:
     scheduler_output: SchedulerOutput
     future: RunnerFuture
 
-MAX_IDLE_STEPS = 64
+
+class _FailedFuture(RunnerFuture):
+    """A step whose launch raised: `result()` re-raises, so the failure is handled where steps are collected."""
+
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def result(self) -> ModelRunnerOutput:
+        raise self.error
 
 
 class EngineCore:
-    """The inner loop. Owns one executor and one scheduler; everything else talks to it through a client."""
+    """The inner loop. Owns one executor and one scheduler, built by the assembler from one per-engine registry;
+    everything else talks to it through a client.
 
-    def __init__(self, config: EngineConfig, registry: Registry | None = None):
+    Failure rule: if launching, executing or folding in a step raises, every request scheduled in that step is
+    finished with finish_reason "error" and the exception's text, its KV blocks are freed, and the engine goes on
+    serving every other request. A failing step consumes the requests it held, so a cause that keeps failing is
+    never retried forever; after `MAX_CONSECUTIVE_FAILURES` failing steps in a row the core raises EngineError
+    (the executor itself is broken), and the next request still gets a fresh chance.
+    """
+
+    def __init__(self, config: EngineConfig, registry: Registry):
         self.config = config
-        self.registry = registry or get_registry()
-        executor_cls = self.registry.get("executor", config.executor.name)
-        self.executor = executor_cls(config.executor.options, config)
+        self.registry = registry
+        self.assembly = Assembly(config, registry)
+        self.executor = self.assembly.build_executor()
         self.model_info: dict[str, Any] = self.executor.model_info()
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_cache(self.num_blocks)
@@ -44,12 +65,12 @@ class EngineCore:
                            max_len, self.num_blocks, block_size, self.num_blocks * block_size)
             max_len = self.num_blocks * block_size
         self.max_model_len = max_len
-        scheduler_cls = self.registry.get("scheduler", config.scheduler.name)
-        self.scheduler = scheduler_cls(config.scheduler.options, SchedulerContext(
+        self.scheduler = self.assembly.build_scheduler(SchedulerContext(
             num_blocks=self.num_blocks, block_size=block_size, max_model_len=max_len,
             enable_prefix_caching=config.cache.enable_prefix_caching))
         self.last_stats = SchedulerStats()
         self._idle_steps = 0
+        self._consecutive_failures = 0
         self.registry.hook.weavelm_engine_started(config=config)
 
     def add_request(self, request: Request) -> None:
@@ -59,15 +80,19 @@ class EngineCore:
             raise RequestError(reason)
         self.scheduler.add_request(request)
 
-    def get_stats(self) -> SchedulerStats:
-        """The scheduler's current stats (running / waiting requests, KV blocks used and total, hit rate)."""
-        return self.scheduler.get_stats()
-
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def get_stats(self) -> SchedulerStats:
+        """The scheduler's current stats (running / waiting requests, KV blocks used and total, hit rate)."""
+        return self.scheduler.get_stats()
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list[Any]:
+        return self.executor.collective_rpc(method, args, kwargs, ranks)
 
     def step(self) -> list[EngineCoreOutput]:
         """One synchronous step: schedule -> execute -> update."""
@@ -78,22 +103,45 @@ class EngineCore:
         """Schedule and launch a step without waiting for the device; None when there is nothing to run."""
         if not self.scheduler.has_unfinished_requests():
             return None
-        so = self.scheduler.schedule()
-        if so.is_empty:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
             self._idle_steps += 1
             if self._idle_steps > MAX_IDLE_STEPS:
                 raise EngineError(f"the scheduler made no progress for {MAX_IDLE_STEPS} steps with "
-                                  f"{self.scheduler.get_stats()}; the KV cache is too small for the requests")
+                                  f"{self.scheduler.get_stats()}")
         else:
             self._idle_steps = 0
-        return PendingStep(so, self.executor.execute_model_async(so))
+        try:
+            future = self.executor.execute_model_async(scheduler_output)
+        except Exception as e:  # isolated in step_end: the step's requests fail, the engine goes on
+            future = _FailedFuture(e)
+        return PendingStep(scheduler_output, future)
 
     def step_end(self, pending: PendingStep) -> list[EngineCoreOutput]:
         """Wait for a launched step and fold its output into the scheduler. Must precede the next step_begin."""
-        outputs = self.scheduler.update_from_output(pending.scheduler_output, pending.future.result())
+        scheduler_output = pending.scheduler_output
+        try:
+            outputs = self.scheduler.update_from_output(scheduler_output, pending.future.result())
+            self._consecutive_failures = 0
+        except Exception as e:
+            outputs = self._fail_step(scheduler_output, e)
         self.last_stats = self.scheduler.get_stats()
-        if not pending.scheduler_output.is_empty:
+        if not scheduler_output.is_empty:
             self.registry.hook.weavelm_step_finished(stats=self.last_stats)
+        return outputs
+
+    def _fail_step(self, scheduler_output: SchedulerOutput, error: Exception) -> list[EngineCoreOutput]:
+        self._consecutive_failures += 1
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        logger.error("step failed for requests %s: %s\n%s", req_ids, error, traceback.format_exc())
+        if self._consecutive_failures > MAX_CONSECUTIVE_FAILURES:
+            self._consecutive_failures = 0
+            raise EngineError(f"{MAX_CONSECUTIVE_FAILURES} engine steps in a row failed; last error: "
+                              f"{type(error).__name__}: {error}") from error
+        outputs = self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ERROR)
+        message = f"the engine step running this request failed: {type(error).__name__}: {error}"
+        for out in outputs:
+            out.error = message
         return outputs
 
     def shutdown(self) -> None:

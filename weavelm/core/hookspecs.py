@@ -1,7 +1,8 @@
 """pluggy hook specifications (project name "weavelm").
 
 A plugin is a module (or object) implementing some of these with `@hookimpl`, found through an entry point of
-group "weavelm". None of the hooks is `firstresult` or `historic`: every implementation is called.
+group "weavelm". `weavelm_register` is `historic`: it runs on every plugin as that plugin registers (earlier
+and later alike); the event hooks are plain. None is `firstresult`: every implementation is called.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-@hookspec
+@hookspec(historic=True)
 def weavelm_register(registry: Registry) -> None:
     """Add components with `registry.add(kind, name, cls)`.
 
-    Called once per plugin when the registry loads it (registration time), before any engine exists. Kinds are
-    those of `core.interfaces.COMPONENT_KINDS`. The return value is ignored.
+    Historic: called once on each plugin when it registers with an engine's registry (each `Registry` is per
+    engine, so this runs once per registry), before any component is built. Kinds are those of
+    `core.interfaces.COMPONENT_KINDS`. The return value is ignored. A plugin module should also set
+    `WEAVELM_API_VERSION = "<major>.<minor>"` (the `weavelm.plugin.API_VERSION` it was written for); a different
+    major version is refused at load with an error naming the distribution.
     """
 
 

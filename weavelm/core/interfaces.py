@@ -4,8 +4,10 @@ Call chain: LLMEngine -> EngineCoreClient -> EngineCore.step() -> Scheduler.sche
 -> Worker -> ModelRunner (model + AttentionBackend + sampler) -> ModelRunnerOutput -> Scheduler.update_from_output().
 
 Every component class carries `name` (its registry key and YAML name), `description` (one line) and `Options`
-(a pydantic model with extra="forbid" that validates its YAML section). Components are constructed by the engine
-with their validated options; third parties subclass these ABCs and register through `weavelm_register`.
+(a pydantic model with extra="forbid" that validates its YAML section). Components are constructed only by the
+assembler (`core/assembly.py`), each with its validated options and a small typed context (`core/contexts.py`);
+no component builds or looks up another. Third parties subclass these ABCs (import them from `weavelm.plugin`)
+and register through `weavelm_register`.
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from weavelm.core.contexts import (ExecutorContext, RunnerContext, SchedulerContext, SchedulerLimits,
+                                   WorkerContext)
+
 if TYPE_CHECKING:
-    from weavelm.core.config import EngineConfig
+    from collections.abc import Callable, Mapping
     from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
     from weavelm.core.outputs import (EngineCoreOutput, ModelRunnerOutput, RunnerFuture, SchedulerOutput,
                                       SchedulerStats)
     from weavelm.core.request import Request, RequestStatus
 
-API_VERSION = "1.1"
-"""Bumped on any change to the interfaces below or the data in outputs.py / forward.py (1.1: execute_model_async)."""
+API_VERSION = "2.0"
+"""The plugin API: bumped on any change to the interfaces below, the contexts in contexts.py or the data in
+outputs.py / forward.py. Major: existing plugins break (refused at load); minor: additions only.
+1.1: execute_model_async. 2.0: components built by the assembler with typed contexts; Scheduler.limits and
+check_request; Executor.collective_rpc; ModelRunner.model_info / profile_peak_memory / set_logits_hook;
+AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model")
 
@@ -45,28 +54,42 @@ class Component:
     Options: ClassVar[type[BaseModel]] = NoOptions
 
 
-@dataclass
-class SchedulerContext:
-    """Engine facts a scheduler is built with (the KV pool is sized before the scheduler exists)."""
-
-    num_blocks: int
-    block_size: int
-    max_model_len: int
-    enable_prefix_caching: bool
-
-
 class Scheduler(Component, ABC):
     """Owns request state and KV block accounting. Called only by EngineCore, from one thread.
 
     Per step the core calls `schedule()`, hands the result to the executor, then calls `update_from_output()` with
-    the runner's output for that same SchedulerOutput. Must hold: a request's blocks cover
-    `num_computed_tokens + num_scheduled_tokens`; `total_num_scheduled_tokens` stays within the token budget;
-    every request added is eventually reported finished exactly once.
+    the runner's output for that same SchedulerOutput (with the overlapped loop, `schedule()` for step N+1 is never
+    called before `update_from_output()` of step N). A from-scratch scheduler must meet these duties:
+
+    - Budget: each SchedulerOutput holds at most `limits(options).max_num_seqs` requests and
+      `max_num_batched_tokens` tokens, and never schedules a request past `context.max_model_len`.
+    - Blocks: after `schedule()`, a scheduled request's block table covers `num_computed_tokens +
+      num_scheduled_tokens[req_id]` tokens. New requests carry their whole block table in `NewRequestData`;
+      running requests carry only appended block ids in `CachedRequestsData.new_block_ids`. A request resumed after
+      preemption has `resumed_from_preemption=True` and its `new_block_ids` are its *whole* new table (its old
+      blocks were freed when it was preempted, and its KV is recomputed from `num_computed_tokens`).
+    - `num_computed_tokens` advances when the step is scheduled (by the scheduled count), before the runner runs:
+      `CachedRequestsData.num_computed_tokens` and `NewRequestData.num_computed_tokens` are the values *before*
+      this step's tokens (prefix-cache hits included). A preempted request drops back to 0 (recompute).
+    - Sampled tokens: in `update_from_output`, append each request's `sampled_token_ids`, stop on eos (unless
+      `ignore_eos`), `stop_token_ids` and `max_tokens`/`max_model_len`, and return one `EngineCoreOutput` per
+      request that produced tokens or finished.
+    - Finishing: a finished request's blocks are freed at once and its id is reported in the *next*
+      SchedulerOutput's `finished_req_ids` (so the worker drops its state), exactly once. `finish_requests`
+      (abort, stop strings) does the same for requests in any state.
+    - Prefix caching (when `context.enable_prefix_caching`): full blocks become shareable only once their tokens
+      are computed, i.e. in `update_from_output` of the step that computed them, never at schedule time.
     """
 
     def __init__(self, options: BaseModel, context: SchedulerContext):
         self.options = options
         self.context = context
+
+    @classmethod
+    @abstractmethod
+    def limits(cls, options: BaseModel) -> SchedulerLimits:
+        """The per-step limits this scheduler will keep with `options`. Called by the assembler before anything
+        is built, so the runner can size its persistent batch."""
 
     def check_request(self, request: Request) -> str | None:
         """Called by EngineCore before `add_request`: why this request can never be scheduled under this
@@ -94,22 +117,34 @@ class Scheduler(Component, ABC):
         """Finish requests from outside (abort, stop string) in any state, freeing their blocks at once."""
 
     @abstractmethod
-    def has_unfinished_requests(self) -> bool: ...
+    def has_unfinished_requests(self) -> bool:
+        """Whether any request is waiting or running."""
 
     @abstractmethod
-    def get_stats(self) -> SchedulerStats: ...
+    def get_stats(self) -> SchedulerStats:
+        """Current counts (running, waiting, KV blocks used/total, prefix hit rate); called after every step."""
 
 
 class Executor(Component, ABC):
-    """Runs the workers (in process, in processes, on Ray) and carries the two messages to and from them.
+    """Runs the workers and carries the two messages to and from them. Today's built-in is `uniproc` (one worker in
+    the engine's own process).
 
-    Lifecycle, driven by EngineCore: `__init__` -> `determine_num_blocks()` -> `initialize_cache(n)` ->
-    `execute_model()` per step -> `shutdown()`.
+    Lifecycle, driven by EngineCore: `__init__` (builds its workers with `context.build_worker(rank, world_size)`
+    and calls their `init_device()` and `load_model()`) -> `model_info()` -> `determine_num_blocks()` ->
+    `initialize_cache(n)` -> `execute_model_async()` per step -> `shutdown()`.
     """
 
-    def __init__(self, options: BaseModel, config: EngineConfig):
+    def __init__(self, options: BaseModel, context: ExecutorContext):
         self.options = options
-        self.config = config
+        self.context = context
+        self.config = context.config
+
+    @abstractmethod
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list[Any]:
+        """Call `worker.<method>(*args, **kwargs)` on every worker (or on `ranks`) and return their results in
+        rank order. The one verb through which the core (and tests, via `LLM.collective_rpc`) reach workers, so a
+        new worker method needs no executor change."""
 
     @abstractmethod
     def determine_num_blocks(self) -> int:
@@ -128,36 +163,52 @@ class Executor(Component, ABC):
         return RunnerFuture(self.execute_model(scheduler_output))
 
     def model_info(self) -> dict[str, Any]:
-        """Facts about the loaded model the core needs (max_model_len, eos_token_id, vocab_size)."""
-        return {}
+        """Facts about the loaded model the core needs (max_model_len, vocab_size, dtype, attention): rank 0's
+        `Worker.model_info()`."""
+        return self.collective_rpc("model_info", ranks=[0])[0]
 
     def shutdown(self) -> None:
         """Release workers. Idempotent."""
 
 
 class Worker(Component, ABC):
-    """One device's share of the work: device setup, model loading, KV sizing; forwards steps to its runner."""
+    """One device's share of the work: device setup, model loading, KV sizing; forwards steps to its runner.
 
-    def __init__(self, options: BaseModel, config: EngineConfig, rank: int = 0, world_size: int = 1):
+    Called by its executor in this order: `init_device()` (choose and set up the device, then build the runner
+    with `context.build_runner(device)`), `load_model()`, `model_info()`, `determine_num_blocks()`,
+    `initialize_cache(n)` with the minimum over workers, then `execute_model[_async]()` per step.
+    """
+
+    def __init__(self, options: BaseModel, context: WorkerContext):
         self.options = options
-        self.config = config
-        self.rank = rank
-        self.world_size = world_size
+        self.context = context
+        self.config = context.config
+        self.rank = context.rank
+        self.world_size = context.world_size
 
     @abstractmethod
-    def init_device(self) -> None: ...
+    def init_device(self) -> None:
+        """Pick and initialise this rank's device and build the model runner on it."""
 
     @abstractmethod
-    def load_model(self) -> None: ...
+    def load_model(self) -> None:
+        """Load the model through the runner."""
 
     @abstractmethod
-    def determine_num_blocks(self) -> int: ...
+    def model_info(self) -> dict[str, Any]:
+        """The runner's `model_info()` plus the device."""
 
     @abstractmethod
-    def initialize_cache(self, num_blocks: int) -> None: ...
+    def determine_num_blocks(self) -> int:
+        """KV blocks this worker's device can hold (cache.num_blocks when fixed; else from memory)."""
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate `num_blocks` KV blocks (the minimum across workers) and finish setup (e.g. CUDA graphs)."""
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step; the result matters on rank 0 only."""
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
         """Launch the step and return before the device finishes, so the caller can overlap host work (output
@@ -165,30 +216,56 @@ class Worker(Component, ABC):
         from weavelm.core.outputs import RunnerFuture
         return RunnerFuture(self.execute_model(scheduler_output))
 
-    def model_info(self) -> dict[str, Any]:
-        return {}
+    def set_logits_hook(self, hook: Callable[[list[str], torch.Tensor], torch.Tensor | None] | None) -> None:
+        """Forward to the runner's `set_logits_hook` (testing and debugging; in-process workers only)."""
+        raise NotImplementedError(f"worker {self.name!r} does not support logits hooks")
 
 
 class ModelRunner(Component, ABC):
     """Keeps the persistent batch (per-request rows on the device, updated from SchedulerOutput deltas),
-    prepares inputs, runs the model and the sampler."""
+    prepares inputs, runs the model and the sampler. Built by its worker through `context.build_runner(device)`;
+    everything else it needs (loader, architecture, attention backend, batch limits) is in its `RunnerContext`.
 
-    def __init__(self, options: BaseModel, config: EngineConfig, device: torch.device):
+    Called in this order: `load_model()`, `model_info()`, `kv_cache_bytes_per_block()` and (on GPUs, when the pool
+    is sized from memory) `profile_peak_memory()`, `initialize_kv_cache(n)`, then `execute_model[_async]()`.
+    """
+
+    def __init__(self, options: BaseModel, context: RunnerContext):
         self.options = options
-        self.config = config
-        self.device = device
+        self.context = context
+        self.config = context.config
+        self.device = context.device
 
     @abstractmethod
-    def load_model(self) -> None: ...
+    def load_model(self) -> None:
+        """Build the architecture, load its weights through `context.loader` and choose the attention backend."""
 
     @abstractmethod
-    def kv_cache_bytes_per_block(self) -> int: ...
+    def model_info(self) -> dict[str, Any]:
+        """At least `max_model_len`, `vocab_size`, `dtype` (str) and `attention` (the backend's name)."""
 
     @abstractmethod
-    def initialize_kv_cache(self, num_blocks: int) -> None: ...
+    def kv_cache_bytes_per_block(self) -> int:
+        """Bytes of one KV block across all layers, from the attention backend's `kv_cache_shape`."""
+
+    def profile_peak_memory(self) -> int:
+        """Peak device bytes of the largest step the limits allow (a forward of `max_num_batched_tokens` tokens and
+        sampling for `max_num_seqs` rows), run before the real KV cache exists. Only called on GPUs."""
+        raise NotImplementedError(f"model runner {self.name!r} cannot profile memory; set cache.num_blocks")
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate every layer's cache in the backend's `kv_cache_shape` and capture CUDA graphs if enabled."""
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Apply the step's deltas to the persistent batch, run the forward and sample."""
+
+    def set_logits_hook(self, hook: Callable[[list[str], torch.Tensor], torch.Tensor | None] | None) -> None:
+        """Testing and debugging: call `hook(req_ids, logits)` every step with the float32 logits
+        (num_sampled_rows, vocab) of the rows about to be sampled; a returned tensor replaces the logits (teacher
+        forcing). `None` removes it. Steps then run eagerly where the hook must see logits."""
+        raise NotImplementedError(f"model runner {self.name!r} does not support logits hooks")
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
         """Launch the step and return before the device finishes, so the caller can overlap host work (output
@@ -200,13 +277,20 @@ class ModelRunner(Component, ABC):
 class ModelLoader(Component, ABC):
     """Reads one weight format. Never executes code from a weight file.
 
-    The runner calls `load_hf_config(path)` to learn the architecture, builds the model, then `load_weights(model,
-    path)`. The default `load_weights` streams `iter_weights` into `model.load_weights` and checks that every
-    parameter was loaded and nothing unexpected was given.
+    The assembler builds the configured loader with `select`. The frontend calls `load_hf_config(path)` and
+    `load_tokenizer(path)`; the runner calls `load_hf_config(path)` to learn the architecture, builds the model,
+    then `load_weights(model, path)`. The default `load_weights` streams `iter_weights` into `model.load_weights`
+    and checks that every parameter was loaded and nothing unexpected was given.
     """
 
     def __init__(self, options: BaseModel):
         self.options = options
+
+    @classmethod
+    def select(cls, options: BaseModel, candidates: Mapping[str, type[ModelLoader]]) -> ModelLoader:
+        """Called by the assembler to build the configured loader; `candidates` are all registered loaders. The
+        default builds this class; a selector such as `auto` overrides it to choose among the candidates."""
+        return cls(options)
 
     @classmethod
     def detect(cls, path: str) -> str | None:
@@ -234,8 +318,9 @@ class ModelLoader(Component, ABC):
 class ModelArchitecture(torch.nn.Module):
     """A decoder-only architecture written for flattened token batches and a paged KV cache.
 
-    `hf_architectures` lists the transformers `architectures` strings it serves. Built as
-    `cls(hf_config, dtype)` on the target device. `forward` takes the flat `input_ids` / `positions` of all
+    `hf_architectures` lists the transformers `architectures` strings it serves. Built by the model runner as
+    `cls(hf_config)` inside `torch.device(device)` with the engine's dtype as torch's default dtype, so parameters
+    are created on the device in that dtype. `forward` takes the flat `input_ids` / `positions` of all
     scheduled tokens and returns hidden states (num_tokens, hidden); `compute_logits` maps selected hidden states to
     vocabulary logits. `load_weights` consumes checkpoint-named tensors and returns the parameter names it filled.
     """
@@ -278,7 +363,9 @@ class AttentionImpl(ABC):
 
 
 class AttentionMetadataBuilder:
-    """Turns the common metadata into what the backend's kernels need; called once per step by the runner."""
+    """Turns the common metadata into what the backend's kernels need; called once per step by the runner (and
+    once per captured batch size for CUDA graphs). Each backend owns its builder (`AttentionBackend.make_builder`).
+    The default passes the common metadata through."""
 
     def build(self, common: CommonAttentionMetadata) -> Any:
         return common
@@ -287,21 +374,46 @@ class AttentionMetadataBuilder:
 class AttentionBackend(Component, ABC):
     """Stateless descriptor of an attention implementation: cache layout, metadata builder, impl.
 
-    `check(spec)` returns the reasons the backend cannot run for `spec` (empty list: it runs). `graph_safe` says
-    whether its forward may be captured in a CUDA graph (static shapes, no host syncs).
+    `check(spec)` returns the reasons the backend cannot run for `spec` (empty list: it runs). `priority` ranks it
+    for `attention: auto`, which picks the highest-priority backend whose check passes (built-ins: flash_attn 30,
+    triton 20, torch_ref 0). `graph_safe` says whether its forward may be captured in a CUDA graph (static shapes,
+    no host syncs).
     """
 
     graph_safe: ClassVar[bool] = False
+    priority: ClassVar[int] = 0
 
     def __init__(self, options: BaseModel):
         self.options = options
 
     @classmethod
     def check(cls, spec: AttentionSpec) -> list[str]:
+        """Reasons this backend cannot run `spec` on this machine; empty when it can."""
         return []
 
+    @classmethod
+    def auto_check(cls, spec: AttentionSpec) -> list[str]:
+        """Reasons `attention: auto` should not pick this backend for `spec` (default: `check`'s). A backend may
+        refuse more here than when named explicitly (e.g. an emulated or debug-only mode)."""
+        return cls.check(spec)
+
+    @classmethod
+    def select(cls, options: BaseModel, spec: AttentionSpec,
+               candidates: Mapping[str, type[AttentionBackend]]) -> AttentionBackend:
+        """Called by the assembler (through `RunnerContext.attention_backend`) to build the configured backend for
+        `spec`; `candidates` are all registered backends. The default builds this class, or raises PluginError
+        with `check`'s reasons; the `auto` selector overrides it."""
+        from weavelm.errors import PluginError
+
+        reasons = cls.check(spec)
+        if reasons:
+            raise PluginError(f"attention backend {cls.name!r} cannot run here: {'; '.join(reasons)}; choose "
+                              f"another with attention: <name> (installed: {', '.join(candidates)})")
+        return cls(options)
+
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple:
-        """Shape of one layer's cache. Default: K and V stacked, `(2, num_blocks, block_size, kv_heads, head)`."""
+        """Shape of one layer's cache; the runner sizes the KV pool from it. Default: K and V stacked,
+        `(2, num_blocks, block_size, kv_heads, head)`."""
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     def make_builder(self, device: torch.device) -> AttentionMetadataBuilder:

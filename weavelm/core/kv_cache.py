@@ -37,6 +37,17 @@ class KVCacheBlock:
         return f"KVCacheBlock({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
 
 
+@dataclass(frozen=True)
+class KVCacheStats:
+    """Counts of a KV pool: blocks in total, held by requests, holding registered prefixes (free or not)."""
+
+    num_total_blocks: int
+    num_used_blocks: int
+    num_cached_blocks: int
+    usage: float
+    prefix_hit_rate: float
+
+
 def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
     return hash((parent_hash, token_ids))
 
@@ -167,6 +178,11 @@ class KVCacheManager:
     def prefix_hit_rate(self) -> float:
         """Share of the tokens of admitted requests that were found in the prefix cache."""
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def stats(self) -> KVCacheStats:
+        """Pool counts as a result object (the pool itself stays private)."""
+        total, free = self.pool.num_blocks, self.pool.num_free_blocks
+        return KVCacheStats(total, total - free, self.pool.num_cached_blocks(), self.usage, self.prefix_hit_rate)
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
         """Blocks that hold `num_tokens` KV entries."""

@@ -16,7 +16,8 @@ from weavelm.core.client import EngineCoreClient, InprocClient
 from weavelm.core.config import EngineConfig, merge_overrides, read_yaml
 from weavelm.core.detokenizer import IncrementalDetokenizer, add_tokens_batch
 from weavelm.core.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
-from weavelm.core.registry import get_registry
+from weavelm.core.assembly import build_loader
+from weavelm.core.registry import Registry
 from weavelm.core.request import Request, SamplingParams, show_value
 from weavelm.errors import RequestError
 
@@ -63,16 +64,17 @@ class _RequestState:
 class LLMEngine:
     """Turns prompts into core requests and core deltas into RequestOutputs."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, registry: Registry | None = None):
         if config.model is None:
             from weavelm.default_model import default_model_path
             config.model = default_model_path()
         self.config = config
-        registry = get_registry()
-        loader = registry.get("loader", config.loader.name)(config.loader.options)
+        registry = registry or Registry.load()
+        self.registry = registry
+        loader = build_loader(config, registry)
         self.hf_config = loader.load_hf_config(config.model)
         self.tokenizer = self._load_tokenizer(loader)
-        self.client: EngineCoreClient = InprocClient(config)
+        self.client: EngineCoreClient = InprocClient(config, registry)
         self.max_model_len = self.client.max_model_len
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_id, self.extra_eos = self._eos_ids()
@@ -342,15 +344,22 @@ class LLM:
     """Offline inference, vLLM-style. `LLM(model=..., **overrides)` or `LLM(config="engine.yaml")`."""
 
     def __init__(self, model: str | None = None, *, config: str | EngineConfig | dict | None = None,
-                 sets: list[str] | None = None, **overrides: Any):
+                 sets: list[str] | None = None, registry: Registry | None = None, **overrides: Any):
+        registry = registry or Registry.load()  # one registry per engine: its plugins, its allow-list
         if isinstance(config, EngineConfig):
             engine_config = config if not (overrides or model) else EngineConfig.build(
-                merge_overrides(config.to_dict(), {"model": model, **overrides}, sets))
+                merge_overrides(config.to_dict(), {"model": model, **overrides}, sets), registry)
         else:
             raw = read_yaml(config) if isinstance(config, str) else dict(config or {})
-            engine_config = EngineConfig.build(merge_overrides(raw, {"model": model, **overrides}, sets))
+            engine_config = EngineConfig.build(merge_overrides(raw, {"model": model, **overrides}, sets), registry)
         self.config = engine_config
-        self.engine = LLMEngine(engine_config)
+        self.engine = LLMEngine(engine_config, registry)
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list[Any]:
+        """Call `method` on every worker (vLLM's `LLM.collective_rpc`); results in rank order. For tools and tests:
+        e.g. `llm.collective_rpc("set_logits_hook", (hook,))`. Call it between requests."""
+        return self.engine.client.collective_rpc(method, args, kwargs, ranks)
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -1,78 +1,56 @@
-"""Helpers for parity tests: logits of the engine's model on a prompt, outside the scheduler."""
+"""Parity helpers: logits of a real `LLM` for given tokens, through the public engine loop only.
+
+Both run the requests through the engine's scheduler, runner, KV cache, attention backend (and CUDA graphs when
+captured), observing and forcing tokens with `ModelRunner.set_logits_hook`, reached through
+`LLM.collective_rpc`. The engine must be idle (no other requests in flight) and in-process.
+"""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from weavelm.core.outputs import CachedRequestsData, NewRequestData, SchedulerOutput
 from weavelm.core.request import SamplingParams
 
-
-def _runner(llm):
-    llm.engine.client.drain()  # no launched step may be in flight while the core is driven directly
-    core = llm.engine.client.core
-    return core.executor.worker.runner, core
+_ids = itertools.count()
 
 
-@torch.inference_mode()
-def prompt_logits(llm, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
-    """Logits (float32, CPU) for the prompt's last position (or every position) from a one-off forward through
-    the engine's runner, KV cache and attention backend. Uses blocks at the end of the pool; the engine must
-    be idle."""
-    runner, core = _runner(llm)
-    bs = runner.block_size
-    nblocks = -(-len(token_ids) // bs)
-    blocks = list(range(core.num_blocks - nblocks, core.num_blocks))
-    rid = "__logits__"
-    so = SchedulerOutput([NewRequestData(rid, list(token_ids), SamplingParams(temperature=0.0), blocks, 0)],
-                         CachedRequestsData(), {rid: len(token_ids)}, len(token_ids))
-    runner._update_states(so)
-    try:
-        input_ids, positions, common, _, _ = runner._prepare_inputs(so)
-        from weavelm.core.forward import ForwardBatch
-
-        fb = ForwardBatch(runner.attn_builder.build(common), runner.kv_caches, runner.attn_impls)
-        hidden = runner.run_model(input_ids, positions, fb)
-        hidden = hidden[: len(token_ids)] if all_positions else hidden[len(token_ids) - 1]
-        return runner.bundle.model.compute_logits(hidden).float().cpu()
-    finally:
-        runner._update_states(SchedulerOutput([], CachedRequestsData(), {}, 0, finished_req_ids={rid}))
-
-
-@torch.inference_mode()
 def teacher_forced_logits(llm, prompts: list[list[int]], continuations: list[list[int]]) -> list[torch.Tensor]:
-    """Run the prompts together through the real engine loop (scheduler, runner, CUDA graphs if captured), forcing
-    each request's next token to its continuation, and return per request the logits (steps, vocab) of every
-    step: position len(prompt)-1 onward, one row per continuation token."""
-    runner, core = _runner(llm)
-    engine = llm.engine
-    forced = {}
-    rows: dict[str, list[torch.Tensor]] = {}
+    """Run the prompts together, forcing each request's sampled tokens to its continuation, and return per request
+    the float32 CPU logits (len(continuation), vocab) of every step: position len(prompt)-1 onward."""
+    run = next(_ids)
+    forced = {f"tf-{run}-{i}": list(c) for i, c in enumerate(continuations)}
+    rows: dict[str, list[torch.Tensor]] = {rid: [] for rid in forced}
 
-    def observe(req_ids, logits):
+    def force(req_ids: list[str], logits: torch.Tensor) -> torch.Tensor:
+        replaced = logits.clone()
         for i, rid in enumerate(req_ids):
-            rows.setdefault(rid, []).append(logits[i].float().cpu())
+            if rid not in forced:
+                continue
+            rows[rid].append(logits[i].float().cpu())
+            replaced[i] = float("-inf")
+            replaced[i, forced[rid][len(rows[rid]) - 1]] = 0.0
+        return replaced
 
-    runner.logits_observer = observe
+    engine = llm.engine
+    llm.collective_rpc("set_logits_hook", (force,))
     try:
-        for i, (p, c) in enumerate(zip(prompts, continuations)):
-            rid = f"tf-{i}"
-            forced[rid] = list(c)
-            engine.add_request({"prompt_token_ids": p}, SamplingParams(max_tokens=len(c), temperature=0.0,
-                                                                       ignore_eos=True), request_id=rid)
-        sched = core.scheduler
+        for (rid, cont), prompt in zip(forced.items(), prompts):
+            engine.add_request({"prompt_token_ids": list(prompt)},
+                               SamplingParams(max_tokens=len(cont), temperature=0.0, ignore_eos=True),
+                               request_id=rid)
         while engine.has_unfinished_requests():
-            so = sched.schedule()
-            out = core.executor.execute_model(so)
-            for rid, toks in zip(out.req_ids, out.sampled_token_ids):
-                if toks:
-                    step = len(rows[rid]) - 1
-                    tok = forced[rid][step]
-                    toks[0] = tok
-                    row = runner.batch.index[rid]
-                    runner.batch.token_ids[row, runner.batch.num_tokens[row] - 1] = tok
-            for co in sched.update_from_output(so, out):
-                engine._process(co)
+            engine.step()
     finally:
-        runner.logits_observer = None
-    return [torch.stack(rows[f"tf-{i}"]) for i in range(len(prompts))]
+        engine.client.drain()
+        llm.collective_rpc("set_logits_hook", (None,))
+    return [torch.stack(rows[rid]) for rid in forced]
+
+
+def prompt_logits(llm, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
+    """Float32 CPU logits of the prompt's last position (vocab,), or of every position (len, vocab) with
+    `all_positions` (computed by teacher-forcing the prompt one token at a time after its first)."""
+    if all_positions:
+        return teacher_forced_logits(llm, [token_ids[:1]], [list(token_ids[1:]) + [0]])[0]
+    return teacher_forced_logits(llm, [token_ids], [[0]])[0][0]

@@ -5,8 +5,9 @@ Reuses weavelm's scheduling mechanics and changes only the admission policy.
 
 from __future__ import annotations
 
-from weavelm.core.hookspecs import hookimpl
-from weavelm.plugins.schedulers.base import BaseScheduler
+from weavelm.plugin import BaseScheduler, hookimpl
+
+WEAVELM_API_VERSION = "2.0"
 
 
 class ShortestPromptFirst(BaseScheduler):

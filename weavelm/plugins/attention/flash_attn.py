@@ -93,6 +93,7 @@ class FlashAttnImpl(AttentionImpl):
 class FlashAttnBackend(AttentionBackend):
     name = "flash_attn"
     description = "flash-attn paged kernels (vLLM's FA3 build, FA3 hopper interface or FA2), fp16/bf16 on CUDA."
+    priority = 30
     graph_safe = True
 
     def __init__(self, options=None):

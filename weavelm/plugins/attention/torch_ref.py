@@ -30,6 +30,7 @@ class TorchRefImpl(AttentionImpl):
 class TorchRefBackend(AttentionBackend):
     name = "torch_ref"
     description = "Reference paged attention in plain PyTorch (one request at a time); any device, any dtype."
+    priority = 0
 
     @classmethod
     def check(cls, spec: AttentionSpec) -> list[str]:

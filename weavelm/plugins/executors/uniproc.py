@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from weavelm.core.contexts import ExecutorContext
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import Executor, NoOptions
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
-from weavelm.core.registry import get_registry
 
 
 class UniprocExecutor(Executor):
@@ -15,15 +15,19 @@ class UniprocExecutor(Executor):
     description = "One worker in the engine's own process."
     Options = NoOptions
 
-    def __init__(self, options: NoOptions, config: Any):
-        super().__init__(options, config)
-        worker_cls = get_registry().get("worker", config.worker.name)
-        self.worker = worker_cls(config.worker.options, config, rank=0, world_size=1)
+    def __init__(self, options: NoOptions, context: ExecutorContext):
+        super().__init__(options, context)
+        self.worker = context.build_worker(0, 1)
         self.worker.init_device()
         self.worker.load_model()
 
-    def model_info(self) -> dict[str, Any]:
-        return self.worker.model_info()
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list[Any]:
+        if ranks is not None and list(ranks) not in ([], [0]):
+            raise ValueError(f"collective_rpc: uniproc has only rank 0 (got ranks={ranks})")
+        if ranks == []:
+            return []
+        return [getattr(self.worker, method)(*args, **(kwargs or {}))]
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()

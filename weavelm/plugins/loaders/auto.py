@@ -7,7 +7,7 @@ gguf; then any third-party loader), so a plugin format is picked up without chan
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -21,32 +21,32 @@ PREFERENCE = ("safetensors", "pt", "tensorizer", "gguf")
 NOT_CANDIDATES = ("auto", "dummy")
 
 
-def choose_loader(path: str, registry: Any = None) -> tuple[str, str]:
-    """`(loader name, reason)` for `path`, or LoadError listing the formats looked for."""
-    from weavelm.core.registry import get_registry
-
-    registry = registry or get_registry()
-    names = registry.names("loader")
+def choose_loader(path: str, candidates: Mapping[str, type[ModelLoader]]) -> tuple[str, str]:
+    """`(loader name, reason)` for `path` among `candidates`, or LoadError listing the formats looked for."""
+    names = sorted(candidates)
     ordered = [n for n in PREFERENCE if n in names] + [n for n in names if n not in PREFERENCE]
+    ordered = [n for n in ordered if n not in NOT_CANDIDATES]
     for name in ordered:
-        if name in NOT_CANDIDATES:
-            continue
-        reason = registry.get("loader", name).detect(path)
+        reason = candidates[name].detect(path)
         if reason:
             return name, reason
-    candidates = ", ".join(n for n in ordered if n not in NOT_CANDIDATES)
-    raise LoadError(f"model: no loader recognises {path!r} (tried {candidates}); give a directory with config.json "
-                    f"and weights, a .gguf file, or set `loader:` explicitly")
+    raise LoadError(f"model: no loader recognises {path!r} (tried {', '.join(ordered)}); give a directory with "
+                    f"config.json and weights, a .gguf file, or set `loader:` explicitly")
 
 
 class AutoLoader(ModelLoader):
     name = "auto"
     description = "Picks safetensors, pt, tensorizer, gguf (or a plugin format) from the files on disk."
 
-    def __init__(self, options: Any):
+    def __init__(self, options: Any, candidates: Mapping[str, type[ModelLoader]] | None = None):
         super().__init__(options)
+        self.candidates = dict(candidates or {})
         self._chosen: dict[str, ModelLoader] = {}
         self.picked: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def select(cls, options: Any, candidates: Mapping[str, type[ModelLoader]]) -> ModelLoader:
+        return cls(options, candidates)
 
     @classmethod
     def detect(cls, path: str) -> str | None:
@@ -55,12 +55,9 @@ class AutoLoader(ModelLoader):
     def resolve(self, path: str) -> ModelLoader:
         """The loader `auto` delegates to for `path` (chosen once per path and logged)."""
         if path not in self._chosen:
-            from weavelm.core.registry import get_registry
-
-            registry = get_registry()
-            name, reason = choose_loader(path, registry)
-            cls = registry.get("loader", name)
-            self._chosen[path] = cls(cls.Options())
+            name, reason = choose_loader(path, self.candidates)
+            cls = self.candidates[name]
+            self._chosen[path] = cls.select(cls.Options(), self.candidates)
             self.picked[path] = (name, reason)
             logger.info("loader auto: picked %r for %s (%s)", name, path, reason)
         return self._chosen[path]
@@ -73,6 +70,11 @@ class AutoLoader(ModelLoader):
 
     def iter_weights(self, path: str) -> Iterator[tuple[str, torch.Tensor]]:
         return self.resolve(path).iter_weights(path)
+
+    def checkpoint_num_elements(self, path: str) -> int | None:
+        """The chosen loader's count (None when that loader cannot tell)."""
+        counter = getattr(self.resolve(path), "checkpoint_num_elements", None)
+        return counter(path) if counter is not None else None
 
     def load_weights(self, model: ModelArchitecture, path: str) -> None:
         self.resolve(path).load_weights(model, path)

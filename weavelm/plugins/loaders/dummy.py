@@ -25,6 +25,10 @@ class DummyLoader(ModelLoader):
     def iter_weights(self, path: str) -> Iterator[tuple[str, torch.Tensor]]:
         return iter(())
 
+    def checkpoint_num_elements(self, path: str) -> int | None:
+        """None: there is no checkpoint (only the memory check applies)."""
+        return None
+
     def load_weights(self, model: ModelArchitecture, path: str) -> None:
         gens: dict[torch.device, torch.Generator] = {}
         with torch.no_grad():

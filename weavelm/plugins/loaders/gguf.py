@@ -141,6 +141,11 @@ class GGUFLoader(FileLoader):
         except Exception as e:  # transformers raises many types for a tokenizer it cannot build
             raise LoadError(f"{file}: cannot build a tokenizer from its metadata or the files beside it ({e})") from e
 
+    def checkpoint_num_elements(self, path: str) -> int | None:
+        """Elements summed over the tensors at `path`, read from the GGUF tensor table without loading tensor data
+        (a quantized tensor counts the elements of its logical, dequantized shape)."""
+        return sum(int(t.n_elements) for t in self.reader(gguf_file(path)).tensors)
+
     def iter_sourced(self, path: str) -> Iterator[WeightRecord]:
         file = gguf_file(path)
         reader = self.reader(file, keep=False)

@@ -17,7 +17,7 @@ import torch
 
 from weavelm.core.hookspecs import hookimpl
 from weavelm.errors import LoadError
-from weavelm.plugins.loaders.common import FileLoader, WeightRecord, weight_files
+from weavelm.plugins.loaders.common import IGNORED_SUFFIXES, FileLoader, WeightRecord, weight_files
 
 INDEX = "pytorch_model.bin.index.json"
 SUFFIXES = (".bin", ".pt", ".pth")
@@ -66,6 +66,18 @@ class PtLoader(FileLoader):
     def load_hf_config(self, path: str):
         from weavelm.core.model_files import load_hf_config
         return load_hf_config(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+
+    def checkpoint_num_elements(self, path: str) -> int | None:
+        """Elements (product of the logical shape) summed over the checkpoint's tensors at `path`, read from
+        memory-mapped state dicts without loading tensor data; rotary `inv_freq` buffers are not counted."""
+        files = weight_files(path, single=("pytorch_model.bin", "model.pt"), index=INDEX, suffixes=SUFFIXES,
+                             fmt="PyTorch")
+        total = 0
+        for file in files:
+            state = load_state_dict(file)
+            total += sum(t.numel() for name, t in state.items() if not name.endswith(IGNORED_SUFFIXES))
+            del state
+        return total
 
     def iter_sourced(self, path: str) -> Iterator[WeightRecord]:
         files = weight_files(path, single=("pytorch_model.bin", "model.pt"), index=INDEX, suffixes=SUFFIXES,

@@ -16,7 +16,7 @@ import torch
 
 from weavelm.core.hookspecs import hookimpl
 from weavelm.errors import LoadError
-from weavelm.plugins.loaders.common import FileLoader, WeightRecord, weight_files
+from weavelm.plugins.loaders.common import IGNORED_SUFFIXES, FileLoader, WeightRecord, weight_files
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {
@@ -109,6 +109,14 @@ class SafetensorsLoader(FileLoader):
     def load_hf_config(self, path: str):
         from weavelm.core.model_files import load_hf_config
         return load_hf_config(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+
+    def checkpoint_num_elements(self, path: str) -> int | None:
+        """Elements (product of the logical shape) summed over the checkpoint's tensors at `path`, read from
+        the file headers without loading tensor data; rotary `inv_freq` buffers are not counted."""
+        files = weight_files(path, single=("model.safetensors",), index=INDEX, suffixes=(".safetensors",),
+                             fmt="safetensors")
+        return sum(math.prod(info["shape"]) for file in files
+                   for name, info in read_header(file)[1].items() if not name.endswith(IGNORED_SUFFIXES))
 
     def iter_sourced(self, path: str) -> Iterator[WeightRecord]:
         files = weight_files(path, single=("model.safetensors",), index=INDEX, suffixes=(".safetensors",),

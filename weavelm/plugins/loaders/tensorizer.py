@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Iterator
 
@@ -11,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from weavelm.core.hookspecs import hookimpl
 from weavelm.errors import LoadError
-from weavelm.plugins.loaders.common import FileLoader, WeightRecord
+from weavelm.plugins.loaders.common import IGNORED_SUFFIXES, FileLoader, WeightRecord
 
+logger = logging.getLogger("weavelm.loaders")
 MAGIC = b"|TZR|"
 FILE_NAME = "model.tensors"
 
@@ -62,6 +65,19 @@ class TensorizerLoader(FileLoader):
             raise LoadError(f"loader.passphrase_env: environment variable {env!r} is not set; set it to the "
                             f"passphrase {file} was encrypted with")
         return DecryptionParams.from_string(passphrase)
+
+    def checkpoint_num_elements(self, path: str) -> int | None:
+        """Elements (product of the logical shape) summed over the checkpoint's tensors at `path`, read from
+        the tensor headers without loading tensor data; rotary `inv_freq` buffers are not counted."""
+        from tensorizer import TensorDeserializer
+
+        try:
+            with TensorDeserializer(tensors_file(path), device="cpu", lazy_load=True, verify_hash=False) as reader:
+                entries = reader._metadata.values()  # tensorizer has no public per-tensor shape API
+                return sum(math.prod(e.shape) for e in entries if not str(e.name).endswith(IGNORED_SUFFIXES))
+        except Exception as e:  # encrypted headers, a changed private API: leave the checks to the load
+            logger.debug("tensorizer: no element count for %s (%s: %s)", path, type(e).__name__, e)
+            return None
 
     def iter_sourced(self, path: str) -> Iterator[WeightRecord]:
         from tensorizer import TensorDeserializer

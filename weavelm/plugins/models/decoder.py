@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from weavelm.core.forward import ForwardBatch
-from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import ModelArchitecture
 from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, copy_param
 
@@ -169,8 +168,3 @@ class LlamaForCausalLM(ModelArchitecture):
             if seen >= expected:
                 loaded.add(name)
         return loaded
-
-
-@hookimpl
-def weavelm_register(registry) -> None:
-    registry.add("model", LlamaForCausalLM.name, LlamaForCausalLM)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from weavelm.core.hookspecs import hookimpl
-from weavelm.plugins.models.llama import LlamaForCausalLM
+from weavelm.plugins.models.decoder import LlamaForCausalLM
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):

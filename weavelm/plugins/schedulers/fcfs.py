@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from weavelm.core.hookspecs import hookimpl
-from weavelm.plugins.schedulers.base import BaseScheduler
+from weavelm.scheduling import BaseScheduler
 
 
 class FCFSScheduler(BaseScheduler):

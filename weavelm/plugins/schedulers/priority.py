@@ -7,9 +7,9 @@ import itertools
 from pydantic import Field
 
 from weavelm.core.hookspecs import hookimpl
-from weavelm.core.interfaces import SchedulerContext
+from weavelm.core.contexts import SchedulerContext
 from weavelm.core.request import Request
-from weavelm.plugins.schedulers.base import BaseScheduler, SchedulerOptions
+from weavelm.scheduling import BaseScheduler, SchedulerOptions
 
 
 class PriorityOptions(SchedulerOptions):

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from weavelm.core.contexts import RunnerContext
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import ModelRunner
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
-from weavelm.core.registry import get_registry
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
-from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle, select_attention
+from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
 from weavelm.plugins.workers.sampler import SamplingMetadata, sample
+from weavelm.utils import cdiv
 
 logger = logging.getLogger("weavelm.runner")
 
@@ -28,34 +30,33 @@ class RunnerOptions(BaseModel):
 
 
 
-class GPUModelRunner(ModelRunner):
-    name = "model_runner"
+class PagedModelRunner(ModelRunner):
+    name = "paged"
     description = "Persistent batch, vectorised input preparation, paged attention, on-device sampling."
     Options = RunnerOptions
 
-    def __init__(self, options: RunnerOptions, config: Any, device: torch.device):
-        super().__init__(options, config, device)
+    def __init__(self, options: RunnerOptions, context: RunnerContext):
+        super().__init__(options, context)
         self.bundle: ModelBundle | None = None
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
-        sched = config.scheduler.options
-        self.max_num_reqs = getattr(sched, "max_num_seqs", 256)
-        self.max_num_tokens = getattr(sched, "max_num_batched_tokens", 8192)
-        self.block_size = config.cache.block_size
+        self.max_num_reqs = context.limits.max_num_seqs
+        self.max_num_tokens = context.limits.max_num_batched_tokens
+        self.block_size = context.config.cache.block_size
         self.graphs = None
-        self.logits_observer = None  # debugging/parity hook: called with (req_ids, logits) every step
+        self.logits_hook = None  # set_logits_hook: (req_ids, logits) -> replacement logits or None
         self._pinned: dict[torch.dtype, torch.Tensor] = {}  # staging buffers; reused only after the step's sync
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
-        self.bundle = load_model_bundle(self.config, self.device)
+        self.bundle = load_model_bundle(self.context)
         b = self.bundle
         self.max_model_len = b.max_model_len
-        self.max_blocks_per_req = -(-self.max_model_len // self.block_size)
+        self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         num_layers, num_heads, num_kv_heads, head_size = b.model.attention_layout()
         spec = AttentionSpec(self.device.type, b.dtype, head_size, num_heads, num_kv_heads, self.block_size)
-        self.attn_backend = select_attention(self.config, spec, get_registry())
+        self.attn_backend = self.context.attention_backend(spec)
         scale = head_size ** -0.5
         self.attn_impls = [self.attn_backend.make_impl(num_heads, num_kv_heads, head_size, scale)
                            for _ in range(num_layers)]
@@ -70,7 +71,8 @@ class GPUModelRunner(ModelRunner):
     def kv_cache_bytes_per_block(self) -> int:
         num_layers, _, num_kv_heads, head_size = self.layout
         elem = torch.empty((), dtype=self.bundle.dtype).element_size()
-        return 2 * num_layers * self.block_size * num_kv_heads * head_size * elem
+        one_block = self.attn_backend.kv_cache_shape(1, self.block_size, num_kv_heads, head_size)
+        return num_layers * math.prod(one_block) * elem
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         num_layers, _, num_kv_heads, head_size = self.layout
@@ -89,18 +91,22 @@ class GPUModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:
-        """Run a forward of `max_num_batched_tokens` tokens with no KV cache and return peak bytes."""
+        """Run a forward of `max_num_batched_tokens` tokens (with a KV cache just large enough for that batch)
+        plus sampling of `max_num_seqs` rows, and return the peak device bytes."""
         from weavelm.plugins.workers.profiling import profile_run
         return profile_run(self)
 
     # -- per step -----------------------------------------------------------------------------------------
-    def _update_states(self, so: SchedulerOutput) -> None:
+    def set_logits_hook(self, hook) -> None:
+        self.logits_hook = hook
+
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.batch
-        for rid in so.finished_req_ids:
+        for rid in scheduler_output.finished_req_ids:
             self.requests.pop(rid, None)
-        unscheduled = {r for r in batch.req_ids if r not in so.num_scheduled_tokens}
-        batch.remove(set(so.finished_req_ids) | set(so.preempted_req_ids) | unscheduled)
-        for nr in so.scheduled_new_reqs:
+        unscheduled = {r for r in batch.req_ids if r not in scheduler_output.num_scheduled_tokens}
+        batch.remove(set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids) | unscheduled)
+        for nr in scheduler_output.scheduled_new_reqs:
             sp = nr.sampling_params
             gen = None
             if sp.seed is not None and sp.temperature > 0:
@@ -109,7 +115,7 @@ class GPUModelRunner(ModelRunner):
                                        nr.num_computed_tokens, generator=gen)
             self.requests[nr.req_id] = state
             batch.add(state)
-        c = so.scheduled_cached_reqs
+        c = scheduler_output.scheduled_cached_reqs
         for rid, resumed, new_blocks, num_computed in zip(c.req_ids, c.resumed_from_preemption, c.new_block_ids,
                                                           c.num_computed_tokens):
             state = self.requests[rid]
@@ -128,10 +134,10 @@ class GPUModelRunner(ModelRunner):
                 else:
                     batch.append_blocks(row, new_blocks)
 
-    def _prepare_inputs(self, so: SchedulerOutput):
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput):
         batch = self.batch
         n = batch.num_reqs
-        counts = np.fromiter((so.num_scheduled_tokens[r] for r in batch.req_ids), dtype=np.int64, count=n)
+        counts = np.fromiter((scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids), dtype=np.int64, count=n)
         cu = np.cumsum(counts)
         total = int(cu[-1])
         token_req = np.repeat(np.arange(n), counts)
@@ -140,27 +146,27 @@ class GPUModelRunner(ModelRunner):
         bs = self.block_size
         slots = batch.block_table[token_req, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = batch.num_computed[:n] + counts
-        qsl = np.zeros(n + 1, dtype=np.int32)
-        qsl[1:] = cu
+        query_start_loc = np.zeros(n + 1, dtype=np.int32)
+        query_start_loc[1:] = cu
         sampling = seq_lens >= batch.num_tokens[:n]
         logits_rows = np.nonzero(sampling)[0]
-        max_blocks = int(-(-seq_lens.max() // bs))
+        max_blocks = int(cdiv(seq_lens.max(), bs))
         r = len(logits_rows)
         # Two host -> device copies per step: every int64 input packed in one buffer, every int32 in another.
         i64 = np.empty(3 * total + r, dtype=np.int64)
         i64[:total], i64[total:2 * total], i64[2 * total:3 * total] = input_ids, positions, slots
         i64[3 * total:] = cu[logits_rows] - 1
         i32 = np.empty(2 * n + 1 + n * max_blocks, dtype=np.int32)
-        i32[:n + 1], i32[n + 1:2 * n + 1] = qsl, seq_lens
+        i32[:n + 1], i32[n + 1:2 * n + 1] = query_start_loc, seq_lens
         i32[2 * n + 1:].reshape(n, max_blocks)[:] = batch.block_table[:n, :max_blocks]
-        d64, d32 = self._to_device(i64), self._to_device(i32)
+        dev_i64, dev_i32 = self._to_device(i64), self._to_device(i32)
         common = CommonAttentionMetadata(
-            query_start_loc=d32[:n + 1], seq_lens=d32[n + 1:2 * n + 1],
-            block_table=d32[2 * n + 1:].view(n, max_blocks), slot_mapping=d64[2 * total:3 * total],
+            query_start_loc=dev_i32[:n + 1], seq_lens=dev_i32[n + 1:2 * n + 1],
+            block_table=dev_i32[2 * n + 1:].view(n, max_blocks), slot_mapping=dev_i64[2 * total:3 * total],
             query_start_loc_cpu=torch.from_numpy(i32[:n + 1]), seq_lens_cpu=torch.from_numpy(i32[n + 1:2 * n + 1]),
             num_reqs=n, num_actual_tokens=total, max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
             block_size=bs)
-        return d64[:total], d64[total:2 * total], common, d64[3 * total:], logits_rows
+        return dev_i64[:total], dev_i64[total:2 * total], common, dev_i64[3 * total:], logits_rows
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         """A fresh device tensor of `a`, copied through a pinned staging buffer on CUDA (asynchronous)."""
@@ -196,26 +202,27 @@ class GPUModelRunner(ModelRunner):
         return self.bundle.model(input_ids, positions, fb)
 
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model_async(so).result()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(scheduler_output).result()
 
     @torch.inference_mode()
-    def execute_model_async(self, so: SchedulerOutput) -> RunnerFuture:
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
         """Update the batch, prepare inputs and launch forward + sampling; the returned future's `result()`
         waits for the sampled ids (the step's one device -> host sync) and folds them into the batch."""
-        self._update_states(so)
+        self._update_states(scheduler_output)
         batch = self.batch
-        if so.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
+        if scheduler_output.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
             return RunnerFuture(ModelRunnerOutput([], {}, [], None))
-        input_ids, positions, common, logits_indices, rows = self._prepare_inputs(so)
+        input_ids, positions, common, logits_indices, rows = self._prepare_inputs(scheduler_output)
         if self.graphs is not None and self.graphs.can_run(common):
             logits = self.graphs.run(input_ids, positions, common)[logits_indices].float()
         else:
             fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
             hidden = self.run_model(input_ids, positions, fb)
             logits = self.bundle.model.compute_logits(hidden[logits_indices]).float()
-        if self.logits_observer is not None:
-            self.logits_observer([batch.req_ids[r] for r in rows.tolist()], logits)
+        if self.logits_hook is not None:
+            replaced = self.logits_hook([batch.req_ids[r] for r in rows.tolist()], logits)
+            logits = logits if replaced is None else replaced
         ids, lps = sample(logits, self._sampling_metadata(rows))
         return _StepFuture(self, rows, ids, lps)
 
@@ -237,7 +244,7 @@ class GPUModelRunner(ModelRunner):
 
 
 class _StepFuture(RunnerFuture):
-    def __init__(self, runner: GPUModelRunner, rows: np.ndarray, ids: torch.Tensor, lps: torch.Tensor | None):
+    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps: torch.Tensor | None):
         super().__init__()
         self._args = (runner, rows, ids, lps)
 
@@ -251,4 +258,4 @@ class _StepFuture(RunnerFuture):
 
 @hookimpl
 def weavelm_register(registry) -> None:
-    registry.add("model_runner", GPUModelRunner.name, GPUModelRunner)
+    registry.add("model_runner", PagedModelRunner.name, PagedModelRunner, aliases=("model_runner",))

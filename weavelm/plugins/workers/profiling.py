@@ -7,6 +7,7 @@ import torch
 
 from weavelm.core.forward import CommonAttentionMetadata, ForwardBatch
 from weavelm.plugins.workers.sampler import SamplingMetadata, sample
+from weavelm.utils import cdiv
 
 PROFILE_CHUNK = 512
 
@@ -16,7 +17,7 @@ def profile_run(runner) -> int:
     dev, bs = runner.device, runner.block_size
     total = min(runner.max_num_tokens, runner.max_num_reqs * runner.max_model_len)
     lens = [PROFILE_CHUNK] * (total // PROFILE_CHUNK) + ([total % PROFILE_CHUNK] if total % PROFILE_CHUNK else [])
-    blocks_per = -(-PROFILE_CHUNK // bs)
+    blocks_per = cdiv(PROFILE_CHUNK, bs)
     num_layers, _, num_kv_heads, head_size = runner.layout
     shape = runner.attn_backend.kv_cache_shape(len(lens) * blocks_per, bs, num_kv_heads, head_size)
     kv = [torch.zeros(shape, dtype=runner.bundle.dtype, device=dev) for _ in range(num_layers)]

@@ -7,30 +7,28 @@ from typing import Any
 
 import torch
 
+from weavelm.core.device import resolve_device
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import NoOptions, Worker
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
-from weavelm.core.registry import get_registry
 from weavelm.errors import ConfigError
-from weavelm.plugins.workers.model_loading import resolve_device
 
 logger = logging.getLogger("weavelm.worker")
 GIB = 1 << 30
 
 
 class DeviceWorker(Worker):
-    name = "worker"
+    name = "device"
     description = "One device: seeds, loads the model through the runner, sizes the KV cache."
     Options = NoOptions
 
     def init_device(self) -> None:
-        self.device = resolve_device(self.config)
+        self.device = resolve_device(self.config.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
         torch.manual_seed(self.config.seed)
-        runner_cls = get_registry().get("model_runner", self.config.model_runner.name)
-        self.runner = runner_cls(self.config.model_runner.options, self.config, self.device)
+        self.runner = self.context.build_runner(self.device)
 
     def load_model(self) -> None:
         self.runner.load_model()
@@ -66,7 +64,10 @@ class DeviceWorker(Worker):
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
         return self.runner.execute_model_async(scheduler_output)
 
+    def set_logits_hook(self, hook) -> None:
+        self.runner.set_logits_hook(hook)
+
 
 @hookimpl
 def weavelm_register(registry) -> None:
-    registry.add("worker", DeviceWorker.name, DeviceWorker)
+    registry.add("worker", DeviceWorker.name, DeviceWorker, aliases=("worker",))

@@ -99,6 +99,7 @@ class TritonAttentionImpl(AttentionImpl):
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     description = "Paged attention in Triton: mixed prefill/decode kernel, split-KV decode, fused cache write."
+    priority = 20
     Options = TritonOptions
     graph_safe = True
 
@@ -116,6 +117,13 @@ class TritonAttentionBackend(AttentionBackend):
             reasons.append(f"num_heads ({spec.num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})")
         if spec.block_size < 1:
             reasons.append(f"block_size {spec.block_size} must be >= 1")
+        return reasons
+
+    @classmethod
+    def auto_check(cls, spec: AttentionSpec) -> list[str]:
+        reasons = cls.check(spec)
+        if spec.device != "cuda":
+            reasons.append("the Triton CPU interpreter is for tests; name `attention: triton` to use it")
         return reasons
 
     def make_builder(self, device: torch.device) -> TritonMetadataBuilder:

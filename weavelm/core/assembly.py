@@ -1,0 +1,114 @@
+"""The one assembler: every component of an engine is resolved here, from one per-engine `Registry`.
+
+`EngineCore` calls `Assembly(config, registry)`; the assembly builds the executor (handing it a picklable
+`build_worker`), and, through that, each worker (handing it `build_runner`) and each runner (handing it the loader,
+the architecture lookup and the attention-backend selection). No component looks up another kind by itself.
+Across a process boundary only `WorkerBuilder` travels: it carries the config and the registry's `RegistrySpec`,
+and rebuilds the registry from entry points on first use in the child.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from weavelm.core.config import EngineConfig
+from weavelm.core.contexts import (ExecutorContext, RunnerContext, SchedulerContext, SchedulerLimits,
+                                   WorkerContext)
+from weavelm.core.forward import AttentionSpec
+from weavelm.core.interfaces import (AttentionBackend, Executor, ModelArchitecture, ModelLoader, ModelRunner,
+                                     Scheduler, Worker)
+from weavelm.core.registry import Registry, RegistrySpec
+
+
+def build_loader(config: EngineConfig, registry: Registry) -> ModelLoader:
+    """The configured loader (for `auto`, a selector over every registered loader)."""
+    cls = registry.get("loader", config.loader.name)
+    return cls.select(config.loader.options, registry.classes("loader"))
+
+
+class _RegistryHolder:
+    """Carries a registry in process and its spec across processes (rebuilt lazily on the other side)."""
+
+    def __init__(self, config: EngineConfig, spec: RegistrySpec, registry: Registry | None):
+        self.config = config
+        self.spec = spec
+        self._registry = registry
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry.from_spec(self.spec)
+        return self._registry
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_registry": None}
+
+
+class RunnerBuilder(_RegistryHolder):
+    """`build_runner(device)` of a WorkerContext."""
+
+    def __init__(self, config: EngineConfig, spec: RegistrySpec, registry: Registry | None, limits: SchedulerLimits,
+                 rank: int, world_size: int):
+        super().__init__(config, spec, registry)
+        self.limits, self.rank, self.world_size = limits, rank, world_size
+
+    def __call__(self, device: torch.device) -> ModelRunner:
+        registry, config = self.registry, self.config
+        context = RunnerContext(config=config, device=device, rank=self.rank, world_size=self.world_size,
+                                limits=self.limits, loader=build_loader(config, registry),
+                                model_class=self.model_class, attention_backend=self.attention_backend)
+        cls = registry.get("model_runner", config.model_runner.name)
+        return cls(config.model_runner.options, context)
+
+    def model_class(self, hf_config: Any) -> type[ModelArchitecture]:
+        from weavelm.errors import ConfigError
+
+        archs = getattr(hf_config, "architectures", None) or []
+        if isinstance(archs, str) or not isinstance(archs, (list, tuple)):
+            raise ConfigError([("model", f"config.json `architectures` must be a list of strings such as "
+                                         f"[\"LlamaForCausalLM\"] (got {archs!r})")])
+        if not archs:
+            raise ConfigError([("model", f"{self.config.model}: config.json names no `architectures`")])
+        return self.registry.find_model(archs[0])
+
+    def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
+        section, registry = self.config.attention, self.registry
+        cls = registry.get("attention", section.name)
+        return cls.select(section.options, spec, registry.classes("attention"))
+
+
+class WorkerBuilder(_RegistryHolder):
+    """`build_worker(rank, world_size)` of an ExecutorContext; picklable."""
+
+    def __init__(self, config: EngineConfig, spec: RegistrySpec, registry: Registry | None,
+                 limits: SchedulerLimits):
+        super().__init__(config, spec, registry)
+        self.limits = limits
+
+    def __call__(self, rank: int, world_size: int) -> Worker:
+        config = self.config
+        runner_builder = RunnerBuilder(config, self.spec, self._registry, self.limits, rank, world_size)
+        context = WorkerContext(config=config, rank=rank, world_size=world_size, build_runner=runner_builder)
+        cls = self.registry.get("worker", config.worker.name)
+        return cls(config.worker.options, context)
+
+
+class Assembly:
+    """Resolves an engine's scheduler and executor (and, through the executor, everything below it)."""
+
+    def __init__(self, config: EngineConfig, registry: Registry):
+        self.config = config
+        self.registry = registry
+        self.scheduler_cls: type[Scheduler] = registry.get("scheduler", config.scheduler.name)
+        self.limits = self.scheduler_cls.limits(config.scheduler.options)
+
+    def build_executor(self) -> Executor:
+        config = self.config
+        builder = WorkerBuilder(config, self.registry.spec, self.registry, self.limits)
+        cls = self.registry.get("executor", config.executor.name)
+        return cls(config.executor.options, ExecutorContext(config=config, build_worker=builder))
+
+    def build_scheduler(self, context: SchedulerContext) -> Scheduler:
+        return self.scheduler_cls(self.config.scheduler.options, context)

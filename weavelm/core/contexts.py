@@ -1,0 +1,80 @@
+"""The small typed contexts the assembler (`core/assembly.py`) hands each component it builds.
+
+No component looks another up: what a stage needs from the rest of the engine arrives here. Contexts that cross
+into worker processes (`WorkerContext` and what it carries) pickle: they hold the validated config, the
+registry's picklable `RegistrySpec`, and builders that rebuild the registry on the other side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from weavelm.core.config import EngineConfig
+    from weavelm.core.forward import AttentionSpec
+    from weavelm.core.interfaces import AttentionBackend, ModelArchitecture, ModelLoader, ModelRunner, Worker
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    """What a scheduler promises about every `SchedulerOutput` it will produce (from `Scheduler.limits`): at most
+    `max_num_seqs` requests and `max_num_batched_tokens` tokens per step. The runner sizes its persistent batch and
+    profiling pass from these, whatever the scheduler's option names are."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+@dataclass(frozen=True)
+class SchedulerContext:
+    """Engine facts a scheduler is built with (the KV pool is sized before the scheduler exists)."""
+
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    enable_prefix_caching: bool
+
+
+@dataclass
+class ExecutorContext:
+    """What an executor is built with. `build_worker(rank, world_size)` builds and returns the configured worker
+    (not yet initialised); it pickles, so a multi-process executor calls it inside each worker process, where it
+    rebuilds the registry from entry points."""
+
+    config: EngineConfig
+    build_worker: Callable[[int, int], Worker]
+
+
+@dataclass
+class WorkerContext:
+    """What a worker is built with. `build_runner(device)` builds the configured model runner for the device the
+    worker chose in `init_device`."""
+
+    config: EngineConfig
+    rank: int
+    world_size: int
+    build_runner: Callable[[torch.device], ModelRunner]
+
+
+@dataclass
+class RunnerContext:
+    """What a model runner is built with.
+
+    `loader` is the configured (already selected) weight loader. `model_class(hf_config)` returns the registered
+    architecture serving the config's `architectures`. `attention_backend(spec)` returns the configured attention
+    backend for `spec` (for `auto`, the highest-priority registered backend whose `check(spec)` passes).
+    `limits` bounds every step's batch.
+    """
+
+    config: EngineConfig
+    device: torch.device
+    rank: int
+    world_size: int
+    limits: SchedulerLimits
+    loader: ModelLoader
+    model_class: Callable[[Any], type[ModelArchitecture]]
+    attention_backend: Callable[[AttentionSpec], AttentionBackend]

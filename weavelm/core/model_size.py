@@ -1,0 +1,198 @@
+"""Checking a model's size before anything is allocated.
+
+`check_model_size` runs between reading `config.json` and building the model on the device. It validates the
+config's dimensions, builds the architecture on the `meta` device (no memory, no init) to count its parameters and
+bytes exactly, compares that count with the elements the checkpoint on disk holds (read from file headers, not
+data), and compares the bytes with the memory free on the device. Each failure is a LoadError giving both numbers,
+so an 8B-shaped config beside a tiny checkpoint, or a config larger than memory, costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from weavelm.errors import LoadError
+
+logger = logging.getLogger("weavelm.loading")
+
+# Upper bounds on config.json dimensions: far above any released decoder, low enough that the host-side work of a
+# meta-device build (Python objects per layer, the rotary table) stays small.
+DIM_LIMITS = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_hidden_layers": 4096,
+    "num_attention_heads": 1 << 14,
+    "num_key_value_heads": 1 << 14,
+    "head_dim": 4096,
+    "max_position_embeddings": 1 << 24,
+}
+# The rotary cos/sin tables (max_position_embeddings x head_dim / 2, fp32) are computed on the host even for a meta
+# build; this caps them at 2 GiB each.
+MAX_POSITION_TABLE = 1 << 30
+# Slack when comparing checkpoint elements with parameters: extra non-parameter tensors, a third-party
+# architecture's buffers. The per-tensor checks of the load still catch any smaller mismatch.
+CHECKPOINT_SLACK = 0.01
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What the config implies: parameters (tied ones counted once) and bytes of parameters plus buffers."""
+
+    num_params: int
+    num_bytes: int
+    tied_embedding_params: int  # elements a checkpoint may also hold as lm_head.weight when embeddings are tied
+
+
+def validate_dims(hf_config: Any, source: str) -> None:
+    """LoadError naming every dimension of `config.json` that is not an integer in its range."""
+    problems = []
+    for key, upper in DIM_LIMITS.items():
+        value = getattr(hf_config, key, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+            problems.append(f"{key} must be an integer in 1..{upper} (got {_short(value)})")
+    if not problems:
+        heads = getattr(hf_config, "num_attention_heads", None)
+        head_dim = getattr(hf_config, "head_dim", None) or (
+            hf_config.hidden_size // heads if heads and getattr(hf_config, "hidden_size", None) else None)
+        positions = getattr(hf_config, "max_position_embeddings", None)
+        if head_dim is not None and positions is not None and positions * head_dim > MAX_POSITION_TABLE:
+            problems.append(f"max_position_embeddings x head_dim = {positions} x {head_dim} exceeds "
+                            f"{MAX_POSITION_TABLE} (the rotary table would not fit in memory)")
+    if problems:
+        raise LoadError(f"{_config_file(source)}: " + "; ".join(problems))
+
+
+def measure(model_cls: type, hf_config: Any, dtype: torch.dtype, source: str) -> ModelSize:
+    """Build `model_cls(hf_config)` on the meta device and count its parameters and bytes (exact for any
+    architecture; nothing is allocated)."""
+    try:
+        with _default_dtype(dtype), torch.device("meta"):
+            model = model_cls(hf_config)
+    except Exception as e:  # an architecture raises whatever its layers raise for impossible dimensions
+        raise LoadError(f"{_config_file(source)}: describes a {model_cls.__name__} that cannot be built "
+                        f"({type(e).__name__}: {e}); check its dimensions") from e
+    params = list(model.parameters())
+    num_params = sum(p.numel() for p in params)
+    num_bytes = sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
+    tied = 0
+    if getattr(hf_config, "tie_word_embeddings", False):
+        tied = int(getattr(hf_config, "vocab_size", 0) or 0) * int(getattr(hf_config, "hidden_size", 0) or 0)
+    return ModelSize(num_params, num_bytes, tied)
+
+
+def check_checkpoint(size: ModelSize, checkpoint_elements: int | None, source: str) -> None:
+    """LoadError when the checkpoint's element count cannot fill a model of this size (None: unknown, no check)."""
+    if checkpoint_elements is None:
+        return
+    low = size.num_params * (1 - CHECKPOINT_SLACK)
+    high = (size.num_params + size.tied_embedding_params) * (1 + CHECKPOINT_SLACK)
+    if not low <= checkpoint_elements <= high:
+        raise LoadError(f"{source}: config.json does not match the weights: it describes {size.num_params:,} "
+                        f"parameters but the checkpoint holds {checkpoint_elements:,} elements; use the config.json "
+                        f"that was saved with these weights")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`, or None when unknown.
+
+    CUDA: `torch.cuda.mem_get_info`. CPU: the least of /proc/meminfo's MemAvailable, the cgroup v2 limit less its
+    usage, and the address-space limit (RLIMIT_AS) less the process's current size.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    candidates = [_meminfo_kib("/proc/meminfo", "MemAvailable"), _cgroup_free(), _address_space_left()]
+    known = [c for c in candidates if c is not None]
+    return min(known) if known else None
+
+
+def check_fits_memory(num_bytes: int, device: torch.device, what: str) -> None:
+    """LoadError when `num_bytes` exceed the memory available on `device` (skipped when that is unknown)."""
+    free = available_memory(device)
+    if free is None:
+        logger.debug("memory available on %s is unknown; not checking %s", device, what)
+        return
+    if num_bytes > free:
+        raise LoadError(f"{what} needs {num_bytes / GIB:,.2f} GiB ({num_bytes:,} bytes) but only "
+                        f"{free / GIB:,.2f} GiB ({free:,} bytes) is available on {device}; use a smaller model "
+                        f"or dtype, or free memory")
+
+
+def check_model_size(model_cls: type, hf_config: Any, dtype: torch.dtype, device: torch.device, loader: Any,
+                     path: str) -> ModelSize:
+    """Everything above, in order, before the model is built on `device`. Called by the model runner's loading
+    code with the loader that will load `path`; `loader.checkpoint_num_elements(path)` (None when the loader
+    cannot tell, e.g. `dummy`) gives the checkpoint side."""
+    validate_dims(hf_config, path)
+    size = measure(model_cls, hf_config, dtype, path)
+    counter = getattr(loader, "checkpoint_num_elements", None)
+    check_checkpoint(size, counter(path) if counter is not None else None, path)
+    check_fits_memory(size.num_bytes, device, f"{path}: the model ({size.num_params:,} parameters in {dtype})")
+    return size
+
+
+def _config_file(source: str) -> str:
+    return os.path.join(source, "config.json") if os.path.isdir(source) else source
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _meminfo_kib(file: str, key: str) -> int | None:
+    try:
+        with open(file) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_free() -> int | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            rel = next((ln.strip().split(":", 2)[2] for ln in f if ln.startswith("0::")), None)
+        if rel is None:
+            return None
+        folder = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
+        with open(os.path.join(folder, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(folder, "memory.current")) as f:
+            return max(int(limit) - int(f.read().strip()), 0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _address_space_left() -> int | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    size = _meminfo_kib("/proc/self/status", "VmSize")
+    return max(soft - size, 0) if size is not None else None
