@@ -17,8 +17,10 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from tests.gguf_fixtures import ARCHS, FORMATS, LOSSLESS, QUANTIZED, loader_of, model_zoo, reference_of, state_dict
-from weavelm.core.registry import get_registry
+from tests.gguf_fixtures import (ARCHS, FORMATS, LOADER_OF, LOSSLESS, QUANTIZED, loader_of, model_zoo, reference_of,
+                                 state_dict)
+from weavelm.testing._registry import component, names
+from weavelm.testing.loader import LoaderContract
 
 TOKENS = [1, 17, 300, 42, 5, 99, 250, 7, 3, 128, 64, 200, 11, 0, 255, 31,
           400, 8, 77, 123, 6, 501, 19, 2, 88, 160, 33, 222, 14, 70, 9, 4]
@@ -26,8 +28,8 @@ QUANT_TOL = {"Q8_0": (0.01, 0.05, 0.80), "Q4_K": (0.09, 0.50, 0.30)}  # weight r
 
 
 def loader(name: str):
-    cls = get_registry().get("loader", name)
-    return cls(cls.Options())
+    cls = component("loader", name)
+    return cls.select(cls.Options(), {n: component("loader", n) for n in names("loader")})
 
 
 def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,27 +40,39 @@ def quant_of(fmt: str) -> str | None:
     return next((q for q in QUANT_TOL if fmt.endswith(q)), None)
 
 
-# -- contract suite over every registered loader ---------------------------------------------------------------
+# -- the contract suite (weavelm.testing.loader) over every registered loader ------------------------------------
 
-@pytest.mark.parametrize("name", get_registry().names("loader"))
-def test_loader_contract(name, tmp_path):
-    cls = get_registry().get("loader", name)
-    assert cls.name == name and cls.description and "\n" not in cls.description
-    assert issubclass(cls.Options, BaseModel) and cls.Options.model_config.get("extra") == "forbid"
-    with pytest.raises(Exception):
-        cls.Options(no_such_option=1)
-    assert cls.detect(str(tmp_path / "missing")) is None
-    assert cls.detect(str(tmp_path)) is None  # an empty directory is nobody's format
+def _convert_to(fmt: str, **kw):
+    def make_checkpoint(self, hf_model_dir: str, tmp_path) -> str:
+        from weavelm.convert import convert
+
+        out = convert(hf_model_dir, str(tmp_path / f"converted-{fmt}"), fmt, **kw)
+        return out if fmt == "gguf" else str(tmp_path / f"converted-{fmt}")
+    return make_checkpoint
+
+
+CHECKPOINTS = {  # how the built-in formats write the contract's reference checkpoint (a third party's: skipped)
+    "safetensors": {"make_checkpoint": _convert_to("safetensors", shard_size=100_000)},  # sharded, with an index
+    "pt": {"make_checkpoint": _convert_to("pt")},
+    "tensorizer": {"make_checkpoint": _convert_to("tensorizer")},
+    "gguf": {"make_checkpoint": _convert_to("gguf", gguf_type="F32")},
+    "auto": {"make_checkpoint": lambda self, hf_model_dir, tmp_path: hf_model_dir, "detects": False},
+}
+
+for _name in names("loader"):
+    globals()[f"TestContract_{_name}"] = type(f"TestContract_{_name}", (LoaderContract,),
+                                             {"loader": _name, **CHECKPOINTS.get(_name, {})})
+
+
+@pytest.mark.parametrize("name", sorted(set(LOADER_OF.values()) | {"gguf"}))
+def test_format_loaders_claim_only_their_formats(name):
+    cls = component("loader", name)
     zoo = model_zoo("llama")
     own = [f for f in FORMATS if loader_of(f) == name]
-    if own:  # a format loader claims its own formats and no other loader's
-        for fmt in FORMATS:
-            assert bool(cls.detect(zoo[fmt])) == (fmt in own), (name, fmt)
-    for fmt in own[:1] + (["safetensors"] if name == "auto" else []):
-        inst = cls(cls.Options())
-        assert inst.load_hf_config(zoo[fmt]).model_type == "llama"
-        first = next(iter(inst.iter_weights(zoo[fmt])))
-        assert isinstance(first[0], str) and isinstance(first[1], torch.Tensor)
+    for fmt in FORMATS:
+        assert bool(cls.detect(zoo[fmt])) == (fmt in own), (name, fmt)
+    inst = loader(name)
+    assert inst.load_hf_config(zoo[own[0]]).model_type == "llama"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -159,8 +173,9 @@ def test_gguf_logits_equal_transformers_gguf_loader(arch, fmt):
 
 # -- end to end through the engine ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", ("safetensors_sharded", "pt", "tensorizer", "gguf_F32") + QUANTIZED)
+@pytest.mark.parametrize("fmt", ("safetensors_sharded", "pt_sharded", "convert_gguf_F32") + QUANTIZED)
 def test_engine_greedy_matches_safetensors(fmt):
+    """Through `auto`, on the wide zoo model (the contract classes above cover each loader by name)."""
     from weavelm import LLM, SamplingParams
 
     zoo = model_zoo("llama")
@@ -205,7 +220,7 @@ def test_tensorizer_encryption(tmp_path, monkeypatch):
     monkeypatch.setenv("WEAVELM_TEST_PASSPHRASE", "correct horse")
     src = model_zoo("llama")["safetensors"]
     out = convert(src, str(tmp_path / "enc"), "tensorizer", passphrase_env="WEAVELM_TEST_PASSPHRASE")
-    cls = get_registry().get("loader", "tensorizer")
+    cls = component("loader", "tensorizer")
     got = dict(cls(cls.Options(passphrase_env="WEAVELM_TEST_PASSPHRASE")).checked_weights(os.path.dirname(out)))
     ref = state_dict(src)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
