@@ -28,7 +28,11 @@ class CommonAttentionMetadata:
     seq_lens:        (num_reqs,) int32 on device, context length after this step (cached + new tokens)
     block_table:     (num_reqs, max_blocks_per_req) int32 on device, KV block ids (padding is 0)
     slot_mapping:    (num_tokens,) int64 on device, cache slot (block * block_size + offset) of each new token
-    query_start_loc_cpu / seq_lens_cpu: the same on the host, so reference code needs no device sync.
+    query_start_loc_cpu / seq_lens_cpu: (num_reqs + 1,) / (num_reqs,) int32 on the host, equal to the device
+                     tensors in eager steps, so reference code needs no device sync. Under CUDA-graph capture they
+                     describe the batch captured, not a later replay: graph-safe backends must not read them.
+    num_reqs / num_actual_tokens: requests and real (unpadded) tokens of the step; tensors may be padded beyond.
+    max_query_len / max_seq_len: the largest new-token count and context length of any request this step.
     """
 
     query_start_loc: torch.Tensor

@@ -1,4 +1,5 @@
-"""The data that crosses stage boundaries. Plain dataclasses of builtins so they pickle cheaply (multiproc, Ray)."""
+"""The data that crosses stage boundaries. Plain dataclasses of builtins, so they pickle cheaply when an executor
+sends them to workers in other processes."""
 
 from __future__ import annotations
 
