@@ -446,7 +446,17 @@ def test_direct_engine_api_still_returns_outputs(llm, solo):
 
 
 def test_weave_error_is_the_only_escape(llm):
-    for bad in ({"prompt_token_ids": object()}, {"prompt_token_ids": [2**70]}, {"prompt_token_ids": [-1]}):
+    for bad in ({"prompt_token_ids": object()}, {"prompt_token_ids": [2**70]}, {"prompt_token_ids": [-1]},
+                {"prompt_token_ids": [10**5000]}):
         with pytest.raises(WeaveError):
             llm.engine.add_request(bad, GREEDY)
+    for ids in (5, [5], None):
+        with pytest.raises(RequestError, match="request_ids: must be a str or a list of str"):
+            llm.abort(ids)
     assert_clean(llm)
+
+
+def test_error_output_keeps_what_can_be_shown(llm):
+    outs = llm.generate(["no tokenizer here", {"prompt": "text", "prompt_token_ids": [1.5]}], GREEDY)
+    assert [o.prompt for o in outs] == ["no tokenizer here", "text"]
+    assert all(o.prompt_token_ids == [] and o.finished and o.error for o in outs)

@@ -158,7 +158,8 @@ class LLMEngine:
                                f"max_model_len")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise RequestError(f"prompt_token_ids: {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            raise RequestError(f"prompt_token_ids: {show_value(bad[:5])} outside the vocabulary "
+                               f"[0, {self.vocab_size})")
         if self.extra_eos and not params.ignore_eos:
             params.stop_token_ids = params.stop_token_ids + self.extra_eos
         return params
@@ -196,7 +197,10 @@ class LLMEngine:
         final output (finish_reason "abort") goes to its consumer; those of requests added without an outbox are
         returned. Safe from any thread and from a generator's `finally`: while another caller is stepping (or
         this thread is inside a step), the abort is applied right before the next step and [] is returned."""
-        self._deferred_aborts.extend([request_ids] if isinstance(request_ids, str) else request_ids)
+        ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        if not isinstance(ids, (list, tuple, set)) or not all(isinstance(r, str) for r in ids):
+            raise RequestError(f"request_ids: must be a str or a list of str (got {show_value(request_ids)})")
+        self._deferred_aborts.extend(ids)
         if not self._lock.acquire(blocking=False):
             return []
         try:
@@ -314,7 +318,9 @@ class LLMEngine:
 
 
 def error_output(prompt: Any, err: Exception, request_id: str) -> RequestOutput:
-    text = prompt if isinstance(prompt, str) else None
+    """The finished output of a request rejected before it was queued (what can be shown of its prompt)."""
+    text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+    text = text if isinstance(text, str) else None
     ids = prompt.get("prompt_token_ids", []) if isinstance(prompt, dict) else []
     ids = ids if isinstance(ids, list) and all(_is_token_id(t) for t in ids) else []
     return RequestOutput(request_id, text, [int(t) for t in ids], [CompletionOutput(0, "", [], "error")], True,
@@ -394,20 +400,20 @@ class LLM:
         base = next(self.engine._counter)
         order = [f"gen-{base}-{i}" for i in range(len(prompts))]
         results: dict[str, RequestOutput] = {}
-        prepared = {}
+        prepared = []
         for rid, p, sp in zip(order, prompts, params):
             try:
-                prepared[rid] = self.engine.prepare(p, sp)
+                prepared.append((rid, p, self.engine.prepare(p, sp)))
             except RequestError as e:
                 results[rid] = error_output(p, e, rid)
         outbox = _Outbox(finished_only=True)
         pending: set[str] = set()
         try:
-            for rid, req in prepared.items():
+            for rid, p, req in prepared:
                 try:
                     pending.add(self.engine.submit(req, rid, outbox))
                 except RequestError as e:
-                    results[rid] = error_output(prompts[order.index(rid)], e, rid)
+                    results[rid] = error_output(p, e, rid)
             self._run_until_done(pending, outbox, results, use_tqdm)
         finally:
             if pending:  # an exception (or KeyboardInterrupt) left requests behind
