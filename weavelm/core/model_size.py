@@ -37,9 +37,11 @@ DIM_LIMITS = {
 # The rotary cos/sin tables (max_position_embeddings x head_dim / 2, fp32) are computed on the host even for a meta
 # build; this caps them at 2 GiB each.
 MAX_POSITION_TABLE = 1 << 30
-# Slack when comparing checkpoint elements with parameters: extra non-parameter tensors, a third-party
-# architecture's buffers. The per-tensor checks of the load still catch any smaller mismatch.
-CHECKPOINT_SLACK = 0.01
+# How far the checkpoint's element count may stray from the parameter count before the load is refused outright.
+# Within this factor the model is built and the load's per-tensor checks name the tensors that are missing or
+# mis-shaped (more useful than two totals); beyond it the config is for another model and building it could cost
+# many times the checkpoint's memory.
+CHECKPOINT_RATIO = 1.5
 GIB = 1 << 30
 
 
@@ -92,15 +94,16 @@ def measure(model_cls: type, hf_config: Any, dtype: torch.dtype, source: str) ->
 
 
 def check_checkpoint(size: ModelSize, checkpoint_elements: int | None, source: str) -> None:
-    """LoadError when the checkpoint's element count cannot fill a model of this size (None: unknown, no check)."""
+    """LoadError when the checkpoint's element count is off from the model's by more than CHECKPOINT_RATIO (tied
+    embeddings may or may not be in the checkpoint). None: unknown, no check."""
     if checkpoint_elements is None:
         return
-    low = size.num_params * (1 - CHECKPOINT_SLACK)
-    high = (size.num_params + size.tied_embedding_params) * (1 + CHECKPOINT_SLACK)
+    low = size.num_params / CHECKPOINT_RATIO
+    high = (size.num_params + size.tied_embedding_params) * CHECKPOINT_RATIO
     if not low <= checkpoint_elements <= high:
         raise LoadError(f"{source}: config.json does not match the weights: it describes {size.num_params:,} "
                         f"parameters but the checkpoint holds {checkpoint_elements:,} elements; use the config.json "
-                        f"that was saved with these weights")
+                        f"that was saved with these weights (or the complete checkpoint)")
 
 
 def available_memory(device: torch.device) -> int | None:
