@@ -1,0 +1,1 @@
+"""weavelm attention backend `sdpa`: PyTorch's scaled_dot_product_attention over the paged KV cache."""
