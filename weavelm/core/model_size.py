@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,6 +193,10 @@ def _cgroup_free() -> int | None:
 
 
 def _address_space_left() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft == resource.RLIM_INFINITY:
         return None
