@@ -12,6 +12,7 @@ import torch
 from weavelm.ops.cache_write import write_kv_cache
 from weavelm.ops.reference_attention import paged_attention_ref
 from weavelm.plugin import CommonAttentionMetadata
+from weavelm.utils import cdiv
 
 
 @dataclass
@@ -40,7 +41,7 @@ def make_batch(query_lens: list[int], context_lens: list[int], *, num_heads: int
     """
     g = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for q, c in zip(query_lens, context_lens)]
-    blocks_per_req = [-(-s // block_size) for s in seq_lens]
+    blocks_per_req = [cdiv(s, block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_req) + spare_blocks
     perm = torch.randperm(num_blocks, generator=g)
     block_table = torch.zeros(len(seq_lens), max(blocks_per_req) + 1, dtype=torch.int32)

@@ -77,8 +77,9 @@ class AttentionContract:
 
     # -- fixtures and helpers ----------------------------------------------------------------------------------
     @pytest.fixture(scope="class", autouse=True)
-    def _triton_interpreter_without_cuda(self):
-        with triton_interpreter_without_cuda(self.interpreter_reload):
+    @classmethod
+    def _triton_interpreter_without_cuda(cls):
+        with triton_interpreter_without_cuda(cls.interpreter_reload):
             yield
 
     @property

@@ -26,6 +26,7 @@ import pytest
 from weavelm.plugin import RequestStatus, SchedulerContext
 from weavelm.testing._registry import component
 from weavelm.testing._scheduler_driver import EOS, Driver, FakeRunner, check_scheduler, fake_token, make_request
+from weavelm.utils import cdiv
 
 BLOCK_SIZE = 4
 MAX_CHUNKED_BUDGET = 256
@@ -34,10 +35,6 @@ MAX_CHUNKED_BUDGET = 256
 def expected(rid: str, prompt_len: int, max_tokens: int) -> list[int]:
     """The tokens the fake model samples for request `rid` (any batching, chunking or preemption)."""
     return [fake_token(rid, prompt_len + i) for i in range(max_tokens)]
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class SchedulerContract:
