@@ -15,7 +15,6 @@ import os
 
 import pytest
 import torch
-from pydantic import BaseModel
 
 from tests.gguf_fixtures import (ARCHS, FORMATS, LOADER_OF, LOSSLESS, QUANTIZED, loader_of, model_zoo, reference_of,
                                  state_dict)
