@@ -306,6 +306,15 @@ class ModelLoader(Component, ABC):
         """A tokenizer for `path`, or None to use the transformers tokenizer beside the weights."""
         return None
 
+    def checkpoint_num_elements(self, path: str) -> int | None:
+        """Total elements (product of each tensor's logical shape) of the checkpoint at `path`, read from file
+        headers or tensor tables without loading tensor data; rotary `inv_freq` buffers are not counted, and a
+        quantized tensor counts its dequantized shape. None when unknown (e.g. `dummy`, which has no checkpoint).
+
+        Called once per load, after `load_hf_config(path)` and before the model is built, so a config.json that
+        does not match the weights fails before anything is allocated. Raises LoadError for unreadable files."""
+        return None
+
     @abstractmethod
     def iter_weights(self, path: str) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(checkpoint_name, tensor)` in Hugging Face naming, one tensor at a time."""

@@ -78,7 +78,7 @@ def measure(model_cls: type, hf_config: Any, dtype: torch.dtype, source: str) ->
     """Build `model_cls(hf_config)` on the meta device and count its parameters and bytes (exact for any
     architecture; nothing is allocated)."""
     try:
-        with _default_dtype(dtype), torch.device("meta"):
+        with default_dtype(dtype), torch.device("meta"):
             model = model_cls(hf_config)
     except Exception as e:  # an architecture raises whatever its layers raise for impossible dimensions
         raise LoadError(f"{_config_file(source)}: describes a {model_cls.__name__} that cannot be built "
@@ -139,8 +139,7 @@ def check_model_size(model_cls: type, hf_config: Any, dtype: torch.dtype, device
     cannot tell, e.g. `dummy`) gives the checkpoint side."""
     validate_dims(hf_config, path)
     size = measure(model_cls, hf_config, dtype, path)
-    counter = getattr(loader, "checkpoint_num_elements", None)
-    check_checkpoint(size, counter(path) if counter is not None else None, path)
+    check_checkpoint(size, loader.checkpoint_num_elements(path), path)
     check_fits_memory(size.num_bytes, device, f"{path}: the model ({size.num_params:,} parameters in {dtype})")
     return size
 
@@ -155,7 +154,8 @@ def _short(value: Any) -> str:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
+    """Build tensors in `dtype` inside the block (how models are built in the engine's dtype)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 
 from weavelm.core.config import EngineConfig
 from weavelm.core.contexts import RunnerContext
-from weavelm.core.model_size import check_model_size
+from weavelm.core.model_size import check_model_size, default_dtype
 from weavelm.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,16 +44,6 @@ class ModelBundle:
     vocab_size: int
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def load_model_bundle(context: RunnerContext) -> ModelBundle:
     """Read the config through the context's loader, build the architecture on the device in the engine's dtype,
     and load its weights."""
@@ -65,7 +54,7 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     model_cls = context.model_class(hf_config)
     dtype = resolve_dtype(config, hf_config, device)
     check_model_size(model_cls, hf_config, dtype, device, loader, config.model)
-    with _default_dtype(dtype), torch.device(device):
+    with default_dtype(dtype), torch.device(device):
         model = model_cls(hf_config)
     loader.load_weights(model, config.model)
     model.eval()
