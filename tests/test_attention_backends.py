@@ -26,21 +26,8 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 KERNELS = "weavelm.plugins.attention.triton.kernels"
 
 
-
-class InterpreterBf16(AttentionContract):
-    """Triton's CPU interpreter has no bfloat16 `tl.dot` (it multiplies the raw bit patterns: triton-lang/triton
-    #11584, "we just don't support it yet"), so on CPU the bf16 case is an expected failure until the triton
-    backend's `check()` refuses bf16 under TRITON_INTERPRET (then it skips)."""
-
-    @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.xfail(
-        not ON_GPU, strict=True, reason="triton interpreter: no bfloat16 tl.dot (triton-lang/triton#11584)"))])
-    def test_half_precision(self, dtype):
-        super().test_half_precision(dtype)
-
-
 for _name in names("attention"):
-    _base = InterpreterBf16 if _name == "triton" else AttentionContract
-    globals()[f"TestContract_{_name}"] = type(f"TestContract_{_name}", (_base,),
+    globals()[f"TestContract_{_name}"] = type(f"TestContract_{_name}", (AttentionContract,),
                                              {"backend": _name, "interpreter_reload": (KERNELS,)})
 
 

@@ -10,6 +10,17 @@ An outside distribution tests its own component the way the built-ins are tested
 Parity helpers (`prompt_logits`, `teacher_forced_logits`) run a prompt through a real `LLM`.
 """
 
+from weavelm.testing._attention_batches import AttentionBatch, make_batch, reference_output, rel_err
+from weavelm.testing._scheduler_driver import Driver, FakeRunner, fake_token, make_request
+from weavelm.testing.attention import AttentionContract, triton_interpreter_without_cuda
+from weavelm.testing.executor import ExecutorContract
+from weavelm.testing.loader import LoaderContract
 from weavelm.testing.parity import prompt_logits, teacher_forced_logits
+from weavelm.testing.scheduler import SchedulerContract
 
-__all__ = ["prompt_logits", "teacher_forced_logits"]
+__all__ = [
+    "AttentionContract", "SchedulerContract", "LoaderContract", "ExecutorContract",
+    "AttentionBatch", "make_batch", "reference_output", "rel_err", "triton_interpreter_without_cuda",
+    "Driver", "FakeRunner", "make_request", "fake_token",
+    "prompt_logits", "teacher_forced_logits",
+]

@@ -117,6 +117,8 @@ class TritonAttentionBackend(AttentionBackend):
             reasons.append(f"num_heads ({spec.num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})")
         if spec.block_size < 1:
             reasons.append(f"block_size {spec.block_size} must be >= 1")
+        if spec.device != "cuda" and spec.dtype == torch.bfloat16:
+            reasons.append("bfloat16 under the Triton CPU interpreter: it has no bf16 tl.dot (triton-lang/triton#11584)")
         return reasons
 
     @classmethod
