@@ -35,3 +35,8 @@ class RequestError(WeaveError, ValueError):
 
 class EngineError(WeaveError, RuntimeError):
     """The engine itself failed (a worker died, the core process exited)."""
+
+
+class EngineDeadError(EngineError):
+    """A process the engine depends on (a worker rank, the engine core) died or broke; the engine cannot go on.
+    The message names the process and, where known, its exit code or signal and traceback."""
