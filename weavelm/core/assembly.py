@@ -87,10 +87,11 @@ class WorkerBuilder(_RegistryHolder):
         super().__init__(config, spec, registry)
         self.limits = limits
 
-    def __call__(self, rank: int, world_size: int) -> Worker:
+    def __call__(self, rank: int, world_size: int, distributed_init_method: str | None = None) -> Worker:
         config = self.config
         runner_builder = RunnerBuilder(config, self.spec, self._registry, self.limits, rank, world_size)
-        context = WorkerContext(config=config, rank=rank, world_size=world_size, build_runner=runner_builder)
+        context = WorkerContext(config=config, rank=rank, world_size=world_size, build_runner=runner_builder,
+                                distributed_init_method=distributed_init_method)
         cls = self.registry.get("worker", config.worker.name)
         return cls(config.worker.options, context)
 

@@ -41,23 +41,25 @@ class SchedulerContext:
 
 @dataclass
 class ExecutorContext:
-    """What an executor is built with. `build_worker(rank, world_size)` builds and returns the configured worker
-    (not yet initialised); it pickles, so a multi-process executor calls it inside each worker process, where it
-    rebuilds the registry from entry points."""
+    """What an executor is built with. `build_worker(rank, world_size, distributed_init_method=None)` builds and
+    returns the configured worker (not yet initialised); it pickles, so a multi-process executor sends it to each
+    worker process and calls it there, where it rebuilds the registry from entry points."""
 
     config: EngineConfig
-    build_worker: Callable[[int, int], Worker]
+    build_worker: Callable[..., Worker]
 
 
 @dataclass
 class WorkerContext:
     """What a worker is built with. `build_runner(device)` builds the configured model runner for the device the
-    worker chose in `init_device`."""
+    worker chose in `init_device`. With `world_size > 1` the worker joins the process group at
+    `distributed_init_method` (every rank of the executor gets the same one) before building the runner."""
 
     config: EngineConfig
     rank: int
     world_size: int
     build_runner: Callable[[torch.device], ModelRunner]
+    distributed_init_method: str | None = None  # e.g. tcp://127.0.0.1:port when world_size > 1
 
 
 @dataclass

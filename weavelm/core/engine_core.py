@@ -13,7 +13,7 @@ from weavelm.core.contexts import SchedulerContext
 from weavelm.core.outputs import EngineCoreOutput, ModelRunnerOutput, RunnerFuture, SchedulerOutput, SchedulerStats
 from weavelm.core.registry import Registry
 from weavelm.core.request import Request, RequestStatus
-from weavelm.errors import EngineError, RequestError
+from weavelm.errors import EngineDeadError, EngineError, RequestError
 
 logger = logging.getLogger("weavelm.engine")
 MAX_IDLE_STEPS = 64
@@ -113,6 +113,8 @@ class EngineCore:
             self._idle_steps = 0
         try:
             future = self.executor.execute_model_async(scheduler_output)
+        except EngineDeadError:
+            raise
         except Exception as e:  # isolated in step_end: the step's requests fail, the engine goes on
             future = _FailedFuture(e)
         return PendingStep(scheduler_output, future)
@@ -123,6 +125,8 @@ class EngineCore:
         try:
             outputs = self.scheduler.update_from_output(scheduler_output, pending.future.result())
             self._consecutive_failures = 0
+        except EngineDeadError:
+            raise  # a worker process is gone: nothing to isolate
         except Exception as e:
             outputs = self._fail_step(scheduler_output, e)
         self.last_stats = self.scheduler.get_stats()

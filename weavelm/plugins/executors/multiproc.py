@@ -1,0 +1,209 @@
+"""The multiproc executor: one `WorkerProc` per tensor-parallel rank, each its own spawned process.
+
+MultiprocExecutor -> WorkerProc (spawned; never forked after CUDA init) -> WorkerWrapperBase (builds the worker
+when told) -> Worker -> ModelRunner. Every message is pickled once and broadcast to every rank over its own pipe (the
+measured choice on these machines: see benchmarks/RESULTS.md "executor message queue"); a step's
+`ModelRunnerOutput` comes back from rank 0 only. A rank that dies is noticed through its process sentinel within
+a second, and every caller then gets an `EngineDeadError` naming the rank, its pid and exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection as mpc
+import os
+import pickle
+import socket
+import weakref
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from weavelm.core.contexts import ExecutorContext
+from weavelm.core.hookspecs import hookimpl
+from weavelm.core.interfaces import Executor
+from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
+from weavelm.core.worker_wrapper import ERROR, RPC, SHUTDOWN, STEP, worker_proc_main
+from weavelm.errors import EngineDeadError, EngineError, WeaveError
+
+logger = logging.getLogger("weavelm.executor")
+POLL_S = 1.0
+
+
+class MultiprocOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="Ranks (processes) the model is sharded over.")
+    distributed_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend: auto is nccl on CUDA, gloo on CPU.")
+    shutdown_timeout_s: float = Field(10.0, gt=0, le=600, description="Wait for workers to exit before killing.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcHandle:
+    """The parent's end of one WorkerProc: its process and its pipe."""
+
+    def __init__(self, rank: int, process: Any, conn: Any):
+        self.rank, self.process, self.conn = rank, process, conn
+
+    def death(self) -> str:
+        self.process.join(2)
+        code = self.process.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        return f"worker rank {self.rank} (pid {self.process.pid}) {how}"
+
+
+def _shutdown(handles: list[WorkerProcHandle], timeout: float) -> None:
+    message = pickle.dumps((SHUTDOWN, None))
+    for h in handles:
+        try:
+            h.conn.send_bytes(message)
+        except OSError:
+            pass
+    for h in handles:
+        h.process.join(timeout)
+    for h in handles:
+        if h.process.is_alive():
+            h.process.kill()
+            h.process.join(5)
+        h.conn.close()
+
+
+class MultiprocExecutor(Executor):
+    name = "multiproc"
+    description = "One spawned worker process per tensor-parallel rank; broadcasts steps, rank 0 answers."
+    Options = MultiprocOptions
+
+    def __init__(self, options: MultiprocOptions, context: ExecutorContext):
+        super().__init__(options, context)
+        self.world_size = options.tensor_parallel_size
+        self.dead: str | None = None
+        self._step_futures: list[_ProcStepFuture] = []
+        init_method = f"tcp://127.0.0.1:{free_port()}" if self.world_size > 1 else None
+        threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        ctx = multiprocessing.get_context("spawn")
+        self.handles: list[WorkerProcHandle] = []
+        for rank in range(self.world_size):
+            parent_conn, child_conn = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=worker_proc_main, name=f"weavelm-worker-{rank}", daemon=True,
+                               args=(context.build_worker, rank, self.world_size, init_method, child_conn, threads))
+            proc.start()
+            child_conn.close()
+            self.handles.append(WorkerProcHandle(rank, proc, parent_conn))
+        self._finalizer = weakref.finalize(self, _shutdown, self.handles, options.shutdown_timeout_s)
+        try:
+            for method in ("init_worker", "init_device", "load_model"):
+                self.collective_rpc(method)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- messages -----------------------------------------------------------------------------------------
+    def _broadcast(self, message: tuple, ranks: list[int]) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        for rank in ranks:
+            try:
+                self.handles[rank].conn.send_bytes(data)
+            except OSError:
+                self._check_alive()
+                raise
+
+    def _check_alive(self) -> None:
+        for h in self.handles:
+            if not h.process.is_alive():
+                self._die(h.death())
+
+    def _die(self, why: str) -> None:
+        self.dead = self.dead or why
+        raise EngineDeadError(self.dead)
+
+    def _receive(self, ranks: list[int], watch_all: bool) -> dict[int, Any]:
+        """Wait for one reply from each of `ranks`; with `watch_all` an error from any other rank counts too. A dead
+        process or a closed pipe makes the engine dead."""
+        waiting = set(ranks)
+        replies: dict[int, Any] = {}
+        watched = self.handles if watch_all else [self.handles[r] for r in ranks]
+        while waiting:
+            conns = {h.conn: h for h in watched if h.rank in waiting or watch_all}
+            sentinels = {h.process.sentinel: h for h in self.handles}
+            for ready in mpc.wait(list(conns) + list(sentinels), timeout=POLL_S):
+                if ready in sentinels and ready not in conns:
+                    if not sentinels[ready].conn.poll():
+                        self._die(sentinels[ready].death())
+                    continue
+                h = conns[ready]
+                try:
+                    status, payload = pickle.loads(h.conn.recv_bytes())
+                except (EOFError, OSError):
+                    h.process.join(1)
+                    self._die(h.death())
+                if status == ERROR:
+                    self._raise_worker_error(h.rank, payload)
+                replies[h.rank] = payload
+                waiting.discard(h.rank)
+        return replies
+
+    def _raise_worker_error(self, rank: int, payload: tuple) -> None:
+        error, text, tb = payload
+        logger.error("worker rank %d raised:\n%s", rank, tb)
+        if self.world_size > 1 and self._step_futures:
+            # ranks of one model run collectives together: one failing mid-step leaves the others unusable
+            self._die(f"worker rank {rank} failed during a tensor-parallel step: {text}\n{tb}")
+        if isinstance(error, WeaveError):
+            raise error
+        raise EngineError(f"worker rank {rank}: {text}")
+
+    # -- Executor -----------------------------------------------------------------------------------------
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list[Any]:
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        self._broadcast((RPC, (method, tuple(args), kwargs or {})), ranks)
+        replies = self._receive(ranks, watch_all=False)
+        return [replies[r] for r in ranks]
+
+    def determine_num_blocks(self) -> int:
+        return min(self.collective_rpc("determine_num_blocks"))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.collective_rpc("initialize_cache", (num_blocks,))
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(scheduler_output).result()
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
+        self._broadcast((STEP, scheduler_output), list(range(self.world_size)))
+        future = _ProcStepFuture(self)
+        self._step_futures.append(future)
+        return future
+
+    def _collect_step(self) -> ModelRunnerOutput:
+        try:
+            return self._receive([0], watch_all=True)[0]
+        finally:
+            self._step_futures.pop(0)
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+
+class _ProcStepFuture(RunnerFuture):
+    def __init__(self, executor: MultiprocExecutor):
+        super().__init__()
+        self._executor = executor
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is None:
+            self._output = self._executor._collect_step()
+        return self._output
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("executor", MultiprocExecutor.name, MultiprocExecutor)

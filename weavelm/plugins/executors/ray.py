@@ -1,0 +1,161 @@
+"""The Ray executor: one Ray actor per tensor-parallel rank, placed with a placement group, speaking the same
+`collective_rpc` and step messages as `multiproc` (each actor holds a `WorkerWrapperBase`).
+
+Across nodes: `ray start --head` on one node, `ray start --address=<head>:6379` on the others, then run weavelm with
+`executor: {name: ray, tensor_parallel_size: N, address: auto}`. Ray is imported only when this executor is built
+(extra `[ray]`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from weavelm.core.contexts import ExecutorContext
+from weavelm.core.hookspecs import hookimpl
+from weavelm.core.interfaces import Executor
+from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
+from weavelm.errors import ConfigError, EngineDeadError, EngineError, WeaveError
+
+logger = logging.getLogger("weavelm.executor")
+
+
+class RayOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tensor_parallel_size: int = Field(1, ge=1, le=512, description="Ranks (Ray actors) the model is sharded over.")
+    address: str | None = Field(None, description="Ray cluster to join (`auto`, or host:port); default: the "
+                                "running local instance, else a new local one.")
+    num_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs each rank's actor reserves.")
+    placement_strategy: str = Field("PACK", pattern="^(PACK|SPREAD|STRICT_PACK|STRICT_SPREAD)$",
+                                    description="Placement-group strategy for the ranks' bundles.")
+
+
+def _actor_class():
+    import ray
+
+    from weavelm.core.worker_wrapper import WorkerWrapperBase
+
+    @ray.remote
+    class RayWorker:
+        """One rank: a WorkerWrapperBase inside a Ray actor."""
+
+        def __init__(self, build_worker: Any, rank: int, world_size: int):
+            self.args = (build_worker, rank, world_size)
+            self.wrapper: WorkerWrapperBase | None = None
+
+        def address(self) -> tuple[str, int]:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("", 0))
+                return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+        def setup(self, distributed_init_method: str | None) -> None:
+            self.wrapper = WorkerWrapperBase(*self.args, distributed_init_method)
+
+        def execute_method(self, method: str, args: tuple, kwargs: dict) -> Any:
+            return self.wrapper.execute_method(method, *args, **kwargs)
+
+        def execute_step(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+            output = self.wrapper.worker.execute_model(scheduler_output)
+            return output if self.wrapper.rank == 0 else None
+
+    return RayWorker
+
+
+class RayExecutor(Executor):
+    name = "ray"
+    description = "One Ray actor per tensor-parallel rank (placement group); local or multi-node."
+    Options = RayOptions
+
+    def __init__(self, options: RayOptions, context: ExecutorContext):
+        super().__init__(options, context)
+        try:
+            import ray
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        except ImportError as e:
+            raise ConfigError([("executor", f"the ray executor needs Ray: pip install 'weavelm[ray]' ({e})")]) from e
+        self._ray = ray
+        if not ray.is_initialized():
+            ray.init(address=options.address, ignore_reinit_error=True, log_to_driver=False)
+        self.world_size = options.tensor_parallel_size
+        gpus = 1 if context.config.device == "cuda" else 0
+        bundle = {"CPU": options.num_cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+        self.placement = placement_group([dict(bundle) for _ in range(self.world_size)],
+                                         strategy=options.placement_strategy)
+        ray.get(self.placement.ready(), timeout=300)
+        actor = _actor_class()
+        self.actors = [
+            actor.options(num_cpus=options.num_cpus_per_worker, num_gpus=gpus,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, rank)).remote(
+                context.build_worker, rank, self.world_size)
+            for rank in range(self.world_size)]
+        init_method = None
+        if self.world_size > 1:
+            host, port = self._get([self.actors[0].address.remote()])[0]
+            init_method = f"tcp://{host}:{port}"
+        self._get([a.setup.remote(init_method) for a in self.actors])
+        try:
+            for method in ("init_worker", "init_device", "load_model"):
+                self.collective_rpc(method)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _get(self, refs: list[Any]) -> list[Any]:
+        ray = self._ray
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as e:
+            raise EngineDeadError(f"a Ray worker actor died: {e}") from e
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            if isinstance(cause, WeaveError):
+                raise cause from e
+            raise EngineError(f"a Ray worker failed: {e}") from e
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list[Any]:
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        return self._get([self.actors[r].execute_method.remote(method, tuple(args), kwargs or {}) for r in ranks])
+
+    def determine_num_blocks(self) -> int:
+        return min(self.collective_rpc("determine_num_blocks"))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.collective_rpc("initialize_cache", (num_blocks,))
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(scheduler_output).result()
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
+        refs = [a.execute_step.remote(scheduler_output) for a in self.actors]
+        return _RayStepFuture(self, refs)
+
+    def shutdown(self) -> None:
+        ray = self._ray
+        for a in getattr(self, "actors", []):
+            ray.kill(a)
+        self.actors = []
+        if getattr(self, "placement", None) is not None:
+            ray.util.remove_placement_group(self.placement)
+            self.placement = None
+
+
+class _RayStepFuture(RunnerFuture):
+    def __init__(self, executor: RayExecutor, refs: list[Any]):
+        super().__init__()
+        self._executor, self._refs = executor, refs
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is None:
+            self._output = self._executor._get(self._refs)[0]
+        return self._output
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("executor", RayExecutor.name, RayExecutor)
