@@ -285,6 +285,8 @@ class BaseScheduler(Scheduler):
                 lps = lps[:len(new_tokens)]
                 req.logprobs.extend(lps)
             out = EngineCoreOutput(rid, new_tokens, lps, None, None, max(req.num_cached_tokens, 0))
+            if runner_output.prompt_logprobs:
+                out.prompt_logprobs = runner_output.prompt_logprobs.get(rid)
             if req.status is not _RUNNING:
                 out.finish_reason = req.status.finish_reason
                 out.stop_reason = req.stop_reason

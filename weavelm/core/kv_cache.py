@@ -201,7 +201,7 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> ComputedBlocks:
         """Longest cached prefix of a request without blocks, leaving at least one token to compute."""
-        if not self.enable_caching:
+        if not self.enable_caching or request.sampling_params.skip_reading_prefix_cache:
             return NO_HITS
         self._update_hashes(request)
         bs, tokens = self.block_size, request.all_token_ids

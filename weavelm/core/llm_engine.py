@@ -13,8 +13,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from weavelm.core.client import EngineCoreClient, InprocClient
+from weavelm.core.compat import apply_vllm_aliases
 from weavelm.core.config import EngineConfig, merge_overrides, read_yaml
 from weavelm.core.detokenizer import IncrementalDetokenizer, add_tokens_batch
+from weavelm.core.fanout import ParentRequest, child_params
+from weavelm.core.generation_defaults import default_sampling_params
+from weavelm.core.model_files import resolve_model
 from weavelm.core.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
 from weavelm.core.assembly import build_loader
 from weavelm.core.registry import Registry
@@ -54,31 +58,38 @@ class _RequestState:
     params: SamplingParams
     detok: IncrementalDetokenizer
     token_ids: list[int]
-    logprobs: list[float] | None
+    logprobs: list | None  # per token {token_id: Logprob}
     arrival: float
     first_token_time: float | None = None
     num_cached_tokens: int = 0
     outbox: _Outbox | None = None
+    parent: ParentRequest | None = None  # set on the children of an n > 1 request
+    index: int = 0  # CompletionOutput.index
+    prompt_logprobs: list | None = None
 
 
 class LLMEngine:
     """Turns prompts into core requests and core deltas into RequestOutputs."""
 
     def __init__(self, config: EngineConfig, registry: Registry | None = None):
-        if config.model is None:
-            from weavelm.default_model import default_model_path
-            config.model = default_model_path()
+        config.model = resolve_model(config.model)
         self.config = config
         registry = registry or Registry.load()
         self.registry = registry
         loader = build_loader(config, registry)
         self.hf_config = loader.load_hf_config(config.model)
         self.tokenizer = self._load_tokenizer(loader)
-        self.client: EngineCoreClient = InprocClient(config, registry)
+        if config.engine_process:
+            from weavelm.core.mp_client import MPClient
+
+            self.client: EngineCoreClient = MPClient(config, registry)
+        else:
+            self.client = InprocClient(config, registry)
         self.max_model_len = self.client.max_model_len
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_id, self.extra_eos = self._eos_ids()
         self.states: dict[str, _RequestState] = {}
+        self.parents: dict[str, ParentRequest] = {}  # n > 1 requests by their id; their children are in states
         self._counter = itertools.count()
         self._lock = threading.Lock()  # one caller at a time drives the core
         self._deferred_aborts: deque[str] = deque()
@@ -162,7 +173,41 @@ class LLMEngine:
                                f"[0, {self.vocab_size})")
         if self.extra_eos and not params.ignore_eos:
             params.stop_token_ids = params.stop_token_ids + self.extra_eos
+        self._validate_extras(params)
         return params
+
+    def _validate_extras(self, params: SamplingParams) -> None:
+        """Check the vocabulary-dependent fields and fill the engine-set ones (min_tokens' stop ids, bad words'
+        token sequences)."""
+        vocab = self.vocab_size
+        bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if bad:
+            raise RequestError(f"SamplingParams.logit_bias: token id(s) {show_value(bad[:5])} outside the "
+                               f"vocabulary [0, {vocab})")
+        stop_ids = [] if params.ignore_eos or self.eos_token_id is None else [self.eos_token_id]
+        params.min_tokens_stop_ids = [t for t in stop_ids + params.stop_token_ids if t < vocab] \
+            if params.min_tokens else []
+        params.bad_words_token_ids = self._bad_words_ids(params.bad_words) if params.bad_words else []
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad words: each word as given and with a leading space when that makes a
+        different token sequence of the same length."""
+        if self.tokenizer is None:
+            raise RequestError("SamplingParams.bad_words: this model has no tokenizer to turn words into tokens")
+        out: list[list[int]] = []
+        for word in words:
+            plain = list(self.tokenizer.encode(word, add_special_tokens=False))
+            spaced = list(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            for ids in (plain, spaced) if spaced[:1] != plain[:1] and len(spaced) == len(plain) else (plain,):
+                if ids and all(0 <= t < self.vocab_size for t in ids):
+                    out.append(ids)
+        return out
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams from the model's generation_config.json (vLLM's keys), else SamplingParams()."""
+        if not hasattr(self, "_default_params"):
+            self._default_params = default_sampling_params(self.config.model)
+        return replace(self._default_params)
 
     def prepare(self, prompt: PromptType, params: SamplingParams | None = None
                 ) -> tuple[str | None, list[int], SamplingParams]:
@@ -184,13 +229,34 @@ class LLMEngine:
         text, ids, params = prepared
         with self._lock:
             rid = request_id or str(next(self._counter))
-            if rid in self.states:
+            if rid in self.states or rid in self.parents:
                 raise RequestError(f"request_id: {rid!r} is already in use")
-            self.client.add_request(Request(rid, ids, params, eos_token_id=self.eos_token_id))
-            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
-            self.states[rid] = _RequestState(rid, text, ids, params, detok, [], [] if params.logprobs else None,
-                                             time.perf_counter(), outbox=outbox)
+            if params.n == 1:
+                self._add(rid, text, ids, params, outbox)
+                return rid
+            parent = ParentRequest(rid, params.n)
+            added: list[str] = []
+            try:
+                for i, child_id in enumerate(parent.child_ids):
+                    if child_id in self.states:
+                        raise RequestError(f"request_id: {child_id!r} (completion {i} of {rid!r}) is already in use")
+                    self._add(child_id, text, ids, child_params(params, i), outbox, parent, i)
+                    added.append(child_id)
+            except BaseException:
+                for child_id in added:
+                    self.states.pop(child_id, None)
+                self.client.abort_requests(added)
+                raise
+            self.parents[rid] = parent
         return rid
+
+    def _add(self, rid: str, text: str | None, ids: list[int], params: SamplingParams, outbox: _Outbox | None,
+             parent: ParentRequest | None = None, index: int = 0) -> None:
+        self.client.add_request(Request(rid, ids, params, eos_token_id=self.eos_token_id))
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
+        self.states[rid] = _RequestState(rid, text, ids, params, detok, [],
+                                         [] if params.num_logprobs is not None else None, time.perf_counter(),
+                                         outbox=outbox, parent=parent, index=index)
 
     def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
         """Abort requests (unknown or finished ids are ignored) and free their KV blocks. Each aborted request's
@@ -200,7 +266,8 @@ class LLMEngine:
         ids = [request_ids] if isinstance(request_ids, str) else request_ids
         if not isinstance(ids, (list, tuple, set)) or not all(isinstance(r, str) for r in ids):
             raise RequestError(f"request_ids: must be a str or a list of str (got {show_value(request_ids)})")
-        self._deferred_aborts.extend(ids)
+        parents = self.parents
+        self._deferred_aborts.extend(c for r in ids for c in (parents[r].child_ids if r in parents else (r,)))
         if not self._lock.acquire(blocking=False):
             return []
         try:
@@ -288,6 +355,8 @@ class LLMEngine:
         st.num_cached_tokens = co.num_cached_tokens
         if st.logprobs is not None and co.new_logprobs:
             st.logprobs.extend(co.new_logprobs)
+        if co.prompt_logprobs is not None:
+            st.prompt_logprobs = co.prompt_logprobs
         finish_reason, stop_reason = co.finish_reason, co.stop_reason
         if hit is ...:
             hit = st.detok.add_tokens(co.new_token_ids)
@@ -299,17 +368,25 @@ class LLMEngine:
         out = RequestOutput(
             request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
             outputs=[CompletionOutput(
-                0, st.detok.text, list(co.new_token_ids) if delta else list(st.token_ids), finish_reason,
+                st.index, st.detok.text, list(co.new_token_ids) if delta else list(st.token_ids), finish_reason,
                 stop_reason, (list(co.new_logprobs or []) if delta else list(st.logprobs))
                 if st.logprobs is not None else None)],
             finished=finish_reason is not None, num_cached_tokens=st.num_cached_tokens,
             error=co.error,
-            metrics={"arrival": st.arrival, "first_token": st.first_token_time or 0.0, "now": now})
+            metrics={"arrival": st.arrival, "first_token": st.first_token_time or 0.0, "now": now},
+            prompt_logprobs=co.prompt_logprobs if delta else st.prompt_logprobs)
         if out.finished:
             del self.states[co.request_id]
+        if st.parent is not None:
+            out = st.parent.merge(out, finished_only, delta)
+            if out is None:
+                return None
+            if out.finished:
+                del self.parents[out.request_id]
+        if out.finished:
             self.hook.weavelm_request_finished(output=out)
         if st.outbox is not None:
-            st.outbox.outputs[co.request_id] = out
+            st.outbox.outputs[out.request_id] = out
             return None
         return out
 
@@ -352,13 +429,16 @@ class LLM:
     def __init__(self, model: str | None = None, *, config: str | EngineConfig | dict | None = None,
                  sets: list[str] | None = None, registry: Registry | None = None, **overrides: Any):
         registry = registry or Registry.load()  # one registry per engine: its plugins, its allow-list
-        if isinstance(config, EngineConfig):
-            engine_config = config if not (overrides or model) else EngineConfig.build(
-                merge_overrides(config.to_dict(), {"model": model, **overrides}, sets), registry)
+        if isinstance(config, EngineConfig) and not (overrides or model or sets):
+            engine_config = config
         else:
-            raw = read_yaml(config) if isinstance(config, str) else dict(config or {})
-            engine_config = EngineConfig.build(merge_overrides(raw, {"model": model, **overrides}, sets), registry)
+            raw = config.to_dict() if isinstance(config, EngineConfig) else (
+                read_yaml(config) if isinstance(config, str) else dict(config or {}))
+            # vLLM's flat arguments (max_num_seqs=..., tensor_parallel_size=...) land in their sections
+            overrides = apply_vllm_aliases({"model": model, **overrides}, registry, base=raw)
+            engine_config = EngineConfig.build(merge_overrides(raw, overrides, sets), registry)
         self.config = engine_config
+        self._closed = False
         self.engine = LLMEngine(engine_config, registry)
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
@@ -379,9 +459,15 @@ class LLM:
         finish_reason "abort" and their KV blocks are freed."""
         self.engine.abort_request(request_ids)
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The model's defaults from its generation_config.json (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens -> max_tokens), else SamplingParams(); what `generate`, `stream` and
+        `chat` use when given no sampling_params (vLLM's behaviour)."""
+        return self.engine.get_default_sampling_params()
+
     def _params_list(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None) -> list:
         if params is None or isinstance(params, SamplingParams):
-            return [params or SamplingParams()] * n
+            return [params or self.get_default_sampling_params()] * n
         if not isinstance(params, (list, tuple)):
             raise RequestError(f"sampling_params: expected SamplingParams or a list of them "
                                f"(got {type(params).__name__})")
@@ -437,7 +523,8 @@ class LLM:
         the generator early (break, close(), garbage collection) aborts the request. Safe to interleave with
         other streams, `generate` calls and threads."""
         outbox = _Outbox(finished_only=False)
-        rid = self.engine.add_request(prompt, sampling_params, outbox=outbox)
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
+        rid = self.engine.add_request(prompt, params, outbox=outbox)
         finished = False
         try:
             while not finished:
@@ -448,16 +535,56 @@ class LLM:
             if not finished:
                 self.engine.abort_request(rid)
 
-    def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None
+             ) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: one conversation (a list of {"role", "content"} messages) or a list of them, each
+        rendered with the tokenizer's chat template and generated as one batch. Always returns a list of
+        RequestOutput, one per conversation (as vLLM does)."""
+        conversations = _conversations(messages)
         tok = self.get_tokenizer()
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise RequestError("chat: this model's tokenizer has no chat template")
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tok.encode(text, add_special_tokens=False)
-        return self.generate([{"prompt": text, "prompt_token_ids": ids}], sampling_params)[0]
+        if tok is None or not (chat_template or getattr(tok, "chat_template", None)):
+            raise RequestError("chat: this model's tokenizer has no chat template; pass chat_template=... or use "
+                               "generate() with a formatted prompt")
+        prompts = []
+        for conv in conversations:
+            try:
+                text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                               continue_final_message=continue_final_message, tokenize=False,
+                                               chat_template=chat_template, **(chat_template_kwargs or {}))
+            except Exception as e:  # jinja errors, bad roles, ...
+                raise RequestError(f"messages: the chat template cannot render them ({type(e).__name__}: {e})"
+                                   ) from e
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        """Stop the engine: its core process and workers, if any. Idempotent; the LLM cannot be used after."""
+        if not self._closed:
+            self._closed = True
+            self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+
+def _conversations(messages: Any) -> list[list[dict[str, Any]]]:
+    """`chat`'s input as a list of conversations; RequestError naming the expected shape otherwise."""
+    rule = ("messages: expected a conversation (a list of {'role': ..., 'content': ...} dicts) or a list of "
+            "conversations")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise RequestError(f"{rule} (got {show_value(messages)})")
+    convs = [messages] if isinstance(messages[0], dict) else list(messages)
+    for conv in convs:
+        if not isinstance(conv, (list, tuple)) or not conv or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in conv):
+            raise RequestError(f"{rule} (got {show_value(conv)})")
+    return [list(c) for c in convs]
 
 
 def _progress(total: int, enabled: bool):

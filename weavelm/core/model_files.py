@@ -1,9 +1,11 @@
-"""Helpers shared by loaders: reading config.json, checking that weights fill the model exactly."""
+"""Helpers shared by loaders: reading config.json, checking that weights fill the model exactly, and the lazy
+checkpoint tensor through which a tensor-parallel rank reads only its shard."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -45,3 +47,97 @@ def load_into_model(model: torch.nn.Module, weights: Iterable[tuple[str, torch.T
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise LoadError(f"{source}: missing tensor(s) for parameter(s) {shown}; the checkpoint is incomplete or "
                         f"for a different architecture")
+
+
+ShardReader = Callable[[int | None, int, int], torch.Tensor]
+"""`read(dim, start, length)`: the slice `start:start + length` along `dim` as a fresh tensor; dim None: all of it."""
+
+
+class LazyTensor:
+    """A checkpoint tensor whose data stays on disk until asked for: whole (`materialize`) or one slice along one
+    dimension (`narrow`), so a tensor-parallel rank reads only its shard. `shape` and `dtype` are the stored
+    tensor's. Loaders yield these where the format allows (safetensors, GGUF); model weight loaders take any
+    tensor through `narrow_or_slice` and `materialize`, which also accept plain tensors."""
+
+    __slots__ = ("shape", "dtype", "_read")
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, read: ShardReader):
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self._read = read
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        dim = dim % len(self.shape)
+        if not 0 <= start <= start + length <= self.shape[dim]:
+            raise ValueError(f"slice {start}:{start + length} of dimension {dim} is outside shape {tuple(self.shape)}")
+        if start == 0 and length == self.shape[dim]:
+            return self.materialize()
+        return self._read(dim, start, length)
+
+    def materialize(self) -> torch.Tensor:
+        return self._read(None, 0, 0)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+def narrow_or_slice(t: torch.Tensor | LazyTensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """`t.narrow(dim, start, length)` for a tensor (a view: an mmap'd tensor touches only the shard's pages); for a
+    LazyTensor, only that slice is read."""
+    return t.narrow(dim, start, length)
+
+
+def materialize(t: torch.Tensor | LazyTensor) -> torch.Tensor:
+    """The whole tensor (a LazyTensor is read; a tensor is returned as is)."""
+    return t.materialize() if isinstance(t, LazyTensor) else t
+
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(model: str | None) -> str:
+    """The local path of `model`: None -> the default model; an existing path as given (an empty folder is an
+    error); an id such as `HuggingFaceTB/SmolLM2-135M-Instruct` -> its snapshot in the local Hugging Face cache.
+    weavelm never downloads: a hub id missing from the cache is a LoadError saying so."""
+    if model is None:
+        from weavelm.default_model import default_model_path
+        return default_model_path()
+    if os.path.isdir(model):
+        if not os.listdir(model):
+            raise LoadError(f"model: {model!r} is an empty folder; put config.json and the weights there or point "
+                            f"`model` at the folder that holds them")
+        return model
+    if os.path.exists(model):
+        return model
+    if HUB_ID.match(model) and not model.startswith("."):
+        local = _hub_snapshot(model)
+        if local is not None:
+            return local
+        raise LoadError(f"model: {model!r} is not a local path and not in the local Hugging Face cache "
+                        f"({_hub_cache_dir()}); weavelm never downloads. Fetch it once with "
+                        f"`huggingface-cli download {model}` or pass a model directory")
+    raise LoadError(f"model: {model!r} does not exist; give a model directory (config.json + weights), a .gguf "
+                    f"file, or a Hugging Face id already in the local cache")
+
+
+def _hub_snapshot(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # LocalEntryNotFoundError, an invalid id, ...
+        return None
+
+
+def _hub_cache_dir() -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+        return HF_HUB_CACHE
+    except ImportError:
+        return "~/.cache/huggingface/hub"

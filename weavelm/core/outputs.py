@@ -8,6 +8,34 @@ from dataclasses import dataclass, field
 from weavelm.core.request import SamplingParams
 
 
+class Logprob(float):
+    """One token's log-probability. A float (so `lp[tok] < 0`, `math.isclose(lp[tok], x)` work) that also carries
+    vLLM's `Logprob` attributes: `.logprob` (the value), `.rank` (1 = most likely token under the model's
+    distribution) and `.decoded_token` (the token's text, filled by the frontend when there is a tokenizer)."""
+
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None) -> Logprob:
+        self = super().__new__(cls, logprob)
+        self.rank = rank
+        self.decoded_token = decoded_token
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __reduce__(self):
+        return (Logprob, (float(self), self.rank, self.decoded_token))
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+
+# One position's logprobs: {token_id: Logprob}, the sampled (or prompt) token first, then the top-N by rank.
+TokenLogprobs = dict[int, Logprob]
+
+
 @dataclass
 class NewRequestData:
     """A request the worker has not seen yet, sent once in full.
@@ -67,12 +95,16 @@ class SchedulerOutput:
 @dataclass
 class ModelRunnerOutput:
     """What one step produced. `sampled_token_ids[i]` is empty for a request whose prompt chunk did not finish
-    the prompt. `logprobs[i]` parallels it (logprob of each sampled token) or is None when not requested."""
+    the prompt. `logprobs[i]` parallels it (one TokenLogprobs per sampled token: the sampled token and the top-N
+    of the unmodified distribution) or is None when not requested. `prompt_logprobs[req_id]` is sent once, on the
+    step that finishes the prompt, for requests with `prompt_logprobs` set: one entry per prompt token, the first
+    None."""
 
     req_ids: list[str]
     req_id_to_index: dict[str, int]
     sampled_token_ids: list[list[int]]
-    logprobs: list[list[float] | None] | None = None
+    logprobs: list[list[TokenLogprobs] | None] | None = None
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
 
 
 EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, [], None)
@@ -96,11 +128,12 @@ class EngineCoreOutput:
 
     request_id: str
     new_token_ids: list[int]
-    new_logprobs: list[float] | None = None
+    new_logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, with the request's first token
 
     @property
     def finished(self) -> bool:
@@ -125,12 +158,15 @@ class SchedulerStats:
 
 @dataclass
 class CompletionOutput:
+    """One completion of a request (`index` in [0, n)). `logprobs` (when asked for) holds one dict per token:
+    {token_id: Logprob} with the chosen token and the `logprobs=N` most likely ones (vLLM's SampleLogprobs)."""
+
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    logprobs: list[float] | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -145,3 +181,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with `prompt_logprobs`: None, then one per token

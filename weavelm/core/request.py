@@ -19,6 +19,11 @@ INT32_MAX = 2**31 - 1
 MIN_TEMPERATURE = 1e-5  # below this, float32 logits / temperature overflow to inf; 0 means greedy
 MAX_TEMPERATURE = 1e6  # far past the point where sampling is uniform
 MAX_LOGPROBS = 20
+MAX_N = 128
+MAX_PENALTY = 2.0  # presence / frequency penalties, as OpenAI and vLLM bound them
+MAX_REPETITION_PENALTY = 1e6
+MAX_LOGIT_BIAS = 100.0
+MAX_BAD_WORDS = 1024
 
 
 @dataclass
@@ -34,8 +39,22 @@ class SamplingParams:
     - `seed`: None or int in the int64 range (what every torch.Generator accepts).
     - `stop`: None, a non-empty str or a list/tuple of them; `stop_token_ids`: None or a list/tuple of ints >= 0.
     - `ignore_eos`, `include_stop_str_in_output`: bool.
-    - `logprobs`: bool, or an int in [0, MAX_LOGPROBS] (non-zero returns the sampled token's logprob).
+    - `logprobs`: None/False (off), or an int N in [0, MAX_LOGPROBS]: each output token then carries a dict
+      {token_id: Logprob} of the N most likely tokens plus the sampled one (vLLM's shape; N=0: the sampled token
+      only). `True` is accepted for backward compatibility and means 0.
+    - `prompt_logprobs`: None or an int N in [0, MAX_LOGPROBS]: the same for every prompt token (the first is None).
+      Such a request does not read the prefix cache (its logits are needed at every prompt position).
     - `priority`: int in the int64 range.
+    - `n`: int in [1, MAX_N]: completions per prompt (seeded children use seed, seed+1, ...).
+    - `presence_penalty`, `frequency_penalty`: real in [-2, 2] (0 disables), applied on output tokens as vLLM
+      does: logit -= presence * (count > 0) + frequency * count.
+    - `repetition_penalty`: real in (0, MAX_REPETITION_PENALTY] (1 disables), on prompt and output tokens as
+      vLLM / transformers do: a seen token's logit is divided by it when positive, multiplied when negative.
+    - `min_tokens`: int in [0, max_tokens]: EOS and `stop_token_ids` are masked until that many tokens exist.
+    - `logit_bias`: None or a dict {token_id: bias}, bias real in [-100, 100], added to the logits; token ids are
+      checked against the vocabulary when the request is added.
+    - `bad_words`: None or a list of non-empty strings; tokenized when the request is added (with and without a
+      leading space); a word's last token is banned whenever the output ends with the word's other tokens.
 
     Integral / real numpy scalars are accepted and stored as Python int / float.
     """
@@ -49,9 +68,21 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: bool | int = False
+    logprobs: bool | int | None = None
     priority: int = 0
     include_stop_str_in_output: bool = False
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    # Set by the frontend when the request is added (not user fields): EOS + stop ids that `min_tokens` masks, and
+    # `bad_words` as token sequences.
+    min_tokens_stop_ids: list[int] = field(default_factory=list, repr=False, compare=False)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.max_tokens = _int("max_tokens", self.max_tokens, 1, INT32_MAX,
@@ -70,11 +101,45 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "must be True or False")
-        if not isinstance(self.logprobs, bool):
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
             self.logprobs = _int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
-                                 f"must be a bool or an integer in [0, {MAX_LOGPROBS}]")
+                                 f"must be None, a bool or an integer in [0, {MAX_LOGPROBS}] (alternatives per "
+                                 f"token)")
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS,
+                                        f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         self.priority = _int("priority", self.priority, INT64_MIN, INT64_MAX,
                              "must be an integer in [-2**63, 2**63-1]; lower runs first")
+        self.n = _int("n", self.n, 1, MAX_N, f"must be an integer in [1, {MAX_N}] (completions per prompt)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            setattr(self, name, _real(name, getattr(self, name), "must be a number in [-2, 2]; 0 disables",
+                                      lambda x: -MAX_PENALTY <= x <= MAX_PENALTY))
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty,
+                                        f"must be a number in (0, {MAX_REPETITION_PENALTY:g}]; 1 disables",
+                                        lambda x: 0 < x <= MAX_REPETITION_PENALTY)
+        self.min_tokens = _int("min_tokens", self.min_tokens, 0, self.max_tokens,
+                               f"must be an integer in [0, max_tokens={self.max_tokens}]")
+        self.logit_bias = _logit_bias(self.logit_bias)
+        self.bad_words = _bad_words(self.bad_words)
+        for name in ("min_tokens_stop_ids", "bad_words_token_ids"):
+            if not isinstance(getattr(self, name), list):
+                raise _bad(name, getattr(self, name), "is set by the engine; leave it out")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per output token (None: no logprobs); `True` means 0, `False` means None."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        return 0 if self.logprobs is True else self.logprobs
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def skip_reading_prefix_cache(self) -> bool:
+        """vLLM's rule: prompt logprobs need logits at every prompt position, so cached prefixes are recomputed."""
+        return self.prompt_logprobs is not None
 
     @property
     def greedy(self) -> bool:
@@ -128,6 +193,30 @@ def _stop_strings(value: Any) -> list[str]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
         raise _bad("stop", value, rule)
     return list(items)
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    rule = "must be None or a dict {token_id: bias} with integer ids >= 0 and biases in [-100, 100]"
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > INT32_MAX:
+        raise _bad("logit_bias", value, rule)
+    out = {}
+    for tok, bias in value.items():
+        if not _is_int(tok) or not 0 <= tok <= INT64_MAX:
+            raise _bad("logit_bias", value, rule)
+        out[int(tok)] = _real("logit_bias", bias, rule, lambda x: -MAX_LOGIT_BIAS <= x <= MAX_LOGIT_BIAS)
+    return out
+
+
+def _bad_words(value: Any) -> list[str] | None:
+    rule = f"must be None or a list of at most {MAX_BAD_WORDS} non-empty strings"
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) > MAX_BAD_WORDS
+            or not all(isinstance(w, str) and w.strip() for w in value)):
+        raise _bad("bad_words", value, rule)
+    return list(value)
 
 
 def _token_ids(field_name: str, value: Any) -> list[int]:
@@ -187,7 +276,7 @@ class Request:
         self.num_preemptions = 0
         self.block_hashes: list[int] = []
         self.stop_reason: int | str | None = None
-        self.logprobs: list[float] = []
+        self.logprobs: list = []  # per output token: {token_id: Logprob} (weavelm.core.outputs)
 
     @property
     def priority(self) -> int:

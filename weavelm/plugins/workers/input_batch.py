@@ -23,6 +23,8 @@ class CachedRequestState:
     num_computed_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # prompt_logprobs: entry j is for prompt token j (None until computed; j = 0 stays None); None once sent
+    prompt_logprobs: list | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -42,10 +44,18 @@ class InputBatch:
         self.top_k = np.zeros(max_num_reqs, dtype=np.int64)
         self.min_p = np.zeros(max_num_reqs, dtype=np.float32)
         self.logprobs = np.zeros(max_num_reqs, dtype=bool)
+        self.num_logprobs = np.zeros(max_num_reqs, dtype=np.int64)
         self.seeded = np.zeros(max_num_reqs, dtype=bool)
+        self.num_prompt = np.zeros(max_num_reqs, dtype=np.int64)
+        # rows that need a logits processor (penalties, logit_bias, bad_words, min_tokens) or prompt logprobs
+        self.processed = np.zeros(max_num_reqs, dtype=bool)
+        self.wants_prompt_logprobs = np.zeros(max_num_reqs, dtype=bool)
         self.req_ids: list[str] = []  # row order; rows [0, len) are occupied
         self.index: dict[str, int] = {}
         self.states: list[CachedRequestState] = []
+
+    def output_token_ids(self, row: int) -> np.ndarray:
+        return self.token_ids[row, self.num_prompt[row]:self.num_tokens[row]]
 
     @property
     def num_reqs(self) -> int:
@@ -69,8 +79,13 @@ class InputBatch:
         self.top_p[row] = sp.top_p
         self.top_k[row] = sp.top_k
         self.min_p[row] = sp.min_p
-        self.logprobs[row] = sp.logprobs
+        self.logprobs[row] = sp.num_logprobs is not None
+        self.num_logprobs[row] = sp.num_logprobs or 0
         self.seeded[row] = s.generator is not None
+        self.num_prompt[row] = n_prompt
+        self.processed[row] = bool(sp.uses_penalties or sp.logit_bias or sp.bad_words_token_ids
+                                   or (sp.min_tokens and sp.min_tokens_stop_ids))
+        self.wants_prompt_logprobs[row] = s.prompt_logprobs is not None
 
     def set_blocks(self, row: int, block_ids: list[int]) -> None:
         self.block_table[row, :len(block_ids)] = block_ids
@@ -85,7 +100,8 @@ class InputBatch:
         """Drop rows, filling each hole with the last row (only moved rows are copied)."""
         rows = sorted((self.index[r] for r in req_ids if r in self.index), reverse=True)
         arrays = (self.token_ids, self.num_tokens, self.num_computed, self.block_table, self.num_blocks,
-                  self.temperature, self.top_p, self.top_k, self.min_p, self.logprobs, self.seeded)
+                  self.temperature, self.top_p, self.top_k, self.min_p, self.logprobs, self.num_logprobs, self.seeded,
+                  self.num_prompt, self.processed, self.wants_prompt_logprobs)
         for row in rows:
             s = self.states[row]
             s.output_token_ids = self.token_ids[row, len(s.prompt_token_ids):self.num_tokens[row]].tolist()

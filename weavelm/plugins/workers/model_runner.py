@@ -17,7 +17,8 @@ from weavelm.core.interfaces import ModelRunner
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
-from weavelm.plugins.workers.sampler import SamplingMetadata, sample
+from weavelm.plugins.workers.sampler import SamplingMetadata, compute_logprobs, sample
+from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata, to_token_logprobs
 from weavelm.utils import cdiv
 
 logger = logging.getLogger("weavelm.runner")
@@ -113,6 +114,8 @@ class PagedModelRunner(ModelRunner):
                 gen = torch.Generator(device=self.device).manual_seed(sp.seed)
             state = CachedRequestState(nr.req_id, nr.prompt_token_ids, sp, list(nr.block_ids),
                                        nr.num_computed_tokens, generator=gen)
+            if sp.prompt_logprobs is not None:
+                state.prompt_logprobs = [None] * len(nr.prompt_token_ids)
             self.requests[nr.req_id] = state
             batch.add(state)
         c = scheduler_output.scheduled_cached_reqs
@@ -181,22 +184,8 @@ class PagedModelRunner(ModelRunner):
         staged.copy_(t)
         return staged.to(self.device, non_blocking=True)
 
-    def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
-        b = self.batch
-        temp, top_k, top_p, min_p = b.temperature[rows], b.top_k[rows], b.top_p[rows], b.min_p[rows]
-        all_greedy = bool((temp == 0).all())
-        want_logprobs = bool(b.logprobs[rows].any())
-        if all_greedy:  # argmax only: no per-row tensors to send
-            empty = torch.empty(0, device=self.device)
-            return SamplingMetadata(empty, empty, empty, empty, True, False, False, False, {}, want_logprobs)
-        seeded = np.nonzero(b.seeded[rows])[0]
-        gens = {int(i): b.states[int(rows[i])].generator for i in seeded}
-        dev = self.device
-        return SamplingMetadata(
-            temperature=torch.from_numpy(temp).to(dev), top_k=torch.from_numpy(top_k).to(dev),
-            top_p=torch.from_numpy(top_p).to(dev), min_p=torch.from_numpy(min_p).to(dev),
-            all_greedy=False, any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1).any()),
-            any_min_p=bool((min_p > 0).any()), generators=gens, want_logprobs=want_logprobs)
+    def _sampling_metadata(self, rows: np.ndarray, vocab_size: int) -> SamplingMetadata:
+        return build_sampling_metadata(self.batch, rows, self.device, vocab_size)
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         return self.bundle.model(input_ids, positions, fb)
@@ -214,19 +203,41 @@ class PagedModelRunner(ModelRunner):
         if scheduler_output.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
             return RunnerFuture(ModelRunnerOutput([], {}, [], None))
         input_ids, positions, common, logits_indices, rows = self._prepare_inputs(scheduler_output)
-        if self.graphs is not None and self.graphs.can_run(common):
+        prompt_lp_rows = np.nonzero(batch.wants_prompt_logprobs[:batch.num_reqs])[0]
+        if self.graphs is not None and not len(prompt_lp_rows) and self.graphs.can_run(common):
             logits = self.graphs.run(input_ids, positions, common)[logits_indices].float()
         else:
             fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
             hidden = self.run_model(input_ids, positions, fb)
             logits = self.bundle.model.compute_logits(hidden[logits_indices]).float()
+            if len(prompt_lp_rows):
+                self._prompt_logprobs(hidden, common, prompt_lp_rows)
         if self.logits_hook is not None:
             replaced = self.logits_hook([batch.req_ids[r] for r in rows.tolist()], logits)
             logits = logits if replaced is None else replaced
-        ids, lps = sample(logits, self._sampling_metadata(rows))
+        ids, lps = sample(logits, self._sampling_metadata(rows, logits.shape[-1]))
         return _StepFuture(self, rows, ids, lps)
 
-    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps: torch.Tensor | None) -> ModelRunnerOutput:
+    def _prompt_logprobs(self, hidden: torch.Tensor, common, req_rows: np.ndarray) -> None:
+        """Fill each asking request's prompt logprobs for the prompt tokens this step's chunk predicts (the logits
+        at position p score prompt token p + 1). Recomputed chunks (after preemption) overwrite their entries."""
+        batch, start_loc = self.batch, common.query_start_loc_cpu.tolist()
+        for row in req_rows.tolist():
+            state = batch.states[row]
+            if state.prompt_logprobs is None:
+                continue
+            first = int(batch.num_computed[row])
+            last = min(first + start_loc[row + 1] - start_loc[row], len(state.prompt_token_ids) - 1)
+            if last <= first:
+                continue
+            h = hidden[start_loc[row]:start_loc[row] + last - first]
+            logprobs = self.bundle.model.compute_logits(h).float().log_softmax(-1)
+            targets = state.prompt_token_ids[first + 1:last + 1]
+            k = state.sampling_params.prompt_logprobs
+            lp = compute_logprobs(logprobs, torch.tensor(targets, device=logprobs.device), k)
+            state.prompt_logprobs[first + 1:last + 1] = to_token_logprobs(targets, lp, [k] * len(targets))
+
+    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps) -> ModelRunnerOutput:
         batch = self.batch
         ids_np = ids.cpu().numpy()  # the step's one device -> host sync
         batch.token_ids[rows, batch.num_tokens[rows]] = ids_np
@@ -234,17 +245,23 @@ class PagedModelRunner(ModelRunner):
         sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
         for row, tok in zip(rows.tolist(), ids_np.tolist()):
             sampled[row] = [tok]
-        logprobs: list[list[float] | None] | None = None
+        logprobs = None
         if lps is not None:
             logprobs = [None] * batch.num_reqs
-            for row, lp in zip(rows.tolist(), lps.tolist()):
-                if batch.states[row].sampling_params.logprobs:
-                    logprobs[row] = [lp]
-        return ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled, logprobs)
+            want = [batch.states[row].sampling_params.num_logprobs for row in rows.tolist()]
+            for row, entry in zip(rows.tolist(), to_token_logprobs(ids_np.tolist(), lps, want)):
+                logprobs[row] = None if entry is None else [entry]
+        prompt_logprobs = {}
+        for row in rows[batch.wants_prompt_logprobs[rows]].tolist():
+            state = batch.states[row]
+            if state.prompt_logprobs is not None:  # the prompt finished: send its logprobs once
+                prompt_logprobs[state.req_id], state.prompt_logprobs = state.prompt_logprobs, None
+                batch.wants_prompt_logprobs[row] = False
+        return ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled, logprobs, prompt_logprobs)
 
 
 class _StepFuture(RunnerFuture):
-    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps: torch.Tensor | None):
+    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps):
         super().__init__()
         self._args = (runner, rows, ids, lps)
 

@@ -1,7 +1,11 @@
-"""Sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+"""Sampling on the device: logits processors (penalties, logit bias, banned tokens), greedy, temperature, top-k,
+top-p, min-p, per-request seeds, logprobs with top-N alternatives.
 
-The only host transfer is the sampled ids (and their logprobs when asked for). A seeded request draws its noise
-from its own generator, so its tokens do not depend on what else is in the batch.
+The host transfers are the sampled ids (and their logprobs when asked for). A seeded request draws its noise from
+its own generator, and every processor works on its own row, so its tokens do not depend on what else is in the
+batch. Processors run only when a row in the batch uses them (their metadata is None otherwise), so the greedy and
+temperature paths pay nothing for them. Logprobs are taken from the model's unmodified distribution, before any
+processor, as vLLM does by default.
 """
 
 from __future__ import annotations
@@ -12,8 +16,36 @@ import torch
 
 
 @dataclass
+class PenaltyMetadata:
+    """vLLM's penalties for the `p` rows that use them.
+
+    rows: (p,) int64, indices into the sampled rows. presence / frequency / repetition: (p,) float32.
+    token_ids: (p, L) int64, each row's prompt + output tokens, padded with `vocab_size` (an out-of-range id that
+    lands in a dropped extra column). is_output: (p, L) bool, true on output tokens.
+    """
+
+    rows: torch.Tensor
+    presence: torch.Tensor
+    frequency: torch.Tensor
+    repetition: torch.Tensor
+    token_ids: torch.Tensor
+    is_output: torch.Tensor
+
+
+@dataclass
+class SparseLogits:
+    """Entries (rows[i], token_ids[i]) of the logits to change: add `values[i]` (logit bias) or, when `values` is
+    None, set to -inf (bad words, EOS before min_tokens). All (m,) tensors."""
+
+    rows: torch.Tensor
+    token_ids: torch.Tensor
+    values: torch.Tensor | None = None
+
+
+@dataclass
 class SamplingMetadata:
-    """Per sampled row: (n,) tensors on the logits' device; `generators` maps row -> torch.Generator."""
+    """Per sampled row: (n,) tensors on the logits' device; `generators` maps row -> torch.Generator.
+    `num_logprobs`: the largest top-N asked for in the batch (0: only the sampled token's logprob)."""
 
     temperature: torch.Tensor
     top_k: torch.Tensor
@@ -25,6 +57,55 @@ class SamplingMetadata:
     any_min_p: bool
     generators: dict[int, torch.Generator]
     want_logprobs: bool
+    num_logprobs: int = 0
+    penalties: PenaltyMetadata | None = None
+    logit_bias: SparseLogits | None = None
+    banned: SparseLogits | None = None
+
+
+@dataclass
+class SampledLogprobs:
+    """Logprobs of one step's sampled rows, on the device. sampled: (n,) float32 logprob of the chosen token;
+    sampled_rank: (n,) int64, 1 = most likely; top_ids / top_logprobs: (n, k) the k most likely tokens."""
+
+    sampled: torch.Tensor
+    sampled_rank: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+
+def apply_penalties(logits: torch.Tensor, p: PenaltyMetadata) -> None:
+    """In place. Repetition on prompt + output tokens (divide a positive logit, multiply a negative one, as
+    transformers' RepetitionPenaltyLogitsProcessor); then logit -= frequency * count + presence * (count > 0)
+    over output tokens (OpenAI's formula, as vLLM applies it)."""
+    vocab = logits.shape[-1]
+    sub = logits[p.rows]
+    seen = torch.zeros(sub.shape[0], vocab + 1, dtype=torch.bool, device=sub.device)
+    seen.scatter_(1, p.token_ids, True)
+    seen = seen[:, :vocab]
+    out_ids = torch.where(p.is_output, p.token_ids, vocab)
+    counts = torch.zeros(sub.shape[0], vocab + 1, dtype=sub.dtype, device=sub.device)
+    counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=sub.dtype))
+    counts = counts[:, :vocab]
+    rep = p.repetition[:, None]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub -= p.frequency[:, None] * counts + p.presence[:, None] * (counts > 0).to(sub.dtype)
+    logits[p.rows] = sub
+
+
+def apply_logits_processors(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+    """The logits after logit bias, banned tokens and penalties (a copy when any applies, else `logits`)."""
+    if m.penalties is None and m.logit_bias is None and m.banned is None:
+        return logits
+    logits = logits.clone()
+    if m.logit_bias is not None:
+        b = m.logit_bias
+        logits.index_put_((b.rows, b.token_ids), b.values, accumulate=True)
+    if m.penalties is not None:
+        apply_penalties(logits, m.penalties)
+    if m.banned is not None:
+        logits[m.banned.rows, m.banned.token_ids] = float("-inf")
+    return logits
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
@@ -48,10 +129,19 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, m: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits: (n, vocab) float32. Returns sampled ids (n,) int64 and, if asked, their logprobs (n,)
-    under the model's unmodified distribution."""
+def compute_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> SampledLogprobs:
+    """logprobs: (n, vocab) log-softmaxed; token_ids: (n,) the chosen tokens; k: top-N to return."""
+    chosen = logprobs.gather(-1, token_ids[:, None])
+    rank = (logprobs >= chosen).sum(-1)
+    top_logprobs, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], token_ids[:, None][:, :0])
+    return SampledLogprobs(chosen.squeeze(-1), rank, top_ids, top_logprobs)
+
+
+def sample(logits: torch.Tensor, m: SamplingMetadata) -> tuple[torch.Tensor, SampledLogprobs | None]:
+    """logits: (n, vocab) float32. Returns sampled ids (n,) int64 and, if asked, their logprobs (with the top
+    `m.num_logprobs` alternatives) under the model's unmodified distribution."""
     logprobs = logits.log_softmax(dim=-1) if m.want_logprobs else None
+    logits = apply_logits_processors(logits, m)
     greedy = logits.argmax(dim=-1)
     if m.all_greedy:
         ids = greedy
@@ -63,5 +153,5 @@ def sample(logits: torch.Tensor, m: SamplingMetadata) -> tuple[torch.Tensor, tor
         for row, gen in m.generators.items():
             noise[row].exponential_(generator=gen)
         ids = torch.where(m.temperature > 0, (probs / noise).argmax(dim=-1), greedy)
-    lp = logprobs.gather(-1, ids[:, None]).squeeze(-1) if logprobs is not None else None
+    lp = compute_logprobs(logprobs, ids, m.num_logprobs) if logprobs is not None else None
     return ids, lp

@@ -1,0 +1,101 @@
+"""Host side of sampling: SamplingMetadata from the persistent batch's rows, and logprob tensors back into the
+{token_id: Logprob} dicts that ModelRunnerOutput carries.
+
+The per-row Python work runs only for rows that use a feature (penalties, logit bias, bad words, min_tokens,
+logprobs); a batch that uses none builds the same metadata as before these features existed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from weavelm.core.outputs import Logprob, TokenLogprobs
+from weavelm.plugins.workers.input_batch import InputBatch
+from weavelm.plugins.workers.sampler import PenaltyMetadata, SampledLogprobs, SamplingMetadata, SparseLogits
+
+
+def build_sampling_metadata(b: InputBatch, rows: np.ndarray, device: torch.device, vocab_size: int
+                            ) -> SamplingMetadata:
+    """Metadata for sampling `rows` of the batch; `vocab_size` is the logits' width."""
+    temp = b.temperature[rows]
+    all_greedy = bool((temp == 0).all())
+    want_logprobs = bool(b.logprobs[rows].any())
+    num_logprobs = int(b.num_logprobs[rows].max()) if want_logprobs else 0
+    processors = _processors(b, rows, device, vocab_size) if b.processed[rows].any() else {}
+    if all_greedy:  # argmax only: no per-row sampling tensors to send
+        empty = torch.empty(0, device=device)
+        return SamplingMetadata(empty, empty, empty, empty, True, False, False, False, {}, want_logprobs,
+                                num_logprobs, **processors)
+    top_k, top_p, min_p = b.top_k[rows], b.top_p[rows], b.min_p[rows]
+    seeded = np.nonzero(b.seeded[rows])[0]
+    gens = {int(i): b.states[int(rows[i])].generator for i in seeded}
+    return SamplingMetadata(
+        temperature=torch.from_numpy(temp).to(device), top_k=torch.from_numpy(top_k).to(device),
+        top_p=torch.from_numpy(top_p).to(device), min_p=torch.from_numpy(min_p).to(device),
+        all_greedy=False, any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1).any()),
+        any_min_p=bool((min_p > 0).any()), generators=gens, want_logprobs=want_logprobs,
+        num_logprobs=num_logprobs, **processors)
+
+
+def _processors(b: InputBatch, rows: np.ndarray, device: torch.device, vocab: int) -> dict:
+    pen_rows, bias, banned = [], ([], [], []), ([], [])
+    for i in np.nonzero(b.processed[rows])[0].tolist():
+        row = int(rows[i])
+        sp = b.states[row].sampling_params
+        if sp.uses_penalties:
+            pen_rows.append(i)
+        if sp.logit_bias:
+            bias[0].extend([i] * len(sp.logit_bias))
+            bias[1].extend(sp.logit_bias)
+            bias[2].extend(sp.logit_bias.values())
+        output = b.output_token_ids(row)
+        if sp.min_tokens and len(output) < sp.min_tokens:
+            banned[0].extend([i] * len(sp.min_tokens_stop_ids))
+            banned[1].extend(sp.min_tokens_stop_ids)
+        for word in sp.bad_words_token_ids:
+            prefix = word[:-1]
+            if len(output) >= len(prefix) and (not prefix or output[len(output) - len(prefix):].tolist() == prefix):
+                banned[0].append(i)
+                banned[1].append(word[-1])
+    out = {}
+    if pen_rows:
+        out["penalties"] = _penalties(b, rows, pen_rows, device, vocab)
+    if bias[0]:
+        out["logit_bias"] = SparseLogits(torch.tensor(bias[0], device=device), torch.tensor(bias[1], device=device),
+                                         torch.tensor(bias[2], dtype=torch.float32, device=device))
+    if banned[0]:
+        out["banned"] = SparseLogits(torch.tensor(banned[0], device=device), torch.tensor(banned[1], device=device))
+    return out
+
+
+def _penalties(b: InputBatch, rows: np.ndarray, pen_rows: list[int], device: torch.device, vocab: int
+               ) -> PenaltyMetadata:
+    batch_rows = rows[pen_rows]
+    lengths = b.num_tokens[batch_rows]
+    width = int(lengths.max())
+    cols = np.arange(width)[None, :]
+    token_ids = np.where(cols < lengths[:, None], b.token_ids[batch_rows, :width], vocab)
+    is_output = (cols >= b.num_prompt[batch_rows][:, None]) & (cols < lengths[:, None])
+    sps = [b.states[int(r)].sampling_params for r in batch_rows]
+    values = np.array([[sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty] for sp in sps],
+                      dtype=np.float32)
+    v = torch.from_numpy(values).to(device)
+    return PenaltyMetadata(torch.tensor(pen_rows, device=device), v[:, 0], v[:, 1], v[:, 2],
+                           torch.from_numpy(token_ids).to(device), torch.from_numpy(is_output).to(device))
+
+
+def to_token_logprobs(ids: list[int], lp: SampledLogprobs, want: list[int | None]) -> list[TokenLogprobs | None]:
+    """One {token_id: Logprob} per row: the chosen token first, then the row's top `want[i]` (None: skipped)."""
+    sampled, ranks = lp.sampled.tolist(), lp.sampled_rank.tolist()
+    top_ids, top_lps = lp.top_ids.tolist(), lp.top_logprobs.tolist()
+    out: list[TokenLogprobs | None] = []
+    for i, n in enumerate(want):
+        if n is None:
+            out.append(None)
+            continue
+        d = {ids[i]: Logprob(sampled[i], ranks[i])}
+        for r in range(n):
+            d.setdefault(top_ids[i][r], Logprob(top_lps[i][r], r + 1))
+        out.append(d)
+    return out
