@@ -63,6 +63,9 @@ class _TopLevel(BaseModel):
     max_model_len: int | None = Field(None, ge=1, le=MAX_MODEL_LEN,
                                       description="Context limit; default: the model's.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    engine_process: bool = Field(False, description="Run the engine core (scheduler + executor) in its own "
+                                 "process, so tokenizing, detokenizing and streaming in the caller's process overlap "
+                                 "the core's steps; requests and outputs cross through ZeroMQ.")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: Any = None
     executor: Any = None
@@ -97,6 +100,7 @@ class EngineConfig(BaseModel):
     seed: int = 0
     max_model_len: int | None = None
     enforce_eager: bool = False
+    engine_process: bool = Field(False, description="The engine core runs in its own process (MPClient).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: ComponentConfig
     executor: ComponentConfig
@@ -133,7 +137,7 @@ class EngineConfig(BaseModel):
             raise ConfigError(errors)
         assert top is not None
         fields = {k: getattr(top, k) for k in ("model", "tokenizer", "dtype", "device", "seed", "max_model_len",
-                                                "enforce_eager", "cache")}
+                                                "enforce_eager", "engine_process", "cache")}
         return cls(**fields, **sections, raw=raw)
 
     @classmethod
@@ -143,7 +147,7 @@ class EngineConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in ("model", "tokenizer", "dtype", "device", "seed",
-                                                              "max_model_len", "enforce_eager")}
+                                                              "max_model_len", "enforce_eager", "engine_process")}
         out["cache"] = self.cache.model_dump()
         for key in COMPONENT_SECTIONS:
             comp: ComponentConfig = getattr(self, key)

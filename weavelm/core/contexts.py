@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from weavelm.distributed import TensorParallelGroup
+
 if TYPE_CHECKING:
     import torch
 
@@ -69,7 +71,8 @@ class RunnerContext:
     `loader` is the configured (already selected) weight loader. `model_class(hf_config)` returns the registered
     architecture serving the config's `architectures`. `attention_backend(spec)` returns the configured attention
     backend for `spec` (for `auto`, the highest-priority registered backend whose `check(spec)` passes).
-    `limits` bounds every step's batch.
+    `limits` bounds every step's batch. `tp` is this rank's tensor-parallel group (built from `rank` and
+    `world_size` when not given); the runner builds the model with it.
     """
 
     config: EngineConfig
@@ -80,3 +83,8 @@ class RunnerContext:
     loader: ModelLoader
     model_class: Callable[[Any], type[ModelArchitecture]]
     attention_backend: Callable[[AttentionSpec], AttentionBackend]
+    tp: TensorParallelGroup | None = None
+
+    def __post_init__(self) -> None:
+        if self.tp is None:
+            self.tp = TensorParallelGroup(self.rank, self.world_size)

@@ -328,10 +328,16 @@ class ModelArchitecture(torch.nn.Module):
     """A decoder-only architecture written for flattened token batches and a paged KV cache.
 
     `hf_architectures` lists the transformers `architectures` strings it serves. Built by the model runner as
-    `cls(hf_config)` inside `torch.device(device)` with the engine's dtype as torch's default dtype, so parameters
-    are created on the device in that dtype. `forward` takes the flat `input_ids` / `positions` of all
-    scheduled tokens and returns hidden states (num_tokens, hidden); `compute_logits` maps selected hidden states to
-    vocabulary logits. `load_weights` consumes checkpoint-named tensors and returns the parameter names it filled.
+    `cls(hf_config, tp)` (`tp`: the rank's `weavelm.distributed.TensorParallelGroup`, default one rank; with one
+    rank the runner calls `cls(hf_config)`, so an architecture without tensor parallelism may omit the argument)
+    inside `torch.device(device)` with the engine's dtype as torch's default dtype, so parameters are created on
+    the device in that dtype; also built on the `meta` device to count parameters before loading. Each rank holds
+    its shard of the weights and calls `tp.all_reduce` / `tp.all_gather` itself. `forward` takes the flat
+    `input_ids` / `positions` of all scheduled tokens and returns hidden states (num_tokens, hidden), the same on
+    every rank; `compute_logits` maps selected hidden states to full-vocabulary logits on every rank.
+    `load_weights` consumes checkpoint-named, whole-model tensors (`torch.Tensor` or
+    `weavelm.core.model_files.LazyTensor`, whose `narrow` reads only a slice), copies this rank's shard, and returns
+    the parameter names it filled.
     """
 
     name: ClassVar[str] = ""
@@ -349,7 +355,8 @@ class ModelArchitecture(torch.nn.Module):
         raise NotImplementedError
 
     def attention_layout(self) -> tuple[int, int, int, int]:
-        """(num_layers, num_heads, num_kv_heads, head_size) for KV cache sizing."""
+        """(num_layers, num_heads, num_kv_heads, head_size) of this rank (its share of the heads), for KV cache
+        sizing and the attention backend."""
         raise NotImplementedError
 
 

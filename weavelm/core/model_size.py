@@ -5,6 +5,9 @@ config's dimensions, builds the architecture on the `meta` device (no memory, no
 bytes exactly, compares that count with the elements the checkpoint on disk holds (read from file headers, not
 data), and compares the bytes with the memory free on the device. Each failure is a LoadError giving both numbers,
 so an 8B-shaped config beside a tiny checkpoint, or a config larger than memory, costs nothing.
+
+Under tensor parallelism the memory check counts this rank's shard (the model built with the rank's group), while
+the checkpoint check compares the whole model (built with one rank) with the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from weavelm.distributed import TensorParallelGroup
 from weavelm.errors import LoadError
 
 logger = logging.getLogger("weavelm.loading")
@@ -46,7 +50,8 @@ GIB = 1 << 30
 
 @dataclass(frozen=True)
 class ModelSize:
-    """What the config implies: parameters (tied ones counted once) and bytes of parameters plus buffers."""
+    """What the config implies: the whole model's parameters (tied ones counted once) and the bytes of parameters
+    plus buffers one rank holds (the whole model on one rank)."""
 
     num_params: int
     num_bytes: int
@@ -74,18 +79,22 @@ def validate_dims(hf_config: Any, source: str) -> None:
         raise LoadError(f"{_config_file(source)}: " + "; ".join(problems))
 
 
-def measure(model_cls: type, hf_config: Any, dtype: torch.dtype, source: str) -> ModelSize:
-    """Build `model_cls(hf_config)` on the meta device and count its parameters and bytes (exact for any
-    architecture; nothing is allocated)."""
-    try:
-        with default_dtype(dtype), torch.device("meta"):
-            model = model_cls(hf_config)
-    except Exception as e:  # an architecture raises whatever its layers raise for impossible dimensions
-        raise LoadError(f"{_config_file(source)}: describes a {model_cls.__name__} that cannot be built "
-                        f"({type(e).__name__}: {e}); check its dimensions") from e
-    params = list(model.parameters())
-    num_params = sum(p.numel() for p in params)
-    num_bytes = sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
+def build_model(model_cls: type, hf_config: Any, tp: TensorParallelGroup) -> torch.nn.Module:
+    """`model_cls(hf_config, tp)` (`model_cls(hf_config)` on one rank, so single-rank architectures need no `tp`
+    argument); in the caller's device and default-dtype context."""
+    if tp.world_size == 1:
+        return model_cls(hf_config)
+    return model_cls(hf_config, tp)
+
+
+def measure(model_cls: type, hf_config: Any, dtype: torch.dtype, source: str,
+            tp: TensorParallelGroup = TensorParallelGroup()) -> ModelSize:
+    """Build the architecture on the meta device and count its parameters and bytes (exact for any architecture;
+    nothing is allocated): bytes of `tp`'s rank, parameters of the whole (single-rank) model."""
+    shard = _meta_build(model_cls, hf_config, dtype, source, tp)
+    whole = shard if tp.world_size == 1 else _meta_build(model_cls, hf_config, dtype, source, TensorParallelGroup())
+    num_params = sum(p.numel() for p in whole.parameters())
+    num_bytes = sum(t.numel() * t.element_size() for t in [*shard.parameters(), *shard.buffers()])
     tied = 0
     if getattr(hf_config, "tie_word_embeddings", False):
         tied = int(getattr(hf_config, "vocab_size", 0) or 0) * int(getattr(hf_config, "hidden_size", 0) or 0)
@@ -133,15 +142,34 @@ def check_fits_memory(num_bytes: int, device: torch.device, what: str) -> None:
 
 
 def check_model_size(model_cls: type, hf_config: Any, dtype: torch.dtype, device: torch.device, loader: Any,
-                     path: str) -> ModelSize:
+                     path: str, tp: TensorParallelGroup = TensorParallelGroup()) -> ModelSize:
     """Everything above, in order, before the model is built on `device`. Called by the model runner's loading
-    code with the loader that will load `path`; `loader.checkpoint_num_elements(path)` (None when the loader
-    cannot tell, e.g. `dummy`) gives the checkpoint side."""
+    code with the loader that will load `path` and the rank's tensor-parallel group;
+    `loader.checkpoint_num_elements(path)` (None when the loader cannot tell, e.g. `dummy`) gives the checkpoint
+    side."""
     validate_dims(hf_config, path)
-    size = measure(model_cls, hf_config, dtype, path)
+    size = measure(model_cls, hf_config, dtype, path, tp)
     check_checkpoint(size, loader.checkpoint_num_elements(path), path)
-    check_fits_memory(size.num_bytes, device, f"{path}: the model ({size.num_params:,} parameters in {dtype})")
+    what = "the model" if tp.world_size == 1 else f"rank {tp.rank}'s shard of the model"
+    check_fits_memory(size.num_bytes, device, f"{path}: {what} ({size.num_params:,} parameters in {dtype})")
     return size
+
+
+def _meta_build(model_cls: type, hf_config: Any, dtype: torch.dtype, source: str,
+                tp: TensorParallelGroup) -> torch.nn.Module:
+    try:
+        with default_dtype(dtype), torch.device("meta"):
+            return build_model(model_cls, hf_config, tp)
+    except TypeError as e:
+        if tp.world_size > 1 and "positional argument" in str(e):
+            raise LoadError(f"the {model_cls.__name__} architecture does not support tensor parallelism (its "
+                            f"constructor takes no `tp`); use tensor_parallel_size 1") from e
+        raise LoadError(f"{_config_file(source)}: describes a {model_cls.__name__} that cannot be built "
+                        f"({type(e).__name__}: {e}); check its dimensions") from e
+    except Exception as e:  # an architecture raises whatever its layers raise for impossible dimensions
+        hint = " and the tensor-parallel size" if tp.world_size > 1 else ""
+        raise LoadError(f"{_config_file(source)}: describes a {model_cls.__name__} that cannot be built "
+                        f"({type(e).__name__}: {e}); check its dimensions{hint}") from e
 
 
 def _config_file(source: str) -> str:

@@ -1,8 +1,10 @@
 """What every file-format loader shares: finding the weight files, reading index files, and checking the stream of
 checkpoint tensors against the shapes the architecture expects, so that an error names the file and the tensor.
 
-A loader built on `FileLoader` implements `iter_sourced(path)`, yielding `(file, name, tensor)`; `iter_weights`
-drops the file, and `load_weights` runs the stream through `check_stream` before the model sees it.
+A loader built on `FileLoader` implements `iter_sourced(path)`, yielding `(file, name, tensor)` where the tensor may
+be a `LazyTensor` (read on demand, whole or one shard); `iter_weights` and `checked_weights` hand out whole tensors,
+while `load_weights` runs the lazy stream through `check_stream` into the model, whose weight loaders read only
+their tensor-parallel shard.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 import torch
 
 from weavelm.core.interfaces import ModelArchitecture, ModelLoader
+from weavelm.core.model_files import LazyTensor, materialize
 from weavelm.errors import LoadError
 
 logger = logging.getLogger("weavelm.loaders")
 
-WeightRecord = tuple[str, str, torch.Tensor]
-"""(file the tensor came from, Hugging Face checkpoint name, tensor)."""
+WeightRecord = tuple[str, str, torch.Tensor | LazyTensor]
+"""(file the tensor came from, Hugging Face checkpoint name, tensor or lazy tensor)."""
 
 # Architectures whose checkpoint names are exactly their transformers state-dict names, so the expected tensors and
 # shapes can be read off a meta-device transformers model. Others are checked by the engine model's load_weights.
@@ -103,7 +106,7 @@ def check_stream(records: Iterable[WeightRecord], schema: tuple[dict, set] | Non
     for file, name, tensor in records:
         if name.endswith(IGNORED_SUFFIXES):
             continue
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, (torch.Tensor, LazyTensor)):
             raise LoadError(f"{file}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
         if name in seen:
             raise LoadError(f"{file}: tensor {name!r} appears twice (also in {seen[name]})")
@@ -129,16 +132,19 @@ class FileLoader(ModelLoader):
 
     @abstractmethod
     def iter_sourced(self, path: str) -> Iterator[WeightRecord]:
-        """Yield `(file, checkpoint_name, tensor)` one tensor at a time."""
+        """Yield `(file, checkpoint_name, tensor or LazyTensor)` one tensor at a time."""
 
     def iter_weights(self, path: str) -> Iterator[tuple[str, torch.Tensor]]:
         for _, name, tensor in self.iter_sourced(path):
-            yield name, tensor
+            yield name, materialize(tensor)
 
-    def checked_weights(self, path: str, hf_config: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """`iter_weights` checked against the config's expected tensors (see `check_stream`)."""
+    def checked_weights(self, path: str, hf_config: Any = None,
+                        lazy: bool = False) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
+        """`iter_weights` checked against the config's expected tensors (see `check_stream`); with `lazy`, tensors
+        the format can read in part come as `LazyTensor`s."""
         cfg = hf_config if hf_config is not None else self.load_hf_config(path)
-        return check_stream(self.iter_sourced(path), expected_tensors(cfg), source=path)
+        stream = check_stream(self.iter_sourced(path), expected_tensors(cfg), source=path)
+        return stream if lazy else ((name, materialize(tensor)) for name, tensor in stream)
 
     def load_weights(self, model: ModelArchitecture, path: str) -> None:
         from weavelm.core.model_files import load_into_model
@@ -146,4 +152,4 @@ class FileLoader(ModelLoader):
         cfg = getattr(model, "hf_config", None) or getattr(model, "config", None)
         if cfg is None or not hasattr(cfg, "model_type"):
             cfg = self.load_hf_config(path)
-        load_into_model(model, self.checked_weights(path, cfg), source=path)
+        load_into_model(model, self.checked_weights(path, cfg, lazy=True), source=path)

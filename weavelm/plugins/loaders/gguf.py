@@ -3,6 +3,11 @@
 The `gguf` package parses the file and dequantizes; this module maps llama.cpp's tensor names to Hugging Face
 checkpoint names, undoes the Q/K row permutation of llama-architecture files, builds the transformers config from
 the metadata, and the tokenizer from the metadata when no Hugging Face tokenizer sits beside the file.
+
+Tensors are yielded as `LazyTensor`s over the reader's memory map, so a tensor-parallel rank reads only its shard:
+float tensors are sliced along any dimension before the copy; quantized tensors are dequantized only for the rows
+of a row (dim 0) shard, but whole and then narrowed for a column shard, since quantization blocks run along a row.
+Permuted Q/K rows are sliced by whole heads and unpermuted per head.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 
 from weavelm.core.hookspecs import hookimpl
+from weavelm.core.model_files import LazyTensor
 from weavelm.errors import LoadError
 from weavelm.plugins.loaders import gguf_layout as layout
 from weavelm.plugins.loaders.common import FileLoader, WeightRecord
@@ -78,20 +84,56 @@ def metadata(reader: Any) -> dict[str, Any]:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-def to_torch(file: str, t: Any) -> torch.Tensor:
-    """One GGUF tensor as a torch tensor in Hugging Face shape: F32/F16/BF16 exact, quantized types as float32."""
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def hf_shape(t: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(t.shape.tolist()))
+
+
+def to_torch(file: str, t: Any, dim: int | None = None, start: int = 0, length: int = 0) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor in Hugging Face shape (or its slice `start:start + length` along `dim`,
+    read from the memory map alone): F32/F16/BF16 exact, quantized types as float32. A quantized tensor is sliced
+    along its rows only (`dim` < its last dimension)."""
     import gguf
 
     kind = t.tensor_type.name
     if kind not in SUPPORTED_TYPES:
         raise LoadError(f"{file}: tensor {t.name!r} is stored as {kind}, which this loader does not dequantize; "
                         f"supported: {', '.join(SUPPORTED_TYPES)}. Re-quantize the model with llama.cpp")
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    if kind in ("F32", "F16"):
-        return torch.from_numpy(np.array(t.data, copy=True)).reshape(shape)
-    if kind == "BF16":
-        return torch.from_numpy(np.array(t.data, copy=True).view(np.int16)).view(torch.bfloat16).reshape(shape)
-    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+    shape = list(hf_shape(t))
+    data = t.data.view(np.int16) if kind == "BF16" else t.data
+    if dim is not None:
+        data = data.reshape(shape[:-1] + [data.shape[-1]])[(slice(None),) * dim + (slice(start, start + length),)]
+        shape[dim] = length
+    if kind in FLOAT_DTYPES:
+        return torch.from_numpy(np.array(data, copy=True)).view(FLOAT_DTYPES[kind]).reshape(shape)
+    return torch.from_numpy(gguf.quants.dequantize(data, t.tensor_type)).reshape(shape)
+
+
+def lazy_tensor(file: str, t: Any, n_head: int | None) -> LazyTensor:
+    """`t` as a LazyTensor; `n_head`: the Q/K head count whose rows llama.cpp permuted (None: stored as is)."""
+    shape, kind = hf_shape(t), t.tensor_type.name
+    if n_head is not None and shape[0] % (2 * n_head):
+        raise LoadError(f"{file}: tensor {t.name!r} has {shape[0]} rows, not a multiple of 2 x {n_head} heads; it "
+                        f"does not match the metadata")
+    head_rows = shape[0] // n_head if n_head else 1
+
+    def whole() -> torch.Tensor:
+        tensor = to_torch(file, t)
+        return layout.unpermute(tensor, n_head) if n_head is not None else tensor
+
+    def read(dim: int | None, start: int, length: int) -> torch.Tensor:
+        if dim is None:
+            return whole()
+        rows_ok = kind in FLOAT_DTYPES or dim < len(shape) - 1
+        heads_ok = n_head is None or (dim == 0 and start % head_rows == 0 and length % head_rows == 0)
+        if not (rows_ok and heads_ok):
+            return whole().narrow(dim, start, length)
+        part = to_torch(file, t, dim, start, length)
+        return layout.unpermute(part, length // head_rows) if n_head is not None else part
+
+    return LazyTensor(shape, FLOAT_DTYPES.get(kind, torch.float32), read)
 
 
 class GGUFLoader(FileLoader):
@@ -161,14 +203,7 @@ class GGUFLoader(FileLoader):
                                 f"maps")
         for t in reader.tensors:
             hf_name = layout.gguf_to_hf_name(t.name)
-            tensor = to_torch(file, t)
-            n_head = layout.qk_heads(arch, hf_name, cfg)
-            if n_head is not None:
-                if tensor.shape[0] % (2 * n_head):
-                    raise LoadError(f"{file}: tensor {t.name!r} has {tensor.shape[0]} rows, not a multiple of "
-                                    f"2 x {n_head} heads; it does not match the metadata")
-                tensor = layout.unpermute(tensor, n_head)
-            yield file, hf_name, tensor
+            yield file, hf_name, lazy_tensor(file, t, layout.qk_heads(arch, hf_name, cfg))
 
 
 @hookimpl

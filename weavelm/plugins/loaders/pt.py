@@ -3,7 +3,8 @@
 
 Always `torch.load(..., weights_only=True, mmap=True)`: the restricted unpickler accepts tensors and plain
 containers only, so a pickle that would run code is refused before anything runs, and the memory map keeps a shard's
-tensors on disk until the model copies them.
+tensors on disk until the model copies them. A tensor-parallel rank narrows each mapped tensor to its shard, so only
+that shard's pages are read.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The `safetensors` loader: single files and sharded checkpoints (`model.safetensors.index.json`).
 
-The safetensors library validates each file; the tensors are then read one at a time with plain reads into fresh
-buffers rather than through a memory map, so pages of the file never count against the process: peak host memory
-is the model plus the largest tensor, not the model plus the file.
+The safetensors library validates each file; each tensor is then yielded as a `LazyTensor` and read, when the model
+asks, with plain reads into a fresh buffer rather than through a memory map, so pages of the file never count
+against the process: peak host memory is the model plus the largest tensor, not the model plus the file. A
+tensor-parallel rank reads only its shard: one contiguous read for a slice of rows (dim 0), one read per row for a
+slice of columns.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 import torch
 
 from weavelm.core.hookspecs import hookimpl
+from weavelm.core.model_files import LazyTensor
 from weavelm.errors import LoadError
 from weavelm.plugins.loaders.common import IGNORED_SUFFIXES, FileLoader, WeightRecord, weight_files
 
@@ -76,20 +79,38 @@ def validate(file: str) -> tuple[int, dict[str, dict]]:
     return parsed
 
 
-def read_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor of a validated file, in file order, in a fresh buffer of its own."""
-    data_start, header = validate(file)
-    order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+def read_slice(file: str, offset: int, name: str, info: dict, dim: int | None, start: int,
+               length: int) -> torch.Tensor:
+    """Tensor `name` (its data at byte `offset` of `file`), or its slice `start:start + length` along `dim`, in a
+    fresh buffer: `prod(shape[:dim])` reads of the slice's contiguous runs."""
+    shape, dtype = list(info["shape"]), DTYPES[info["dtype"]]
+    out_shape, runs, run, stride, skip = shape, 1, math.prod(shape) * dtype.itemsize, 0, 0
+    if dim is not None:
+        inner = math.prod(shape[dim + 1:]) * dtype.itemsize
+        out_shape = shape[:dim] + [length] + shape[dim + 1:]
+        runs, run, stride, skip = math.prod(shape[:dim]), length * inner, shape[dim] * inner, start * inner
+    tensor = torch.empty(out_shape, dtype=dtype)
+    if run == 0 or runs == 0:
+        return tensor
+    buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
     with open(file, "rb", buffering=0) as f:
-        for name, info in order:
-            tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
-            begin, end = info["data_offsets"]
-            if end > begin:
-                f.seek(data_start + begin)
-                buf = tensor.reshape(-1).view(torch.uint8).numpy()
-                if f.readinto(memoryview(buf)) != end - begin:
-                    raise LoadError(f"{file}: tensor {name!r} could not be read in full; the file is truncated")
-            yield name, tensor
+        for i in range(runs):
+            f.seek(offset + i * stride + skip)
+            if f.readinto(buf[i * run:(i + 1) * run]) != run:
+                raise LoadError(f"{file}: tensor {name!r} could not be read in full; the file is truncated")
+    return tensor
+
+
+def lazy_tensors(file: str) -> Iterator[tuple[str, LazyTensor]]:
+    """Each tensor of a validated file, in file order, as a LazyTensor read from the file when asked."""
+    data_start, header = validate(file)
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        offset = data_start + info["data_offsets"][0]
+
+        def read(dim, start, length, name=name, info=info, offset=offset):
+            return read_slice(file, offset, name, info, dim, start, length)
+
+        yield name, LazyTensor(info["shape"], DTYPES[info["dtype"]], read)
 
 
 class SafetensorsLoader(FileLoader):
@@ -122,7 +143,7 @@ class SafetensorsLoader(FileLoader):
         files = weight_files(path, single=("model.safetensors",), index=INDEX, suffixes=(".safetensors",),
                              fmt="safetensors")
         for file in files:
-            for name, tensor in read_tensors(file):
+            for name, tensor in lazy_tensors(file):
                 yield file, name, tensor
 
 

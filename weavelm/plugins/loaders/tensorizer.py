@@ -1,5 +1,8 @@
 """The `tensorizer` loader: a model serialized by `weavelm convert --to tensorizer` with CoreWeave's tensorizer
 (`model.tensors` beside `config.json`), read lazily one tensor at a time, CRC-checked, optionally encrypted.
+
+Tensorizer has no partial read of a tensor (its CRC covers the whole tensor), so a tensor-parallel rank reads each
+whole tensor and copies only its shard; the stream holds one tensor at a time.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) for flattened batches over a paged KV cache.
+"""Llama-family decoder (Llama, Mistral, Qwen2) for flattened batches over a paged KV cache, tensor-parallel.
 
-Q/K/V and gate/up projections are packed into one matmul each; `load_weights` maps checkpoint names onto the
-packed parameters. Qwen3 reuses this with per-head Q/K RMSNorm (qwen3.py).
+Q/K/V and gate/up projections are packed into one matmul each; `load_weights` hands each checkpoint tensor to its
+parameter's `weight_loader`, which copies in this rank's shard (parallel_layers.py). Qwen3 reuses this with per-head
+Q/K RMSNorm (qwen3.py).
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ from torch import nn
 
 from weavelm.core.forward import ForwardBatch
 from weavelm.core.interfaces import ModelArchitecture
-from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, copy_param
+from weavelm.distributed import TensorParallelGroup
+from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                                    RowParallelLinear, VocabParallelEmbedding, default_weight_loader)
+
+# checkpoint projection -> (packed parameter, shard id)
+STACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+PACKED_SHARDS = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {0, 1}}
 
 
 class DecoderDims:
-    """The numbers every layer needs, read once from the transformers config."""
+    """The numbers every layer needs, read once from the transformers config (whole-model values)."""
 
     def __init__(self, cfg: Any):
         self.hidden = cfg.hidden_size
@@ -33,21 +42,26 @@ class DecoderDims:
 
 
 class Attention(nn.Module):
-    def __init__(self, d: DecoderDims, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    """One layer's attention over this rank's heads (`qkv_proj.num_heads` / `qkv_proj.num_kv_heads`)."""
+
+    def __init__(self, d: DecoderDims, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 tp: TensorParallelGroup):
         super().__init__()
-        self.d, self.layer_idx = d, layer_idx
-        self.q_size, self.kv_size = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
-        self.qkv_proj = nn.Linear(d.hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, d.hidden, bias=o_bias)
+        self.layer_idx = layer_idx
+        self.qkv_proj = QKVParallelLinear(d.hidden, d.head_dim, d.num_heads, d.num_kv_heads, qkv_bias, tp)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = d.head_dim
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(d.num_heads * d.head_dim, d.hidden, o_bias, tp)
         self.q_norm = RMSNorm(d.head_dim, d.eps) if qk_norm else None
         self.k_norm = RMSNorm(d.head_dim, d.eps) if qk_norm else None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch,
                 rotary: RotaryEmbedding) -> torch.Tensor:
-        n, d = x.shape[0], self.d
+        n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(n, d.num_heads, d.head_dim)
-        k = k.reshape(n, d.num_kv_heads, d.head_dim)
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
@@ -58,10 +72,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, d: DecoderDims, bias: bool):
+    def __init__(self, d: DecoderDims, bias: bool, tp: TensorParallelGroup):
         super().__init__()
-        self.gate_up_proj = nn.Linear(d.hidden, 2 * d.intermediate, bias=bias)
-        self.down_proj = nn.Linear(d.intermediate, d.hidden, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(d.hidden, [d.intermediate, d.intermediate], bias, tp)
+        self.down_proj = RowParallelLinear(d.intermediate, d.hidden, bias, tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,10 +84,10 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, d: DecoderDims, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                 qk_norm: bool):
+                 qk_norm: bool, tp: TensorParallelGroup):
         super().__init__()
-        self.self_attn = Attention(d, layer_idx, qkv_bias, o_bias, qk_norm)
-        self.mlp = MLP(d, mlp_bias)
+        self.self_attn = Attention(d, layer_idx, qkv_bias, o_bias, qk_norm, tp)
+        self.mlp = MLP(d, mlp_bias, tp)
         self.input_layernorm = RMSNorm(d.hidden, d.eps)
         self.post_attention_layernorm = RMSNorm(d.hidden, d.eps)
 
@@ -89,23 +103,23 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(ModelArchitecture):
     name = "llama"
-    description = "Llama / Mistral / Qwen2 decoder (packed QKV and gate/up, paged attention)."
+    description = "Llama / Mistral / Qwen2 decoder (packed QKV and gate/up, paged attention, tensor-parallel)."
     hf_architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
     qk_norm = False
 
-    def __init__(self, hf_config: Any):
+    def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
         super().__init__()
-        self.hf_config = hf_config
+        self.hf_config, self.tp = hf_config, tp
         d = self.dims = DecoderDims(hf_config)
         qkv_bias, o_bias = self._biases(hf_config)
         mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
-        self.embed_tokens = nn.Embedding(d.vocab, d.hidden)
-        self.layers = nn.ModuleList(DecoderLayer(d, i, qkv_bias, o_bias, mlp_bias, self.qk_norm)
+        self.embed_tokens = VocabParallelEmbedding(d.vocab, d.hidden, tp)
+        self.layers = nn.ModuleList(DecoderLayer(d, i, qkv_bias, o_bias, mlp_bias, self.qk_norm, tp)
                                     for i in range(d.num_layers))
         self.norm = RMSNorm(d.hidden, d.eps)
         self.rotary = RotaryEmbedding(hf_config, d.head_dim, d.max_positions)
         self.tie_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_embeddings else nn.Linear(d.hidden, d.vocab, bias=False)
+        self.lm_head = None if self.tie_embeddings else ParallelLMHead(d.vocab, d.hidden, tp)
 
     @staticmethod
     def _biases(cfg: Any) -> tuple[bool, bool]:
@@ -115,8 +129,9 @@ class LlamaForCausalLM(ModelArchitecture):
         return bias, bias
 
     def attention_layout(self) -> tuple[int, int, int, int]:
-        d = self.dims
-        return d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim
+        """Per rank: (num_layers, this rank's query heads, this rank's KV heads, head_size)."""
+        attn = self.layers[0].self_attn
+        return self.dims.num_layers, attn.num_heads, attn.num_kv_heads, attn.head_dim
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
@@ -126,45 +141,41 @@ class LlamaForCausalLM(ModelArchitecture):
         return x
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden_states, weight)
+        """Full-vocabulary logits on every rank (the shards are all-gathered)."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return head.compute_logits(hidden_states)
 
     # -- weights ------------------------------------------------------------------------------------------
-    def _packed(self) -> dict[str, tuple[str, int, int]]:
-        d = self.dims
-        q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
-        return {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
-                "gate_proj": ("gate_up_proj", 0, d.intermediate),
-                "up_proj": ("gate_up_proj", d.intermediate, d.intermediate)}
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """Hand each checkpoint tensor (whole-model shape; a tensor or LazyTensor) to its parameter's
+        `weight_loader`, which copies this rank's shard. Returns the parameters filled (packed ones once every
+        part arrived)."""
         params = dict(self.named_parameters())
-        packed = self._packed()
         loaded: set[str] = set()
-        shards_seen: dict[str, set[int]] = {}
+        shards_seen: dict[str, set] = {}
         for ckpt_name, tensor in weights:
             name = ckpt_name.removeprefix("model.")
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding is the head
-            shard = None
-            parts = name.split(".")
-            if len(parts) >= 2 and parts[-2] in packed:
-                target, offset, size = packed[parts[-2]]
-                name = ".".join(parts[:-2] + [target, parts[-1]])
-                shard = (offset, size)
+            shard_id, parts = None, name.split(".")
+            if len(parts) >= 2 and parts[-2] in STACKED:
+                packed, shard_id = STACKED[parts[-2]]
+                name = ".".join(parts[:-2] + [packed, parts[-1]])
             param = params.get(name)
             if param is None:
                 raise KeyError(f"unexpected tensor {ckpt_name!r}: the {self.name} architecture has no such weight")
-            with torch.no_grad():
-                copy_param(param, tensor, ckpt_name, shard)
-            if shard is None:
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                loader(param, tensor, shard_id)
+            except ValueError as e:
+                raise ValueError(f"tensor {ckpt_name!r} {e}") from e
+            if shard_id is None:
                 loaded.add(name)
             else:
-                shards_seen.setdefault(name, set()).add(shard[0])
+                shards_seen.setdefault(name, set()).add(shard_id)
         for name, seen in shards_seen.items():
-            expected = {off for tgt, off, _ in packed.values() if name.endswith(f"{tgt}.{name.rsplit('.', 1)[1]}")}
-            if seen >= expected:
+            if seen >= PACKED_SHARDS[name.split(".")[-2]]:
                 loaded.add(name)
         return loaded

@@ -1,4 +1,5 @@
-"""Building blocks shared by the architectures: RMSNorm, rotary embedding, SiLU-and-mul, packed weight loading.
+"""Building blocks shared by the architectures: RMSNorm, rotary embedding, SiLU-and-mul (replicated on every
+tensor-parallel rank; the sharded layers are in parallel_layers.py).
 
 On CUDA tensors RMSNorm, SiluAndMul and RotaryEmbedding run the Triton kernels of `triton_ops.py` (imported at the
 first CUDA call); the torch code here is the CPU path and the reference they are tested against.
@@ -119,11 +120,3 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
-
-def copy_param(param: torch.Tensor, tensor: torch.Tensor, name: str, shard: tuple[int, int] | None = None) -> None:
-    """Copy a checkpoint tensor into a parameter (or a row slice of a packed one), checking the shape."""
-    target = param.data if shard is None else param.data.narrow(0, shard[0], shard[1])
-    if tuple(target.shape) != tuple(tensor.shape):
-        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                         f"{tuple(target.shape)}; the checkpoint does not match config.json")
-    target.copy_(tensor.to(dtype=target.dtype, device=target.device))

@@ -9,7 +9,7 @@ import torch
 
 from weavelm.core.config import EngineConfig
 from weavelm.core.contexts import RunnerContext
-from weavelm.core.model_size import check_model_size, default_dtype
+from weavelm.core.model_size import build_model, check_model_size, default_dtype
 from weavelm.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,17 +45,17 @@ class ModelBundle:
 
 
 def load_model_bundle(context: RunnerContext) -> ModelBundle:
-    """Read the config through the context's loader, build the architecture on the device in the engine's dtype,
-    and load its weights."""
-    config, device, loader = context.config, context.device, context.loader
+    """Read the config through the context's loader, build the architecture on the device in the engine's dtype
+    with the rank's tensor-parallel group (`context.tp`), and load its weights (each rank reads its shard)."""
+    config, device, loader, tp = context.config, context.device, context.loader, context.tp
     if not config.model:
         raise ConfigError([("model", "no model given; set `model:` to a model directory or .gguf file")])
     hf_config = loader.load_hf_config(config.model)
     model_cls = context.model_class(hf_config)
     dtype = resolve_dtype(config, hf_config, device)
-    check_model_size(model_cls, hf_config, dtype, device, loader, config.model)
+    check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp)
     with default_dtype(dtype), torch.device(device):
-        model = model_cls(hf_config)
+        model = build_model(model_cls, hf_config, tp)
     loader.load_weights(model, config.model)
     model.eval()
     return ModelBundle(model, hf_config, dtype, model_max_len(config, hf_config), hf_config.vocab_size)

@@ -1,0 +1,188 @@
+"""EngineCoreProc: the engine core's busy loop in its own process, fed and drained by `MPClient` over ZeroMQ.
+
+The process is spawned (never forked: the caller may have initialised CUDA) by `MPClient` with
+`run_engine_core` as its target. It rebuilds the registry from its picklable spec, builds the `EngineCore`, reports
+READY (or DEAD with its startup error) and then loops: apply every queued message (adds, aborts, utility calls),
+run one step, send its outputs; it blocks on its input socket only when it holds no unfinished request. Ctrl-C is
+left to the parent (SIGINT is ignored here); SIGTERM, a SHUTDOWN message or the parent's death end the loop and
+shut the executor down (so its worker processes go too). An exception escaping the loop is sent to the parent as
+DEAD with its traceback before the process exits with code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sys
+import traceback
+from typing import Any
+
+from weavelm.core import serial
+from weavelm.core.config import EngineConfig
+from weavelm.core.engine_core import EngineCore, PendingStep
+from weavelm.core.outputs import EngineCoreOutput
+from weavelm.core.registry import RegistrySpec
+from weavelm.errors import RequestError
+
+logger = logging.getLogger("weavelm.engine_proc")
+IDLE_POLL_MS = 1000  # while idle, how often the core checks that its parent is still alive
+UTILITY_METHODS = ("get_stats", "collective_rpc")
+
+
+def run_engine_core(config: EngineConfig, registry_spec: RegistrySpec, input_addr: str, output_addr: str,
+                    parent_pid: int) -> None:
+    """Process entry point. Exits 0 after a SHUTDOWN (or SIGTERM, or its parent's death), 1 after an error."""
+    import zmq
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    threads = os.environ.get("WEAVELM_NUM_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    ctx = zmq.Context()
+    input_socket = ctx.socket(zmq.PULL)
+    output_socket = ctx.socket(zmq.PUSH)
+    for sock in (input_socket, output_socket):
+        sock.setsockopt(zmq.LINGER, 5000)  # the last messages (DEAD) still reach the parent
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+    input_socket.connect(input_addr)
+    output_socket.connect(output_addr)
+    serializer = serial.SERIALIZER()
+    core = None
+    code = 0
+    try:
+        from weavelm.core.registry import Registry
+
+        core = EngineCore(config, Registry.from_spec(registry_spec))
+        proc = EngineCoreProc(core, input_socket, output_socket, serializer, parent_pid)
+        proc.send(serial.READY, {"model_info": core.model_info, "max_model_len": core.max_model_len,
+                                 "num_blocks": core.num_blocks, "pid": os.getpid()})
+        proc.run()
+    except SystemExit:
+        pass
+    except BaseException as e:  # noqa: BLE001 - everything that kills the core is reported to the parent
+        code = 1
+        output_socket.send(serializer.encode(serial.DEAD, _death_report(e)))
+    finally:
+        if core is not None:
+            try:
+                core.shutdown()
+            except Exception:  # the executor's own failure must not hide the one being reported
+                logger.exception("engine core shutdown failed")
+        input_socket.close(linger=0)
+        output_socket.close()
+        ctx.term()
+    sys.exit(code)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def _death_report(e: BaseException) -> tuple[str, str, BaseException | None]:
+    """(message, traceback text, the exception itself when it survives pickling with the same message)."""
+    text = "".join(traceback.format_exception(e))
+    try:
+        same = pickle.loads(pickle.dumps(e, protocol=5))
+        kept = e if type(same) is type(e) and str(same) == str(e) else None
+    except Exception:
+        kept = None
+    return f"{type(e).__name__}: {e}", text, kept
+
+
+class EngineCoreProc:
+    """The busy loop around one EngineCore. `run()` returns after a SHUTDOWN message or when the parent is gone."""
+
+    def __init__(self, core: EngineCore, input_socket: Any, output_socket: Any, serializer: Any, parent_pid: int):
+        import zmq
+
+        self.core = core
+        self.input_socket = input_socket
+        self.output_socket = output_socket
+        self.serializer = serializer
+        self.parent_pid = parent_pid
+        self.poller = zmq.Poller()
+        self.poller.register(input_socket, zmq.POLLIN)
+        self.pending: PendingStep | None = None
+        self.side_outputs: list[EngineCoreOutput] = []  # aborts and rejected adds, sent after the step's outputs
+        self.stopping = False
+        # On a device that runs asynchronously, launch step N+1 before sending step N's outputs (their
+        # serialisation overlaps the device); on CPU the launch runs the whole forward, so send first.
+        self.launch_first = not str(core.model_info.get("device", "cpu")).startswith("cpu")
+
+    def send(self, kind: int, payload: Any) -> None:
+        self.output_socket.send(self.serializer.encode(kind, payload), copy=False)
+
+    def run(self) -> None:
+        while not self.stopping:
+            outputs = self.core.step_end(self.pending) if self.pending is not None else []
+            self.pending = None
+            if not self.launch_first:
+                self._send_outputs(outputs)
+                outputs = []
+            self._handle_inputs(block=not outputs and not self.core.has_unfinished_requests())
+            if not self.launch_first:
+                self._send_outputs([])
+            if not self.stopping:
+                self.pending = self.core.step_begin()
+            self._send_outputs(outputs)
+
+    def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        if outputs:
+            self.send(serial.OUTPUTS, outputs)
+        if self.side_outputs:  # a separate batch: one request never appears twice in one batch
+            side, self.side_outputs = self.side_outputs, []
+            self.send(serial.OUTPUTS, side)
+
+    def _handle_inputs(self, block: bool) -> None:
+        """Apply every queued message; when `block`, first wait for one (checking on the parent meanwhile)."""
+        import zmq
+
+        while True:
+            if os.getppid() != self.parent_pid:  # orphaned: the parent died without shutting us down
+                logger.error("engine core: parent %d is gone; exiting", self.parent_pid)
+                self.stopping = True
+                return
+            if not block or self.poller.poll(IDLE_POLL_MS):
+                break
+        while not self.stopping:
+            try:
+                data = self.input_socket.recv(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle(*self.serializer.decode(data.buffer))
+
+    def _handle(self, kind: int, payload: Any) -> None:
+        if kind == serial.ADD:
+            for row in payload:
+                self._add(serial.request_from_wire(row))
+        elif kind == serial.ABORT:
+            self.side_outputs += self.core.abort_requests(payload)
+        elif kind == serial.UTILITY:
+            self._utility(*payload)
+        elif kind == serial.SHUTDOWN:
+            self.stopping = True
+        else:
+            raise AssertionError(f"unknown message kind {kind}")
+
+    def _add(self, request: Any) -> None:
+        try:
+            self.core.add_request(request)
+        except Exception as e:  # in-process this raises to the caller; here it becomes the request's error output
+            if not isinstance(e, RequestError):
+                logger.exception("adding request %s failed", request.request_id)
+            self.side_outputs.append(EngineCoreOutput(request.request_id, [], finish_reason="error", error=str(e)))
+
+    def _utility(self, call_id: int, method: str, args: tuple) -> None:
+        try:
+            if method not in UTILITY_METHODS:
+                raise AttributeError(f"the engine core has no utility method {method!r}")
+            result = (call_id, True, getattr(self.core, method)(*args))
+        except Exception as e:  # the caller gets the exception; the core goes on
+            result = (call_id, False, _death_report(e))
+        self.send(serial.UTILITY_RESULT, result)

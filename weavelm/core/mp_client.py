@@ -1,0 +1,257 @@
+"""MPClient: the engine core in its own process (`engine_process: true`), reached over ZeroMQ.
+
+Two PUSH/PULL pipes over `ipc://` sockets in a private temp dir: frontend -> core (adds, aborts, utility calls,
+shutdown) and core -> frontend (outputs, utility results, the core's death report); the wire format is
+`core/serial.py`. The core process is owned: its death is noticed within `POLL_MS` by whoever waits on it and
+turns into `EngineDeadError` for that caller and every later one; `shutdown()`, garbage collection and interpreter
+exit (an atexit hook that runs before multiprocessing joins its children) all stop it, escalating from a SHUTDOWN
+message to SIGTERM to SIGKILL.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import multiprocessing
+import multiprocessing.util  # noqa: F401 - imported before our atexit hook, so ours runs before its join
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections import deque
+from typing import Any
+
+from weavelm.core import serial
+from weavelm.core.client import EngineCoreClient
+from weavelm.core.config import EngineConfig
+from weavelm.core.engine_proc import run_engine_core
+from weavelm.core.outputs import EngineCoreOutput, SchedulerStats
+from weavelm.core.registry import Registry
+from weavelm.core.request import Request
+from weavelm.errors import EngineDeadError, EngineError
+
+PROCESS_NAME = "engine core"
+POLL_MS = 100  # how often a waiting caller checks that the core process is alive
+REPORT_WAIT_MS = 500  # after the core is found dead, how long to wait for its death report
+SHUTDOWN_WAIT_S = 5.0  # per escalation step: SHUTDOWN message, then SIGTERM, then SIGKILL
+_FINALIZERS: set[weakref.finalize] = set()
+
+
+class MPClient(EngineCoreClient):
+    """Drives an `EngineCoreProc` in a spawned process. Thread-safe: adds and aborts may come from any thread;
+    one thread at a time reads the core's messages and files each where its reader will find it."""
+
+    def __init__(self, config: EngineConfig, registry: Registry):
+        import zmq
+
+        self._zmq = zmq
+        self.serializer = serial.SERIALIZER()
+        tmpdir = tempfile.mkdtemp(prefix="weavelm-core-")
+        input_addr, output_addr = f"ipc://{tmpdir}/input", f"ipc://{tmpdir}/output"
+        ctx = zmq.Context()
+        self._input = ctx.socket(zmq.PUSH)
+        self._output = ctx.socket(zmq.PULL)
+        for sock, addr in ((self._input, input_addr), (self._output, output_addr)):
+            sock.setsockopt(zmq.SNDHWM, 0)  # never block a sender: both sides send while the other is busy
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.bind(addr)
+        self.proc = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, args=(config, registry.spec, input_addr, output_addr, os.getpid()),
+            name="EngineCore", daemon=False)  # not daemonic: the core may start worker processes of its own
+        self.proc.start()
+        self._finalizer = weakref.finalize(self, _stop_core, self.proc, ctx, self._input, self._output, tmpdir,
+                                           self.serializer.encode(serial.SHUTDOWN, None))
+        _FINALIZERS.add(self._finalizer)
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.RLock()
+        self._dead: EngineDeadError | None = None
+        self._adds: list[tuple] = []  # new requests, sent in one message before the next anything-else
+        self._unfinished: set[str] = set()
+        self._batches: deque[list[EngineCoreOutput]] = deque()
+        self._results: dict[int, tuple[bool, Any]] = {}
+        self._call_ids = itertools.count()
+        info = self._wait_ready()
+        self.model_info: dict[str, Any] = info["model_info"]
+        self.max_model_len: int = info["max_model_len"]
+        self.num_blocks: int = info["num_blocks"]
+
+    # -- EngineCoreClient ---------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a request for the core; it is sent with the next message. A request the core can never run
+        comes back from `get_output` as a finished output with `error` set."""
+        self._check_alive()
+        self._unfinished.add(request.request_id)
+        self._adds.append(serial.request_to_wire(request))
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        """Send an abort and return []: the aborted requests' final outputs come from `get_output`. A no-op once
+        the core is dead (there is nothing left to abort)."""
+        if self._dead is None and request_ids:
+            self._send(serial.ABORT, list(request_ids))
+        return []
+
+    def get_output(self) -> list[EngineCoreOutput]:
+        """The next batch of outputs the core sent: blocks until one arrives (raising EngineDeadError if the core
+        dies meanwhile); [] at once when no request is unfinished."""
+        self._send(None, None)
+        with self._recv_lock:
+            while not self._batches:
+                if not self._unfinished:
+                    return []
+                self._file(*self._next_message())
+            batch = self._batches.popleft()
+        for out in batch:
+            if out.finished:
+                self._unfinished.discard(out.request_id)
+        return batch
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether a request added here has not yet had its finished output returned by `get_output`."""
+        return bool(self._unfinished or self._batches)
+
+    def get_stats(self) -> SchedulerStats:
+        return self._call("get_stats", ())
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list[Any]:
+        """Run on the core's executor between two steps (the core collects its in-flight step first). `args`,
+        `kwargs` and the results must pickle."""
+        return self._call("collective_rpc", (method, args, kwargs, ranks))
+
+    def drain(self) -> list[EngineCoreOutput]:
+        """Nothing to collect here: the core finishes its in-flight step itself before a utility call."""
+        return []
+
+    def shutdown(self) -> None:
+        """Stop the core process (idempotent); later calls raise EngineDeadError."""
+        if self._dead is None:
+            self._dead = EngineDeadError(PROCESS_NAME, self.proc.pid, reason="was shut down")
+        self._finalizer()
+        _FINALIZERS.discard(self._finalizer)
+
+    # -- messages -----------------------------------------------------------------------------------------
+    def _send(self, kind: int | None, payload: Any) -> None:
+        """Send the queued adds, then (unless `kind` is None) one message."""
+        with self._send_lock:
+            self._check_alive()
+            if self._adds:
+                adds, self._adds = self._adds, []
+                self._send_bytes(self.serializer.encode(serial.ADD, adds))
+            if kind is not None:
+                self._send_bytes(self.serializer.encode(kind, payload))
+
+    def _send_bytes(self, data: bytes) -> None:
+        zmq = self._zmq
+        while True:
+            try:
+                self._input.send(data, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:  # no peer: the core is gone (or not connected yet)
+                if not self.proc.is_alive():
+                    self._die(None)
+                self._input.poll(POLL_MS, zmq.POLLOUT)
+
+    def _call(self, method: str, args: tuple) -> Any:
+        call_id = next(self._call_ids)
+        self._send(serial.UTILITY, (call_id, method, args))
+        with self._recv_lock:
+            while call_id not in self._results:
+                self._file(*self._next_message())
+            ok, value = self._results.pop(call_id)
+        if ok:
+            return value
+        message, text, exc = value
+        if exc is not None:
+            exc.add_note(f"(raised in the engine core process, pid {self.proc.pid})\n{text}")
+            raise exc
+        raise EngineError(f"{method} failed in the engine core: {message}\n{text}")
+
+    def _file(self, kind: int, payload: Any) -> None:
+        if kind == serial.OUTPUTS:
+            self._batches.append(payload)
+        elif kind == serial.UTILITY_RESULT:
+            call_id, ok, value = payload
+            self._results[call_id] = (ok, value)
+        else:
+            raise AssertionError(f"unexpected message kind {kind} from the engine core")
+
+    def _next_message(self) -> tuple[int, Any]:
+        """The core's next message (a DEAD report raises); checks every POLL_MS that the core is alive."""
+        self._check_alive()
+        while True:
+            if self._output.poll(POLL_MS):
+                kind, payload = self.serializer.decode(self._output.recv(copy=False).buffer)
+                if kind == serial.DEAD:
+                    self._die(payload)
+                return kind, payload
+            if not self.proc.is_alive():
+                self._die(None)
+
+    def _wait_ready(self) -> dict[str, Any]:
+        try:
+            kind, payload = self._next_message()
+        except EngineDeadError as e:
+            self._finalizer()
+            startup_error = getattr(e, "startup_error", None)
+            if startup_error is not None:  # the typed error the core raised (ConfigError, LoadError, ...)
+                startup_error.add_note(f"(raised in the engine core process, pid {self.proc.pid})\n{e.traceback}")
+                raise startup_error from None
+            raise
+        assert kind == serial.READY, kind
+        return payload
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+
+    def _die(self, report: tuple[str, str, BaseException | None] | None) -> None:
+        """Record the core's death (with its report, or one read now if it is still on its way) and raise."""
+        if report is None and self._recv_lock.acquire(blocking=False):
+            try:
+                while self._output.poll(REPORT_WAIT_MS):
+                    kind, payload = self.serializer.decode(self._output.recv())
+                    if kind == serial.DEAD:
+                        report = payload
+                        break
+                    self._file(kind, payload)
+            finally:
+                self._recv_lock.release()
+        self.proc.join(SHUTDOWN_WAIT_S if report is not None else 0)
+        if self._dead is None:
+            self._dead = EngineDeadError(PROCESS_NAME, self.proc.pid, self.proc.exitcode,
+                                         traceback=report[1] if report else None)
+            self._dead.startup_error = report[2] if report else None
+        self._finalizer()
+        raise self._dead
+
+
+def _stop_core(proc: Any, ctx: Any, input_socket: Any, output_socket: Any, tmpdir: str, shutdown: bytes) -> None:
+    """Stop the core process (SHUTDOWN, then SIGTERM, then SIGKILL) and free the sockets and their directory."""
+    import zmq
+
+    try:
+        if proc.is_alive():
+            try:
+                input_socket.send(shutdown, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            proc.join(SHUTDOWN_WAIT_S)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(SHUTDOWN_WAIT_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    finally:
+        input_socket.close(linger=0)
+        output_socket.close(linger=0)
+        ctx.term()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@atexit.register
+def _stop_all_cores() -> None:
+    for finalizer in list(_FINALIZERS):
+        finalizer()
+    _FINALIZERS.clear()

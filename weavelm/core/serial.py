@@ -1,0 +1,93 @@
+"""The wire format between the frontend (MPClient) and the engine-core process (EngineCoreProc).
+
+A message is `(kind, payload)`. Kinds and payloads:
+
+- frontend -> core: ADD `list[tuple]` (`request_to_wire` of each new request: only its constructor arguments
+  travel, not the core-side state a `Request` also holds); ABORT `list[str]`; UTILITY `(call_id, method, args)`; SHUTDOWN `None`.
+- core -> frontend: READY `dict` (model_info, max_model_len, num_blocks, pid); OUTPUTS `list[EngineCoreOutput]`
+  (one step's deltas); UTILITY_RESULT `(call_id, ok, value)` (value: the result, or the exception when not ok);
+  DEAD `(message, traceback_text, exception_or_None)`, sent by the core just before it exits on an error.
+
+`PickleSerializer` (protocol 5) is the one in use: `benchmarks/engine_process_overhead.py` measures it against
+`MsgpackSerializer` (msgspec) on a 1000-token request and a 256-request step (see benchmarks/RESULTS.md). msgspec
+needs every dataclass flattened by hand, so it breaks silently whenever a field is added to `SamplingParams` or
+`EngineCoreOutput`; pickle carries any picklable payload, including utility-call arguments, as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from typing import Any
+
+from weavelm.core.outputs import EngineCoreOutput
+from weavelm.core.request import Request, SamplingParams
+
+# frontend -> core
+ADD, ABORT, UTILITY, SHUTDOWN = 0, 1, 2, 3
+# core -> frontend
+READY, OUTPUTS, UTILITY_RESULT, DEAD = 10, 11, 12, 13
+
+
+def request_to_wire(r: Request) -> tuple:
+    return (r.request_id, r.prompt_token_ids, r.sampling_params, r.eos_token_id, r.arrival_time)
+
+
+def request_from_wire(row: tuple | list) -> Request:
+    rid, ids, params, eos, arrival = row
+    return Request(rid, ids, params, eos_token_id=eos, arrival_time=arrival)
+
+
+class PickleSerializer:
+    name = "pickle5"
+
+    def encode(self, kind: int, payload: Any) -> bytes:
+        return pickle.dumps((kind, payload), protocol=5)
+
+    def decode(self, data: bytes | memoryview) -> tuple[int, Any]:
+        return pickle.loads(data)
+
+
+class MsgpackSerializer:
+    """msgspec msgpack with the engine's classes flattened to field lists (compared in the benchmark only).
+    Utility payloads and anything else not flattened here travel as embedded pickle bytes."""
+
+    name = "msgspec"
+
+    def __init__(self) -> None:
+        import msgspec
+
+        self._enc = msgspec.msgpack.Encoder()
+        self._dec = msgspec.msgpack.Decoder()
+        self._sp_fields = [f.name for f in dataclasses.fields(SamplingParams)]
+        self._out_fields = [f.name for f in dataclasses.fields(EngineCoreOutput)]
+
+    def encode(self, kind: int, payload: Any) -> bytes:
+        if kind == ADD:
+            body: Any = [[rid, ids, [getattr(sp, f) for f in self._sp_fields], eos, arrival]
+                         for rid, ids, sp, eos, arrival in payload]
+        elif kind == OUTPUTS:
+            body = [[getattr(o, f) for f in self._out_fields] for o in payload]
+        elif kind == ABORT:
+            body = list(payload)
+        else:
+            body = pickle.dumps(payload, protocol=5)
+        return self._enc.encode((kind, body))
+
+    def decode(self, data: bytes | memoryview) -> tuple[int, Any]:
+        kind, body = self._dec.decode(data)
+        if kind == ADD:
+            return kind, [(rid, ids, self._params(sp_row), eos, arrival) for rid, ids, sp_row, eos, arrival in body]
+        if kind == OUTPUTS:
+            return kind, [EngineCoreOutput(*o) for o in body]
+        if kind == ABORT:
+            return kind, body
+        return kind, pickle.loads(body)
+
+    def _params(self, row: list) -> SamplingParams:
+        sp = object.__new__(SamplingParams)  # validated by the frontend already
+        sp.__dict__.update(zip(self._sp_fields, row))
+        return sp
+
+
+SERIALIZER = PickleSerializer
