@@ -84,5 +84,8 @@ class InprocClient(EngineCoreClient):
         return self.core.step_end(pending) if pending is not None else []
 
     def shutdown(self) -> None:
-        self.drain()
+        try:
+            self.drain()
+        except EngineError:  # a dead or failing executor still has to release its workers
+            pass
         self.core.shutdown()
