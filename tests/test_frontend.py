@@ -43,8 +43,8 @@ def test_stop_string_truncates_and_finishes(llm):
 
 
 def test_chat_template_applies(llm):
-    out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4, temperature=0))
-    assert "<|im_start|>assistant" in out.prompt
+    outs = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4, temperature=0))
+    assert len(outs) == 1 and "<|im_start|>assistant" in outs[0].prompt
 
 
 def test_batched_detokenization_equals_one_by_one(llm):

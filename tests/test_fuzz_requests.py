@@ -14,7 +14,8 @@ from weavelm import LLM, RequestError, SamplingParams, WeaveError
 VOCAB = 512
 MAX_MODEL_LEN = 32
 FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
-          "logprobs", "priority", "include_stop_str_in_output")
+          "logprobs", "priority", "include_stop_str_in_output", "n", "presence_penalty", "frequency_penalty",
+          "repetition_penalty", "min_tokens", "logit_bias", "bad_words", "prompt_logprobs")
 
 ANY = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 600), st.integers(min_value=-2**80, max_value=2**80),
@@ -33,9 +34,17 @@ GOOD_VALUES = {
     "stop": st.sampled_from([None, "x", ["ab", "c"], ()]),
     "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=2),
     "ignore_eos": st.booleans(),
-    "logprobs": st.one_of(st.booleans(), st.integers(0, 3)),
+    "logprobs": st.one_of(st.none(), st.booleans(), st.integers(0, 3)),
     "priority": st.one_of(st.integers(-5, 5), st.sampled_from([-2**63, 2**63 - 1])),
     "include_stop_str_in_output": st.booleans(),
+    "n": st.integers(1, 3),
+    "presence_penalty": st.sampled_from([0, -2, 0.5, 2.0]),
+    "frequency_penalty": st.sampled_from([0, -2.0, 1, 2]),
+    "repetition_penalty": st.sampled_from([1, 0.5, 1.3, 1e6]),
+    "min_tokens": st.integers(0, 4),
+    "logit_bias": st.dictionaries(st.integers(0, VOCAB + 2), st.floats(-100, 100), max_size=2),
+    "bad_words": st.sampled_from([None, ["x"]]),  # the fixture has no tokenizer: rejected at submission
+    "prompt_logprobs": st.one_of(st.none(), st.integers(0, 3)),
 }
 
 GOOD_PROMPT = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8)
@@ -160,11 +169,14 @@ def test_fuzz_requests(llm, solo, cases, abandon_stream):
             assert out.error is None, out.error
             tokens = out.outputs[0].token_ids
             assert 1 <= len(tokens) <= sp.max_tokens and all(0 <= t < VOCAB for t in tokens)
-            if sp.logprobs:
+            assert len(out.outputs) == sp.n
+            if sp.num_logprobs is not None:
                 assert len(out.outputs[0].logprobs) == len(tokens)
-                assert all(math.isfinite(lp) and lp <= 1e-5 for lp in out.outputs[0].logprobs)
+                assert all(len(d) >= max(sp.num_logprobs, 1) and tokens[j] in d
+                           for j, d in enumerate(out.outputs[0].logprobs))
+                assert all(math.isfinite(lp) and lp <= 1e-5 for d in out.outputs[0].logprobs for lp in d.values())
             if deterministic(sp):
                 event("compared with the solo run")
                 assert tokens == solo(prompt, sp)
-    assert not llm.engine.states
+    assert not llm.engine.states and not llm.engine.parents
     assert llm.get_stats().num_used_blocks == 0

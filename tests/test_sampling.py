@@ -63,7 +63,7 @@ def test_logprobs_of_sampled_tokens(llm, tiny_llama):
     assert len(out.logprobs) == 3
     ref = hf_logits(tiny_llama, prompt + out.token_ids[:2]).log_softmax(-1)
     for j, tok in enumerate(out.token_ids):
-        assert math.isclose(out.logprobs[j], ref[len(prompt) - 1 + j, tok].item(), abs_tol=1e-4)
+        assert math.isclose(out.logprobs[j][tok], ref[len(prompt) - 1 + j, tok].item(), abs_tol=1e-4)
 
 
 def test_stop_token_ids_and_max_tokens(llm):

@@ -7,7 +7,27 @@ import logging
 import sys
 from typing import Any
 
+from weavelm import __version__
 from weavelm.errors import WeaveError
+
+
+# vLLM's engine flags, mapped onto their sections by weavelm.core.compat (dest -> argparse kwargs)
+VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
+    "tensor_parallel_size": {"type": int, "help": "executor.tensor_parallel_size (picks the multiproc executor)"},
+    "gpu_memory_utilization": {"type": float, "help": "cache.gpu_memory_utilization"},
+    "max_num_seqs": {"type": int, "help": "scheduler.max_num_seqs"},
+    "max_num_batched_tokens": {"type": int, "help": "scheduler.max_num_batched_tokens"},
+    "max_model_len": {"type": int, "help": "context limit (default: the model's)"},
+    "block_size": {"type": int, "help": "cache.block_size"},
+    "num_gpu_blocks_override": {"type": int, "help": "cache.num_blocks"},
+    "enable_prefix_caching": {"action": argparse.BooleanOptionalAction, "help": "cache.enable_prefix_caching"},
+    "enable_chunked_prefill": {"action": argparse.BooleanOptionalAction,
+                               "help": "scheduler.enable_chunked_prefill"},
+    "enforce_eager": {"action": "store_const", "const": True, "help": "disable CUDA graphs"},
+    "tokenizer": {"help": "tokenizer directory (default: beside the model)"},
+    "trust_remote_code": {"action": "store_const", "const": True,
+                          "help": "refused: weavelm never runs code shipped with a model"},
+}
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -16,50 +36,81 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", metavar="FILE", help="engine YAML (see examples/)")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="A.B=C",
                    help="override a config value, e.g. --set scheduler.max_num_seqs=8 (repeatable)")
-    g.add_argument("--model", help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--model", help="model directory, .gguf file or a Hugging Face id in the local cache "
+                   "(default: SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
     g.add_argument("--device", choices=("auto", "cuda", "cpu"))
+    v = p.add_argument_group("vLLM engine flags (each sets the config value named; --set wins over them)")
+    for dest, kwargs in VLLM_ENGINE_FLAGS.items():
+        v.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **kwargs)
 
 
 def engine_config_from_args(args: argparse.Namespace, **extra: Any):
-    """EngineConfig from --config, the shortcuts and --set, in that order of precedence (last wins)."""
+    """EngineConfig from --config, the shortcuts, vLLM's flags and --set, in that order of precedence (last
+    wins)."""
+    from weavelm.core.compat import apply_vllm_aliases
     from weavelm.core.config import EngineConfig, merge_overrides, read_yaml
+    from weavelm.core.registry import Registry
 
     raw = read_yaml(args.config) if args.config else {}
     shortcuts = {"model": args.model, "dtype": args.dtype, "device": args.device, **extra}
-    return EngineConfig.build(merge_overrides(raw, shortcuts, args.sets))
+    shortcuts.update({dest: getattr(args, dest, None) for dest in VLLM_ENGINE_FLAGS})
+    registry = Registry.load()
+    overrides = apply_vllm_aliases(shortcuts, registry, base=raw)
+    return EngineConfig.build(merge_overrides(raw, overrides, args.sets), registry)
+
+
+def sampling_params_from_args(args: argparse.Namespace):
+    """SamplingParams from generate's flags (validated here, before any model loads)."""
+    from weavelm import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop or None,
+                          ignore_eos=args.ignore_eos, n=args.n, min_tokens=args.min_tokens,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          repetition_penalty=args.repetition_penalty)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from weavelm import LLM, SamplingParams
+    from weavelm import LLM
 
-    llm = LLM(config=engine_config_from_args(args))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop or None, ignore_eos=args.ignore_eos)
+    params = sampling_params_from_args(args)
+    config = engine_config_from_args(args)
+    llm = LLM(config=config)
     prompts = args.prompt or ["The capital of France is"]
-    for prompt in prompts:
-        if args.chat:
-            tok = llm.get_tokenizer()
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           tokenize=False)
-            request: Any = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
-        else:
-            request = prompt
-        if args.stream:
-            printed = 0
+    requests = [_chat_request(llm, p) if args.chat else p for p in prompts]
+    echo = [""] * len(prompts) if args.chat else prompts  # the prompt is printed before its text, both ways
+    if args.stream:
+        for request, head in zip(requests, echo):
+            sys.stdout.write(head)
+            printed = [0] * params.n
             for out in llm.stream(request, params):
-                text = out.outputs[0].text
-                sys.stdout.write(text[printed:])
+                for c in out.outputs:
+                    sys.stdout.write(c.text[printed[c.index]:])
+                    printed[c.index] = len(c.text)
                 sys.stdout.flush()
-                printed = len(text)
             sys.stdout.write("\n")
-        else:
-            out = llm.generate([request], params)[0]
-            if out.error:
-                print(f"error: {out.error}", file=sys.stderr)
-                return 2
-            print(out.outputs[0].text if args.chat else prompt + out.outputs[0].text)
-    return 0
+        return 0
+    rc = 0
+    for out, head in zip(llm.generate(requests, params), echo):  # one batch
+        if out.error:
+            print(f"error: {out.error}", file=sys.stderr)
+            rc = 2
+            continue
+        for c in out.outputs:
+            print(head + c.text)
+    return rc
+
+
+def _chat_request(llm: Any, prompt: str) -> dict[str, Any]:
+    from weavelm.errors import RequestError
+
+    tok = llm.get_tokenizer()
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise RequestError("--chat: this model's tokenizer has no chat template")
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   tokenize=False)
+    return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -67,10 +118,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     reg = Registry.load()
     rows = [("kind", "name", "distribution", "version", "api", "status")]
-    for kind, comps in reg.components.items():
-        for name, rec in sorted(comps.items()):
+    for kind in sorted(reg.components):
+        for name, rec in sorted(reg.components[kind].items()):
             api = reg.plugins[rec.plugin].api_version if rec.plugin in reg.plugins else ""
-            rows.append((kind, name, rec.distribution, rec.version, api or "undeclared", "ok"))
+            rows.append((kind, name, rec.distribution, rec.version, api or "undeclared", _can_run(kind, rec.cls)))
     for p in sorted(reg.plugins.values(), key=lambda p: p.name):
         if p.error:
             rows.append(("?", p.name, p.distribution, p.version, p.api_version or "undeclared", f"failed: {p.error}"))
@@ -82,30 +133,61 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _can_run(kind: str, cls: Any) -> str:
+    """"ok", or "cannot run here: <reasons>" for an attention backend whose `check` fails for this machine's
+    default device and dtype (a typical head layout: 64-wide heads, 8 query and 8 KV heads, 16-token blocks)."""
+    if kind != "attention" or getattr(cls, "name", "") == "auto":
+        return "ok"
+    import torch
+
+    from weavelm.core.device import resolve_device
+    from weavelm.core.forward import AttentionSpec
+
+    device = resolve_device("auto").type
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        reasons = cls.check(AttentionSpec(device, dtype, 64, 8, 8, 16))
+    except Exception as e:  # a broken third-party check must not break the listing
+        reasons = [f"check() failed: {type(e).__name__}: {e}"]
+    return "ok" if not reasons else f"cannot run here ({device}, {str(dtype).removeprefix('torch.')}): " + \
+        "; ".join(reasons)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weavelm", description="A plugin-based LLM inference engine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"weavelm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text for one or more prompts")
     add_engine_args(g)
-    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable; all run as one batch)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--n", type=int, default=1, help="completions per prompt (default: 1)")
+    g.add_argument("--max-tokens", type=int, default=64,
+                   help="tokens to generate (default: 64; SamplingParams' own default is 16)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 is greedy (default: 0; SamplingParams' own default is 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0, off)")
+    g.add_argument("--top-k", type=int, default=0, help="(default: 0, off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="(default: 0.0, off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="(default: 0.0, off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="(default: 0.0, off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0, off)")
+    g.add_argument("--min-tokens", type=int, default=0, help="tokens before EOS may end the output (default: 0)")
+    g.add_argument("--seed", type=int, help="sampling seed (default: none; the engine's seed is --set seed=N)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.set_defaults(handler=cmd_generate)
 
-    p = sub.add_parser("plugins", help="list every component with its distribution and status")
+    p = sub.add_parser("plugins", help="list every component with its distribution and whether it can run here")
     p.set_defaults(handler=cmd_plugins)
 
     from weavelm.convert import add_convert_parser
     add_convert_parser(sub)
+    from weavelm.serve.cli import add_serve_parser
+    add_serve_parser(sub, add_engine_args)
     try:
         from weavelm.bench.cli import add_bench_parsers
     except ImportError:

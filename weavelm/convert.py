@@ -180,11 +180,16 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
                    help="max bytes per safetensors/pt shard, e.g. 2GB (default 4 GiB)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast floating tensors first")
     p.add_argument("--passphrase-env", metavar="VAR", help="tensorizer: encrypt with the passphrase in $VAR")
+    p.add_argument("--force", action="store_true", help="write into DST even if it exists (files there are "
+                   "overwritten)")
     p.set_defaults(handler=run_convert)
     return p
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    if not args.force and os.path.exists(args.dst) and not (os.path.isdir(args.dst) and not os.listdir(args.dst)):
+        raise LoadError(f"convert: {args.dst!r} already exists; choose a new output path or pass --force to "
+                        f"overwrite it")
     out = convert(args.src, args.dst, args.to, args.gguf_type, shard_size=args.shard_size, dtype=args.dtype,
                   passphrase_env=args.passphrase_env)
     print(out)
