@@ -52,7 +52,8 @@ def tp_models(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mqa", "tied"])
 def test_tp2_over_gloo_matches_tp1(tp_models, arch):
     path = tp_models[arch]
-    want_greedy, want_seeded = tokens(engine(path), GREEDY), tokens(engine(path), SEEDED)
+    tp1 = engine(path)
+    want_greedy, want_seeded = tokens(tp1, GREEDY), tokens(tp1, SEEDED)
     with engine(path, {"name": "multiproc", "tensor_parallel_size": 2}) as tp2:
         assert tokens(tp2, GREEDY) == want_greedy
         assert tokens(tp2, SEEDED) == want_seeded
@@ -61,7 +62,8 @@ def test_tp2_over_gloo_matches_tp1(tp_models, arch):
 
 
 def test_multiproc_tp1_matches_uniproc(tiny_llama):
-    want = tokens(engine(tiny_llama), GREEDY), tokens(engine(tiny_llama), SEEDED)
+    tp1 = engine(tiny_llama)
+    want = tokens(tp1, GREEDY), tokens(tp1, SEEDED)
     with engine(tiny_llama, "multiproc") as llm:
         assert (tokens(llm, GREEDY), tokens(llm, SEEDED)) == want
         assert llm.collective_rpc("pid")[0] != os.getpid()
