@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.util  # noqa: F401 - imported before our atexit hook, so ours runs before its join
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import weakref
@@ -126,7 +127,7 @@ class MPClient(EngineCoreClient):
     def shutdown(self) -> None:
         """Stop the core process (idempotent); later calls raise EngineDeadError."""
         if self._dead is None:
-            self._dead = EngineDeadError(PROCESS_NAME, self.proc.pid, reason="was shut down")
+            self._dead = EngineDeadError(f"the {PROCESS_NAME} process (pid {self.proc.pid}) was shut down")
         self._finalizer()
         _FINALIZERS.discard(self._finalizer)
 
@@ -219,11 +220,32 @@ class MPClient(EngineCoreClient):
                 self._recv_lock.release()
         self.proc.join(SHUTDOWN_WAIT_S if report is not None else 0)
         if self._dead is None:
-            self._dead = EngineDeadError(PROCESS_NAME, self.proc.pid, self.proc.exitcode,
-                                         traceback=report[1] if report else None)
-            self._dead.startup_error = report[2] if report else None
+            self._dead = dead_error(self.proc.pid, self.proc.exitcode, report)
         self._finalizer()
         raise self._dead
+
+
+def dead_error(pid: int | None, exitcode: int | None,
+               report: tuple[str, str, BaseException | None] | None) -> EngineDeadError:
+    """The error for a dead core process: names it, its pid, exit code or signal, and the traceback it sent.
+    Carries `pid`, `exitcode`, `traceback` (text or None) and `startup_error` (the exception, if it pickled)."""
+    if exitcode is None:
+        how = "died"
+    elif exitcode < 0:
+        try:
+            how = f"was killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-exitcode}"
+    else:
+        how = f"exited with code {exitcode}"
+    message = f"the {PROCESS_NAME} process (pid {pid}) {how}"
+    if report is not None:
+        message += f" after an error: {report[0]}\n{report[1].rstrip()}"
+    error = EngineDeadError(message)
+    error.pid, error.exitcode = pid, exitcode
+    error.traceback = report[1] if report else None
+    error.startup_error = report[2] if report else None
+    return error
 
 
 def _stop_core(proc: Any, ctx: Any, input_socket: Any, output_socket: Any, tmpdir: str, shutdown: bytes) -> None:

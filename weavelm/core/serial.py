@@ -8,10 +8,9 @@ A message is `(kind, payload)`. Kinds and payloads:
   (one step's deltas); UTILITY_RESULT `(call_id, ok, value)` (value: the result, or the exception when not ok);
   DEAD `(message, traceback_text, exception_or_None)`, sent by the core just before it exits on an error.
 
-`PickleSerializer` (protocol 5) is the one in use: `benchmarks/engine_process_overhead.py` measures it against
-`MsgpackSerializer` (msgspec) on a 1000-token request and a 256-request step (see benchmarks/RESULTS.md). msgspec
-needs every dataclass flattened by hand, so it breaks silently whenever a field is added to `SamplingParams` or
-`EngineCoreOutput`; pickle carries any picklable payload, including utility-call arguments, as is.
+`SERIALIZER` (`MsgpackSerializer`, msgspec) is the one in use: `benchmarks/engine_process_overhead.py` measures
+it against `PickleSerializer` (protocol 5) on a 1000-token request and a 256-request step, where pickle spends its
+time rebuilding dataclasses from `__reduce_ex__` state (numbers in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -49,16 +48,19 @@ class PickleSerializer:
 
 
 class MsgpackSerializer:
-    """msgspec msgpack with the engine's classes flattened to field lists (compared in the benchmark only).
-    Utility payloads and anything else not flattened here travel as embedded pickle bytes."""
+    """msgspec msgpack for the hot messages (ADD, OUTPUTS, ABORT), with `SamplingParams` and `EngineCoreOutput`
+    flattened to their field values (in `dataclasses.fields` order, so a new field travels without a change
+    here). Any other object inside them (a `Logprob`, a tuple stays a list) travels as an embedded pickle (msgpack
+    extension type 1); the other messages are pickled whole. `tests/test_engine_process.py` round-trips fully
+    populated messages, so a field type this format would alter fails there, not in production."""
 
     name = "msgspec"
 
     def __init__(self) -> None:
         import msgspec
 
-        self._enc = msgspec.msgpack.Encoder()
-        self._dec = msgspec.msgpack.Decoder()
+        self._enc = msgspec.msgpack.Encoder(enc_hook=_pickle_ext)
+        self._dec = msgspec.msgpack.Decoder(ext_hook=_unpickle_ext)
         self._sp_fields = [f.name for f in dataclasses.fields(SamplingParams)]
         self._out_fields = [f.name for f in dataclasses.fields(EngineCoreOutput)]
 
@@ -90,4 +92,16 @@ class MsgpackSerializer:
         return sp
 
 
-SERIALIZER = PickleSerializer
+def _pickle_ext(obj: Any) -> Any:
+    import msgspec
+
+    return msgspec.msgpack.Ext(PICKLE_EXT, pickle.dumps(obj, protocol=5))
+
+
+def _unpickle_ext(code: int, data: memoryview) -> Any:
+    assert code == PICKLE_EXT, code
+    return pickle.loads(data)
+
+
+PICKLE_EXT = 1
+SERIALIZER = MsgpackSerializer
