@@ -1,7 +1,8 @@
 """`engine_process: true`: the engine core in its own process behind MPClient gives the same outputs as in-process,
 aborts and stats cross the boundary, and a core that dies (killed, or of an exception) is a typed EngineDeadError
-within seconds with no process left behind. Each engine process costs a few seconds to start, so the parity tests
-share one."""
+within seconds with no process left behind. Each engine process costs seconds to start, so one serves the parity
+tests and then dies of an injected exception in the last test of this file (its scheduler is `fcfs` plus a fault on
+a poisoned prompt, tests/engine_process_plugins.py)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ def inproc(tiny_llama):
 
 @pytest.fixture(scope="module")
 def mp(tiny_llama):
-    with LLM(model=tiny_llama, engine_process=True, **ENGINE) as llm:
+    registry = Registry.load()
+    registry.register_module("tests.engine_process_plugins")  # the spec carries it into the core process
+    with LLM(model=tiny_llama, engine_process=True, registry=registry,
+             **{**ENGINE, "scheduler": {**ENGINE["scheduler"], "name": "exploding"}}) as llm:
         pid = core_pid(llm)
         assert child_alive(pid)
         yield llm
@@ -142,24 +146,6 @@ def test_core_killed_mid_stream_is_engine_dead_error(tiny_llama):
     assert not child_alive(pid)
 
 
-def test_exception_in_the_core_loop_is_engine_dead_error_with_traceback(tiny_llama):
-    registry = Registry.load()
-    registry.register_module("tests.engine_process_plugins")
-    llm = LLM(model=tiny_llama, engine_process=True, registry=registry, **{**ENGINE, "scheduler": "exploding"})
-    pid = core_pid(llm)
-    assert run(llm, [[5, 6]], GREEDY)[0][3] is None
-    t0 = time.monotonic()
-    with pytest.raises(EngineDeadError) as info:
-        llm.generate([[POISON, 1, 2]], GREEDY)
-    assert time.monotonic() - t0 < 10
-    text = str(info.value)
-    assert f"pid {pid}" in text and "exited with code 1" in text
-    assert "SchedulerExploded: poisoned prompt" in text and "Traceback" in text and "in schedule" in text
-    assert isinstance(info.value, EngineError)
-    llm.shutdown()
-    assert not child_alive(pid)
-
-
 CTRL_C_SCRIPT = textwrap.dedent("""
     import sys
     from weavelm import LLM, SamplingParams
@@ -195,3 +181,20 @@ def test_ctrl_c_in_the_caller_stops_everything(tiny_llama, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_exception_in_the_core_loop_is_engine_dead_error_with_traceback(mp):
+    """Runs last: it kills the shared engine process."""
+    pid = core_pid(mp)
+    assert run(mp, [[5, 6]], GREEDY)[0][3] is None
+    t0 = time.monotonic()
+    with pytest.raises(EngineDeadError) as info:
+        mp.generate([[POISON, 1, 2]], GREEDY)
+    assert time.monotonic() - t0 < 10
+    text = str(info.value)
+    assert f"pid {pid}" in text and "exited with code 1" in text
+    assert "SchedulerExploded: poisoned prompt" in text and "Traceback" in text and "in schedule" in text
+    assert isinstance(info.value, EngineError)
+    with pytest.raises(EngineDeadError):
+        mp.generate([[1, 2]], GREEDY)
+    assert not child_alive(pid)
