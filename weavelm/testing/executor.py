@@ -70,8 +70,10 @@ class ExecutorContract:
 
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         small = {"num_blocks": 16, "block_size": 4, "enable_prefix_caching": False}
-        got = _tokens(_engine(self.executor, self.executor_options, cache=small), params)
-        assert got == _tokens(_engine("uniproc", {}, cache=small), params)
+        with _engine(self.executor, self.executor_options, cache=small) as llm:
+            got = _tokens(llm, params)
+        with _engine("uniproc", {}, cache=small) as llm:
+            assert got == _tokens(llm, params)
 
     def test_collective_rpc_and_model_info(self, engine):
         infos = engine.collective_rpc("model_info")

@@ -9,6 +9,7 @@ Across nodes: `ray start --head` on one node, `ray start --address=<head>:6379` 
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -86,7 +87,12 @@ class RayExecutor(Executor):
         bundle = {"CPU": options.num_cpus_per_worker, **({"GPU": gpus} if gpus else {})}
         self.placement = placement_group([dict(bundle) for _ in range(self.world_size)],
                                          strategy=options.placement_strategy)
-        ray.get(self.placement.ready(), timeout=300)
+        try:
+            ray.get(self.placement.ready(), timeout=120)
+        except ray.exceptions.GetTimeoutError as e:
+            ray.util.remove_placement_group(self.placement)
+            raise EngineError(f"Ray could not place {self.world_size} workers of {bundle} within 120 s; the cluster "
+                              f"has {ray.available_resources()} free") from e
         actor = _actor_class()
         self.actors = [
             actor.options(num_cpus=options.num_cpus_per_worker, num_gpus=gpus,
@@ -97,6 +103,7 @@ class RayExecutor(Executor):
         if self.world_size > 1:
             host, port = self._get([self.actors[0].address.remote()])[0]
             init_method = f"tcp://{host}:{port}"
+        self._finalizer = weakref.finalize(self, _release, ray, list(self.actors), self.placement)
         self._get([a.setup.remote(init_method) for a in self.actors])
         try:
             for method in ("init_worker", "init_device", "load_model"):
@@ -136,13 +143,25 @@ class RayExecutor(Executor):
         return _RayStepFuture(self, refs)
 
     def shutdown(self) -> None:
-        ray = self._ray
-        for a in getattr(self, "actors", []):
-            ray.kill(a)
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
         self.actors = []
-        if getattr(self, "placement", None) is not None:
-            ray.util.remove_placement_group(self.placement)
-            self.placement = None
+
+
+def _release(ray: Any, actors: list[Any], placement: Any) -> None:
+    """Kill the rank actors and free their placement group (shutdown, garbage collection or interpreter exit)."""
+    if not ray.is_initialized():
+        return
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    try:
+        ray.util.remove_placement_group(placement)
+    except Exception:  # noqa: BLE001 - already removed
+        pass
 
 
 class _RayStepFuture(RunnerFuture):
