@@ -100,6 +100,16 @@ def step_times(model: str, engine_process: bool, running: int, steps: int) -> di
             "step_us": per_step, "get_stats_rtt_us": rtt}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
@@ -124,7 +134,7 @@ def main() -> None:
         print(f"| {r['client']} | {r['running']} | {r['step_us']:.0f} | {rtt} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"cpu": platform.processor() or platform.machine(),
+        Path(args.out).write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(),
                                               "python": platform.python_version(), "serialisation": ser,
                                               "steps": steps}, indent=2))
 

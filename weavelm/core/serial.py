@@ -3,7 +3,8 @@
 A message is `(kind, payload)`. Kinds and payloads:
 
 - frontend -> core: ADD `list[tuple]` (`request_to_wire` of each new request: only its constructor arguments
-  travel, not the core-side state a `Request` also holds); ABORT `list[str]`; UTILITY `(call_id, method, args)`; SHUTDOWN `None`.
+  travel, not the core-side state a `Request` also holds); ABORT `list[str]`; UTILITY `(call_id, method, args)`;
+  SHUTDOWN `None`.
 - core -> frontend: READY `dict` (model_info, max_model_len, num_blocks, pid); OUTPUTS `list[EngineCoreOutput]`
   (one step's deltas); UTILITY_RESULT `(call_id, ok, value)` (value: the result, or the exception when not ok);
   DEAD `(message, traceback_text, exception_or_None)`, sent by the core just before it exits on an error.
@@ -16,6 +17,7 @@ time rebuilding dataclasses from `__reduce_ex__` state (numbers in benchmarks/RE
 from __future__ import annotations
 
 import dataclasses
+import operator
 import pickle
 from typing import Any
 
@@ -62,14 +64,15 @@ class MsgpackSerializer:
         self._enc = msgspec.msgpack.Encoder(enc_hook=_pickle_ext)
         self._dec = msgspec.msgpack.Decoder(ext_hook=_unpickle_ext)
         self._sp_fields = [f.name for f in dataclasses.fields(SamplingParams)]
-        self._out_fields = [f.name for f in dataclasses.fields(EngineCoreOutput)]
+        self._sp_values = operator.attrgetter(*self._sp_fields)
+        self._out_values = operator.attrgetter(*(f.name for f in dataclasses.fields(EngineCoreOutput)))
 
     def encode(self, kind: int, payload: Any) -> bytes:
         if kind == ADD:
-            body: Any = [[rid, ids, [getattr(sp, f) for f in self._sp_fields], eos, arrival]
+            body: Any = [[rid, ids, self._sp_values(sp), eos, arrival]
                          for rid, ids, sp, eos, arrival in payload]
         elif kind == OUTPUTS:
-            body = [[getattr(o, f) for f in self._out_fields] for o in payload]
+            body = list(map(self._out_values, payload))
         elif kind == ABORT:
             body = list(payload)
         else:
