@@ -8,6 +8,11 @@ import torch
 
 ARCHS = ("llama", "qwen2", "qwen3")
 VOCAB = 512
+# Tensor-parallel fixtures: name -> (architecture, config overrides). Besides the three architectures (4 heads, 2 KV
+# heads): one KV head (MQA, replicated on every rank) and tied embeddings (the LM head is the embedding's shard).
+TP_FIXTURES = {"llama": ("llama", {}), "qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}),
+               "llama_mqa": ("llama", {"num_key_value_heads": 1}),
+               "qwen2_tied": ("qwen2", {"tie_word_embeddings": True})}
 
 
 def tiny_config(arch: str, **kw):
