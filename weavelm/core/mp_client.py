@@ -89,7 +89,10 @@ class MPClient(EngineCoreClient):
         """Send an abort and return []: the aborted requests' final outputs come from `get_output`. A no-op once
         the core is dead (there is nothing left to abort)."""
         if self._dead is None and request_ids:
-            self._send(serial.ABORT, list(request_ids))
+            try:
+                self._send(serial.ABORT, list(request_ids))
+            except EngineDeadError:  # found dead just now: recorded for the next call; aborts run in cleanups
+                pass
         return []
 
     def get_output(self) -> list[EngineCoreOutput]:
