@@ -30,6 +30,8 @@ class PenaltyMetadata:
     repetition: torch.Tensor
     token_ids: torch.Tensor
     is_output: torch.Tensor
+    any_repetition: bool = True  # host-side flags: skip the half of the work no row needs
+    any_presence_frequency: bool = True
 
 
 @dataclass
@@ -80,16 +82,17 @@ def apply_penalties(logits: torch.Tensor, p: PenaltyMetadata) -> None:
     over output tokens (OpenAI's formula, as vLLM applies it)."""
     vocab = logits.shape[-1]
     sub = logits[p.rows]
-    seen = torch.zeros(sub.shape[0], vocab + 1, dtype=torch.bool, device=sub.device)
-    seen.scatter_(1, p.token_ids, True)
-    seen = seen[:, :vocab]
-    out_ids = torch.where(p.is_output, p.token_ids, vocab)
-    counts = torch.zeros(sub.shape[0], vocab + 1, dtype=sub.dtype, device=sub.device)
-    counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=sub.dtype))
-    counts = counts[:, :vocab]
-    rep = p.repetition[:, None]
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    sub -= p.frequency[:, None] * counts + p.presence[:, None] * (counts > 0).to(sub.dtype)
+    if p.any_repetition:
+        seen = torch.zeros(sub.shape[0], vocab + 1, dtype=torch.bool, device=sub.device)
+        seen.scatter_(1, p.token_ids, True)
+        rep = p.repetition[:, None]
+        sub = torch.where(seen[:, :vocab], torch.where(sub > 0, sub / rep, sub * rep), sub)
+    if p.any_presence_frequency:
+        out_ids = torch.where(p.is_output, p.token_ids, vocab)
+        counts = torch.zeros(sub.shape[0], vocab + 1, dtype=sub.dtype, device=sub.device)
+        counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=sub.dtype))
+        counts = counts[:, :vocab]
+        sub -= p.frequency[:, None] * counts + p.presence[:, None] * (counts > 0).to(sub.dtype)
     logits[p.rows] = sub
 
 

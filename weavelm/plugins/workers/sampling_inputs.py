@@ -82,7 +82,9 @@ def _penalties(b: InputBatch, rows: np.ndarray, pen_rows: list[int], device: tor
                       dtype=np.float32)
     v = torch.from_numpy(values).to(device)
     return PenaltyMetadata(torch.tensor(pen_rows, device=device), v[:, 0], v[:, 1], v[:, 2],
-                           torch.from_numpy(token_ids).to(device), torch.from_numpy(is_output).to(device))
+                           torch.from_numpy(token_ids).to(device), torch.from_numpy(is_output).to(device),
+                           any_repetition=bool((values[:, 2] != 1).any()),
+                           any_presence_frequency=bool((values[:, :2] != 0).any()))
 
 
 def to_token_logprobs(ids: list[int], lp: SampledLogprobs, want: list[int | None]) -> list[TokenLogprobs | None]:
