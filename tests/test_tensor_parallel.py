@@ -27,6 +27,7 @@ from tests.model_fixtures import TP_FIXTURES, build_tiny_model
 from weavelm.distributed import TensorParallelGroup
 from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                                     VocabParallelEmbedding)
+from weavelm.utils import cdiv
 
 PROMPTS = [[5, 17, 42, 99, 3], list(range(10, 21)), [7, 300, 8], list(range(100, 117))]
 DECODE_STEPS = 4
@@ -113,7 +114,7 @@ def test_vocab_shards_pad_the_last_rank_and_sum_to_the_full_embedding(world):
         emb = VocabParallelEmbedding(vocab, dim, LocalGroup(rank, world))
         emb.weight.weight_loader(emb.weight, weight)
         real = emb.vocab_end - emb.vocab_start
-        assert emb.weight.shape[0] == -(-vocab // world) and not emb.weight[real:].any()
+        assert emb.weight.shape[0] == cdiv(vocab, world) and not emb.weight[real:].any()
         total += emb(ids)
         shards.append(emb.compute_logits(hidden))  # this rank's columns (the gather is left out)
     torch.testing.assert_close(total, F.embedding(ids, weight))
@@ -176,7 +177,7 @@ class PagedRun:
         backend_cls = Registry.load().get("attention", "torch_ref")
         backend = backend_cls(backend_cls.Options())
         num_layers, num_heads, num_kv_heads, head_size = model.attention_layout()
-        self.blocks_per_req = -(-max_len // BLOCK_SIZE)
+        self.blocks_per_req = cdiv(max_len, BLOCK_SIZE)
         shape = backend.kv_cache_shape(num_reqs * self.blocks_per_req, BLOCK_SIZE, num_kv_heads, head_size)
         self.model, self.builder = model, backend.make_builder(torch.device("cpu"))
         self.kv_caches = [torch.zeros(shape) for _ in range(num_layers)]
