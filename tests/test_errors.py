@@ -43,12 +43,16 @@ def test_bad_sampling_params(kwargs, field):
 
 
 def test_model_dir_without_config_json(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(LoadError, match="has no config.json; save the model with transformers"):
+        LLM(model=str(tmp_path), device="cpu", loader="safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(LoadError, match="is an empty folder"):
         LLM(model=str(tmp_path), device="cpu", loader="safetensors")
 
 
 def test_missing_model_dir():
-    with pytest.raises(LoadError, match="is not a directory"):
+    with pytest.raises(LoadError, match="'/nonexistent/model' does not exist"):
         LLM(model="/nonexistent/model", device="cpu", loader="safetensors")
 
 
