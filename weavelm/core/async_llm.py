@@ -1,0 +1,373 @@
+"""AsyncLLM: the asyncio frontend (vLLM's `AsyncLLM`). The engine loop runs in a background thread beside the
+event loop; outputs reach each request's stream through `loop.call_soon_threadsafe`, so the event loop never waits
+for a step."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from weavelm.core.llm_engine import LLM, EngineStats, LLMEngine, PromptType
+from weavelm.core.outputs import CompletionOutput, RequestOutput
+from weavelm.core.request import SamplingParams
+from weavelm.errors import EngineDeadError, EngineError, RequestError
+
+logger = logging.getLogger("weavelm.async_llm")
+
+
+class RequestStream:
+    """The outputs of one request, in the event loop that added it. The engine thread pushes the engine's
+    (cumulative) outputs; iterating yields either deltas (`delta=True`: text, token ids and logprobs new since the
+    previous yield) or cumulative outputs, coalescing whatever arrived meanwhile into one. Timestamps (`time.perf_counter()`) are taken when outputs reach the event loop."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, delta: bool):
+        self.request_id = request_id
+        self.loop = loop
+        self.delta = delta
+        self.accepted: asyncio.Future = loop.create_future()
+        self.finished = False
+        self.arrival = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.num_prompt_tokens = 0
+        self.num_output_tokens = 0
+        # observer(stream, output, new_tokens, previous_token_time, now), for metrics
+        self.observer: Callable[[RequestStream, RequestOutput, int, float | None, float], None] | None = None
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._ready = asyncio.Event()
+        self._token_ids: list[int] = []
+        self._logprobs: list | None = None  # cumulative outputs from the engine; deltas are sliced from them
+        self._text = ""
+        self._sent_tokens = 0
+        self._sent_text = 0
+        self.on_first_output: Callable[[], None] | None = None
+
+    def push(self, item: RequestOutput | BaseException) -> None:
+        """Called in the event loop (via call_soon_threadsafe)."""
+        if isinstance(item, RequestOutput):
+            now = time.perf_counter()
+            num_tokens = len(item.outputs[0].token_ids) if item.outputs else 0
+            new_tokens, previous = num_tokens - self.num_output_tokens, self.last_token_time
+            if new_tokens > 0:
+                self.first_token_time = self.first_token_time or now
+                self.last_token_time = now
+                self.num_output_tokens = num_tokens
+            if self.observer is not None:
+                self.observer(self, item, max(new_tokens, 0), previous, now)
+        if self.on_first_output is not None:
+            self.on_first_output()
+            self.on_first_output = None
+        self._items.append(item)
+        self._ready.set()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        last = None
+        while self._items:
+            item = self._items.popleft()
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            self._fold(item)
+            last = item
+            if item.finished:
+                self._items.clear()
+                break
+        return self._emit(last)
+
+    def _fold(self, out: RequestOutput) -> None:
+        comp = out.outputs[0]
+        self.num_prompt_tokens = len(out.prompt_token_ids)
+        self._token_ids, self._logprobs, self._text = comp.token_ids, comp.logprobs, comp.text
+
+    def _emit(self, out: RequestOutput) -> RequestOutput:
+        comp = out.outputs[0]
+        self.finished = out.finished
+        text, ids, logprobs = self._text, self._token_ids, self._logprobs
+        if self.delta:
+            text, ids = text[self._sent_text:], ids[self._sent_tokens:]
+            logprobs = logprobs[self._sent_tokens:] if logprobs is not None else None
+        self._sent_text, self._sent_tokens = len(self._text), len(self._token_ids)
+        completion = CompletionOutput(comp.index, text, ids, comp.finish_reason, comp.stop_reason, logprobs)
+        return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, [completion], out.finished,
+                             out.num_cached_tokens, out.error, out.metrics, **_extra_fields(out))
+
+
+def _extra_fields(out: RequestOutput) -> dict[str, Any]:
+    prompt_logprobs = getattr(out, "prompt_logprobs", None)
+    return {"prompt_logprobs": prompt_logprobs} if prompt_logprobs is not None else {}
+
+
+class AsyncLLM:
+    """`AsyncLLM(model=..., **overrides)` (the arguments of `LLM`) or `AsyncLLM.from_llm(llm)`.
+
+    `async for out in engine.generate(prompt, params)` streams one request; cancelling the consuming task or
+    closing the generator aborts it. An exception escaping the engine loop kills the engine: every waiting and
+    later call raises EngineDeadError. Create and use it from one or more event loops; `shutdown()` stops the loop
+    thread (from any thread)."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self._init(LLM(model, **kwargs), owns_llm=True)
+
+    @classmethod
+    def from_llm(cls, llm: LLM) -> AsyncLLM:
+        self = cls.__new__(cls)
+        self._init(llm, owns_llm=False)
+        return self
+
+    def _init(self, llm: LLM, owns_llm: bool) -> None:
+        self.llm = llm
+        self.engine: LLMEngine = llm.engine
+        self._owns_llm = owns_llm
+        self._commands: list[Callable[[], None]] = []
+        self._commands_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._open: dict[str, RequestStream] = {}  # event-loop side: unfinished requests by id
+        self._num_waiting = 0
+        self.output_observer: Callable[[RequestStream, RequestOutput, int, float | None, float], None] | None = None
+        self._dead: EngineDeadError | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="weavelm-engine-loop", daemon=True)
+        self._thread.start()
+
+    # -- public API -----------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None
+
+    @property
+    def dead_error(self) -> EngineDeadError | None:
+        return self._dead
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests added through this AsyncLLM and not yet finished (or abandoned)."""
+        return len(self._open)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests added and not yet given any output: queued for the loop thread or waiting in the scheduler."""
+        return self._num_waiting
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError when the engine loop has died."""
+        if self._dead is not None:
+            raise self._dead
+
+    async def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                          request_id: str | None = None, *, delta: bool = False) -> RequestStream:
+        """Validate (RequestError), queue, and wait until the engine accepted the request; returns its stream.
+        The caller must iterate it to the end or call `abort`."""
+        self.check_health()
+        prepared = self.engine.prepare(prompt, params)  # tokenizer and validation: the engine's own
+        rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
+        if not isinstance(rid, str):
+            raise RequestError(f"request_id: must be a str (got {type(rid).__name__})")
+        if rid in self._open:
+            raise RequestError(f"request_id: {rid!r} is already in use")
+        stream = RequestStream(rid, asyncio.get_running_loop(), delta)
+        stream.observer = self.output_observer
+        self._num_waiting += 1
+
+        def left_waiting() -> None:
+            self._num_waiting -= 1
+
+        stream.on_first_output = left_waiting
+        self._open[rid] = stream
+        try:
+            self._post(lambda: self._submit(prepared, stream), on_dead=lambda e: self._fail_accept(stream, e))
+            await stream.accepted
+        except BaseException:
+            rejected = stream.accepted.done() and not stream.accepted.cancelled() and \
+                stream.accepted.exception() is not None
+            self._forget(stream, abort=not rejected)  # cancelled while queued: the submit may still come
+            raise
+        return stream
+
+    async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
+                       request_id: str | None = None, *, delta: bool = False) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs (cumulative, or deltas with `delta=True`), ending with the finished one.
+        Raises RequestError for an invalid request and EngineDeadError when the engine dies."""
+        stream = await self.add_request(prompt, params, request_id, delta=delta)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            self.release(stream)
+
+    def release(self, stream: RequestStream) -> None:
+        """Done with a stream: aborts its request unless it finished. Safe to call twice."""
+        self._forget(stream, abort=not stream.finished)
+
+    def abort_nowait(self, request_ids: str | Sequence[str]) -> None:
+        """Abort requests (unknown or finished ids are ignored); their KV blocks are freed before the next step."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for rid in ids:
+            stream = self._open.get(rid)
+            if stream is not None:
+                self._forget(stream, abort=False)
+        if ids and self._dead is None:
+            self._post(lambda: self._route(self.engine.abort_request(ids)))
+
+    async def abort(self, request_ids: str | Sequence[str]) -> None:
+        self.abort_nowait(request_ids)
+
+    async def get_stats(self) -> EngineStats:
+        """The engine's stats, taken by the loop thread between steps (pending aborts applied)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def stats() -> None:
+            result = self.engine.get_stats()
+            loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._post(stats, on_dead=lambda e: loop.call_soon_threadsafe(_set_exception, fut, e))
+        return await fut
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort every request, stop the loop thread and shut the engine down. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._dead is None:
+            self._post(lambda: self._route(self.engine.abort_request(list(self._streams))))
+        self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        if self._owns_llm:
+            try:
+                self.llm.shutdown()
+            except Exception:  # a dead engine may fail to shut down cleanly; nothing is left to save
+                logger.exception("engine shutdown failed")
+
+    # -- event-loop side helpers ------------------------------------------------------------------------------
+    def _forget(self, stream: RequestStream, abort: bool) -> None:
+        if self._open.get(stream.request_id) is stream:
+            del self._open[stream.request_id]
+            if stream.on_first_output is not None:  # never got an output: still counted as waiting
+                stream.on_first_output()
+                stream.on_first_output = None
+        if abort and self._dead is None:
+            rid = stream.request_id
+            self._post(lambda: self._route(self.engine.abort_request([rid])))
+
+    def _post(self, command: Callable[[], None], on_dead: Callable[[EngineDeadError], None] | None = None) -> None:
+        with self._commands_lock:
+            dead = self._dead
+            if dead is None:
+                self._commands.append(command)
+        if dead is not None:
+            if on_dead is not None:
+                on_dead(dead)
+            return
+        if on_dead is not None:
+            command.on_dead = on_dead  # type: ignore[attr-defined]
+        self._wake.set()
+
+    def _fail_accept(self, stream: RequestStream, error: BaseException) -> None:
+        stream.loop.call_soon_threadsafe(_set_exception, stream.accepted, error)
+
+    # -- the loop thread ------------------------------------------------------------------------------------
+    def _submit(self, prepared: tuple, stream: RequestStream) -> None:
+        try:
+            self.engine.submit(prepared, stream.request_id)
+        except RequestError as e:
+            self._fail_accept(stream, e)
+            return
+        self._streams[stream.request_id] = stream
+        stream.loop.call_soon_threadsafe(_set_result, stream.accepted, None)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._commands_lock:
+                    commands, self._commands = self._commands, []
+                for command in commands:
+                    command()
+                busy = self.engine.has_unfinished_requests()
+                if self._stopping and not busy:
+                    return
+                if not busy:
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self._route(self.engine.step())
+        except BaseException as e:  # the engine is broken: fail every caller, now and later
+            self._die(e)
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop was closed: nobody listens to these requests any more
+                self.engine.abort_request([s.request_id for s, _ in items])
+
+    def _die(self, error: BaseException) -> None:
+        detail = "".join(traceback.format_exception(error)).rstrip()
+        logger.error("the engine loop died:\n%s", detail)
+        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(
+            f"the engine loop died: {type(error).__name__}: {error}")
+        if not isinstance(error, EngineError):
+            dead.__cause__ = error
+        with self._commands_lock:
+            self._dead = dead
+            commands, self._commands = self._commands, []
+        for command in commands:
+            on_dead = getattr(command, "on_dead", None)
+            if on_dead is not None:
+                on_dead(dead)
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            try:
+                stream.loop.call_soon_threadsafe(stream.push, dead)
+            except RuntimeError:
+                pass
+
+
+def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.push(out)
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, error: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(error)

@@ -1,0 +1,105 @@
+"""`weavelm serve`: the OpenAI-compatible server on uvicorn. Heavy imports (FastAPI, uvicorn, torch) happen in
+`cmd_serve`, so building the CLI parser stays light and works without the `[serve]` extra."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+
+from weavelm.errors import WeaveError
+
+logger = logging.getLogger("weavelm.serve")
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction,
+                     add_engine_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    if add_engine_args is None:
+        from weavelm.cli import add_engine_args
+    p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                              description="OpenAI-compatible server: /v1/completions, /v1/chat/completions, "
+                                          "/v1/models, /health, /version, /tokenize, /detokenize, /metrics.")
+    add_engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--api-key", default=os.environ.get("WEAVELM_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $WEAVELM_API_KEY, else none)")
+    g.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="model name(s) clients use; the first appears in responses (default: the model path)")
+    g.add_argument("--max-waiting-requests", type=int, metavar="N",
+                   help="answer 429 while N requests wait for their first token (default: no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, let running requests finish this long, then abort them (default 10)")
+    g.add_argument("--num-threads", type=int, default=_env_int("WEAVELM_NUM_THREADS"), metavar="N",
+                   help="torch CPU threads (default: $WEAVELM_NUM_THREADS, else torch's default)")
+    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default info)")
+    p.set_defaults(handler=cmd_serve)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value and value.strip().isdigit() else None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    problems = []
+    if not 0 <= args.port <= 65535:
+        problems.append(f"--port: must be in [0, 65535] (got {args.port})")
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
+        problems.append(f"--max-waiting-requests: must be >= 0 (got {args.max_waiting_requests})")
+    if not args.shutdown_timeout >= 0:
+        problems.append(f"--shutdown-timeout: must be >= 0 seconds (got {args.shutdown_timeout})")
+    if args.num_threads is not None and args.num_threads < 1:
+        problems.append(f"--num-threads: must be >= 1 (got {args.num_threads})")
+    if args.api_key is not None and not args.api_key:
+        problems.append("--api-key: must not be empty")
+    if problems:
+        raise WeaveError("; ".join(problems))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _check_args(args)  # before the model loads
+    try:
+        import uvicorn
+
+        from weavelm.serve.app import build_app
+    except ImportError as e:
+        raise WeaveError(f"serve: needs the [serve] extra (pip install 'weavelm[serve]'): {e}") from e
+    import torch
+
+    from weavelm.cli import engine_config_from_args
+    from weavelm.core.async_llm import AsyncLLM
+
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    engine = AsyncLLM(config=engine_config_from_args(args))
+    try:
+        app = build_app(engine, args.served_model_name, args.api_key, args.max_waiting_requests)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                access_log=bool(getattr(args, "verbose", False)), lifespan="off",
+                                timeout_graceful_shutdown=args.shutdown_timeout)
+        _Server(config).run()
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a graceful shutdown on SIGTERM/SIGINT exits 0: uvicorn re-raises the
+        signal after shutting down, which would end the process with the signal's status."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return Server
+
+
+def _Server(config):  # noqa: N802 (a class, built lazily so uvicorn is imported only by `serve`)
+    return _server_class()(config)

@@ -1,0 +1,80 @@
+"""Prometheus metrics of one server (`/metrics`), on a per-app registry, named like vLLM's (`weavelm:` for
+`vllm:`). Gauges are read from the engine's stats at scrape time; latencies and token counts are observed as
+outputs reach the event loop."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from weavelm.core.async_llm import RequestStream
+from weavelm.core.llm_engine import EngineStats
+from weavelm.core.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+               0.5, 0.75, 1.0, 2.5)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    """One server's metrics. `observe` is called for every engine output a request stream receives."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"weavelm:{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"weavelm:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"weavelm:{name}", doc, labels, registry=r).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Share of KV cache blocks in use (1 = full).")
+        self.kv_used_blocks = gauge("kv_cache_used_blocks", "KV cache blocks held by unfinished requests.")
+        self.kv_total_blocks = gauge("kv_cache_total_blocks", "KV cache blocks in the pool.")
+        self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Share of queried prompt tokens found in the "
+                                                              "prefix cache (cumulative).")
+        self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first output token.",
+                              LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between successive output tokens.", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last output.",
+                             LATENCY_BUCKETS)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self._finished = Counter("weavelm:request_success", "Finished requests by finish reason.",
+                                 labels + ["finished_reason"], registry=r)
+        self._model_name = model_name
+
+    def observe(self, stream: RequestStream, out: RequestOutput, new_tokens: int, previous_token_time: float | None,
+                now: float) -> None:
+        if new_tokens > 0:
+            self.generation_tokens.inc(new_tokens)
+            if previous_token_time is None:
+                self.ttft.observe(now - stream.arrival)
+            else:
+                gap = (now - previous_token_time) / new_tokens
+                for _ in range(new_tokens):
+                    self.itl.observe(gap)
+        if out.finished:
+            self.e2e.observe(now - stream.arrival)
+            self.prompt_tokens.inc(len(out.prompt_token_ids))
+            reason = out.outputs[0].finish_reason if out.outputs else None
+            self._finished.labels(self._model_name, str(reason)).inc()
+
+    def set_stats(self, stats: EngineStats) -> None:
+        self.running.set(stats.num_running_reqs)
+        self.waiting.set(stats.num_waiting_reqs)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.kv_used_blocks.set(stats.num_used_blocks)
+        self.kv_total_blocks.set(stats.num_total_blocks)
+        self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,97 @@
+"""From an API request to the engine's `SamplingParams`: a mapping of names, never a second validation. Range and
+type rules live in `SamplingParams`; a field it does not take yet is answered with a 400 naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from weavelm.core.request import SamplingParams
+from weavelm.errors import RequestError
+from weavelm.serve.errors import APIError
+from weavelm.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+INT64 = 1 << 64
+MAX_N = 128  # completions per request: bounds the fan-out of one HTTP request
+DIRECT = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+          "include_stop_str_in_output", "priority")
+# Passed through when this engine's SamplingParams has the field; a 400 otherwise unless the value is neutral.
+OPTIONAL = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
+            "logit_bias": {}}
+# The engine's defaults that the model's generation_config.json may change (vLLM's default_sampling_params).
+MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def supported_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def model_defaults(llm: Any) -> dict[str, Any]:
+    """Sampling defaults from the model (`LLM.get_default_sampling_params()`, when the engine has it) that differ
+    from SamplingParams' own; a request's explicit values win over them."""
+    getter = getattr(llm, "get_default_sampling_params", None)
+    if getter is None:
+        return {}
+    defaults, base = getter(), SamplingParams()
+    return {name: getattr(defaults, name) for name in MODEL_DEFAULTS
+            if hasattr(defaults, name) and getattr(defaults, name) != getattr(base, name, None)}
+
+
+def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """OpenAI fields this server accepts but cannot honour give a 400 unless left at their neutral value."""
+    if not 1 <= req.n <= MAX_N:
+        raise APIError(400, f"n: must be an integer in [1, {MAX_N}] (got {req.n})", param="n")
+    if isinstance(req, CompletionRequest):
+        if req.suffix:
+            raise APIError(400, "suffix: is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of: is not supported (only best_of = n)", param="best_of")
+    else:
+        if req.tools:
+            raise APIError(400, "tools: tool calling is not supported", param="tools")
+        if req.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice: tool calling is not supported", param="tool_choice")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
+
+
+def build_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
+                 defaults: dict[str, Any]) -> SamplingParams:
+    """SamplingParams for one completion; raises RequestError (the engine's message) on a bad value."""
+    kwargs: dict[str, Any] = dict(defaults)
+    kwargs.update({name: getattr(req, name) for name in DIRECT if getattr(req, name) is not None})
+    kwargs["max_tokens"] = max_tokens
+    if logprobs is not None:
+        # the engine returns the sampled token's logprob for any N >= 1 and the top N where it supports them;
+        # the response is trimmed to N
+        kwargs["logprobs"] = logprobs if isinstance(logprobs, bool) or logprobs < 0 else max(logprobs, 1)
+    fields = supported_fields()
+    for name, neutral in OPTIONAL.items():
+        value = getattr(req, name)
+        if value is None:
+            continue
+        if name == "logit_bias":
+            value = _logit_bias(value)
+        if name in fields:
+            kwargs[name] = value
+        elif value != neutral:
+            raise APIError(400, f"{name}: is not supported by this engine", param=name)
+    return SamplingParams(**kwargs)
+
+
+def with_seed_offset(params: SamplingParams, index: int) -> SamplingParams:
+    """The params of completion `index` of n: seed + index (wrapped into the int64 range) when seeded."""
+    if index == 0 or params.seed is None:
+        return params
+    seed = (params.seed + index + (1 << 63)) % INT64 - (1 << 63)
+    return dataclasses.replace(params, seed=seed)
+
+
+def _logit_bias(value: dict[str, float]) -> dict[int, float]:
+    out = {}
+    for key, bias in value.items():
+        try:
+            out[int(key)] = bias
+        except ValueError:
+            raise RequestError(f"logit_bias: keys must be token ids (got {key!r})") from None
+    return out
