@@ -25,7 +25,8 @@ logger = logging.getLogger("weavelm.async_llm")
 class RequestStream:
     """The outputs of one request, in the event loop that added it. The engine thread pushes the engine's
     (cumulative) outputs; iterating yields either deltas (`delta=True`: text, token ids and logprobs new since the
-    previous yield) or cumulative outputs, coalescing whatever arrived meanwhile into one. Timestamps (`time.perf_counter()`) are taken when outputs reach the event loop."""
+    previous yield) or cumulative outputs, coalescing whatever arrived meanwhile into one. Timestamps
+    (`time.perf_counter()`) are taken when outputs reach the event loop."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, delta: bool):
         self.request_id = request_id

@@ -21,7 +21,7 @@ class ServerMetrics:
     """One server's metrics. `observe` is called for every engine output a request stream receives."""
 
     def __init__(self, model_name: str):
-        self.registry = CollectorRegistry()
+        self.registry = CollectorRegistry(auto_describe=True)  # Prometheus' own, one per app (not a plugin registry)
         labels = ["model_name"]
         r = self.registry
 
