@@ -124,3 +124,11 @@ def test_shutdown_leaves_no_worker_process(tiny_llama):
     llm.shutdown()
     llm.shutdown()  # idempotent
     assert not any(alive(p) for p in pids)
+
+
+def test_engine_process_with_multiproc_matches_in_process(tiny_llama):
+    tp1 = engine(tiny_llama)
+    want = tokens(tp1, GREEDY), tokens(tp1, SEEDED)
+    with engine(tiny_llama, {"name": "multiproc", "tensor_parallel_size": 2}, engine_process=True) as llm:
+        assert (tokens(llm, GREEDY), tokens(llm, SEEDED)) == want
+        assert len(llm.collective_rpc("pid")) == 2
