@@ -150,11 +150,20 @@ class MultiprocExecutor(Executor):
                 waiting.discard(h.rank)
         return replies
 
+    def _wait_for_a_death(self, timeout: float) -> WorkerProcHandle | None:
+        sentinels = {h.process.sentinel: h for h in self.handles}
+        ready = mpc.wait(list(sentinels), timeout=timeout)
+        return sentinels[ready[0]] if ready else None
+
     def _raise_worker_error(self, rank: int, payload: tuple) -> None:
         error, text, tb = payload
         logger.error("worker rank %d raised:\n%s", rank, tb)
         if self.world_size > 1 and self._step_futures:
-            # ranks of one model run collectives together: one failing mid-step leaves the others unusable
+            # ranks of one model run collectives together: one failing mid-step leaves the others unusable. A rank
+            # whose peer died fails in its collective first; name the dead peer when there is one.
+            dead = self._wait_for_a_death(2.0)
+            if dead is not None:
+                self._die(f"{dead.death()} (rank {rank} then failed: {text})")
             self._die(f"worker rank {rank} failed during a tensor-parallel step: {text}\n{tb}")
         if isinstance(error, WeaveError):
             raise error
