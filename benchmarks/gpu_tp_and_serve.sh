@@ -18,15 +18,8 @@ want mq && python3 benchmarks/executor_message_queue.py --ranks 1,2,4 --iters 20
 want tp && python3 benchmarks/tp_scaling.py --tp 1,2 --out "$OUT/tp_scaling.json" 2>&1 | tee "$OUT/tp_scaling.log"
 # 4. the server at several rates vs offline, Qwen3-0.6B shape (dummy weights), one card
 want serve || exit 0
-python3 - <<'PY'
-import json, os
-cfg = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024, intermediate_size=3072,
-           num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-           tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=40960, rms_norm_eps=1e-6,
-           torch_dtype="bfloat16", hidden_act="silu", bos_token_id=0, eos_token_id=1)
-os.makedirs("/tmp/q06cfg", exist_ok=True)
-json.dump(cfg, open("/tmp/q06cfg/config.json", "w"))
-PY
-CUDA_VISIBLE_DEVICES=0 python3 benchmarks/serve_load.py --model /tmp/q06cfg --dtype bfloat16 --device cuda \
-  --set loader=dummy --rates 16,64,inf --num-requests 512 --input-len 256 --output-len 256 --offline \
+# the peer's Qwen3-0.6B-shaped model with an offline byte-level tokenizer (cp -r ../shared/peer .peer; carry it)
+python3 .peer/make_model.py /tmp/q06 > "$OUT/make_model.log" 2>&1
+CUDA_VISIBLE_DEVICES=0 python3 benchmarks/serve_load.py --model /tmp/q06 --dtype bfloat16 --device cuda \
+  --rates 16,64,inf --num-requests 512 --input-len 256 --output-len 256 --vocab 10000 --offline \
   --json "$OUT/serve_load_gpu.json" 2>&1 | tail -25 | tee "$OUT/serve_load_gpu.log"

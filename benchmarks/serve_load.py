@@ -46,8 +46,10 @@ async def one_request(http: httpx.AsyncClient, prompt: list[int], args) -> dict:
             event = json.loads(line[6:])
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-            elif event.get("choices") and event["choices"][0]["text"]:
-                times.append(time.perf_counter())
+            elif event.get("choices"):
+                choice = event["choices"][0]
+                if choice.get("text") or choice.get("finish_reason") is None:  # a token (text may be empty
+                    times.append(time.perf_counter())                            # without a tokenizer)
     if not times:
         return {"error": "no tokens"}
     gaps = np.diff(times).tolist()
