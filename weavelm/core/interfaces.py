@@ -146,21 +146,33 @@ class Executor(Component, ABC):
         rank order. The one verb through which the core (and tests, via `LLM.collective_rpc`) reach workers, so a
         new worker method needs no executor change."""
 
-    @abstractmethod
     def determine_num_blocks(self) -> int:
-        """The number of KV blocks every worker can hold (the minimum across workers)."""
+        """The number of KV blocks every worker can hold: the minimum of the workers' `determine_num_blocks`."""
+        return min(self.collective_rpc("determine_num_blocks"))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate `num_blocks` KV blocks on every worker."""
+        self.collective_rpc("initialize_cache", (num_blocks,))
 
     @abstractmethod
-    def initialize_cache(self, num_blocks: int) -> None: ...
-
-    @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
-
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
-        """Launch the step and return before the device finishes, so the caller can overlap host work (output
-        processing) with it. The default runs `execute_model` synchronously."""
-        from weavelm.core.outputs import RunnerFuture
-        return RunnerFuture(self.execute_model(scheduler_output))
+        """Send the step to every worker and return before the device finishes, so the caller can overlap host work
+        (output processing) with it; the future's `result()` is rank 0's `ModelRunnerOutput`."""
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its output."""
+        return self.execute_model_async(scheduler_output).result()
+
+    def start_workers(self) -> None:
+        """For executors whose workers sit behind a `WorkerWrapperBase` (other processes, Ray actors): build each
+        rank's worker, initialise its device and load the model, all ranks together (collectives need every rank);
+        on any failure shut everything down and re-raise."""
+        try:
+            for method in ("init_worker", "init_device", "load_model"):
+                self.collective_rpc(method)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def model_info(self) -> dict[str, Any]:
         """Facts about the loaded model the core needs (max_model_len, vocab_size, dtype, attention): rank 0's

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from weavelm.core.outputs import RequestOutput
 from weavelm.errors import EngineError, RequestError
 from weavelm.serve.errors import APIError, bad_request, engine_unavailable
-from weavelm.serve.generation import Generation, check_finished
+from weavelm.serve.generation import Generation, check_finished, openai_finish_reason
 from weavelm.serve.params import build_params, check_unsupported, with_seed_offset
 from weavelm.serve.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                     ChatLogProbs, ChatMessage, ChatResponseMessage, ChatStreamChoice,
@@ -105,10 +105,6 @@ class _View:
                                        choices=choices, usage=usage))
 
 
-def _finish(reason: str | None) -> str | None:
-    return reason if reason in (None, "stop", "length") else "stop"
-
-
 async def _complete(gen: Generation, view: _View) -> JSONResponse:
     try:
         finals = await gen.finals()
@@ -119,7 +115,7 @@ async def _complete(gen: Generation, view: _View) -> JSONResponse:
     prompt_tokens = len(finals[0].prompt_token_ids) if finals else 0
     completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)
     choices = [ChatChoice(index=i, message=ChatResponseMessage(content=view.echo + out.outputs[0].text),
-                          logprobs=view.logprobs(out), finish_reason=_finish(out.outputs[0].finish_reason),
+                          logprobs=view.logprobs(out), finish_reason=openai_finish_reason(out.outputs[0].finish_reason),
                           stop_reason=out.outputs[0].stop_reason)
                for i, out in enumerate(finals)]
     body = ChatCompletionResponse(id=view.id, created=view.created, model=view.state.model_name, choices=choices,
@@ -140,7 +136,7 @@ async def _stream(gen: Generation, view: _View) -> AsyncIterator[str]:
             completion_tokens += len(comp.token_ids)
             if out.finished:
                 check_finished(out)
-            finish = _finish(comp.finish_reason)
+            finish = openai_finish_reason(comp.finish_reason)
             if comp.text or finish or comp.token_ids and view.top_n is not None:
                 yield view.chunk([ChatStreamChoice(
                     index=index, delta=DeltaMessage(content=comp.text or None if finish else comp.text),

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from weavelm.core.outputs import RequestOutput
 from weavelm.errors import EngineError, RequestError
 from weavelm.serve.errors import APIError, bad_request, engine_unavailable
-from weavelm.serve.generation import Generation, check_finished
+from weavelm.serve.generation import Generation, check_finished, openai_finish_reason
 from weavelm.serve.params import build_params, check_unsupported, with_seed_offset
 from weavelm.serve.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse,
                                     UsageInfo)
@@ -80,7 +80,7 @@ class _View:
             self.offsets[index] = self.offsets.get(index, 0) + len(prefix)
             logprobs = self._logprobs(index, comp.token_ids, comp.logprobs)
         return CompletionChoice(index=index, text=prefix + comp.text, logprobs=logprobs,
-                                finish_reason=_finish(comp.finish_reason), stop_reason=comp.stop_reason)
+                                finish_reason=openai_finish_reason(comp.finish_reason), stop_reason=comp.stop_reason)
 
     def _logprobs(self, index: int, token_ids: list[int], entries: list | None) -> CompletionLogProbs:
         result = CompletionLogProbs()
@@ -93,10 +93,6 @@ class _View:
             offset += len(text)
         self.offsets[index] = offset
         return result
-
-
-def _finish(reason: str | None) -> str | None:
-    return reason if reason in (None, "stop", "length") else "stop"
 
 
 async def _complete(gen: Generation, view: _View) -> JSONResponse:

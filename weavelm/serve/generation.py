@@ -89,3 +89,8 @@ def check_finished(out: RequestOutput) -> None:
         raise APIError(500, f"the engine failed this request: {out.error}")
     if reason == "abort":
         raise APIError(503, "the request was aborted: the server is shutting down", code="aborted")
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    """The OpenAI finish_reason of an engine one: "stop" / "length" as is, anything else (abort, error) "stop"."""
+    return reason if reason in (None, "stop", "length") else "stop"

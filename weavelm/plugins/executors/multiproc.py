@@ -96,12 +96,7 @@ class MultiprocExecutor(Executor):
             child_conn.close()
             self.handles.append(WorkerProcHandle(rank, proc, parent_conn))
         self._finalizer = weakref.finalize(self, _shutdown, self.handles, options.shutdown_timeout_s)
-        try:
-            for method in ("init_worker", "init_device", "load_model"):
-                self.collective_rpc(method)
-        except BaseException:
-            self.shutdown()
-            raise
+        self.start_workers()
 
     # -- messages -----------------------------------------------------------------------------------------
     def _broadcast(self, message: tuple, ranks: list[int]) -> None:
@@ -176,15 +171,6 @@ class MultiprocExecutor(Executor):
         self._broadcast((RPC, (method, tuple(args), kwargs or {})), ranks)
         replies = self._receive(ranks, watch_all=False)
         return [replies[r] for r in ranks]
-
-    def determine_num_blocks(self) -> int:
-        return min(self.collective_rpc("determine_num_blocks"))
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self.collective_rpc("initialize_cache", (num_blocks,))
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model_async(scheduler_output).result()
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
         self._broadcast((STEP, scheduler_output), list(range(self.world_size)))

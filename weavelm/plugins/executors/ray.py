@@ -105,12 +105,7 @@ class RayExecutor(Executor):
             init_method = f"tcp://{host}:{port}"
         self._finalizer = weakref.finalize(self, _release, ray, list(self.actors), self.placement)
         self._get([a.setup.remote(init_method) for a in self.actors])
-        try:
-            for method in ("init_worker", "init_device", "load_model"):
-                self.collective_rpc(method)
-        except BaseException:
-            self.shutdown()
-            raise
+        self.start_workers()
 
     def _get(self, refs: list[Any]) -> list[Any]:
         ray = self._ray
@@ -128,15 +123,6 @@ class RayExecutor(Executor):
                        ranks: list[int] | None = None) -> list[Any]:
         ranks = list(range(self.world_size)) if ranks is None else list(ranks)
         return self._get([self.actors[r].execute_method.remote(method, tuple(args), kwargs or {}) for r in ranks])
-
-    def determine_num_blocks(self) -> int:
-        return min(self.collective_rpc("determine_num_blocks"))
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self.collective_rpc("initialize_cache", (num_blocks,))
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model_async(scheduler_output).result()
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
         refs = [a.execute_step.remote(scheduler_output) for a in self.actors]
