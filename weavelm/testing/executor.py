@@ -42,13 +42,15 @@ class ExecutorContract:
     executor_options: ClassVar[dict[str, Any]] = {}
 
     @pytest.fixture(scope="class")
-    def engine(self):
-        llm = _engine(self.executor, self.executor_options, cache={"num_blocks": 64, "block_size": 4})
+    @classmethod
+    def engine(cls):
+        llm = _engine(cls.executor, cls.executor_options, cache={"num_blocks": 64, "block_size": 4})
         yield llm
         llm.shutdown()
 
     @pytest.fixture(scope="class")
-    def reference(self):
+    @classmethod
+    def reference(cls):
         llm = _engine("uniproc", {}, cache={"num_blocks": 64, "block_size": 4})
         yield llm
         llm.shutdown()
