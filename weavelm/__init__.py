@@ -1,7 +1,8 @@
 """weavelm: a plugin-based LLM inference engine."""
 
 from weavelm.core.config import EngineConfig
-from weavelm.core.llm_engine import LLM, LLMEngine
+from weavelm.core.llm import LLM
+from weavelm.core.llm_engine import LLMEngine
 from weavelm.core.outputs import CompletionOutput, RequestOutput
 from weavelm.core.request import SamplingParams
 from weavelm.errors import ConfigError, LoadError, PluginError, RequestError, WeaveError

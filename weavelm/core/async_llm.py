@@ -14,7 +14,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from weavelm.core.llm_engine import LLM, EngineStats, LLMEngine, PromptType
+from weavelm.core.llm import LLM
+from weavelm.core.llm_engine import EngineStats, LLMEngine, PromptType
 from weavelm.core.outputs import CompletionOutput, RequestOutput
 from weavelm.core.request import SamplingParams
 from weavelm.errors import EngineDeadError, EngineError, RequestError

@@ -1,0 +1,197 @@
+"""LLM, the offline API (vLLM's shape): builds a per-engine registry and config, then drives an LLMEngine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from weavelm.core.compat import apply_vllm_aliases
+from weavelm.core.config import EngineConfig, merge_overrides, read_yaml
+from weavelm.core.llm_engine import EngineStats, LLMEngine, Outbox, PromptType, _is_token_id, error_output
+from weavelm.core.outputs import RequestOutput
+from weavelm.core.registry import Registry
+from weavelm.core.request import SamplingParams, show_value
+from weavelm.errors import RequestError
+
+logger = logging.getLogger("weavelm.llm")
+
+
+def _prompt_list(prompts: Any) -> list:
+    """`generate`'s prompts as a list: one prompt (str, dict or a token-id list) or a list/tuple of prompts."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and _is_token_id(prompts[0])):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise RequestError(f"prompts: expected a prompt or a list of prompts (got {type(prompts).__name__})")
+    return list(prompts)
+
+
+class LLM:
+    """Offline inference, vLLM-style. `LLM(model=..., **overrides)` or `LLM(config="engine.yaml")`."""
+
+    def __init__(self, model: str | None = None, *, config: str | EngineConfig | dict | None = None,
+                 sets: list[str] | None = None, registry: Registry | None = None, **overrides: Any):
+        registry = registry or Registry.load()  # one registry per engine: its plugins, its allow-list
+        if isinstance(config, EngineConfig) and not (overrides or model or sets):
+            engine_config = config
+        else:
+            raw = config.to_dict() if isinstance(config, EngineConfig) else (
+                read_yaml(config) if isinstance(config, str) else dict(config or {}))
+            # vLLM's flat arguments (max_num_seqs=..., tensor_parallel_size=...) land in their sections
+            overrides = apply_vllm_aliases({"model": model, **overrides}, registry, base=raw)
+            engine_config = EngineConfig.build(merge_overrides(raw, overrides, sets), registry)
+        self.config = engine_config
+        self._closed = False
+        self.engine = LLMEngine(engine_config, registry)
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       ranks: list[int] | None = None) -> list[Any]:
+        """Call `method` on every worker (vLLM's `LLM.collective_rpc`); results in rank order. For tools and tests:
+        e.g. `llm.collective_rpc("set_logits_hook", (hook,))`. Call it between requests."""
+        return self.engine.client.collective_rpc(method, args, kwargs, ranks)
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def get_stats(self) -> EngineStats:
+        """Running / waiting requests, KV blocks used and total, KV usage and prefix-cache hit rate."""
+        return self.engine.get_stats()
+
+    def abort(self, request_ids: str | Sequence[str]) -> None:
+        """Abort requests by id (unknown or finished ids are ignored); their consumers get a final output with
+        finish_reason "abort" and their KV blocks are freed."""
+        self.engine.abort_request(request_ids)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The model's defaults from its generation_config.json (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens -> max_tokens), else SamplingParams(); what `generate`, `stream` and
+        `chat` use when given no sampling_params (vLLM's behaviour)."""
+        return self.engine.get_default_sampling_params()
+
+    def _params_list(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None) -> list:
+        if params is None or isinstance(params, SamplingParams):
+            return [params or self.get_default_sampling_params()] * n
+        if not isinstance(params, (list, tuple)):
+            raise RequestError(f"sampling_params: expected SamplingParams or a list of them "
+                               f"(got {type(params).__name__})")
+        if len(params) != n:
+            raise RequestError(f"sampling_params: {len(params)} given for {n} prompts; give one or one per prompt")
+        return list(params)
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion. Every request is validated before any is queued; an invalid one (or one
+        the engine can never schedule) yields an output with `error` set and finish_reason "error", and the
+        other prompts run normally. Safe to call from several threads and while streams are open."""
+        prompts = _prompt_list(prompts)
+        params = self._params_list(len(prompts), sampling_params)
+        base = next(self.engine._counter)
+        order = [f"gen-{base}-{i}" for i in range(len(prompts))]
+        results: dict[str, RequestOutput] = {}
+        prepared = []
+        for rid, p, sp in zip(order, prompts, params):
+            try:
+                prepared.append((rid, p, self.engine.prepare(p, sp)))
+            except RequestError as e:
+                results[rid] = error_output(p, e, rid)
+        outbox = Outbox(finished_only=True)
+        pending: set[str] = set()
+        try:
+            for rid, p, req in prepared:
+                try:
+                    pending.add(self.engine.submit(req, rid, outbox))
+                except RequestError as e:
+                    results[rid] = error_output(p, e, rid)
+            self._run_until_done(pending, outbox, results, use_tqdm)
+        finally:
+            if pending:  # an exception (or KeyboardInterrupt) left requests behind
+                self.engine.abort_request(list(pending))
+        return [results[r] for r in order]
+
+    def _run_until_done(self, pending: set[str], outbox: Outbox, results: dict[str, RequestOutput],
+                        use_tqdm: bool) -> None:
+        bar = _progress(len(pending), use_tqdm)
+        while pending:
+            for out in self.engine.collect(outbox):
+                results[out.request_id] = out
+                pending.discard(out.request_id)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield a growing RequestOutput after every step that adds text, ending with the finished one. Closing
+        the generator early (break, close(), garbage collection) aborts the request. Safe to interleave with
+        other streams, `generate` calls and threads."""
+        outbox = Outbox(finished_only=False)
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
+        rid = self.engine.add_request(prompt, params, outbox=outbox)
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.collect(outbox):
+                    finished = out.finished
+                    yield out
+        finally:
+            if not finished:
+                self.engine.abort_request(rid)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None
+             ) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: one conversation (a list of {"role", "content"} messages) or a list of them, each
+        rendered with the tokenizer's chat template and generated as one batch. Always returns a list of
+        RequestOutput, one per conversation (as vLLM does)."""
+        conversations = _conversations(messages)
+        tok = self.get_tokenizer()
+        if tok is None or not (chat_template or getattr(tok, "chat_template", None)):
+            raise RequestError("chat: this model's tokenizer has no chat template; pass chat_template=... or use "
+                               "generate() with a formatted prompt")
+        prompts = []
+        for conv in conversations:
+            try:
+                text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                               continue_final_message=continue_final_message, tokenize=False,
+                                               chat_template=chat_template, **(chat_template_kwargs or {}))
+            except Exception as e:  # jinja errors, bad roles, ...
+                raise RequestError(f"messages: the chat template cannot render them ({type(e).__name__}: {e})"
+                                   ) from e
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def shutdown(self) -> None:
+        """Stop the engine: its core process and workers, if any. Idempotent; the LLM cannot be used after."""
+        if not self._closed:
+            self._closed = True
+            self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+
+def _conversations(messages: Any) -> list[list[dict[str, Any]]]:
+    """`chat`'s input as a list of conversations; RequestError naming the expected shape otherwise."""
+    rule = ("messages: expected a conversation (a list of {'role': ..., 'content': ...} dicts) or a list of "
+            "conversations")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise RequestError(f"{rule} (got {show_value(messages)})")
+    convs = [messages] if isinstance(messages[0], dict) else list(messages)
+    for conv in convs:
+        if not isinstance(conv, (list, tuple)) or not conv or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in conv):
+            raise RequestError(f"{rule} (got {show_value(conv)})")
+    return [list(c) for c in convs]
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc="generate", unit="req")
