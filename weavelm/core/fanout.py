@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from weavelm.core.outputs import CompletionOutput, RequestOutput
-from weavelm.core.request import INT64_MAX, INT64_MIN, SamplingParams
+from weavelm.core.request import INT64_MIN, SamplingParams
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
