@@ -32,14 +32,26 @@ def reply(num_reqs: int) -> ModelRunnerOutput:
     return ModelRunnerOutput(ids, {r: i for i, r in enumerate(ids)}, [[7] for _ in ids], None)
 
 
-def pipe_worker(conn, rank: int, num_reqs: int) -> None:
+def time_per_call(once, iters: int) -> float:
+    """Seconds per call of `once()` after 50 warm-up calls."""
+    for _ in range(50):
+        once()
+    start = time.perf_counter()
+    for _ in range(iters):
+        once()
+    return (time.perf_counter() - start) / iters
+
+
+def serve_replies(receive, send, rank: int, num_reqs: int) -> None:
+    """A worker's loop: unpickle every broadcast until None; rank 0 answers each with a ModelRunnerOutput."""
     out = pickle.dumps(reply(num_reqs))
-    while True:
-        msg = pickle.loads(conn.recv_bytes())
-        if msg is None:
-            return
+    while pickle.loads(receive()) is not None:
         if rank == 0:
-            conn.send_bytes(out)
+            send(out)
+
+
+def pipe_worker(conn, rank: int, num_reqs: int) -> None:
+    serve_replies(conn.recv_bytes, conn.send_bytes, rank, num_reqs)
 
 
 def zmq_worker(pub_addr: str, push_addr: str, rank: int, num_reqs: int) -> None:
@@ -52,13 +64,7 @@ def zmq_worker(pub_addr: str, push_addr: str, rank: int, num_reqs: int) -> None:
     push = ctx.socket(zmq.PUSH)
     push.connect(push_addr)
     push.send(b"ready")
-    out = pickle.dumps(reply(num_reqs))
-    while True:
-        msg = pickle.loads(sub.recv())
-        if msg is None:
-            return
-        if rank == 0:
-            push.send(out)
+    serve_replies(sub.recv, push.send, rank, num_reqs)
 
 
 def bench_pipe(ranks: int, iters: int, num_reqs: int) -> float:
@@ -77,12 +83,7 @@ def bench_pipe(ranks: int, iters: int, num_reqs: int) -> float:
             c.send_bytes(data)
         pickle.loads(conns[0].recv_bytes())
 
-    for _ in range(50):
-        once()
-    t = time.perf_counter()
-    for _ in range(iters):
-        once()
-    elapsed = (time.perf_counter() - t) / iters
+    elapsed = time_per_call(once, iters)
     for c in conns:
         c.send_bytes(pickle.dumps(None))
     for p in procs:
@@ -114,12 +115,7 @@ def bench_zmq(ranks: int, iters: int, num_reqs: int) -> float:
         pub.send(pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL))
         pickle.loads(pull.recv())
 
-    for _ in range(50):
-        once()
-    t = time.perf_counter()
-    for _ in range(iters):
-        once()
-    elapsed = (time.perf_counter() - t) / iters
+    elapsed = time_per_call(once, iters)
     pub.send(pickle.dumps(None))
     for p in procs:
         p.join(5)

@@ -5,7 +5,6 @@ is empty afterwards."""
 import math
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -102,12 +101,8 @@ def build_params(values, via_setattr):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models step ~30x faster on one thread, and far more so on a busy machine (no OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here steps a tiny model: run torch on one thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")

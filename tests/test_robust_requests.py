@@ -8,7 +8,6 @@ import math
 import threading
 
 import pytest
-import torch
 
 from weavelm import LLM, RequestError, SamplingParams, WeaveError
 from weavelm.core.llm_engine import EngineStats
@@ -18,12 +17,8 @@ GOOD = [[3, 4, 5], [7, 8], [11, 12, 13, 14]]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models step ~30x faster on one thread, and far more so on a busy machine (no OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here steps a tiny model: run torch on one thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")

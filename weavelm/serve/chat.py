@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from weavelm.core.outputs import RequestOutput
 from weavelm.errors import EngineError, RequestError
 from weavelm.serve.errors import APIError, bad_request, engine_unavailable
-from weavelm.serve.generation import Generation, check_finished, openai_finish_reason
+from weavelm.serve.generation import Generation, check_finished, completed, openai_finish_reason
 from weavelm.serve.params import build_params, check_unsupported, with_seed_offset
 from weavelm.serve.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                     ChatLogProbs, ChatMessage, ChatResponseMessage, ChatStreamChoice,
@@ -106,12 +106,7 @@ class _View:
 
 
 async def _complete(gen: Generation, view: _View) -> JSONResponse:
-    try:
-        finals = await gen.finals()
-    except EngineError as e:
-        raise engine_unavailable(e) from None
-    for out in finals:
-        check_finished(out)
+    finals = await completed(gen)
     prompt_tokens = len(finals[0].prompt_token_ids) if finals else 0
     completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)
     choices = [ChatChoice(index=i, message=ChatResponseMessage(content=view.echo + out.outputs[0].text),

@@ -10,7 +10,8 @@ from typing import Any
 from weavelm.core.async_llm import AsyncLLM, RequestStream
 from weavelm.core.outputs import RequestOutput
 from weavelm.core.request import SamplingParams
-from weavelm.serve.errors import APIError
+from weavelm.errors import EngineError
+from weavelm.serve.errors import APIError, engine_unavailable
 
 
 class Generation:
@@ -80,6 +81,18 @@ class Generation:
             comp.finish_reason, comp.stop_reason = new.finish_reason, new.stop_reason
             prev.finished, prev.error, prev.num_cached_tokens = out.finished, out.error, out.num_cached_tokens
         return [o for o in joined if o is not None]
+
+
+async def completed(gen: Generation) -> list[RequestOutput]:
+    """Every choice's final output for a non-streaming response: a dead engine is a 503, a failed or aborted
+    choice raises through `check_finished`."""
+    try:
+        finals = await gen.finals()
+    except EngineError as e:
+        raise engine_unavailable(e) from None
+    for out in finals:
+        check_finished(out)
+    return finals
 
 
 def check_finished(out: RequestOutput) -> None:
