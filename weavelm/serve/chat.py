@@ -14,7 +14,8 @@ from weavelm.core.outputs import RequestOutput
 from weavelm.errors import EngineError, RequestError
 from weavelm.serve.errors import APIError, bad_request, engine_unavailable
 from weavelm.serve.generation import Generation, check_finished, completed, openai_finish_reason
-from weavelm.serve.params import build_params, check_unsupported, with_seed_offset
+from weavelm.core.fanout import child_params
+from weavelm.serve.params import build_params, check_unsupported
 from weavelm.serve.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                     ChatLogProbs, ChatMessage, ChatResponseMessage, ChatStreamChoice,
                                     ChatTokenLogprob, DeltaMessage, TopLogprob, UsageInfo)
@@ -66,7 +67,7 @@ async def create_chat_completion(state: ServeState, req: ChatCompletionRequest, 
         raise bad_request(e, renames) from None
     gen = Generation(state.engine, f"chatcmpl-{uuid.uuid4().hex}")
     try:
-        await gen.start([prompt] * req.n, [with_seed_offset(base, j) for j in range(req.n)])
+        await gen.start([prompt] * req.n, [child_params(base, j) for j in range(req.n)])
     except RequestError as e:
         raise bad_request(e, renames) from None
     except EngineError as e:

@@ -14,7 +14,8 @@ from weavelm.core.outputs import RequestOutput
 from weavelm.errors import EngineError, RequestError
 from weavelm.serve.errors import APIError, bad_request, engine_unavailable
 from weavelm.serve.generation import Generation, check_finished, completed, openai_finish_reason
-from weavelm.serve.params import build_params, check_unsupported, with_seed_offset
+from weavelm.core.fanout import child_params
+from weavelm.serve.params import build_params, check_unsupported
 from weavelm.serve.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse,
                                     UsageInfo)
 from weavelm.serve.serving import DONE, EventStream, ServeState, position_logprobs, sse, unless_disconnected
@@ -43,7 +44,7 @@ async def create_completion(state: ServeState, req: CompletionRequest, raw: Requ
     gen = Generation(state.engine, f"cmpl-{uuid.uuid4().hex}")
     try:
         await gen.start([p for p in prompts for _ in range(req.n)],
-                        [with_seed_offset(base, j) for _ in prompts for j in range(req.n)])
+                        [child_params(base, j) for _ in prompts for j in range(req.n)])
     except RequestError as e:
         raise bad_request(e, {"prompt_token_ids": "prompt"}) from None
     except EngineError as e:

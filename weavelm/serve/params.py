@@ -11,7 +11,6 @@ from weavelm.errors import RequestError
 from weavelm.serve.errors import APIError
 from weavelm.serve.protocol import ChatCompletionRequest, CompletionRequest
 
-INT64 = 1 << 64
 MAX_N = 128  # completions per request: bounds the fan-out of one HTTP request
 DIRECT = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
           "include_stop_str_in_output", "priority")
@@ -77,14 +76,6 @@ def build_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int
         elif value != neutral:
             raise APIError(400, f"{name}: is not supported by this engine", param=name)
     return SamplingParams(**kwargs)
-
-
-def with_seed_offset(params: SamplingParams, index: int) -> SamplingParams:
-    """The params of completion `index` of n: seed + index (wrapped into the int64 range) when seeded."""
-    if index == 0 or params.seed is None:
-        return params
-    seed = (params.seed + index + (1 << 63)) % INT64 - (1 << 63)
-    return dataclasses.replace(params, seed=seed)
 
 
 def _logit_bias(value: dict[str, float]) -> dict[int, float]:
