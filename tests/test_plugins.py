@@ -126,9 +126,10 @@ def test_hookspecs_are_frozen():
 
 
 def test_public_exports_are_frozen():
-    assert sorted(weavelm.__all__) == sorted(["LLM", "LLMEngine", "SamplingParams", "EngineConfig", "RequestOutput",
-                                              "CompletionOutput", "WeaveError", "ConfigError", "PluginError",
-                                              "LoadError", "RequestError", "__version__"])
+    assert sorted(weavelm.__all__) == sorted(["LLM", "LLMEngine", "AsyncLLM", "SamplingParams", "EngineConfig",
+                                              "RequestOutput", "CompletionOutput", "WeaveError", "ConfigError",
+                                              "PluginError", "LoadError", "RequestError", "EngineError",
+                                              "EngineDeadError", "__version__"])
 
 
 def test_event_hooks_reach_an_observer(tiny_llama):

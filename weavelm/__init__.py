@@ -1,12 +1,15 @@
 """weavelm: a plugin-based LLM inference engine."""
 
+from weavelm.core.async_llm import AsyncLLM
 from weavelm.core.config import EngineConfig
 from weavelm.core.llm import LLM
 from weavelm.core.llm_engine import LLMEngine
 from weavelm.core.outputs import CompletionOutput, RequestOutput
 from weavelm.core.request import SamplingParams
-from weavelm.errors import ConfigError, LoadError, PluginError, RequestError, WeaveError
+from weavelm.errors import (ConfigError, EngineDeadError, EngineError, LoadError, PluginError, RequestError,
+                            WeaveError)
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput",
-           "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "__version__"]
+__all__ = ["LLM", "LLMEngine", "AsyncLLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput",
+           "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError", "EngineDeadError",
+           "__version__"]
