@@ -164,7 +164,14 @@ class BaseScheduler(Scheduler):
             i += 1
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
-        opts = self.options
+        held: list[Request] = []  # waiting on a LoRA slot: set aside this step, back in front after it
+        try:
+            self._admit_waiting(plan, held)
+        finally:
+            self.waiting[:0] = held
+
+    def _admit_waiting(self, plan: _StepPlan, held: list[Request]) -> None:
+        opts, lora = self.options, self.context.lora
         while self.waiting and plan.budget > 0:
             idx = self.next_waiting_index()
             req = self.waiting[idx]
@@ -174,6 +181,9 @@ class BaseScheduler(Scheduler):
                 if self._preempt_for_waiting(req, plan):
                     continue
                 break
+            if lora is not None and not lora.can_admit(req, self.running):
+                held.append(self.waiting.pop(idx))
+                continue
             computed = self.kv.get_computed_blocks(req)
             n = self._chunk(req, plan.budget, computed.num_tokens)
             if not opts.enable_chunked_prefill and n < req.num_tokens - computed.num_tokens:
@@ -224,7 +234,8 @@ class BaseScheduler(Scheduler):
 
     def _make_output(self, plan: _StepPlan) -> SchedulerOutput:
         new_data = [NewRequestData(r.request_id, r.prompt_token_ids, r.sampling_params,
-                                   plan.new_blocks[r.request_id], r.num_computed_tokens) for r in plan.new]
+                                   plan.new_blocks[r.request_id], r.num_computed_tokens, r.lora_request)
+                    for r in plan.new]
         new_blocks = plan.new_blocks
         ids = list(plan.running)
         cached = CachedRequestsData(ids, [False] * len(ids), [new_blocks[rid] for rid in ids],
@@ -338,4 +349,5 @@ class BaseScheduler(Scheduler):
             num_running=len(self.running), num_waiting=len(self.waiting), num_preempted=self._step_preemptions,
             kv_usage=kv.usage, prefix_hit_rate=kv.prefix_hit_rate, num_cached_blocks=kv.num_cached_blocks,
             num_scheduled_tokens=self._step_tokens, step=self.step_count, num_used_blocks=kv.num_used_blocks,
-            num_total_blocks=kv.num_total_blocks)
+            num_total_blocks=kv.num_total_blocks,
+            num_active_loras=self.context.lora.num_active(self.running) if self.context.lora is not None else 0)

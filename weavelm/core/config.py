@@ -33,9 +33,9 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_YAML_DEPTH = 64
 MAX_ECHO = 200  # characters of a user value repeated in an error message
 
-NOT_YET_SUPPORTED = {
-    "lora": "multi-LoRA serving is not implemented yet, so this section would be ignored; remove `lora:`",
-}
+NOT_YET_SUPPORTED: dict[str, str] = {}
+# Sections that exist only when written: key -> (kind, default plugin)
+OPTIONAL_SECTIONS = {"lora": ("lora_manager", "punica")}
 
 
 class CacheConfig(BaseModel):
@@ -73,6 +73,7 @@ class _TopLevel(BaseModel):
     model_runner: Any = None
     loader: Any = None
     attention: Any = None
+    lora: Any = None
 
 
 class ComponentConfig(BaseModel):
@@ -108,6 +109,7 @@ class EngineConfig(BaseModel):
     model_runner: ComponentConfig
     loader: ComponentConfig
     attention: ComponentConfig
+    lora: ComponentConfig | None = Field(None, description="Multi-LoRA serving; None when `lora:` is absent.")
     raw: dict[str, Any] = Field(default_factory=dict, description="The merged input, for reproducibility.")
 
     @classmethod
@@ -133,6 +135,11 @@ class EngineConfig(BaseModel):
             comp = _validate_section(key, kind, section, registry, errors, default)
             if comp is not None:
                 sections[key] = comp
+        for key, (kind, default) in OPTIONAL_SECTIONS.items():
+            if raw.get(key) is not None:
+                comp = _validate_section(key, kind, raw[key], registry, errors, default)
+                if comp is not None:
+                    sections[key] = comp
         if errors:
             raise ConfigError(errors)
         assert top is not None
@@ -152,6 +159,10 @@ class EngineConfig(BaseModel):
         for key in COMPONENT_SECTIONS:
             comp: ComponentConfig = getattr(self, key)
             out[key] = {"name": comp.name, **(comp.options.model_dump() if comp.options is not None else {})}
+        for key in OPTIONAL_SECTIONS:
+            comp = getattr(self, key)
+            if comp is not None:
+                out[key] = {"name": comp.name, **comp.options.model_dump()}
         return out
 
 

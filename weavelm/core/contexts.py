@@ -39,6 +39,7 @@ class SchedulerContext:
     block_size: int
     max_model_len: int
     enable_prefix_caching: bool
+    lora: Any = None  # the engine's LoRAManager when `lora:` is configured: admit with `lora.can_admit`
 
 
 @dataclass
@@ -84,6 +85,7 @@ class RunnerContext:
     model_class: Callable[[Any], type[ModelArchitecture]]
     attention_backend: Callable[[AttentionSpec], AttentionBackend]
     tp: TensorParallelGroup | None = None
+    lora_manager: Callable[[], Any] | None = None  # builds the configured LoRAManager; None without `lora:`
 
     def __post_init__(self) -> None:
         if self.tp is None:

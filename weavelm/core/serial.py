@@ -31,12 +31,12 @@ READY, OUTPUTS, UTILITY_RESULT, DEAD = 10, 11, 12, 13
 
 
 def request_to_wire(r: Request) -> tuple:
-    return (r.request_id, r.prompt_token_ids, r.sampling_params, r.eos_token_id, r.arrival_time)
+    return (r.request_id, r.prompt_token_ids, r.sampling_params, r.eos_token_id, r.arrival_time, r.lora_request)
 
 
 def request_from_wire(row: tuple | list) -> Request:
-    rid, ids, params, eos, arrival = row
-    return Request(rid, ids, params, eos_token_id=eos, arrival_time=arrival)
+    rid, ids, params, eos, arrival, lora = row
+    return Request(rid, ids, params, eos_token_id=eos, arrival_time=arrival, lora_request=lora)
 
 
 class PickleSerializer:
