@@ -183,8 +183,10 @@ class AsyncLLM:
             raise self._dead
 
     async def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                          request_id: str | None = None, *, delta: bool = False) -> RequestStream:
-        """Validate (RequestError), queue, and wait until the engine accepted the request; returns its stream.
+                          request_id: str | None = None, *, delta: bool = False,
+                          lora_request: Any = None) -> RequestStream:
+        """Validate (RequestError), queue on `lora_request` (None: the base model), and wait until the engine
+        accepted the request; returns its stream.
         The caller must iterate it to the end or call `abort`."""
         self.check_health()
         prepared = self.engine.prepare(prompt, params)  # tokenizer and validation: the engine's own
@@ -203,7 +205,7 @@ class AsyncLLM:
         stream.on_first_output = left_waiting
         self._open[rid] = stream
         try:
-            self._post(lambda: self._submit(prepared, stream), on_dead=lambda e: self._fail_accept(stream, e))
+            self._post(lambda: self._submit(prepared, stream, lora_request), on_dead=lambda e: self._fail_accept(stream, e))
             await stream.accepted
         except BaseException:
             rejected = stream.accepted.done() and not stream.accepted.cancelled() and \
@@ -213,10 +215,11 @@ class AsyncLLM:
         return stream
 
     async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
-                       request_id: str | None = None, *, delta: bool = False) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *, delta: bool = False,
+                       lora_request: Any = None) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs (cumulative, or deltas with `delta=True`), ending with the finished one.
         Raises RequestError for an invalid request and EngineDeadError when the engine dies."""
-        stream = await self.add_request(prompt, params, request_id, delta=delta)
+        stream = await self.add_request(prompt, params, request_id, delta=delta, lora_request=lora_request)
         try:
             async for out in stream:
                 yield out
@@ -296,9 +299,9 @@ class AsyncLLM:
         stream.loop.call_soon_threadsafe(_set_exception, stream.accepted, error)
 
     # -- the loop thread ------------------------------------------------------------------------------------
-    def _submit(self, prepared: tuple, stream: RequestStream) -> None:
+    def _submit(self, prepared: tuple, stream: RequestStream, lora_request: Any = None) -> None:
         try:
-            self.engine.submit(prepared, stream.request_id)
+            self.engine.submit(prepared, stream.request_id, lora_request=lora_request)
         except RequestError as e:
             self._fail_accept(stream, e)
             return

@@ -82,6 +82,8 @@ class EngineCore:
             raise LoRAError("lora_request: this engine serves no adapters; add a `lora:` section (e.g. "
                             "lora: {max_loras: 4, max_lora_rank: 16}) to the config")
         if self.lora is not None:
+            if isinstance(request.lora_request, str):  # a configured adapter, by name
+                request.lora_request = self.lora.lora_request(request.lora_request)
             self.lora.check_request(request.lora_request)
         reason = self.scheduler.check_request(request)
         if reason is not None:

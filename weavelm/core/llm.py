@@ -123,13 +123,14 @@ class LLM:
         if bar is not None:
             bar.close()
 
-    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+               lora_request: Any = None) -> Iterator[RequestOutput]:
         """Yield a growing RequestOutput after every step that adds text, ending with the finished one. Closing
         the generator early (break, close(), garbage collection) aborts the request. Safe to interleave with
         other streams, `generate` calls and threads."""
         outbox = Outbox(finished_only=False)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
-        rid = self.engine.add_request(prompt, params, outbox=outbox)
+        rid = self.engine.add_request(prompt, params, outbox=outbox, lora_request=lora_request)
         finished = False
         try:
             while not finished:

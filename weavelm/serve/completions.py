@@ -35,13 +35,13 @@ def engine_prompts(prompt: Any) -> list[Any]:
 async def create_completion(state: ServeState, req: CompletionRequest, raw: Request) -> Response:
     check_unsupported(req)
     prompts = engine_prompts(req.prompt)
-    state.admit(req.model, len(prompts) * req.n)
+    lora = state.admit(req.model, len(prompts) * req.n)
     try:
         base = build_params(req, req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS,
                             req.logprobs, state.sampling_defaults)
     except RequestError as e:
         raise bad_request(e) from None
-    gen = Generation(state.engine, f"cmpl-{uuid.uuid4().hex}")
+    gen = Generation(state.engine, f"cmpl-{uuid.uuid4().hex}", lora)
     try:
         await gen.start([p for p in prompts for _ in range(req.n)],
                         [child_params(base, j) for _ in prompts for j in range(req.n)])
