@@ -18,6 +18,11 @@ from torch import nn
 from weavelm.lora.ops import group_by_slot, lora_grouped_torch
 
 
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether `x` goes through the Triton kernels (CUDA tensors; tests route CPU tensors through the interpreter)."""
+    return x.is_cuda
+
+
 class LoRAIndex:
     """Per-token adapter slots of one kind of call (tokens of the forward, or rows given to the head): a static
     `slots` buffer (-1: base model) plus its grouping, refreshed in place each step (CUDA-graph safe)."""
@@ -34,7 +39,6 @@ class LoRAIndex:
         self.any_active = bool((slots >= 0).any())
         if self.slots.device.type == "cpu":
             self.groups = [(int(s), torch.from_numpy(np.nonzero(slots == s)[0])) for s in np.unique(slots) if s >= 0]
-            return
         self.slots[:n].copy_(torch.from_numpy(slots.astype(np.int32)), non_blocking=True)
         self.slots[n:].fill_(-1)
         order, counts, starts = group_by_slot(self.slots, self.num_slots)
@@ -65,7 +69,7 @@ class LoRABatchState:
         index = self.head if head else self.tokens
         if not self._launch(index):
             return y
-        if not x.is_cuda:
+        if not use_triton(x):
             return lora_grouped_torch(x, y, index.groups, lora_a, lora_b)
         from weavelm.lora.triton_ops import lora_expand, lora_shrink
         return lora_expand(lora_shrink(x, lora_a, index.index), lora_b, y, index.index)
@@ -76,7 +80,7 @@ class LoRABatchState:
         index = self.tokens
         if not self._launch(index):
             return y
-        if not ids.is_cuda:
+        if not use_triton(ids):
             y = y.clone()
             for slot, rows in index.groups:
                 y.index_add_(0, rows, lora_a_t[slot, ids.index_select(0, rows)] @ lora_b[slot].T)
