@@ -33,13 +33,19 @@ class LoRAIndex:
         self.order, self.counts, self.starts = group_by_slot(self.slots, num_slots)
         self.groups: list[tuple[int, torch.Tensor]] = []  # host-side (slot, rows) for the CPU path
         self.any_active = False
+        # pinned staging, so the copy never waits for the stream (reused only after the step's one sync)
+        self._staging = torch.empty(size, dtype=torch.int32, pin_memory=device.type == "cuda")
 
     def set(self, slots: np.ndarray) -> None:
         n = len(slots)
         self.any_active = bool((slots >= 0).any())
         if self.slots.device.type == "cpu":
             self.groups = [(int(s), torch.from_numpy(np.nonzero(slots == s)[0])) for s in np.unique(slots) if s >= 0]
-        self.slots[:n].copy_(torch.from_numpy(slots.astype(np.int32)), non_blocking=True)
+            if not use_triton(self.slots):
+                return
+        staged = self._staging[:n]
+        staged.numpy()[:] = slots
+        self.slots[:n].copy_(staged, non_blocking=True)
         self.slots[n:].fill_(-1)
         order, counts, starts = group_by_slot(self.slots, self.num_slots)
         self.order.copy_(order)
