@@ -250,3 +250,15 @@ def test_tensor_parallel_lora_shards_sum_to_the_whole(world):
     torch.testing.assert_close(torch.cat([p[1] for p in gu_parts], -1), whole("up_proj", x))
     torch.testing.assert_close(o_out, whole("o_proj", xo))
     torch.testing.assert_close(down_out, whole("down_proj", xd))
+
+
+def test_embedding_adapters_on_tied_embeddings_are_refused(tmp_path, one_torch_thread):
+    from tests.model_fixtures import build_tiny_model
+
+    base = build_tiny_model("llama", str(tmp_path / "tied"), seed=4, tie_word_embeddings=True)
+    path = build_adapter(base, str(tmp_path / "emb"), 4, 8, ["q_proj", "embed_tokens"], False, seed=5)
+    with LLM(model=base, dtype="float32", device="cpu", lora={"max_lora_rank": 8}) as llm:
+        bad, ok = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 2, GREEDY,
+                               lora_request=[LoRARequest("emb", 1, path), None])
+    assert "ties lm_head to embed_tokens" in bad.error and ok.error is None
+    assert ok.outputs[0].token_ids == merged_greedy(base, None, PROMPTS[0], MAX_TOKENS)

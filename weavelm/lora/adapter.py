@@ -180,15 +180,14 @@ def _parse_key(key: str, where: str, targets: LoRATargets) -> tuple[int | None, 
             raise LoRAError(f"{where}: tensor {key!r} is for layer {layer}, but the model has "
                             f"{targets.num_layers} layers; the adapter was made for a different base model")
         return layer, module, which
-    m = _EMBED_KEY.match(name)
+    m = _EMBED_KEY.match(name) or _HEAD_KEY.match(name)
     if m is not None:
-        return None, "embed_tokens", m.group(1)
-    m = _HEAD_KEY.match(name)
-    if m is not None:
+        module = "embed_tokens" if m.re is _EMBED_KEY else "lm_head"
         if targets.tied_embeddings:
-            raise LoRAError(f"{where}: adapts lm_head, but this model ties lm_head to embed_tokens, so merging it "
-                            f"would change both; drop lm_head from target_modules")
-        return None, "lm_head", m.group(1)
+            raise LoRAError(f"{where}: adapts {module}, but this model ties lm_head to embed_tokens (one weight), "
+                            f"so the merged adapter would change both; adapters of tied embeddings are not "
+                            f"supported, drop {module} from target_modules")
+        return None, module, m.group(1)
     raise LoRAError(f"{where}: tensor {key!r} is not a LoRA weight of a module this model has (supported: "
                     f"{', '.join(SUPPORTED_MODULES)}; DoRA magnitudes, biases and modules_to_save are not supported)")
 
