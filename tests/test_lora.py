@@ -225,7 +225,8 @@ def test_tensor_parallel_lora_shards_sum_to_the_whole(world):
         for layer in (qkv, gu, o, down):
             layer.weight.data.zero_()
         kv_start = (rank // qkv.kv_replicas) * qkv.kv_size
-        wq = LoRALinear(qkv, [("q_proj", 0, qkv.q_size, rank * qkv.q_size), ("k_proj", qkv.q_size, qkv.kv_size, kv_start),
+        wq = LoRALinear(qkv, [("q_proj", 0, qkv.q_size, rank * qkv.q_size),
+                              ("k_proj", qkv.q_size, qkv.kv_size, kv_start),
                               ("v_proj", qkv.q_size + qkv.kv_size, qkv.kv_size, kv_start)], state, 1, r, False)
         s0, s1 = gu.sizes
         wg = LoRALinear(gu, [("gate_proj", 0, s0, rank * s0), ("up_proj", s0, s1, rank * s1)], state, 1, r, False)

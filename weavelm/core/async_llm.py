@@ -205,7 +205,8 @@ class AsyncLLM:
         stream.on_first_output = left_waiting
         self._open[rid] = stream
         try:
-            self._post(lambda: self._submit(prepared, stream, lora_request), on_dead=lambda e: self._fail_accept(stream, e))
+            self._post(lambda: self._submit(prepared, stream, lora_request),
+                       on_dead=lambda e: self._fail_accept(stream, e))
             await stream.accepted
         except BaseException:
             rejected = stream.accepted.done() and not stream.accepted.cancelled() and \
