@@ -263,3 +263,23 @@ def test_embedding_adapters_on_tied_embeddings_are_refused(tmp_path, one_torch_t
                                lora_request=[LoRARequest("emb", 1, path), None])
     assert "ties lm_head to embed_tokens" in bad.error and ok.error is None
     assert ok.outputs[0].token_ids == merged_greedy(base, None, PROMPTS[0], MAX_TOKENS)
+
+
+def test_prompt_logprobs_use_the_adapter(tiny_llama, adapters, one_torch_thread):
+    """Prompt logprobs (the head over each prompt position, one request at a time) see the request's adapter,
+    embedding and lm_head parts included."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = adapters["llama"]["mix16"]
+    prompt = PROMPTS[2]
+    with LLM(model=tiny_llama, dtype="float32", device="cpu", lora={"max_lora_rank": 16}) as llm:
+        out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, temperature=0,
+                                                                        prompt_logprobs=0),
+                           lora_request=LoRARequest("mix16", 1, path))[0]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), path)
+    with torch.no_grad():
+        ref = model.merge_and_unload()(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    got = [entry[tok].logprob for entry, tok in zip(out.prompt_logprobs[1:], prompt[1:])]
+    want = [ref[i, tok].item() for i, tok in enumerate(prompt[1:])]
+    assert got == pytest.approx(want, abs=1e-4)

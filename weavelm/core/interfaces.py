@@ -79,6 +79,9 @@ class Scheduler(Component, ABC):
       (abort, stop strings) does the same for requests in any state.
     - Prefix caching (when `context.enable_prefix_caching`): full blocks become shareable only once their tokens
       are computed, i.e. in `update_from_output` of the step that computed them, never at schedule time.
+    - LoRA (when `context.lora` is set): admit a waiting request only if `context.lora.can_admit(request,
+      running)`; one that may not waits (others behind it may go first), so no batch needs more adapters than
+      the runner has slots. New requests carry their `lora_request` in `NewRequestData`.
     """
 
     def __init__(self, options: BaseModel, context: SchedulerContext):
