@@ -7,7 +7,7 @@
 - Bad input, each failing only its request while the others finish: rank above max_lora_rank, a module the model
   lacks, mismatched shapes, a missing path, an unknown adapter name, a `.bin` whose pickle would run code.
 - A `.bin` adapter loads; config errors; `LLM.get_stats()` counts active adapters; tensor-parallel shards of the
-  LoRA weights sum to the whole-weight result.
+  LoRA weights sum to the whole-weight result, and a two-rank (multiproc, gloo) engine matches peft's merge.
 """
 
 from __future__ import annotations
@@ -283,3 +283,15 @@ def test_prompt_logprobs_use_the_adapter(tiny_llama, adapters, one_torch_thread)
     got = [entry[tok].logprob for entry, tok in zip(out.prompt_logprobs[1:], prompt[1:])]
     want = [ref[i, tok].item() for i, tok in enumerate(prompt[1:])]
     assert got == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_engine_with_mixed_adapters(tiny_llama, adapters):
+    """Two gloo ranks (multiproc): every wrapped layer holds its shard of A or B; tokens equal peft's merge."""
+    loras = _requests(adapters["llama"])
+    with LLM(model=tiny_llama, dtype="float32", device="cpu", lora={"max_loras": 3, "max_lora_rank": 16},
+             executor={"name": "multiproc", "tensor_parallel_size": 2}) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, lora_request=loras)
+    for prompt, lora, out in zip(PROMPTS, loras, outs):
+        assert out.outputs[0].token_ids == merged_greedy(tiny_llama, None if lora is None else lora.lora_path, prompt,
+                                                         MAX_TOKENS), lora
