@@ -31,8 +31,9 @@ def kernels():
         os.environ["TRITON_INTERPRET"] = old
 
 
-# (tokens, in, rank per part x parts, out, slots): decode-sized, prefill-sized with a ragged tail, one slot
-SHAPES = [(5, 48, 8, 40, 3), (70, 64, 48, 96, 4), (17, 33, 4, 130, 1)]
+# (tokens, in, rank per part x parts, out, slots): decode-sized, prefill-sized with a ragged tail, one slot, and a
+# decode-sized one whose K (600) is split across programs
+SHAPES = [(5, 48, 8, 40, 3), (70, 64, 48, 96, 4), (17, 33, 4, 130, 1), (9, 600, 16, 24, 2)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -14,10 +14,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, K, R,
+def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, K, R, K_PER_SPLIT,
                    sxm, sxk, sal, sar, sak, som, sor,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m, pid_n, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Grid (token tiles, rank tiles, slots * SPLIT_K). With SPLIT_K > 1 each program sums one K range and adds
+    it atomically into the zeroed output: more programs for the few tokens of a decode step."""
+    pid_m, pid_n, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot, split = pid_z // SPLIT_K, pid_z % SPLIT_K
     count = tl.load(counts_ptr + slot)
     if pid_m * BM >= count:
         return
@@ -28,15 +32,21 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, K, 
     rn = pid_n * BN + tl.arange(0, BN)
     nmask = rn < R
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    k_lo = split * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BK):
         rk = k0 + tl.arange(0, BK)
-        kmask = rk < K
+        kmask = rk < k_hi
         xt = tl.load(x_ptr + rows[:, None] * sxm + rk[None, :] * sxk, mask=mmask[:, None] & kmask[None, :],
                      other=0.0)
         at = tl.load(a_ptr + slot * sal + rn[None, :] * sar + rk[:, None] * sak, mask=kmask[:, None] & nmask[None, :],
                      other=0.0)
         acc += tl.dot(xt, at.to(xt.dtype), input_precision=PRECISION)
-    tl.store(out_ptr + rows[:, None] * som + rn[None, :] * sor, acc, mask=mmask[:, None] & nmask[None, :])
+    optr = out_ptr + rows[:, None] * som + rn[None, :] * sor
+    if SPLIT_K == 1:
+        tl.store(optr, acc, mask=mmask[:, None] & nmask[None, :])
+    else:
+        tl.atomic_add(optr, acc, mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -67,6 +77,9 @@ def _expand_kernel(h_ptr, b_ptr, y_ptr, order_ptr, counts_ptr, starts_ptr, N, R,
     tl.store(yp, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+MAX_SPLIT_K, SPLIT_K_CHUNK = 8, 256
+
+
 def _tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
@@ -81,12 +94,16 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, index: tuple[torch.Tensor
     order, counts, starts = index
     t, k = x.shape
     num_slots, r, _ = lora_a.shape
-    out = torch.empty((t, r), dtype=torch.float32, device=x.device)
     bm, bn, bk = (16 if t <= 64 else 64), _tile(r, 16, 64), _tile(k, 16, 64)
-    grid = (triton.cdiv(t, bm), triton.cdiv(r, bn), num_slots)
-    _shrink_kernel[grid](x, lora_a, out, order, counts, starts, k, r, x.stride(0), x.stride(1),
+    # decode-sized batches: split K so more than a handful of programs share the reads of A
+    split_k = min(MAX_SPLIT_K, triton.cdiv(k, SPLIT_K_CHUNK)) if t <= 64 else 1
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), bk) * bk
+    split_k = triton.cdiv(k, k_per_split)
+    out = (torch.zeros if split_k > 1 else torch.empty)((t, r), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(t, bm), triton.cdiv(r, bn), num_slots * split_k)
+    _shrink_kernel[grid](x, lora_a, out, order, counts, starts, k, r, k_per_split, x.stride(0), x.stride(1),
                          lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), out.stride(0), out.stride(1),
-                         BM=bm, BN=bn, BK=bk, PRECISION=_precision(x.dtype))
+                         BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, PRECISION=_precision(x.dtype))
     return out
 
 
