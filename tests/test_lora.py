@@ -22,6 +22,7 @@ import torch
 
 from tests.lora_fixtures import ADAPTERS, build_adapter, merged_greedy
 from weavelm import LLM, LoRARequest, SamplingParams
+from weavelm.core.request import RequestStatus
 from weavelm.errors import ConfigError, LoRAError
 
 PROMPTS = [[5, 17, 33, 8, 99, 4], [7, 7, 21, 300, 11], [42, 1, 3, 9, 250, 77, 13], [100, 200, 300]]
@@ -295,3 +296,29 @@ def test_tensor_parallel_engine_with_mixed_adapters(tiny_llama, adapters):
     for prompt, lora, out in zip(PROMPTS, loras, outs):
         assert out.outputs[0].token_ids == merged_greedy(tiny_llama, None if lora is None else lora.lora_path, prompt,
                                                          MAX_TOKENS), lora
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_scheduler_admits_at_most_max_loras_adapters_and_lets_others_pass(policy):
+    """A request whose adapter would exceed max_loras waits (kept at the front), while base-model requests and
+    requests on active adapters behind it are admitted; it runs once a slot's requests finish."""
+    from dataclasses import replace
+
+    from tests.scheduler_utils import make_request, make_scheduler
+    from weavelm.lora.manager import LoRAOptions
+    from weavelm.plugins.lora.punica import PunicaLoRAManager
+
+    sched = make_scheduler(policy)
+    sched.context = replace(sched.context, lora=PunicaLoRAManager(LoRAOptions(max_loras=1)))
+    one, two = LoRARequest("one", 1, "/a/one"), LoRARequest("two", 2, "/a/two")
+    for rid, lora in (("a", one), ("b", two), ("c", one), ("d", None)):
+        req = make_request(rid, 6, max_tokens=2)
+        req.lora_request = lora
+        sched.add_request(req)
+    out = sched.schedule()
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["a", "c", "d"]
+    assert [r.lora_request for r in out.scheduled_new_reqs] == [one, one, None]
+    assert [r.request_id for r in sched.waiting] == ["b"] and sched.get_stats().num_active_loras == 1
+    sched.finish_requests(["a", "c"], RequestStatus.FINISHED_ABORTED)
+    out = sched.schedule()
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["b"] and sched.get_stats().num_active_loras == 1

@@ -177,13 +177,13 @@ class BaseScheduler(Scheduler):
             req = self.waiting[idx]
             if req.request_id in plan.preempted:  # never resume in the step that preempted it
                 break
+            if lora is not None and not lora.can_admit(req, self.running):
+                held.append(self.waiting.pop(idx))
+                continue
             if len(self.running) >= opts.max_num_seqs:
                 if self._preempt_for_waiting(req, plan):
                     continue
                 break
-            if lora is not None and not lora.can_admit(req, self.running):
-                held.append(self.waiting.pop(idx))
-                continue
             computed = self.kv.get_computed_blocks(req)
             n = self._chunk(req, plan.budget, computed.num_tokens)
             if not opts.enable_chunked_prefill and n < req.num_tokens - computed.num_tokens:
