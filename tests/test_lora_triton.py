@@ -69,6 +69,7 @@ def test_grouping_reads_only_static_buffers(kernels):
 def test_engine_with_triton_lora_layers_matches_merged_transformers(kernels, tiny_llama, tmp_path, monkeypatch,
                                                                     one_torch_thread):
     """The whole engine on CPU with its LoRA layers (projections, embedding, head) run by the interpreted kernels."""
+    pytest.importorskip("peft")
     from tests.lora_fixtures import ADAPTERS, build_adapter, merged_greedy
     from weavelm import LLM, LoRARequest, SamplingParams
     from weavelm.lora import layers

@@ -91,7 +91,8 @@ def test_engine_on_cuda_with_graphs_matches_cpu_and_peft(tiny_with_adapters):
         base_tokens = [o.outputs[0].token_ids for o in plain.generate([{"prompt_token_ids": p} for p in prompts],
                                                                           params)]
     for device in ("cuda", "cpu"):
-        with LLM(model=base, dtype="float32", device=device, lora={"max_loras": 3, "max_lora_rank": 16}) as llm:
+        with LLM(model=base, dtype="float32", device=device, lora={"max_loras": 3, "max_lora_rank": 16},
+                 engine_process=False) as llm:
             if device == "cuda":
                 assert llm.engine.client.core.executor.worker.runner.graphs is not None
             outs[device] = [o.outputs[0].token_ids for o in llm.generate(
