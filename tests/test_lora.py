@@ -190,6 +190,24 @@ def test_lora_config_is_validated(tiny_llama):
     assert EngineConfig.build({"model": tiny_llama}).lora is None
 
 
+def test_vllm_lora_arguments_port(tiny_llama, adapters):
+    """vLLM's `enable_lora`, `max_loras`, `max_lora_rank`, `max_cpu_loras` and `--lora-modules NAME=PATH`."""
+    from weavelm.cli import build_parser, engine_config_from_args
+    from weavelm.core.compat import apply_vllm_aliases
+    from weavelm.core.config import EngineConfig
+
+    raw = apply_vllm_aliases({"model": tiny_llama, "enable_lora": True, "max_loras": 2, "max_lora_rank": 8,
+                              "max_cpu_loras": 4})
+    opts = EngineConfig.build(raw).lora.options
+    assert (opts.max_loras, opts.max_lora_rank, opts.max_cpu_loras) == (2, 8, 4)
+    args = build_parser().parse_args(["generate", "--model", tiny_llama, "--enable-lora", "--lora-modules",
+                                      f"sql={adapters['llama']['attn4']}", "--max-lora-rank", "4"])
+    opts = engine_config_from_args(args).lora.options
+    assert opts.adapters == {"sql": adapters["llama"]["attn4"]} and opts.max_lora_rank == 4
+    with pytest.raises(ConfigError, match="lora_modules: expects NAME=PATH items"):
+        apply_vllm_aliases({"lora_modules": ["sql"]})
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_lora_shards_sum_to_the_whole(world):
     """Each rank's wrapped QKV / gate-up (B's rows sharded) and o / down (A's columns sharded) layers, with the

@@ -25,6 +25,11 @@ VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
                                "help": "scheduler.enable_chunked_prefill"},
     "enforce_eager": {"action": "store_const", "const": True, "help": "disable CUDA graphs"},
     "tokenizer": {"help": "tokenizer directory (default: beside the model)"},
+    "enable_lora": {"action": "store_const", "const": True, "help": "serve LoRA adapters (opens the lora section)"},
+    "max_loras": {"type": int, "help": "lora.max_loras (distinct adapters in one batch)"},
+    "max_lora_rank": {"type": int, "help": "lora.max_lora_rank"},
+    "max_cpu_loras": {"type": int, "help": "lora.max_cpu_loras (adapters kept in host memory)"},
+    "lora_modules": {"nargs": "+", "metavar": "NAME=PATH", "help": "lora.adapters: PEFT adapters served by name"},
     "trust_remote_code": {"action": "store_const", "const": True,
                           "help": "refused: weavelm never runs code shipped with a model"},
 }
