@@ -85,7 +85,7 @@ def test_engine_on_cuda_with_graphs_matches_cpu_and_peft(tiny_with_adapters):
     base, paths = tiny_with_adapters
     prompts = [[5, 17, 33, 8, 99, 4], [7, 7, 21, 300, 11], [42, 1, 3, 9, 250, 77, 13], [100, 200, 300]]
     loras = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(paths)] + [None]
-    params = SamplingParams(max_tokens=24, temperature=0)
+    params = SamplingParams(max_tokens=12, temperature=0)
     outs = {}
     with LLM(model=base, dtype="float32", device="cpu") as plain:
         base_tokens = [o.outputs[0].token_ids for o in plain.generate([{"prompt_token_ids": p} for p in prompts],
@@ -105,4 +105,4 @@ def test_engine_on_cuda_with_graphs_matches_cpu_and_peft(tiny_with_adapters):
         return
     from tests.lora_fixtures import merged_greedy
     for p, lora, got in zip(prompts, loras, outs["cuda"]):
-        assert got == merged_greedy(base, None if lora is None else lora.lora_path, p, 24)
+        assert got == merged_greedy(base, None if lora is None else lora.lora_path, p, 12)
