@@ -94,7 +94,11 @@ def test_engine_on_cuda_with_graphs_matches_cpu_and_peft(tiny_with_adapters):
         with LLM(model=base, dtype="float32", device=device, lora={"max_loras": 3, "max_lora_rank": 16},
                  engine_process=False) as llm:
             if device == "cuda":
-                assert llm.engine.client.core.executor.worker.runner.graphs is not None
+                graphs = llm.engine.client.core.executor.worker.runner.graphs
+                assert graphs is not None and {with_lora for _, with_lora in graphs.graphs} == {False, True}
+                # a batch on the base model alone replays the graphs captured without the LoRA kernels
+                only_base = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+                assert [o.outputs[0].token_ids for o in only_base] == base_tokens
             outs[device] = [o.outputs[0].token_ids for o in llm.generate(
                 [{"prompt_token_ids": p} for p in prompts], params, lora_request=loras)]
     assert outs["cuda"] == outs["cpu"]

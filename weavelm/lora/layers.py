@@ -63,12 +63,18 @@ class LoRABatchState:
     def __init__(self, num_slots: int, max_tokens: int, device: torch.device):
         self.tokens = LoRAIndex(max_tokens, num_slots, device)
         self.head = LoRAIndex(max_tokens, num_slots, device)
+        # Set while the decode CUDA graphs that steps with adapters replay are captured (with no adapter active):
+        # they must contain the kernels, which exit at once for rows without one. Steps without any adapter run
+        # eagerly without the kernels, or replay graphs captured without them (cuda_graphs.DecodeGraphs).
+        self.force_kernels = False
 
-    @staticmethod
-    def _launch(index: LoRAIndex) -> bool:
-        """On CPU only when a row has an adapter. On CUDA always: the kernels exit at once for rows without one,
-        and a decode CUDA graph (captured, and warmed up before, with no adapter active) must contain them."""
-        return index.any_active or index.slots.is_cuda
+    @property
+    def any_active(self) -> bool:
+        """Whether a row of this step's forward or head has an adapter (host-side, set by `LoRAIndex.set`)."""
+        return self.tokens.any_active or self.head.any_active
+
+    def _launch(self, index: LoRAIndex) -> bool:
+        return index.any_active or self.force_kernels
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
               head: bool = False) -> torch.Tensor:
