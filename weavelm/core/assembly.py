@@ -9,6 +9,7 @@ and rebuilds the registry from entry points on first use in the child.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -58,9 +59,18 @@ class RunnerBuilder(_RegistryHolder):
         registry, config = self.registry, self.config
         context = RunnerContext(config=config, device=device, rank=self.rank, world_size=self.world_size,
                                 limits=self.limits, loader=build_loader(config, registry),
-                                model_class=self.model_class, attention_backend=self.attention_backend)
+                                model_class=self.model_class, attention_backend=self.attention_backend,
+                                build_proposer=self.build_proposer if config.speculative is not None else None)
         cls = registry.get("model_runner", config.model_runner.name)
         return cls(config.model_runner.options, context)
+
+    def build_proposer(self, context: RunnerContext, block_size: int) -> Any:
+        """The configured speculative-decoding proposer for a runner built with `context`."""
+        from weavelm.spec_decode.proposer import ProposerContext
+
+        section = self.config.speculative
+        cls = self.registry.get("proposer", section.name)
+        return cls(section.options, ProposerContext(runner=context, block_size=block_size))
 
     def model_class(self, hf_config: Any) -> type[ModelArchitecture]:
         from weavelm.errors import ConfigError
@@ -112,4 +122,9 @@ class Assembly:
         return cls(config.executor.options, ExecutorContext(config=config, build_worker=builder))
 
     def build_scheduler(self, context: SchedulerContext) -> Scheduler:
+        spec = self.config.speculative
+        if spec is not None:
+            k = spec.options.num_speculative_tokens
+            uses_kv = self.registry.get("proposer", spec.name).uses_kv_cache
+            context = dataclasses.replace(context, num_speculative_tokens=k, num_lookahead_tokens=k if uses_kv else 0)
         return self.scheduler_cls(self.config.scheduler.options, context)

@@ -24,6 +24,8 @@ COMPONENT_SECTIONS = {
     "loader": ("loader", "auto"),
     "attention": ("attention", "auto"),
 }
+# Sections that are absent unless given: key -> plugin kind.
+OPTIONAL_SECTIONS = {"speculative": "proposer"}
 # Upper bounds that keep every accepted value buildable: the block pool holds one Python object per block, and the
 # runner's persistent batch keeps `max_model_len` token ids per sequence.
 MAX_NUM_BLOCKS = 1 << 24
@@ -73,6 +75,7 @@ class _TopLevel(BaseModel):
     model_runner: Any = None
     loader: Any = None
     attention: Any = None
+    speculative: Any = None
 
 
 class ComponentConfig(BaseModel):
@@ -108,6 +111,8 @@ class EngineConfig(BaseModel):
     model_runner: ComponentConfig
     loader: ComponentConfig
     attention: ComponentConfig
+    speculative: ComponentConfig | None = Field(None, description="Speculative decoding: the proposer and its "
+                                                "options (`num_speculative_tokens`, ...); None: off.")
     raw: dict[str, Any] = Field(default_factory=dict, description="The merged input, for reproducibility.")
 
     @classmethod
@@ -133,6 +138,11 @@ class EngineConfig(BaseModel):
             comp = _validate_section(key, kind, section, registry, errors, default)
             if comp is not None:
                 sections[key] = comp
+        for key, kind in OPTIONAL_SECTIONS.items():
+            if raw.get(key) is not None:
+                comp = _validate_section(key, kind, raw[key], registry, errors, "")
+                if comp is not None:
+                    sections[key] = comp
         if errors:
             raise ConfigError(errors)
         assert top is not None
@@ -152,6 +162,10 @@ class EngineConfig(BaseModel):
         for key in COMPONENT_SECTIONS:
             comp: ComponentConfig = getattr(self, key)
             out[key] = {"name": comp.name, **(comp.options.model_dump() if comp.options is not None else {})}
+        for key in OPTIONAL_SECTIONS:
+            comp = getattr(self, key)
+            if comp is not None:
+                out[key] = {"name": comp.name, **comp.options.model_dump()}
         return out
 
 

@@ -39,6 +39,8 @@ class SchedulerContext:
     block_size: int
     max_model_len: int
     enable_prefix_caching: bool
+    num_speculative_tokens: int = 0  # drafts per decode step (0: no speculative decoding)
+    num_lookahead_tokens: int = 0  # extra slots a sampling request reserves for a KV-using proposer
 
 
 @dataclass
@@ -84,6 +86,7 @@ class RunnerContext:
     model_class: Callable[[Any], type[ModelArchitecture]]
     attention_backend: Callable[[AttentionSpec], AttentionBackend]
     tp: TensorParallelGroup | None = None
+    build_proposer: Callable[[RunnerContext, int], Any] | None = None  # (context, block_size) -> Proposer
 
     def __post_init__(self) -> None:
         if self.tp is None:

@@ -36,7 +36,7 @@ outputs.py / forward.py. Major: existing plugins break (refused at load); minor:
 check_request; Executor.collective_rpc; ModelRunner.model_info / profile_peak_memory / set_logits_hook;
 AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select."""
 
-COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model")
+COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model", "proposer")
 
 
 class NoOptions(BaseModel):

@@ -39,6 +39,12 @@ class EngineStats:
     num_total_blocks: int  # size of the KV pool
     kv_cache_usage: float  # num_used_blocks / num_total_blocks
     prefix_cache_hit_rate: float  # cumulative share of queried prompt tokens found in the prefix cache
+    # speculative decoding (`speculative:`), cumulative since start; zero when it is off
+    spec_num_draft_tokens: int = 0  # draft tokens verified
+    spec_num_accepted_tokens: int = 0  # of those, accepted
+    spec_acceptance_rate: float = 0.0  # accepted / verified drafts
+    spec_mean_accepted_length: float = 0.0  # tokens emitted per verifying request-step (accepted drafts + 1)
+    spec_proposer_time_s: float = 0.0  # wall time the proposer took
 
 
 class Outbox:
@@ -293,7 +299,8 @@ class LLMEngine:
             self._unclaimed.extend(self._apply_aborts())
             s = self.client.get_stats()
         return EngineStats(s.num_running, s.num_waiting, s.num_used_blocks, s.num_total_blocks, s.kv_usage,
-                           s.prefix_hit_rate)
+                           s.prefix_hit_rate, s.spec_num_draft_tokens, s.spec_num_accepted_tokens,
+                           s.spec_acceptance_rate, s.spec_mean_accepted_length, s.spec_proposer_time_s)
 
     def step(self, finished_only: bool = False, delta: bool = False) -> list[RequestOutput]:
         """Run one core step. Outputs of requests added with an outbox (LLM.generate / LLM.stream) go to it;
