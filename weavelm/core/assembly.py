@@ -64,13 +64,14 @@ class RunnerBuilder(_RegistryHolder):
         cls = registry.get("model_runner", config.model_runner.name)
         return cls(config.model_runner.options, context)
 
-    def build_proposer(self, context: RunnerContext, block_size: int) -> Any:
-        """The configured speculative-decoding proposer for a runner built with `context`."""
+    def build_proposer(self, context: RunnerContext, block_size: int, load_model: Any) -> Any:
+        """The configured speculative-decoding proposer for a runner built with `context`; `load_model(model,
+        dtype)` is the runner's model loading, lent to draft-model proposers."""
         from weavelm.spec_decode.proposer import ProposerContext
 
         section = self.config.speculative
         cls = self.registry.get("proposer", section.name)
-        return cls(section.options, ProposerContext(runner=context, block_size=block_size))
+        return cls(section.options, ProposerContext(runner=context, block_size=block_size, load_model=load_model))
 
     def model_class(self, hf_config: Any) -> type[ModelArchitecture]:
         from weavelm.errors import ConfigError

@@ -86,7 +86,7 @@ class RunnerContext:
     model_class: Callable[[Any], type[ModelArchitecture]]
     attention_backend: Callable[[AttentionSpec], AttentionBackend]
     tp: TensorParallelGroup | None = None
-    build_proposer: Callable[[RunnerContext, int], Any] | None = None  # (context, block_size) -> Proposer
+    build_proposer: Callable[..., Any] | None = None  # (context, block_size, load_model) -> Proposer
 
     def __post_init__(self) -> None:
         if self.tp is None:

@@ -12,7 +12,7 @@ and an engine selects it with the YAML section `speculative: {name: my_proposer,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -40,12 +40,14 @@ class ProposerOptions(BaseModel):
 @dataclass
 class ProposerContext:
     """What a proposer is built with: the target runner's context (config, device, loader, architecture lookup,
-    attention-backend selection, tensor-parallel group) and the KV block size the target uses. A proposer with its
-    own KV cache (`uses_kv_cache`) addresses it with the target's block ids, so its pool has the same block count
-    and block size."""
+    attention-backend selection, tensor-parallel group), the KV block size the target uses, and
+    `load_model(model, dtype)`, the runner's own model loading (returns a bundle with `.model`, `.dtype`,
+    `.max_model_len`, `.vocab_size`). A proposer with its own KV cache (`uses_kv_cache`) addresses it with the
+    target's block ids, so its pool has the same block count and block size."""
 
     runner: RunnerContext
     block_size: int
+    load_model: Callable[[str, str], Any]
 
 
 @dataclass

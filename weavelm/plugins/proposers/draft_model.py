@@ -11,7 +11,6 @@ generator) and that distribution is returned for the rejection sampler.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Literal
 
@@ -22,8 +21,8 @@ from pydantic import Field
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
 from weavelm.core.hookspecs import hookimpl
 from weavelm.errors import ConfigError
-from weavelm.plugins.workers.model_loading import load_model_bundle
 from weavelm.spec_decode.proposer import Proposal, ProposeInput, Proposer, ProposerOptions
+from weavelm.utils import cdiv
 
 
 class DraftModelOptions(ProposerOptions):
@@ -48,9 +47,8 @@ class DraftModelProposer(Proposer):
     def load(self, target_info: dict[str, Any]) -> None:
         rc = self.context.runner
         dtype = target_info["dtype"].removeprefix("torch.") if self.options.dtype == "auto" else self.options.dtype
-        config = rc.config.model_copy(update={"model": self.options.model, "dtype": dtype, "max_model_len": None})
         self.device = rc.device
-        self.bundle = load_model_bundle(dataclasses.replace(rc, config=config))
+        self.bundle = self.context.load_model(self.options.model, dtype)
         b = self.bundle
         if b.max_model_len < target_info["max_model_len"]:
             raise ConfigError([("speculative.model", f"the draft's context ({b.max_model_len}) is shorter than the "
@@ -151,7 +149,7 @@ class DraftModelProposer(Proposer):
         slots = block_table[token_row, positions // bs].astype(np.int64) * bs + positions % bs
         qsl = np.zeros(len(rows) + 1, dtype=np.int32)
         qsl[1:] = np.cumsum(counts)
-        max_blocks = int(-(-int(seq_lens.max()) // bs))
+        max_blocks = cdiv(int(seq_lens.max()), bs)
         table = np.ascontiguousarray(block_table[rows, :max_blocks])
         common = CommonAttentionMetadata(
             query_start_loc=torch.from_numpy(qsl).to(dev), seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),

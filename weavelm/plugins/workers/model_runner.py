@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -67,8 +68,14 @@ class PagedModelRunner(ModelRunner):
         if self.context.build_proposer is not None:
             from weavelm.spec_decode.runner import SpecDecodeRunner
 
-            self.spec = SpecDecodeRunner(self.context.build_proposer(self.context, self.block_size), self)
+            proposer = self.context.build_proposer(self.context, self.block_size, self._load_other_model)
+            self.spec = SpecDecodeRunner(proposer, self)
             self.spec.proposer.load(self.model_info())
+
+    def _load_other_model(self, model: str, dtype: str) -> ModelBundle:
+        """Load another model (a draft) like the target: same loader, device and tensor-parallel group."""
+        config = self.config.model_copy(update={"model": model, "dtype": dtype, "max_model_len": None})
+        return load_model_bundle(dataclasses.replace(self.context, config=config))
 
     def model_info(self) -> dict[str, Any]:
         b = self.bundle
