@@ -367,8 +367,19 @@ class LLMEngine:
         finish_reason, stop_reason = co.finish_reason, co.stop_reason
         if hit is ...:
             hit = st.detok.add_tokens(co.new_token_ids)
+        if hit is not None and 1 < len(co.new_token_ids) and st.detok.num_used < len(co.new_token_ids):
+            # a stop string inside a multi-token step (speculative decoding): drop the tokens after it
+            extra = len(co.new_token_ids) - st.detok.num_used
+            del st.token_ids[-extra:]
+            co.new_token_ids = co.new_token_ids[:-extra]
+            if co.new_logprobs:
+                co.new_logprobs = co.new_logprobs[:-extra]
+                if st.logprobs is not None:
+                    del st.logprobs[-extra:]
+            finish_reason = None  # the stop string came first
         if hit is not None and finish_reason is None:
-            self.client.abort_requests([co.request_id])
+            if not co.finished:
+                self.client.abort_requests([co.request_id])
             finish_reason, stop_reason = "stop", hit
         if finished_only and finish_reason is None:
             return None
