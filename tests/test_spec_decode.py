@@ -120,3 +120,27 @@ def test_sampling_distribution_end_to_end(tiny_models):
     tv = 0.5 * sum(abs(a[k] - b[k]) for k in set(a) | set(b)) / len(params)
     assert tv < 0.15, (tv, a, b)
     assert spec_llm.get_stats().spec_num_draft_tokens > 0
+
+
+def test_logprobs_and_logits_processors_with_speculation(tiny_llama):
+    """Logprobs come for every accepted token (as without speculation); a request using a logits processor
+    (penalties, bias, bad words, min_tokens) is never given drafts and decodes exactly as before."""
+    prompt = [{"prompt_token_ids": [7, 8, 9, 10, 11, 7, 8, 9]}]
+    cases = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2),
+             SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.5)]
+    base = LLM(model=tiny_llama, **ENGINE)
+    spec = LLM(model=tiny_llama, speculative={"name": "draft_model", "num_speculative_tokens": 3,
+                                              "model": tiny_llama}, **ENGINE)
+    for params in cases:
+        want = base.generate(prompt, params)[0].outputs[0]
+        before = spec.get_stats().spec_num_draft_tokens
+        got = spec.generate(prompt, params)[0].outputs[0]
+        assert got.token_ids == want.token_ids
+        if params.logprobs:
+            assert spec.get_stats().spec_num_draft_tokens > before
+            assert len(got.logprobs) == len(want.logprobs) == 12
+            for g, w in zip(got.logprobs, want.logprobs):
+                assert list(g) == list(w)
+                assert all(abs(g[t] - w[t]) < 1e-4 and g[t].rank == w[t].rank for t in g)
+        else:
+            assert spec.get_stats().spec_num_draft_tokens == before

@@ -75,6 +75,8 @@ class SchedulerOutput:
 
     `preempted_req_ids` left the running batch this step (their state stays with the worker until they resume or
     finish); `finished_req_ids` finished since the last step and can be dropped by the worker.
+    `scheduled_spec_decode_tokens[req_id]`: the draft tokens a decode verifies this step (speculative decoding);
+    such a request's `num_scheduled_tokens` is 1 + len(drafts): its last token, then the drafts.
     """
 
     scheduled_new_reqs: list[NewRequestData]
