@@ -83,3 +83,25 @@ def test_lookahead_slots_for_a_kv_using_proposer():
     s.update_from_output(out, _output("r", [10, 20], [21, 22]))
     assert req.num_computed_tokens == 6 and len(s.kv.block_ids("r")) == 2
     s.kv.check_invariants()
+
+
+def test_ngram_lookup_matches_a_brute_force_search():
+    import numpy as np
+
+    from weavelm.plugins.proposers.ngram import lookup
+
+    def brute(t: list[int], n_min: int, n_max: int, k: int) -> list[int]:
+        for n in range(min(n_max, len(t) - 1), n_min - 1, -1):
+            hits = [s for s in range(len(t) - n) if t[s:s + n] == t[len(t) - n:]]
+            if hits:
+                return t[hits[-1] + n:hits[-1] + n + k]
+        return []
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        t = rng.integers(0, 4, size=int(rng.integers(1, 40))).tolist()
+        n_min = int(rng.integers(1, 4))
+        n_max = n_min + int(rng.integers(0, 4))
+        assert lookup(np.array(t), n_min, n_max, 3) == brute(t, n_min, n_max, 3), (t, n_min, n_max)
+    assert lookup(np.array([1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3]), 1, 3, 2) == [7, 5]  # the longest match wins
+    assert lookup(np.array([4, 5, 6]), 1, 2, 4) == []

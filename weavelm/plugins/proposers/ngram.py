@@ -25,17 +25,26 @@ class NgramOptions(ProposerOptions):
 
 
 def lookup(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> list[int]:
-    """The (up to) k tokens after the latest earlier occurrence of the longest suffix n-gram, n in [n_min, n_max]."""
+    """The (up to) k tokens after the latest earlier occurrence of the longest suffix n-gram, n in [n_min, n_max].
+
+    One vectorised pass finds every earlier occurrence of the last n_min tokens; the candidates are then extended
+    backwards one token at a time (a longer match is a shorter one with a matching token before it)."""
     length = len(tokens)
-    for n in range(min(n_max, length - 1), n_min - 1, -1):
-        suffix = tokens[length - n:]
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)  # starts 0 .. length-1-n
-        hits = np.nonzero((windows == suffix).all(axis=1))[0]
-        hits = hits[hits + n < length]  # something follows the match (excludes the suffix itself)
-        if len(hits):
-            start = int(hits[-1]) + n
-            return tokens[start:start + k].tolist()
-    return []
+    if length <= n_min:
+        return []
+    windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n_min)  # excludes the suffix itself
+    cands = np.nonzero((windows == tokens[length - n_min:]).all(axis=1))[0]
+    if not len(cands):
+        return []
+    best = int(cands[-1])
+    for n in range(n_min + 1, min(n_max, length - 1) + 1):
+        back = n - n_min
+        cands = cands[cands >= back]
+        cands = cands[tokens[cands - back] == tokens[length - n]]
+        if not len(cands):
+            break
+        best = int(cands[-1])
+    return tokens[best + n_min:best + n_min + k].tolist()
 
 
 class NgramProposer(Proposer):
