@@ -178,16 +178,19 @@ def main() -> None:
             rows.append({"proposer": name, "batch": batch, "tok_s": tps, "ratio": tps / base,
                          "acceptance": accepted / drafts if drafts else None, "draft_tokens": drafts,
                          "proposer_time_s": statistics.median(r[3] for r in rs),
+                         "mean_accepted_length": llms[name].get_stats().spec_mean_accepted_length or None,
                          "identical_to_first": outputs[(name, batch)] == outputs[(proposers[0], batch)],
                          "tok_s_all": [r[0] for r in rs]})
     device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     print(f"\n{args.shape or (model or 'default model')} on {device}, {args.dtype}, k={args.k}, "
           f"{args.max_tokens} tokens, {n_prompts} prompts, median of {args.repeats}")
-    print("| proposer | batch | tok/s | vs none | acceptance | drafts | proposer s | same greedy output |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| proposer | batch | tok/s | vs none | acceptance | mean accepted length | drafts | proposer s "
+          "| same greedy output |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.1%}"
-        print(f"| {r['proposer']} | {r['batch']} | {r['tok_s']:.2f} | {r['ratio']:.2f}x | {acc} | "
+        mal = "-" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
+        print(f"| {r['proposer']} | {r['batch']} | {r['tok_s']:.2f} | {r['ratio']:.2f}x | {acc} | {mal} | "
               f"{r['draft_tokens']} | {r['proposer_time_s']:.3f} | {r['identical_to_first']} |")
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "device": device, "rows": rows}, f, indent=1)
