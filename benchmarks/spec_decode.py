@@ -10,6 +10,8 @@ Every configuration's engine is built first; then `--repeats` rounds run every c
 so a noisy shared machine slows all alike) and the table shows medians. tok/s = generated tokens / wall time of the
 `generate` call (prefill included); batch 1 runs the prompts one after another. Greedy outputs are checked to be
 identical across proposers (the real model only: random weights make that check meaningless but it still holds).
+"mean accepted length" is the engine's cumulative `LLM.get_stats().spec_mean_accepted_length` (all batch sizes and
+rounds of that proposer).
 
   python benchmarks/spec_decode.py --device cpu --batch-sizes 1 --max-tokens 64 --repeats 3 --out spec_cpu.json
   python benchmarks/spec_decode.py --device cuda --batch-sizes 1,8 --max-tokens 256 --repeats 3 --out spec_gpu.json
@@ -122,7 +124,7 @@ def main() -> None:
                                                                 "at least 2)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--num-blocks", type=int, default=2048, help="KV blocks with --shape")
+    p.add_argument("--num-blocks", type=int, default=512, help="KV blocks with --shape (per engine; all stay loaded)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for any configuration")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default="spec_decode.json")
