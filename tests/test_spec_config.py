@@ -58,3 +58,17 @@ def test_draft_with_another_vocabulary_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match="speculative.model: the draft's vocabulary \\(600\\) is larger"):
         LLM(model=tiny_llama, dtype="float32", device="cpu", cache={"num_blocks": 32},
             speculative={"name": "draft_model", "num_speculative_tokens": 2, "model": draft})
+
+
+def test_vllm_speculative_config_ports():
+    from weavelm.core.compat import apply_vllm_aliases
+
+    raw = apply_vllm_aliases({"speculative_config": {"method": "ngram", "num_speculative_tokens": 4,
+                                                     "prompt_lookup_max": 3}})
+    assert raw == {"speculative": {"name": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}}
+    raw = apply_vllm_aliases({"speculative_config": {"model": "/draft", "num_speculative_tokens": 2}})
+    assert EngineConfig.build(raw).speculative.name == "draft_model"
+    with pytest.raises(ConfigError, match="speculative_config: needs a `method`"):
+        apply_vllm_aliases({"speculative_config": {"num_speculative_tokens": 2}})
+    with pytest.raises(ConfigError, match="give one of them"):
+        apply_vllm_aliases({"speculative_config": {"method": "ngram"}, "speculative": "ngram"})
