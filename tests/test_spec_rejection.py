@@ -65,6 +65,16 @@ def test_point_mass_drafts_follow_the_target():
     assert _tv(np.bincount(out[accepted, 1], minlength=V), p1) < 0.02
 
 
+def test_random_drafts_verified_as_point_masses_still_follow_the_target():
+    """The point-mass rule is exact for any draft chosen independently of the verification's randomness (the
+    runner falls back to it for drafts whose distribution is missing); q only raises the acceptance rate."""
+    torch.manual_seed(6)
+    p0, p1, _ = _dists(7)
+    drafts = torch.randint(0, V, (N,))
+    out = rejection_sample(torch.stack([p0, p1]).repeat(N, 1), drafts, None, [1] * N, {}).numpy()
+    assert _tv(np.bincount(out[:, 0], minlength=V), p0) < 0.01
+
+
 def test_greedy_rows_accept_exactly_the_argmax_prefix():
     one_hot = torch.eye(V)
     target = [3, 1, 4, 0]  # the target's argmax at positions 0..3

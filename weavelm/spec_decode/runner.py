@@ -120,12 +120,18 @@ class SpecDecodeRunner:
         drafts = [spec.get(batch.req_ids[r], []) for r in rows.tolist()]
         probs = None
         if self._draft_probs:
+            # Drafts whose distribution is missing (proposals carried over a failed step) are verified as point
+            # masses: accepting d with probability p(d) is exact for any draft chosen independently of the
+            # verification's randomness; the draft distribution only raises the acceptance rate.
             vocab = next(iter(self._draft_probs.values())).shape[-1]
             parts = []
             for r, d in zip(rows.tolist(), drafts):
                 if d:
                     stored = self._draft_probs.get(batch.req_ids[r])
-                    assert stored is not None and stored.shape[0] >= len(d), "drafts without their distribution"
+                    if stored is None or stored.shape[0] < len(d):
+                        dev = self.runner.device
+                        stored = torch.zeros(len(d), vocab, device=dev)
+                        stored[torch.arange(len(d), device=dev), torch.tensor(d, device=dev)] = 1.0
                     parts.append(stored[:len(d)])
             probs = torch.cat(parts) if parts else torch.empty(0, vocab, device=self.runner.device)
         return SpecStep(drafts, probs)
