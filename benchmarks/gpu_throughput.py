@@ -138,14 +138,15 @@ def _device_name() -> str:
 
 
 # -- parent -----------------------------------------------------------------------------------------------------
-def run_child(kind: str, job: dict, timeout: int) -> dict:
+def run_child(kind: str, job: dict, timeout: int, script: str = __file__) -> dict:
+    """Run `script --child KIND JOB RESULT` (this file by default; other benchmarks reuse the protocol)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
         job_path = f.name
     result_path = job_path + ".out"
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, __file__, "--child", kind, job_path, result_path], timeout=timeout,
+        proc = subprocess.run([sys.executable, script, "--child", kind, job_path, result_path], timeout=timeout,
                               stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     except subprocess.TimeoutExpired:
         return {"status": f"timeout after {timeout} s"}

@@ -18,8 +18,13 @@ want mq && python3 benchmarks/executor_message_queue.py --ranks 1,2,4 --iters 20
 want tp && python3 benchmarks/tp_scaling.py --tp 1,2 --out "$OUT/tp_scaling.json" 2>&1 | tee "$OUT/tp_scaling.log"
 # 4. the server at several rates vs offline, Qwen3-0.6B shape (dummy weights), one card
 want serve || exit 0
+export PATH=/tmp/site/bin:$PATH  # py-spy, from .whl
 # the peer's Qwen3-0.6B-shaped model with an offline byte-level tokenizer (cp -r ../shared/peer .peer; carry it)
 python3 .peer/make_model.py /tmp/q06 > "$OUT/make_model.log" 2>&1
+# the server's default on a GPU: the engine core in its own process (as vLLM); then the core as a thread, to compare
 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/serve_load.py --model /tmp/q06 --dtype bfloat16 --device cuda \
   --rates 16,64,inf --num-requests 512 --input-len 256 --output-len 256 --vocab 10000 --offline \
-  --json "$OUT/serve_load_gpu.json" 2>&1 | tail -25 | tee "$OUT/serve_load_gpu.log"
+  --client-procs 4 --py-spy "$OUT/serve_spy.txt" --json "$OUT/serve_load_gpu.json" 2>&1 | tail -25 | tee "$OUT/serve_load_gpu.log"
+CUDA_VISIBLE_DEVICES=0 python3 benchmarks/serve_load.py --model /tmp/q06 --dtype bfloat16 --device cuda \
+  --set engine_process=false --rates inf --num-requests 512 --input-len 256 --output-len 256 --vocab 10000 \
+  --client-procs 4 --json "$OUT/serve_load_gpu_thread.json" 2>&1 | tail -8 | tee "$OUT/serve_load_gpu_thread.log"

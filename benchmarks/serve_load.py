@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -56,19 +57,60 @@ async def one_request(http: httpx.AsyncClient, prompt: list[int], args) -> dict:
     return {"ttft": times[0] - start, "itl": gaps, "e2e": times[-1] - start, "tokens": tokens}
 
 
-async def run_rate(url: str, prompts: list[list[int]], rate: float, args) -> dict:
-    rng = np.random.default_rng(args.seed)
+async def _drive(url: str, prompts: list[list[int]], rate: float, args, seed: int) -> dict:
+    """One client process's share: Poisson arrivals at `rate`, every request streamed to its end."""
+    rng = np.random.default_rng(seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=64)
+    cpu0 = time.process_time()
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=3600) as http:
         tasks = []
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the client processes
         for prompt in prompts:
             tasks.append(asyncio.create_task(one_request(http, prompt, args)))
             if math.isfinite(rate):
                 await asyncio.sleep(rng.exponential(1.0 / rate))
         results = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+    return {"t0": t0, "t1": t1, "results": results, "cpu_s": time.process_time() - cpu0}
+
+
+def _drive_in_process(job: tuple) -> dict:
+    return asyncio.run(_drive(*job))
+
+
+def _cpu_seconds(pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) of the server process and of its children (engine core, workers)."""
+    if pid is None:
+        return {}
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        out = {"server": sum(proc.cpu_times()[:2])}
+        for child in proc.children(recursive=True):
+            out[f"child:{child.name()}:{child.pid}"] = sum(child.cpu_times()[:2])
+        return out
+    except psutil.Error:
+        return {}
+
+
+def run_rate(url: str, prompts: list[list[int]], rate: float, args, server_pid: int | None = None) -> dict:
+    """Drive `prompts` at `rate` from `args.client_procs` processes (each a Poisson stream at rate/N, so together
+    Poisson at `rate`): one Python client parsing SSE tops out near 10k tokens/s and would measure itself."""
+    n = max(1, min(args.client_procs, len(prompts)))
+    jobs = [(url, prompts[i::n], rate / n, args, args.seed + i) for i in range(n)]
+    cpu_before = _cpu_seconds(server_pid)
+    if n == 1:
+        parts = [_drive_in_process(jobs[0])]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(n) as pool:
+            parts = pool.map(_drive_in_process, jobs)
+    cpu_after = _cpu_seconds(server_pid)
+    wall = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
+    results = [r for p in parts for r in p["results"]]
     ok = [r for r in results if "error" not in r]
 
     def pct(values: list[float]) -> dict:
@@ -76,8 +118,10 @@ async def run_rate(url: str, prompts: list[list[int]], rate: float, args) -> dic
             return {"p50": None, "p90": None, "p99": None}
         return {f"p{q}": float(np.percentile(values, q)) * 1000 for q in (50, 90, 99)}
 
+    cpu = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_after.items()}
     return {"rate": rate, "requests": len(prompts), "ok": len(ok), "wall_s": wall, "req_per_s": len(ok) / wall,
-            "output_tok_per_s": sum(r["tokens"] for r in ok) / wall,
+            "output_tok_per_s": sum(r["tokens"] for r in ok) / wall, "client_procs": n,
+            "client_cpu_s": round(sum(p["cpu_s"] for p in parts), 2), "server_cpu_s": cpu,
             "ttft_ms": pct([r["ttft"] for r in ok]), "itl_ms": pct([x for r in ok for x in r["itl"]])}
 
 
@@ -87,6 +131,7 @@ def run_offline(prompts: list[list[int]], args) -> dict:
     if args.num_threads:
         import torch
         torch.set_num_threads(args.num_threads)
+        os.environ["WEAVELM_NUM_THREADS"] = str(args.num_threads)  # an engine-core process too
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, sets=args.set)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params)  # warm-up
@@ -96,6 +141,19 @@ def run_offline(prompts: list[list[int]], args) -> dict:
     llm.shutdown()
     return {"requests": len(prompts), "wall_s": wall, "req_per_s": len(prompts) / wall,
             "output_tok_per_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall}
+
+
+def _start_py_spy(path: str, pid: int | None) -> subprocess.Popen | None:
+    """Sample the server and its engine-core process (py-spy, a sampling profiler) during the last rate."""
+    import shutil
+
+    if pid is None:
+        sys.exit("--py-spy needs a server started here (--model, not --url)")
+    if shutil.which("py-spy") is None:
+        print("--py-spy: py-spy is not on PATH (pip install py-spy); not profiling", file=sys.stderr)
+        return None
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--format", "raw", "--rate",
+                             "250", "--nonblocking", "-o", path], stdout=subprocess.DEVNULL)
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
@@ -137,6 +195,11 @@ def print_table(rows: list[dict], offline: dict | None) -> None:
         t, i = r["ttft_ms"], r["itl_ms"]
         print(f"{r['rate']:>6} {r['req_per_s']:>7.2f} {r['output_tok_per_s']:>8.1f} {ms(t['p50']):>9} "
               f"{ms(t['p90']):>8} {ms(t['p99']):>8} {ms(i['p50']):>8} {ms(i['p90']):>7} {ms(i['p99']):>7}")
+    for r in rows:
+        cpu = ", ".join(f"{k.split(':')[0] if k == 'server' else k.split(':')[1]} {v:.1f}" for k, v in
+                        r.get("server_cpu_s", {}).items())
+        print(f"rate {r['rate']}: wall {r['wall_s']:.1f} s, CPU s: clients ({r['client_procs']}) "
+              f"{r['client_cpu_s']:.1f}" + (f", {cpu}" if cpu else ""))
     if offline:
         sat = rows[-1]["output_tok_per_s"] if rows else 0.0
         print(f"offline LLM.generate: {offline['output_tok_per_s']:.1f} tok/s ({offline['req_per_s']:.2f} req/s); "
@@ -160,6 +223,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000, help="prompt token ids are drawn below this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--offline", action="store_true", help="also run LLM.generate on the same workload")
+    p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
+                   help="load-generator processes (default: a quarter of the cores, at most 4)")
+    p.add_argument("--py-spy", metavar="FILE", help="profile the server (py-spy raw stacks) during the last rate")
     p.add_argument("--json", default="serve_load.json")
     args = p.parse_args()
     if not args.url and not args.model:
@@ -170,8 +236,17 @@ def main() -> None:
     if url is None:
         proc, url = start_server(args)
     try:
-        asyncio.run(run_rate(url, prompts[:8], math.inf, args))  # warm-up
-        rows = [asyncio.run(run_rate(url, prompts, float(r), args)) for r in args.rates.split(",")]
+        pid = proc.pid if proc is not None else None
+        run_rate(url, prompts[:8], math.inf, args, pid)  # warm-up
+        rates = [float(r) for r in args.rates.split(",")]
+        rows = [run_rate(url, prompts, r, args, pid) for r in rates[:-1]]
+        spy = _start_py_spy(args.py_spy, pid) if args.py_spy else None
+        try:
+            rows.append(run_rate(url, prompts, rates[-1], args, pid))
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
     finally:
         if proc is not None:
             proc.terminate()

@@ -98,3 +98,21 @@ def test_plugins_sorted_with_can_run_status(capsys):
         assert status["flash_attn"].startswith("cannot run here (cpu, float32): device 'cpu'")
         assert status["triton"].startswith("cannot run here")
     assert all(" ".join(r[5:]) == "ok" for r in rows if r[0] in ("scheduler", "loader"))
+
+
+def test_serve_runs_the_engine_core_in_its_own_process_on_gpu_only(tmp_path, monkeypatch):
+    from weavelm.serve import cli as serve_cli
+
+    def decide(argv, cuda):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        args = build_parser().parse_args(["serve", *argv])
+        return serve_cli._engine_process_by_default(args, engine_config_from_args(args))
+
+    assert decide(["--device", "cuda"], cuda=True) is True  # vLLM's layout: HTTP never shares the core's GIL
+    assert decide(["--device", "auto"], cuda=True) is True
+    assert decide(["--device", "cpu"], cuda=True) is False  # the two processes would share the same cores
+    assert decide(["--device", "auto"], cuda=False) is False
+    assert decide(["--device", "cuda", "--set", "engine_process=false"], cuda=True) is False  # explicit wins
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("engine_process: false\n")
+    assert decide(["--device", "cuda", "--config", str(cfg)], cuda=True) is False

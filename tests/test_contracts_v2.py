@@ -177,10 +177,12 @@ def test_worker_builder_pickles_and_rebuilds_its_registry(tiny_llama):
     assert type(worker).name == "device" and worker.rank == 0
 
 
-def test_lora_section_is_refused_until_it_exists(tiny_llama):
+def test_lora_section_selects_a_lora_manager_plugin(tiny_llama):
     from weavelm.errors import ConfigError
-    with pytest.raises(ConfigError, match="lora: multi-LoRA serving is not implemented yet"):
-        tiny_engine(tiny_llama, lora={"max_loras": 2})
+    with pytest.raises(ConfigError, match="lora.name: .*lora_manager"):
+        tiny_engine(tiny_llama, lora={"name": "no-such-manager", "max_loras": 2})
+    llm = tiny_engine(tiny_llama, lora={"max_loras": 2})
+    assert type(llm.engine.client.core.lora).name == "punica"
 
 
 def test_collective_rpc_reaches_the_worker(tiny_llama):

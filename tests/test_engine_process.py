@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from weavelm import LLM, SamplingParams
+from weavelm import LLM, LoRARequest, SamplingParams
 from weavelm.core import serial
 from weavelm.core.outputs import EngineCoreOutput, Logprob
 from weavelm.core.registry import Registry
@@ -79,6 +79,10 @@ def test_serializer_round_trips_every_field():
         back = serial.request_from_wire(rows[0])
         assert kind == serial.ADD and back.sampling_params == params and back.prompt_token_ids == [1, 2, 3]
         assert (back.request_id, back.eos_token_id, back.arrival_time) == ("r1", 2, 12.5)
+        for lora in (LoRARequest("sql", 3, "/adapters/sql"), "sql", None):
+            request.lora_request = lora
+            _, rows = ser.decode(ser.encode(serial.ADD, [serial.request_to_wire(request)]))
+            assert serial.request_from_wire(rows[0]).lora_request == lora
         kind, outs = ser.decode(ser.encode(serial.OUTPUTS, [output]))
         assert outs == [output] and outs[0].new_logprobs[1][5].rank == 3
 

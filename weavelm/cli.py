@@ -25,6 +25,11 @@ VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
                                "help": "scheduler.enable_chunked_prefill"},
     "enforce_eager": {"action": "store_const", "const": True, "help": "disable CUDA graphs"},
     "tokenizer": {"help": "tokenizer directory (default: beside the model)"},
+    "enable_lora": {"action": "store_const", "const": True, "help": "serve LoRA adapters (opens the lora section)"},
+    "max_loras": {"type": int, "help": "lora.max_loras (distinct adapters in one batch)"},
+    "max_lora_rank": {"type": int, "help": "lora.max_lora_rank"},
+    "max_cpu_loras": {"type": int, "help": "lora.max_cpu_loras (adapters kept in host memory)"},
+    "lora_modules": {"nargs": "+", "metavar": "NAME=PATH", "help": "lora.adapters: PEFT adapters served by name"},
     "trust_remote_code": {"action": "store_const", "const": True,
                           "help": "refused: weavelm never runs code shipped with a model"},
 }
@@ -57,7 +62,24 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any):
     shortcuts.update({dest: getattr(args, dest, None) for dest in VLLM_ENGINE_FLAGS})
     registry = Registry.load()
     overrides = apply_vllm_aliases(shortcuts, registry, base=raw)
-    return EngineConfig.build(merge_overrides(raw, overrides, args.sets), registry)
+    merged = merge_overrides(raw, overrides, args.sets)
+    name, path = _lora_arg(args)
+    if path is not None:
+        lora = merged.get("lora") if isinstance(merged.get("lora"), dict) else {}
+        merged["lora"] = {**lora, "adapters": {**(lora.get("adapters") or {}), name: path}}
+    return EngineConfig.build(merged, registry)
+
+
+def _lora_arg(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """`--lora NAME=PATH` (add the adapter and use it) or `--lora NAME` (use a configured one)."""
+    spec = getattr(args, "lora", None)
+    if not spec:
+        return None, None
+    name, sep, path = spec.partition("=")
+    if not name or (sep and not path):
+        from weavelm.errors import ConfigError
+        raise ConfigError([("--lora", f"takes NAME=PATH (a PEFT adapter directory) or NAME (got {spec!r})")])
+    return name, (path if sep else None)
 
 
 def sampling_params_from_args(args: argparse.Namespace):
@@ -80,11 +102,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt or ["The capital of France is"]
     requests = [_chat_request(llm, p) if args.chat else p for p in prompts]
     echo = [""] * len(prompts) if args.chat else prompts  # the prompt is printed before its text, both ways
+    lora = _lora_arg(args)[0]  # the adapter's name; the engine resolves it (an unknown name fails the request)
     if args.stream:
         for request, head in zip(requests, echo):
             sys.stdout.write(head)
             printed = [0] * params.n
-            for out in llm.stream(request, params):
+            for out in llm.stream(request, params, lora_request=lora):
                 for c in out.outputs:
                     sys.stdout.write(c.text[printed[c.index]:])
                     printed[c.index] = len(c.text)
@@ -92,7 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
         return 0
     rc = 0
-    for out, head in zip(llm.generate(requests, params), echo):  # one batch
+    for out, head in zip(llm.generate(requests, params, lora_request=lora), echo):  # one batch
         if out.error:
             print(f"error: {out.error}", file=sys.stderr)
             rc = 2
@@ -179,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--lora", metavar="NAME=PATH", help="run the prompts on a PEFT LoRA adapter: NAME=PATH adds it "
+                   "(under lora.adapters), NAME alone picks one configured there")
     g.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("plugins", help="list every component with its distribution and whether it can run here")

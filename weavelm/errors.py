@@ -40,3 +40,9 @@ class EngineError(WeaveError, RuntimeError):
 class EngineDeadError(EngineError):
     """A process the engine depends on (a worker rank, the engine core) died or broke; the engine cannot go on.
     The message names the process and, where known, its exit code or signal and traceback."""
+
+
+class LoRAError(RequestError):
+    """A LoRA adapter cannot serve a request: unknown name, missing or unsafe files, a rank above
+    `lora.max_lora_rank`, a module the model lacks, or tensors whose shapes do not fit the model. Only the request
+    asking for that adapter fails."""

@@ -176,12 +176,22 @@ class BaseScheduler(Scheduler):
             i += 1
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
-        opts = self.options
+        held: list[Request] = []  # waiting on a LoRA slot: set aside this step, back in front after it
+        try:
+            self._admit_waiting(plan, held)
+        finally:
+            self.waiting[:0] = held
+
+    def _admit_waiting(self, plan: _StepPlan, held: list[Request]) -> None:
+        opts, lora = self.options, self.context.lora
         while self.waiting and plan.budget > 0:
             idx = self.next_waiting_index()
             req = self.waiting[idx]
             if req.request_id in plan.preempted:  # never resume in the step that preempted it
                 break
+            if lora is not None and not lora.can_admit(req, self.running):
+                held.append(self.waiting.pop(idx))
+                continue
             if len(self.running) >= opts.max_num_seqs:
                 if self._preempt_for_waiting(req, plan):
                     continue
@@ -238,7 +248,8 @@ class BaseScheduler(Scheduler):
 
     def _make_output(self, plan: _StepPlan) -> SchedulerOutput:
         new_data = [NewRequestData(r.request_id, r.prompt_token_ids, r.sampling_params,
-                                   plan.new_blocks[r.request_id], r.num_computed_tokens) for r in plan.new]
+                                   plan.new_blocks[r.request_id], r.num_computed_tokens, r.lora_request)
+                    for r in plan.new]
         new_blocks = plan.new_blocks
         ids = list(plan.running)
         cached = CachedRequestsData(ids, [False] * len(ids), [new_blocks[rid] for rid in ids],
@@ -363,7 +374,9 @@ class BaseScheduler(Scheduler):
             num_running=len(self.running), num_waiting=len(self.waiting), num_preempted=self._step_preemptions,
             kv_usage=kv.usage, prefix_hit_rate=kv.prefix_hit_rate, num_cached_blocks=kv.num_cached_blocks,
             num_scheduled_tokens=self._step_tokens, step=self.step_count, num_used_blocks=kv.num_used_blocks,
-            num_total_blocks=kv.num_total_blocks, **(self._spec_stats() if self.spec is not None else {}))
+            num_total_blocks=kv.num_total_blocks,
+            num_active_loras=self.context.lora.num_active(self.running) if self.context.lora is not None else 0,
+            **(self._spec_stats() if self.spec is not None else {}))
 
     def _spec_stats(self) -> dict:
         spec = self.spec

@@ -70,8 +70,9 @@ def sampling_params(max_tokens: int, temperature: float = 0.0, priority: int = 0
 
 
 def run_workload(engine, workload: Workload, temperature: float = 0.0, seed: int | None = None,
-                 progress: bool = False, desc: str = "bench") -> RunRecord:
-    """Queue every request at once, step until all finish. `engine` is an LLMEngine (`llm.engine`)."""
+                 progress: bool = False, desc: str = "bench", loras: list | None = None) -> RunRecord:
+    """Queue every request at once, step until all finish. `engine` is an LLMEngine (`llm.engine`). With
+    `loras`, request i runs on LoRA adapter `loras[i % len(loras)]` (None: the base model)."""
     records: dict[str, RequestRecord] = {}
     bar = _bar(sum(i.max_tokens for i in workload.items), desc, progress)
     steps = 0
@@ -83,7 +84,8 @@ def run_workload(engine, workload: Workload, temperature: float = 0.0, seed: int
         rec = RequestRecord(prompt_len=len(item.prompt_token_ids or []), arrival=time.perf_counter())
         records[rid] = rec
         try:
-            engine.add_request(item.engine_prompt(), params, request_id=rid)
+            engine.add_request(item.engine_prompt(), params, request_id=rid,
+                               lora_request=loras[i % len(loras)] if loras else None)
         except RequestError as e:
             rec.error = str(e)
     while engine.has_unfinished_requests():

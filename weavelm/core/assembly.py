@@ -29,6 +29,13 @@ def build_loader(config: EngineConfig, registry: Registry) -> ModelLoader:
     return cls.select(config.loader.options, registry.classes("loader"))
 
 
+def build_lora_manager(config: EngineConfig, registry: Registry) -> Any:
+    """The configured LoRAManager, or None when the config has no `lora:` section."""
+    if config.lora is None:
+        return None
+    return registry.get("lora_manager", config.lora.name)(config.lora.options)
+
+
 class _RegistryHolder:
     """Carries a registry in process and its spec across processes (rebuilt lazily on the other side)."""
 
@@ -60,6 +67,7 @@ class RunnerBuilder(_RegistryHolder):
         context = RunnerContext(config=config, device=device, rank=self.rank, world_size=self.world_size,
                                 limits=self.limits, loader=build_loader(config, registry),
                                 model_class=self.model_class, attention_backend=self.attention_backend,
+                                lora_manager=self.lora_manager if config.lora is not None else None,
                                 build_proposer=self.build_proposer if config.speculative is not None else None)
         cls = registry.get("model_runner", config.model_runner.name)
         return cls(config.model_runner.options, context)
@@ -72,6 +80,9 @@ class RunnerBuilder(_RegistryHolder):
         section = self.config.speculative
         cls = self.registry.get("proposer", section.name)
         return cls(section.options, ProposerContext(runner=context, block_size=block_size, load_model=load_model))
+
+    def lora_manager(self) -> Any:
+        return build_lora_manager(self.config, self.registry)
 
     def model_class(self, hf_config: Any) -> type[ModelArchitecture]:
         from weavelm.errors import ConfigError

@@ -23,11 +23,27 @@ from weavelm.errors import EngineDeadError, EngineError, RequestError
 logger = logging.getLogger("weavelm.async_llm")
 
 
+class _Choice:
+    """One completion's state inside a stream, folded from the engine's per-step deltas."""
+
+    __slots__ = ("token_ids", "logprobs", "text", "finish_reason", "stop_reason", "sent_tokens", "sent_text")
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = None
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.sent_tokens = 0
+        self.sent_text = 0
+
+
 class RequestStream:
-    """The outputs of one request, in the event loop that added it. The engine thread pushes the engine's
-    (cumulative) outputs; iterating yields either deltas (`delta=True`: text, token ids and logprobs new since the
-    previous yield) or cumulative outputs, coalescing whatever arrived meanwhile into one. Timestamps
-    (`time.perf_counter()`) are taken when outputs reach the event loop."""
+    """The outputs of one request, in the event loop that added it. The engine thread pushes the engine's delta
+    outputs (each step's new token ids and logprobs, the text so far), so it never copies a growing output;
+    iterating yields either deltas (`delta=True`: text, token ids and logprobs new since the previous yield) or
+    cumulative outputs, coalescing whatever arrived meanwhile into one. Timestamps (`time.perf_counter()`) are
+    taken when outputs reach the event loop."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, delta: bool):
         self.request_id = request_id
@@ -44,25 +60,23 @@ class RequestStream:
         self.observer: Callable[[RequestStream, RequestOutput, int, float | None, float], None] | None = None
         self._items: deque[RequestOutput | BaseException] = deque()
         self._ready = asyncio.Event()
-        self._token_ids: list[int] = []
-        self._logprobs: list | None = None  # cumulative outputs from the engine; deltas are sliced from them
-        self._text = ""
-        self._sent_tokens = 0
-        self._sent_text = 0
+        self._choices: dict[int, _Choice] = {}
+        self._changed: set[int] = set()
+        self._prompt_logprobs: list | None = None  # arrives once, with the first output
+        self._prompt_logprobs_sent = False
         self.on_first_output: Callable[[], None] | None = None
 
     def push(self, item: RequestOutput | BaseException) -> None:
-        """Called in the event loop (via call_soon_threadsafe)."""
+        """Called in the event loop (via call_soon_threadsafe) with one engine delta output (or the error)."""
         if isinstance(item, RequestOutput):
             now = time.perf_counter()
-            num_tokens = len(item.outputs[0].token_ids) if item.outputs else 0
-            new_tokens, previous = num_tokens - self.num_output_tokens, self.last_token_time
+            new_tokens, previous = sum(len(c.token_ids) for c in item.outputs), self.last_token_time
             if new_tokens > 0:
                 self.first_token_time = self.first_token_time or now
                 self.last_token_time = now
-                self.num_output_tokens = num_tokens
+                self.num_output_tokens += new_tokens
             if self.observer is not None:
-                self.observer(self, item, max(new_tokens, 0), previous, now)
+                self.observer(self, item, new_tokens, previous, now)
         if self.on_first_output is not None:
             self.on_first_output()
             self.on_first_output = None
@@ -92,26 +106,41 @@ class RequestStream:
         return self._emit(last)
 
     def _fold(self, out: RequestOutput) -> None:
-        comp = out.outputs[0]
         self.num_prompt_tokens = len(out.prompt_token_ids)
-        self._token_ids, self._logprobs, self._text = comp.token_ids, comp.logprobs, comp.text
+        if getattr(out, "prompt_logprobs", None) is not None:
+            self._prompt_logprobs = out.prompt_logprobs
+        for comp in out.outputs:
+            choice = self._choices.get(comp.index)
+            if choice is None:
+                choice = self._choices[comp.index] = _Choice()
+            choice.token_ids += comp.token_ids
+            if comp.logprobs is not None:
+                if choice.logprobs is None:
+                    choice.logprobs = []
+                choice.logprobs.extend(comp.logprobs)
+            choice.text, choice.finish_reason, choice.stop_reason = comp.text, comp.finish_reason, comp.stop_reason
+            self._changed.add(comp.index)
 
     def _emit(self, out: RequestOutput) -> RequestOutput:
-        comp = out.outputs[0]
         self.finished = out.finished
-        text, ids, logprobs = self._text, self._token_ids, self._logprobs
-        if self.delta:
-            text, ids = text[self._sent_text:], ids[self._sent_tokens:]
-            logprobs = logprobs[self._sent_tokens:] if logprobs is not None else None
-        self._sent_text, self._sent_tokens = len(self._text), len(self._token_ids)
-        completion = CompletionOutput(comp.index, text, ids, comp.finish_reason, comp.stop_reason, logprobs)
-        return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, [completion], out.finished,
-                             out.num_cached_tokens, out.error, out.metrics, **_extra_fields(out))
-
-
-def _extra_fields(out: RequestOutput) -> dict[str, Any]:
-    prompt_logprobs = getattr(out, "prompt_logprobs", None)
-    return {"prompt_logprobs": prompt_logprobs} if prompt_logprobs is not None else {}
+        completions = []
+        for index in sorted(self._changed if self.delta else self._choices):
+            c = self._choices[index]
+            if self.delta:
+                text, ids = c.text[c.sent_text:], c.token_ids[c.sent_tokens:]
+                logprobs = c.logprobs[c.sent_tokens:] if c.logprobs is not None else None
+            else:
+                text, ids = c.text, list(c.token_ids)
+                logprobs = list(c.logprobs) if c.logprobs is not None else None
+            c.sent_text, c.sent_tokens = len(c.text), len(c.token_ids)
+            completions.append(CompletionOutput(index, text, ids, c.finish_reason, c.stop_reason, logprobs))
+        self._changed.clear()
+        extra = {}
+        if self._prompt_logprobs is not None and not (self.delta and self._prompt_logprobs_sent):
+            extra["prompt_logprobs"] = self._prompt_logprobs  # deltas carry them once, cumulative outputs always
+            self._prompt_logprobs_sent = True
+        return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, completions, out.finished,
+                             out.num_cached_tokens, out.error, out.metrics, **extra)
 
 
 class AsyncLLM:
@@ -183,8 +212,10 @@ class AsyncLLM:
             raise self._dead
 
     async def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                          request_id: str | None = None, *, delta: bool = False) -> RequestStream:
-        """Validate (RequestError), queue, and wait until the engine accepted the request; returns its stream.
+                          request_id: str | None = None, *, delta: bool = False,
+                          lora_request: Any = None) -> RequestStream:
+        """Validate (RequestError), queue on `lora_request` (None: the base model), and wait until the engine
+        accepted the request; returns its stream.
         The caller must iterate it to the end or call `abort`."""
         self.check_health()
         prepared = self.engine.prepare(prompt, params)  # tokenizer and validation: the engine's own
@@ -203,7 +234,8 @@ class AsyncLLM:
         stream.on_first_output = left_waiting
         self._open[rid] = stream
         try:
-            self._post(lambda: self._submit(prepared, stream), on_dead=lambda e: self._fail_accept(stream, e))
+            self._post(lambda: self._submit(prepared, stream, lora_request),
+                       on_dead=lambda e: self._fail_accept(stream, e))
             await stream.accepted
         except BaseException:
             rejected = stream.accepted.done() and not stream.accepted.cancelled() and \
@@ -213,10 +245,11 @@ class AsyncLLM:
         return stream
 
     async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
-                       request_id: str | None = None, *, delta: bool = False) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *, delta: bool = False,
+                       lora_request: Any = None) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs (cumulative, or deltas with `delta=True`), ending with the finished one.
         Raises RequestError for an invalid request and EngineDeadError when the engine dies."""
-        stream = await self.add_request(prompt, params, request_id, delta=delta)
+        stream = await self.add_request(prompt, params, request_id, delta=delta, lora_request=lora_request)
         try:
             async for out in stream:
                 yield out
@@ -296,9 +329,9 @@ class AsyncLLM:
         stream.loop.call_soon_threadsafe(_set_exception, stream.accepted, error)
 
     # -- the loop thread ------------------------------------------------------------------------------------
-    def _submit(self, prepared: tuple, stream: RequestStream) -> None:
+    def _submit(self, prepared: tuple, stream: RequestStream, lora_request: Any = None) -> None:
         try:
-            self.engine.submit(prepared, stream.request_id)
+            self.engine.submit(prepared, stream.request_id, lora_request=lora_request)
         except RequestError as e:
             self._fail_accept(stream, e)
             return
@@ -319,7 +352,7 @@ class AsyncLLM:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                self._route(self.engine.step())
+                self._route(self.engine.step(delta=True))  # deltas: no per-step copies of outputs
         except BaseException as e:  # the engine is broken: fail every caller, now and later
             self._die(e)
 

@@ -30,6 +30,9 @@ ALIASES: dict[str, tuple[str, str]] = {
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "enable_chunked_prefill": ("scheduler", "enable_chunked_prefill"),
     "long_prefill_token_threshold": ("scheduler", "long_prefill_token_threshold"),
+    "max_loras": ("lora", "max_loras"),
+    "max_lora_rank": ("lora", "max_lora_rank"),
+    "max_cpu_loras": ("lora", "max_cpu_loras"),
 }
 EXECUTOR_BACKENDS = {"mp": "multiproc", "uni": "uniproc", "ray": "ray"}
 DTYPES = {"half": "float16", "float": "float32"}
@@ -70,6 +73,7 @@ def _special_cases(raw: dict[str, Any], base: dict[str, Any], registry: Any, err
             logger.warning("%s is ignored: %s", name, why)
     if raw.get("dtype") in DTYPES:
         raw["dtype"] = DTYPES[raw["dtype"]]
+    _lora_flags(raw, errors)
     if raw.get("pipeline_parallel_size") in (1, None) and "pipeline_parallel_size" in raw:
         raw.pop("pipeline_parallel_size")
     if "distributed_executor_backend" in raw:
@@ -93,6 +97,27 @@ def _special_cases(raw: dict[str, Any], base: dict[str, Any], registry: Any, err
         if registry is None or MULTI_WORKER_EXECUTOR in registry.names("executor"):
             executor["name"] = MULTI_WORKER_EXECUTOR  # vLLM too picks its multiprocessing backend for TP > 1
             raw["executor"] = executor
+
+
+def _lora_flags(raw: dict[str, Any], errors: list[tuple[str, str]]) -> None:
+    """`enable_lora=True` opens the `lora:` section; `lora_modules=["name=path", ...]` (vLLM's serve flag) fills
+    `lora.adapters`."""
+    if "enable_lora" in raw and raw.pop("enable_lora"):
+        raw["lora"] = _section(raw, "lora")
+    if "lora_modules" not in raw:
+        return
+    modules = raw.pop("lora_modules")
+    lora = _section(raw, "lora")
+    adapters = dict(lora.get("adapters") or {})
+    for item in [modules] if isinstance(modules, str) else list(modules):
+        name, sep, path = str(item).partition("=")
+        if not (name and sep and path):
+            errors.append(("lora_modules", f"expects NAME=PATH items, a PEFT adapter directory each (got "
+                                           f"{echo(item)})"))
+            continue
+        adapters[name] = path
+    lora["adapters"] = adapters
+    raw["lora"] = lora
 
 
 def _speculative_config(raw: dict[str, Any], errors: list[tuple[str, str]]) -> None:

@@ -24,8 +24,6 @@ COMPONENT_SECTIONS = {
     "loader": ("loader", "auto"),
     "attention": ("attention", "auto"),
 }
-# Sections that are absent unless given: key -> plugin kind.
-OPTIONAL_SECTIONS = {"speculative": "proposer"}
 # Upper bounds that keep every accepted value buildable: the block pool holds one Python object per block, and the
 # runner's persistent batch keeps `max_model_len` token ids per sequence.
 MAX_NUM_BLOCKS = 1 << 24
@@ -35,9 +33,9 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_YAML_DEPTH = 64
 MAX_ECHO = 200  # characters of a user value repeated in an error message
 
-NOT_YET_SUPPORTED = {
-    "lora": "multi-LoRA serving is not implemented yet, so this section would be ignored; remove `lora:`",
-}
+NOT_YET_SUPPORTED: dict[str, str] = {}
+# Sections that exist only when written: key -> (kind, default plugin)
+OPTIONAL_SECTIONS = {"lora": ("lora_manager", "punica"), "speculative": ("proposer", "")}  # "": name required
 
 
 class CacheConfig(BaseModel):
@@ -75,6 +73,7 @@ class _TopLevel(BaseModel):
     model_runner: Any = None
     loader: Any = None
     attention: Any = None
+    lora: Any = None
     speculative: Any = None
 
 
@@ -111,6 +110,7 @@ class EngineConfig(BaseModel):
     model_runner: ComponentConfig
     loader: ComponentConfig
     attention: ComponentConfig
+    lora: ComponentConfig | None = Field(None, description="Multi-LoRA serving; None when `lora:` is absent.")
     speculative: ComponentConfig | None = Field(None, description="Speculative decoding: the proposer and its "
                                                 "options (`num_speculative_tokens`, ...); None: off.")
     raw: dict[str, Any] = Field(default_factory=dict, description="The merged input, for reproducibility.")
@@ -138,9 +138,9 @@ class EngineConfig(BaseModel):
             comp = _validate_section(key, kind, section, registry, errors, default)
             if comp is not None:
                 sections[key] = comp
-        for key, kind in OPTIONAL_SECTIONS.items():
+        for key, (kind, default) in OPTIONAL_SECTIONS.items():
             if raw.get(key) is not None:
-                comp = _validate_section(key, kind, raw[key], registry, errors, "")
+                comp = _validate_section(key, kind, raw[key], registry, errors, default)
                 if comp is not None:
                     sections[key] = comp
         if errors:

@@ -7,13 +7,13 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from weavelm.core.assembly import Assembly
+from weavelm.core.assembly import Assembly, build_lora_manager
 from weavelm.core.config import EngineConfig
 from weavelm.core.contexts import SchedulerContext
 from weavelm.core.outputs import EngineCoreOutput, ModelRunnerOutput, RunnerFuture, SchedulerOutput, SchedulerStats
 from weavelm.core.registry import Registry
 from weavelm.core.request import Request, RequestStatus
-from weavelm.errors import EngineDeadError, EngineError, RequestError
+from weavelm.errors import EngineDeadError, EngineError, LoRAError, RequestError
 
 logger = logging.getLogger("weavelm.engine")
 MAX_IDLE_STEPS = 64
@@ -65,9 +65,12 @@ class EngineCore:
                            max_len, self.num_blocks, block_size, self.num_blocks * block_size)
             max_len = self.num_blocks * block_size
         self.max_model_len = max_len
+        self.lora = build_lora_manager(config, registry)
+        if self.lora is not None:
+            self.lora.set_targets(self.model_info["lora_targets"])
         self.scheduler = self.assembly.build_scheduler(SchedulerContext(
             num_blocks=self.num_blocks, block_size=block_size, max_model_len=max_len,
-            enable_prefix_caching=config.cache.enable_prefix_caching))
+            enable_prefix_caching=config.cache.enable_prefix_caching, lora=self.lora))
         self.last_stats = SchedulerStats()
         self._idle_steps = 0
         self._consecutive_failures = 0
@@ -75,6 +78,13 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise RequestError (nothing queued) when the scheduler can never run it."""
+        if request.lora_request is not None and self.lora is None:
+            raise LoRAError("lora_request: this engine serves no adapters; add a `lora:` section (e.g. "
+                            "lora: {max_loras: 4, max_lora_rank: 16}) to the config")
+        if self.lora is not None:
+            if isinstance(request.lora_request, str):  # a configured adapter, by name
+                request.lora_request = self.lora.lora_request(request.lora_request)
+            self.lora.check_request(request.lora_request)
         reason = self.scheduler.check_request(request)
         if reason is not None:
             raise RequestError(reason)

@@ -34,12 +34,13 @@ API_VERSION = "2.1"
 outputs.py / forward.py. Major: existing plugins break (refused at load); minor: additions only.
 1.1: execute_model_async. 2.0: components built by the assembler with typed contexts; Scheduler.limits and
 check_request; Executor.collective_rpc; ModelRunner.model_info / profile_peak_memory / set_logits_hook;
-AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select. 2.1: the `proposer` kind
+AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select. 2.1: the `lora_manager` kind; the `proposer` kind
 (speculative decoding, `weavelm.spec_decode.proposer.Proposer`); SchedulerContext.num_speculative_tokens /
 num_lookahead_tokens; RunnerContext.build_proposer; ModelRunnerOutput.spec_token_ids / proposer_time_s (and
 sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*."""
 
-COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model", "proposer")
+COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
+                   "lora_manager", "proposer")
 
 
 class NoOptions(BaseModel):
@@ -85,6 +86,9 @@ class Scheduler(Component, ABC):
       (abort, stop strings) does the same for requests in any state.
     - Prefix caching (when `context.enable_prefix_caching`): full blocks become shareable only once their tokens
       are computed, i.e. in `update_from_output` of the step that computed them, never at schedule time.
+    - LoRA (when `context.lora` is set): admit a waiting request only if `context.lora.can_admit(request,
+      running)`; one that may not waits (others behind it may go first), so no batch needs more adapters than
+      the runner has slots. New requests carry their `lora_request` in `NewRequestData`.
     """
 
     def __init__(self, options: BaseModel, context: SchedulerContext):
@@ -455,3 +459,44 @@ class AttentionBackend(Component, ABC):
 
     @abstractmethod
     def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl: ...
+
+
+class LoRAManager(Component, ABC):
+    """Multi-LoRA serving (the `lora:` section; kind `lora_manager`). One instance lives in the engine core and
+    one in each model runner; each side calls only its half.
+
+    Engine core: `set_targets(model_info["lora_targets"])` once; `check_request(lora_request)` before a request is
+    queued (raise `LoRAError` to fail that request only); `can_admit(request, running)` from the scheduler before
+    it admits a waiting request (False: it waits; the running set must never need more adapters than fit a
+    batch); `num_active(running)` for stats; `lora_request(name)` resolves a configured adapter's name.
+    Model runner: `attach(model, device, dtype, max_tokens)` once after the weights are loaded (wrap layers,
+    return the `LoRATargets` reported in `model_info`); `prepare(row_loras, counts, logits_rows)` before every
+    forward; `set_head_rows(lora_request, n)` before a `compute_logits` over `n` rows of one request.
+    """
+
+    def __init__(self, options: BaseModel):
+        self.options = options
+
+    @abstractmethod
+    def set_targets(self, targets: Any) -> None: ...
+
+    @abstractmethod
+    def check_request(self, lora_request: Any) -> None: ...
+
+    @abstractmethod
+    def can_admit(self, request: Request, running: list[Request]) -> bool: ...
+
+    @abstractmethod
+    def num_active(self, running: list[Request]) -> int: ...
+
+    @abstractmethod
+    def lora_request(self, name: str) -> Any: ...
+
+    @abstractmethod
+    def attach(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, max_tokens: int) -> Any: ...
+
+    @abstractmethod
+    def prepare(self, row_loras: list, counts: Any, logits_rows: Any) -> None: ...
+
+    @abstractmethod
+    def set_head_rows(self, lora_request: Any, n: int) -> None: ...

@@ -48,6 +48,12 @@ class KVCacheStats:
     prefix_hit_rate: float
 
 
+def root_hash(request: Request) -> int:
+    """The chain's seed: requests on different LoRA adapters never share KV blocks."""
+    lora = request.lora_request
+    return NONE_HASH if lora is None else hash(("lora", lora.lora_int_id))
+
+
 def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
     return hash((parent_hash, token_ids))
 
@@ -196,7 +202,7 @@ class KVCacheManager:
         hashes = request.block_hashes
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
-            parent = hashes[-1] if hashes else NONE_HASH
+            parent = hashes[-1] if hashes else root_hash(request)
             hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs])))
 
     def get_computed_blocks(self, request: Request) -> ComputedBlocks:

@@ -80,27 +80,29 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run prompts to completion. Every request is validated before any is queued; an invalid one (or one
+                 use_tqdm: bool = False, lora_request: Any = None) -> list[RequestOutput]:
+        """Run prompts to completion, each on `lora_request` (one `LoRARequest` for all, or a list with one per
+        prompt; None means the base model). Every request is validated before any is queued; an invalid one (or one
         the engine can never schedule) yields an output with `error` set and finish_reason "error", and the
         other prompts run normally. Safe to call from several threads and while streams are open."""
         prompts = _prompt_list(prompts)
         params = self._params_list(len(prompts), sampling_params)
+        loras = _lora_list(len(prompts), lora_request)
         base = next(self.engine._counter)
         order = [f"gen-{base}-{i}" for i in range(len(prompts))]
         results: dict[str, RequestOutput] = {}
         prepared = []
-        for rid, p, sp in zip(order, prompts, params):
+        for rid, p, sp, lora in zip(order, prompts, params, loras):
             try:
-                prepared.append((rid, p, self.engine.prepare(p, sp)))
+                prepared.append((rid, p, self.engine.prepare(p, sp), lora))
             except RequestError as e:
                 results[rid] = error_output(p, e, rid)
         outbox = Outbox(finished_only=True)
         pending: set[str] = set()
         try:
-            for rid, p, req in prepared:
+            for rid, p, req, lora in prepared:
                 try:
-                    pending.add(self.engine.submit(req, rid, outbox))
+                    pending.add(self.engine.submit(req, rid, outbox, lora))
                 except RequestError as e:
                     results[rid] = error_output(p, e, rid)
             self._run_until_done(pending, outbox, results, use_tqdm)
@@ -121,13 +123,14 @@ class LLM:
         if bar is not None:
             bar.close()
 
-    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+               lora_request: Any = None) -> Iterator[RequestOutput]:
         """Yield a growing RequestOutput after every step that adds text, ending with the finished one. Closing
         the generator early (break, close(), garbage collection) aborts the request. Safe to interleave with
         other streams, `generate` calls and threads."""
         outbox = Outbox(finished_only=False)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
-        rid = self.engine.add_request(prompt, params, outbox=outbox)
+        rid = self.engine.add_request(prompt, params, outbox=outbox, lora_request=lora_request)
         finished = False
         try:
             while not finished:
@@ -174,6 +177,15 @@ class LLM:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.shutdown()
+
+
+def _lora_list(n: int, lora_request: Any) -> list:
+    """`generate`'s lora_request as one entry per prompt (a single request or None applies to all)."""
+    if not isinstance(lora_request, (list, tuple)):
+        return [lora_request] * n
+    if len(lora_request) != n:
+        raise RequestError(f"lora_request: {len(lora_request)} given for {n} prompts; give one or one per prompt")
+    return list(lora_request)
 
 
 def _conversations(messages: Any) -> list[list[dict[str, Any]]]:

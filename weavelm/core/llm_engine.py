@@ -39,6 +39,7 @@ class EngineStats:
     num_total_blocks: int  # size of the KV pool
     kv_cache_usage: float  # num_used_blocks / num_total_blocks
     prefix_cache_hit_rate: float  # cumulative share of queried prompt tokens found in the prefix cache
+    num_active_loras: int = 0  # distinct LoRA adapters among running requests
     # speculative decoding (`speculative:`), cumulative since start; zero when it is off
     spec_num_draft_tokens: int = 0  # draft tokens verified
     spec_num_accepted_tokens: int = 0  # of those, accepted
@@ -222,14 +223,15 @@ class LLMEngine:
         return text, ids, self.validate(ids, SamplingParams() if params is None else params)
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                    request_id: str | None = None, outbox: Outbox | None = None) -> str:
+                    request_id: str | None = None, outbox: Outbox | None = None, lora_request: Any = None) -> str:
         """Validate and queue a request; raises RequestError (nothing is queued) when it is invalid or the core
         can never schedule it. Outputs go to `outbox` when given, else to the caller of `step()`."""
-        return self.submit(self.prepare(prompt, params), request_id, outbox)
+        return self.submit(self.prepare(prompt, params), request_id, outbox, lora_request)
 
     def submit(self, prepared: tuple[str | None, list[int], SamplingParams], request_id: str | None = None,
-               outbox: Outbox | None = None) -> str:
-        """Queue a request from `prepare()`; raises RequestError (nothing kept) when the core rejects it."""
+               outbox: Outbox | None = None, lora_request: Any = None) -> str:
+        """Queue a request from `prepare()`, on the LoRA adapter `lora_request` (None: the base model); raises
+        RequestError (nothing kept) when the core rejects it."""
         if request_id is not None and not isinstance(request_id, str):
             raise RequestError(f"request_id: must be a str (got {show_value(request_id)})")
         text, ids, params = prepared
@@ -238,7 +240,7 @@ class LLMEngine:
             if rid in self.states or rid in self.parents:
                 raise RequestError(f"request_id: {rid!r} is already in use")
             if params.n == 1:
-                self._add(rid, text, ids, params, outbox)
+                self._add(rid, text, ids, params, outbox, lora_request=lora_request)
                 return rid
             parent = ParentRequest(rid, params.n)
             added: list[str] = []
@@ -246,7 +248,7 @@ class LLMEngine:
                 for i, child_id in enumerate(parent.child_ids):
                     if child_id in self.states:
                         raise RequestError(f"request_id: {child_id!r} (completion {i} of {rid!r}) is already in use")
-                    self._add(child_id, text, ids, child_params(params, i), outbox, parent, i)
+                    self._add(child_id, text, ids, child_params(params, i), outbox, parent, i, lora_request)
                     added.append(child_id)
             except BaseException:
                 for child_id in added:
@@ -257,8 +259,8 @@ class LLMEngine:
         return rid
 
     def _add(self, rid: str, text: str | None, ids: list[int], params: SamplingParams, outbox: Outbox | None,
-             parent: ParentRequest | None = None, index: int = 0) -> None:
-        self.client.add_request(Request(rid, ids, params, eos_token_id=self.eos_token_id))
+             parent: ParentRequest | None = None, index: int = 0, lora_request: Any = None) -> None:
+        self.client.add_request(Request(rid, ids, params, eos_token_id=self.eos_token_id, lora_request=lora_request))
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
         self.states[rid] = _RequestState(rid, text, ids, params, detok, [],
                                          [] if params.num_logprobs is not None else None, time.perf_counter(),
@@ -299,8 +301,11 @@ class LLMEngine:
             self._unclaimed.extend(self._apply_aborts())
             s = self.client.get_stats()
         return EngineStats(s.num_running, s.num_waiting, s.num_used_blocks, s.num_total_blocks, s.kv_usage,
-                           s.prefix_hit_rate, s.spec_num_draft_tokens, s.spec_num_accepted_tokens,
-                           s.spec_acceptance_rate, s.spec_mean_accepted_length, s.spec_proposer_time_s)
+                           s.prefix_hit_rate, s.num_active_loras, spec_num_draft_tokens=s.spec_num_draft_tokens,
+                           spec_num_accepted_tokens=s.spec_num_accepted_tokens,
+                           spec_acceptance_rate=s.spec_acceptance_rate,
+                           spec_mean_accepted_length=s.spec_mean_accepted_length,
+                           spec_proposer_time_s=s.spec_proposer_time_s)
 
     def step(self, finished_only: bool = False, delta: bool = False) -> list[RequestOutput]:
         """Run one core step. Outputs of requests added with an outbox (LLM.generate / LLM.stream) go to it;

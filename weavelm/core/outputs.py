@@ -4,6 +4,7 @@ sends them to workers in other processes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from weavelm.core.request import SamplingParams
 
@@ -49,6 +50,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    lora_request: Any = None  # weavelm.LoRARequest or None
 
 
 @dataclass
@@ -163,6 +165,7 @@ class SchedulerStats:
     step: int = 0
     num_used_blocks: int = 0  # KV blocks held by unfinished requests
     num_total_blocks: int = 0  # size of the KV pool
+    num_active_loras: int = 0  # distinct LoRA adapters among running requests
     # speculative decoding, cumulative since start (zero without a proposer)
     spec_num_draft_tokens: int = 0  # drafts verified
     spec_num_accepted_tokens: int = 0  # drafts accepted

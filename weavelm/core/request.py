@@ -258,11 +258,11 @@ class Request:
     __slots__ = (
         "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "sampling_params",
         "eos_token_id", "arrival_time", "status", "num_computed_tokens", "num_cached_tokens",
-        "num_preemptions", "block_hashes", "stop_reason", "logprobs",
+        "num_preemptions", "block_hashes", "stop_reason", "logprobs", "lora_request",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 eos_token_id: int | None = None, arrival_time: float | None = None):
+                 eos_token_id: int | None = None, arrival_time: float | None = None, lora_request: Any = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -277,6 +277,7 @@ class Request:
         self.block_hashes: list[int] = []
         self.stop_reason: int | str | None = None
         self.logprobs: list = []  # per output token: {token_id: Logprob} (weavelm.core.outputs)
+        self.lora_request = lora_request  # weavelm.LoRARequest or None (the base model)
 
     @property
     def priority(self) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 
 from weavelm.core.outputs import EngineCoreOutput
 from weavelm.core.request import Request, SamplingParams
+from weavelm.lora.request import LoRARequest
 
 # frontend -> core
 ADD, ABORT, UTILITY, SHUTDOWN = 0, 1, 2, 3
@@ -31,12 +32,12 @@ READY, OUTPUTS, UTILITY_RESULT, DEAD = 10, 11, 12, 13
 
 
 def request_to_wire(r: Request) -> tuple:
-    return (r.request_id, r.prompt_token_ids, r.sampling_params, r.eos_token_id, r.arrival_time)
+    return (r.request_id, r.prompt_token_ids, r.sampling_params, r.eos_token_id, r.arrival_time, r.lora_request)
 
 
 def request_from_wire(row: tuple | list) -> Request:
-    rid, ids, params, eos, arrival = row
-    return Request(rid, ids, params, eos_token_id=eos, arrival_time=arrival)
+    rid, ids, params, eos, arrival, lora = row
+    return Request(rid, ids, params, eos_token_id=eos, arrival_time=arrival, lora_request=lora)
 
 
 class PickleSerializer:
@@ -69,8 +70,8 @@ class MsgpackSerializer:
 
     def encode(self, kind: int, payload: Any) -> bytes:
         if kind == ADD:
-            body: Any = [[rid, ids, self._sp_values(sp), eos, arrival]
-                         for rid, ids, sp, eos, arrival in payload]
+            body: Any = [[rid, ids, self._sp_values(sp), eos, arrival, _lora_row(lora)]
+                         for rid, ids, sp, eos, arrival, lora in payload]
         elif kind == OUTPUTS:
             body = list(map(self._out_values, payload))
         elif kind == ABORT:
@@ -82,7 +83,8 @@ class MsgpackSerializer:
     def decode(self, data: bytes | memoryview) -> tuple[int, Any]:
         kind, body = self._dec.decode(data)
         if kind == ADD:
-            return kind, [(rid, ids, self._params(sp_row), eos, arrival) for rid, ids, sp_row, eos, arrival in body]
+            return kind, [(rid, ids, self._params(sp_row), eos, arrival, _lora_from_row(lora))
+                          for rid, ids, sp_row, eos, arrival, lora in body]
         if kind == OUTPUTS:
             return kind, [EngineCoreOutput(*o) for o in body]
         if kind == ABORT:
@@ -93,6 +95,15 @@ class MsgpackSerializer:
         sp = object.__new__(SamplingParams)  # validated by the frontend already
         sp.__dict__.update(zip(self._sp_fields, row))
         return sp
+
+
+def _lora_row(lora: Any) -> Any:
+    """A LoRARequest as its field values (msgpack would turn the dataclass into a dict); a name or None as is."""
+    return [lora.lora_name, lora.lora_int_id, lora.lora_path] if isinstance(lora, LoRARequest) else lora
+
+
+def _lora_from_row(row: Any) -> Any:
+    return LoRARequest(*row) if isinstance(row, list) else row
 
 
 def _pickle_ext(obj: Any) -> Any:

@@ -22,6 +22,14 @@ from weavelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, De
 from weavelm.serve.serving import ServeState
 
 
+def served_adapters(config: Any) -> dict[str, Any]:
+    """The LoRA adapters configured under `lora.adapters`, by name (each selectable as a `model`)."""
+    if config.lora is None:
+        return {}
+    from weavelm.lora.manager import named_lora_requests
+    return named_lora_requests(config.lora.options)
+
+
 def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None, api_key: str | None = None,
               max_waiting: int | None = None) -> FastAPI:
     """An app serving `engine` under `served_model_name` (default: the model path; the first of a list is the
@@ -29,7 +37,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
     `max_waiting`: requests waiting for their first output beyond which new ones get 429."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     names = names or [str(engine.llm.config.model)]
-    state = ServeState(engine, names, api_key, max_waiting, ServerMetrics(names[0]), model_defaults(engine.llm))
+    state = ServeState(engine, names, api_key, max_waiting, ServerMetrics(names[0]), model_defaults(engine.llm),
+                       served_adapters(engine.llm.config))
     engine.output_observer = state.metrics.observe
     app = FastAPI(title="weavelm", version=weavelm.__version__,
                   description="OpenAI-compatible API of a weavelm engine")
@@ -56,8 +65,11 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
 
     @api.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=str(engine.llm.config.model),
-                                         max_model_len=engine.max_model_len) for name in state.model_names])
+        cards = [ModelCard(id=name, root=str(engine.llm.config.model), max_model_len=engine.max_model_len)
+                 for name in state.model_names]
+        cards += [ModelCard(id=name, root=lora.lora_path, parent=state.model_name, max_model_len=engine.max_model_len)
+                  for name, lora in state.adapters.items()]
+        return ModelList(data=cards)
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

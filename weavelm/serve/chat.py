@@ -51,7 +51,7 @@ def _content(content: Any) -> str:
 
 async def create_chat_completion(state: ServeState, req: ChatCompletionRequest, raw: Request) -> Response:
     check_unsupported(req)
-    state.admit(req.model, req.n)
+    lora = state.admit(req.model, req.n)
     renames = dict(RENAMES, max_tokens="max_completion_tokens") if req.max_completion_tokens is not None \
         else RENAMES
     try:
@@ -65,7 +65,7 @@ async def create_chat_completion(state: ServeState, req: ChatCompletionRequest, 
         base = build_params(req, max_tokens, top_n, state.sampling_defaults)
     except RequestError as e:
         raise bad_request(e, renames) from None
-    gen = Generation(state.engine, f"chatcmpl-{uuid.uuid4().hex}")
+    gen = Generation(state.engine, f"chatcmpl-{uuid.uuid4().hex}", lora)
     try:
         await gen.start([prompt] * req.n, [child_params(base, j) for j in range(req.n)])
     except RequestError as e:

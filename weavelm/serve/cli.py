@@ -75,7 +75,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    engine = AsyncLLM(config=engine_config_from_args(args))
+        os.environ["WEAVELM_NUM_THREADS"] = str(args.num_threads)  # the engine-core and worker processes too
+    config = engine_config_from_args(args)
+    if _engine_process_by_default(args, config):
+        config.engine_process = True
+    engine = AsyncLLM(config=config)
     try:
         app = build_app(engine, args.served_model_name, args.api_key, args.max_waiting_requests)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -85,6 +89,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _engine_process_by_default(args: argparse.Namespace, config) -> bool:
+    """As vLLM's server does, run the engine core in its own process on a GPU, so HTTP, SSE and detokenizing in
+    this process never hold the GIL the scheduler and the step's Python need; the GPU keeps stepping while
+    responses are written. On the CPU the two processes would compete for the same cores, so the core stays a
+    thread here. An explicit `engine_process` (YAML or --set) always wins."""
+    from weavelm.core.config import read_yaml
+    from weavelm.core.device import resolve_device
+
+    if any(s.split("=", 1)[0].strip() == "engine_process" for s in args.sets or []):
+        return False
+    if args.config and "engine_process" in (read_yaml(args.config) or {}):
+        return False
+    return resolve_device(config.device).type == "cuda"
 
 
 def _server_class():

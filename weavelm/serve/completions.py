@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,13 +36,13 @@ def engine_prompts(prompt: Any) -> list[Any]:
 async def create_completion(state: ServeState, req: CompletionRequest, raw: Request) -> Response:
     check_unsupported(req)
     prompts = engine_prompts(req.prompt)
-    state.admit(req.model, len(prompts) * req.n)
+    lora = state.admit(req.model, len(prompts) * req.n)
     try:
         base = build_params(req, req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS,
                             req.logprobs, state.sampling_defaults)
     except RequestError as e:
         raise bad_request(e) from None
-    gen = Generation(state.engine, f"cmpl-{uuid.uuid4().hex}")
+    gen = Generation(state.engine, f"cmpl-{uuid.uuid4().hex}", lora)
     try:
         await gen.start([p for p in prompts for _ in range(req.n)],
                         [child_params(base, j) for _ in prompts for j in range(req.n)])
@@ -66,6 +67,15 @@ class _View:
         self.created = int(time.time())
         self.top_n = req.logprobs
         self.offsets: dict[int, int] = {}
+        self._event_head = (f'data: {{"id":{json.dumps(request_id)},"object":"text_completion","created":'
+                            f'{self.created},"model":{json.dumps(state.model_name)},"choices":[{{"index":')
+
+    def text_event(self, index: int, text: str) -> str:
+        """The SSE event of a plain text delta (no logprobs, not finished): the JSON of
+        `sse(CompletionResponse(..., choices=[CompletionChoice(index, text)]))`, written without building models:
+        the streaming hot path, once per request per step."""
+        return (f'{self._event_head}{index},"text":{json.dumps(text, ensure_ascii=False)},"logprobs":null,'
+                f'"finish_reason":null,"stop_reason":null}}],"usage":null}}\n\n')
 
     def prompt_text(self, out: RequestOutput) -> str:
         if out.prompt is not None:
@@ -120,6 +130,10 @@ async def _stream(gen: Generation, view: _View, req: CompletionRequest) -> Async
                 prompt_tokens += len(out.prompt_token_ids)
             if out.finished:
                 check_finished(out)
+            elif view.top_n is None and not (req.echo and first):  # the common case, without models
+                if out.outputs[0].text:
+                    yield view.text_event(index, out.outputs[0].text)
+                continue
             choice = view.choice(index, out, first)
             if choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens):
                 yield sse(CompletionResponse(id=view.id, created=view.created, model=view.state.model_name,

@@ -15,18 +15,20 @@ from weavelm.serve.errors import APIError, engine_unavailable
 
 
 class Generation:
-    """Choice `i` is the request of `prompts[i]` with `params[i]`."""
+    """Choice `i` is the request of `prompts[i]` with `params[i]`, all on `lora_request` (None: the base model)."""
 
-    def __init__(self, engine: AsyncLLM, request_id: str):
+    def __init__(self, engine: AsyncLLM, request_id: str, lora_request: Any = None):
         self.engine = engine
         self.request_id = request_id
+        self.lora_request = lora_request
         self.streams: list[RequestStream] = []
 
     async def start(self, prompts: list[Any], params: list[SamplingParams]) -> None:
         """Add every choice's request or none: a RequestError (or EngineDeadError) aborts those already added."""
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
-                self.streams.append(await self.engine.add_request(prompt, sp, f"{self.request_id}-{i}", delta=True))
+                self.streams.append(await self.engine.add_request(prompt, sp, f"{self.request_id}-{i}", delta=True,
+                                                                 lora_request=self.lora_request))
         except BaseException:
             self.close()
             raise

@@ -188,6 +188,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "weavelm"
     root: str | None = None
+    parent: str | None = None  # for a LoRA adapter: the base model it runs on
     max_model_len: int | None = None
 
 

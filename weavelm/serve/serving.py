@@ -32,6 +32,7 @@ class ServeState:
     max_waiting: int | None = None
     metrics: ServerMetrics = None  # type: ignore[assignment]
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    adapters: dict[str, Any] = field(default_factory=dict)  # served LoRA adapters: name -> LoRARequest
 
     @property
     def model_name(self) -> str:
@@ -41,15 +42,18 @@ class ServeState:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def admit(self, model: str | None, num_requests: int) -> None:
-        """Raise the API error a new request of `num_requests` engine requests gets, if any."""
-        if model is not None and model not in self.model_names:
+    def admit(self, model: str | None, num_requests: int) -> Any:
+        """Raise the API error a new request of `num_requests` engine requests gets, if any; else the LoRA
+        adapter that `model` names (None: the base model)."""
+        if model is not None and model not in self.model_names and model not in self.adapters:
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
-                                f"{', '.join(self.model_names)}", param="model", code="model_not_found")
+                                f"{', '.join([*self.model_names, *self.adapters])}", param="model",
+                           code="model_not_found")
         self.engine.check_health()
         if self.max_waiting is not None and self.engine.num_waiting + num_requests > self.max_waiting:
             raise APIError(429, f"too many requests waiting ({self.engine.num_waiting}, limit {self.max_waiting});"
                                 f" retry later", code="rate_limit_exceeded")
+        return self.adapters.get(model) if model is not None else None
 
 
 def sse(chunk: BaseModel | dict) -> str:

@@ -2,7 +2,9 @@
 
 A decode-only step (every request has exactly one new token) of n requests replays the smallest captured graph of
 size >= n. Padded rows write no KV (slot -1) and attend to one position of block 0, so they stay finite; their
-logits are never read. Prefill and mixed steps run eagerly.
+logits are never read. Prefill and mixed steps run eagerly. With LoRA configured, each size is captured twice:
+with the LoRA kernels (replayed when a request in the step has an adapter) and without (steps on the base model
+pay nothing for LoRA).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros(b, runner.max_blocks_per_req, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        lora = getattr(runner, "lora", None)
+        self.lora_state = getattr(lora, "state", None) if lora is not None else None
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (size, with LoRA)
 
     def _common(self, b: int) -> CommonAttentionMetadata:
         r = self.runner
@@ -61,16 +65,25 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for b in reversed(self.sizes):
-                self._forward(b)  # warm up: triton autotuning / compilation outside the graph
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self._forward(b)
-                self.graphs[b] = (graph, logits)
+        variants = (False, True) if self.lora_state is not None else (False,)
+        try:
+            with torch.cuda.stream(stream):
+                for with_lora in variants:
+                    if self.lora_state is not None:
+                        self.lora_state.force_kernels = with_lora
+                    for b in reversed(self.sizes):
+                        self._forward(b)  # warm up: triton autotuning / compilation outside the graph
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=pool, stream=stream):
+                            logits = self._forward(b)
+                        self.graphs[(b, with_lora)] = (graph, logits)
+        finally:
+            if self.lora_state is not None:
+                self.lora_state.force_kernels = False
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.graphs), self.sizes)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s%s)", len(self.graphs), self.sizes,
+                    ", with and without LoRA" if self.lora_state is not None else "")
 
     def can_run(self, common: CommonAttentionMetadata) -> bool:
         return common.max_query_len == 1 and common.num_reqs <= self.max_bs and bool(self.graphs)
@@ -89,6 +102,6 @@ class DecodeGraphs:
             self.slot_mapping[n:b].fill_(-1)
             self.seq_lens[n:b].fill_(1)
             self.block_table[n:b, 0].zero_()
-        graph, logits = self.graphs[b]
+        graph, logits = self.graphs[(b, self.lora_state is not None and self.lora_state.any_active)]
         graph.replay()
         return logits[:n]

@@ -4,6 +4,7 @@ ids, block table and sampling parameters in host arrays, updated from SchedulerO
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ class CachedRequestState:
     generator: torch.Generator | None = None
     # prompt_logprobs: entry j is for prompt token j (None until computed; j = 0 stays None); None once sent
     prompt_logprobs: list | None = None
+    lora_request: Any = None  # weavelm.LoRARequest or None
 
     @property
     def num_tokens(self) -> int:

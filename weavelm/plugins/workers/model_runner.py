@@ -65,6 +65,10 @@ class PagedModelRunner(ModelRunner):
                            for _ in range(num_layers)]
         self.attn_builder = self.attn_backend.make_builder(self.device)
         self.layout = (num_layers, num_heads, num_kv_heads, head_size)
+        self.lora = self.context.lora_manager() if self.context.lora_manager is not None else None
+        if self.lora is not None:
+            self.lora_targets = self.lora.attach(b.model, self.device, b.dtype,
+                                                 max(self.max_num_tokens, self.max_num_reqs))
         if self.context.build_proposer is not None:
             from weavelm.spec_decode.runner import SpecDecodeRunner
 
@@ -80,7 +84,8 @@ class PagedModelRunner(ModelRunner):
     def model_info(self) -> dict[str, Any]:
         b = self.bundle
         return {"max_model_len": b.max_model_len, "vocab_size": b.vocab_size, "dtype": str(b.dtype),
-                "attention": self.attn_backend.name, "architecture": type(b.model).__name__}
+                "attention": self.attn_backend.name, "architecture": type(b.model).__name__,
+                **({"lora_targets": self.lora_targets} if self.lora is not None else {})}
 
     def kv_cache_bytes_per_block(self) -> int:
         num_layers, _, num_kv_heads, head_size = self.layout
@@ -131,7 +136,7 @@ class PagedModelRunner(ModelRunner):
             if sp.seed is not None and sp.temperature > 0:
                 gen = torch.Generator(device=self.device).manual_seed(sp.seed)
             state = CachedRequestState(nr.req_id, nr.prompt_token_ids, sp, list(nr.block_ids),
-                                       nr.num_computed_tokens, generator=gen)
+                                       nr.num_computed_tokens, generator=gen, lora_request=nr.lora_request)
             if sp.prompt_logprobs is not None:
                 state.prompt_logprobs = [None] * len(nr.prompt_token_ids)
             self.requests[nr.req_id] = state
@@ -181,6 +186,8 @@ class PagedModelRunner(ModelRunner):
         i32[:n + 1], i32[n + 1:2 * n + 1] = query_start_loc, seq_lens
         i32[2 * n + 1:].reshape(n, max_blocks)[:] = batch.block_table[:n, :max_blocks]
         dev_i64, dev_i32 = self._to_device(i64), self._to_device(i32)
+        if self.lora is not None:
+            self.lora.prepare([s.lora_request for s in batch.states[:n]], counts, logits_rows)
         common = CommonAttentionMetadata(
             query_start_loc=dev_i32[:n + 1], seq_lens=dev_i32[n + 1:2 * n + 1],
             block_table=dev_i32[2 * n + 1:].view(n, max_blocks), slot_mapping=dev_i64[2 * total:3 * total],
@@ -259,6 +266,8 @@ class PagedModelRunner(ModelRunner):
             if last <= first:
                 continue
             h = hidden[start_loc[row]:start_loc[row] + last - first]
+            if self.lora is not None:
+                self.lora.set_head_rows(state.lora_request, len(h))
             logprobs = self.bundle.model.compute_logits(h).float().log_softmax(-1)
             targets = state.prompt_token_ids[first + 1:last + 1]
             k = state.sampling_params.prompt_logprobs

@@ -1,0 +1,228 @@
+"""The machinery of batched LoRA serving, used by the built-in `lora_manager` plugin (plugins/lora/punica.py).
+
+Two halves, one class, each instance used on one side:
+- in the engine core, `check_request` reads and checks an adapter before its request is queued (a bad adapter
+  fails that request only) and `can_admit` keeps at most `max_loras` distinct adapters among running requests,
+  so every batch fits the device slots (the others wait);
+- in each model runner, `attach` wraps the model's layers, and `prepare` maps each batch row's adapter to a
+  device slot (an LRU of `max_loras` slots, filled from an LRU of `max_cpu_loras` adapters in host memory) and
+  writes the per-token slot index the wrapped layers read.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from weavelm.errors import ConfigError, LoRAError
+from weavelm.lora.adapter import LoRAAdapter, LoRATargets, load_adapter
+from weavelm.lora.layers import LoRABatchState, LoRAEmbedding, LoRALinear, LoRALMHead
+from weavelm.lora.request import LoRARequest
+
+MAX_CHECKED = 4096  # adapters remembered as checked by the engine core
+
+
+class LoRAOptions(BaseModel):
+    """The `lora:` section."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_loras: int = Field(1, ge=1, le=256, description="Distinct adapters in one batch (device slots).")
+    max_lora_rank: int = Field(16, ge=1, le=1024, description="Largest adapter rank accepted.")
+    max_cpu_loras: int | None = Field(None, ge=1, le=65536, description="Adapters kept in host memory "
+                                      "(LRU); default: max_loras.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Named adapters {name: PEFT directory}, "
+                                     "selectable by name (server `model`, CLI `--lora`); ids 1, 2, ... in order.")
+
+    @model_validator(mode="after")
+    def _cpu_holds_device(self) -> LoRAOptions:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        return self
+
+
+def named_lora_requests(options: LoRAOptions) -> dict[str, LoRARequest]:
+    """The configured adapters as requests, by name (ids 1, 2, ... in the order given)."""
+    return {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(options.adapters.items())}
+
+
+def lora_targets(model: Any) -> LoRATargets:
+    d = getattr(model, "dims", None)
+    if d is None or not hasattr(model, "layers") or not hasattr(model, "embed_tokens"):
+        raise ConfigError([("lora", f"the {type(model).__name__} architecture has no LoRA-capable layers (needs the "
+                                    f"decoder layout of plugins/models/decoder.py); remove `lora:`")])
+    q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+    shapes = {"q_proj": (d.hidden, q), "k_proj": (d.hidden, kv), "v_proj": (d.hidden, kv), "o_proj": (q, d.hidden),
+              "gate_proj": (d.hidden, d.intermediate), "up_proj": (d.hidden, d.intermediate),
+              "down_proj": (d.intermediate, d.hidden), "embed_tokens": (d.vocab, d.hidden)}
+    if getattr(model, "lm_head", None) is not None:
+        shapes["lm_head"] = (d.hidden, d.vocab)
+    return LoRATargets(d.num_layers, shapes, tied_embeddings=getattr(model, "lm_head", None) is None)
+
+
+def wrap_model(model: Any, state: LoRABatchState, num_slots: int, max_rank: int) -> dict:
+    """Replace the model's projections, embedding and head by LoRA wrappers; {(layer or None, module): wrapper}."""
+    wrapped: dict[tuple[int | None, str], Any] = {}
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = attn.qkv_proj
+        rank = qkv.tp.rank
+        kv_start = (rank // qkv.kv_replicas) * qkv.kv_size
+        attn.qkv_proj = LoRALinear(qkv, [("q_proj", 0, qkv.q_size, rank * qkv.q_size),
+                                         ("k_proj", qkv.q_size, qkv.kv_size, kv_start),
+                                         ("v_proj", qkv.q_size + qkv.kv_size, qkv.kv_size, kv_start)],
+                                   state, num_slots, max_rank, row_parallel=False)
+        gu = mlp.gate_up_proj
+        s0, s1 = gu.sizes
+        mlp.gate_up_proj = LoRALinear(gu, [("gate_proj", 0, s0, rank * s0), ("up_proj", s0, s1, rank * s1)],
+                                      state, num_slots, max_rank, row_parallel=False)
+        attn.o_proj = LoRALinear(attn.o_proj, [("o_proj", 0, attn.o_proj.weight.shape[0], 0)], state, num_slots,
+                                 max_rank, row_parallel=True)
+        mlp.down_proj = LoRALinear(mlp.down_proj, [("down_proj", 0, mlp.down_proj.weight.shape[0], 0)], state,
+                                   num_slots, max_rank, row_parallel=True)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            wrapped[(i, name)] = attn.qkv_proj
+        wrapped[(i, "gate_proj")] = wrapped[(i, "up_proj")] = mlp.gate_up_proj
+        wrapped[(i, "o_proj")], wrapped[(i, "down_proj")] = attn.o_proj, mlp.down_proj
+    model.embed_tokens = wrapped[(None, "embed_tokens")] = LoRAEmbedding(model.embed_tokens, state, num_slots,
+                                                                         max_rank)
+    if getattr(model, "lm_head", None) is not None:
+        model.lm_head = wrapped[(None, "lm_head")] = LoRALMHead(model.lm_head, state, num_slots, max_rank)
+    return wrapped
+
+
+class LoRASlots:
+    """Runner side: adapters in device slots (LRU of `max_loras`) and in host memory (LRU of `max_cpu_loras`)."""
+
+    def __init__(self, options: LoRAOptions, wrapped: dict, targets: LoRATargets, device: torch.device,
+                 dtype: torch.dtype):
+        self.options, self.wrapped, self.targets = options, wrapped, targets
+        self.device, self.dtype = device, dtype
+        self.on_device: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, least recently used first
+        self.in_host: OrderedDict[int, LoRAAdapter] = OrderedDict()
+        self.modules = {id(w): w for w in wrapped.values()}.values()
+
+    def slot_of(self, lora: LoRARequest | None, pinned: set[int]) -> int:
+        """The device slot holding `lora` (loading it, evicting the least recently used slot not in `pinned`)."""
+        if lora is None:
+            return -1
+        lid = lora.lora_int_id
+        if lid in self.on_device:
+            self.on_device.move_to_end(lid)
+            return self.on_device[lid]
+        used = set(self.on_device.values())
+        free = [s for s in range(self.options.max_loras) if s not in used]
+        if free:
+            slot = free[0]
+        else:
+            victim = next((v for v in self.on_device if v not in pinned), None)
+            if victim is None:
+                raise LoRAError(f"a batch needs more than lora.max_loras={self.options.max_loras} adapters; the "
+                                f"scheduler must keep batches within it")
+            slot = self.on_device.pop(victim)
+        self._write(slot, self._host_copy(lora))
+        self.on_device[lid] = slot
+        return slot
+
+    def _host_copy(self, lora: LoRARequest) -> LoRAAdapter:
+        adapter = self.in_host.get(lora.lora_int_id)
+        if adapter is None:
+            adapter = load_adapter(lora, self.targets, self.options.max_lora_rank)
+            self.in_host[lora.lora_int_id] = adapter
+            while len(self.in_host) > (self.options.max_cpu_loras or self.options.max_loras):
+                self.in_host.popitem(last=False)
+        else:
+            self.in_host.move_to_end(lora.lora_int_id)
+        return adapter
+
+    def _write(self, slot: int, adapter: LoRAAdapter) -> None:
+        for module in self.modules:
+            module.clear_slot(slot)
+        for (layer, name), (a, b) in adapter.weights.items():
+            self.wrapped[(layer, name)].set_part(slot, name, a.to(self.device, self.dtype),
+                                                 b.to(self.device, self.dtype))
+
+
+class LoRAManagerBase:
+    """Both halves of batched LoRA serving (see the module docstring); a plugin subclass picks the compute."""
+
+    def __init__(self, options: LoRAOptions):
+        self.options = options
+        self.named = named_lora_requests(options)
+        self.targets: LoRATargets | None = None
+        self._checked: OrderedDict[int, LoRARequest] = OrderedDict()
+        self.state: LoRABatchState | None = None
+        self.slots: LoRASlots | None = None
+
+    # -- engine core side ---------------------------------------------------------------------------------
+    def lora_request(self, name: str) -> LoRARequest:
+        """The configured adapter called `name`; LoRAError listing the configured names otherwise."""
+        if name not in self.named:
+            known = ", ".join(sorted(self.named)) or "none configured"
+            raise LoRAError(f"unknown LoRA adapter {name!r}; configured adapters: {known} (add it under "
+                            f"lora.adapters or pass --lora {name}=PATH)")
+        return self.named[name]
+
+    def set_targets(self, targets: LoRATargets) -> None:
+        self.targets = targets
+
+    def check_request(self, lora: Any) -> None:
+        """Raise LoRAError when `lora` (a LoRARequest or None) cannot serve a request on this model."""
+        if lora is None:
+            return
+        if not isinstance(lora, LoRARequest):
+            raise LoRAError(f"lora_request: expected a weavelm.LoRARequest or None (got {type(lora).__name__})")
+        seen = self._checked.get(lora.lora_int_id)
+        if seen is not None:
+            if seen != lora:
+                raise LoRAError(f"lora_int_id {lora.lora_int_id} already names adapter {seen.lora_name!r} at "
+                                f"{seen.lora_path}; give each adapter its own id")
+            self._checked.move_to_end(lora.lora_int_id)
+            return
+        configured = next((r for r in self.named.values() if r.lora_int_id == lora.lora_int_id), None)
+        if configured is not None and configured != lora:
+            raise LoRAError(f"lora_int_id {lora.lora_int_id} is taken by the configured adapter "
+                            f"{configured.lora_name!r}; use an id above {len(self.named)}")
+        assert self.targets is not None, "set_targets before check_request"
+        load_adapter(lora, self.targets, self.options.max_lora_rank)
+        self._checked[lora.lora_int_id] = lora
+        while len(self._checked) > MAX_CHECKED:
+            self._checked.popitem(last=False)
+
+    def can_admit(self, request: Any, running: list) -> bool:
+        """Whether `request` may join `running` without more than `max_loras` distinct adapters among them."""
+        lora = request.lora_request
+        if lora is None:
+            return True
+        active = {r.lora_request.lora_int_id for r in running if r.lora_request is not None}
+        return lora.lora_int_id in active or len(active) < self.options.max_loras
+
+    @staticmethod
+    def num_active(running: list) -> int:
+        return len({r.lora_request.lora_int_id for r in running if r.lora_request is not None})
+
+    # -- runner side --------------------------------------------------------------------------------------
+    def attach(self, model: Any, device: torch.device, dtype: torch.dtype, max_tokens: int) -> LoRATargets:
+        """Wrap `model`'s layers (once, after its weights are loaded) and return what adapters may target."""
+        self.targets = lora_targets(model)
+        self.state = LoRABatchState(self.options.max_loras, max_tokens, device)
+        wrapped = wrap_model(model, self.state, self.options.max_loras, self.options.max_lora_rank)
+        self.slots = LoRASlots(self.options, wrapped, self.targets, device, dtype)
+        return self.targets
+
+    def prepare(self, row_loras: list, counts: np.ndarray, logits_rows: np.ndarray) -> None:
+        """Before a forward: row i of the batch (with `counts[i]` tokens) runs adapter `row_loras[i]`; the head
+        sees rows `logits_rows`."""
+        pinned = {r.lora_int_id for r in row_loras if r is not None}
+        row_slots = np.fromiter((self.slots.slot_of(r, pinned) for r in row_loras), dtype=np.int64,
+                                count=len(row_loras))
+        self.state.tokens.set(np.repeat(row_slots, counts))
+        self.state.head.set(row_slots[logits_rows])
+
+    def set_head_rows(self, lora: Any, n: int) -> None:
+        """The next `compute_logits` call sees `n` rows of one request running `lora`."""
+        slot = self.slots.slot_of(lora, set())
+        self.state.head.set(np.full(n, slot, dtype=np.int64))
