@@ -144,3 +144,27 @@ def test_logprobs_and_logits_processors_with_speculation(tiny_llama):
                 assert all(abs(g[t] - w[t]) < 1e-4 and g[t].rank == w[t].rank for t in g)
         else:
             assert spec.get_stats().spec_num_draft_tokens == before
+
+
+def test_lora_requests_with_speculation(tiny_llama, tmp_path):
+    """Adapters (one with an lm_head target) keep their greedy output under speculation; the draft runs without
+    adapters, so only acceptance can suffer."""
+    pytest.importorskip("peft")
+    from tests.lora_fixtures import ADAPTERS, build_adapter
+    from weavelm import LoRARequest
+
+    loras = [LoRARequest(name, i + 1, build_adapter(tiny_llama, str(tmp_path / name), *spec, seed=i))
+             for i, (name, spec) in enumerate(ADAPTERS.items())] + [None]
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9] * 3}] * len(loras)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    engine = dict(dtype="float32", device="cpu", cache={"num_blocks": 64, "block_size": 4},
+                  lora={"max_loras": 3, "max_lora_rank": 16})
+    want = [o.outputs[0].token_ids for o in LLM(model=tiny_llama, **engine).generate(prompts, params,
+                                                                                   lora_request=loras)]
+    assert len({tuple(w) for w in want}) == len(want), "the adapters must change the output"
+    for spec in ({"name": "ngram", "num_speculative_tokens": 3},
+                 {"name": "draft_model", "num_speculative_tokens": 3, "model": tiny_llama}):
+        llm = LLM(model=tiny_llama, speculative=spec, **engine)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=loras)]
+        assert got == want, spec["name"]
+        assert llm.get_stats().spec_num_draft_tokens > 0

@@ -234,6 +234,9 @@ class PagedModelRunner(ModelRunner):
             step = self.spec.make_step(spec, rows)
             logits_indices, sample_rows = step.logits_indices(rows, common.query_start_loc_cpu[1:].numpy(),
                                                               self.device)
+            if self.lora is not None:  # the LM head's adapter rows follow the verified positions
+                counts = np.diff(common.query_start_loc_cpu.numpy())
+                self.lora.prepare([s.lora_request for s in batch.states[:batch.num_reqs]], counts, sample_rows)
         prompt_lp_rows = np.nonzero(batch.wants_prompt_logprobs[:batch.num_reqs])[0]
         if self.graphs is not None and not len(prompt_lp_rows) and self.graphs.can_run(common):
             logits = self.graphs.run(input_ids, positions, common)[logits_indices].float()
