@@ -21,6 +21,7 @@ from weavelm.core.kv_cache import KVCacheManager
 from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                   SchedulerOutput, SchedulerStats)
 from weavelm.core.request import Request, RequestStatus
+from weavelm.spec_decode.scheduling import SpecDecodeScheduling, kept_blocks
 
 _RUNNING = RequestStatus.RUNNING
 
@@ -47,6 +48,7 @@ class _StepPlan:
     resumed: list[Request] = field(default_factory=list)
     admitted: set[str] = field(default_factory=set)  # moved from waiting to running this step
     preempted: set[str] = field(default_factory=set)
+    spec_tokens: dict[str, list[int]] = field(default_factory=dict)  # drafts scheduled for verification
 
 
 class BaseScheduler(Scheduler):
@@ -71,6 +73,8 @@ class BaseScheduler(Scheduler):
         self.num_preemptions = 0  # since start
         self._step_preemptions = 0
         self._step_tokens = 0
+        self.spec = (SpecDecodeScheduling(context.num_speculative_tokens, context.num_lookahead_tokens,
+                                          context.max_model_len) if context.num_speculative_tokens else None)
 
     # -- policy hooks -------------------------------------------------------------------------------------
     def next_waiting_index(self) -> int:
@@ -131,17 +135,23 @@ class BaseScheduler(Scheduler):
     def _schedule_running(self, plan: _StepPlan) -> None:
         i = 0
         max_len = self.context.max_model_len
+        spec = self.spec
         while i < len(self.running) and plan.budget > 0:
             req = self.running[i]
             computed = req.num_computed_tokens
+            drafts = None
             if len(req.all_token_ids) - computed == 1 and computed < max_len:
                 n = 1  # a decode: the common case, spared the general computation
+                if spec is not None:
+                    drafts = spec.drafts_for(req, plan.budget)
+                    n += len(drafts)
             else:
                 n = self._chunk(req, plan.budget, computed)
             if n <= 0:
                 i += 1
                 continue
-            blocks = self.kv.allocate_slots(req, n)
+            reserve = n + spec.lookahead_for(req, computed, n) if spec is not None else n
+            blocks = self.kv.allocate_slots(req, reserve)
             while blocks is None:
                 victim = self.select_victim(list(self.running), req)
                 if victim is None:
@@ -152,7 +162,7 @@ class BaseScheduler(Scheduler):
                     break
                 if victim_index < i:
                     i -= 1
-                blocks = self.kv.allocate_slots(req, n)
+                blocks = self.kv.allocate_slots(req, reserve)
             if blocks is None:
                 if req.status == RequestStatus.RUNNING:  # the policy gave up: leave it for a later step
                     i += 1
@@ -160,6 +170,8 @@ class BaseScheduler(Scheduler):
             plan.running[req.request_id] = req
             plan.num_sched[req.request_id] = n
             plan.new_blocks[req.request_id] = blocks
+            if drafts:
+                plan.spec_tokens[req.request_id] = drafts
             plan.budget -= n
             i += 1
 
@@ -188,7 +200,8 @@ class BaseScheduler(Scheduler):
             n = self._chunk(req, plan.budget, computed.num_tokens)
             if not opts.enable_chunked_prefill and n < req.num_tokens - computed.num_tokens:
                 break
-            blocks = self.kv.allocate_slots(req, n, computed)
+            reserve = n + self.spec.lookahead_for(req, computed.num_tokens, n) if self.spec is not None else n
+            blocks = self.kv.allocate_slots(req, reserve, computed)
             if blocks is None:
                 if self._preempt_for_waiting(req, plan):
                     continue
@@ -223,6 +236,7 @@ class BaseScheduler(Scheduler):
             plan.budget += plan.num_sched.pop(rid)
             del plan.new_blocks[rid]
             del plan.running[rid]
+            plan.spec_tokens.pop(rid, None)
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -254,6 +268,7 @@ class BaseScheduler(Scheduler):
             total_num_scheduled_tokens=total,
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids=plan.preempted,
+            scheduled_spec_decode_tokens=plan.spec_tokens,
         )
         self.finished_req_ids = set()
         requests = self.requests
@@ -271,19 +286,21 @@ class BaseScheduler(Scheduler):
         sampled_ids, all_logprobs = runner_output.sampled_token_ids, runner_output.logprobs
         kv = self.kv
         caching = kv.enable_caching
+        spec, spec_sched = self.spec, scheduler_output.scheduled_spec_decode_tokens
         for rid in scheduler_output.num_scheduled_tokens:
             req = requests.get(rid)
             if req is None or req.status is not _RUNNING:
                 continue
-            # the step computed these tokens: full blocks among them may now be shared
-            if caching:
-                kv.cache_computed(req)
             i = index.get(rid)
-            if i is None:
-                continue
-            sampled = sampled_ids[i]
+            sampled = sampled_ids[i] if i is not None else None
             if not sampled:
+                # the step computed these tokens: full blocks among them may now be shared
+                if caching:
+                    kv.cache_computed(req)
                 continue
+            drafts = spec_sched.get(rid)
+            if drafts:
+                spec.rollback(req, len(drafts), len(sampled))
             new_tokens: list[int] = []
             for tok in sampled:
                 req.output_token_ids.append(tok)
@@ -291,6 +308,12 @@ class BaseScheduler(Scheduler):
                 new_tokens.append(tok)
                 if self._check_stop(req, tok):
                     break
+            if spec is not None:  # KV past the last known token is unverified (drafts) or the proposer's
+                req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+                if req.status is _RUNNING and (drafts or spec.lookahead):
+                    kv.free_tail(req, kept_blocks(req.num_tokens, kv.block_size))
+            if caching:
+                kv.cache_computed(req)
             lps = all_logprobs[i] if all_logprobs else None
             if lps is not None:
                 lps = lps[:len(new_tokens)]
@@ -303,6 +326,8 @@ class BaseScheduler(Scheduler):
                 out.stop_reason = req.stop_reason
                 finished.append(req)
             outputs.append(out)
+        if spec is not None:
+            spec.take_proposals(runner_output)
         if finished:
             self.running = [r for r in self.running if r.status is _RUNNING]
             for req in finished:
@@ -350,4 +375,11 @@ class BaseScheduler(Scheduler):
             kv_usage=kv.usage, prefix_hit_rate=kv.prefix_hit_rate, num_cached_blocks=kv.num_cached_blocks,
             num_scheduled_tokens=self._step_tokens, step=self.step_count, num_used_blocks=kv.num_used_blocks,
             num_total_blocks=kv.num_total_blocks,
-            num_active_loras=self.context.lora.num_active(self.running) if self.context.lora is not None else 0)
+            num_active_loras=self.context.lora.num_active(self.running) if self.context.lora is not None else 0,
+            **(self._spec_stats() if self.spec is not None else {}))
+
+    def _spec_stats(self) -> dict:
+        spec = self.spec
+        return dict(spec_num_draft_tokens=spec.num_drafts, spec_num_accepted_tokens=spec.num_accepted,
+                    spec_acceptance_rate=spec.acceptance_rate, spec_mean_accepted_length=spec.mean_accepted_length,
+                    spec_proposer_time_s=spec.proposer_time_s)

@@ -9,6 +9,7 @@ and rebuilds the registry from entry points on first use in the child.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -66,9 +67,19 @@ class RunnerBuilder(_RegistryHolder):
         context = RunnerContext(config=config, device=device, rank=self.rank, world_size=self.world_size,
                                 limits=self.limits, loader=build_loader(config, registry),
                                 model_class=self.model_class, attention_backend=self.attention_backend,
-                                lora_manager=self.lora_manager if config.lora is not None else None)
+                                lora_manager=self.lora_manager if config.lora is not None else None,
+                                build_proposer=self.build_proposer if config.speculative is not None else None)
         cls = registry.get("model_runner", config.model_runner.name)
         return cls(config.model_runner.options, context)
+
+    def build_proposer(self, context: RunnerContext, block_size: int, load_model: Any) -> Any:
+        """The configured speculative-decoding proposer for a runner built with `context`; `load_model(model,
+        dtype)` is the runner's model loading, lent to draft-model proposers."""
+        from weavelm.spec_decode.proposer import ProposerContext
+
+        section = self.config.speculative
+        cls = self.registry.get("proposer", section.name)
+        return cls(section.options, ProposerContext(runner=context, block_size=block_size, load_model=load_model))
 
     def lora_manager(self) -> Any:
         return build_lora_manager(self.config, self.registry)
@@ -123,4 +134,9 @@ class Assembly:
         return cls(config.executor.options, ExecutorContext(config=config, build_worker=builder))
 
     def build_scheduler(self, context: SchedulerContext) -> Scheduler:
+        spec = self.config.speculative
+        if spec is not None:
+            k = spec.options.num_speculative_tokens
+            uses_kv = self.registry.get("proposer", spec.name).uses_kv_cache
+            context = dataclasses.replace(context, num_speculative_tokens=k, num_lookahead_tokens=k if uses_kv else 0)
         return self.scheduler_cls(self.config.scheduler.options, context)

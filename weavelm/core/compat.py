@@ -86,6 +86,8 @@ def _special_cases(raw: dict[str, Any], base: dict[str, Any], registry: Any, err
         else:
             current["name"] = name
             raw["executor"] = current
+    if "speculative_config" in raw:
+        _speculative_config(raw, errors)
     tp = raw.get("tensor_parallel_size")
     executor = _section(raw, "executor")
     if tp == 1 and _chosen(raw, base, "executor") == "uniproc":
@@ -116,6 +118,26 @@ def _lora_flags(raw: dict[str, Any], errors: list[tuple[str, str]]) -> None:
         adapters[name] = path
     lora["adapters"] = adapters
     raw["lora"] = lora
+
+
+def _speculative_config(raw: dict[str, Any], errors: list[tuple[str, str]]) -> None:
+    """vLLM's `speculative_config={"method": "ngram", ...}` or `{"model": draft, ...}` -> the `speculative:`
+    section (`method` names the proposer; without one, a `model` means `draft_model`)."""
+    value = raw.pop("speculative_config")
+    if not isinstance(value, dict):
+        errors.append(("speculative_config", f"must be a dict such as {{'method': 'ngram', "
+                                             f"'num_speculative_tokens': 4}} (got {echo(value)})"))
+        return
+    if raw.get("speculative") is not None:
+        errors.append(("speculative_config", "given together with `speculative`; give one of them"))
+        return
+    section = dict(value)
+    method = section.pop("method", None)
+    section["name"] = method if method is not None else ("draft_model" if "model" in section else None)
+    if section["name"] is None:
+        errors.append(("speculative_config", "needs a `method` (e.g. 'ngram') or a draft `model`"))
+        return
+    raw["speculative"] = section
 
 
 def _section(raw: dict[str, Any], section: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ MAX_ECHO = 200  # characters of a user value repeated in an error message
 
 NOT_YET_SUPPORTED: dict[str, str] = {}
 # Sections that exist only when written: key -> (kind, default plugin)
-OPTIONAL_SECTIONS = {"lora": ("lora_manager", "punica")}
+OPTIONAL_SECTIONS = {"lora": ("lora_manager", "punica"), "speculative": ("proposer", "")}  # "": name required
 
 
 class CacheConfig(BaseModel):
@@ -74,6 +74,7 @@ class _TopLevel(BaseModel):
     loader: Any = None
     attention: Any = None
     lora: Any = None
+    speculative: Any = None
 
 
 class ComponentConfig(BaseModel):
@@ -110,6 +111,8 @@ class EngineConfig(BaseModel):
     loader: ComponentConfig
     attention: ComponentConfig
     lora: ComponentConfig | None = Field(None, description="Multi-LoRA serving; None when `lora:` is absent.")
+    speculative: ComponentConfig | None = Field(None, description="Speculative decoding: the proposer and its "
+                                                "options (`num_speculative_tokens`, ...); None: off.")
     raw: dict[str, Any] = Field(default_factory=dict, description="The merged input, for reproducibility.")
 
     @classmethod

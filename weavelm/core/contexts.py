@@ -40,6 +40,8 @@ class SchedulerContext:
     max_model_len: int
     enable_prefix_caching: bool
     lora: Any = None  # the engine's LoRAManager when `lora:` is configured: admit with `lora.can_admit`
+    num_speculative_tokens: int = 0  # drafts per decode step (0: no speculative decoding)
+    num_lookahead_tokens: int = 0  # extra slots a sampling request reserves for a KV-using proposer
 
 
 @dataclass
@@ -86,6 +88,7 @@ class RunnerContext:
     attention_backend: Callable[[AttentionSpec], AttentionBackend]
     tp: TensorParallelGroup | None = None
     lora_manager: Callable[[], Any] | None = None  # builds the configured LoRAManager; None without `lora:`
+    build_proposer: Callable[..., Any] | None = None  # (context, block_size, load_model) -> Proposer
 
     def __post_init__(self) -> None:
         if self.tp is None:

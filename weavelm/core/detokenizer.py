@@ -19,6 +19,7 @@ class IncrementalDetokenizer:
         self.include_stop_str = include_stop_str
         self.skip_special = skip_special_tokens
         self.max_stop_len = max((len(s) for s in stop), default=0)
+        self.num_used = 0  # tokens of the last multi-token add_tokens up to the one completing a stop string
         # A fast tokenizer's Rust backend decodes the same text without transformers' per-call Python work
         # (to_py_obj walks every id), which dominated steps at large batch.
         backend = getattr(tokenizer, "_tokenizer", None)
@@ -38,10 +39,17 @@ class IncrementalDetokenizer:
         if self.tokenizer is None:
             return None
         start = len(self.text)
-        for tok in token_ids:
+        per_token = bool(self.stop) and len(token_ids) > 1  # several tokens a step (speculative decoding)
+        self.num_used = len(token_ids)
+        for j, tok in enumerate(token_ids):
             self.ids.append(tok)
             self._advance(self._decode(self.ids[self.prefix_offset:self.read_offset]),
                           self._decode(self.ids[self.prefix_offset:]))
+            if per_token:
+                hit = self._check_stop(start)
+                if hit is not None:  # the tokens after the one completing the stop string are not emitted
+                    self.num_used = j + 1
+                    return hit
         return self._check_stop(start)
 
     def _advance(self, prefix: str, full: str) -> None:

@@ -29,15 +29,18 @@ if TYPE_CHECKING:
                                       SchedulerStats)
     from weavelm.core.request import Request, RequestStatus
 
-API_VERSION = "2.0"
+API_VERSION = "2.1"
 """The plugin API: bumped on any change to the interfaces below, the contexts in contexts.py or the data in
 outputs.py / forward.py. Major: existing plugins break (refused at load); minor: additions only.
 1.1: execute_model_async. 2.0: components built by the assembler with typed contexts; Scheduler.limits and
 check_request; Executor.collective_rpc; ModelRunner.model_info / profile_peak_memory / set_logits_hook;
-AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select."""
+AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select. 2.1: the `lora_manager` kind; the `proposer` kind
+(speculative decoding, `weavelm.spec_decode.proposer.Proposer`); SchedulerContext.num_speculative_tokens /
+num_lookahead_tokens; RunnerContext.build_proposer; ModelRunnerOutput.spec_token_ids / proposer_time_s (and
+sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
-                   "lora_manager")
+                   "lora_manager", "proposer")
 
 
 class NoOptions(BaseModel):
@@ -74,6 +77,10 @@ class Scheduler(Component, ABC):
     - Sampled tokens: in `update_from_output`, append each request's `sampled_token_ids`, stop on eos (unless
       `ignore_eos`), `stop_token_ids` and `max_tokens`/`max_model_len`, and return one `EngineCoreOutput` per
       request that produced tokens or finished.
+    - Speculative decoding (`context.num_speculative_tokens > 0`): `BaseScheduler` grants drafts from
+      `ModelRunnerOutput.spec_token_ids` in `scheduled_spec_decode_tokens`, rolls `num_computed_tokens` back past
+      rejected drafts and frees the blocks past those holding the request's known tokens (`weavelm.spec_decode`);
+      a from-scratch scheduler that ignores `spec_token_ids` simply runs without speculation.
     - Finishing: a finished request's blocks are freed at once and its id is reported in the *next*
       SchedulerOutput's `finished_req_ids` (so the worker drops its state), exactly once. `finish_requests`
       (abort, stop strings) does the same for requests in any state.

@@ -300,6 +300,18 @@ class KVCacheManager:
         self.num_hashed[rid] = num_full
         self.chain_serial[rid] = serial
 
+    def free_tail(self, request: Request, num_kept_blocks: int) -> None:
+        """Release the blocks of the request's table past its first `num_kept_blocks` (speculative decoding's
+        rollback: they held only rejected drafts or lookahead slots, never a registered block)."""
+        table = self.req_blocks.get(request.request_id)
+        if not table or len(table) <= num_kept_blocks:
+            return
+        tail = table[num_kept_blocks:]
+        del table[num_kept_blocks:]
+        assert len(table) >= self.num_hashed.get(request.request_id, 0), "a hashed block cannot be in the tail"
+        tail.reverse()
+        self.pool.free(tail)
+
     def free(self, request: Request) -> None:
         """Release every block of the request; tail blocks are evicted before the shared prefix."""
         rid = request.request_id

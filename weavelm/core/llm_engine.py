@@ -40,6 +40,12 @@ class EngineStats:
     kv_cache_usage: float  # num_used_blocks / num_total_blocks
     prefix_cache_hit_rate: float  # cumulative share of queried prompt tokens found in the prefix cache
     num_active_loras: int = 0  # distinct LoRA adapters among running requests
+    # speculative decoding (`speculative:`), cumulative since start; zero when it is off
+    spec_num_draft_tokens: int = 0  # draft tokens verified
+    spec_num_accepted_tokens: int = 0  # of those, accepted
+    spec_acceptance_rate: float = 0.0  # accepted / verified drafts
+    spec_mean_accepted_length: float = 0.0  # tokens emitted per verifying request-step (accepted drafts + 1)
+    spec_proposer_time_s: float = 0.0  # wall time the proposer took
 
 
 class Outbox:
@@ -295,7 +301,11 @@ class LLMEngine:
             self._unclaimed.extend(self._apply_aborts())
             s = self.client.get_stats()
         return EngineStats(s.num_running, s.num_waiting, s.num_used_blocks, s.num_total_blocks, s.kv_usage,
-                           s.prefix_hit_rate, s.num_active_loras)
+                           s.prefix_hit_rate, s.num_active_loras, spec_num_draft_tokens=s.spec_num_draft_tokens,
+                           spec_num_accepted_tokens=s.spec_num_accepted_tokens,
+                           spec_acceptance_rate=s.spec_acceptance_rate,
+                           spec_mean_accepted_length=s.spec_mean_accepted_length,
+                           spec_proposer_time_s=s.spec_proposer_time_s)
 
     def step(self, finished_only: bool = False, delta: bool = False) -> list[RequestOutput]:
         """Run one core step. Outputs of requests added with an outbox (LLM.generate / LLM.stream) go to it;
@@ -362,8 +372,19 @@ class LLMEngine:
         finish_reason, stop_reason = co.finish_reason, co.stop_reason
         if hit is ...:
             hit = st.detok.add_tokens(co.new_token_ids)
+        if hit is not None and 1 < len(co.new_token_ids) and st.detok.num_used < len(co.new_token_ids):
+            # a stop string inside a multi-token step (speculative decoding): drop the tokens after it
+            extra = len(co.new_token_ids) - st.detok.num_used
+            del st.token_ids[-extra:]
+            co.new_token_ids = co.new_token_ids[:-extra]
+            if co.new_logprobs:
+                co.new_logprobs = co.new_logprobs[:-extra]
+                if st.logprobs is not None:
+                    del st.logprobs[-extra:]
+            finish_reason = None  # the stop string came first
         if hit is not None and finish_reason is None:
-            self.client.abort_requests([co.request_id])
+            if not co.finished:
+                self.client.abort_requests([co.request_id])
             finish_reason, stop_reason = "stop", hit
         if finished_only and finish_reason is None:
             return None

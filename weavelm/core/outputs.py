@@ -77,6 +77,8 @@ class SchedulerOutput:
 
     `preempted_req_ids` left the running batch this step (their state stays with the worker until they resume or
     finish); `finished_req_ids` finished since the last step and can be dropped by the worker.
+    `scheduled_spec_decode_tokens[req_id]`: the draft tokens a decode verifies this step (speculative decoding);
+    such a request's `num_scheduled_tokens` is 1 + len(drafts): its last token, then the drafts.
     """
 
     scheduled_new_reqs: list[NewRequestData]
@@ -100,13 +102,20 @@ class ModelRunnerOutput:
     the prompt. `logprobs[i]` parallels it (one TokenLogprobs per sampled token: the sampled token and the top-N
     of the unmodified distribution) or is None when not requested. `prompt_logprobs[req_id]` is sent once, on the
     step that finishes the prompt, for requests with `prompt_logprobs` set: one entry per prompt token, the first
-    None."""
+    None.
+
+    With speculative decoding `sampled_token_ids[i]` holds every token the step emitted for the request: its
+    accepted drafts followed by the target's own token (so 1 to k + 1 tokens; the scheduler still cuts the run at a
+    stop token or max_tokens). `spec_token_ids[i]` are the drafts proposed for the request's next step (None: no
+    proposer); `proposer_time_s` is the wall time the proposer took this step."""
 
     req_ids: list[str]
     req_id_to_index: dict[str, int]
     sampled_token_ids: list[list[int]]
     logprobs: list[list[TokenLogprobs] | None] | None = None
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
+    spec_token_ids: list[list[int]] | None = None
+    proposer_time_s: float = 0.0
 
 
 EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, [], None)
@@ -157,6 +166,12 @@ class SchedulerStats:
     num_used_blocks: int = 0  # KV blocks held by unfinished requests
     num_total_blocks: int = 0  # size of the KV pool
     num_active_loras: int = 0  # distinct LoRA adapters among running requests
+    # speculative decoding, cumulative since start (zero without a proposer)
+    spec_num_draft_tokens: int = 0  # drafts verified
+    spec_num_accepted_tokens: int = 0  # drafts accepted
+    spec_acceptance_rate: float = 0.0  # accepted / verified drafts
+    spec_mean_accepted_length: float = 0.0  # tokens emitted per verifying request-step (accepted + 1)
+    spec_proposer_time_s: float = 0.0  # wall time spent proposing
 
 
 @dataclass

@@ -41,6 +41,13 @@ class ServerMetrics:
         self.kv_total_blocks = gauge("kv_cache_total_blocks", "KV cache blocks in the pool.")
         self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Share of queried prompt tokens found in the "
                                                               "prefix cache (cumulative).")
+        self.spec_drafts = gauge("spec_decode_num_draft_tokens", "Draft tokens verified (cumulative).")
+        self.spec_accepted = gauge("spec_decode_num_accepted_tokens", "Draft tokens accepted (cumulative).")
+        self.spec_acceptance = gauge("spec_decode_acceptance_rate", "Accepted / verified draft tokens.")
+        self.spec_mean_len = gauge("spec_decode_mean_accepted_length", "Tokens emitted per verifying "
+                                                                       "request-step (accepted drafts + 1).")
+        self.spec_proposer_time = gauge("spec_decode_proposer_time_seconds", "Wall time spent proposing drafts "
+                                                                            "(cumulative).")
         self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first output token.",
                               LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between successive output tokens.", ITL_BUCKETS)
@@ -75,6 +82,11 @@ class ServerMetrics:
         self.kv_used_blocks.set(stats.num_used_blocks)
         self.kv_total_blocks.set(stats.num_total_blocks)
         self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
+        self.spec_drafts.set(stats.spec_num_draft_tokens)
+        self.spec_accepted.set(stats.spec_num_accepted_tokens)
+        self.spec_acceptance.set(stats.spec_acceptance_rate)
+        self.spec_mean_len.set(stats.spec_mean_accepted_length)
+        self.spec_proposer_time.set(stats.spec_proposer_time_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,10 +16,11 @@ from weavelm.testing.attention import AttentionContract, triton_interpreter_with
 from weavelm.testing.executor import ExecutorContract
 from weavelm.testing.loader import LoaderContract
 from weavelm.testing.parity import prompt_logits, teacher_forced_logits
+from weavelm.testing.proposer import ProposerContract
 from weavelm.testing.scheduler import SchedulerContract
 
 __all__ = [
-    "AttentionContract", "SchedulerContract", "LoaderContract", "ExecutorContract",
+    "AttentionContract", "SchedulerContract", "LoaderContract", "ExecutorContract", "ProposerContract",
     "AttentionBatch", "make_batch", "reference_output", "rel_err", "triton_interpreter_without_cuda",
     "Driver", "FakeRunner", "make_request", "fake_token",
     "prompt_logits", "teacher_forced_logits",

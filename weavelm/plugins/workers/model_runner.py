@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -45,6 +46,7 @@ class PagedModelRunner(ModelRunner):
         self.max_num_tokens = context.limits.max_num_batched_tokens
         self.block_size = context.config.cache.block_size
         self.graphs = None
+        self.spec = None  # SpecDecodeRunner when `speculative:` is configured
         self.logits_hook = None  # set_logits_hook: (req_ids, logits) -> replacement logits or None
         self._pinned: dict[torch.dtype, torch.Tensor] = {}  # staging buffers; reused only after the step's sync
 
@@ -67,6 +69,17 @@ class PagedModelRunner(ModelRunner):
         if self.lora is not None:
             self.lora_targets = self.lora.attach(b.model, self.device, b.dtype,
                                                  max(self.max_num_tokens, self.max_num_reqs))
+        if self.context.build_proposer is not None:
+            from weavelm.spec_decode.runner import SpecDecodeRunner
+
+            proposer = self.context.build_proposer(self.context, self.block_size, self._load_other_model)
+            self.spec = SpecDecodeRunner(proposer, self)
+            self.spec.proposer.load(self.model_info())
+
+    def _load_other_model(self, model: str, dtype: str) -> ModelBundle:
+        """Load another model (a draft) like the target: same loader, device and tensor-parallel group."""
+        config = self.config.model_copy(update={"model": model, "dtype": dtype, "max_model_len": None})
+        return load_model_bundle(dataclasses.replace(self.context, config=config))
 
     def model_info(self) -> dict[str, Any]:
         b = self.bundle
@@ -78,13 +91,16 @@ class PagedModelRunner(ModelRunner):
         num_layers, _, num_kv_heads, head_size = self.layout
         elem = torch.empty((), dtype=self.bundle.dtype).element_size()
         one_block = self.attn_backend.kv_cache_shape(1, self.block_size, num_kv_heads, head_size)
-        return num_layers * math.prod(one_block) * elem
+        draft = self.spec.proposer.kv_cache_bytes_per_block() if self.spec is not None else 0
+        return num_layers * math.prod(one_block) * elem + draft
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         num_layers, _, num_kv_heads, head_size = self.layout
         shape = self.attn_backend.kv_cache_shape(num_blocks, self.block_size, num_kv_heads, head_size)
         self.kv_caches = [torch.zeros(shape, dtype=self.bundle.dtype, device=self.device) for _ in range(num_layers)]
         self.num_blocks = num_blocks
+        if self.spec is not None:
+            self.spec.proposer.initialize_kv_cache(num_blocks)
         if self.device.type == "cuda" and not self.config.enforce_eager and self.options.cuda_graph_max_bs > 0:
             if not self.attn_backend.graph_safe:
                 logger.warning("attention backend %s is not CUDA-graph safe; running eagerly",
@@ -108,6 +124,8 @@ class PagedModelRunner(ModelRunner):
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.batch
+        if self.spec is not None:
+            self.spec.forget_requests(scheduler_output)
         for rid in scheduler_output.finished_req_ids:
             self.requests.pop(rid, None)
         unscheduled = {r for r in batch.req_ids if r not in scheduler_output.num_scheduled_tokens}
@@ -209,7 +227,16 @@ class PagedModelRunner(ModelRunner):
         batch = self.batch
         if scheduler_output.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
             return RunnerFuture(ModelRunnerOutput([], {}, [], None))
+        spec = self.spec.prepare(scheduler_output) if self.spec is not None else None
         input_ids, positions, common, logits_indices, rows = self._prepare_inputs(scheduler_output)
+        step = sample_rows = None
+        if spec is not None:
+            step = self.spec.make_step(spec, rows)
+            logits_indices, sample_rows = step.logits_indices(rows, common.query_start_loc_cpu[1:].numpy(),
+                                                              self.device)
+            if self.lora is not None:  # the LM head's adapter rows follow the verified positions
+                counts = np.diff(common.query_start_loc_cpu.numpy())
+                self.lora.prepare([s.lora_request for s in batch.states[:batch.num_reqs]], counts, sample_rows)
         prompt_lp_rows = np.nonzero(batch.wants_prompt_logprobs[:batch.num_reqs])[0]
         if self.graphs is not None and not len(prompt_lp_rows) and self.graphs.can_run(common):
             logits = self.graphs.run(input_ids, positions, common)[logits_indices].float()
@@ -220,10 +247,14 @@ class PagedModelRunner(ModelRunner):
             if len(prompt_lp_rows):
                 self._prompt_logprobs(hidden, common, prompt_lp_rows)
         if self.logits_hook is not None:
-            replaced = self.logits_hook([batch.req_ids[r] for r in rows.tolist()], logits)
+            hook_rows = rows if step is None else sample_rows
+            replaced = self.logits_hook([batch.req_ids[r] for r in hook_rows.tolist()], logits)
             logits = logits if replaced is None else replaced
-        ids, lps = sample(logits, self._sampling_metadata(rows, logits.shape[-1]))
-        return _StepFuture(self, rows, ids, lps)
+        if step is not None:
+            ids, lps = step.sample(logits, self._sampling_metadata(sample_rows, logits.shape[-1]))
+        else:
+            ids, lps = sample(logits, self._sampling_metadata(rows, logits.shape[-1]))
+        return _StepFuture(self, rows, ids, lps, step)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, common, req_rows: np.ndarray) -> None:
         """Fill each asking request's prompt logprobs for the prompt tokens this step's chunk predicts (the logits
@@ -246,9 +277,12 @@ class PagedModelRunner(ModelRunner):
             lp = compute_logprobs(logprobs, torch.tensor(targets, device=logprobs.device), k)
             state.prompt_logprobs[first + 1:last + 1] = to_token_logprobs(targets, lp, [k] * len(targets))
 
-    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps) -> ModelRunnerOutput:
+    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps, step=None) -> ModelRunnerOutput:
         batch = self.batch
         ids_np = ids.cpu().numpy()  # the step's one device -> host sync
+        if step is not None:
+            sampled, logprobs = step.fold(batch, rows, ids_np, lps)
+            return self._step_output(rows, sampled, logprobs, step)
         batch.token_ids[rows, batch.num_tokens[rows]] = ids_np
         batch.num_tokens[rows] += 1
         sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
@@ -260,24 +294,31 @@ class PagedModelRunner(ModelRunner):
             want = [batch.states[row].sampling_params.num_logprobs for row in rows.tolist()]
             for row, entry in zip(rows.tolist(), to_token_logprobs(ids_np.tolist(), lps, want)):
                 logprobs[row] = None if entry is None else [entry]
+        return self._step_output(rows, sampled, logprobs, None)
+
+    def _step_output(self, rows: np.ndarray, sampled: list[list[int]], logprobs, step) -> ModelRunnerOutput:
+        batch = self.batch
         prompt_logprobs = {}
         for row in rows[batch.wants_prompt_logprobs[rows]].tolist():
             state = batch.states[row]
             if state.prompt_logprobs is not None:  # the prompt finished: send its logprobs once
                 prompt_logprobs[state.req_id], state.prompt_logprobs = state.prompt_logprobs, None
                 batch.wants_prompt_logprobs[row] = False
-        return ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled, logprobs, prompt_logprobs)
+        out = ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled, logprobs, prompt_logprobs)
+        if self.spec is not None:
+            self.spec.after_step(out, rows, step)
+        return out
 
 
 class _StepFuture(RunnerFuture):
-    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps):
+    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps, step=None):
         super().__init__()
-        self._args = (runner, rows, ids, lps)
+        self._args = (runner, rows, ids, lps, step)
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
-            runner, rows, ids, lps = self._args
-            self._output = runner._finish_step(rows, ids, lps)
+            runner, rows, ids, lps, step = self._args
+            self._output = runner._finish_step(rows, ids, lps, step)
             self._args = None
         return self._output
 

@@ -1,0 +1,182 @@
+"""The model runner's side of speculative decoding, called from a few hook points of `PagedModelRunner`:
+
+- `forget_requests` (state update): new, preempted and finished requests lose their proposer state.
+- `prepare` (before input preparation): the scheduled drafts are written after each row's known tokens, so the
+  runner's ordinary input preparation feeds `[last token, d1..dk]` at positions `num_computed..`.
+- `SpecStep.logits_indices` / `SpecStep.sample`: logits at every position of a verified row; rejection sampling.
+- `SpecStep.fold` and `after_step` (when the step's tokens reach the host): accepted tokens into the batch, the
+  block-table tail the scheduler frees dropped (`kept_blocks`), and the next drafts proposed.
+
+A step with drafts runs eagerly: the decode CUDA graphs take one query token per request (`DecodeGraphs.can_run`
+refuses `max_query_len > 1`), and steps without drafts still replay them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from weavelm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from weavelm.plugins.workers.sampler import SamplingMetadata, compute_logprobs
+from weavelm.plugins.workers.sampling_inputs import to_token_logprobs
+from weavelm.spec_decode.proposer import ProposeInput, Proposer
+from weavelm.spec_decode.rejection import emitted_lists, rejection_sample, target_probs
+from weavelm.spec_decode.scheduling import kept_blocks
+
+
+class SpecStep:
+    """One step with drafts: for each sampled row (in `rows` order) its draft tokens (maybe none)."""
+
+    def __init__(self, drafts: list[list[int]], draft_probs: torch.Tensor | None):
+        self.drafts = drafts
+        self.num_drafts = [len(d) for d in drafts]
+        self.draft_probs = draft_probs
+        counts = np.asarray(self.num_drafts, dtype=np.int64) + 1
+        self.offsets = np.cumsum(counts) - counts  # first expanded row of each sampled row
+        self.counts = counts
+
+    def logits_indices(self, rows: np.ndarray, query_end: np.ndarray, device: torch.device
+                       ) -> tuple[torch.Tensor, np.ndarray]:
+        """Flat-token indices whose logits are needed (every position of each row's run) and the batch row of
+        each. `query_end[r]`: end offset of batch row r's tokens in the flat batch."""
+        ends = np.repeat(query_end[rows], self.counts)
+        within = np.arange(int(self.counts.sum())) - np.repeat(self.offsets, self.counts)
+        idx = ends - np.repeat(self.counts, self.counts) + within
+        return torch.from_numpy(idx.astype(np.int64)).to(device), np.repeat(rows, self.counts)
+
+    def sample(self, logits: torch.Tensor, m: SamplingMetadata):
+        probs = target_probs(logits, m)
+        device = logits.device
+        flat = [t for d in self.drafts for t in d]
+        draft_ids = torch.tensor(flat, dtype=torch.int64, device=device)
+        gens = {i: m.generators[int(o)] for i, o in enumerate(self.offsets) if int(o) in m.generators}
+        out = rejection_sample(probs, draft_ids, self.draft_probs, self.num_drafts, gens)
+        lps = None
+        if m.want_logprobs:
+            req = np.repeat(np.arange(len(self.num_drafts)), self.counts)
+            pos = np.arange(int(self.counts.sum())) - np.repeat(self.offsets, self.counts)
+            tokens = out[torch.from_numpy(req).to(device), torch.from_numpy(pos).to(device)].clamp(min=0)
+            lps = (compute_logprobs(logits.log_softmax(dim=-1), tokens, m.num_logprobs), tokens)
+        return out, lps
+
+    def fold(self, batch: Any, rows: np.ndarray, out: np.ndarray, lps) -> tuple[list[list[int]], list | None]:
+        """Append each row's emitted tokens to the batch; the step's sampled ids and logprobs per batch row."""
+        sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
+        emitted = emitted_lists(out)
+        for row, toks in zip(rows.tolist(), emitted):
+            start = int(batch.num_tokens[row])
+            batch.token_ids[row, start:start + len(toks)] = toks
+            batch.num_tokens[row] = start + len(toks)
+            sampled[row] = toks
+        logprobs = None
+        if lps is not None:
+            lp, tokens = lps
+            want = [batch.states[r].sampling_params.num_logprobs for r in np.repeat(rows, self.counts).tolist()]
+            entries = to_token_logprobs(tokens.tolist(), lp, want)
+            logprobs = [None] * batch.num_reqs
+            for i, (row, toks) in enumerate(zip(rows.tolist(), emitted)):
+                first = entries[int(self.offsets[i])]
+                if first is not None:
+                    logprobs[row] = entries[int(self.offsets[i]):int(self.offsets[i]) + len(toks)]
+        return sampled, logprobs
+
+
+class SpecDecodeRunner:
+    """Owns the proposer and the draft distributions awaiting verification."""
+
+    def __init__(self, proposer: Proposer, runner: Any):
+        self.proposer = proposer
+        self.runner = runner
+        self.k = proposer.num_speculative_tokens
+        self._draft_probs: dict[str, torch.Tensor] = {}
+
+    def forget_requests(self, scheduler_output: SchedulerOutput) -> None:
+        gone = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids)
+        gone.update(r.req_id for r in scheduler_output.scheduled_new_reqs)
+        c = scheduler_output.scheduled_cached_reqs
+        gone.update(rid for rid, resumed in zip(c.req_ids, c.resumed_from_preemption) if resumed)
+        for rid in gone:
+            self._draft_probs.pop(rid, None)
+        if gone:
+            self.proposer.forget(gone)
+
+    def prepare(self, scheduler_output: SchedulerOutput) -> dict[str, list[int]] | None:
+        """Write the scheduled drafts after each row's tokens; None when the step verifies none."""
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        if not spec:
+            return None
+        batch = self.runner.batch
+        for rid, drafts in spec.items():
+            row = batch.index[rid]
+            start = int(batch.num_tokens[row])
+            batch.token_ids[row, start:start + len(drafts)] = drafts
+        return spec
+
+    def make_step(self, spec: dict[str, list[int]], rows: np.ndarray) -> SpecStep:
+        batch = self.runner.batch
+        drafts = [spec.get(batch.req_ids[r], []) for r in rows.tolist()]
+        probs = None
+        if self._draft_probs:
+            # Drafts whose distribution is missing (proposals carried over a failed step) are verified as point
+            # masses: accepting d with probability p(d) is exact for any draft chosen independently of the
+            # verification's randomness; the draft distribution only raises the acceptance rate.
+            vocab = next(iter(self._draft_probs.values())).shape[-1]
+            parts = []
+            for r, d in zip(rows.tolist(), drafts):
+                if d:
+                    stored = self._draft_probs.get(batch.req_ids[r])
+                    if stored is None or stored.shape[0] < len(d):
+                        dev = self.runner.device
+                        stored = torch.zeros(len(d), vocab, device=dev)
+                        stored[torch.arange(len(d), device=dev), torch.tensor(d, device=dev)] = 1.0
+                    parts.append(stored[:len(d)])
+            probs = torch.cat(parts) if parts else torch.empty(0, vocab, device=self.runner.device)
+        return SpecStep(drafts, probs)
+
+    def after_step(self, out: ModelRunnerOutput, rows: np.ndarray, step: SpecStep | None) -> None:
+        """Drop the freed block-table tails, then propose the next drafts for the sampled rows."""
+        runner, batch = self.runner, self.runner.batch
+        bs = runner.block_size
+        uses_kv = self.proposer.uses_kv_cache
+        rows_list = rows.tolist()
+        t0 = time.perf_counter()
+        eligible, caps = [], []
+        for row in rows_list:
+            n = int(batch.num_tokens[row])
+            sp = batch.states[row].sampling_params
+            cap = min(self.k, runner.max_model_len - n, sp.max_tokens - (n - int(batch.num_prompt[row])) - 1)
+            if uses_kv:
+                cap = min(cap, int(batch.num_blocks[row]) * bs - n + 1)
+            if cap > 0 and not batch.processed[row]:  # logits processors depend on the history: no drafts
+                eligible.append(row)
+                caps.append(cap)
+        spec_ids: list[list[int]] = [[] for _ in range(batch.num_reqs)]
+        self._draft_probs = {}
+        if eligible:
+            e = np.asarray(eligible)
+            inp = ProposeInput(
+                req_ids=[batch.req_ids[r] for r in eligible],
+                token_ids=[batch.token_ids[r, :batch.num_tokens[r]] for r in eligible], max_tokens=caps,
+                block_table=batch.block_table[e], num_blocks=batch.num_blocks[e].copy(),
+                temperature=batch.temperature[e].copy(), generators=[batch.states[r].generator for r in eligible])
+            proposal = self.proposer.propose(inp)
+            start = 0
+            for row, toks, cap in zip(eligible, proposal.token_ids, caps):
+                kept = [int(t) for t in toks[:cap]]
+                spec_ids[row] = kept
+                if proposal.probs is not None and kept:
+                    self._draft_probs[batch.req_ids[row]] = proposal.probs[start:start + len(kept)]
+                start += len(toks)
+        out.proposer_time_s = time.perf_counter() - t0
+        out.spec_token_ids = spec_ids
+        # the scheduler frees the same tail (kept_blocks) for these rows
+        for i, row in enumerate(rows_list):
+            if uses_kv or (step is not None and step.num_drafts[i]):
+                keep = kept_blocks(int(batch.num_tokens[row]), bs)
+                if batch.num_blocks[row] > keep:
+                    batch.num_blocks[row] = keep
+                    state = batch.states[row]
+                    del state.block_ids[keep:]
