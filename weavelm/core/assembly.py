@@ -58,7 +58,8 @@ class RunnerBuilder(_RegistryHolder):
         registry, config = self.registry, self.config
         context = RunnerContext(config=config, device=device, rank=self.rank, world_size=self.world_size,
                                 limits=self.limits, loader=build_loader(config, registry),
-                                model_class=self.model_class, attention_backend=self.attention_backend)
+                                model_class=self.model_class, attention_backend=self.attention_backend,
+                                quantization=self.quantization)
         cls = registry.get("model_runner", config.model_runner.name)
         return cls(config.model_runner.options, context)
 
@@ -77,6 +78,14 @@ class RunnerBuilder(_RegistryHolder):
         section, registry = self.config.attention, self.registry
         cls = registry.get("attention", section.name)
         return cls.select(section.options, spec, registry.classes("attention"))
+
+
+    def quantization(self, spec: Any) -> Any:
+        from weavelm.core.config import ComponentConfig
+        from weavelm.core.quantization import resolve
+
+        section = self.config.quantization or ComponentConfig(name="auto", options=None)
+        return resolve(section, self.registry, spec)
 
 
 class WorkerBuilder(_RegistryHolder):

@@ -23,6 +23,7 @@ COMPONENT_SECTIONS = {
     "model_runner": ("model_runner", "paged"),
     "loader": ("loader", "auto"),
     "attention": ("attention", "auto"),
+    "quantization": ("quantization", "auto"),
 }
 # Upper bounds that keep every accepted value buildable: the block pool holds one Python object per block, and the
 # runner's persistent batch keeps `max_model_len` token ids per sequence.
@@ -73,6 +74,7 @@ class _TopLevel(BaseModel):
     model_runner: Any = None
     loader: Any = None
     attention: Any = None
+    quantization: Any = None
 
 
 class ComponentConfig(BaseModel):
@@ -108,6 +110,7 @@ class EngineConfig(BaseModel):
     model_runner: ComponentConfig
     loader: ComponentConfig
     attention: ComponentConfig
+    quantization: ComponentConfig | None = Field(None, description="Weight quantization (None: auto).")
     raw: dict[str, Any] = Field(default_factory=dict, description="The merged input, for reproducibility.")
 
     @classmethod
@@ -150,7 +153,9 @@ class EngineConfig(BaseModel):
                                                               "max_model_len", "enforce_eager", "engine_process")}
         out["cache"] = self.cache.model_dump()
         for key in COMPONENT_SECTIONS:
-            comp: ComponentConfig = getattr(self, key)
+            comp: ComponentConfig | None = getattr(self, key)
+            if comp is None:
+                continue
             out[key] = {"name": comp.name, **(comp.options.model_dump() if comp.options is not None else {})}
         return out
 

@@ -72,7 +72,8 @@ class RunnerContext:
     architecture serving the config's `architectures`. `attention_backend(spec)` returns the configured attention
     backend for `spec` (for `auto`, the highest-priority registered backend whose `check(spec)` passes).
     `limits` bounds every step's batch. `tp` is this rank's tensor-parallel group (built from `rank` and
-    `world_size` when not given); the runner builds the model with it.
+    `world_size` when not given); the runner builds the model with it. `quantization(spec)` returns the configured
+    `QuantizationConfig` for a `QuantSpec` (None: dense weights); absent (None) means no quantization.
     """
 
     config: EngineConfig
@@ -84,6 +85,7 @@ class RunnerContext:
     model_class: Callable[[Any], type[ModelArchitecture]]
     attention_backend: Callable[[AttentionSpec], AttentionBackend]
     tp: TensorParallelGroup | None = None
+    quantization: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.tp is None:

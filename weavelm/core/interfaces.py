@@ -36,7 +36,8 @@ outputs.py / forward.py. Major: existing plugins break (refused at load); minor:
 check_request; Executor.collective_rpc; ModelRunner.model_info / profile_peak_memory / set_logits_hook;
 AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select."""
 
-COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model")
+COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
+                   "quantization")
 
 
 class NoOptions(BaseModel):
@@ -325,6 +326,11 @@ class ModelLoader(Component, ABC):
         Called once per load, after `load_hf_config(path)` and before the model is built, so a config.json that
         does not match the weights fails before anything is allocated. Raises LoadError for unreadable files."""
         return None
+
+    def weight_types(self, path: str) -> dict[str, str]:
+        """The stored type of each quantized tensor by checkpoint name (e.g. GGUF's "Q4_1"), read from headers;
+        empty for float checkpoints. `quantization: auto` chooses a scheme from it. Default: empty."""
+        return {}
 
     @abstractmethod
     def iter_weights(self, path: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -133,7 +133,27 @@ def lazy_tensor(file: str, t: Any, n_head: int | None) -> LazyTensor:
         part = to_torch(file, t, dim, start, length)
         return layout.unpermute(part, length // head_rows) if n_head is not None else part
 
-    return LazyTensor(shape, FLOAT_DTYPES.get(kind, torch.float32), read)
+    if kind in FLOAT_DTYPES:
+        return LazyTensor(shape, FLOAT_DTYPES[kind], read)
+
+    def raw_rows() -> np.ndarray:
+        rows = np.asarray(t.data).reshape(shape[0], -1)
+        return layout.unpermute(torch.from_numpy(rows), n_head).numpy() if n_head is not None else rows
+
+    return QuantizedLazyTensor(shape, torch.float32, read, kind, raw_rows)
+
+
+class QuantizedLazyTensor(LazyTensor):
+    """A quantized GGUF tensor: reads as float32 like any LazyTensor, and also offers its stored blocks to a
+    quantization method (`weavelm.plugins.quantization.gguf`) that keeps them quantized: `ggml_type` ("Q4_1", ...)
+    and `raw_rows()`, the (rows, bytes_per_row) uint8 blocks with rows in Hugging Face order (Q/K unpermuted)."""
+
+    __slots__ = ("ggml_type", "raw_rows")
+
+    def __init__(self, shape, dtype, read, ggml_type: str, raw_rows):
+        super().__init__(shape, dtype, read)
+        self.ggml_type = ggml_type
+        self.raw_rows = raw_rows
 
 
 class GGUFLoader(FileLoader):
@@ -182,6 +202,11 @@ class GGUFLoader(FileLoader):
             return AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(file), local_files_only=True)
         except Exception as e:  # transformers raises many types for a tokenizer it cannot build
             raise LoadError(f"{file}: cannot build a tokenizer from its metadata or the files beside it ({e})") from e
+
+    def weight_types(self, path: str) -> dict[str, str]:
+        """Stored ggml type of every tensor, by Hugging Face name (what `quantization: auto` decides from)."""
+        reader = self.reader(gguf_file(path))
+        return {layout.gguf_to_hf_name(t.name) or t.name: t.tensor_type.name for t in reader.tensors}
 
     def checkpoint_num_elements(self, path: str) -> int | None:
         """Elements summed over the tensors at `path`, read from the GGUF tensor table without loading tensor data
