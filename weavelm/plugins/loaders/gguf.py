@@ -24,6 +24,7 @@ from weavelm.core.model_files import LazyTensor
 from weavelm.errors import LoadError
 from weavelm.plugins.loaders import gguf_layout as layout
 from weavelm.plugins.loaders.common import FileLoader, WeightRecord
+from weavelm.plugins.loaders.gguf_fast_reader import FastGGUFReader
 
 MAGIC = b"GGUF"
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -71,6 +72,10 @@ def open_reader(file: str) -> Any:
         magic = f.read(4)
     if magic != MAGIC:
         raise LoadError(f"{file}: not a GGUF file (magic {magic!r}, expected {MAGIC!r}); the header is corrupt")
+    try:
+        return FastGGUFReader(file)
+    except Exception:  # anything unusual: the full reader below checks it and says what is wrong
+        pass
     try:
         return CheckedReader(file)
     except LoadError:
@@ -138,7 +143,9 @@ def lazy_tensor(file: str, t: Any, n_head: int | None) -> LazyTensor:
 
     def raw_rows() -> np.ndarray:
         rows = np.asarray(t.data).reshape(shape[0], -1)
-        return layout.unpermute(torch.from_numpy(rows), n_head).numpy() if n_head is not None else rows
+        if n_head is None:
+            return rows
+        return rows.reshape(n_head, shape[0] // n_head // 2, 2, -1).swapaxes(1, 2).reshape(rows.shape)
 
     return QuantizedLazyTensor(shape, torch.float32, read, kind, raw_rows)
 
@@ -156,6 +163,9 @@ class QuantizedLazyTensor(LazyTensor):
         self.raw_rows = raw_rows
 
 
+_READERS: dict[tuple, Any] = {}  # parsed headers shared by this process's loaders until the weights are read
+
+
 class GGUFLoader(FileLoader):
     name = "gguf"
     description = "llama.cpp GGUF (F32/F16/BF16, Q4_0..Q8_0, Q2_K..Q6_K) with config and tokenizer from metadata."
@@ -169,18 +179,18 @@ class GGUFLoader(FileLoader):
         except (LoadError, OSError):
             return None
 
-    def __init__(self, options: Any):
-        super().__init__(options)
-        self._readers: dict[tuple, Any] = {}
-
     def reader(self, file: str, keep: bool = True) -> Any:
         """The parsed file, kept between `load_hf_config`, `load_tokenizer` and `iter_weights` (parsing a large
-        vocabulary takes seconds); `iter_weights` releases it so the mapped pages do not outlive the load."""
+        vocabulary takes seconds), also across the loader instances of one process (the frontend's and the
+        runner's), keyed by path, mtime and size; `iter_weights` releases it so the mapped pages do not outlive the
+        load."""
         st = os.stat(file)
-        key = (os.path.abspath(file), st.st_mtime_ns, st.st_size)
-        reader = self._readers.pop(key, None) or open_reader(file)
+        key = (os.path.realpath(file), st.st_mtime_ns, st.st_size)
+        reader = _READERS.pop(key, None) or open_reader(file)
         if keep:
-            self._readers[key] = reader
+            while len(_READERS) >= 2:
+                _READERS.pop(next(iter(_READERS)))
+            _READERS[key] = reader
         return reader
 
     def load_hf_config(self, path: str) -> Any:

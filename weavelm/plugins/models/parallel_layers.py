@@ -158,7 +158,10 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose vocabulary rows are split across ranks: rank r holds ids `[r * per_rank, (r + 1) * per_rank)`
     (the last shard zero-padded when the vocabulary does not divide). `forward` looks up the ids it holds, zeros
-    the others, and sums over ranks."""
+    the others, and sums over ranks. A quantization method, when attached, runs `compute_logits`' matmul (the
+    lookup keeps the dense rows)."""
+
+    quant_method = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallelGroup):
         super().__init__()

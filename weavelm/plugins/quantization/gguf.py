@@ -13,6 +13,7 @@ same way. Tensor parallelism is not supported by this scheme (check says so; `au
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,7 +60,7 @@ class GGUFLinearMethod(QuantizeMethodBase):
             return  # float weights stay dense (apply runs F.linear)
         if types <= set(INT4_TYPES):
             decoded = [decode_int4(t, loaded.raw_rows()) for t, loaded, _ in (parts[k] for k in keys)]
-            q, scale, zero = (torch.cat([d[i] for d in decoded]) for i in range(3))
+            q, scale, zero = (np.concatenate([d[i] for d in decoded]) for i in range(3))
             layer.qpack = Int4Pack.from_codes(q, scale, zero)
             self.kind = "gguf-int4"
         else:

@@ -24,7 +24,7 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.stack([qs & 0x0F, qs >> 4], axis=-2)
 
 
-def decode_int4(ggml_type: str, raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_int4(ggml_type: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = raw.shape[0]
     if ggml_type in ("Q4_0", "Q4_1"):
         head = 2 if ggml_type == "Q4_0" else 4
@@ -48,7 +48,7 @@ def decode_int4(ggml_type: str, raw: np.ndarray) -> tuple[torch.Tensor, torch.Te
         zero = (-(dmin[..., None] * mn)).reshape(rows, -1) + 8.0 * scale
     else:
         raise ValueError(f"{ggml_type} is not a 4-bit GGUF type ({', '.join(INT4_TYPES)})")
-    return torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(scale), torch.from_numpy(zero)
+    return np.ascontiguousarray(q), scale, zero
 
 
 def _scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
 from weavelm.plugins.workers.sampler import SamplingMetadata, compute_logprobs, sample
 from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata, to_token_logprobs
+from weavelm.ops.memory import zeros
 from weavelm.utils import cdiv
 
 logger = logging.getLogger("weavelm.runner")
@@ -27,6 +28,8 @@ logger = logging.getLogger("weavelm.runner")
 class RunnerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cuda_graph_max_bs: int = Field(512, ge=0, le=512, description="Largest decode batch captured in a CUDA graph.")
+    cpu_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads on the CPU (default: "
+                                    "torch's, one per core); 1 avoids stalls when other processes share the cores.")
 
 
 
@@ -50,6 +53,8 @@ class PagedModelRunner(ModelRunner):
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
+        if self.device.type == "cpu" and self.options.cpu_threads is not None:
+            torch.set_num_threads(self.options.cpu_threads)
         self.bundle = load_model_bundle(self.context)
         b = self.bundle
         self.max_model_len = b.max_model_len
@@ -78,7 +83,7 @@ class PagedModelRunner(ModelRunner):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         num_layers, _, num_kv_heads, head_size = self.layout
         shape = self.attn_backend.kv_cache_shape(num_blocks, self.block_size, num_kv_heads, head_size)
-        self.kv_caches = [torch.zeros(shape, dtype=self.bundle.dtype, device=self.device) for _ in range(num_layers)]
+        self.kv_caches = [zeros(shape, self.bundle.dtype, self.device) for _ in range(num_layers)]
         self.num_blocks = num_blocks
         if self.device.type == "cuda" and not self.config.enforce_eager and self.options.cuda_graph_max_bs > 0:
             if not self.attn_backend.graph_safe:
