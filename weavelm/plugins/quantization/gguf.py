@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec
-from weavelm.ops.quant_kernels import Int4Pack, Int8Pack, packed_linear
+from weavelm.ops.quant_kernels import Int4Pack, Int8Pack, LogitsPack, packed_linear
 from weavelm.plugins.quantization.gguf_blocks import INT4_TYPES, decode_int4
 from weavelm.plugins.quantization.int8 import is_linear, is_vocab
 
@@ -68,7 +68,8 @@ class GGUFLinearMethod(QuantizeMethodBase):
                 t, loaded, original = parts[k]
                 if t in INT4_TYPES and not self.keep_dense:
                     original(layer.weight, loaded, k)
-            layer.qpack = Int8Pack.quantize(layer.weight.data)
+            layer.qpack = LogitsPack.from_dense(layer.weight.data) if self.keep_dense else \
+                Int8Pack.quantize(layer.weight.data)
             self.kind = "gguf-int8"
         if not self.keep_dense:
             layer.register_parameter("weight", None)

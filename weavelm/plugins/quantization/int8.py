@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec
-from weavelm.ops.quant_kernels import Int8Pack, packed_linear
+from weavelm.ops.quant_kernels import Int8Pack, LogitsPack, packed_linear
 
 
 class Int8Options(BaseModel):
@@ -41,6 +41,9 @@ class Int8LinearMethod(QuantizeMethodBase):
         pass  # loads dense; quantized after loading
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.keep_dense:
+            layer.qpack = LogitsPack.from_dense(layer.weight.data)
+            return
         layer.qpack = Int8Pack.quantize(layer.weight.data)
         if not self.keep_dense:
             layer.register_parameter("weight", None)
