@@ -97,6 +97,13 @@ class QuantizationConfig(Component, ABC):
         to leave it unquantized. Called for every module of the model."""
 
 
+def layer_kind(layer: torch.nn.Module) -> str | None:
+    """What a layer offers a quantization method: "linear" (its forward is `x @ W^T + b` through
+    `linear_apply`), "embedding" (rows looked up densely, and `compute_logits` multiplies through its method), or
+    None. Layers declare it as the class attribute `quant_kind`."""
+    return getattr(type(layer), "quant_kind", None)
+
+
 def attach(model: torch.nn.Module, config: QuantizationConfig | None) -> int:
     """Step 1: give every layer `config` claims its method (`layer.quant_method`) and let it create its weights.
     Returns how many layers were claimed."""

@@ -67,6 +67,7 @@ def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's rows (output features) split across ranks; the output stays sharded."""
 
+    quant_kind = "linear"  # what a quantization method may take over (weavelm.core.quantization.layer_kind)
     quant_method = None  # a QuantizeMethodBase when a quantization config claims the layer
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup):
@@ -136,6 +137,7 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's columns (input features) split across ranks: each rank takes its slice of x, and the
     partial products are summed over ranks. The bias is added by rank 0 only, inside the sum."""
 
+    quant_kind = "linear"
     quant_method = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup):
@@ -161,6 +163,7 @@ class VocabParallelEmbedding(nn.Module):
     the others, and sums over ranks. A quantization method, when attached, runs `compute_logits`' matmul (the
     lookup keeps the dense rows)."""
 
+    quant_kind = "embedding"
     quant_method = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallelGroup):

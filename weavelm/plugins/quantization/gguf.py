@@ -18,10 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from weavelm.core.hookspecs import hookimpl
-from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec
+from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec, layer_kind
 from weavelm.ops.quant_kernels import Int4Pack, Int8Pack, LogitsPack, packed_linear
 from weavelm.plugins.quantization.gguf_blocks import INT4_TYPES, decode_int4
-from weavelm.plugins.quantization.int8 import is_linear, is_vocab
 
 SHARD_ORDER = ("q", "k", "v")
 
@@ -114,9 +113,10 @@ class GGUFConfig(QuantizationConfig):
         return reasons
 
     def get_quant_method(self, layer, prefix):
-        if is_linear(layer):
+        kind = layer_kind(layer)
+        if kind == "linear":
             return GGUFLinearMethod()
-        if is_vocab(layer) and self.options.lm_head:
+        if kind == "embedding" and self.options.lm_head:
             return GGUFLinearMethod(keep_dense=True)
         return None
 

@@ -12,23 +12,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from weavelm.core.hookspecs import hookimpl
-from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec
+from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec, layer_kind
 from weavelm.ops.quant_kernels import Int8Pack, LogitsPack, packed_linear
 
 
 class Int8Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lm_head: bool = Field(True, description="Also quantize the logits projection (the tied embedding's copy).")
-
-
-def is_linear(layer: torch.nn.Module) -> bool:
-    from weavelm.plugins.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
-    return isinstance(layer, (ColumnParallelLinear, RowParallelLinear))
-
-
-def is_vocab(layer: torch.nn.Module) -> bool:
-    from weavelm.plugins.models.parallel_layers import VocabParallelEmbedding
-    return isinstance(layer, VocabParallelEmbedding)
 
 
 class Int8LinearMethod(QuantizeMethodBase):
@@ -64,9 +54,10 @@ class Int8Config(QuantizationConfig):
         return []
 
     def get_quant_method(self, layer, prefix):
-        if is_linear(layer):
+        kind = layer_kind(layer)
+        if kind == "linear":
             return Int8LinearMethod()
-        if is_vocab(layer) and self.options.lm_head and hasattr(layer, "compute_logits"):
+        if kind == "embedding" and self.options.lm_head:
             return Int8LinearMethod(keep_dense=True)
         return None
 
