@@ -125,7 +125,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", default="default", help=f"weavelm variants, comma-separated: {', '.join(VARIANTS)}")
-    ap.add_argument("--skip", default="", help="engines to skip: transformers, llama.cpp")
+    ap.add_argument("--skip", default="", help="engines to skip: transformers, llama.cpp; or one batch size of one "
+                    "engine: transformers@1 (transformers at batch 1 takes minutes per pass)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_peers.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,9 +137,9 @@ def main() -> None:
     prompts = [chat_ids(tok, p) for p in PROMPTS]
 
     engines = [Weavelm(v, args.threads) for v in args.variants.split(",")]
-    if "transformers" not in args.skip:
+    if "transformers" not in args.skip.split(","):
         engines.append(Transformers(args.threads))
-    if "llama.cpp" not in args.skip:
+    if "llama.cpp" not in args.skip.split(","):
         try:
             engines.append(LlamaCpp(args.threads))
         except ImportError as e:
@@ -150,7 +151,7 @@ def main() -> None:
     for rep in range(args.reps):
         for batch in (1, 8):
             for e in engines:
-                if batch > 1 and isinstance(e, LlamaCpp):
+                if (batch > 1 and isinstance(e, LlamaCpp)) or f"{e.name}@{batch}" in args.skip.split(","):
                     continue
                 tps = measure(e, prompts, batch)
                 results[e.name][batch].append(tps)
@@ -166,7 +167,8 @@ def main() -> None:
         r1 = f"{m[1] / base_lc[1]:.2f}" if base_lc.get(1) and m[1] else ""
         r8 = f"{m[8] / base_tf[8]:.2f}" if base_tf.get(8) and m[8] else ""
         f8 = f"{m[8]:.1f}" if m[8] else "-"
-        print(f"| {name} | {m[1]:.1f} | {f8} | {r1} | {r8} |")
+        f1 = f"{m[1]:.1f}" if m[1] else "-"
+        print(f"| {name} | {f1} | {f8} | {r1} | {r8} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"threads": args.threads, "reps": args.reps, "raw": results, "median": med,

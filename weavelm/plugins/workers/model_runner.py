@@ -15,6 +15,7 @@ from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, Forward
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import ModelRunner
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
+from weavelm.plugins.workers.cpu_threads import choose_cpu_threads
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
 from weavelm.plugins.workers.sampler import SamplingMetadata, compute_logprobs, sample
@@ -29,7 +30,7 @@ class RunnerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cuda_graph_max_bs: int = Field(512, ge=0, le=512, description="Largest decode batch captured in a CUDA graph.")
     cpu_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads on the CPU (default: "
-                                    "torch's, one per core); 1 avoids stalls when other processes share the cores.")
+                                    "one per core not busy with other processes at startup).")
 
 
 
@@ -53,8 +54,8 @@ class PagedModelRunner(ModelRunner):
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
-        if self.device.type == "cpu" and self.options.cpu_threads is not None:
-            torch.set_num_threads(self.options.cpu_threads)
+        if self.device.type == "cpu":
+            torch.set_num_threads(choose_cpu_threads(self.options.cpu_threads))
         self.bundle = load_model_bundle(self.context)
         b = self.bundle
         self.max_model_len = b.max_model_len
