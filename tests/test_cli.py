@@ -1,5 +1,7 @@
 """`weavelm generate` and `weavelm plugins` as a user runs them."""
 
+import re
+
 from weavelm.cli import main
 
 
@@ -10,8 +12,14 @@ def test_generate_prints_text(smol_tokenizer_model, capsys, tmp_path):
                "--set", "scheduler.max_num_batched_tokens=16", "--prompt", "Hello", "--max-tokens", "5",
                "--ignore-eos"])
     assert rc == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.startswith("Hello") and len(out.strip()) > len("Hello")
+    stats = captured.err.strip().splitlines()[-1]
+    assert re.match(r"\[weavelm\] 5 tokens in [\d.]+ s \([\d.]+ tok/s\), time to first token \d+ ms", stats), stats
+    rc = main(["generate", "--config", str(cfg), "--model", smol_tokenizer_model, "--prompt", "Hello",
+               "--max-tokens", "2", "-q"])
+    assert rc == 0 and "[weavelm]" not in capsys.readouterr().err
 
 
 def test_generate_stream_and_bad_option(smol_tokenizer_model, capsys):

@@ -137,7 +137,7 @@ def test_two_engines_with_different_registries_coexist(tiny_llama, outside_plugi
     a = tiny_engine(tiny_llama, everything)
     b = tiny_engine(tiny_llama, blocked)
     assert a.engine.client.model_info["attention"] == "loud"
-    assert b.engine.client.model_info["attention"] == "torch_ref"
+    assert b.engine.client.model_info["attention"] == "cpu"
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
     out_a, out_b = a.generate(prompts, GREEDY), b.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in out_a] == [o.outputs[0].token_ids for o in out_b]
@@ -188,7 +188,7 @@ def test_lora_section_selects_a_lora_manager_plugin(tiny_llama):
 def test_collective_rpc_reaches_the_worker(tiny_llama):
     llm = tiny_engine(tiny_llama)
     [info] = llm.collective_rpc("model_info")
-    assert info["attention"] == "torch_ref" and info["device"] == "cpu"
+    assert info["attention"] == "cpu" and info["device"] == "cpu"
 
 
 # -- structure ------------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ from weavelm.core.registry import Registry
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 BUILTINS = {"scheduler": {"fcfs", "priority"}, "executor": {"uniproc"}, "worker": {"device"},
-            "model_runner": {"paged"}, "attention": {"auto", "torch_ref", "triton", "flash_attn"},
-            "loader": {"auto", "safetensors", "pt", "gguf", "tensorizer", "dummy"}, "model": {"llama", "qwen3"}}
+            "model_runner": {"paged"}, "attention": {"auto", "torch_ref", "triton", "flash_attn", "cpu"},
+            "loader": {"auto", "safetensors", "pt", "gguf", "tensorizer", "dummy"}, "model": {"llama", "qwen3"},
+            "quantization": {"auto", "none", "int8", "gguf"}}
 
 
 def fake_distribution(root, dist: str, entry: str, module: str, body: str) -> None:

@@ -107,22 +107,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for request, head in zip(requests, echo):
             sys.stdout.write(head)
             printed = [0] * params.n
+            last = None
             for out in llm.stream(request, params, lora_request=lora):
                 for c in out.outputs:
                     sys.stdout.write(c.text[printed[c.index]:])
                     printed[c.index] = len(c.text)
                 sys.stdout.flush()
+                last = out
             sys.stdout.write("\n")
+            if not args.quiet and last is not None:
+                print(generation_stats([last]), file=sys.stderr)
         return 0
     rc = 0
-    for out, head in zip(llm.generate(requests, params, lora_request=lora), echo):  # one batch
+    outputs = llm.generate(requests, params, lora_request=lora)  # one batch
+    for out, head in zip(outputs, echo):
         if out.error:
             print(f"error: {out.error}", file=sys.stderr)
             rc = 2
             continue
         for c in out.outputs:
             print(head + c.text)
+    if not args.quiet:
+        print(generation_stats(outputs), file=sys.stderr)
     return rc
+
+
+def generation_stats(outputs: list) -> str:
+    """One line for stderr: generated tokens, tokens/s over the batch, time to first token (the request's, and
+    since this process started, which is what a user waits for)."""
+    import time
+
+    done = [o for o in outputs if not o.error and o.metrics]
+    if not done:
+        return "[weavelm] no tokens generated"
+    tokens = sum(len(c.token_ids) for o in done for c in o.outputs)
+    start = min(o.metrics["arrival"] for o in done)
+    span = max(o.metrics["now"] for o in done) - start
+    ttft = min(o.metrics["first_token"] for o in done if o.metrics["first_token"]) - start
+    line = f"[weavelm] {tokens} tokens in {span:.2f} s ({tokens / span if span > 0 else 0.0:.1f} tok/s), " \
+           f"time to first token {ttft * 1000:.0f} ms"
+    since = _process_age()
+    if since is not None:
+        first = min(o.metrics["first_token"] for o in done if o.metrics["first_token"])
+        line += f" ({since - (time.perf_counter() - first):.2f} s after process start)"
+    return line
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux /proc), or None elsewhere."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _chat_request(llm: Any, prompt: str) -> dict[str, Any]:
@@ -204,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.add_argument("--lora", metavar="NAME=PATH", help="run the prompts on a PEFT LoRA adapter: NAME=PATH adds it "
                    "(under lora.adapters), NAME alone picks one configured there")
+    g.add_argument("-q", "--quiet", action="store_true", help="do not print tokens/s and time to first token")
     g.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("plugins", help="list every component with its distribution and whether it can run here")

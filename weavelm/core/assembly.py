@@ -68,7 +68,8 @@ class RunnerBuilder(_RegistryHolder):
                                 limits=self.limits, loader=build_loader(config, registry),
                                 model_class=self.model_class, attention_backend=self.attention_backend,
                                 lora_manager=self.lora_manager if config.lora is not None else None,
-                                build_proposer=self.build_proposer if config.speculative is not None else None)
+                                build_proposer=self.build_proposer if config.speculative is not None else None,
+                                quantization=self.quantization)
         cls = registry.get("model_runner", config.model_runner.name)
         return cls(config.model_runner.options, context)
 
@@ -99,6 +100,14 @@ class RunnerBuilder(_RegistryHolder):
         section, registry = self.config.attention, self.registry
         cls = registry.get("attention", section.name)
         return cls.select(section.options, spec, registry.classes("attention"))
+
+
+    def quantization(self, spec: Any) -> Any:
+        from weavelm.core.config import ComponentConfig
+        from weavelm.core.quantization import resolve
+
+        section = self.config.quantization or ComponentConfig(name="auto", options=None)
+        return resolve(section, self.registry, spec)
 
 
 class WorkerBuilder(_RegistryHolder):

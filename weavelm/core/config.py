@@ -23,6 +23,7 @@ COMPONENT_SECTIONS = {
     "model_runner": ("model_runner", "paged"),
     "loader": ("loader", "auto"),
     "attention": ("attention", "auto"),
+    "quantization": ("quantization", "auto"),
 }
 # Upper bounds that keep every accepted value buildable: the block pool holds one Python object per block, and the
 # runner's persistent batch keeps `max_model_len` token ids per sequence.
@@ -75,6 +76,7 @@ class _TopLevel(BaseModel):
     attention: Any = None
     lora: Any = None
     speculative: Any = None
+    quantization: Any = None
 
 
 class ComponentConfig(BaseModel):
@@ -113,6 +115,7 @@ class EngineConfig(BaseModel):
     lora: ComponentConfig | None = Field(None, description="Multi-LoRA serving; None when `lora:` is absent.")
     speculative: ComponentConfig | None = Field(None, description="Speculative decoding: the proposer and its "
                                                 "options (`num_speculative_tokens`, ...); None: off.")
+    quantization: ComponentConfig | None = Field(None, description="Weight quantization (None: auto).")
     raw: dict[str, Any] = Field(default_factory=dict, description="The merged input, for reproducibility.")
 
     @classmethod
@@ -160,7 +163,9 @@ class EngineConfig(BaseModel):
                                                               "max_model_len", "enforce_eager", "engine_process")}
         out["cache"] = self.cache.model_dump()
         for key in COMPONENT_SECTIONS:
-            comp: ComponentConfig = getattr(self, key)
+            comp: ComponentConfig | None = getattr(self, key)
+            if comp is None:
+                continue
             out[key] = {"name": comp.name, **(comp.options.model_dump() if comp.options is not None else {})}
         for key in OPTIONAL_SECTIONS:
             comp = getattr(self, key)

@@ -75,7 +75,8 @@ class RunnerContext:
     architecture serving the config's `architectures`. `attention_backend(spec)` returns the configured attention
     backend for `spec` (for `auto`, the highest-priority registered backend whose `check(spec)` passes).
     `limits` bounds every step's batch. `tp` is this rank's tensor-parallel group (built from `rank` and
-    `world_size` when not given); the runner builds the model with it.
+    `world_size` when not given); the runner builds the model with it. `quantization(spec)` returns the configured
+    `QuantizationConfig` for a `QuantSpec` (None: dense weights); absent (None) means no quantization.
     """
 
     config: EngineConfig
@@ -89,6 +90,7 @@ class RunnerContext:
     tp: TensorParallelGroup | None = None
     lora_manager: Callable[[], Any] | None = None  # builds the configured LoRAManager; None without `lora:`
     build_proposer: Callable[..., Any] | None = None  # (context, block_size, load_model) -> Proposer
+    quantization: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.tp is None:

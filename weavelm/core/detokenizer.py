@@ -75,7 +75,7 @@ class IncrementalDetokenizer:
 
 def add_tokens_batch(items: list[tuple[IncrementalDetokenizer, list[int]]]) -> list[str | None]:
     """`add_tokens` for many requests at once: requests with one new token and a shared fast backend are decoded
-    with two `decode_batch` calls instead of two decodes each. Returns each item's stop-string hit or None."""
+    straight through the Rust backend (`_decode_many`), without transformers' per-call Python work. Returns each item's stop-string hit or None."""
     hits: list[str | None] = [None] * len(items)
     groups: dict[int, list[int]] = {}
     for i, (d, toks) in enumerate(items):
@@ -94,13 +94,20 @@ def add_tokens_batch(items: list[tuple[IncrementalDetokenizer, list[int]]]) -> l
             sel = [k for k, d in enumerate(dets) if d.skip_special == skip]
             if not sel:
                 continue
-            prefixes = backend.decode_batch([dets[k].ids[dets[k].prefix_offset:dets[k].read_offset] for k in sel],
-                                            skip_special_tokens=skip)
-            fulls = backend.decode_batch([dets[k].ids[dets[k].prefix_offset:] for k in sel],
-                                         skip_special_tokens=skip)
+            prefixes = _decode_many(backend, [dets[k].ids[dets[k].prefix_offset:dets[k].read_offset] for k in sel],
+                                    skip)
+            fulls = _decode_many(backend, [dets[k].ids[dets[k].prefix_offset:] for k in sel], skip)
             for k, prefix, full in zip(sel, prefixes, fulls):
                 d = dets[k]
                 start = len(d.text)
                 d._advance(prefix, full)
                 hits[idx[k]] = d._check_stop(start)
     return hits
+
+
+def _decode_many(backend: Any, id_lists: list[list[int]], skip_special: bool) -> list[str]:
+    """One Rust `decode` per request. Not `decode_batch`: its rayon pool stalls for milliseconds when the engine's
+    own threads hold the cores (7 ms per call measured at batch 8 on 2 shared cores), and for the few ids per request
+    that incremental decoding passes, a loop is as fast even at batch 256 (0.66 vs 0.92 ms)."""
+    decode = backend.decode
+    return [decode(ids, skip_special_tokens=skip_special) for ids in id_lists]

@@ -40,7 +40,7 @@ num_lookahead_tokens; RunnerContext.build_proposer; ModelRunnerOutput.spec_token
 sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
-                   "lora_manager", "proposer")
+                   "lora_manager", "proposer", "quantization")
 
 
 class NoOptions(BaseModel):
@@ -336,6 +336,11 @@ class ModelLoader(Component, ABC):
         Called once per load, after `load_hf_config(path)` and before the model is built, so a config.json that
         does not match the weights fails before anything is allocated. Raises LoadError for unreadable files."""
         return None
+
+    def weight_types(self, path: str) -> dict[str, str]:
+        """The stored type of each quantized tensor by checkpoint name (e.g. GGUF's "Q4_1"), read from headers;
+        empty for float checkpoints. `quantization: auto` chooses a scheme from it. Default: empty."""
+        return {}
 
     @abstractmethod
     def iter_weights(self, path: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -76,6 +76,9 @@ class AutoLoader(ModelLoader):
         counter = getattr(self.resolve(path), "checkpoint_num_elements", None)
         return counter(path) if counter is not None else None
 
+    def weight_types(self, path: str) -> dict[str, str]:
+        return self.resolve(path).weight_types(path)
+
     def load_weights(self, model: ModelArchitecture, path: str) -> None:
         self.resolve(path).load_weights(model, path)
 

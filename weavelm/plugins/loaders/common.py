@@ -79,22 +79,57 @@ def read_index(index_path: str) -> list[str]:
 def expected_tensors(hf_config: Any) -> tuple[dict[str, tuple[int, ...]], set[str]] | None:
     """`(name -> shape, optional names)` a checkpoint of this config holds, or None when not known here.
 
-    Read off a transformers model built on the meta device (no memory, no init); `lm_head.weight` is optional when
-    the embeddings are tied.
+    Written out from the config for the dense decoders of SCHEMA_MODEL_TYPES (the names and shapes of their
+    transformers state dicts; `tests/test_load_checks.py` checks the two agree), so checking a checkpoint does not
+    import transformers' modeling code (seconds of a cold start). `lm_head.weight` is optional when the embeddings
+    are tied.
     """
-    if getattr(hf_config, "model_type", None) not in SCHEMA_MODEL_TYPES:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SCHEMA_MODEL_TYPES:
         return None
-    from transformers import AutoModelForCausalLM
-
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
-    except Exception as e:  # an unusual config: leave the checks to the engine model
-        logger.debug("no tensor schema for %s: %s", getattr(hf_config, "model_type", "?"), e)
+        shapes = decoder_tensor_shapes(hf_config, model_type)
+    except (AttributeError, TypeError) as e:  # an unusual config: leave the checks to the engine model
+        logger.debug("no tensor schema for %s: %s", model_type, e)
         return None
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     optional = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
     return shapes, optional
+
+
+def decoder_tensor_shapes(cfg: Any, model_type: str) -> dict[str, tuple[int, ...]]:
+    """The transformers state-dict shapes of a llama / mistral / qwen2 / qwen3 causal LM."""
+    hidden, vocab, inter = int(cfg.hidden_size), int(cfg.vocab_size), int(cfg.intermediate_size)
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+    if model_type == "qwen2":
+        qkv_bias, o_bias, mlp_bias = True, False, False
+    else:
+        qkv_bias = o_bias = bool(getattr(cfg, "attention_bias", False))
+        mlp_bias = bool(getattr(cfg, "mlp_bias", False)) if model_type == "llama" else False
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden),
+                                          "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    for i in range(int(cfg.num_hidden_layers)):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        for name, rows in (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim),
+                           ("v_proj", kv_heads * head_dim)):
+            shapes[p + f"self_attn.{name}.weight"] = (rows, hidden)
+            if qkv_bias:
+                shapes[p + f"self_attn.{name}.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
+        if o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (hidden,)
+        if model_type == "qwen3":
+            shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
+        for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                            ("down_proj", (hidden, inter))):
+            shapes[p + f"mlp.{name}.weight"] = shape
+            if mlp_bias:
+                shapes[p + f"mlp.{name}.bias"] = shape[:1]
+    return shapes
 
 
 def check_stream(records: Iterable[WeightRecord], schema: tuple[dict, set] | None,

@@ -24,6 +24,7 @@ from weavelm.core.model_files import LazyTensor
 from weavelm.errors import LoadError
 from weavelm.plugins.loaders import gguf_layout as layout
 from weavelm.plugins.loaders.common import FileLoader, WeightRecord
+from weavelm.plugins.loaders.gguf_fast_reader import FastGGUFReader
 
 MAGIC = b"GGUF"
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -71,6 +72,10 @@ def open_reader(file: str) -> Any:
         magic = f.read(4)
     if magic != MAGIC:
         raise LoadError(f"{file}: not a GGUF file (magic {magic!r}, expected {MAGIC!r}); the header is corrupt")
+    try:
+        return FastGGUFReader(file)
+    except Exception:  # anything unusual: the full reader below checks it and says what is wrong
+        pass
     try:
         return CheckedReader(file)
     except LoadError:
@@ -133,7 +138,32 @@ def lazy_tensor(file: str, t: Any, n_head: int | None) -> LazyTensor:
         part = to_torch(file, t, dim, start, length)
         return layout.unpermute(part, length // head_rows) if n_head is not None else part
 
-    return LazyTensor(shape, FLOAT_DTYPES.get(kind, torch.float32), read)
+    if kind in FLOAT_DTYPES:
+        return LazyTensor(shape, FLOAT_DTYPES[kind], read)
+
+    def raw_rows() -> np.ndarray:
+        rows = np.asarray(t.data).reshape(shape[0], -1)
+        if n_head is None:
+            return rows
+        return rows.reshape(n_head, shape[0] // n_head // 2, 2, -1).swapaxes(1, 2).reshape(rows.shape)
+
+    return QuantizedLazyTensor(shape, torch.float32, read, kind, raw_rows)
+
+
+class QuantizedLazyTensor(LazyTensor):
+    """A quantized GGUF tensor: reads as float32 like any LazyTensor, and also offers its stored blocks to a
+    quantization method (`weavelm.plugins.quantization.gguf`) that keeps them quantized: `ggml_type` ("Q4_1", ...)
+    and `raw_rows()`, the (rows, bytes_per_row) uint8 blocks with rows in Hugging Face order (Q/K unpermuted)."""
+
+    __slots__ = ("ggml_type", "raw_rows")
+
+    def __init__(self, shape, dtype, read, ggml_type: str, raw_rows):
+        super().__init__(shape, dtype, read)
+        self.ggml_type = ggml_type
+        self.raw_rows = raw_rows
+
+
+_READERS: dict[tuple, Any] = {}  # parsed headers shared by this process's loaders until the weights are read
 
 
 class GGUFLoader(FileLoader):
@@ -149,18 +179,18 @@ class GGUFLoader(FileLoader):
         except (LoadError, OSError):
             return None
 
-    def __init__(self, options: Any):
-        super().__init__(options)
-        self._readers: dict[tuple, Any] = {}
-
     def reader(self, file: str, keep: bool = True) -> Any:
         """The parsed file, kept between `load_hf_config`, `load_tokenizer` and `iter_weights` (parsing a large
-        vocabulary takes seconds); `iter_weights` releases it so the mapped pages do not outlive the load."""
+        vocabulary takes seconds), also across the loader instances of one process (the frontend's and the
+        runner's), keyed by path, mtime and size; `iter_weights` releases it so the mapped pages do not outlive the
+        load."""
         st = os.stat(file)
-        key = (os.path.abspath(file), st.st_mtime_ns, st.st_size)
-        reader = self._readers.pop(key, None) or open_reader(file)
+        key = (os.path.realpath(file), st.st_mtime_ns, st.st_size)
+        reader = _READERS.pop(key, None) or open_reader(file)
         if keep:
-            self._readers[key] = reader
+            while len(_READERS) >= 2:
+                _READERS.pop(next(iter(_READERS)))
+            _READERS[key] = reader
         return reader
 
     def load_hf_config(self, path: str) -> Any:
@@ -182,6 +212,11 @@ class GGUFLoader(FileLoader):
             return AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(file), local_files_only=True)
         except Exception as e:  # transformers raises many types for a tokenizer it cannot build
             raise LoadError(f"{file}: cannot build a tokenizer from its metadata or the files beside it ({e})") from e
+
+    def weight_types(self, path: str) -> dict[str, str]:
+        """Stored ggml type of every tensor, by Hugging Face name (what `quantization: auto` decides from)."""
+        reader = self.reader(gguf_file(path))
+        return {layout.gguf_to_hf_name(t.name) or t.name: t.tensor_type.name for t in reader.tensors}
 
     def checkpoint_num_elements(self, path: str) -> int | None:
         """Elements summed over the tensors at `path`, read from the GGUF tensor table without loading tensor data

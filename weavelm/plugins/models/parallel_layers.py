@@ -14,6 +14,10 @@ shape and copies in only this rank's slice; `loaded` is a tensor or a `LazyTenso
   tied head is the embedding itself (same shard).
 
 On one rank every layer is a plain `F.linear` / `F.embedding` over the full weight: no collective, no extra copy.
+
+Quantization (`weavelm.core.quantization`): a layer's matmul goes through `linear_apply`, which runs
+`layer.quant_method.apply(layer, x, bias)` when a quantization config attached a method to the layer (its weight is
+then the method's pack, and `layer.weight` may be None), else `F.linear` on the dense weight.
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ def default_weight_loader(param: torch.Tensor, loaded: Loaded, shard_id: object 
     copy_shard(param.data, loaded, tuple(param.shape))
 
 
+def linear_apply(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ W^T + bias` of `layer`: through its quantization method when it has one, else dense."""
+    method = layer.quant_method
+    if method is None:
+        return F.linear(x, layer.weight, bias)
+    return method.apply(layer, x, bias)
+
+
 def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape), requires_grad=False)
     p.weight_loader = loader
@@ -55,6 +67,9 @@ def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's rows (output features) split across ranks; the output stays sharded."""
 
+    quant_kind = "linear"  # what a quantization method may take over (weavelm.core.quantization.layer_kind)
+    quant_method = None  # a QuantizeMethodBase when a quantization config claims the layer
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup):
         super().__init__()
         self.tp, self.in_features = tp, in_features
@@ -63,7 +78,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param((self.out_per_rank,), self.weight_loader) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear_apply(self, x, self.bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
         full = (self.out_per_rank * self.tp.world_size, *param.shape[1:])
@@ -122,6 +137,9 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's columns (input features) split across ranks: each rank takes its slice of x, and the
     partial products are summed over ranks. The bias is added by rank 0 only, inside the sum."""
 
+    quant_kind = "linear"
+    quant_method = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup):
         super().__init__()
         self.tp = tp
@@ -131,8 +149,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        return self.tp.all_reduce(F.linear(x, self.weight, self.bias if self.tp.is_first else None))
+            return linear_apply(self, x, self.bias)
+        return self.tp.all_reduce(linear_apply(self, x, self.bias if self.tp.is_first else None))
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
         full = (param.shape[0], self.in_per_rank * self.tp.world_size)
@@ -142,7 +160,11 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose vocabulary rows are split across ranks: rank r holds ids `[r * per_rank, (r + 1) * per_rank)`
     (the last shard zero-padded when the vocabulary does not divide). `forward` looks up the ids it holds, zeros
-    the others, and sums over ranks."""
+    the others, and sums over ranks. A quantization method, when attached, runs `compute_logits`' matmul (the
+    lookup keeps the dense rows)."""
+
+    quant_kind = "embedding"
+    quant_method = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallelGroup):
         super().__init__()
@@ -167,7 +189,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(tokens, hidden) -> (tokens, num_embeddings) logits against these rows (the tied or untied head)."""
-        logits = F.linear(hidden_states, self.weight)
+        logits = linear_apply(self, hidden_states, None)
         if self.tp.world_size == 1:
             return logits
         return self.tp.all_gather(logits, dim=-1)[..., :self.num_embeddings]

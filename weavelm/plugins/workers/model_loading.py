@@ -10,6 +10,7 @@ import torch
 from weavelm.core.config import EngineConfig
 from weavelm.core.contexts import RunnerContext
 from weavelm.core.model_size import build_model, check_model_size, default_dtype
+from weavelm.core.quantization import QuantSpec, attach, process_weights_after_loading
 from weavelm.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,6 +57,18 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp)
     with default_dtype(dtype), torch.device(device):
         model = build_model(model_cls, hf_config, tp)
-    loader.load_weights(model, config.model)
+    quant = quantization_config(context, loader, device, dtype)
+    attach(model, quant)                                 # 1. methods claim their layers
+    loader.load_weights(model, config.model)             # 2. the checkpoint streams in
+    process_weights_after_loading(model)                 # 3. methods repack once
     model.eval()
     return ModelBundle(model, hf_config, dtype, model_max_len(config, hf_config), hf_config.vocab_size)
+
+
+def quantization_config(context: RunnerContext, loader: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """The engine's `QuantizationConfig` for this model and device (None: dense weights)."""
+    if context.quantization is None:
+        return None
+    types = getattr(loader, "weight_types", None)
+    spec = QuantSpec(device.type, dtype, context.tp.world_size, types(context.config.model) if types else {})
+    return context.quantization(spec)

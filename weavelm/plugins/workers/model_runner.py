@@ -16,10 +16,12 @@ from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, Forward
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import ModelRunner
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
+from weavelm.plugins.workers.cpu_threads import choose_cpu_threads
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
 from weavelm.plugins.workers.sampler import SamplingMetadata, compute_logprobs, sample
 from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata, to_token_logprobs
+from weavelm.ops.memory import zeros
 from weavelm.utils import cdiv
 
 logger = logging.getLogger("weavelm.runner")
@@ -28,6 +30,8 @@ logger = logging.getLogger("weavelm.runner")
 class RunnerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cuda_graph_max_bs: int = Field(512, ge=0, le=512, description="Largest decode batch captured in a CUDA graph.")
+    cpu_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads on the CPU (default: "
+                                    "one per core not busy with other processes at startup).")
 
 
 
@@ -52,6 +56,8 @@ class PagedModelRunner(ModelRunner):
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(choose_cpu_threads(self.options.cpu_threads))
         self.bundle = load_model_bundle(self.context)
         b = self.bundle
         self.max_model_len = b.max_model_len
@@ -97,7 +103,7 @@ class PagedModelRunner(ModelRunner):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         num_layers, _, num_kv_heads, head_size = self.layout
         shape = self.attn_backend.kv_cache_shape(num_blocks, self.block_size, num_kv_heads, head_size)
-        self.kv_caches = [torch.zeros(shape, dtype=self.bundle.dtype, device=self.device) for _ in range(num_layers)]
+        self.kv_caches = [zeros(shape, self.bundle.dtype, self.device) for _ in range(num_layers)]
         self.num_blocks = num_blocks
         if self.spec is not None:
             self.spec.proposer.initialize_kv_cache(num_blocks)

@@ -1,0 +1,123 @@
+"""The `cpu` attention backend: the whole batch in one `scaled_dot_product_attention` call per layer.
+
+The builder runs once per step (not per layer): it turns the block tables into one gather index over the paged
+cache, `(num_reqs, max_blocks * block_size)`, the padded query index `(num_reqs, max_query_len)`, and the boolean
+mask (padding and causality) that SDPA takes. Each layer then writes its new K/V, gathers every request's context
+with one `index_select`, and runs SDPA over the padded batch (grouped-query heads through `enable_gqa`), with no
+Python loop over requests. A pure decode step (every query length 1) skips the query padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata
+from weavelm.core.hookspecs import hookimpl
+from weavelm.core.interfaces import AttentionBackend, AttentionImpl, AttentionMetadataBuilder
+from weavelm.ops.cache_write import write_kv_cache
+
+
+@dataclass
+class CpuAttentionMetadata:
+    """slot_mapping: (num_tokens,) int64; kv_index: (num_reqs * ctx_len,) int64 flat cache rows of each request's
+    context (ctx_len = max_blocks * block_size, the padding pointing at real rows that the mask hides);
+    query_index: (num_reqs, max_query_len) int64 flat token of each padded query (None for a pure decode step);
+    query_valid: (num_reqs * max_query_len,) bool, the padded queries that exist (None for decode);
+    mask: (num_reqs, 1, max_query_len, ctx_len) bool, True where a query may attend."""
+
+    slot_mapping: torch.Tensor
+    kv_index: torch.Tensor
+    query_index: torch.Tensor | None
+    query_valid: torch.Tensor | None
+    mask: torch.Tensor
+    num_reqs: int
+    num_actual_tokens: int
+    max_query_len: int
+    ctx_len: int
+
+
+class CpuAttentionBuilder(AttentionMetadataBuilder):
+    def build(self, common: CommonAttentionMetadata) -> CpuAttentionMetadata:
+        n, bs = common.num_reqs, common.block_size
+        max_blocks = (common.max_seq_len + bs - 1) // bs
+        ctx_len = max_blocks * bs
+        table = common.block_table[:n, :max_blocks].long()
+        kv_index = (table[:, :, None] * bs + torch.arange(bs, device=table.device)).reshape(-1)
+        seq_lens = common.seq_lens[:n].long()
+        start = common.query_start_loc[:n].long()
+        q_lens = common.query_start_loc[1:n + 1].long() - start
+        max_q = common.max_query_len
+        key_pos = torch.arange(ctx_len, device=table.device)
+        q_off = torch.arange(max_q, device=table.device)
+        # query i of a request sits at position seq_len - q_len + i and sees keys at positions <= that
+        q_pos = (seq_lens - q_lens)[:, None] + q_off[None, :]
+        mask = key_pos[None, None, :] <= q_pos[:, :, None]
+        query_index = query_valid = None
+        if max_q > 1:
+            valid = q_off[None, :] < q_lens[:, None]
+            query_index = torch.where(valid, start[:, None] + q_off[None, :], 0)
+            query_valid = valid.reshape(-1)
+            mask = mask & valid[:, :, None]
+            mask[:, :, 0] |= ~valid  # padded queries attend somewhere (no all-masked row), then are dropped
+        return CpuAttentionMetadata(common.slot_mapping, kv_index, query_index, query_valid, mask[:, None],
+                                    n, common.num_actual_tokens, max_q, ctx_len)
+
+
+class CpuAttentionImpl(AttentionImpl):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: Any) -> torch.Tensor:
+        m: CpuAttentionMetadata = metadata
+        n_tok, h, kvh, d = q.shape[0], self.num_heads, self.num_kv_heads, self.head_size
+        write_kv_cache(k.view(n_tok, kvh, d), v.view(n_tok, kvh, d), kv_cache, m.slot_mapping)
+        flat = kv_cache.view(2, -1, kvh, d)
+        shape = (m.num_reqs, m.ctx_len, kvh, d)
+        keys = flat[0].index_select(0, m.kv_index).view(shape).transpose(1, 2)
+        values = flat[1].index_select(0, m.kv_index).view(shape).transpose(1, 2)
+        n = m.num_actual_tokens
+        qh = q[:n].view(n, h, d)
+        if m.query_index is None:
+            queries = qh.view(m.num_reqs, 1, h, d)
+        else:
+            queries = qh[m.query_index.reshape(-1)].view(m.num_reqs, m.max_query_len, h, d)
+        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=m.mask,
+                                             scale=self.scale, enable_gqa=h != kvh)
+        out = out.transpose(1, 2).reshape(-1, h * d)
+        if m.query_valid is not None:
+            out = out[m.query_valid]
+        if n < n_tok:
+            out = torch.cat([out, out.new_zeros(n_tok - n, h * d)])
+        return out
+
+
+class CpuAttentionBackend(AttentionBackend):
+    name = "cpu"
+    description = "Batched paged attention for the CPU: one SDPA call per layer over gathered contexts."
+    priority = 10
+
+    @classmethod
+    def check(cls, spec: AttentionSpec) -> list[str]:
+        if spec.num_heads % spec.num_kv_heads:
+            return [f"num_heads ({spec.num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})"]
+        return []
+
+    @classmethod
+    def auto_check(cls, spec: AttentionSpec) -> list[str]:
+        reasons = cls.check(spec)
+        if spec.device != "cpu":
+            reasons.append(f"auto picks it on the CPU only (device is {spec.device})")
+        return reasons
+
+    def make_builder(self, device: torch.device) -> AttentionMetadataBuilder:
+        return CpuAttentionBuilder()
+
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl:
+        return CpuAttentionImpl(num_heads, num_kv_heads, head_size, scale)
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("attention", CpuAttentionBackend.name, CpuAttentionBackend)

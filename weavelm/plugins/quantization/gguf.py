@@ -1,0 +1,126 @@
+"""`quantization: {name: gguf}`: llama.cpp's quantized blocks stay quantized (picked by `auto` for GGUF files).
+
+Each linear layer's weight loader is wrapped so that, instead of dequantizing, it keeps every checkpoint part's raw
+blocks (`QuantizedLazyTensor.raw_rows()`). After loading, the layer is repacked once:
+- all parts Q4_0 / Q4_1 / Q4_K: the 4-bit codes with per-32 scale and zero, exactly llama.cpp's values (the
+  scales rounded to bf16), into torch's CPU int4 pack (`Int4Pack`);
+- any other quantized type (Q8_0, Q5_x, Q6_K, ...): one per-channel int8 pack (`Int8Pack`) of its dequantized
+  values;
+- float parts only: left dense.
+The embedding keeps its dense rows for lookup; its logits projection (tied or untied head) gets its own pack the
+same way. Tensor parallelism is not supported by this scheme (check says so; `auto` then loads dense).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from weavelm.core.hookspecs import hookimpl
+from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec, layer_kind
+from weavelm.ops.quant_kernels import Int4Pack, Int8Pack, LogitsPack, packed_linear
+from weavelm.plugins.quantization.gguf_blocks import INT4_TYPES, decode_int4
+
+SHARD_ORDER = ("q", "k", "v")
+
+
+class GGUFOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lm_head: bool = Field(True, description="Pack the logits projection too (else it runs on the dense rows).")
+
+
+class GGUFLinearMethod(QuantizeMethodBase):
+    """Defers the 4-bit parts (their raw blocks are repacked after loading); every other part loads dense as before.
+    `keep_dense` (the embedding): every part also loads dense, for row lookup."""
+
+    def __init__(self, keep_dense: bool = False):
+        self.keep_dense = keep_dense
+        self.kind = "gguf-dense"
+
+    def create_weights(self, layer: torch.nn.Module) -> None:
+        layer.gguf_parts = {}
+        original = getattr(layer.weight, "weight_loader", None) or _copy_loader
+
+        def stage(param, loaded, shard_id=None):
+            ggml_type = getattr(loaded, "ggml_type", "dense")
+            layer.gguf_parts[shard_id] = (ggml_type, loaded, original)
+            if self.keep_dense or ggml_type not in INT4_TYPES:
+                original(param, loaded, shard_id)
+
+        layer.weight.weight_loader = stage
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        parts = layer.gguf_parts
+        del layer.gguf_parts
+        keys = sorted(parts, key=_shard_key)
+        types = {parts[k][0] for k in keys}
+        if not parts or types == {"dense"}:
+            return  # float weights stay dense (apply runs F.linear)
+        if types <= set(INT4_TYPES):
+            decoded = [decode_int4(t, loaded.raw_rows()) for t, loaded, _ in (parts[k] for k in keys)]
+            q, scale, zero = (np.concatenate([d[i] for d in decoded]) for i in range(3))
+            layer.qpack = Int4Pack.from_codes(q, scale, zero)
+            self.kind = "gguf-int4"
+        else:
+            for k in keys:  # mixed with other types: the deferred 4-bit parts load dense now
+                t, loaded, original = parts[k]
+                if t in INT4_TYPES and not self.keep_dense:
+                    original(layer.weight, loaded, k)
+            layer.qpack = LogitsPack.from_dense(layer.weight.data) if self.keep_dense else \
+                Int8Pack.quantize(layer.weight.data)
+            self.kind = "gguf-int8"
+        if not self.keep_dense:
+            layer.register_parameter("weight", None)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        pack = getattr(layer, "qpack", None)
+        if pack is None:
+            return torch.nn.functional.linear(x, layer.weight, bias)
+        return packed_linear(pack, x, bias)
+
+
+def _copy_loader(param, loaded, shard_id=None) -> None:
+    from weavelm.core.model_files import materialize
+    with torch.no_grad():
+        param.data.copy_(materialize(loaded))
+
+
+def _shard_key(shard_id) -> tuple:
+    if shard_id is None:
+        return (0, 0)
+    if shard_id in SHARD_ORDER:
+        return (1, SHARD_ORDER.index(shard_id))
+    return (2, shard_id)
+
+
+class GGUFConfig(QuantizationConfig):
+    name = "gguf"
+    description = "GGUF Q4_0/Q4_1/Q4_K repacked to torch's CPU int4 kernel, other quantized types to int8."
+    Options = GGUFOptions
+
+    @classmethod
+    def check(cls, spec: QuantSpec) -> list[str]:
+        reasons = []
+        if spec.device != "cpu":
+            reasons.append(f"its kernels run on the CPU (device is {spec.device}); use quantization: none")
+        if spec.world_size != 1:
+            reasons.append("it does not support tensor parallelism; use tensor_parallel_size 1")
+        if not any(t.startswith("Q") for t in spec.weight_types.values()):
+            reasons.append("the checkpoint holds no GGUF quantized tensors")
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            reasons.append(f"torch {torch.__version__} lacks aten._weight_int4pack_mm_for_cpu")
+        return reasons
+
+    def get_quant_method(self, layer, prefix):
+        kind = layer_kind(layer)
+        if kind == "linear":
+            return GGUFLinearMethod()
+        if kind == "embedding" and self.options.lm_head:
+            return GGUFLinearMethod(keep_dense=True)
+        return None
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("quantization", GGUFConfig.name, GGUFConfig)
