@@ -79,7 +79,9 @@ def build(args, proposer: str, model: str | None, draft: str | None):
     kw = dict(device=args.device, dtype=args.dtype, speculative=spec_section(proposer, args, draft),
               enforce_eager=args.enforce_eager, scheduler={"max_num_seqs": max(args.batch_sizes)})
     if args.shape:
-        kw.update(loader="dummy", max_model_len=2048, cache={"num_blocks": args.num_blocks})
+        kw.update(loader="dummy", max_model_len=2048)
+    if args.shape or args.device == "cuda":  # every engine stays loaded: each gets a fixed pool, not 90% of the GPU
+        kw.update(cache={"num_blocks": args.num_blocks})
     return LLM(model=model, **kw)
 
 
@@ -124,7 +126,7 @@ def main() -> None:
                                                                 "at least 2)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--num-blocks", type=int, default=512, help="KV blocks with --shape (per engine; all stay loaded)")
+    p.add_argument("--num-blocks", type=int, default=512, help="KV blocks per engine with --shape or on CUDA (all engines stay loaded)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for any configuration")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default="spec_decode.json")
