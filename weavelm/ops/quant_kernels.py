@@ -74,11 +74,12 @@ class Int8Pack:
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> Int8Pack:
-        """Symmetric per-output-channel int8 of a float weight (N, K)."""
+        """Symmetric per-output-channel int8 of a float weight (N, K), kept on the weight's device."""
+        device = w.device
         w = w.detach().float().cpu().numpy()
         scale = torch.from_numpy(np.maximum(np.abs(w).max(axis=1) / 127.0, 1e-12)).to(KERNEL_DTYPE)
         q = np.clip(np.rint(w / scale.float().numpy()[:, None]), -127, 127).astype(np.int8)
-        return cls(torch.from_numpy(q), scale)
+        return cls(torch.from_numpy(q).to(device), scale.to(device))
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[:, None]
