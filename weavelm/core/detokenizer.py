@@ -21,15 +21,16 @@ class IncrementalDetokenizer:
         self.max_stop_len = max((len(s) for s in stop), default=0)
         self.num_used = 0  # tokens of the last multi-token add_tokens up to the one completing a stop string
         # A fast tokenizer's Rust backend decodes the same text without transformers' per-call Python work
-        # (to_py_obj walks every id), which dominated steps at large batch.
+        # (to_py_obj walks every id), which dominated steps at large batch. One `decode` per request, not the
+        # backend's `decode_batch`: its rayon pool stalls for milliseconds when the engine's own threads hold the
+        # cores (7 ms per call at batch 8 on 2 shared cores), and for the few ids incremental decoding passes, a
+        # loop is as fast even at batch 256 (0.66 vs 0.92 ms).
         backend = getattr(tokenizer, "_tokenizer", None)
         if backend is not None and hasattr(backend, "decode") and \
                 not getattr(tokenizer, "clean_up_tokenization_spaces", False):
             self._decode_fn = backend.decode
-            self.batch_backend = backend  # requests sharing it are decoded together (decode_batch, in Rust)
         else:
             self._decode_fn = tokenizer.decode if tokenizer is not None else None
-            self.batch_backend = None
 
     def _decode(self, ids: list[int]) -> str:
         return self._decode_fn(ids, skip_special_tokens=self.skip_special)
@@ -74,40 +75,5 @@ class IncrementalDetokenizer:
 
 
 def add_tokens_batch(items: list[tuple[IncrementalDetokenizer, list[int]]]) -> list[str | None]:
-    """`add_tokens` for many requests at once: requests with one new token and a shared fast backend are decoded
-    straight through the Rust backend (`_decode_many`), without transformers' per-call Python work. Returns each item's stop-string hit or None."""
-    hits: list[str | None] = [None] * len(items)
-    groups: dict[int, list[int]] = {}
-    for i, (d, toks) in enumerate(items):
-        if d.tokenizer is None:
-            continue
-        if len(toks) == 1 and d.batch_backend is not None:
-            groups.setdefault(id(d.batch_backend), []).append(i)
-        else:
-            hits[i] = d.add_tokens(toks)
-    for idx in groups.values():
-        dets = [items[i][0] for i in idx]
-        backend = dets[0].batch_backend
-        for i, d in zip(idx, dets):
-            d.ids.append(items[i][1][0])
-        for skip in (True, False):
-            sel = [k for k, d in enumerate(dets) if d.skip_special == skip]
-            if not sel:
-                continue
-            prefixes = _decode_many(backend, [dets[k].ids[dets[k].prefix_offset:dets[k].read_offset] for k in sel],
-                                    skip)
-            fulls = _decode_many(backend, [dets[k].ids[dets[k].prefix_offset:] for k in sel], skip)
-            for k, prefix, full in zip(sel, prefixes, fulls):
-                d = dets[k]
-                start = len(d.text)
-                d._advance(prefix, full)
-                hits[idx[k]] = d._check_stop(start)
-    return hits
-
-
-def _decode_many(backend: Any, id_lists: list[list[int]], skip_special: bool) -> list[str]:
-    """One Rust `decode` per request. Not `decode_batch`: its rayon pool stalls for milliseconds when the engine's
-    own threads hold the cores (7 ms per call measured at batch 8 on 2 shared cores), and for the few ids per request
-    that incremental decoding passes, a loop is as fast even at batch 256 (0.66 vs 0.92 ms)."""
-    decode = backend.decode
-    return [decode(ids, skip_special_tokens=skip_special) for ids in id_lists]
+    """`add_tokens` for each (detokenizer, new tokens) of a step; each item's stop-string hit or None."""
+    return [d.add_tokens(toks) for d, toks in items]
