@@ -20,14 +20,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from gpu_throughput import child_make_model, run_child  # noqa: E402  (the same model and child protocol)
+from gpu_throughput import (  # noqa: E402  (the same model, workload and child protocol)
+    child_make_model, prepare_model_and_workload, run_child)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NUM_ADAPTERS, RANK, ALPHA = 4, 16, 32
@@ -122,26 +122,13 @@ def main() -> int:
 
     from weavelm.bench.report import write_json
     from weavelm.bench.throughput import platform_info
-    from weavelm.bench.workload import parse_range, random_workload, save_jsonl
 
     dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
-    num = args.num_prompts or (8 if args.tiny else 256)
-    inp = parse_range(args.input_len or ("8:48" if args.tiny else "100:1024"))
-    outl = parse_range(args.output_len or ("4:24" if args.tiny else "100:1024"))
-    work = tempfile.mkdtemp(prefix="weavelm_gpu_lora_")
-    model = args.model_dir or os.path.join(work, "model")
-    if not os.path.isfile(os.path.join(model, "config.json")):
-        made = run_child("make", dict(model=model, tiny=args.tiny, dtype=dtype, seed=args.seed,
-                                      device=args.device), args.child_timeout)
-        if made["status"] != "ok":
-            print(f"error: cannot make the model: {made['status']}", file=sys.stderr)
-            return 2
-    with open(os.path.join(model, "config.json")) as f:
-        cfg = json.load(f)
+    setup = prepare_model_and_workload(args, dtype, "weavelm_gpu_lora_")
+    if setup is None:
+        return 2
+    work, model, cfg, wl, wl_path = setup
     adapters = [write_adapter(os.path.join(work, f"adapter{i}"), cfg, seed=100 + i) for i in range(NUM_ADAPTERS)]
-    wl = random_workload(num, inp, outl, cfg["vocab_size"], cfg["max_position_embeddings"], args.seed)
-    wl_path = os.path.join(work, "workload.jsonl")
-    save_jsonl(wl, wl_path)
     base = dict(model=model, dtype=dtype, device=args.device, workload=wl_path, quiet=args.quiet, sets=args.sets)
     variants = [("no-lora", False, []), ("lora-base", True, []), (f"lora-{NUM_ADAPTERS}x{RANK}", True, adapters)]
     results = []

@@ -161,6 +161,31 @@ def run_child(kind: str, job: dict, timeout: int, script: str = __file__) -> dic
     return out
 
 
+def prepare_model_and_workload(args, dtype: str, prefix: str):
+    """The random model (made in a child process unless `--model-dir` holds one) and nano-vllm's workload drawn for
+    its vocabulary, saved as JSONL: (work dir, model dir, config dict, workload, workload path), or None when the
+    model could not be made (the reason is printed)."""
+    from weavelm.bench.workload import parse_range, random_workload, save_jsonl
+
+    num = args.num_prompts or (8 if args.tiny else 256)
+    inp = parse_range(args.input_len or ("8:48" if args.tiny else "100:1024"))
+    outl = parse_range(args.output_len or ("4:24" if args.tiny else "100:1024"))
+    work = tempfile.mkdtemp(prefix=prefix)
+    model = args.model_dir or os.path.join(work, "model")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        made = run_child("make", dict(model=model, tiny=args.tiny, dtype=dtype, seed=args.seed,
+                                      device=args.device), args.child_timeout)
+        if made["status"] != "ok":
+            print(f"error: cannot make the model: {made['status']}", file=sys.stderr)
+            return None
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = json.load(f)
+    wl = random_workload(num, inp, outl, cfg["vocab_size"], cfg["max_position_embeddings"], args.seed)
+    wl_path = os.path.join(work, "workload.jsonl")
+    save_jsonl(wl, wl_path)
+    return work, model, cfg, wl, wl_path
+
+
 def agreement_vs(ref: list[list[int]], other: list[list[int]]) -> dict:
     from weavelm.bench.ab import agreement
     n = min(len(ref), len(other))
@@ -221,25 +246,12 @@ def main() -> int:
 
     from weavelm.bench.report import write_json
     from weavelm.bench.throughput import platform_info
-    from weavelm.bench.workload import parse_range, random_workload, save_jsonl
 
     dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
-    num = args.num_prompts or (8 if args.tiny else 256)
-    inp = parse_range(args.input_len or ("8:48" if args.tiny else "100:1024"))
-    outl = parse_range(args.output_len or ("4:24" if args.tiny else "100:1024"))
-    work = tempfile.mkdtemp(prefix="weavelm_gpu_tp_")
-    model = args.model_dir or os.path.join(work, "model")
-    if not os.path.isfile(os.path.join(model, "config.json")):
-        made = run_child("make", dict(model=model, tiny=args.tiny, dtype=dtype, seed=args.seed,
-                                      device=args.device), args.child_timeout)
-        if made["status"] != "ok":
-            print(f"error: cannot make the model: {made['status']}", file=sys.stderr)
-            return 2
-    with open(os.path.join(model, "config.json")) as f:
-        cfg = json.load(f)
-    wl = random_workload(num, inp, outl, cfg["vocab_size"], cfg["max_position_embeddings"], args.seed)
-    wl_path = os.path.join(work, "workload.jsonl")
-    save_jsonl(wl, wl_path)
+    setup = prepare_model_and_workload(args, dtype, "weavelm_gpu_tp_")
+    if setup is None:
+        return 2
+    work, model, cfg, wl, wl_path = setup
     base = dict(model=model, dtype=dtype, device=args.device, workload=wl_path, quiet=args.quiet)
     variants = [parse_variant(v) for v in (args.variant or ["auto"])]
     results = []
