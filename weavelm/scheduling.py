@@ -184,14 +184,18 @@ class BaseScheduler(Scheduler):
 
     def _admit_waiting(self, plan: _StepPlan, held: list[Request]) -> None:
         opts, lora = self.options, self.context.lora
+        refused: set[int] = set()  # adapters refused this step: asked once each, not once per waiting request
         while self.waiting and plan.budget > 0:
             idx = self.next_waiting_index()
             req = self.waiting[idx]
             if req.request_id in plan.preempted:  # never resume in the step that preempted it
                 break
-            if lora is not None and not lora.can_admit(req, self.running):
-                held.append(self.waiting.pop(idx))
-                continue
+            if lora is not None and req.lora_request is not None:
+                adapter = req.lora_request.lora_int_id
+                if adapter in refused or not lora.can_admit(req, self.running):
+                    refused.add(adapter)
+                    held.append(self.waiting.pop(idx))
+                    continue
             if len(self.running) >= opts.max_num_seqs:
                 if self._preempt_for_waiting(req, plan):
                     continue

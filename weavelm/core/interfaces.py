@@ -472,8 +472,9 @@ class LoRAManager(Component, ABC):
 
     Engine core: `set_targets(model_info["lora_targets"])` once; `check_request(lora_request)` before a request is
     queued (raise `LoRAError` to fail that request only); `can_admit(request, running)` from the scheduler before
-    it admits a waiting request (False: it waits; the running set must never need more adapters than fit a
-    batch); `num_active(running)` for stats; `lora_request(name)` resolves a configured adapter's name.
+    it admits a waiting request on an adapter (False: it waits; the running set must never need more adapters
+    than fit a batch; base-model requests are not asked about, and an adapter refused once is not asked about
+    again in the same step); `num_active(running)` for stats; `lora_request(name)` resolves a configured adapter's name.
     Model runner: `attach(model, device, dtype, max_tokens)` once after the weights are loaded (wrap layers,
     return the `LoRATargets` reported in `model_info`); `prepare(row_loras, counts, logits_rows)` before every
     forward; `set_head_rows(lora_request, n)` before a `compute_logits` over `n` rows of one request.
