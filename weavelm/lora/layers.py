@@ -39,6 +39,9 @@ class LoRAIndex:
     def set(self, slots: np.ndarray) -> None:
         n = len(slots)
         self.any_active = bool((slots >= 0).any())
+        if not self.any_active:  # nothing reads the index this step: no kernel runs, no graph with them replays
+            self.groups = []
+            return
         if self.slots.device.type == "cpu":
             self.groups = [(int(s), torch.from_numpy(np.nonzero(slots == s)[0])) for s in np.unique(slots) if s >= 0]
             if not use_triton(self.slots):
