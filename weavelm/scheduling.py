@@ -24,6 +24,7 @@ from weavelm.core.request import Request, RequestStatus
 from weavelm.spec_decode.scheduling import SpecDecodeScheduling, kept_blocks
 
 _RUNNING = RequestStatus.RUNNING
+_PREEMPTED = RequestStatus.PREEMPTED
 
 
 class SchedulerOptions(BaseModel):
@@ -57,6 +58,7 @@ class BaseScheduler(Scheduler):
     had to preempt a running one for blocks."""
 
     Options = SchedulerOptions
+    supports_async_scheduling = True
 
     @classmethod
     def limits(cls, options: SchedulerOptions) -> SchedulerLimits:
@@ -75,6 +77,12 @@ class BaseScheduler(Scheduler):
         self._step_tokens = 0
         self.spec = (SpecDecodeScheduling(context.num_speculative_tokens, context.num_lookahead_tokens,
                                           context.max_model_len) if context.num_speculative_tokens else None)
+        # Async scheduling: schedule() for step N+1 runs before update_from_output() of step N. A request whose
+        # step-N token is still on the device holds a placeholder for it (`num_output_placeholders`): it is
+        # scheduled for its next decode on that unknown token (the runner feeds it from the device), unless that
+        # token is its last (max_tokens / max_model_len); a stop token ends it one step late, and the extra
+        # step's output is dropped.
+        self.async_scheduling = context.async_scheduling and self.spec is None
 
     # -- policy hooks -------------------------------------------------------------------------------------
     def next_waiting_index(self) -> int:
@@ -140,7 +148,11 @@ class BaseScheduler(Scheduler):
             req = self.running[i]
             computed = req.num_computed_tokens
             drafts = None
-            if len(req.all_token_ids) - computed == 1 and computed < max_len:
+            pending = req.num_output_placeholders
+            if pending and self._last_token_in_flight(req, pending):
+                i += 1
+                continue
+            if len(req.all_token_ids) + pending - computed == 1 and computed < max_len:
                 n = 1  # a decode: the common case, spared the general computation
                 if spec is not None:
                     drafts = spec.drafts_for(req, plan.budget)
@@ -174,6 +186,11 @@ class BaseScheduler(Scheduler):
                 plan.spec_tokens[req.request_id] = drafts
             plan.budget -= n
             i += 1
+
+    def _last_token_in_flight(self, req: Request, pending: int) -> bool:
+        """Whether the request's in-flight tokens already reach max_tokens or max_model_len (async scheduling)."""
+        return (len(req.output_token_ids) + pending >= req.sampling_params.max_tokens
+                or len(req.all_token_ids) + pending >= self.context.max_model_len)
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         held: list[Request] = []  # waiting on a LoRA slot: set aside this step, back in front after it
@@ -276,8 +293,15 @@ class BaseScheduler(Scheduler):
         )
         self.finished_req_ids = set()
         requests = self.requests
-        for rid, n in num_sched.items():
-            requests[rid].num_computed_tokens += n
+        if self.async_scheduling:
+            for rid, n in num_sched.items():
+                req = requests[rid]
+                req.num_computed_tokens += n
+                if req.num_computed_tokens >= len(req.all_token_ids) + req.num_output_placeholders:
+                    req.num_output_placeholders += 1  # this step samples: its token is unknown until updated
+        else:
+            for rid, n in num_sched.items():
+                requests[rid].num_computed_tokens += n
         self._step_tokens = total
         self.step_count += 1
         return out
@@ -293,10 +317,18 @@ class BaseScheduler(Scheduler):
         spec, spec_sched = self.spec, scheduler_output.scheduled_spec_decode_tokens
         for rid in scheduler_output.num_scheduled_tokens:
             req = requests.get(rid)
-            if req is None or req.status is not _RUNNING:
+            if req is None:
                 continue
             i = index.get(rid)
             sampled = sampled_ids[i] if i is not None else None
+            if req.status is not _RUNNING:
+                if sampled and req.num_output_placeholders:  # preempted while its token was on the device
+                    out = self._fold_preempted(req, sampled[0], all_logprobs[i] if all_logprobs else None)
+                    if out is not None:
+                        outputs.append(out)
+                continue
+            if req.num_output_placeholders:
+                req.num_output_placeholders = max(0, req.num_output_placeholders - len(sampled or ()))
             if not sampled:
                 # the step computed these tokens: full blocks among them may now be shared
                 if caching:
@@ -337,6 +369,25 @@ class BaseScheduler(Scheduler):
             for req in finished:
                 self._release(req)
         return outputs
+
+    def _fold_preempted(self, req: Request, token: int, logprobs: list | None) -> EngineCoreOutput | None:
+        """Async scheduling: the token a request sampled in the step before it was preempted is valid output
+        (its context was complete); keep it, and finish the request if the token ends it."""
+        req.num_output_placeholders -= 1
+        if req.status is not _PREEMPTED:
+            return None
+        req.output_token_ids.append(token)
+        req.all_token_ids.append(token)
+        if logprobs:
+            req.logprobs.extend(logprobs[:1])
+        out = EngineCoreOutput(req.request_id, [token], logprobs[:1] if logprobs else None, None, None,
+                               max(req.num_cached_tokens, 0))
+        if self._check_stop(req, token):
+            self.waiting.remove(req)
+            out.finish_reason = req.status.finish_reason
+            out.stop_reason = req.stop_reason
+            self._release(req)
+        return out
 
     def _check_stop(self, req: Request, token: int) -> bool:
         """Finish `req` if `token` (just appended) ends it; True when it did."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from typing import Any
 
 from weavelm.core.config import EngineConfig
@@ -47,7 +48,7 @@ class InprocClient(EngineCoreClient):
     def __init__(self, config: EngineConfig, registry: Registry, overlap: bool = True):
         self.core = EngineCore(config, registry)
         self.overlap = overlap
-        self._pending = None
+        self._pending: deque = deque()  # launched steps, oldest first (two at most, with async scheduling)
         self.max_model_len = self.core.max_model_len
         self.model_info = self.core.model_info
 
@@ -58,30 +59,43 @@ class InprocClient(EngineCoreClient):
         return self.core.abort_requests(request_ids)
 
     def get_output(self) -> list[EngineCoreOutput]:
-        """Collect the launched step, then launch the next one before returning, so the caller's output
-        processing overlaps the device's work on the next step."""
-        if self._pending is None:
-            self._pending = self.core.step_begin()
-        outputs = self.core.step_end(self._pending) if self._pending is not None else []
-        self._pending = self.core.step_begin() if self.overlap else None
+        """Collect the oldest launched step and return its outputs, with the next step already launched, so the
+        caller's output processing overlaps the device's work on it. With async scheduling the next step is
+        launched *before* the oldest is collected, so the device never waits for scheduling or input
+        preparation either."""
+        core, pending = self.core, self._pending
+        if not pending:
+            self._launch()
+        if core.async_scheduling and pending:
+            self._launch()
+        outputs = core.step_end(pending.popleft()) if pending else []
+        if self.overlap and not pending:
+            self._launch()
         return outputs
 
+    def _launch(self) -> None:
+        step = self.core.step_begin()
+        if step is not None:
+            self._pending.append(step)
+
     def has_unfinished_requests(self) -> bool:
-        return self._pending is not None or self.core.has_unfinished_requests()
+        return bool(self._pending) or self.core.has_unfinished_requests()
 
     def get_stats(self) -> SchedulerStats:
         return self.core.get_stats()
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:
-        if self._pending is not None:
+        if self._pending:
             raise EngineError("collective_rpc: a step is in flight; call it between requests (after drain())")
         return self.core.collective_rpc(method, args, kwargs, ranks)
 
     def drain(self) -> list[EngineCoreOutput]:
-        """Collect a launched step, if any, without launching another (before driving the core directly)."""
-        pending, self._pending = self._pending, None
-        return self.core.step_end(pending) if pending is not None else []
+        """Collect the launched steps, if any, without launching another (before driving the core directly)."""
+        outputs: list[EngineCoreOutput] = []
+        while self._pending:
+            outputs += self.core.step_end(self._pending.popleft())
+        return outputs
 
     def shutdown(self) -> None:
         try:

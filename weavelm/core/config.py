@@ -64,6 +64,9 @@ class _TopLevel(BaseModel):
     max_model_len: int | None = Field(None, ge=1, le=MAX_MODEL_LEN,
                                       description="Context limit; default: the model's.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    async_scheduling: bool | None = Field(None, description="Schedule and launch step N+1 while step N runs on the "
+                                          "device, feeding N's sampled tokens to N+1 on the device (vLLM's async "
+                                          "scheduling). None: on for CUDA without speculative decoding.")
     engine_process: bool = Field(False, description="Run the engine core (scheduler + executor) in its own "
                                  "process, so tokenizing, detokenizing and streaming in the caller's process overlap "
                                  "the core's steps; requests and outputs cross through ZeroMQ.")
@@ -104,6 +107,7 @@ class EngineConfig(BaseModel):
     seed: int = 0
     max_model_len: int | None = None
     enforce_eager: bool = False
+    async_scheduling: bool | None = Field(None, description="Overlap scheduling with the device (None: auto).")
     engine_process: bool = Field(False, description="The engine core runs in its own process (MPClient).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: ComponentConfig
@@ -150,7 +154,7 @@ class EngineConfig(BaseModel):
             raise ConfigError(errors)
         assert top is not None
         fields = {k: getattr(top, k) for k in ("model", "tokenizer", "dtype", "device", "seed", "max_model_len",
-                                                "enforce_eager", "engine_process", "cache")}
+                                                "enforce_eager", "async_scheduling", "engine_process", "cache")}
         return cls(**fields, **sections, raw=raw)
 
     @classmethod
@@ -160,7 +164,8 @@ class EngineConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in ("model", "tokenizer", "dtype", "device", "seed",
-                                                              "max_model_len", "enforce_eager", "engine_process")}
+                                                              "max_model_len", "enforce_eager", "async_scheduling",
+                                                              "engine_process")}
         out["cache"] = self.cache.model_dump()
         for key in COMPONENT_SECTIONS:
             comp: ComponentConfig | None = getattr(self, key)

@@ -42,6 +42,9 @@ class SchedulerContext:
     lora: Any = None  # the engine's LoRAManager when `lora:` is configured: admit with `lora.can_admit`
     num_speculative_tokens: int = 0  # drafts per decode step (0: no speculative decoding)
     num_lookahead_tokens: int = 0  # extra slots a sampling request reserves for a KV-using proposer
+    # schedule() may run again before update_from_output() of the previous step: a request whose last token is
+    # still being sampled on the device counts it as a placeholder (`Request.num_output_placeholders`)
+    async_scheduling: bool = False
 
 
 @dataclass

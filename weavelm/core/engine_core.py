@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import traceback
 from dataclasses import dataclass
@@ -68,13 +69,35 @@ class EngineCore:
         self.lora = build_lora_manager(config, registry)
         if self.lora is not None:
             self.lora.set_targets(self.model_info["lora_targets"])
+        self.async_scheduling = self._use_async_scheduling()
         self.scheduler = self.assembly.build_scheduler(SchedulerContext(
             num_blocks=self.num_blocks, block_size=block_size, max_model_len=max_len,
-            enable_prefix_caching=config.cache.enable_prefix_caching, lora=self.lora))
+            enable_prefix_caching=config.cache.enable_prefix_caching, lora=self.lora,
+            async_scheduling=self.async_scheduling))
+        self.async_scheduling = getattr(self.scheduler, "async_scheduling", self.async_scheduling)
         self.last_stats = SchedulerStats()
+        self._num_inflight = 0
         self._idle_steps = 0
         self._consecutive_failures = 0
+        if self.async_scheduling:
+            # vLLM's habit: move the startup objects (model, registry, configs) out of the collector's reach, so a
+            # full collection during serving does not pause the host for long enough to leave the device idle
+            gc.collect()
+            gc.freeze()
         self.registry.hook.weavelm_engine_started(config=config)
+
+    def _use_async_scheduling(self) -> bool:
+        """`async_scheduling` as configured, else on for a device that runs asynchronously (CUDA) without
+        speculative decoding; never for a scheduler class that does not declare support."""
+        if not self.assembly.scheduler_cls.supports_async_scheduling:
+            if self.config.async_scheduling:
+                logger.warning("scheduler %s does not support async scheduling; running synchronously",
+                               self.config.scheduler.name)
+            return False
+        if self.config.async_scheduling is not None:
+            return self.config.async_scheduling and self.config.speculative is None
+        device = str(self.model_info.get("device", "cpu"))
+        return device.startswith("cuda") and self.config.speculative is None
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise RequestError (nothing queued) when the scheduler can never run it."""
@@ -114,7 +137,7 @@ class EngineCore:
         if not self.scheduler.has_unfinished_requests():
             return None
         scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty:
+        if scheduler_output.is_empty and not self._num_inflight:  # with a step in flight, waiting is progress
             self._idle_steps += 1
             if self._idle_steps > MAX_IDLE_STEPS:
                 raise EngineError(f"the scheduler made no progress for {MAX_IDLE_STEPS} steps with "
@@ -127,11 +150,14 @@ class EngineCore:
             raise
         except Exception as e:  # isolated in step_end: the step's requests fail, the engine goes on
             future = _FailedFuture(e)
+        self._num_inflight += 1
         return PendingStep(scheduler_output, future)
 
     def step_end(self, pending: PendingStep) -> list[EngineCoreOutput]:
-        """Wait for a launched step and fold its output into the scheduler. Must precede the next step_begin."""
+        """Wait for a launched step and fold its output into the scheduler. Steps end in launch order. Without
+        async scheduling it must precede the next step_begin; with it, one more step may be launched first."""
         scheduler_output = pending.scheduler_output
+        self._num_inflight -= 1
         try:
             outputs = self.scheduler.update_from_output(scheduler_output, pending.future.result())
             self._consecutive_failures = 0

@@ -120,6 +120,9 @@ class EngineCoreProc:
 
     def run(self) -> None:
         while not self.stopping:
+            if self.core.async_scheduling and self.pending is not None:
+                self._async_step()
+                continue
             outputs = self.core.step_end(self.pending) if self.pending is not None else []
             self.pending = None
             if not self.launch_first:
@@ -131,6 +134,14 @@ class EngineCoreProc:
             if not self.stopping:
                 self.pending = self.core.step_begin()
             self._send_outputs(outputs)
+
+    def _async_step(self) -> None:
+        """Async scheduling: launch step N+1 while step N runs, then collect N and send its outputs."""
+        self._handle_inputs(block=False)
+        launched = self.core.step_begin() if not self.stopping else None
+        outputs = self.core.step_end(self.pending)
+        self.pending = launched
+        self._send_outputs(outputs)
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         if outputs:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
                                       SchedulerStats)
     from weavelm.core.request import Request, RequestStatus
 
-API_VERSION = "2.1"
+API_VERSION = "2.2"
 """The plugin API: bumped on any change to the interfaces below, the contexts in contexts.py or the data in
 outputs.py / forward.py. Major: existing plugins break (refused at load); minor: additions only.
 1.1: execute_model_async. 2.0: components built by the assembler with typed contexts; Scheduler.limits and
@@ -37,7 +37,9 @@ check_request; Executor.collective_rpc; ModelRunner.model_info / profile_peak_me
 AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select. 2.1: the `lora_manager` kind; the `proposer` kind
 (speculative decoding, `weavelm.spec_decode.proposer.Proposer`); SchedulerContext.num_speculative_tokens /
 num_lookahead_tokens; RunnerContext.build_proposer; ModelRunnerOutput.spec_token_ids / proposer_time_s (and
-sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*."""
+sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*. 2.2: async scheduling
+(Scheduler.supports_async_scheduling, SchedulerContext.async_scheduling, Request.num_output_placeholders; a runner
+takes the input token of a position past its known tokens from the previous step's samples on the device)."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
                    "lora_manager", "proposer", "quantization")
@@ -61,8 +63,11 @@ class Scheduler(Component, ABC):
     """Owns request state and KV block accounting. Called only by EngineCore, from one thread.
 
     Per step the core calls `schedule()`, hands the result to the executor, then calls `update_from_output()` with
-    the runner's output for that same SchedulerOutput (with the overlapped loop, `schedule()` for step N+1 is never
-    called before `update_from_output()` of step N). A from-scratch scheduler must meet these duties:
+    the runner's output for that same SchedulerOutput. Without async scheduling, `schedule()` for step N+1 is never
+    called before `update_from_output()` of step N. A scheduler whose class sets `supports_async_scheduling` may be
+    built with `context.async_scheduling`: then `schedule()` for step N+1 runs while step N is on the device, before
+    its `update_from_output()`, and a request whose step-N token is not known yet counts it in
+    `Request.num_output_placeholders` (see `BaseScheduler`). A from-scratch scheduler must meet these duties:
 
     - Budget: each SchedulerOutput holds at most `limits(options).max_num_seqs` requests and
       `max_num_batched_tokens` tokens, and never schedules a request past `context.max_model_len`.
@@ -90,6 +95,8 @@ class Scheduler(Component, ABC):
       running)`; one that may not waits (others behind it may go first), so no batch needs more adapters than
       the runner has slots. New requests carry their `lora_request` in `NewRequestData`.
     """
+
+    supports_async_scheduling: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel, context: SchedulerContext):
         self.options = options

@@ -322,6 +322,15 @@ class KVCacheManager:
             blocks.reverse()
             self.pool.free(blocks)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every registered block that no request holds (vLLM's `reset_prefix_cache`; benchmarks use it so a
+        rerun of the same prompts finds no hits). Returns the number of blocks forgotten."""
+        pool = self.pool
+        idle = [pool.blocks[i] for i in pool.free_queue if pool.blocks[i].block_hash is not None]
+        for block in idle:
+            pool._evict(block)
+        return len(idle)
+
     def check_invariants(self) -> None:
         """Ref counts equal table membership; the free queue holds exactly the unreferenced blocks; the prefix
         table is consistent (tests)."""

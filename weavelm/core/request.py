@@ -258,7 +258,7 @@ class Request:
     __slots__ = (
         "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "sampling_params",
         "eos_token_id", "arrival_time", "status", "num_computed_tokens", "num_cached_tokens",
-        "num_preemptions", "block_hashes", "stop_reason", "logprobs", "lora_request",
+        "num_preemptions", "block_hashes", "stop_reason", "logprobs", "lora_request", "num_output_placeholders",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -278,6 +278,8 @@ class Request:
         self.stop_reason: int | str | None = None
         self.logprobs: list = []  # per output token: {token_id: Logprob} (weavelm.core.outputs)
         self.lora_request = lora_request  # weavelm.LoRARequest or None (the base model)
+        # async scheduling: tokens sampled by launched steps whose output has not been folded in yet
+        self.num_output_placeholders = 0
 
     @property
     def priority(self) -> int:

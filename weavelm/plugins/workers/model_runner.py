@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutpu
 from weavelm.plugins.workers.cpu_threads import choose_cpu_threads
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
-from weavelm.plugins.workers.sampler import SamplingMetadata, compute_logprobs, sample
+from weavelm.plugins.workers.sampler import SampledLogprobs, SamplingMetadata, compute_logprobs, sample
 from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata, to_token_logprobs
 from weavelm.ops.memory import zeros
 from weavelm.utils import cdiv
@@ -52,7 +53,10 @@ class PagedModelRunner(ModelRunner):
         self.graphs = None
         self.spec = None  # SpecDecodeRunner when `speculative:` is configured
         self.logits_hook = None  # set_logits_hook: (req_ids, logits) -> replacement logits or None
-        self._pinned: dict[torch.dtype, torch.Tensor] = {}  # staging buffers; reused only after the step's sync
+        # the last launched step's samples, still on the device: ({req_id: index}, ids). With async scheduling the
+        # next step is prepared before they are folded into the batch, and takes its input tokens from them.
+        self._inflight: tuple[dict[str, int], torch.Tensor] | None = None
+        self._sampling_rng = random.Random(context.config.seed)  # per-step seeds of the one-pass sampler
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -178,6 +182,10 @@ class PagedModelRunner(ModelRunner):
         bs = self.block_size
         slots = batch.block_table[token_req, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = batch.num_computed[:n] + counts
+        # rows whose last scheduled token was sampled by the previous step and is not folded in yet (async; with
+        # speculative decoding the positions past the known tokens hold this step's drafts instead)
+        pending_rows = np.nonzero(seq_lens > batch.num_tokens[:n])[0] if self.spec is None else ()
+        m = len(pending_rows)
         query_start_loc = np.zeros(n + 1, dtype=np.int32)
         query_start_loc[1:] = cu
         sampling = seq_lens >= batch.num_tokens[:n]
@@ -185,13 +193,21 @@ class PagedModelRunner(ModelRunner):
         max_blocks = int(cdiv(seq_lens.max(), bs))
         r = len(logits_rows)
         # Two host -> device copies per step: every int64 input packed in one buffer, every int32 in another.
-        i64 = np.empty(3 * total + r, dtype=np.int64)
+        i64 = np.empty(3 * total + r + 2 * m, dtype=np.int64)
         i64[:total], i64[total:2 * total], i64[2 * total:3 * total] = input_ids, positions, slots
-        i64[3 * total:] = cu[logits_rows] - 1
+        end = 3 * total + r
+        i64[3 * total:end] = cu[logits_rows] - 1
+        if m:
+            assert self._inflight is not None, "a position past the known tokens with no step in flight"
+            index = self._inflight[0]
+            i64[end:end + m] = cu[pending_rows] - 1
+            i64[end + m:] = [index[batch.req_ids[row]] for row in pending_rows.tolist()]
         i32 = np.empty(2 * n + 1 + n * max_blocks, dtype=np.int32)
         i32[:n + 1], i32[n + 1:2 * n + 1] = query_start_loc, seq_lens
         i32[2 * n + 1:].reshape(n, max_blocks)[:] = batch.block_table[:n, :max_blocks]
         dev_i64, dev_i32 = self._to_device(i64), self._to_device(i32)
+        if m:  # the previous step's samples, straight from the device: no host round trip between the steps
+            dev_i64[:total][dev_i64[end:end + m]] = self._inflight[1][dev_i64[end + m:]]
         if self.lora is not None:
             self.lora.prepare([s.lora_request for s in batch.states[:n]], counts, logits_rows)
         common = CommonAttentionMetadata(
@@ -200,23 +216,22 @@ class PagedModelRunner(ModelRunner):
             query_start_loc_cpu=torch.from_numpy(i32[:n + 1]), seq_lens_cpu=torch.from_numpy(i32[n + 1:2 * n + 1]),
             num_reqs=n, num_actual_tokens=total, max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
             block_size=bs)
-        return dev_i64[:total], dev_i64[total:2 * total], common, dev_i64[3 * total:], logits_rows
+        return dev_i64[:total], dev_i64[total:2 * total], common, dev_i64[3 * total:end], logits_rows
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        """A fresh device tensor of `a`, copied through a pinned staging buffer on CUDA (asynchronous)."""
+        """A fresh device tensor of `a`. On CUDA the copy is asynchronous, through pinned memory from torch's
+        caching host allocator, which keeps the buffer until the copy has run (so steps may overlap); a copy from
+        pageable memory would wait for the device to finish its queued work."""
         t = torch.from_numpy(a)
         if self.device.type != "cuda":
             return t
-        key = t.dtype
-        buf = self._pinned.get(key)
-        if buf is None or buf.numel() < t.numel():
-            buf = self._pinned[key] = torch.empty(max(t.numel(), 1 << 16), dtype=t.dtype, pin_memory=True)
-        staged = buf[: t.numel()]
+        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         staged.copy_(t)
         return staged.to(self.device, non_blocking=True)
 
     def _sampling_metadata(self, rows: np.ndarray, vocab_size: int) -> SamplingMetadata:
-        return build_sampling_metadata(self.batch, rows, self.device, vocab_size)
+        step_seed = self._sampling_rng.getrandbits(31) if self.device.type == "cuda" else None
+        return build_sampling_metadata(self.batch, rows, self.device, vocab_size, self._to_device, step_seed)
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         return self.bundle.model(input_ids, positions, fb)
@@ -245,13 +260,15 @@ class PagedModelRunner(ModelRunner):
                 self.lora.prepare([s.lora_request for s in batch.states[:batch.num_reqs]], counts, sample_rows)
         prompt_lp_rows = np.nonzero(batch.wants_prompt_logprobs[:batch.num_reqs])[0]
         if self.graphs is not None and not len(prompt_lp_rows) and self.graphs.can_run(common):
-            logits = self.graphs.run(input_ids, positions, common)[logits_indices].float()
+            logits = self.graphs.run(input_ids, positions, common)[logits_indices]
         else:
             fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
             hidden = self.run_model(input_ids, positions, fb)
-            logits = self.bundle.model.compute_logits(hidden[logits_indices]).float()
+            logits = self.bundle.model.compute_logits(hidden[logits_indices])
             if len(prompt_lp_rows):
                 self._prompt_logprobs(hidden, common, prompt_lp_rows)
+        if step is not None or self.logits_hook is not None:  # greedy and plain sampling cast only if they must
+            logits = logits.float()
         if self.logits_hook is not None:
             hook_rows = rows if step is None else sample_rows
             replaced = self.logits_hook([batch.req_ids[r] for r in hook_rows.tolist()], logits)
@@ -260,7 +277,34 @@ class PagedModelRunner(ModelRunner):
             ids, lps = step.sample(logits, self._sampling_metadata(sample_rows, logits.shape[-1]))
         else:
             ids, lps = sample(logits, self._sampling_metadata(rows, logits.shape[-1]))
-        return _StepFuture(self, rows, ids, lps, step)
+        if self.spec is not None:  # the proposer runs on the folded batch: collected before the next step
+            return _StepFuture(self, rows, ids, lps, step)
+        return self._launched(rows, ids, lps)
+
+    def _launched(self, rows: np.ndarray, ids: torch.Tensor, lps) -> RunnerFuture:
+        """The step's future. Everything it reports is taken from the batch now, since with async scheduling the
+        next step rearranges the batch before this one is collected; its samples are folded in by request id."""
+        batch = self.batch
+        req_ids = list(batch.req_ids)
+        row_list = rows.tolist()
+        sampled_req_ids = [req_ids[r] for r in row_list]
+        self._inflight = ({rid: i for i, rid in enumerate(sampled_req_ids)}, ids)
+        want = None if lps is None else [batch.states[r].sampling_params.num_logprobs for r in row_list]
+        return _AsyncStepFuture(self, req_ids, row_list, sampled_req_ids, _HostCopy(ids, lps), want,
+                                self._take_prompt_logprobs(rows))
+
+    def _fold_sampled(self, req_ids: list[str], token_ids: list[int]) -> None:
+        """Append one sampled token per request: to its batch row, or to its state if it left the batch."""
+        batch, index = self.batch, self.batch.index
+        for rid, tok in zip(req_ids, token_ids):
+            row = index.get(rid)
+            if row is not None:
+                batch.token_ids[row, batch.num_tokens[row]] = tok
+                batch.num_tokens[row] += 1
+            else:
+                state = self.requests.get(rid)
+                if state is not None:
+                    state.output_token_ids.append(tok)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, common, req_rows: np.ndarray) -> None:
         """Fill each asking request's prompt logprobs for the prompt tokens this step's chunk predicts (the logits
@@ -302,7 +346,8 @@ class PagedModelRunner(ModelRunner):
                 logprobs[row] = None if entry is None else [entry]
         return self._step_output(rows, sampled, logprobs, None)
 
-    def _step_output(self, rows: np.ndarray, sampled: list[list[int]], logprobs, step) -> ModelRunnerOutput:
+    def _take_prompt_logprobs(self, rows: np.ndarray) -> dict:
+        """Prompt logprobs of the sampled rows whose prompt is complete, taken from their state (sent once)."""
         batch = self.batch
         prompt_logprobs = {}
         for row in rows[batch.wants_prompt_logprobs[rows]].tolist():
@@ -310,7 +355,12 @@ class PagedModelRunner(ModelRunner):
             if state.prompt_logprobs is not None:  # the prompt finished: send its logprobs once
                 prompt_logprobs[state.req_id], state.prompt_logprobs = state.prompt_logprobs, None
                 batch.wants_prompt_logprobs[row] = False
-        out = ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled, logprobs, prompt_logprobs)
+        return prompt_logprobs
+
+    def _step_output(self, rows: np.ndarray, sampled: list[list[int]], logprobs, step) -> ModelRunnerOutput:
+        batch = self.batch
+        out = ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled, logprobs,
+                                self._take_prompt_logprobs(rows))
         if self.spec is not None:
             self.spec.after_step(out, rows, step)
         return out
@@ -325,6 +375,57 @@ class _StepFuture(RunnerFuture):
         if self._output is None:
             runner, rows, ids, lps, step = self._args
             self._output = runner._finish_step(rows, ids, lps, step)
+            self._args = None
+        return self._output
+
+
+class _HostCopy:
+    """A step's sampled ids (and logprobs) on their way to the host: on CUDA, asynchronous copies into pinned
+    memory and an event after them, so collecting step N waits for step N only, not for step N+1 queued behind."""
+
+    def __init__(self, ids: torch.Tensor, lps: SampledLogprobs | None):
+        self.event = None
+        if ids.device.type != "cuda":
+            self.ids, self.lps = ids, lps
+            return
+        self.ids = self._copy(ids)
+        self.lps = None if lps is None else SampledLogprobs(*(self._copy(t) for t in dataclasses.astuple(lps)))
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    @staticmethod
+    def _copy(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class _AsyncStepFuture(RunnerFuture):
+    def __init__(self, runner: PagedModelRunner, req_ids: list[str], rows: list[int], sampled_req_ids: list[str],
+                 host: _HostCopy, want: list | None, prompt_logprobs: dict):
+        super().__init__()
+        self._args = (runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs)
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is None:
+            runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs = self._args
+            host.wait()  # the step's one device -> host sync
+            ids = host.ids.tolist()
+            runner._fold_sampled(sampled_req_ids, ids)
+            sampled: list[list[int]] = [[] for _ in req_ids]
+            for row, tok in zip(rows, ids):
+                sampled[row] = [tok]
+            logprobs = None
+            if host.lps is not None:
+                logprobs = [None] * len(req_ids)
+                for row, entry in zip(rows, to_token_logprobs(ids, host.lps, want)):
+                    logprobs[row] = None if entry is None else [entry]
+            index = {rid: i for i, rid in enumerate(req_ids)}
+            self._output = ModelRunnerOutput(req_ids, index, sampled, logprobs, prompt_logprobs)
             self._args = None
         return self._output
 

@@ -63,6 +63,7 @@ class SamplingMetadata:
     penalties: PenaltyMetadata | None = None
     logit_bias: SparseLogits | None = None
     banned: SparseLogits | None = None
+    step_seed: int | None = None  # set on CUDA: the seed of the one-pass Gumbel-max sampler for this step
 
 
 @dataclass
@@ -140,15 +141,30 @@ def compute_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) ->
     return SampledLogprobs(chosen.squeeze(-1), rank, top_ids, top_logprobs)
 
 
+def uses_one_pass_sampler(logits: torch.Tensor, m: SamplingMetadata) -> bool:
+    """Whether temperature sampling of this batch takes the one-pass Gumbel-max kernel (`ops/sampling_kernels.py`):
+    on CUDA, without top-k / top-p / min-p filters and without per-request seeds."""
+    return (not m.all_greedy and m.step_seed is not None and logits.is_cuda and not m.generators
+            and not (m.any_top_k or m.any_top_p or m.any_min_p))
+
+
 def sample(logits: torch.Tensor, m: SamplingMetadata) -> tuple[torch.Tensor, SampledLogprobs | None]:
-    """logits: (n, vocab) float32. Returns sampled ids (n,) int64 and, if asked, their logprobs (with the top
-    `m.num_logprobs` alternatives) under the model's unmodified distribution."""
+    """logits: (n, vocab), float32 or the model's dtype (cast here where a path needs float32; greedy and the
+    one-pass sampler read them as they are). Returns sampled ids (n,) int64 and, if asked, their logprobs (with the
+    top `m.num_logprobs` alternatives) under the model's unmodified distribution."""
+    one_pass = uses_one_pass_sampler(logits, m)
+    processed = m.penalties is not None or m.logit_bias is not None or m.banned is not None
+    if m.want_logprobs or processed or not (m.all_greedy or one_pass):
+        logits = logits.float()
     logprobs = logits.log_softmax(dim=-1) if m.want_logprobs else None
     logits = apply_logits_processors(logits, m)
-    greedy = logits.argmax(dim=-1)
     if m.all_greedy:
-        ids = greedy
+        ids = logits.argmax(dim=-1)
+    elif one_pass:
+        from weavelm.ops.sampling_kernels import gumbel_sample
+        ids = gumbel_sample(logits, m.temperature, m.step_seed)
     else:
+        greedy = logits.argmax(dim=-1)
         temp = torch.where(m.temperature > 0, m.temperature, torch.ones_like(m.temperature))
         scaled = apply_top_k_top_p_min_p(logits / temp[:, None], m)
         probs = scaled.softmax(dim=-1)

@@ -7,6 +7,8 @@ logprobs); a batch that uses none builds the same metadata as before these featu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -15,9 +17,13 @@ from weavelm.plugins.workers.input_batch import InputBatch
 from weavelm.plugins.workers.sampler import PenaltyMetadata, SampledLogprobs, SamplingMetadata, SparseLogits
 
 
-def build_sampling_metadata(b: InputBatch, rows: np.ndarray, device: torch.device, vocab_size: int
-                            ) -> SamplingMetadata:
-    """Metadata for sampling `rows` of the batch; `vocab_size` is the logits' width."""
+def build_sampling_metadata(b: InputBatch, rows: np.ndarray, device: torch.device, vocab_size: int,
+                            to_device: Callable[[np.ndarray], torch.Tensor] | None = None,
+                            step_seed: int | None = None) -> SamplingMetadata:
+    """Metadata for sampling `rows` of the batch; `vocab_size` is the logits' width. `to_device` copies a host
+    array to the device (the runner's asynchronous copy; default: a plain `.to(device)`). `step_seed`: the seed
+    of this step's unseeded noise for the one-pass sampler (None: the torch path)."""
+    to_device = to_device or (lambda a: torch.from_numpy(a).to(device))
     temp = b.temperature[rows]
     all_greedy = bool((temp == 0).all())
     want_logprobs = bool(b.logprobs[rows].any())
@@ -30,12 +36,12 @@ def build_sampling_metadata(b: InputBatch, rows: np.ndarray, device: torch.devic
     top_k, top_p, min_p = b.top_k[rows], b.top_p[rows], b.min_p[rows]
     seeded = np.nonzero(b.seeded[rows])[0]
     gens = {int(i): b.states[int(rows[i])].generator for i in seeded}
+    floats = to_device(np.stack([temp, top_p, min_p]))  # one copy for the three float rows
     return SamplingMetadata(
-        temperature=torch.from_numpy(temp).to(device), top_k=torch.from_numpy(top_k).to(device),
-        top_p=torch.from_numpy(top_p).to(device), min_p=torch.from_numpy(min_p).to(device),
+        temperature=floats[0], top_k=to_device(top_k), top_p=floats[1], min_p=floats[2],
         all_greedy=False, any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1).any()),
         any_min_p=bool((min_p > 0).any()), generators=gens, want_logprobs=want_logprobs,
-        num_logprobs=num_logprobs, **processors)
+        num_logprobs=num_logprobs, step_seed=step_seed, **processors)
 
 
 def _processors(b: InputBatch, rows: np.ndarray, device: torch.device, vocab: int) -> dict:
