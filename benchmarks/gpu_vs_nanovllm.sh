@@ -12,10 +12,10 @@ want() { [[ $parts == *" $1 "* ]]; }
 python3 .peer/make_model.py /tmp/q06 > "$OUT/make_model.log" 2>&1
 export VLLM_FA3_SO_XZ=$PWD/.devkernels/_vllm_fa3_C.abi3.so.xz
 # 1. the peer, bench.py verbatim plus its steady-state rerun
-want peer && bash .peer/run.sh --no-check --out "$OUT" 2>&1 | grep -v "^\s*$" | tail -4 | tee "$OUT/peer.log"
+want peer && bash .peer/run.sh --no-check --repeat ${PEER_REPEAT:-1} --out "$OUT" 2>&1 | grep -v "^\s*$" | tail -6 | tee "$OUT/peer.log"
 # 2. weavelm, default settings, same model and workload, steady state, temperature 0.6 and greedy
 want weavelm && python3 benchmarks/vs_nanovllm.py --model /tmp/q06 --peer-json "$OUT/peer_nanovllm.json" \
-  --out "$OUT/vs_nanovllm.json" 2>&1 | grep -v Warning | tail -12 | tee "$OUT/weavelm.log"
+  --repeats ${REPEATS:-2} --out "$OUT/vs_nanovllm.json" 2>&1 | grep -v Warning | tail -16 | tee "$OUT/weavelm.log"
 # 3. a window of 40 steps of each engine's timed run under the torch profiler
 if want profile; then
   python3 benchmarks/vs_nanovllm.py --model /tmp/q06 --profile weavelm --out "$OUT/profile_weavelm.json" \
@@ -26,10 +26,10 @@ if want profile-peer; then
     --profile nano-vllm --out "$OUT/profile_nanovllm.json" > "$OUT/profile_nanovllm.log" 2>&1
   tail -14 "$OUT/profile_nanovllm.log"
 fi
-# 4. batch-1 decode of the Llama-3.1-8B shape vs this run's copy-bandwidth roofline
-want decode && python3 benchmarks/gpu_decode.py --shape llama-8b --attention auto --graphs on --profile-tokens ${PROFILE_TOKENS:-0} \
-  --out "$OUT/decode_8b.json" 2>&1 | tail -24 | tee "$OUT/decode.log"
-# 5. the GPU test suite (parity vs transformers for every backend, eager and graphs)
-want tests && python3 -m pytest -q -p no:cacheprovider -o addopts="" ${GPU_TESTS:-tests/gpu tests/test_triton_ops.py} 2>&1 \
+# 4. the GPU test suite (parity vs transformers for every backend, eager and graphs)
+want tests && python3 -m pytest -q -p no:cacheprovider -o addopts="" ${GPU_TESTS:-tests/gpu tests/test_triton_ops.py tests/test_sampling_kernel.py} 2>&1 \
   | tail -8 | tee "$OUT/gpu_tests.log"
+# 5. batch-1 decode of the Llama-3.1-8B shape vs this run's copy-bandwidth roofline
+want decode && python3 benchmarks/gpu_decode.py --shape llama-8b --attention ${DECODE_ATTN:-auto} --graphs on --profile-tokens ${PROFILE_TOKENS:-0} \
+  --out "$OUT/decode_8b.json" 2>&1 | tail -60 | tee "$OUT/decode.log"
 exit 0

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed every step must not compile a new variant
 def _gumbel_argmax_kernel(logits_ptr, stride_row, inv_temp_ptr, out_ptr, seed, V, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     inv_t = tl.load(inv_temp_ptr + row)

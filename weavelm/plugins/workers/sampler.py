@@ -142,9 +142,10 @@ def compute_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) ->
 
 
 def uses_one_pass_sampler(logits: torch.Tensor, m: SamplingMetadata) -> bool:
-    """Whether temperature sampling of this batch takes the one-pass Gumbel-max kernel (`ops/sampling_kernels.py`):
-    on CUDA, without top-k / top-p / min-p filters and without per-request seeds."""
-    return (not m.all_greedy and m.step_seed is not None and logits.is_cuda and not m.generators
+    """Whether this batch is sampled by the one-pass Gumbel-max kernel (`ops/sampling_kernels.py`; greedy rows take
+    its plain argmax, which reads the logits faster than torch's argmax): on CUDA, without top-k / top-p / min-p
+    filters and without per-request seeds."""
+    return (m.step_seed is not None and logits.is_cuda and not m.generators
             and not (m.any_top_k or m.any_top_p or m.any_min_p))
 
 
@@ -158,11 +159,12 @@ def sample(logits: torch.Tensor, m: SamplingMetadata) -> tuple[torch.Tensor, Sam
         logits = logits.float()
     logprobs = logits.log_softmax(dim=-1) if m.want_logprobs else None
     logits = apply_logits_processors(logits, m)
-    if m.all_greedy:
-        ids = logits.argmax(dim=-1)
-    elif one_pass:
+    if one_pass:
         from weavelm.ops.sampling_kernels import gumbel_sample
-        ids = gumbel_sample(logits, m.temperature, m.step_seed)
+        temperature = m.temperature if not m.all_greedy else logits.new_zeros(logits.shape[0], dtype=torch.float32)
+        ids = gumbel_sample(logits, temperature, m.step_seed)
+    elif m.all_greedy:
+        ids = logits.argmax(dim=-1)
     else:
         greedy = logits.argmax(dim=-1)
         temp = torch.where(m.temperature > 0, m.temperature, torch.ones_like(m.temperature))

@@ -32,7 +32,7 @@ def build_sampling_metadata(b: InputBatch, rows: np.ndarray, device: torch.devic
     if all_greedy:  # argmax only: no per-row sampling tensors to send
         empty = torch.empty(0, device=device)
         return SamplingMetadata(empty, empty, empty, empty, True, False, False, False, {}, want_logprobs,
-                                num_logprobs, **processors)
+                                num_logprobs, step_seed=step_seed, **processors)
     top_k, top_p, min_p = b.top_k[rows], b.top_p[rows], b.min_p[rows]
     seeded = np.nonzero(b.seeded[rows])[0]
     gens = {int(i): b.states[int(rows[i])].generator for i in seeded}
