@@ -137,3 +137,15 @@ def test_placeholders_in_the_scheduler_driven_directly():
     assert outs[0].finish_reason == "length" and a.output_token_ids == [10, 12, 13]
     assert a.num_output_placeholders == 0 and not sched.has_unfinished_requests()
     sched.kv.check_invariants()
+
+
+def test_engine_core_process_with_async_scheduling(tiny_llama):
+    """The engine-core process's loop (what `weavelm serve` runs on a GPU) launches before it collects, too."""
+    params = [SamplingParams(max_tokens=m, temperature=0.7 if i % 2 else 0, seed=i, ignore_eos=True)
+              for i, m in enumerate(MAX_TOKENS)]
+    want = _tokens(_engine(tiny_llama, False).generate(PROMPTS, params))
+    with LLM(model=tiny_llama, async_scheduling=True, engine_process=True, **ENGINE) as llm:
+        assert _tokens(llm.generate(PROMPTS, params)) == want
+        streamed = [o.outputs[0].token_ids for o in llm.stream(PROMPTS[1], params[1])]
+        assert streamed[-1] == want[1]
+        assert llm.get_stats().num_used_blocks == 0
