@@ -2,6 +2,8 @@
 without speculation, for `ngram` and `draft_model` (the target as its own draft: 100% acceptance; another random
 model as draft), in mixed batches with chunked prefill, prefix caching and preemption forced by a small KV pool."""
 
+import math
+
 import pytest
 
 from tests.model_fixtures import ARCHS
@@ -96,14 +98,17 @@ def test_stop_string_inside_an_accepted_run(smol_tokenizer_model):
 
 
 def test_sampling_distribution_end_to_end(tiny_models):
-    """Seeded sampling with a different random draft (the tiny Qwen2 for the tiny Llama): the (first, second) generated token pairs of 300 requests
-    with speculation follow the same distribution as without it (total variation < 0.15 over <= 9 cells with top_k=3;
-    two independent samples of this size differ by ~0.08 in expectation), and seeded runs reproduce exactly."""
+    """Seeded sampling with a different random draft (the tiny Qwen2 for the tiny Llama): the (second, third)
+    generated token pairs of 1,200 requests with speculation follow the same distribution as without it, and seeded
+    runs reproduce exactly. With top_k=3 the pairs fall in <= 81 cells (about 25 in practice); the bound is 2.5x the
+    total variation two independent samples of this size show in expectation, 0.5 * sum_i sqrt(4 p_i (1 - p_i) /
+    (pi N)) over the pooled frequencies p (about 0.07 here; at 300 requests two plain runs with other seeds already
+    differed by 0.13-0.18)."""
     import collections
 
     prompt = {"prompt_token_ids": [7, 8, 9, 10, 11]}
     params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=3, seed=1000 + i, ignore_eos=True)
-              for i in range(300)]
+              for i in range(1200)]
     engine = dict(dtype="float32", device="cpu", cache={"num_blocks": 512, "block_size": 4},
                   scheduler={"max_num_seqs": 128})
 
@@ -117,8 +122,11 @@ def test_sampling_distribution_end_to_end(tiny_models):
     spec = pairs(spec_llm)
     assert pairs(spec_llm) == spec  # per-request seeds: reproducible
     a, b = collections.Counter(base), collections.Counter(spec)
-    tv = 0.5 * sum(abs(a[k] - b[k]) for k in set(a) | set(b)) / len(params)
-    assert tv < 0.15, (tv, a, b)
+    n = len(params)
+    tv = 0.5 * sum(abs(a[k] - b[k]) for k in set(a) | set(b)) / n
+    pooled = [(a[k] + b[k]) / (2 * n) for k in set(a) | set(b)]
+    expected = 0.5 * sum(math.sqrt(4 * p * (1 - p) / (math.pi * n)) for p in pooled)
+    assert tv < 2.5 * expected, (tv, expected, a, b)
     assert spec_llm.get_stats().spec_num_draft_tokens > 0
 
 

@@ -165,14 +165,23 @@ def sample(logits: torch.Tensor, m: SamplingMetadata) -> tuple[torch.Tensor, Sam
         ids = gumbel_sample(logits, temperature, m.step_seed)
     elif m.all_greedy:
         ids = logits.argmax(dim=-1)
+    elif logits.device.type == "cpu":  # one uniform number per row instead of one per token (cpu_sampling.py)
+        from weavelm.plugins.workers.cpu_sampling import sample_cpu
+        ids = sample_cpu(logits, m)
     else:
-        greedy = logits.argmax(dim=-1)
-        temp = torch.where(m.temperature > 0, m.temperature, torch.ones_like(m.temperature))
-        scaled = apply_top_k_top_p_min_p(logits / temp[:, None], m)
-        probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
-        for row, gen in m.generators.items():
-            noise[row].exponential_(generator=gen)
-        ids = torch.where(m.temperature > 0, (probs / noise).argmax(dim=-1), greedy)
+        ids = exponential_race(logits, m)
     lp = compute_logprobs(logprobs, ids, m.num_logprobs) if logprobs is not None else None
     return ids, lp
+
+
+def exponential_race(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+    """The device path: filters on the sorted, temperature-scaled logits, then argmax(p / E) with E ~ Exp(1) per
+    token (a seeded row's noise from its own generator); temperature-0 rows take the argmax."""
+    greedy = logits.argmax(dim=-1)
+    temp = torch.where(m.temperature > 0, m.temperature, torch.ones_like(m.temperature))
+    scaled = apply_top_k_top_p_min_p(logits / temp[:, None], m)
+    probs = scaled.softmax(dim=-1)
+    noise = torch.empty_like(probs).exponential_()
+    for row, gen in m.generators.items():
+        noise[row].exponential_(generator=gen)
+    return torch.where(m.temperature > 0, (probs / noise).argmax(dim=-1), greedy)
