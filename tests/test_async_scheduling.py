@@ -149,3 +149,21 @@ def test_engine_core_process_with_async_scheduling(tiny_llama):
         streamed = [o.outputs[0].token_ids for o in llm.stream(PROMPTS[1], params[1])]
         assert streamed[-1] == want[1]
         assert llm.get_stats().num_used_blocks == 0
+
+
+def test_logits_processors_see_the_latest_token(tiny_llama):
+    """Penalties, bad words and min_tokens read a row's output tokens: a step whose previous token is still in flight
+    waits for it before building them, so the output equals the synchronous engine's. The min_tokens case is built
+    so that a lag of one token would change it: the stop token is the greedy continuation's 7th token, allowed from
+    exactly that position."""
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    seqs = _tokens(_engine(tiny_llama, False).generate(PROMPTS, greedy))
+    i, seq = next((i, s) for i, s in enumerate(seqs) if len(s) > 6 and s[6] not in s[:6])
+    params = [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[seq[6]], min_tokens=6),
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, presence_penalty=2.0,
+                             frequency_penalty=1.5),
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=3.0)]
+    prompts = [PROMPTS[i], PROMPTS[0], PROMPTS[4]]
+    runs = {mode: _engine(tiny_llama, mode).generate(prompts, params) for mode in (False, True)}
+    assert runs[False][0].outputs[0].token_ids == seq[:7] and runs[False][0].outputs[0].finish_reason == "stop"
+    assert _tokens(runs[True]) == _tokens(runs[False])

@@ -56,6 +56,7 @@ class PagedModelRunner(ModelRunner):
         # the last launched step's samples, still on the device: ({req_id: index}, ids). With async scheduling the
         # next step is prepared before they are folded into the batch, and takes its input tokens from them.
         self._inflight: tuple[dict[str, int], torch.Tensor] | None = None
+        self._last_future: RunnerFuture | None = None  # the last launched step's, collected or not
         self._sampling_rng = random.Random(context.config.seed)  # per-step seeds of the one-pass sampler
 
     # -- setup --------------------------------------------------------------------------------------------
@@ -273,6 +274,9 @@ class PagedModelRunner(ModelRunner):
             hook_rows = rows if step is None else sample_rows
             replaced = self.logits_hook([batch.req_ids[r] for r in hook_rows.tolist()], logits)
             logits = logits if replaced is None else replaced
+        if self._last_future is not None and batch.processed[rows].any():
+            # penalties, bad words and min_tokens read the output tokens: fold the previous step's in first
+            self._last_future.result()
         if step is not None:
             ids, lps = step.sample(logits, self._sampling_metadata(sample_rows, logits.shape[-1]))
         else:
@@ -290,8 +294,9 @@ class PagedModelRunner(ModelRunner):
         sampled_req_ids = [req_ids[r] for r in row_list]
         self._inflight = ({rid: i for i, rid in enumerate(sampled_req_ids)}, ids)
         want = None if lps is None else [batch.states[r].sampling_params.num_logprobs for r in row_list]
-        return _AsyncStepFuture(self, req_ids, row_list, sampled_req_ids, _HostCopy(ids, lps), want,
-                                self._take_prompt_logprobs(rows))
+        self._last_future = _AsyncStepFuture(self, req_ids, row_list, sampled_req_ids, _HostCopy(ids, lps), want,
+                                             self._take_prompt_logprobs(rows))
+        return self._last_future
 
     def _fold_sampled(self, req_ids: list[str], token_ids: list[int]) -> None:
         """Append one sampled token per request: to its batch row, or to its state if it left the batch."""
