@@ -69,6 +69,8 @@ class InprocClient(EngineCoreClient):
         if core.async_scheduling and pending:
             self._launch()
         outputs = core.step_end(pending.popleft()) if pending else []
+        while pending and not core.has_unfinished_requests():
+            outputs += core.step_end(pending.popleft())  # launched for requests that have all finished since
         if self.overlap and not pending:
             self._launch()
         return outputs

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import os
 import logging
 import traceback
 from dataclasses import dataclass
@@ -87,8 +89,9 @@ class EngineCore:
         self.registry.hook.weavelm_engine_started(config=config)
 
     def _use_async_scheduling(self) -> bool:
-        """`async_scheduling` as configured, else on for a device that runs asynchronously (CUDA) without
-        speculative decoding; never for a scheduler class that does not declare support."""
+        """`async_scheduling` as configured, else `WEAVELM_ASYNC_SCHEDULING` (1 / 0) when set, else on for a device
+        that runs asynchronously (CUDA); never with speculative decoding, nor for a scheduler class that does not
+        declare support."""
         if not self.assembly.scheduler_cls.supports_async_scheduling:
             if self.config.async_scheduling:
                 logger.warning("scheduler %s does not support async scheduling; running synchronously",
@@ -96,8 +99,9 @@ class EngineCore:
             return False
         if self.config.async_scheduling is not None:
             return self.config.async_scheduling and self.config.speculative is None
-        device = str(self.model_info.get("device", "cpu"))
-        return device.startswith("cuda") and self.config.speculative is None
+        env = os.environ.get("WEAVELM_ASYNC_SCHEDULING", "")
+        default = env == "1" if env in ("0", "1") else str(self.model_info.get("device", "cpu")).startswith("cuda")
+        return default and self.config.speculative is None
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise RequestError (nothing queued) when the scheduler can never run it."""
@@ -166,6 +170,10 @@ class EngineCore:
         except Exception as e:
             outputs = self._fail_step(scheduler_output, e)
         self.last_stats = self.scheduler.get_stats()
+        if self.async_scheduling:  # the scheduler has planned the next step already: report this one's counts
+            self.last_stats = dataclasses.replace(
+                self.last_stats, num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
+                num_preempted=len(scheduler_output.preempted_req_ids))
         if not scheduler_output.is_empty:
             self.registry.hook.weavelm_step_finished(stats=self.last_stats)
         return outputs

@@ -138,6 +138,8 @@ class EngineCoreProc:
     def _async_step(self) -> None:
         """Async scheduling: launch step N+1 while step N runs, then collect N and send its outputs."""
         self._handle_inputs(block=False)
+        if self.pending is None:  # a collective_rpc collected it
+            return
         launched = self.core.step_begin() if not self.stopping else None
         outputs = self.core.step_end(self.pending)
         self.pending = launched
@@ -193,6 +195,9 @@ class EngineCoreProc:
         try:
             if method not in UTILITY_METHODS:
                 raise AttributeError(f"the engine core has no utility method {method!r}")
+            if method == "collective_rpc" and self.pending is not None:  # workers are called between steps
+                outputs, self.pending = self.core.step_end(self.pending), None
+                self._send_outputs(outputs)
             result = (call_id, True, getattr(self.core, method)(*args))
         except Exception as e:  # the caller gets the exception; the core goes on
             result = (call_id, False, _death_report(e))
