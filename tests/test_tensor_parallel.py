@@ -272,7 +272,10 @@ def tp_outputs(tp_paths, tmp_path_factory) -> tuple[int, str]:
     import torch.multiprocessing as mp
 
     world, out_dir = 2, str(tmp_path_factory.mktemp("tp2"))
-    mp.spawn(_rank_main, args=(world, free_port(), tp_paths, out_dir), nprocs=world, join=True)
+    try:
+        mp.spawn(_rank_main, args=(world, free_port(), tp_paths, out_dir), nprocs=world, join=True)
+    except Exception:  # the free port can be taken between free_port() and the ranks binding it: once more
+        mp.spawn(_rank_main, args=(world, free_port(), tp_paths, out_dir), nprocs=world, join=True)
     return world, out_dir
 
 
