@@ -33,8 +33,7 @@ class LoRAIndex:
         self.order, self.counts, self.starts = group_by_slot(self.slots, num_slots)
         self.groups: list[tuple[int, torch.Tensor]] = []  # host-side (slot, rows) for the CPU path
         self.any_active = False
-        # pinned staging, so the copy never waits for the stream (reused only after the step's one sync)
-        self._staging = torch.empty(size, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._pin = device.type == "cuda"
 
     def set(self, slots: np.ndarray) -> None:
         n = len(slots)
@@ -46,8 +45,11 @@ class LoRAIndex:
             self.groups = [(int(s), torch.from_numpy(np.nonzero(slots == s)[0])) for s in np.unique(slots) if s >= 0]
             if not use_triton(self.slots):
                 return
-        staged = self._staging[:n]
-        staged.numpy()[:] = slots
+        # fresh pinned memory from torch's caching host allocator, which keeps it until the copy has run: with
+        # async scheduling the next step is prepared while this one's copy may still be queued
+        staged = torch.from_numpy(slots.astype(np.int32, copy=False))
+        if self._pin:
+            staged = staged.pin_memory()
         self.slots[:n].copy_(staged, non_blocking=True)
         self.slots[n:].fill_(-1)
         order, counts, starts = group_by_slot(self.slots, self.num_slots)
