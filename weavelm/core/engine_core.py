@@ -83,7 +83,8 @@ class EngineCore:
         self._consecutive_failures = 0
         if self.async_scheduling:
             # vLLM's habit: move the startup objects (model, registry, configs) out of the collector's reach, so a
-            # full collection during serving does not pause the host for long enough to leave the device idle
+            # full collection during serving does not pause the host for long enough to leave the device idle;
+            # `shutdown` unfreezes, so a process that builds engine after engine can still collect the old ones
             gc.collect()
             gc.freeze()
         self.registry.hook.weavelm_engine_started(config=config)
@@ -194,3 +195,5 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        if self.async_scheduling:
+            gc.unfreeze()
