@@ -293,15 +293,12 @@ class BaseScheduler(Scheduler):
         )
         self.finished_req_ids = set()
         requests = self.requests
-        if self.async_scheduling:
-            for rid, n in num_sched.items():
-                req = requests[rid]
-                req.num_computed_tokens += n
-                if req.num_computed_tokens >= len(req.all_token_ids) + req.num_output_placeholders:
-                    req.num_output_placeholders += 1  # this step samples: its token is unknown until updated
-        else:
-            for rid, n in num_sched.items():
-                requests[rid].num_computed_tokens += n
+        placeholders = self.async_scheduling
+        for rid, n in num_sched.items():
+            req = requests[rid]
+            req.num_computed_tokens += n
+            if placeholders and req.num_computed_tokens >= len(req.all_token_ids) + req.num_output_placeholders:
+                req.num_output_placeholders += 1  # this step samples: its token is unknown until updated
         self._step_tokens = total
         self.step_count += 1
         return out
@@ -376,8 +373,7 @@ class BaseScheduler(Scheduler):
         req.num_output_placeholders -= 1
         if req.status is not _PREEMPTED:
             return None
-        req.output_token_ids.append(token)
-        req.all_token_ids.append(token)
+        req.append_output_token(token)
         if logprobs:
             req.logprobs.extend(logprobs[:1])
         out = EngineCoreOutput(req.request_id, [token], logprobs[:1] if logprobs else None, None, None,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import logging
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +76,6 @@ class EngineCore:
             num_blocks=self.num_blocks, block_size=block_size, max_model_len=max_len,
             enable_prefix_caching=config.cache.enable_prefix_caching, lora=self.lora,
             async_scheduling=self.async_scheduling))
-        self.async_scheduling = getattr(self.scheduler, "async_scheduling", self.async_scheduling)
         self.last_stats = SchedulerStats()
         self._num_inflight = 0
         self._idle_steps = 0

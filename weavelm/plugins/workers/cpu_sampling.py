@@ -33,6 +33,12 @@ def _uniforms(rows: list[int], m: SamplingMetadata) -> torch.Tensor:
     return u
 
 
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(n, W) non-negative weights and (n, 1) uniforms -> (n, 1) indices drawn in proportion to the weights."""
+    cum = weights.cumsum(-1)
+    return torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp_(max=weights.shape[1] - 1)
+
+
 def _two_level(logits: torch.Tensor, top: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Rows of logits (n, V), their maxima (n, 1) and temperatures (n,) -> (n,) ids drawn from softmax(logits / T)."""
     n, vocab = logits.shape
@@ -78,10 +84,7 @@ def _filtered(scaled: torch.Tensor, m: SamplingMetadata, rows: torch.Tensor, u: 
         keep &= ~low
         complete |= low.any(-1)
     keep[:, 0] = True
-    kept = probs * keep
-    cum = kept.cumsum(-1)
-    j = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp_(max=k - 1)
-    return idx.gather(1, j)[:, 0], complete
+    return idx.gather(1, _draw(probs * keep, u))[:, 0], complete
 
 
 def sample_cpu(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
@@ -114,8 +117,5 @@ def sample_cpu(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
         row = row_list[i]
         one = SamplingMetadata(m.temperature[row:row + 1], m.top_k[row:row + 1], m.top_p[row:row + 1],
                                m.min_p[row:row + 1], False, m.any_top_k, m.any_top_p, m.any_min_p, {}, False)
-        probs = apply_top_k_top_p_min_p(scaled[i:i + 1], one).softmax(-1).double()
-        cum = probs.cumsum(-1)
-        pick = torch.searchsorted(cum, u[i:i + 1] * cum[:, -1:], right=True).clamp_(max=logits.shape[1] - 1)
-        ids[row] = pick[0, 0]
+        ids[row] = _draw(apply_top_k_top_p_min_p(scaled[i:i + 1], one).softmax(-1).double(), u[i:i + 1])[0, 0]
     return ids

@@ -281,7 +281,7 @@ class PagedModelRunner(ModelRunner):
             ids, lps = step.sample(logits, self._sampling_metadata(sample_rows, logits.shape[-1]))
         else:
             ids, lps = sample(logits, self._sampling_metadata(rows, logits.shape[-1]))
-        if self.spec is not None:  # the proposer runs on the folded batch: collected before the next step
+        if step is not None:  # drafts were verified: the accepted runs are folded by `SpecStep.fold`
             return _StepFuture(self, rows, ids, lps, step)
         return self._launched(rows, ids, lps)
 
@@ -332,24 +332,13 @@ class PagedModelRunner(ModelRunner):
             lp = compute_logprobs(logprobs, torch.tensor(targets, device=logprobs.device), k)
             state.prompt_logprobs[first + 1:last + 1] = to_token_logprobs(targets, lp, [k] * len(targets))
 
-    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps, step=None) -> ModelRunnerOutput:
-        batch = self.batch
-        ids_np = ids.cpu().numpy()  # the step's one device -> host sync
-        if step is not None:
-            sampled, logprobs = step.fold(batch, rows, ids_np, lps)
-            return self._step_output(rows, sampled, logprobs, step)
-        batch.token_ids[rows, batch.num_tokens[rows]] = ids_np
-        batch.num_tokens[rows] += 1
-        sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
-        for row, tok in zip(rows.tolist(), ids_np.tolist()):
-            sampled[row] = [tok]
-        logprobs = None
-        if lps is not None:
-            logprobs = [None] * batch.num_reqs
-            want = [batch.states[row].sampling_params.num_logprobs for row in rows.tolist()]
-            for row, entry in zip(rows.tolist(), to_token_logprobs(ids_np.tolist(), lps, want)):
-                logprobs[row] = None if entry is None else [entry]
-        return self._step_output(rows, sampled, logprobs, None)
+    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps, step) -> ModelRunnerOutput:
+        """A speculative step's result: its accepted runs folded into the batch, then the next drafts proposed."""
+        sampled, logprobs = step.fold(self.batch, rows, ids.cpu().numpy(), lps)  # the step's one device sync
+        out = ModelRunnerOutput(list(self.batch.req_ids), dict(self.batch.index), sampled, logprobs,
+                                self._take_prompt_logprobs(rows))
+        self.spec.after_step(out, rows, step)
+        return out
 
     def _take_prompt_logprobs(self, rows: np.ndarray) -> dict:
         """Prompt logprobs of the sampled rows whose prompt is complete, taken from their state (sent once)."""
@@ -362,17 +351,9 @@ class PagedModelRunner(ModelRunner):
                 batch.wants_prompt_logprobs[row] = False
         return prompt_logprobs
 
-    def _step_output(self, rows: np.ndarray, sampled: list[list[int]], logprobs, step) -> ModelRunnerOutput:
-        batch = self.batch
-        out = ModelRunnerOutput(list(batch.req_ids), dict(batch.index), sampled, logprobs,
-                                self._take_prompt_logprobs(rows))
-        if self.spec is not None:
-            self.spec.after_step(out, rows, step)
-        return out
-
 
 class _StepFuture(RunnerFuture):
-    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps, step=None):
+    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps, step):
         super().__init__()
         self._args = (runner, rows, ids, lps, step)
 
@@ -432,6 +413,8 @@ class _AsyncStepFuture(RunnerFuture):
             index = {rid: i for i, rid in enumerate(req_ids)}
             self._output = ModelRunnerOutput(req_ids, index, sampled, logprobs, prompt_logprobs)
             self._args = None
+            if runner.spec is not None:  # a step without drafts (synchronous then): propose the next ones
+                runner.spec.after_step(self._output, np.asarray(rows, dtype=np.int64), None)
         return self._output
 
 
