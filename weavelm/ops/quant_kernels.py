@@ -1,6 +1,15 @@
 """Weight-only quantized matmuls shared by the quantization plugins: packing and the kernels that consume packs.
 
-Two packs, both from torch's own CPU kernels (no extra dependency):
+The fp32 CPU path (the default) uses weavelm's native kernels (`weavelm.ops.native`), which keep llama.cpp's
+32-element blocks and compute with fp32 activations and fp32 accumulation:
+- `BlockQ4Pack`: 4-bit codes with per-block scale d and min m (w = d * q + m): GGUF Q4_0 / Q4_1 / Q4_K exactly;
+- `BlockQ8Pack`: int8 codes with per-block scale (w = d * q): GGUF Q8_0 exactly, other GGUF types re-quantized
+  per block, and the `int8` plugin's per-channel codes (each row's scale repeated over its blocks).
+Their result equals the dequantized fp32 model's up to rounding order. Up to `NATIVE_MAX_ROWS` activation rows run
+through the blocked kernel; wider inputs (prefill) dequantize the weight once per call and run torch's fp32 GEMM.
+
+Where the native kernels cannot run (no C compiler) or activations are not fp32 (`dtype: bfloat16`), two packs
+from torch's own CPU kernels:
 - `Int4Pack`: 4-bit values q in [0, 15] with per-group (32 input features) scale and zero, value =
   (q - 8) * scale + zero, packed by `aten._convert_weight_to_int4pack_for_cpu` and multiplied by
   `aten._weight_int4pack_mm_for_cpu`. GGUF Q4_0 / Q4_1 / Q4_K map onto it exactly (up to the scales' bf16 rounding).
@@ -19,8 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weavelm.ops import native
+
 GROUP = 32
 KERNEL_DTYPE = torch.bfloat16
+NATIVE_MAX_ROWS = 32  # measured crossover of the blocked kernel against dequantize + fp32 GEMM (RESULTS.md)
 
 
 def _have(op: str) -> bool:
@@ -85,6 +97,11 @@ class Int8Pack:
         return self.q.float() * self.scale.float()[:, None]
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
+        if native.usable(x):
+            blocks = getattr(self, "_blocks", None)
+            if blocks is None:
+                blocks = self._blocks = BlockQ8Pack.from_per_channel(self.q, self.scale)
+            return blocks.mm(x)
         if x.device.type != "cpu" or not _have("_weight_int8pack_mm"):
             return F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.q, self.scale)
@@ -108,9 +125,102 @@ class LogitsPack:
         return cls(Int8Pack.quantize(w), w.detach().to(KERNEL_DTYPE).contiguous())
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.max_int8_rows or x.device.type != "cpu":
+        if x.shape[0] <= self.max_int8_rows or x.device.type != "cpu" or native.usable(x):
             return self.int8.mm(x)
         return F.linear(x.to(KERNEL_DTYPE), self.wide)
+
+
+@dataclass
+class BlockQ4Pack:
+    """4-bit codes in llama.cpp's block order for the native kernel: codes (N, K / 2) uint8, block b of row n in
+    bytes [16 b, 16 b + 16), element 32 b + j the low nibble of byte j and 32 b + 16 + j its high nibble (Q4_0 and
+    Q4_1 store exactly this); d, m (N, K / 32) fp32 with w = d * q + m."""
+
+    codes: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+    n: int
+    k: int
+
+    @classmethod
+    def from_codes(cls, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> BlockQ4Pack:
+        """q (N, K) integer codes in [0, 15]; d, m (N, K / 32) with w = d * q + m."""
+        q = np.asarray(q)
+        n, k = q.shape
+        if k % GROUP:
+            raise ValueError(f"block packing needs in_features divisible by {GROUP} (got {k})")
+        b = q.astype(np.uint8).reshape(n, k // GROUP, 2, 16)
+        codes = np.ascontiguousarray(b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, k // 2)
+        as_f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+        return cls(torch.from_numpy(codes), as_f32(d), as_f32(m), n, k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if native.available():
+            return native.dequant_q4(self.codes, self.d, self.m, self.n, self.k).to(dtype)
+        c = self.codes.view(self.n, -1, 16)
+        q = torch.stack([c & 15, c >> 4], dim=2).reshape(self.n, -1, GROUP).float()
+        return (q * self.d[..., None] + self.m[..., None]).reshape(self.n, self.k).to(dtype)
+
+    def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (M, K) -> (M, N) (+ bias), in x's dtype."""
+        if native.usable(x) and x.shape[0] <= NATIVE_MAX_ROWS and x.stride(-1) == 1 and \
+                (bias is None or native.usable(bias)):
+            return native.q4_gemm(x, self.codes, self.d, self.m, self.n, bias)
+        return F.linear(x, self.dequantize(x.dtype).to(x.device), bias)
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + (self.d.numel() + self.m.numel()) * 4
+
+
+@dataclass
+class BlockQ8Pack:
+    """int8 codes (N, K) with one fp32 scale per 32-element block, d (N, K / 32): w = d * q."""
+
+    codes: torch.Tensor
+    d: torch.Tensor
+    n: int
+    k: int
+
+    @classmethod
+    def from_codes(cls, q: np.ndarray | torch.Tensor, d: np.ndarray | torch.Tensor) -> BlockQ8Pack:
+        q = torch.as_tensor(np.asarray(q)).to(torch.int8).contiguous()
+        d = torch.as_tensor(np.asarray(d, dtype=np.float32)).contiguous()
+        n, k = q.shape
+        if k % GROUP or d.shape != (n, k // GROUP):
+            raise ValueError(f"block int8 needs in_features divisible by {GROUP} and (N, K / {GROUP}) scales")
+        return cls(q, d, n, k)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> BlockQ8Pack:
+        """Symmetric int8 per 32-element block of a float weight (N, K)."""
+        w = w.detach().float().cpu().numpy()
+        n, k = w.shape
+        blocks = w.reshape(n, k // GROUP, GROUP)
+        d = np.abs(blocks).max(axis=-1) / 127.0
+        safe = np.where(d > 0, d, 1.0)
+        q = np.clip(np.rint(blocks / safe[..., None]), -127, 127).astype(np.int8).reshape(n, k)
+        return cls.from_codes(q, d.astype(np.float32))
+
+    @classmethod
+    def from_per_channel(cls, q: torch.Tensor, scale: torch.Tensor) -> BlockQ8Pack:
+        """Per-output-channel int8 (q (N, K), scale (N,)) as blocks: the same values, each row's scale repeated."""
+        n, k = q.shape
+        return cls.from_codes(q.cpu().contiguous(), scale.float().cpu()[:, None].expand(n, k // GROUP).contiguous())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if native.available():
+            return native.dequant_q8(self.codes, self.d, self.n, self.k).to(dtype)
+        return (self.codes.view(self.n, -1, GROUP).float() * self.d[..., None]).reshape(self.n, self.k).to(dtype)
+
+    def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (M, K) -> (M, N) (+ bias), in x's dtype."""
+        if native.usable(x) and x.shape[0] <= NATIVE_MAX_ROWS and x.stride(-1) == 1 and \
+                (bias is None or native.usable(bias)):
+            return native.q8_gemm(x, self.codes, self.d, self.n, bias)
+        return F.linear(x, self.dequantize(x.dtype).to(x.device), bias)
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.d.numel() * 4
 
 
 def _pack_int4_blocked(q: np.ndarray) -> np.ndarray:
@@ -129,8 +239,13 @@ def int4_dequantize(pack: Int4Pack) -> torch.Tensor:
     return pack.mm(eye).float().t().contiguous()
 
 
-def packed_linear(pack: Int4Pack | Int8Pack | LogitsPack, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_linear(pack: Int4Pack | Int8Pack | LogitsPack | BlockQ4Pack | BlockQ8Pack, x: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., K) @ W^T + bias through `pack`, in x's dtype."""
+    if type(pack) in (BlockQ4Pack, BlockQ8Pack):
+        if x.dim() == 2:
+            return pack.mm(x, bias)
+        return pack.mm(x.reshape(-1, x.shape[-1]), bias).reshape(*x.shape[:-1], pack.n)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if isinstance(pack, Int4Pack) and x.device.type != "cpu":

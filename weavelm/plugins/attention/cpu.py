@@ -5,6 +5,11 @@ cache, `(num_reqs, max_blocks * block_size)`, the padded query index `(num_reqs,
 mask (padding and causality) that SDPA takes. Each layer then writes its new K/V, gathers every request's context
 with one `index_select`, and runs SDPA over the padded batch (grouped-query heads through `enable_gqa`), with no
 Python loop over requests. A pure decode step (every query length 1) skips the query padding.
+
+With fp32 tensors and weavelm's native CPU kernels (`weavelm.ops.native`), a step whose queries are short (decode,
+speculative verification, small chunks: `max_query_len <= NATIVE_MAX_QUERY_LEN`) instead runs one native call per
+layer that writes the new keys/values and attends straight over the paged blocks: no gather, no mask, no padding.
+The builder then skips the SDPA index and mask (built on demand if a layer still needs them, e.g. bf16).
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import torch.nn.functional as F
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import AttentionBackend, AttentionImpl, AttentionMetadataBuilder
+from weavelm.ops import native
 from weavelm.ops.cache_write import write_kv_cache
+
+NATIVE_MAX_QUERY_LEN = 32  # longer queries (prefill) go to SDPA's blocked kernel
 
 
 @dataclass
@@ -30,18 +38,36 @@ class CpuAttentionMetadata:
     mask: (num_reqs, 1, max_query_len, ctx_len) bool, True where a query may attend."""
 
     slot_mapping: torch.Tensor
-    kv_index: torch.Tensor
+    kv_index: torch.Tensor | None
     query_index: torch.Tensor | None
     query_valid: torch.Tensor | None
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     num_reqs: int
     num_actual_tokens: int
     max_query_len: int
     ctx_len: int
+    common: CommonAttentionMetadata | None = None  # set when the native kernel may take the step
+
+    def sdpa_fields(self) -> CpuAttentionMetadata:
+        """The SDPA index and mask, built on first need when the builder skipped them."""
+        if self.kv_index is None:
+            full = CpuAttentionBuilder().build_sdpa(self.common)
+            self.kv_index, self.query_index, self.query_valid, self.mask = \
+                full.kv_index, full.query_index, full.query_valid, full.mask
+        return self
 
 
 class CpuAttentionBuilder(AttentionMetadataBuilder):
     def build(self, common: CommonAttentionMetadata) -> CpuAttentionMetadata:
+        if common.max_query_len <= NATIVE_MAX_QUERY_LEN and common.block_table.device.type == "cpu" \
+                and native.available():
+            bs = common.block_size
+            ctx_len = (common.max_seq_len + bs - 1) // bs * bs
+            return CpuAttentionMetadata(common.slot_mapping, None, None, None, None, common.num_reqs,
+                                        common.num_actual_tokens, common.max_query_len, ctx_len, common)
+        return self.build_sdpa(common)
+
+    def build_sdpa(self, common: CommonAttentionMetadata) -> CpuAttentionMetadata:
         n, bs = common.num_reqs, common.block_size
         max_blocks = (common.max_seq_len + bs - 1) // bs
         ctx_len = max_blocks * bs
@@ -68,17 +94,25 @@ class CpuAttentionBuilder(AttentionMetadataBuilder):
 
 
 class CpuAttentionImpl(AttentionImpl):
+    accepts_strided_qkv = True  # q, k, v may be column slices of one (T, q + 2 kv) buffer (the model skips copies)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: Any) -> torch.Tensor:
         m: CpuAttentionMetadata = metadata
         n_tok, h, kvh, d = q.shape[0], self.num_heads, self.num_kv_heads, self.head_size
-        write_kv_cache(k.view(n_tok, kvh, d), v.view(n_tok, kvh, d), kv_cache, m.slot_mapping)
+        if m.common is not None:
+            c = m.common
+            if native.usable(q, k, v, kv_cache) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+                return native.paged_attention(q, k, v, kv_cache, m.slot_mapping, c.query_start_loc, c.seq_lens,
+                                              c.block_table, m.num_reqs, h, kvh, d, self.scale)
+            m.sdpa_fields()
+        write_kv_cache(k.reshape(n_tok, kvh, d), v.reshape(n_tok, kvh, d), kv_cache, m.slot_mapping)
         flat = kv_cache.view(2, -1, kvh, d)
         shape = (m.num_reqs, m.ctx_len, kvh, d)
         keys = flat[0].index_select(0, m.kv_index).view(shape).transpose(1, 2)
         values = flat[1].index_select(0, m.kv_index).view(shape).transpose(1, 2)
         n = m.num_actual_tokens
-        qh = q[:n].view(n, h, d)
+        qh = q[:n].reshape(n, h, d)
         if m.query_index is None:
             queries = qh.view(m.num_reqs, 1, h, d)
         else:

@@ -59,7 +59,13 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch,
                 rotary: RotaryEmbedding) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        impl = batch.attn_impls[self.layer_idx]
+        qkv = self.qkv_proj(x)
+        if self.q_norm is None and getattr(impl, "accepts_strided_qkv", False) and \
+                rotary.forward_inplace(positions, qkv, self.num_heads, self.num_kv_heads):
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            return self.o_proj(impl.forward(q, k, v, batch.kv_caches[self.layer_idx], batch.attn_metadata))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(n, self.num_heads, self.head_dim)
         k = k.reshape(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:

@@ -2,7 +2,9 @@
 tensor-parallel rank; the sharded layers are in parallel_layers.py).
 
 On CUDA tensors RMSNorm, SiluAndMul and RotaryEmbedding run the Triton kernels of `triton_ops.py` (imported at the
-first CUDA call); the torch code here is the CPU path and the reference they are tested against.
+first CUDA call); on fp32 CPU tensors, weavelm's native kernels (`weavelm.ops.native`, one call per layer op
+instead of several torch ops) when they built. The torch code here is the fallback and the reference both are
+tested against.
 `WEAVELM_DISABLE_TRITON_OPS=1`, read when a layer is built, keeps a layer on the torch path everywhere.
 """
 
@@ -14,6 +16,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from weavelm.ops import native
 
 
 def triton_ops_enabled() -> bool:
@@ -56,6 +60,8 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return _ops().rms_norm(x, self.weight, self.eps)
             return _ops().fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if x.is_cpu and native.usable(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
+            return native.rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -72,6 +78,8 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton and triton_device(x):
             return _ops().silu_and_mul(x)
+        if x.is_cpu and native.usable(x) and x.is_contiguous():
+            return native.silu_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 
@@ -111,9 +119,22 @@ class RotaryEmbedding(nn.Module):
         dtype as transformers does (the two differ by a couple of ulps in bf16, not at all in fp32)."""
         if self.use_triton and triton_device(q):
             return _ops().rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
+        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # (see also forward_inplace)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+    def forward_inplace(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
+        """Rotate the q and k heads of a (tokens, (heads + 2 kv_heads) * head_dim) buffer in place with the native
+        kernel; False (nothing done) where it cannot run (not fp32 on the CPU, kernels not built)."""
+        if not (qkv.is_cpu and native.usable(qkv, self.cos_cache) and qkv.stride(-1) == 1
+                and positions.dtype == torch.int64 and positions.is_contiguous()
+                and positions.shape[0] == qkv.shape[0]):
+            return False
+        q_size = num_heads * self.head_dim
+        native.rotary_(qkv, 0, num_heads, q_size, num_kv_heads, self.head_dim, positions, self.cos_cache,
+                       self.sin_cache)
+        return True
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,16 @@
 """`quantization: {name: gguf}`: llama.cpp's quantized blocks stay quantized (picked by `auto` for GGUF files).
 
 Each linear layer's weight loader is wrapped so that, instead of dequantizing, it keeps every checkpoint part's raw
-blocks (`QuantizedLazyTensor.raw_rows()`). After loading, the layer is repacked once:
-- all parts Q4_0 / Q4_1 / Q4_K: the 4-bit codes with per-32 scale and zero, exactly llama.cpp's values (the
-  scales rounded to bf16), into torch's CPU int4 pack (`Int4Pack`);
-- any other quantized type (Q8_0, Q5_x, Q6_K, ...): one per-channel int8 pack (`Int8Pack`) of its dequantized
-  values;
-- float parts only: left dense.
+blocks (`QuantizedLazyTensor.raw_rows()`). After loading, the layer is repacked once. With fp32 activations and
+weavelm's native CPU kernels (the default; `weavelm.ops.native`), the blocks stay llama.cpp's and the matmul runs
+in fp32, equal to the dequantized model up to rounding order:
+- all parts Q4_0 / Q4_1 / Q4_K: `BlockQ4Pack`, llama.cpp's exact codes, scales and mins;
+- all parts Q8_0: `BlockQ8Pack`, exact;
+- any other mix (Q5_x, Q6_K, ...): `BlockQ8Pack` of the dequantized values, re-quantized per 32-element block.
+Otherwise (`dtype: bfloat16`, or no C compiler to build the native kernels), torch's CPU kernels, which run in bf16:
+- all parts Q4_0 / Q4_1 / Q4_K: the same codes with the scales rounded to bf16 (`Int4Pack`);
+- anything else: one per-channel int8 pack (`Int8Pack`) of the dequantized values.
+Float parts only: left dense.
 The embedding keeps its dense rows for lookup; its logits projection (tied or untied head) gets its own pack the
 same way. Tensor parallelism is not supported by this scheme (check says so; `auto` then loads dense).
 """
@@ -19,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec, layer_kind
-from weavelm.ops.quant_kernels import Int4Pack, Int8Pack, LogitsPack, packed_linear
-from weavelm.plugins.quantization.gguf_blocks import INT4_TYPES, decode_int4
+from weavelm.ops import native
+from weavelm.ops.quant_kernels import BlockQ4Pack, BlockQ8Pack, Int4Pack, Int8Pack, LogitsPack, packed_linear
+from weavelm.plugins.quantization.gguf_blocks import INT4_TYPES, decode_int4, decode_int4_dm, decode_q8_0
 
 SHARD_ORDER = ("q", "k", "v")
 
@@ -57,19 +62,33 @@ class GGUFLinearMethod(QuantizeMethodBase):
         types = {parts[k][0] for k in keys}
         if not parts or types == {"dense"}:
             return  # float weights stay dense (apply runs F.linear)
+        blocks = native.available() and layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu"
         if types <= set(INT4_TYPES):
-            decoded = [decode_int4(t, loaded.raw_rows()) for t, loaded, _ in (parts[k] for k in keys)]
-            q, scale, zero = (np.concatenate([d[i] for d in decoded]) for i in range(3))
-            layer.qpack = Int4Pack.from_codes(q, scale, zero)
-            self.kind = "gguf-int4"
+            if blocks:
+                decoded = [decode_int4_dm(t, loaded.raw_rows()) for t, loaded, _ in (parts[k] for k in keys)]
+                layer.qpack = BlockQ4Pack.from_codes(*(np.concatenate([d[i] for d in decoded]) for i in range(3)))
+                self.kind = "gguf-q4-blocks"
+            else:
+                decoded = [decode_int4(t, loaded.raw_rows()) for t, loaded, _ in (parts[k] for k in keys)]
+                q, scale, zero = (np.concatenate([d[i] for d in decoded]) for i in range(3))
+                layer.qpack = Int4Pack.from_codes(q, scale, zero)
+                self.kind = "gguf-int4"
+        elif blocks and types == {"Q8_0"}:
+            decoded = [decode_q8_0(loaded.raw_rows()) for _, loaded, _ in (parts[k] for k in keys)]
+            layer.qpack = BlockQ8Pack.from_codes(*(np.concatenate([d[i] for d in decoded]) for i in range(2)))
+            self.kind = "gguf-q8-blocks"
         else:
             for k in keys:  # mixed with other types: the deferred 4-bit parts load dense now
                 t, loaded, original = parts[k]
                 if t in INT4_TYPES and not self.keep_dense:
                     original(layer.weight, loaded, k)
-            layer.qpack = LogitsPack.from_dense(layer.weight.data) if self.keep_dense else \
-                Int8Pack.quantize(layer.weight.data)
-            self.kind = "gguf-int8"
+            if blocks:
+                layer.qpack = BlockQ8Pack.quantize(layer.weight.data)
+                self.kind = "gguf-q8-blocks"
+            else:
+                layer.qpack = LogitsPack.from_dense(layer.weight.data) if self.keep_dense else \
+                    Int8Pack.quantize(layer.weight.data)
+                self.kind = "gguf-int8"
         if not self.keep_dense:
             layer.register_parameter("weight", None)
 
@@ -96,7 +115,8 @@ def _shard_key(shard_id) -> tuple:
 
 class GGUFConfig(QuantizationConfig):
     name = "gguf"
-    description = "GGUF Q4_0/Q4_1/Q4_K repacked to torch's CPU int4 kernel, other quantized types to int8."
+    description = ("GGUF blocks kept quantized on the CPU: fp32 native block kernels (Q4_0/Q4_1/Q4_K/Q8_0 exact), "
+                   "or torch's bf16 int4/int8 kernels.")
     Options = GGUFOptions
 
     @classmethod
@@ -108,7 +128,7 @@ class GGUFConfig(QuantizationConfig):
             reasons.append("it does not support tensor parallelism; use tensor_parallel_size 1")
         if not any(t.startswith("Q") for t in spec.weight_types.values()):
             reasons.append("the checkpoint holds no GGUF quantized tensors")
-        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        if not native.available() and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             reasons.append(f"torch {torch.__version__} lacks aten._weight_int4pack_mm_for_cpu")
         return reasons
 

@@ -25,6 +25,13 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 
 def decode_int4(ggml_type: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, scale, zero) with w = (q - 8) * scale + zero (torch's int4 pack convention)."""
+    q, d, m = decode_int4_dm(ggml_type, raw)
+    return q, d, m + 8.0 * d
+
+
+def decode_int4_dm(ggml_type: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, d, m) with w = d * q + m, llama.cpp's own per-32 values (the native kernel's convention)."""
     rows = raw.shape[0]
     if ggml_type in ("Q4_0", "Q4_1"):
         head = 2 if ggml_type == "Q4_0" else 4
@@ -32,10 +39,9 @@ def decode_int4(ggml_type: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray
         d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
         q = _nibbles(blocks[..., head:]).reshape(rows, -1)
         if ggml_type == "Q4_0":
-            scale, zero = d, np.zeros_like(d)
+            m = -8.0 * d
         else:
             m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            scale, zero = d, m + 8.0 * d
     elif ggml_type == "Q4_K":
         blocks = raw.reshape(rows, -1, 144)
         nb = blocks.shape[1]
@@ -44,11 +50,19 @@ def decode_int4(ggml_type: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray
         sc, mn = _scale_min_k4(blocks[..., 4:16].reshape(-1, 12))
         sc, mn = sc.reshape(rows, nb, 8).astype(np.float32), mn.reshape(rows, nb, 8).astype(np.float32)
         q = _nibbles(blocks[..., 16:].reshape(rows, nb, 4, 32)).reshape(rows, -1)
-        scale = (d[..., None] * sc).reshape(rows, -1)
-        zero = (-(dmin[..., None] * mn)).reshape(rows, -1) + 8.0 * scale
+        d, m = (d[..., None] * sc).reshape(rows, -1), (-(dmin[..., None] * mn)).reshape(rows, -1)
     else:
         raise ValueError(f"{ggml_type} is not a 4-bit GGUF type ({', '.join(INT4_TYPES)})")
-    return np.ascontiguousarray(q), scale, zero
+    return np.ascontiguousarray(q), np.ascontiguousarray(d), np.ascontiguousarray(m)
+
+
+def decode_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 rows (blocks of 32: d fp16, 32 int8) -> (codes (rows, K) int8, d (rows, K / 32) fp32), w = d * q."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, -1)
+    return q, np.ascontiguousarray(d)
 
 
 def _scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
