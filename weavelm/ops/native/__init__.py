@@ -52,6 +52,8 @@ SIGNATURES = {
     "wl_rotary": ([P, I64, I64, I64, I64, I64, I64, I64, P, P, P], None),
     "wl_paged_attention": ([P, I64, P, I64, P, I64, P, I64, P, I64, P, P, P, I64, I64, I64, I64, I64, I64, F32, P,
                             I64], None),
+    "wl_decoder_forward": ([P, I64, P, P, P, I64], None),
+    "wl_head_norm": ([P, I64, I64, I64, I64, I64, P, F32], None),
 }
 
 
@@ -222,6 +224,11 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*x.shape[:-1], d, dtype=x.dtype)
     _lib.wl_silu_mul(x.data_ptr(), rows, d, out.data_ptr())
     return out
+
+
+def head_norm_(qkv: torch.Tensor, off: int, heads: int, head_dim: int, weight: torch.Tensor, eps: float) -> None:
+    """RMSNorm in place over each of `heads` head_dim-wide heads from column `off` of the (T, stride) rows."""
+    _lib.wl_head_norm(qkv.data_ptr(), qkv.shape[0], qkv.stride(0), off, heads, head_dim, weight.data_ptr(), eps)
 
 
 def rotary_(qkv: torch.Tensor, q_off: int, num_q_heads: int, k_off: int, num_k_heads: int, head_dim: int,

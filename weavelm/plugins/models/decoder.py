@@ -17,6 +17,8 @@ from weavelm.core.forward import ForwardBatch
 from weavelm.core.interfaces import ModelArchitecture
 from weavelm.distributed import TensorParallelGroup
 from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from weavelm.plugins.models.native_stack import NativeStack
+from weavelm.ops import native
 from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                                                     RowParallelLinear, VocabParallelEmbedding, default_weight_loader)
 
@@ -61,8 +63,9 @@ class Attention(nn.Module):
         n = x.shape[0]
         impl = batch.attn_impls[self.layer_idx]
         qkv = self.qkv_proj(x)
-        if self.q_norm is None and getattr(impl, "accepts_strided_qkv", False) and \
-                rotary.forward_inplace(positions, qkv, self.num_heads, self.num_kv_heads):
+        if getattr(impl, "accepts_strided_qkv", False) and rotary.inplace_ok(positions, qkv):
+            self._norm_heads_inplace(qkv)
+            rotary.forward_inplace(positions, qkv, self.num_heads, self.num_kv_heads)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             return self.o_proj(impl.forward(q, k, v, batch.kv_caches[self.layer_idx], batch.attn_metadata))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -75,6 +78,14 @@ class Attention(nn.Module):
             q.reshape(n, self.q_size), k.reshape(n, self.kv_size), v.contiguous(),
             batch.kv_caches[self.layer_idx], batch.attn_metadata)
         return self.o_proj(o)
+
+
+    def _norm_heads_inplace(self, qkv: torch.Tensor) -> None:
+        """Qwen3's per-head q/k RMSNorm in place on the qkv rows (native kernel; the caller checked qkv)."""
+        if self.q_norm is not None:
+            native.head_norm_(qkv, 0, self.num_heads, self.head_dim, self.q_norm.weight, self.q_norm.eps)
+            native.head_norm_(qkv, self.q_size, self.num_kv_heads, self.head_dim, self.k_norm.weight,
+                              self.k_norm.eps)
 
 
 class MLP(nn.Module):
@@ -141,6 +152,14 @@ class LlamaForCausalLM(ModelArchitecture):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        if x.is_cpu:  # small fp32 CPU steps: the whole stack in one native call (native_stack.py)
+            stack = self.__dict__.get("_native_stack")
+            if stack is None:
+                stack = self.__dict__["_native_stack"] = NativeStack.build(self) or False
+            done = stack.run(positions, x, batch) if stack else None
+            if done is not None:
+                x, _ = self.norm(*done)
+                return x
         for layer in self.layers:
             x, residual = layer(positions, x, residual, batch, self.rotary)
         x, _ = self.norm(x, residual)

@@ -124,12 +124,17 @@ class RotaryEmbedding(nn.Module):
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+    def inplace_ok(self, positions: torch.Tensor, qkv: torch.Tensor) -> bool:
+        """Whether `forward_inplace` can run: fp32 CPU rows with unit column stride, int64 positions, one per row,
+        and the native kernels built."""
+        return (qkv.is_cpu and native.usable(qkv) and qkv.stride(-1) == 1 and self.cos_cache.dtype == torch.float32
+                and positions.dtype == torch.int64 and positions.is_contiguous()
+                and positions.shape[0] == qkv.shape[0])
+
     def forward_inplace(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
         """Rotate the q and k heads of a (tokens, (heads + 2 kv_heads) * head_dim) buffer in place with the native
-        kernel; False (nothing done) where it cannot run (not fp32 on the CPU, kernels not built)."""
-        if not (qkv.is_cpu and native.usable(qkv, self.cos_cache) and qkv.stride(-1) == 1
-                and positions.dtype == torch.int64 and positions.is_contiguous()
-                and positions.shape[0] == qkv.shape[0]):
+        kernel; False (nothing done) where it cannot run (see `inplace_ok`)."""
+        if not self.inplace_ok(positions, qkv):
             return False
         q_size = num_heads * self.head_dim
         native.rotary_(qkv, 0, num_heads, q_size, num_kv_heads, self.head_dim, positions, self.cos_cache,

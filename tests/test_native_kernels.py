@@ -1,0 +1,118 @@
+"""weavelm's native CPU kernels (weavelm/ops/native): each against its torch reference, and the whole-stack call
+against the per-layer path (bit for bit: the same kernels in the same order).
+
+Tolerances: the quantized GEMMs multiply llama.cpp's exact block values in fp32, so they match a dense fp32 GEMM on
+the dequantized weight up to rounding order (1e-5 relative); the elementwise kernels match torch to a few ulps
+(their exp is a polynomial, about 1 ulp)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.gguf_fixtures import model_zoo
+from tests.test_quantization import random_blocks
+from weavelm.ops import native
+from weavelm.ops.quant_kernels import BlockQ4Pack, BlockQ8Pack
+from weavelm.plugins.quantization.gguf_blocks import decode_int4_dm, decode_q8_0, dequantize
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=str(native.unavailable_reason()))
+
+
+def q8_0_blocks(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, cols // 32, 34), dtype=np.uint8)
+    raw[..., :2] = rng.uniform(-0.02, 0.02, size=(rows, cols // 32, 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+def test_block_packs_hold_llama_cpp_values_and_multiply_in_fp32(ggml_type):
+    rows, cols = 72, 512
+    if ggml_type == "Q8_0":
+        raw = q8_0_blocks(rows, cols)
+        pack = BlockQ8Pack.from_codes(*decode_q8_0(raw))
+    else:
+        raw = random_blocks(ggml_type, rows, cols, seed=3)
+        pack = BlockQ4Pack.from_codes(*decode_int4_dm(ggml_type, raw))
+    ref = dequantize(ggml_type, raw, cols)
+    w = pack.dequantize()
+    # the 4-bit kernels fuse d * q + m into one multiply-add: within half an ulp of gguf's two roundings
+    torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(rows, generator=g)
+
+    def close(got, x, extra=0):
+        # rounding order only: bounded by a few ulps of the sum of |x| |w| (outputs can cancel to far less)
+        atol = 1e-6 * (x.abs() @ w.abs().t()).max().item()
+        torch.testing.assert_close(got, x @ w.t() + extra, rtol=1e-5, atol=atol)
+
+    for m in (1, 2, 3, 8, 9, 17, 32):
+        x = torch.randn(m, cols, generator=g)
+        close(pack.mm(x), x)
+        close(pack.mm(x, bias), x, bias)
+    wide = torch.randn(5, cols + 64, generator=g)[:, 32:32 + cols]  # rows with a stride: no copy needed
+    close(pack.mm(wide), wide)
+    x = torch.randn(40, cols, generator=g)  # past NATIVE_MAX_ROWS: dequantize + torch GEMM
+    close(pack.mm(x), x)
+
+
+def test_elementwise_kernels_match_the_torch_layers():
+    from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(96, eps=1e-5)
+    norm.weight.data = torch.randn(96, generator=g)
+    x, res = torch.randn(7, 96, generator=g), torch.randn(7, 96, generator=g)
+    act = SiluAndMul()
+    up = torch.randn(7, 2 * 80, generator=g) * 4
+
+    class Cfg:
+        rope_theta = 10000.0
+        max_position_embeddings = 64
+
+    rot = RotaryEmbedding(Cfg(), 32, 64)
+    qkv = torch.randn(5, (4 + 2 * 2) * 32, generator=g)
+    pos = torch.tensor([0, 3, 9, 40, 63])
+    got_n, (got_rn, got_rs), got_a = norm(x), norm(x, res), act(up)
+    inplace = qkv.clone()
+    assert rot.forward_inplace(pos, inplace, 4, 2)
+    with native.disabled():
+        ref_n, (ref_rn, ref_rs), ref_a = norm(x), norm(x, res), act(up)
+        q, k = rot(pos, qkv[:, :128].reshape(5, 4, 32), qkv[:, 128:192].reshape(5, 2, 32))
+        assert not rot.forward_inplace(pos, qkv.clone(), 4, 2)
+    torch.testing.assert_close(got_n, ref_n, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_rn, ref_rn, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got_rs, ref_rs)
+    torch.testing.assert_close(got_a, ref_a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(inplace[:, :128], q.reshape(5, 128), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(inplace[:, 128:192], k.reshape(5, 64), rtol=1e-6, atol=1e-6)
+    assert torch.equal(inplace[:, 192:], qkv[:, 192:])  # v untouched
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_whole_stack_call_equals_the_per_layer_path(arch, one_torch_thread, monkeypatch):
+    """Same GGUF Q4_K file, same engine settings: the whole-stack native call (decode steps) against the per-layer
+    path (WEAVELM_NATIVE_STACK=0): identical logits, bit for bit, in a mixed batch (prefill past the stack's token
+    limit, then decode)."""
+    from weavelm import LLM, SamplingParams
+
+    path = model_zoo(arch)["gguf_Q4_K"]
+    prompts = [[5, 17, 42, 99, 3, 250] * 12, [7, 7, 1, 300, 12], [400, 2, 9]]
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("WEAVELM_NATIVE_STACK", flag)
+        llm = LLM(model=path, device="cpu", dtype="float32", cache={"num_blocks": 64})
+        runner = llm.engine.client.core.executor.worker.runner
+        captured = []
+        runner.set_logits_hook(lambda ids, logits: captured.append(logits.clone()) or None)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        stack = runner.bundle.model.__dict__.get("_native_stack")
+        assert bool(stack) == (flag == "1"), stack
+        results.append(([o.outputs[0].token_ids for o in outs], captured))
+    (tok_a, log_a), (tok_b, log_b) = results
+    assert tok_a == tok_b
+    print([(a - b).abs().max().item() for a, b in zip(log_a, log_b)])
+    assert len(log_a) == len(log_b) and all(torch.equal(a, b) for a, b in zip(log_a, log_b))
