@@ -95,6 +95,9 @@ class CpuAttentionBuilder(AttentionMetadataBuilder):
 
 class CpuAttentionImpl(AttentionImpl):
     accepts_strided_qkv = True  # q, k, v may be column slices of one (T, q + 2 kv) buffer (the model skips copies)
+    # a step whose metadata has `common` set runs `wl_paged_attention` on weavelm's default cache layout, so the
+    # model may run the whole decoder stack natively (weavelm/plugins/models/native_stack.py)
+    native_paged_attention = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: Any) -> torch.Tensor:

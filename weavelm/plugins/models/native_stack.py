@@ -3,7 +3,8 @@
 At batch 1 on the CPU, a token of the default model is ~300 small operations (9 per layer, plus module calls and
 tensor bookkeeping around each); their Python and dispatch cost was a third of the step. When every layer is
 exactly weavelm's Llama-family decoder layer with block-quantized linears (`BlockQ4Pack` / `BlockQ8Pack`), the
-attention step is the `cpu` backend's native one, and there is no tensor parallelism or LoRA wrapper, the model's
+attention step is the native paged attention (an impl that says so with `native_paged_attention = True`, as the
+`cpu` backend's does, and whose step metadata carries `common` when that kernel takes the step), and there is no tensor parallelism or LoRA wrapper, the model's
 forward hands the whole stack to `wl_decoder_forward` (`weavelm/ops/native/cpu_kernels.c`): the same kernels the
 per-layer path calls, in the same order, so the result is identical (tested bit for bit). Anything else takes the
 per-layer path, unchanged. `WEAVELM_NATIVE_STACK=0` turns this off (for A/B measurements).
@@ -103,12 +104,10 @@ class NativeStack:
         return cls(model, (WLayer * len(descs))(*descs), keep)
 
     def run(self, positions: torch.Tensor, x: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        from weavelm.plugins.attention.cpu import CpuAttentionImpl
-
         meta = batch.attn_metadata
         common = getattr(meta, "common", None)
         t = x.shape[0]
-        if common is None or t > MAX_TOKENS or type(batch.attn_impls[0]) is not CpuAttentionImpl or \
+        if common is None or t > MAX_TOKENS or not getattr(batch.attn_impls[0], "native_paged_attention", False) or \
                 x.dtype != torch.float32 or not x.is_contiguous() or positions.dtype != torch.int64 or \
                 positions.shape[0] != t or common.num_actual_tokens != t or \
                 common.slot_mapping.dtype != torch.int64 or not common.block_table.is_contiguous():
