@@ -34,6 +34,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 ABI_VERSION = 1
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 ENV_DISABLE = "WEAVELM_NATIVE_KERNELS"
+MAX_GQA_GROUP = 64  # query heads per kv head that wl_paged_attention handles (its per-group arrays)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -379,54 +379,75 @@ void wl_paged_attention(const float *q, int64_t q_stride, const float *k, int64_
     const int64_t n_real = query_start_loc[R];
     for (int64_t t = n_real; t < T; t++) memset(out + t * H * D, 0, H * D * sizeof(float));
     const int64_t group = H / KVH;
-    /* work items: (token, head); each knows its request by a search over query_start_loc */
-    const int64_t items = n_real * H;
-#pragma omp parallel
+    /* work items: (token, kv head), each covering the `group` query heads that share that kv head, so every key and
+     * value row is read once per group; each item finds its request by a search over query_start_loc */
+    const int64_t items = n_real * KVH;
+#pragma omp parallel if (items > 1)
     {
         float *scores = 0;
         int64_t cap = 0;
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
-            const int64_t t = it / H, h = it % H, kvh = h / group;
+            const int64_t t = it / KVH, kvh = it % KVH;
             int64_t r = 0;
             while (query_start_loc[r + 1] <= t) r++;
             const int64_t q_len = query_start_loc[r + 1] - query_start_loc[r];
             const int64_t ctx = seq_lens[r] - q_len + (t - query_start_loc[r]) + 1; /* causal: keys [0, ctx) */
-            if (ctx > cap) {
+            if (ctx * group > cap) {
                 free(scores);
-                cap = ctx + 256;
+                cap = ctx * group + 1024;
                 scores = (float *)malloc(cap * sizeof(float));
             }
-            const float *qv = q + t * q_stride + h * D;
             const int32_t *table = block_table + r * max_blocks;
-            float mx = -INFINITY;
-            for (int64_t j = 0; j < ctx; j++) {
-                const int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
-                const float *kv = kc + (slot * KVH + kvh) * D;
-                float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t i = 0; i < D; i++) s += qv[i] * kv[i];
-                s *= scale;
-                scores[j] = s;
-                mx = s > mx ? s : mx;
+            float mx[64], sum[64];
+            for (int64_t g = 0; g < group; g++) mx[g] = -INFINITY, sum[g] = 0.f;
+            for (int64_t j0 = 0; j0 < ctx; j0 += block_size) {
+                const int64_t base = (int64_t)table[j0 / block_size] * block_size;
+                const int64_t n = ctx - j0 < block_size ? ctx - j0 : block_size;
+                for (int64_t o = 0; o < n; o++) {
+                    const float *kv = kc + ((base + o) * KVH + kvh) * D;
+                    for (int64_t g = 0; g < group; g++) {
+                        const float *qv = q + t * q_stride + (kvh * group + g) * D;
+                        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                        for (int64_t i = 0; i < D; i++) acc += qv[i] * kv[i];
+                        acc *= scale;
+                        scores[g * ctx + j0 + o] = acc;
+                        mx[g] = acc > mx[g] ? acc : mx[g];
+                    }
+                }
             }
-            float sum = 0.f;
-            for (int64_t j = 0; j < ctx; j++) {
-                const float e = exp_approx(scores[j] - mx);
-                scores[j] = e;
-                sum += e;
+            for (int64_t g = 0; g < group; g++) {
+                float *sg = scores + g * ctx, total = 0.f;
+                const float m = mx[g];
+#pragma omp simd reduction(+ : total)
+                for (int64_t j = 0; j < ctx; j++) {
+                    const float e = exp_approx(sg[j] - m);
+                    sg[j] = e;
+                    total += e;
+                }
+                sum[g] = total;
+                float *o = out + t * H * D + (kvh * group + g) * D;
+                for (int64_t i = 0; i < D; i++) o[i] = 0.f;
             }
-            float *o = out + t * H * D + h * D;
-            for (int64_t i = 0; i < D; i++) o[i] = 0.f;
-            for (int64_t j = 0; j < ctx; j++) {
-                const int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
-                const float *vv = vc + (slot * KVH + kvh) * D;
-                const float p = scores[j];
+            for (int64_t j0 = 0; j0 < ctx; j0 += block_size) {
+                const int64_t base = (int64_t)table[j0 / block_size] * block_size;
+                const int64_t n = ctx - j0 < block_size ? ctx - j0 : block_size;
+                for (int64_t o = 0; o < n; o++) {
+                    const float *vv = vc + ((base + o) * KVH + kvh) * D;
+                    for (int64_t g = 0; g < group; g++) {
+                        float *og = out + t * H * D + (kvh * group + g) * D;
+                        const float p = scores[g * ctx + j0 + o];
 #pragma omp simd
-                for (int64_t i = 0; i < D; i++) o[i] += p * vv[i];
+                        for (int64_t i = 0; i < D; i++) og[i] += p * vv[i];
+                    }
+                }
             }
-            const float inv = 1.0f / sum;
-            for (int64_t i = 0; i < D; i++) o[i] *= inv;
+            for (int64_t g = 0; g < group; g++) {
+                float *og = out + t * H * D + (kvh * group + g) * D;
+                const float inv = 1.0f / sum[g];
+                for (int64_t i = 0; i < D; i++) og[i] *= inv;
+            }
         }
         free(scores);
     }

@@ -105,7 +105,8 @@ class CpuAttentionImpl(AttentionImpl):
         n_tok, h, kvh, d = q.shape[0], self.num_heads, self.num_kv_heads, self.head_size
         if m.common is not None:
             c = m.common
-            if native.usable(q, k, v, kv_cache) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+            if native.usable(q, k, v, kv_cache) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and \
+                    h // kvh <= native.MAX_GQA_GROUP:
                 return native.paged_attention(q, k, v, kv_cache, m.slot_mapping, c.query_start_loc, c.seq_lens,
                                               c.block_table, m.num_reqs, h, kvh, d, self.scale)
             m.sdpa_fields()

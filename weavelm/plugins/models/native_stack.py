@@ -78,7 +78,8 @@ class NativeStack:
         from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear,
                                                             RowParallelLinear)
 
-        if not (_enabled() and native.available()) or model.tp.world_size != 1:
+        if not (_enabled() and native.available()) or model.tp.world_size != 1 or \
+                model.dims.num_heads // model.dims.num_kv_heads > native.MAX_GQA_GROUP:
             return None
         rot = model.rotary
         if not (rot.cos_cache.dtype == torch.float32 and rot.cos_cache.is_cpu and rot.cos_cache.is_contiguous()):
