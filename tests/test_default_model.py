@@ -40,31 +40,8 @@ def test_default_path_is_quantized_and_agrees_with_fp32(one_torch_thread):
     weights: the first 32 greedy tokens of 16 chat prompts. The issue's bar is 90% of the prompts identical.
 
     Measured (2026-12-04): 16 of 16 identical, 512/512 tokens (the kernels compute in fp32 on llama.cpp's exact
-    codes, so only the rounding order differs). Before them, torch's bf16 int4/int8 kernels gave 8-10/16."""
-    from weavelm.default_model import default_dense_path
-
-    llm = LLM(model=default_dense_path(), device="cpu")  # the fp32 conversion, dense
-    tok = llm.get_tokenizer()
-    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=12, temperature=0))[0]
-    assert out.outputs[0].text.startswith(" Paris")
-    ref = AutoModelForCausalLM.from_pretrained(llm.config.model, dtype=torch.float32)
-    ids = tok.encode("The capital of France is")
-    with torch.no_grad():
-        gen = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-    assert out.outputs[0].token_ids == gen[0, len(ids):].tolist()[: len(out.outputs[0].token_ids)]
-
-
-@pytest.mark.slow
-def test_default_path_is_quantized_and_agrees_with_fp32(one_torch_thread):
-    """The engine's default for the default model (its GGUF, Q4_1 blocks kept quantized in torch's int4 kernel, the
-    Q8_0 embedding's logits through int8) against the fp32 dense path on the same dequantized weights: the first 32
-    greedy tokens of 16 chat prompts.
-
-    Measured (2026-11-27): 8-10 of 16 prompts identical, common prefix 375-415 of 512 tokens; bf16 dense weights
-    score 12/16 and 445/512, so the gap is the bf16 arithmetic torch's int4/int8 CPU kernels require (bf16
-    activations and outputs), not the quantization, whose codes are exact. `quantization: none` on the same file
-    is exact (16/16). The contract below is what this path keeps: at least half the prompts identical and 70% of
-    the tokens before the first divergence. (The issue's 90% needs an fp32-accumulating kernel; see RESULTS.md.)"""
+    codes, so only the rounding order differs). Before them, torch's bf16 int4/int8 kernels gave 8-10/16; those
+    still run without a C compiler, under the weaker bar they were measured at."""
     from weavelm.default_model import default_dense_path
 
     quant, dense = LLM(device="cpu"), LLM(model=default_dense_path(), device="cpu")
@@ -83,6 +60,5 @@ def test_default_path_is_quantized_and_agrees_with_fp32(one_torch_thread):
     same = sum(g == r for g, r in zip(got, ref))
     prefix = sum(next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), len(r)) for g, r in zip(got, ref))
     print(f"identical: {same}/16 prompts; common prefix {prefix}/{32 * 16} tokens")
-    # without a C compiler the torch bf16 kernels run instead: the weaker bar they were measured at (8-10/16)
     same_bar, prefix_bar = (0.9, 0.95) if native.available() else (0.5, 0.7)
     assert same >= same_bar * len(prompts) and prefix >= prefix_bar * 32 * len(prompts), (same, prefix)
