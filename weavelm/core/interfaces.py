@@ -399,7 +399,17 @@ class AttentionImpl(ABC):
     attention output for the flattened batch (prefill chunks with cached prefixes and decodes, causal).
 
     q: (num_tokens, num_heads * head_size), k / v: (num_tokens, num_kv_heads * head_size); returns like q.
+
+    Optional capabilities a model may use (both default False):
+    - `accepts_strided_qkv`: q, k and v may be column slices of one (num_tokens, (heads + 2 kv_heads) * head_size)
+      buffer (row stride larger than their width; unit column stride), so the model skips three copies.
+    - `native_paged_attention`: when a step's metadata has `common` set (a `CommonAttentionMetadata`), this impl's
+      attention is exactly weavelm's native `wl_paged_attention` over the default cache layout, so a model may run
+      its whole decoder stack in one native call for that step (weavelm/plugins/models/native_stack.py).
     """
+
+    accepts_strided_qkv = False
+    native_paged_attention = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float):
         self.num_heads = num_heads
