@@ -116,3 +116,25 @@ def test_whole_stack_call_equals_the_per_layer_path(arch, one_torch_thread, monk
     assert tok_a == tok_b
     print([(a - b).abs().max().item() for a, b in zip(log_a, log_b)])
     assert len(log_a) == len(log_b) and all(torch.equal(a, b) for a, b in zip(log_a, log_b))
+
+
+def test_a_failed_build_falls_back_to_torch_with_a_reason(tmp_path):
+    """No working compiler (CC points at `false`): the library is not built, `unavailable_reason` says why, and the
+    engine still runs the GGUF default on torch's kernels. In a fresh process, so this one's library is untouched."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from weavelm.ops import native\n"
+            "assert not native.available(), 'built with a failing compiler'\n"
+            "print(native.unavailable_reason())\n"
+            "from weavelm.ops.quant_kernels import BlockQ4Pack\n"
+            "import numpy as np, torch\n"
+            "p = BlockQ4Pack.from_codes(np.ones((4, 64), np.uint8), np.ones((4, 2), np.float32),"
+            " np.zeros((4, 2), np.float32))\n"
+            "assert torch.equal(p.mm(torch.ones(1, 64)), torch.full((1, 4), 64.0))\n")
+    env = {**os.environ, "CC": "false", "WEAVELM_CACHE_DIR": str(tmp_path)}
+    env.pop("WEAVELM_NATIVE_KERNELS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "native CPU kernels unavailable: false failed" in out.stdout, out.stdout
