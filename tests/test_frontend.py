@@ -61,3 +61,31 @@ def test_batched_detokenization_equals_one_by_one(llm):
         hits_one = [d.add_tokens([s[t]]) for d, s in zip(one, seqs)]
         assert add_tokens_batch([(d, [s[t]]) for d, s in zip(many, seqs)]) == hits_one
     assert [d.text for d in one] == [d.text for d in many]
+
+
+def test_stream_detokenization_equals_the_windowed_decodes(llm):
+    """The DecodeStream path (fast tokenizers) against the two-window decode it replaced, token by token: ASCII,
+    accented letters, CJK, emoji split over byte tokens, special tokens (skipped or kept), random ids, stop strings
+    and several tokens per call."""
+    import random
+
+    from weavelm.core.detokenizer import IncrementalDetokenizer
+
+    tok = llm.get_tokenizer()
+    texts = ["Hello world, the quick brown fox. " * 3, "Ünïcödé café naïve 日本語のテキスト 😀🎉👍🏽 done",
+             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n ok"]
+    rng = random.Random(1)
+    cases = [tok.encode(t, add_special_tokens=False) for t in texts]
+    cases += [[rng.randrange(len(tok)) for _ in range(40)] for _ in range(6)]
+    for skip in (True, False):
+        for ids in cases:
+            for stop, step in (([], 1), (["the", "ing", "日本"], 1), (["fox"], 3)):
+                fast = IncrementalDetokenizer(tok, [1, 2, 3], stop, skip_special_tokens=skip)
+                slow = IncrementalDetokenizer(tok, [1, 2, 3], stop, skip_special_tokens=skip)
+                assert fast._stream is not None
+                slow._stream = None  # the windowed decodes
+                for i in range(0, len(ids), step):
+                    hit_fast, hit_slow = fast.add_tokens(ids[i:i + step]), slow.add_tokens(ids[i:i + step])
+                    assert (hit_fast, fast.text, fast.num_used) == (hit_slow, slow.text, slow.num_used), (ids, i)
+                    if hit_fast is not None:
+                        break

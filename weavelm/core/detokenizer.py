@@ -26,11 +26,22 @@ class IncrementalDetokenizer:
         # cores (7 ms per call at batch 8 on 2 shared cores), and for the few ids incremental decoding passes, a
         # loop is as fast even at batch 256 (0.66 vs 0.92 ms).
         backend = getattr(tokenizer, "_tokenizer", None)
-        if backend is not None and hasattr(backend, "decode") and \
-                not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        fast = backend is not None and hasattr(backend, "decode") and \
+            not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        if fast:
             self._decode_fn = backend.decode
         else:
             self._decode_fn = tokenizer.decode if tokenizer is not None else None
+        # With a fast tokenizer, `tokenizers.decoders.DecodeStream` does the same prefix/read-offset bookkeeping
+        # in Rust: one call per token instead of two decodes of a growing window (2.1 -> 0.7 us per token).
+        self._stream = None
+        if fast:
+            try:
+                from tokenizers.decoders import DecodeStream
+                self._stream = DecodeStream(ids=list(self.ids), skip_special_tokens=skip_special_tokens)
+                self._backend = backend
+            except (ImportError, TypeError):  # tokenizers < 0.22: no prefill ids
+                self._stream = None
 
     def _decode(self, ids: list[int]) -> str:
         return self._decode_fn(ids, skip_special_tokens=self.skip_special)
@@ -43,9 +54,14 @@ class IncrementalDetokenizer:
         per_token = bool(self.stop) and len(token_ids) > 1  # several tokens a step (speculative decoding)
         self.num_used = len(token_ids)
         for j, tok in enumerate(token_ids):
-            self.ids.append(tok)
-            self._advance(self._decode(self.ids[self.prefix_offset:self.read_offset]),
-                          self._decode(self.ids[self.prefix_offset:]))
+            if self._stream is not None:
+                chunk = self._stream.step(self._backend, tok)
+                if chunk:
+                    self.text += chunk
+            else:
+                self.ids.append(tok)
+                self._advance(self._decode(self.ids[self.prefix_offset:self.read_offset]),
+                              self._decode(self.ids[self.prefix_offset:]))
             if per_token:
                 hit = self._check_stop(start)
                 if hit is not None:  # the tokens after the one completing the stop string are not emitted

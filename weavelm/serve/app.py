@@ -45,7 +45,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
     app.state.serve = state
     install_error_handlers(app)
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
+        # async: a plain `def` dependency runs in FastAPI's thread pool, a thread hop per request
         if state.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
