@@ -138,3 +138,49 @@ def test_a_failed_build_falls_back_to_torch_with_a_reason(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "native CPU kernels unavailable: false failed" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (6, 2, 40)])
+def test_paged_attention_matches_sdpa_over_split_contexts(heads, kv_heads, head_dim):
+    """Requests with 1, 5 and 32 new tokens over contexts of 3 to 700 keys (several 128-key chunks, merged), on a
+    shuffled block table. Head sizes that are a multiple of 16 take the split (flash-decoding) kernel; 40 takes the
+    generic one. Reference: SDPA per request with a causal mask."""
+    g = torch.Generator().manual_seed(2)
+    bs, nblocks = 16, 128
+    cache = torch.randn(2, nblocks, bs, kv_heads, head_dim, generator=g)
+    q_lens, ctxs = [1, 5, 32, 1], [3, 130, 700, 257]
+    perm = torch.randperm(nblocks, generator=g).to(torch.int32)
+    need = [(c + bs - 1) // bs for c in ctxs]
+    table = torch.zeros(len(ctxs), max(need), dtype=torch.int32)
+    start = 0
+    for r, nb in enumerate(need):
+        table[r, :nb] = perm[start:start + nb]
+        start += nb
+    t = sum(q_lens)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(t, width, generator=g)
+    q, k, v = qkv[:, :heads * head_dim], qkv[:, heads * head_dim:(heads + kv_heads) * head_dim], \
+        qkv[:, (heads + kv_heads) * head_dim:]
+    slots, qsl = [], [0]
+    for r, (ql, c) in enumerate(zip(q_lens, ctxs)):
+        for pos in range(c - ql, c):
+            slots.append(int(table[r, pos // bs]) * bs + pos % bs)
+        qsl.append(qsl[-1] + ql)
+    scale = head_dim ** -0.5
+    ref_cache = cache.clone()
+    out = native.paged_attention(q, k, v, cache, torch.tensor(slots), torch.tensor(qsl, dtype=torch.int32),
+                                 torch.tensor(ctxs, dtype=torch.int32), table, len(ctxs), heads, kv_heads, head_dim,
+                                 scale)
+    flat = ref_cache.view(2, -1, kv_heads, head_dim)
+    flat[0][torch.tensor(slots)] = k.reshape(t, kv_heads, head_dim)
+    flat[1][torch.tensor(slots)] = v.reshape(t, kv_heads, head_dim)
+    assert torch.equal(cache, ref_cache)  # the new keys and values were written where slot_mapping says
+    for r, (ql, c) in enumerate(zip(q_lens, ctxs)):
+        idx = (table[r].long()[:, None] * bs + torch.arange(bs)).reshape(-1)[:c]
+        keys, values = flat[0][idx].transpose(0, 1), flat[1][idx].transpose(0, 1)  # (kvh, c, d)
+        qr = q[qsl[r]:qsl[r + 1]].reshape(ql, heads, head_dim).transpose(0, 1)
+        mask = torch.arange(c)[None, :] <= (c - ql + torch.arange(ql))[:, None]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            qr[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads)[0]
+        got = out[qsl[r]:qsl[r + 1]].reshape(ql, heads, head_dim).transpose(0, 1)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
