@@ -50,6 +50,7 @@ def triton_interpreter_without_cuda(reload: tuple[str, ...] = ()) -> Iterator[No
         return
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    _interpret_triton_language()
     for name in reload:
         mod = sys.modules.get(name)
         if mod is not None and any(type(v).__name__ == "JITFunction" for v in vars(mod).values()):
@@ -61,6 +62,23 @@ def triton_interpreter_without_cuda(reload: tuple[str, ...] = ()) -> Iterator[No
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = old
+
+
+def _interpret_triton_language() -> None:
+    """triton.language's own `@triton.jit` helpers (tl.minimum, tl.cdiv, ...) are built when it is first imported;
+    imported before TRITON_INTERPRET=1 (torch._dynamo imports triton, e.g. through transformers' generation code),
+    they are compiled-kernel functions that an interpreted kernel cannot call ("Cannot call @triton.jit'd outside
+    of the scope of a kernel"). Rebuild them under the interpreter and rebind them in `triton.language`."""
+    for name in ("triton.language.standard", "triton.language.random"):
+        mod = sys.modules.get(name)
+        if mod is None or not any(type(v).__name__ == "JITFunction" for v in vars(mod).values()):
+            continue
+        old = dict(vars(mod))
+        importlib.reload(mod)
+        lang = sys.modules["triton.language"]
+        for attr, value in old.items():
+            if type(value).__name__ == "JITFunction" and getattr(lang, attr, None) is value:
+                setattr(lang, attr, getattr(mod, attr))
 
 
 class AttentionContract:
