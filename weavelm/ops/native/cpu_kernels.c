@@ -181,6 +181,44 @@ static void q8_row_fact(const float *x, int64_t nb, const int8_t *qs, const floa
 }
 #define DEFINE_Q8_ROW(MR) DEFINE_ROW(q8_row, int8_t, Q8_BLOCK, MR)
 
+/* Two output features (n, n + 1) for `mr` rows: each x load feeds both features' multiply-adds (the row kernels
+ * above are bound by loads as much as by multiply-adds from 2 rows on). */
+#define DEFINE_PAIR(NAME, CODE_T, BLOCK_MACRO, MR)                                                              \
+    static void NAME##_##MR(const float *x, int64_t ldx, int64_t nb, const CODE_T *qs0, const float *d0,       \
+                            const float *m0, const CODE_T *qs1, const float *d1, const float *m1, float *out0,   \
+                            float *out1) {                                                                     \
+        v16f a0[MR], a1[MR];                                                                                   \
+        for (int r = 0; r < MR; r++) a0[r] = a1[r] = (v16f){0};                                               \
+        for (int64_t b = 0; b < nb; b++) {                                                                     \
+            v16f lo0, hi0, lo1, hi1;                                                                           \
+            {                                                                                                  \
+                const CODE_T *qs = qs0;                                                                        \
+                const float *d = d0, *m = m0;                                                                  \
+                (void)m;                                                                                       \
+                BLOCK_MACRO(b, l, h)                                                                           \
+                lo0 = l, hi0 = h;                                                                              \
+            }                                                                                                  \
+            {                                                                                                  \
+                const CODE_T *qs = qs1;                                                                        \
+                const float *d = d1, *m = m1;                                                                  \
+                (void)m;                                                                                       \
+                BLOCK_MACRO(b, l, h)                                                                           \
+                lo1 = l, hi1 = h;                                                                              \
+            }                                                                                                  \
+            for (int r = 0; r < MR; r++) {                                                                     \
+                const float *xr = x + r * ldx + b * BLOCK;                                                     \
+                const v16f xl = load16(xr), xh = load16(xr + 16);                                              \
+                a0[r] += lo0 * xl;                                                                             \
+                a1[r] += lo1 * xl;                                                                             \
+                a0[r] += hi0 * xh;                                                                             \
+                a1[r] += hi1 * xh;                                                                             \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int r = 0; r < MR; r++) out0[r] = hsum16(a0[r]), out1[r] = hsum16(a1[r]);                       \
+    }
+#define DEFINE_Q4_PAIR(MR) DEFINE_PAIR(q4_pair, uint8_t, Q4_BLOCK, MR)
+#define DEFINE_Q8_PAIR(MR) DEFINE_PAIR(q8_pair, int8_t, Q8_BLOCK, MR)
+
 DEFINE_Q4_ROW(1)
 DEFINE_Q4_ROW(2)
 DEFINE_Q4_ROW(3)
@@ -198,7 +236,30 @@ DEFINE_Q8_ROW(6)
 DEFINE_Q8_ROW(7)
 DEFINE_Q8_ROW(8)
 
+DEFINE_Q4_PAIR(2)
+DEFINE_Q8_PAIR(2)
+DEFINE_Q4_PAIR(3)
+DEFINE_Q8_PAIR(3)
+DEFINE_Q4_PAIR(4)
+DEFINE_Q8_PAIR(4)
+DEFINE_Q4_PAIR(5)
+DEFINE_Q8_PAIR(5)
+DEFINE_Q4_PAIR(6)
+DEFINE_Q8_PAIR(6)
+DEFINE_Q4_PAIR(7)
+DEFINE_Q8_PAIR(7)
+DEFINE_Q4_PAIR(8)
+DEFINE_Q8_PAIR(8)
+
 typedef void (*row_fn)(const float *, int64_t, int64_t, const void *, const float *, const float *, float *);
+typedef void (*pair_fn)(const float *, int64_t, int64_t, const void *, const float *, const float *, const void *,
+                        const float *, const float *, float *, float *);
+static const pair_fn Q4_PAIRS[MAX_ROWS + 1] = {
+    0, 0, (pair_fn)q4_pair_2, (pair_fn)q4_pair_3, (pair_fn)q4_pair_4,
+    (pair_fn)q4_pair_5, (pair_fn)q4_pair_6, (pair_fn)q4_pair_7, (pair_fn)q4_pair_8};
+static const pair_fn Q8_PAIRS[MAX_ROWS + 1] = {
+    0, 0, (pair_fn)q8_pair_2, (pair_fn)q8_pair_3, (pair_fn)q8_pair_4,
+    (pair_fn)q8_pair_5, (pair_fn)q8_pair_6, (pair_fn)q8_pair_7, (pair_fn)q8_pair_8};
 
 static const row_fn Q4_ROWS[MAX_ROWS + 1] = {
     0, (row_fn)q4_row_1, (row_fn)q4_row_2, (row_fn)q4_row_3, (row_fn)q4_row_4,
@@ -239,6 +300,19 @@ static void qgemm(const row_fn *rows, int bytes_per_block, const float *x, int64
                     else
                         q8_row_fact(x, nb, (const int8_t *)(codes + n * row_bytes), d + n * nb, out);
                     y[n] = out[0] + (bias ? bias[n] : 0.f);
+                    continue;
+                }
+                if (mr >= 2 && n + 1 < n1) { /* two features at a time */
+                    const pair_fn pf = (rows == Q4_ROWS ? Q4_PAIRS : Q8_PAIRS)[mr];
+                    float out1[MAX_ROWS];
+                    pf(x + r0 * ldx, ldx, nb, codes + n * row_bytes, d + n * nb, m ? m + n * nb : 0,
+                       codes + (n + 1) * row_bytes, d + (n + 1) * nb, m ? m + (n + 1) * nb : 0, out, out1);
+                    const float b0 = bias ? bias[n] : 0.f, b1 = bias ? bias[n + 1] : 0.f;
+                    for (int64_t r = 0; r < mr; r++) {
+                        y[(r0 + r) * ldy + n] = out[r] + b0;
+                        y[(r0 + r) * ldy + n + 1] = out1[r] + b1;
+                    }
+                    n++;
                     continue;
                 }
                 rows[mr](x + r0 * ldx, ldx, nb, codes + n * row_bytes, d + n * nb, m ? m + n * nb : 0, out);
