@@ -77,12 +77,18 @@ def test_stream_detokenization_equals_the_windowed_decodes(llm):
     rng = random.Random(1)
     cases = [tok.encode(t, add_special_tokens=False) for t in texts]
     cases += [[rng.randrange(len(tok)) for _ in range(40)] for _ in range(6)]
+    # a prompt context that ends inside a character (a lone byte token decodes to U+FFFD): the windowed path
+    partial = next(i for i in range(len(tok)) if tok._tokenizer.decode([i]) == "\ufffd")
+    contexts = [[1, 2, 3], [1, partial, 3], [1, 2, partial]]
     for skip in (True, False):
-        for ids in cases:
+        for ids, context in ((ids, c) for ids in cases for c in contexts):
             for stop, step in (([], 1), (["the", "ing", "日本"], 1), (["fox"], 3)):
-                fast = IncrementalDetokenizer(tok, [1, 2, 3], stop, skip_special_tokens=skip)
-                slow = IncrementalDetokenizer(tok, [1, 2, 3], stop, skip_special_tokens=skip)
-                assert fast._stream is not None
+                fast = IncrementalDetokenizer(tok, context, stop, skip_special_tokens=skip)
+                slow = IncrementalDetokenizer(tok, context, stop, skip_special_tokens=skip)
+                if context == [1, 2, 3]:
+                    assert fast._stream is not None
+                if context[-1] == partial:
+                    assert fast._stream is None
                 slow._stream = None  # the windowed decodes
                 for i in range(0, len(ids), step):
                     hit_fast, hit_slow = fast.add_tokens(ids[i:i + step]), slow.add_tokens(ids[i:i + step])

@@ -35,7 +35,9 @@ class IncrementalDetokenizer:
         # With a fast tokenizer, `tokenizers.decoders.DecodeStream` does the same prefix/read-offset bookkeeping
         # in Rust: one call per token instead of two decodes of a growing window (2.1 -> 0.7 us per token).
         self._stream = None
-        if fast:
+        # (not when the prompt context ends inside a character: DecodeStream would then emit that context with the
+        # first token, where the windowed decodes do not)
+        if fast and not backend.decode(self.ids, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
             try:
                 from tokenizers.decoders import DecodeStream
                 self._stream = DecodeStream(ids=list(self.ids), skip_special_tokens=skip_special_tokens)
