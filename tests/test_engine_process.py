@@ -167,8 +167,11 @@ def test_ctrl_c_in_the_caller_stops_everything(tiny_llama, tmp_path):
     script = tmp_path / "generate_loop.py"
     script.write_text(CTRL_C_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # SIGINT back to its default in the child: a test run started as a background job inherits it ignored, and a
+    # Python started with SIGINT ignored never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, str(script), tiny_llama], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=root)
+                            stderr=subprocess.PIPE, text=True, cwd=root,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert line.strip().isdigit(), proc.stderr.read()
