@@ -2,7 +2,8 @@
 after prompts of several lengths (random token ids, greedy, ignore EOS), from the engine's own per-request timings
 (first token and finish), so prefill and decode are separated exactly.
 
-    python benchmarks/cpu_context_scaling.py --threads 2 --contexts 200,1000,2000 --out benchmarks/results/cpu_context.json
+    python benchmarks/cpu_context_scaling.py --threads 2 --contexts 200,1000,2000 \
+        --out benchmarks/results/cpu_context.json
 """
 
 from __future__ import annotations

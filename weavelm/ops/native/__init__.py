@@ -1,5 +1,6 @@
-"""weavelm's native CPU kernels (`cpu_kernels.c`): built once per machine with the system C compiler, loaded with
-ctypes, called on fp32 CPU tensors.
+"""weavelm's native CPU kernels (the C sources of this folder: `gemm.c`, `layers.c`, `attention.c`, `stack.c`,
+sharing `common.h`): built once per machine with the system C compiler into one library, loaded with ctypes,
+called on fp32 CPU tensors.
 
 The library is compiled on first use (`cc -O3 -march=native -fopenmp`, about 2 s) into
 `$WEAVELM_CACHE_DIR/native` (default `~/.cache/weavelm/native`), under a name that hashes the source, the compiler's
@@ -30,7 +31,8 @@ import torch
 
 log = logging.getLogger("weavelm.native")
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "layers.c", "attention.c", "stack.c"))
+HEADER = Path(__file__).with_name("common.h")
 ABI_VERSION = 1
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 ENV_DISABLE = "WEAVELM_NATIVE_KERNELS"
@@ -83,7 +85,8 @@ def _cpu_flags() -> str:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), platform.machine(),
+    texts = [p.read_text() for p in (HEADER, *SOURCES)]
+    key = hashlib.sha256("\0".join([*texts, version, " ".join(FLAGS), platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
@@ -92,7 +95,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")

@@ -1,13 +1,14 @@
 """The decoder stack in one native call per step, for small fp32 CPU batches (decode, speculative verification).
 
 At batch 1 on the CPU, a token of the default model is ~300 small operations (9 per layer, plus module calls and
-tensor bookkeeping around each); their Python and dispatch cost was a third of the step. When every layer is
-exactly weavelm's Llama-family decoder layer with block-quantized linears (`BlockQ4Pack` / `BlockQ8Pack`), the
-attention step is the native paged attention (an impl that says so with `native_paged_attention = True`, as the
-`cpu` backend's does, and whose step metadata carries `common` when that kernel takes the step), and there is no tensor parallelism or LoRA wrapper, the model's
-forward hands the whole stack to `wl_decoder_forward` (`weavelm/ops/native/cpu_kernels.c`): the same kernels the
-per-layer path calls, in the same order, so the result is identical (tested bit for bit). Anything else takes the
-per-layer path, unchanged. `WEAVELM_NATIVE_STACK=0` turns this off (for A/B measurements).
+tensor bookkeeping around each); their Python and dispatch cost was a third of the step. When every layer is exactly
+weavelm's Llama-family decoder layer with block-quantized linears (`BlockQ4Pack` / `BlockQ8Pack`), the attention
+step is the native paged attention (an impl that says so with `native_paged_attention = True`, as the `cpu`
+backend's does, and whose step metadata carries `common` when that kernel takes the step), and there is no tensor
+parallelism or LoRA wrapper, the model's forward hands the whole stack to `wl_decoder_forward`
+(`weavelm/ops/native/stack.c`): the same kernels the per-layer path calls, in the same order, so the result is
+identical (tested bit for bit). Anything else takes the per-layer path, unchanged. `WEAVELM_NATIVE_STACK=0` turns
+this off (for A/B measurements).
 """
 
 from __future__ import annotations
