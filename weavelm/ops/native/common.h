@@ -43,38 +43,36 @@ static inline v16f load16(const float *p) {
     return v;
 }
 
-/* 16 bytes -> 16 int32 lanes (GCC's generic widening of a byte vector is scalar, hence the intrinsics). */
-static inline v16i widen_u8(const uint8_t *p) {
-    v16i out;
+/* 16 bytes -> 16 int32 lanes, zero- (u8) or sign-extended (i8); GCC's generic widening of a byte vector is
+ * scalar, hence the intrinsics. */
 #if defined(__AVX512F__)
-    __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    memcpy(&out, &w, 64);
+#define DEFINE_WIDEN(NAME, T, EXT)                                                                               \
+    static inline v16i NAME(const T *p) {                                                                      \
+        v16i out;                                                                                              \
+        __m512i w = _mm512_cvt##EXT##_epi32(_mm_loadu_si128((const __m128i *)p));                              \
+        memcpy(&out, &w, 64);                                                                                  \
+        return out;                                                                                            \
+    }
 #elif defined(__AVX2__)
-    __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    __m256i a = _mm256_cvtepu8_epi32(raw), b = _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8));
-    memcpy(&out, &a, 32);
-    memcpy((char *)&out + 32, &b, 32);
+#define DEFINE_WIDEN(NAME, T, EXT)                                                                               \
+    static inline v16i NAME(const T *p) {                                                                      \
+        v16i out;                                                                                              \
+        __m128i raw = _mm_loadu_si128((const __m128i *)p);                                                     \
+        __m256i a = _mm256_cvt##EXT##_epi32(raw), b = _mm256_cvt##EXT##_epi32(_mm_srli_si128(raw, 8));         \
+        memcpy(&out, &a, 32);                                                                                  \
+        memcpy((char *)&out + 32, &b, 32);                                                                     \
+        return out;                                                                                            \
+    }
 #else
-    for (int i = 0; i < 16; i++) out[i] = p[i];
+#define DEFINE_WIDEN(NAME, T, EXT)                                                                               \
+    static inline v16i NAME(const T *p) {                                                                      \
+        v16i out;                                                                                              \
+        for (int i = 0; i < 16; i++) out[i] = p[i];                                                            \
+        return out;                                                                                            \
+    }
 #endif
-    return out;
-}
-
-static inline v16i widen_i8(const int8_t *p) {
-    v16i out;
-#if defined(__AVX512F__)
-    __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
-    memcpy(&out, &w, 64);
-#elif defined(__AVX2__)
-    __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    __m256i a = _mm256_cvtepi8_epi32(raw), b = _mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8));
-    memcpy(&out, &a, 32);
-    memcpy((char *)&out + 32, &b, 32);
-#else
-    for (int i = 0; i < 16; i++) out[i] = p[i];
-#endif
-    return out;
-}
+DEFINE_WIDEN(widen_u8, uint8_t, epu8)
+DEFINE_WIDEN(widen_i8, int8_t, epi8)
 
 static inline float hsum16(v16f v) {
     typedef float v8f __attribute__((vector_size(32)));
