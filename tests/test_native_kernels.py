@@ -91,19 +91,21 @@ def test_elementwise_kernels_match_the_torch_layers():
     assert torch.equal(inplace[:, 192:], qkv[:, 192:])  # v untouched
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_whole_stack_call_equals_the_per_layer_path(arch, one_torch_thread, monkeypatch):
-    """Same GGUF Q4_K file, same engine settings: the whole-stack native call (decode steps) against the per-layer
-    path (WEAVELM_NATIVE_STACK=0): identical logits, bit for bit, in a mixed batch (prefill past the stack's token
-    limit, then decode)."""
+@pytest.mark.parametrize("arch,source", [("llama", "gguf_Q4_K"), ("qwen2", "gguf_Q4_K"), ("qwen3", "gguf_Q4_K"),
+                                         ("llama", "int8")])
+def test_whole_stack_call_equals_the_per_layer_path(arch, source, one_torch_thread, monkeypatch):
+    """Same weights (a GGUF Q4_K file, or safetensors quantized by `int8` on load), same engine settings: the
+    whole-stack native call (decode steps) against the per-layer path (WEAVELM_NATIVE_STACK=0): identical logits,
+    bit for bit, in a mixed batch (prefill past the stack's token limit, then decode)."""
     from weavelm import LLM, SamplingParams
 
-    path = model_zoo(arch)["gguf_Q4_K"]
+    zoo = model_zoo(arch)
+    path, extra = (zoo["safetensors"], {"quantization": "int8"}) if source == "int8" else (zoo[source], {})
     prompts = [[5, 17, 42, 99, 3, 250] * 12, [7, 7, 1, 300, 12], [400, 2, 9]]
     results = []
     for flag in ("1", "0"):
         monkeypatch.setenv("WEAVELM_NATIVE_STACK", flag)
-        llm = LLM(model=path, device="cpu", dtype="float32", cache={"num_blocks": 64})
+        llm = LLM(model=path, device="cpu", dtype="float32", cache={"num_blocks": 64}, **extra)
         runner = llm.engine.client.core.executor.worker.runner
         captured = []
         runner.set_logits_hook(lambda ids, logits: captured.append(logits.clone()) or None)

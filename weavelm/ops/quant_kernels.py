@@ -96,12 +96,17 @@ class Int8Pack:
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[:, None]
 
+    def blocks(self) -> BlockQ8Pack:
+        """The same codes as a `BlockQ8Pack` (each row's scale repeated per block), built once: what the native fp32
+        kernels multiply."""
+        blocks = getattr(self, "_blocks", None)
+        if blocks is None:
+            blocks = self._blocks = BlockQ8Pack.from_per_channel(self.q, self.scale)
+        return blocks
+
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         if native.usable(x):
-            blocks = getattr(self, "_blocks", None)
-            if blocks is None:
-                blocks = self._blocks = BlockQ8Pack.from_per_channel(self.q, self.scale)
-            return blocks.mm(x)
+            return self.blocks().mm(x)
         if x.device.type != "cpu" or not _have("_weight_int8pack_mm"):
             return F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.q, self.scale)

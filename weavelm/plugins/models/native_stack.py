@@ -2,7 +2,8 @@
 
 At batch 1 on the CPU, a token of the default model is ~300 small operations (9 per layer, plus module calls and
 tensor bookkeeping around each); their Python and dispatch cost was a third of the step. When every layer is exactly
-weavelm's Llama-family decoder layer with block-quantized linears (`BlockQ4Pack` / `BlockQ8Pack`), the attention
+weavelm's Llama-family decoder layer with block-quantized linears (`BlockQ4Pack` / `BlockQ8Pack`, or the `int8`
+plugin's codes as blocks), the attention
 step is the native paged attention (an impl that says so with `native_paged_attention = True`, as the `cpu`
 backend's does, and whose step metadata carries `common` when that kernel takes the step), and there is no tensor
 parallelism or LoRA wrapper, the model's forward hands the whole stack to `wl_decoder_forward`
@@ -19,7 +20,7 @@ import os
 import torch
 
 from weavelm.ops import native
-from weavelm.ops.quant_kernels import BlockQ4Pack, BlockQ8Pack
+from weavelm.ops.quant_kernels import BlockQ4Pack, BlockQ8Pack, Int8Pack
 
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 MAX_TOKENS = 64  # the blocked kernels' sweet spot; wider steps (prefill) run per layer with dense GEMMs
@@ -49,6 +50,8 @@ def _enabled() -> bool:
 def _linear(module) -> WLinear | None:
     method = getattr(module, "quant_method", None)
     pack = getattr(module, "qpack", None)
+    if type(pack) is Int8Pack and pack.q.is_cpu:  # `quantization: int8`: its per-channel codes as blocks
+        pack = pack.blocks()
     if method is None or type(pack) not in (BlockQ4Pack, BlockQ8Pack):
         return None
     bias = getattr(module, "bias", None)
@@ -65,7 +68,7 @@ class NativeStack:
     """Built once per model (`build`), run per step (`run`); `run` returns None where the step does not qualify."""
 
     def __init__(self, model, layers: ctypes.Array, keep: list):
-        self.model, self.layers, self.keep = model, layers, keep
+        self.model, self.layers, self.keep = model, layers, keep  # keep: what the descriptors point into
         attn = model.layers[0].self_attn
         self.h, self.kvh, self.d = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.hidden, self.inter = model.dims.hidden, model.layers[0].mlp.gate_up_proj.out_per_rank // 2
