@@ -27,9 +27,10 @@ def q8_0_blocks(rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
+@pytest.mark.parametrize("rows", [72, 37])  # 37: an odd last output feature, which the pair kernels pair with itself
 @pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
-def test_block_packs_hold_llama_cpp_values_and_multiply_in_fp32(ggml_type):
-    rows, cols = 72, 512
+def test_block_packs_hold_llama_cpp_values_and_multiply_in_fp32(ggml_type, rows):
+    cols = 512
     if ggml_type == "Q8_0":
         raw = q8_0_blocks(rows, cols)
         pack = BlockQ8Pack.from_codes(*decode_q8_0(raw))
@@ -116,7 +117,6 @@ def test_whole_stack_call_equals_the_per_layer_path(arch, source, one_torch_thre
         results.append(([o.outputs[0].token_ids for o in outs], captured))
     (tok_a, log_a), (tok_b, log_b) = results
     assert tok_a == tok_b
-    print([(a - b).abs().max().item() for a, b in zip(log_a, log_b)])
     assert len(log_a) == len(log_b) and all(torch.equal(a, b) for a, b in zip(log_a, log_b))
 
 
@@ -142,11 +142,11 @@ def test_a_failed_build_falls_back_to_torch_with_a_reason(tmp_path):
     assert "native CPU kernels unavailable: false failed" in out.stdout, out.stdout
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (6, 2, 40)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (16, 2, 48)])
 def test_paged_attention_matches_sdpa_over_split_contexts(heads, kv_heads, head_dim):
     """Requests with 1, 5 and 32 new tokens over contexts of 3 to 700 keys (several 128-key chunks, merged), on a
-    shuffled block table. Head sizes that are a multiple of 16 take the split (flash-decoding) kernel; 40 takes the
-    generic one. Reference: SDPA per request with a causal mask."""
+    shuffled block table, through the split (flash-decoding) kernel, GQA groups 3, 1 and 8. Reference: SDPA per
+    request with a causal mask."""
     g = torch.Generator().manual_seed(2)
     bs, nblocks = 16, 128
     cache = torch.randn(2, nblocks, bs, kv_heads, head_dim, generator=g)
@@ -186,3 +186,24 @@ def test_paged_attention_matches_sdpa_over_split_contexts(heads, kv_heads, head_
             qr[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads)[0]
         got = out[qsl[r]:qsl[r + 1]].reshape(ql, heads, head_dim).transpose(0, 1)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 40), (32, 2, 64)])
+def test_shapes_the_kernel_does_not_take_go_to_sdpa(heads, kv_heads, head_dim):
+    """A head size that is not a multiple of 16, or more than 8 query heads per kv head: the `cpu` backend runs
+    the step through SDPA instead, with the same result as the reference."""
+    from weavelm.plugins.attention.cpu import CpuAttentionBackend
+    from weavelm.testing._attention_batches import make_batch, reference_output, rel_err
+
+    assert not native.attention_supported(heads, kv_heads, head_dim)
+    backend = CpuAttentionBackend(CpuAttentionBackend.Options())
+    b = make_batch([1, 1, 1], [3, 130, 257], num_heads=heads, num_kv_heads=kv_heads, head_size=head_dim,
+                   block_size=16, device="cpu", seed=5)
+    ref, ref_cache = reference_output(b)
+    meta = backend.make_builder(torch.device("cpu")).build(b.meta)
+    assert meta.common is not None  # a short-query step: the builder left the choice to the layer
+    cache = b.kv_cache.clone()
+    out = backend.make_impl(heads, kv_heads, head_dim, b.scale).forward(b.q, b.k, b.v, cache, meta)
+    n = b.meta.num_actual_tokens
+    assert torch.equal(cache, ref_cache)
+    assert rel_err(out[:n], ref) <= 1e-5

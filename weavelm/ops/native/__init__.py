@@ -33,10 +33,8 @@ log = logging.getLogger("weavelm.native")
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "layers.c", "attention.c", "stack.c"))
 HEADER = Path(__file__).with_name("common.h")
-ABI_VERSION = 1
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 ENV_DISABLE = "WEAVELM_NATIVE_KERNELS"
-MAX_GQA_GROUP = 64  # query heads per kv head that wl_paged_attention handles (its per-group arrays)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -45,7 +43,6 @@ _loaded = False
 
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
-    "wl_abi_version": ([], ctypes.c_int),
     "wl_q4_gemm": ([P, I64, I64, I64, P, P, P, I64, P, P, I64], None),
     "wl_q8_gemm": ([P, I64, I64, I64, P, P, I64, P, P, I64], None),
     "wl_dequant_q4": ([P, P, P, I64, I64, P], None),
@@ -55,7 +52,7 @@ SIGNATURES = {
     "wl_rotary": ([P, I64, I64, I64, I64, I64, I64, I64, P, P, P], None),
     "wl_paged_attention": ([P, I64, P, I64, P, I64, P, I64, P, I64, P, P, P, I64, I64, I64, I64, I64, I64, F32, P,
                             I64], None),
-    "wl_decoder_forward": ([P, I64, P, P, P, I64], None),
+    "wl_decoder_forward": ([P, I64, P, P, P], None),
     "wl_head_norm": ([P, I64, I64, I64, I64, I64, P, F32], None),
 }
 
@@ -121,8 +118,6 @@ def _load() -> None:
             for name, (args, res) in SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = args, res
-            if lib.wl_abi_version() != ABI_VERSION:
-                raise RuntimeError("stale library (ABI version mismatch)")
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: use the torch path, and say why
             _reason = f"native CPU kernels unavailable: {e}"
@@ -158,6 +153,13 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     lib()
     return "native CPU kernels disabled (native.disabled())" if _off else _reason
+
+
+def attention_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """The shapes `wl_paged_attention` takes: head sizes a multiple of 16 up to 256, up to 8 query heads per kv
+    head (its per-item register arrays). Callers run other shapes through SDPA."""
+    return head_dim % 16 == 0 and head_dim <= 256 and num_heads % num_kv_heads == 0 and \
+        num_heads // num_kv_heads <= 8
 
 
 def usable(*tensors: torch.Tensor) -> bool:

@@ -1,10 +1,8 @@
-/* Paged attention over weavelm's default cache layout, straight over the block table. */
+/* Paged attention over weavelm's default cache layout, straight over the block table, split over the context
+ * (flash-decoding): each (token, kv head, 128-key chunk) is one work item, merged per head afterwards. Head sizes
+ * that are a multiple of 16 up to 256, and up to 8 query heads per kv head (`attention_supported` in __init__.py);
+ * the `cpu` backend runs anything else through SDPA. */
 #include "common.h"
-
-/* ---- paged attention ---------------------------------------------------------------------------------- */
-
-
-/* ---- paged attention, split over the context (flash-decoding) -------------------------------------------- */
 
 #define SPLIT_KEYS 128 /* keys per work item: long contexts spread over every thread */
 
@@ -165,7 +163,8 @@ static void attention_split(const float *q, int64_t q_stride, const float *kc, c
 /* Cache layout (2, num_slots, KVH, D) with slot = block * block_size + offset (weavelm's default layout).
  * q: (T, q_stride) rows holding H heads of D; k, v: (T, kv_stride) rows holding KVH heads.
  * query_start_loc: (R + 1,) int32; seq_lens: (R,) int32 (context after this step); block_table: (R, max_blocks)
- * int32; slot_mapping: (T_real,) int64. out: (T, H * D); rows past query_start_loc[R] are zeroed. */
+ * int32; slot_mapping: (T_real,) int64. out: (T, H * D); rows past query_start_loc[R] are zeroed.
+ * Requires D % 16 == 0, D <= 256, H / KVH <= 8. */
 void wl_paged_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
                         int64_t v_stride, float *cache, int64_t num_slots, const int64_t *slot_mapping,
                         int64_t n_new, const int32_t *query_start_loc, const int32_t *seq_lens,
@@ -180,83 +179,6 @@ void wl_paged_attention(const float *q, int64_t q_stride, const float *k, int64_
     }
     const int64_t n_real = query_start_loc[R];
     for (int64_t t = n_real; t < T; t++) memset(out + t * H * D, 0, H * D * sizeof(float));
-    const int64_t group = H / KVH;
-    if (D % 16 == 0 && D <= 256 && group <= 8) {
-        attention_split(q, q_stride, kc, vc, query_start_loc, seq_lens, block_table, max_blocks, block_size, R,
-                        H, KVH, D, scale, out);
-        return;
-    }
-    /* generic path (any head size; group <= 64). Work items: (token, kv head), each covering the `group` query
-     * heads that share that kv head, so every key and value row is read once per group; each item finds its
-     * request by a search over query_start_loc */
-    const int64_t items = n_real * KVH;
-#pragma omp parallel if (items > 1)
-    {
-        float *scores = 0;
-        int64_t cap = 0;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < items; it++) {
-            const int64_t t = it / KVH, kvh = it % KVH;
-            int64_t r = 0;
-            while (query_start_loc[r + 1] <= t) r++;
-            const int64_t q_len = query_start_loc[r + 1] - query_start_loc[r];
-            const int64_t ctx = seq_lens[r] - q_len + (t - query_start_loc[r]) + 1; /* causal: keys [0, ctx) */
-            if (ctx * group > cap) {
-                free(scores);
-                cap = ctx * group + 1024;
-                scores = (float *)malloc(cap * sizeof(float));
-            }
-            const int32_t *table = block_table + r * max_blocks;
-            float mx[64], sum[64];
-            for (int64_t g = 0; g < group; g++) mx[g] = -INFINITY, sum[g] = 0.f;
-            for (int64_t j0 = 0; j0 < ctx; j0 += block_size) {
-                const int64_t base = (int64_t)table[j0 / block_size] * block_size;
-                const int64_t n = ctx - j0 < block_size ? ctx - j0 : block_size;
-                for (int64_t o = 0; o < n; o++) {
-                    const float *kv = kc + ((base + o) * KVH + kvh) * D;
-                    for (int64_t g = 0; g < group; g++) {
-                        const float *qv = q + t * q_stride + (kvh * group + g) * D;
-                        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                        for (int64_t i = 0; i < D; i++) acc += qv[i] * kv[i];
-                        acc *= scale;
-                        scores[g * ctx + j0 + o] = acc;
-                        mx[g] = acc > mx[g] ? acc : mx[g];
-                    }
-                }
-            }
-            for (int64_t g = 0; g < group; g++) {
-                float *sg = scores + g * ctx, total = 0.f;
-                const float m = mx[g];
-#pragma omp simd reduction(+ : total)
-                for (int64_t j = 0; j < ctx; j++) {
-                    const float e = exp_approx(sg[j] - m);
-                    sg[j] = e;
-                    total += e;
-                }
-                sum[g] = total;
-                float *o = out + t * H * D + (kvh * group + g) * D;
-                for (int64_t i = 0; i < D; i++) o[i] = 0.f;
-            }
-            for (int64_t j0 = 0; j0 < ctx; j0 += block_size) {
-                const int64_t base = (int64_t)table[j0 / block_size] * block_size;
-                const int64_t n = ctx - j0 < block_size ? ctx - j0 : block_size;
-                for (int64_t o = 0; o < n; o++) {
-                    const float *vv = vc + ((base + o) * KVH + kvh) * D;
-                    for (int64_t g = 0; g < group; g++) {
-                        float *og = out + t * H * D + (kvh * group + g) * D;
-                        const float p = scores[g * ctx + j0 + o];
-#pragma omp simd
-                        for (int64_t i = 0; i < D; i++) og[i] += p * vv[i];
-                    }
-                }
-            }
-            for (int64_t g = 0; g < group; g++) {
-                float *og = out + t * H * D + (kvh * group + g) * D;
-                const float inv = 1.0f / sum[g];
-                for (int64_t i = 0; i < D; i++) og[i] *= inv;
-            }
-        }
-        free(scores);
-    }
+    attention_split(q, q_stride, kc, vc, query_start_loc, seq_lens, block_table, max_blocks, block_size, R, H,
+                    KVH, D, scale, out);
 }

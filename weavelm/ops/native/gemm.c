@@ -2,13 +2,10 @@
  * dequantization. See common.h and weavelm/ops/quant_kernels.py. */
 #include "common.h"
 
-int wl_abi_version(void) { return 1; }
-
 /* ---- quantized GEMM ------------------------------------------------------------------------------------ */
 
-/* One output feature n for `mr` (1..8) activation rows. MR is a compile-time constant in each instance. Each row
- * keeps 2 * U independent accumulator chains (U blocks per iteration: 2 for few rows, where the FMA latency would
- * otherwise bound a single row), and the dequantized block is shared by every row. */
+/* Dequantize block `bb` of one weight row into two 16-lane halves (lo: elements 0..15, hi: 16..31). Q4: the low
+ * nibbles of the block's 16 bytes are elements 0..15, the high ones 16..31 (w = d q + m); Q8: w = d q. */
 #define Q4_BLOCK(bb, lo, hi)                                                                                    \
     v16i wi = widen_u8(qs + (bb) * 16);                                                                        \
     v16f dv = (v16f){0} + d[bb], mv = (v16f){0} + m[bb];                                                       \
@@ -19,43 +16,8 @@ int wl_abi_version(void) { return 1; }
     v16f lo = __builtin_convertvector(widen_i8(qs + (bb) * BLOCK), v16f) * dv;                                 \
     v16f hi = __builtin_convertvector(widen_i8(qs + (bb) * BLOCK + 16), v16f) * dv;
 
-#define DEFINE_ROW(NAME, CODE_T, BLOCK_MACRO, MR)                                                               \
-    static void NAME##_##MR(const float *x, int64_t ldx, int64_t nb, const CODE_T *qs, const float *d,         \
-                            const float *m, float *out) {                                                      \
-        (void)m;                                                                                               \
-        enum { U = MR <= 2 ? 2 : 1 };                                                                          \
-        v16f acc[MR][2 * U];                                                                                   \
-        for (int r = 0; r < MR; r++)                                                                           \
-            for (int c = 0; c < 2 * U; c++) acc[r][c] = (v16f){0};                                            \
-        int64_t b = 0;                                                                                         \
-        for (; b + U <= nb; b += U) {                                                                          \
-            for (int u = 0; u < U; u++) {                                                                      \
-                BLOCK_MACRO(b + u, lo, hi)                                                                     \
-                for (int r = 0; r < MR; r++) {                                                                 \
-                    const float *xr = x + r * ldx + (b + u) * BLOCK;                                           \
-                    acc[r][2 * u] += lo * load16(xr);                                                          \
-                    acc[r][2 * u + 1] += hi * load16(xr + 16);                                                 \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (; b < nb; b++) {                                                                                  \
-            BLOCK_MACRO(b, lo, hi)                                                                             \
-            for (int r = 0; r < MR; r++) {                                                                     \
-                const float *xr = x + r * ldx + b * BLOCK;                                                     \
-                acc[r][0] += lo * load16(xr);                                                                  \
-                acc[r][1] += hi * load16(xr + 16);                                                             \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (int r = 0; r < MR; r++) {                                                                         \
-            v16f t = acc[r][0] + acc[r][1];                                                                    \
-            for (int c = 2; c < 2 * U; c++) t += acc[r][c];                                                    \
-            out[r] = hsum16(t);                                                                                \
-        }                                                                                                      \
-    }
-#define DEFINE_Q4_ROW(MR) DEFINE_ROW(q4_row, uint8_t, Q4_BLOCK, MR)
-
 /* One row, one feature, for 4-bit codes: sum_b d_b * (q_b . x_b) + sum_b m_b * sum(x_b), with the block sums of x
- * precomputed (xsum): 3 multiply-adds per block instead of 4 (the dequantizing form wins from 2 rows on). */
+ * precomputed (xsum): 3 multiply-adds per block instead of 4 (the dequantizing pair kernels win from 2 rows on). */
 static void q4_row_fact(const float *x, int64_t nb, const uint8_t *qs, const float *d, const float *m,
                         const float *xsum, float *out) {
     v16f a0 = (v16f){0}, a1 = (v16f){0};
@@ -96,10 +58,10 @@ static void q8_row_fact(const float *x, int64_t nb, const int8_t *qs, const floa
     }
     *out = hsum16(a0 + a1);
 }
-#define DEFINE_Q8_ROW(MR) DEFINE_ROW(q8_row, int8_t, Q8_BLOCK, MR)
 
-/* Two output features (n, n + 1) for `mr` rows: each x load feeds both features' multiply-adds (the row kernels
- * above are bound by loads as much as by multiply-adds from 2 rows on). */
+/* Two output features (n0, n1) for MR (1..8, a compile-time constant per instance) activation rows: each block is
+ * dequantized once for all rows, and each x load feeds both features' multiply-adds (one feature per pass was
+ * bound by loads as much as by multiply-adds). An odd last feature passes itself as both. */
 #define DEFINE_PAIR(NAME, CODE_T, BLOCK_MACRO, MR)                                                              \
     static void NAME##_##MR(const float *x, int64_t ldx, int64_t nb, const CODE_T *qs0, const float *d0,       \
                             const float *m0, const CODE_T *qs1, const float *d1, const float *m1, float *out0,   \
@@ -136,23 +98,8 @@ static void q8_row_fact(const float *x, int64_t nb, const int8_t *qs, const floa
 #define DEFINE_Q4_PAIR(MR) DEFINE_PAIR(q4_pair, uint8_t, Q4_BLOCK, MR)
 #define DEFINE_Q8_PAIR(MR) DEFINE_PAIR(q8_pair, int8_t, Q8_BLOCK, MR)
 
-DEFINE_Q4_ROW(1)
-DEFINE_Q4_ROW(2)
-DEFINE_Q4_ROW(3)
-DEFINE_Q4_ROW(4)
-DEFINE_Q4_ROW(5)
-DEFINE_Q4_ROW(6)
-DEFINE_Q4_ROW(7)
-DEFINE_Q4_ROW(8)
-DEFINE_Q8_ROW(1)
-DEFINE_Q8_ROW(2)
-DEFINE_Q8_ROW(3)
-DEFINE_Q8_ROW(4)
-DEFINE_Q8_ROW(5)
-DEFINE_Q8_ROW(6)
-DEFINE_Q8_ROW(7)
-DEFINE_Q8_ROW(8)
-
+DEFINE_Q4_PAIR(1)
+DEFINE_Q8_PAIR(1)
 DEFINE_Q4_PAIR(2)
 DEFINE_Q8_PAIR(2)
 DEFINE_Q4_PAIR(3)
@@ -168,35 +115,27 @@ DEFINE_Q8_PAIR(7)
 DEFINE_Q4_PAIR(8)
 DEFINE_Q8_PAIR(8)
 
-typedef void (*row_fn)(const float *, int64_t, int64_t, const void *, const float *, const float *, float *);
 typedef void (*pair_fn)(const float *, int64_t, int64_t, const void *, const float *, const float *, const void *,
                         const float *, const float *, float *, float *);
 static const pair_fn Q4_PAIRS[MAX_ROWS + 1] = {
-    0, 0, (pair_fn)q4_pair_2, (pair_fn)q4_pair_3, (pair_fn)q4_pair_4,
+    0, (pair_fn)q4_pair_1, (pair_fn)q4_pair_2, (pair_fn)q4_pair_3, (pair_fn)q4_pair_4,
     (pair_fn)q4_pair_5, (pair_fn)q4_pair_6, (pair_fn)q4_pair_7, (pair_fn)q4_pair_8};
 static const pair_fn Q8_PAIRS[MAX_ROWS + 1] = {
-    0, 0, (pair_fn)q8_pair_2, (pair_fn)q8_pair_3, (pair_fn)q8_pair_4,
+    0, (pair_fn)q8_pair_1, (pair_fn)q8_pair_2, (pair_fn)q8_pair_3, (pair_fn)q8_pair_4,
     (pair_fn)q8_pair_5, (pair_fn)q8_pair_6, (pair_fn)q8_pair_7, (pair_fn)q8_pair_8};
-
-static const row_fn Q4_ROWS[MAX_ROWS + 1] = {
-    0, (row_fn)q4_row_1, (row_fn)q4_row_2, (row_fn)q4_row_3, (row_fn)q4_row_4,
-    (row_fn)q4_row_5, (row_fn)q4_row_6, (row_fn)q4_row_7, (row_fn)q4_row_8};
-static const row_fn Q8_ROWS[MAX_ROWS + 1] = {
-    0, (row_fn)q8_row_1, (row_fn)q8_row_2, (row_fn)q8_row_3, (row_fn)q8_row_4,
-    (row_fn)q8_row_5, (row_fn)q8_row_6, (row_fn)q8_row_7, (row_fn)q8_row_8};
 
 /* y[r * ldy + n] = sum_k x[r * ldx + k] * W[n, k] (+ bias[n]) for r < M (any M: tiles of 8 rows).
  * codes: (N, K * bits / 8) bytes; d, m: (N, K / 32) fp32 (m unused for Q8). */
-static void qgemm(const row_fn *rows, int bytes_per_block, const float *x, int64_t M, int64_t ldx, int64_t K,
-                  const uint8_t *codes, const float *d, const float *m, int64_t N, const float *bias, float *y,
-                  int64_t ldy) {
+static void qgemm(int q4, const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *codes, const float *d,
+                  const float *m, int64_t N, const float *bias, float *y, int64_t ldy) {
     const int64_t nb = K / BLOCK;
-    const int64_t row_bytes = nb * bytes_per_block;
+    const int64_t row_bytes = nb * (q4 ? 16 : BLOCK);
+    const pair_fn *pairs = q4 ? Q4_PAIRS : Q8_PAIRS;
     const int64_t chunk = 8;
     const int64_t nchunks = (N + chunk - 1) / chunk;
     float xsum_stack[512];
     float *xsum = 0;
-    if (M == 1 && rows == Q4_ROWS) { /* the factorised single-row kernel needs x's block sums */
+    if (M == 1 && q4) { /* the factorised single-row kernel needs x's block sums */
         xsum = nb <= 512 ? xsum_stack : (float *)malloc(nb * sizeof(float));
         for (int64_t b = 0; b < nb; b++) {
             float s = 0.f;
@@ -207,34 +146,29 @@ static void qgemm(const row_fn *rows, int bytes_per_block, const float *x, int64
 #pragma omp parallel for schedule(static) if (nchunks > 1 && (M * N * K) > (1 << 16))
     for (int64_t c = 0; c < nchunks; c++) {
         const int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        float out[MAX_ROWS];
+        if (M == 1) {
+            for (int64_t n = n0; n < n1; n++) {
+                float out;
+                if (q4)
+                    q4_row_fact(x, nb, codes + n * row_bytes, d + n * nb, m + n * nb, xsum, &out);
+                else
+                    q8_row_fact(x, nb, (const int8_t *)(codes + n * row_bytes), d + n * nb, &out);
+                y[n] = out + (bias ? bias[n] : 0.f);
+            }
+            continue;
+        }
+        float out0[MAX_ROWS], out1[MAX_ROWS];
         for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
             const int64_t mr = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
-            for (int64_t n = n0; n < n1; n++) {
-                if (M == 1) {
-                    if (xsum)
-                        q4_row_fact(x, nb, codes + n * row_bytes, d + n * nb, m + n * nb, xsum, out);
-                    else
-                        q8_row_fact(x, nb, (const int8_t *)(codes + n * row_bytes), d + n * nb, out);
-                    y[n] = out[0] + (bias ? bias[n] : 0.f);
-                    continue;
+            for (int64_t n = n0; n < n1; n += 2) {
+                const int64_t nn = n + 1 < n1 ? n + 1 : n; /* an odd last feature pairs with itself */
+                pairs[mr](x + r0 * ldx, ldx, nb, codes + n * row_bytes, d + n * nb, m ? m + n * nb : 0,
+                          codes + nn * row_bytes, d + nn * nb, m ? m + nn * nb : 0, out0, out1);
+                const float b0 = bias ? bias[n] : 0.f, b1 = bias ? bias[nn] : 0.f;
+                for (int64_t r = 0; r < mr; r++) {
+                    y[(r0 + r) * ldy + n] = out0[r] + b0;
+                    y[(r0 + r) * ldy + nn] = out1[r] + b1;
                 }
-                if (mr >= 2 && n + 1 < n1) { /* two features at a time */
-                    const pair_fn pf = (rows == Q4_ROWS ? Q4_PAIRS : Q8_PAIRS)[mr];
-                    float out1[MAX_ROWS];
-                    pf(x + r0 * ldx, ldx, nb, codes + n * row_bytes, d + n * nb, m ? m + n * nb : 0,
-                       codes + (n + 1) * row_bytes, d + (n + 1) * nb, m ? m + (n + 1) * nb : 0, out, out1);
-                    const float b0 = bias ? bias[n] : 0.f, b1 = bias ? bias[n + 1] : 0.f;
-                    for (int64_t r = 0; r < mr; r++) {
-                        y[(r0 + r) * ldy + n] = out[r] + b0;
-                        y[(r0 + r) * ldy + n + 1] = out1[r] + b1;
-                    }
-                    n++;
-                    continue;
-                }
-                rows[mr](x + r0 * ldx, ldx, nb, codes + n * row_bytes, d + n * nb, m ? m + n * nb : 0, out);
-                const float bn = bias ? bias[n] : 0.f;
-                for (int64_t r = 0; r < mr; r++) y[(r0 + r) * ldy + n] = out[r] + bn;
             }
         }
     }
@@ -243,12 +177,12 @@ static void qgemm(const row_fn *rows, int bytes_per_block, const float *x, int64
 
 void wl_q4_gemm(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *codes, const float *d,
                 const float *m, int64_t N, const float *bias, float *y, int64_t ldy) {
-    qgemm(Q4_ROWS, 16, x, M, ldx, K, codes, d, m, N, bias, y, ldy);
+    qgemm(1, x, M, ldx, K, codes, d, m, N, bias, y, ldy);
 }
 
 void wl_q8_gemm(const float *x, int64_t M, int64_t ldx, int64_t K, const int8_t *codes, const float *d,
                 int64_t N, const float *bias, float *y, int64_t ldy) {
-    qgemm(Q8_ROWS, 32, x, M, ldx, K, (const uint8_t *)codes, d, 0, N, bias, y, ldy);
+    qgemm(0, x, M, ldx, K, (const uint8_t *)codes, d, 0, N, bias, y, ldy);
 }
 
 void wl_dequant_q4(const uint8_t *codes, const float *d, const float *m, int64_t N, int64_t K, float *w) {

@@ -1,8 +1,6 @@
 /* Elementwise layers: RMSNorm (with the residual add), SiLU-and-mul, rotary in place, per-head RMSNorm. */
 #include "common.h"
 
-/* ---- elementwise layers ------------------------------------------------------------------------------- */
-
 /* If residual: s = x + residual, written to residual_out; else s = x. out = weight * (s / sqrt(mean(s^2) + eps)).
  * Rows have stride H (contiguous). residual_out may alias residual; out may alias x. */
 void wl_rmsnorm(const float *x, const float *residual, float *residual_out, const float *weight, float eps,

@@ -1,7 +1,5 @@
-/* The whole decoder stack in one call (weavelm/plugins/models/native_stack.py). */
+/* A whole Llama / Mistral / Qwen2 / Qwen3 decoder stack in one call (weavelm/plugins/models/native_stack.py). */
 #include "common.h"
-
-/* ---- a whole decoder stack in one call (Llama / Mistral / Qwen2 / Qwen3 shapes) ----------------------- */
 
 typedef struct {
     int64_t kind; /* 0: 4-bit blocks (codes, d, m); 1: int8 blocks (codes, d) */
@@ -35,15 +33,13 @@ static void linear(const WLinear *l, const float *x, int64_t M, float *y) {
         wl_q8_gemm(x, M, l->k, l->k, (const int8_t *)l->codes, l->d, l->n, l->bias, y, l->n);
 }
 
-/* hidden (T, hidden): in, the embedding output (first layer) or the previous layer's MLP output; residual
- * (T, hidden): the running residual (ignored when first). Out: hidden = last MLP output, residual updated, as
- * weavelm's DecoderLayer loop leaves them. */
-void wl_decoder_forward(const WLayer *layers, int64_t L, const WStep *s, float *hidden, float *residual,
-                        int64_t first) {
+/* hidden (T, hidden): in, the embedding output; out, the last layer's MLP output. residual (T, hidden): out, the
+ * running residual. As weavelm's DecoderLayer loop leaves them (the final norm adds the two). */
+void wl_decoder_forward(const WLayer *layers, int64_t L, const WStep *s, float *hidden, float *residual) {
     const int64_t T = s->T, q_size = s->H * s->D, kv_size = s->KVH * s->D, width = q_size + 2 * kv_size;
     for (int64_t i = 0; i < L; i++) {
         const WLayer *ly = layers + i;
-        if (first && i == 0) {
+        if (i == 0) {
             memcpy(residual, hidden, T * s->hidden * sizeof(float));
             wl_rmsnorm(hidden, 0, 0, ly->input_norm, s->eps, T, s->hidden, s->x_norm);
         } else {

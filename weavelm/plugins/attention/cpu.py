@@ -45,15 +45,15 @@ class CpuAttentionMetadata:
     num_reqs: int
     num_actual_tokens: int
     max_query_len: int
-    ctx_len: int
+    ctx_len: int  # 0 until `sdpa_fields` when the builder left the SDPA fields out
     common: CommonAttentionMetadata | None = None  # set when the native kernel may take the step
 
     def sdpa_fields(self) -> CpuAttentionMetadata:
         """The SDPA index and mask, built on first need when the builder skipped them."""
         if self.kv_index is None:
             full = CpuAttentionBuilder().build_sdpa(self.common)
-            self.kv_index, self.query_index, self.query_valid, self.mask = \
-                full.kv_index, full.query_index, full.query_valid, full.mask
+            self.kv_index, self.query_index, self.query_valid, self.mask, self.ctx_len = \
+                full.kv_index, full.query_index, full.query_valid, full.mask, full.ctx_len
         return self
 
 
@@ -61,10 +61,8 @@ class CpuAttentionBuilder(AttentionMetadataBuilder):
     def build(self, common: CommonAttentionMetadata) -> CpuAttentionMetadata:
         if common.max_query_len <= NATIVE_MAX_QUERY_LEN and common.block_table.device.type == "cpu" \
                 and native.available():
-            bs = common.block_size
-            ctx_len = (common.max_seq_len + bs - 1) // bs * bs
             return CpuAttentionMetadata(common.slot_mapping, None, None, None, None, common.num_reqs,
-                                        common.num_actual_tokens, common.max_query_len, ctx_len, common)
+                                        common.num_actual_tokens, common.max_query_len, 0, common)
         return self.build_sdpa(common)
 
     def build_sdpa(self, common: CommonAttentionMetadata) -> CpuAttentionMetadata:
@@ -106,7 +104,7 @@ class CpuAttentionImpl(AttentionImpl):
         if m.common is not None:
             c = m.common
             if native.usable(q, k, v, kv_cache) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and \
-                    h // kvh <= native.MAX_GQA_GROUP:
+                    native.attention_supported(h, kvh, d):
                 return native.paged_attention(q, k, v, kv_cache, m.slot_mapping, c.query_start_loc, c.seq_lens,
                                               c.block_table, m.num_reqs, h, kvh, d, self.scale)
             m.sdpa_fields()

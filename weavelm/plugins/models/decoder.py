@@ -16,9 +16,9 @@ from torch import nn
 from weavelm.core.forward import ForwardBatch
 from weavelm.core.interfaces import ModelArchitecture
 from weavelm.distributed import TensorParallelGroup
+from weavelm.ops import native
 from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from weavelm.plugins.models.native_stack import NativeStack
-from weavelm.ops import native
 from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                                                     RowParallelLinear, VocabParallelEmbedding, default_weight_loader)
 
@@ -65,7 +65,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         if getattr(impl, "accepts_strided_qkv", False) and rotary.inplace_ok(positions, qkv):
             self._norm_heads_inplace(qkv)
-            rotary.forward_inplace(positions, qkv, self.num_heads, self.num_kv_heads)
+            rotary.rotate_inplace(positions, qkv, self.num_heads, self.num_kv_heads)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             return self.o_proj(impl.forward(q, k, v, batch.kv_caches[self.layer_idx], batch.attn_metadata))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -78,7 +78,6 @@ class Attention(nn.Module):
             q.reshape(n, self.q_size), k.reshape(n, self.kv_size), v.contiguous(),
             batch.kv_caches[self.layer_idx], batch.attn_metadata)
         return self.o_proj(o)
-
 
     def _norm_heads_inplace(self, qkv: torch.Tensor) -> None:
         """Qwen3's per-head q/k RMSNorm in place on the qkv rows (native kernel; the caller checked qkv)."""

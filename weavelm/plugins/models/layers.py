@@ -119,10 +119,9 @@ class RotaryEmbedding(nn.Module):
         dtype as transformers does (the two differ by a couple of ulps in bf16, not at all in fp32)."""
         if self.use_triton and triton_device(q):
             return _ops().rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # (see also forward_inplace)
+        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
 
     def inplace_ok(self, positions: torch.Tensor, qkv: torch.Tensor) -> bool:
         """Whether `forward_inplace` can run: fp32 CPU rows with unit column stride, int64 positions, one per row,
@@ -136,10 +135,13 @@ class RotaryEmbedding(nn.Module):
         kernel; False (nothing done) where it cannot run (see `inplace_ok`)."""
         if not self.inplace_ok(positions, qkv):
             return False
-        q_size = num_heads * self.head_dim
-        native.rotary_(qkv, 0, num_heads, q_size, num_kv_heads, self.head_dim, positions, self.cos_cache,
-                       self.sin_cache)
+        self.rotate_inplace(positions, qkv, num_heads, num_kv_heads)
         return True
+
+    def rotate_inplace(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
+        """`forward_inplace` for a caller that already checked `inplace_ok`."""
+        native.rotary_(qkv, 0, num_heads, num_heads * self.head_dim, num_kv_heads, self.head_dim, positions,
+                       self.cos_cache, self.sin_cache)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -82,8 +82,9 @@ class NativeStack:
         from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear,
                                                             RowParallelLinear)
 
+        attn = model.layers[0].self_attn
         if not (_enabled() and native.available()) or model.tp.world_size != 1 or \
-                model.dims.num_heads // model.dims.num_kv_heads > native.MAX_GQA_GROUP:
+                not native.attention_supported(attn.num_heads, attn.num_kv_heads, attn.head_dim):
             return None
         rot = model.rotary
         if not (rot.cos_cache.dtype == torch.float32 and rot.cos_cache.is_cpu and rot.cos_cache.is_contiguous()):
@@ -143,5 +144,5 @@ class NativeStack:
                      rot.sin_cache.data_ptr(), *ptrs)
         residual = torch.empty_like(x)
         native.lib().wl_decoder_forward(self.layers, len(self.layers), ctypes.byref(step), x.data_ptr(),
-                                        residual.data_ptr(), 1)
+                                        residual.data_ptr())
         return x, residual
