@@ -22,7 +22,7 @@ or where the op is missing, `apply` dequantizes the pack into x's dtype per call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -118,21 +118,26 @@ class Int8Pack:
 @dataclass
 class LogitsPack:
     """The logits projection (vocabulary x hidden): an `Int8Pack` for one or two rows (decode at batch 1-2, where
-    reading int8 wins: 5.1 vs 8.1 ms for 49152 x 576 on this CPU) and a bf16 copy for more rows (where torch's int8
-    kernel falls behind the bf16 GEMM: 22 vs 9 ms at 8 rows)."""
+    reading int8 wins: 5.1 vs 8.1 ms for 49152 x 576 on this CPU) and, on torch's kernels, a bf16 GEMM for more
+    rows (where torch's int8 kernel falls behind it: 22 vs 9 ms at 8 rows). `dense` is the embedding's own weight
+    (kept for row lookup, not a copy); its bf16 copy is made on the first wide call, so the native path, which
+    runs every row count on the int8 codes, never holds one."""
 
     int8: Int8Pack
-    wide: torch.Tensor
+    dense: torch.Tensor
     max_int8_rows: int = 2
+    _wide: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> LogitsPack:
-        return cls(Int8Pack.quantize(w), w.detach().to(KERNEL_DTYPE).contiguous())
+        return cls(Int8Pack.quantize(w), w.detach())
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.max_int8_rows or x.device.type != "cpu" or native.usable(x):
             return self.int8.mm(x)
-        return F.linear(x.to(KERNEL_DTYPE), self.wide)
+        if self._wide is None:
+            self._wide = self.dense.to(KERNEL_DTYPE).contiguous()
+        return F.linear(x.to(KERNEL_DTYPE), self._wide)
 
 
 @dataclass
