@@ -17,9 +17,13 @@ NAME = "tiny-smol"
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
 
 
-@pytest.fixture(scope="module")
-def server(smol_tokenizer_model):
-    srv = ServerProcess(smol_tokenizer_model, "--api-key", API_KEY, "--served-model-name", NAME, "other-name")
+@pytest.fixture(scope="module", params=["core-thread", "core-process"])
+def server(request, smol_tokenizer_model):
+    """Every test runs against both engine layouts: the core stepped by a thread of the server (the CPU default)
+    and the core in its own process, its outputs read by a task of the server's event loop (the GPU default)."""
+    layout = ("--set", f"engine_process={str(request.param == 'core-process').lower()}")
+    srv = ServerProcess(smol_tokenizer_model, "--api-key", API_KEY, "--served-model-name", NAME, "other-name",
+                        *layout)
     yield srv
     srv.stop()
 

@@ -1,6 +1,14 @@
-"""AsyncLLM: the asyncio frontend (vLLM's `AsyncLLM`). The engine loop runs in a background thread beside the
-event loop; outputs reach each request's stream through `loop.call_soon_threadsafe`, so the event loop never waits
-for a step."""
+"""AsyncLLM: the asyncio frontend (vLLM's `AsyncLLM`). Two ways to drive the engine, chosen by its client:
+
+- an engine core in this process (the default): the engine loop runs in a background thread beside the event loop
+  and steps the core; outputs reach each request's stream through `loop.call_soon_threadsafe`, so the event loop
+  never waits for a step;
+- an engine core in its own process (`engine_process: true`, the server's default on a GPU): the core steps by
+  itself, so no thread is needed here. A task of the event loop reads the core's output messages, detokenizes them
+  and feeds the streams directly, and requests are sent from the event loop, as vLLM's AsyncLLM does. This keeps
+  the frontend's Python in one thread: no GIL hand-offs between an engine thread and the event loop, which on a
+  busy server made each socket write wait for the other thread's time slice.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +22,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from weavelm.core import serial
 from weavelm.core.llm import LLM
-from weavelm.core.llm_engine import EngineStats, LLMEngine, PromptType
+from weavelm.core.llm_engine import EngineStats, LLMEngine, PromptType, engine_stats
 from weavelm.core.outputs import CompletionOutput, RequestOutput
 from weavelm.core.request import SamplingParams
 from weavelm.errors import EngineDeadError, EngineError, RequestError
 
 logger = logging.getLogger("weavelm.async_llm")
+OUTPUT_CHUNK = 128  # a reader folds a step's outputs this many at a time, letting the event loop run in between
 
 
 class _Choice:
@@ -149,7 +159,12 @@ class AsyncLLM:
     `async for out in engine.generate(prompt, params)` streams one request; cancelling the consuming task or
     closing the generator aborts it. An exception escaping the engine loop kills the engine: every waiting and
     later call raises EngineDeadError. Create and use it from one or more event loops; `shutdown()` stops the loop
-    thread (from any thread)."""
+    thread (from any thread).
+
+    With an engine-core process, the outputs are read by a task of the event loop that first adds a request (or
+    asks for stats); streams of other loops get theirs through `call_soon_threadsafe`, and when that loop has
+    stopped, the next one to add a request takes the reading over. While it reads, the wrapped `LLM` cannot be
+    stepped directly (`LLM.generate` raises EngineError) until `shutdown()`."""
 
     def __init__(self, model: str | None = None, **kwargs: Any):
         self._init(LLM(model, **kwargs), owns_llm=True)
@@ -173,8 +188,15 @@ class AsyncLLM:
         self.output_observer: Callable[[RequestStream, RequestOutput, int, float | None, float], None] | None = None
         self._dead: EngineDeadError | None = None
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="weavelm-engine-loop", daemon=True)
-        self._thread.start()
+        # an engine-core process: outputs are read by a task of an event loop (see the class docstring)
+        self._reader_mode = callable(getattr(self.engine.client, "recv_async", None))
+        self._reader: asyncio.Task | None = None
+        self._reader_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_pending = False
+        self._thread: threading.Thread | None = None
+        if not self._reader_mode:
+            self._thread = threading.Thread(target=self._run, name="weavelm-engine-loop", daemon=True)
+            self._thread.start()
 
     # -- public API -----------------------------------------------------------------------------------------
     @property
@@ -207,7 +229,15 @@ class AsyncLLM:
         return self._num_waiting
 
     def check_health(self) -> None:
-        """Raise EngineDeadError when the engine loop has died."""
+        """Raise EngineDeadError when the engine loop (or the engine-core process) has died."""
+        if self._dead is None and self._reader_mode and not self._stopping:
+            client = self.engine.client
+            if client._dead is not None or not client.proc.is_alive():
+                try:
+                    client._check_alive()
+                    client._die(None)
+                except EngineDeadError as e:
+                    self._die(e)
         if self._dead is not None:
             raise self._dead
 
@@ -233,6 +263,8 @@ class AsyncLLM:
 
         stream.on_first_output = left_waiting
         self._open[rid] = stream
+        if self._reader_mode:
+            return self._submit_here(prepared, stream, lora_request)
         try:
             self._post(lambda: self._submit(prepared, stream, lora_request),
                        on_dead=lambda e: self._fail_accept(stream, e))
@@ -268,13 +300,20 @@ class AsyncLLM:
             if stream is not None:
                 self._forget(stream, abort=False)
         if ids and self._dead is None:
-            self._post(lambda: self._route(self.engine.abort_request(ids)))
+            if self._reader_mode:
+                self._route(self.engine.abort_request(ids))
+            else:
+                self._post(lambda: self._route(self.engine.abort_request(ids)))
 
     async def abort(self, request_ids: str | Sequence[str]) -> None:
         self.abort_nowait(request_ids)
 
     async def get_stats(self) -> EngineStats:
         """The engine's stats, taken by the loop thread between steps (pending aborts applied)."""
+        if self._reader_mode:
+            self.check_health()
+            self._ensure_reader()
+            return engine_stats(await self.engine.client.call_async("get_stats", ()))
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
@@ -290,10 +329,12 @@ class AsyncLLM:
         if self._stopping:
             return
         self._stopping = True
-        if self._dead is None:
+        if self._reader_mode:
+            self._stop_reader()
+        elif self._dead is None:
             self._post(lambda: self._route(self.engine.abort_request(list(self._streams))))
         self._wake.set()
-        if threading.current_thread() is not self._thread:
+        if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         if self._owns_llm:
             try:
@@ -310,7 +351,10 @@ class AsyncLLM:
                 stream.on_first_output = None
         if abort and self._dead is None:
             rid = stream.request_id
-            self._post(lambda: self._route(self.engine.abort_request([rid])))
+            if self._reader_mode:  # its stream still gets the final "abort" output (for the metrics)
+                self._route(self.engine.abort_request([rid]))
+            else:
+                self._post(lambda: self._route(self.engine.abort_request([rid])))
 
     def _post(self, command: Callable[[], None], on_dead: Callable[[EngineDeadError], None] | None = None) -> None:
         with self._commands_lock:
@@ -327,6 +371,87 @@ class AsyncLLM:
 
     def _fail_accept(self, stream: RequestStream, error: BaseException) -> None:
         stream.loop.call_soon_threadsafe(_set_exception, stream.accepted, error)
+
+    # -- an engine-core process: the reader task ------------------------------------------------------------
+    def _submit_here(self, prepared: tuple, stream: RequestStream, lora_request: Any) -> RequestStream:
+        """Queue a request on the core from the event loop (sent at the end of this loop iteration, together with
+        the other requests added in it)."""
+        self._ensure_reader()
+        rid = stream.request_id
+        self._streams[rid] = stream  # before the add: a reader in another loop may see its outputs at once
+        try:
+            self.engine.submit(prepared, rid, lora_request=lora_request)
+        except BaseException:
+            self._streams.pop(rid, None)
+            self._forget(stream, abort=False)
+            raise
+        stream.accepted.set_result(None)
+        if asyncio.get_running_loop() is self._reader_loop:
+            if not self._flush_pending:
+                self._flush_pending = True
+                self._reader_loop.call_soon(self._flush)
+        else:
+            self._flush()
+        return stream
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        try:
+            self.engine.client.flush()
+        except EngineDeadError:
+            pass  # the reader reports it to every stream
+
+    def _ensure_reader(self) -> None:
+        """Start the reader task in the running loop unless one is reading in a loop that still runs."""
+        reader, loop = self._reader, asyncio.get_running_loop()
+        if reader is not None and not reader.done() and self._reader_loop is not None and \
+                (self._reader_loop is loop or self._reader_loop.is_running()):
+            return
+        self.engine.client.attach_async()
+        self._reader_loop, self._flush_pending = loop, False
+        self._reader = loop.create_task(self._read(), name="weavelm-output-reader")
+
+    async def _read(self) -> None:
+        """Read the core's messages until cancelled: fold each batch of outputs into RequestOutputs (detokenized,
+        stop strings applied) and push them to their streams; hand utility results to their callers."""
+        client, engine = self.engine.client, self.engine
+        try:
+            while True:
+                kind, payload = await client.recv_async()
+                if kind == serial.OUTPUTS:
+                    for i in range(0, len(payload), OUTPUT_CHUNK):
+                        if i:
+                            await asyncio.sleep(0)  # let the loop write what is ready
+                        self._route(engine.process_outputs(client.took(payload[i:i + OUTPUT_CHUNK])))
+                elif kind == serial.UTILITY_RESULT:
+                    client.file_result(payload)
+                else:
+                    raise EngineError(f"unexpected message kind {kind} from the engine core")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the core died, or the frontend's own processing failed: the engine is lost
+            if not self._stopping:
+                self._die(e)
+
+    def _stop_reader(self) -> None:
+        """shutdown(): abort what is left, stop the reader and give the reading back to the LLM."""
+        client = self.engine.client
+        if self._dead is None and self._streams:
+            try:
+                self.engine.abort_request(list(self._streams))
+                client.flush()
+            except EngineError:
+                pass
+        reader, loop = self._reader, self._reader_loop
+        if reader is not None and not reader.done() and loop is not None and not loop.is_closed():
+            try:
+                if _running_loop() is loop:
+                    reader.cancel()
+                else:
+                    loop.call_soon_threadsafe(reader.cancel)
+            except RuntimeError:  # closed meanwhile
+                pass
+        client.detach_async()
 
     # -- the loop thread ------------------------------------------------------------------------------------
     def _submit(self, prepared: tuple, stream: RequestStream, lora_request: Any = None) -> None:
@@ -357,14 +482,19 @@ class AsyncLLM:
             self._die(e)
 
     def _route(self, outputs: list[RequestOutput]) -> None:
+        """Each output to its stream: at once for streams of the reader's own loop, else through their loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        here = self._reader_loop if self._reader_mode else None
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            by_loop.setdefault(stream.loop, []).append((stream, out))
+            if stream.loop is here:
+                stream.push(out)
+            else:
+                by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)
@@ -381,6 +511,8 @@ class AsyncLLM:
         with self._commands_lock:
             self._dead = dead
             commands, self._commands = self._commands, []
+        if self._reader_mode:
+            self.engine.client.fail_waiters(dead)
         for command in commands:
             on_dead = getattr(command, "on_dead", None)
             if on_dead is not None:
@@ -391,6 +523,13 @@ class AsyncLLM:
                 stream.loop.call_soon_threadsafe(stream.push, dead)
             except RuntimeError:
                 pass
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:

@@ -17,6 +17,7 @@ from weavelm.errors import EngineError
 class EngineCoreClient(ABC):
     max_model_len: int
     model_info: dict[str, Any]
+    thread_safe: bool = False  # whether its calls may come from several threads at once (else the frontend locks)
 
     @abstractmethod
     def add_request(self, request: Request) -> None: ...

@@ -25,6 +25,7 @@ from weavelm.core.engine_core import EngineCore, PendingStep
 from weavelm.core.outputs import EngineCoreOutput
 from weavelm.core.registry import RegistrySpec
 from weavelm.errors import RequestError
+from weavelm.utils import freeze_gc_heap
 
 logger = logging.getLogger("weavelm.engine_proc")
 IDLE_POLL_MS = 1000  # while idle, how often the core checks that its parent is still alive
@@ -62,6 +63,7 @@ def run_engine_core(config: EngineConfig, registry_spec: RegistrySpec, input_add
         proc = EngineCoreProc(core, input_socket, output_socket, serializer, parent_pid)
         proc.send(serial.READY, {"model_info": core.model_info, "max_model_len": core.max_model_len,
                                  "num_blocks": core.num_blocks, "pid": os.getpid()})
+        freeze_gc_heap()
         proc.run()
     except SystemExit:
         pass

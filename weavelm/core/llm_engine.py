@@ -299,13 +299,11 @@ class LLMEngine:
         """Current load of the core (pending aborts applied first)."""
         with self._lock:
             self._unclaimed.extend(self._apply_aborts())
-            s = self.client.get_stats()
-        return EngineStats(s.num_running, s.num_waiting, s.num_used_blocks, s.num_total_blocks, s.kv_usage,
-                           s.prefix_hit_rate, s.num_active_loras, spec_num_draft_tokens=s.spec_num_draft_tokens,
-                           spec_num_accepted_tokens=s.spec_num_accepted_tokens,
-                           spec_acceptance_rate=s.spec_acceptance_rate,
-                           spec_mean_accepted_length=s.spec_mean_accepted_length,
-                           spec_proposer_time_s=s.spec_proposer_time_s)
+            if not self.client.thread_safe:
+                return engine_stats(self.client.get_stats())
+        # a thread-safe client is asked outside the lock: an AsyncLLM reading its outputs needs the lock to file
+        # them, and this result arrives through that reader
+        return engine_stats(self.client.get_stats())
 
     def step(self, finished_only: bool = False, delta: bool = False) -> list[RequestOutput]:
         """Run one core step. Outputs of requests added with an outbox (LLM.generate / LLM.stream) go to it;
@@ -329,9 +327,22 @@ class LLMEngine:
     def _step(self, finished_only: bool, delta: bool) -> list[RequestOutput]:
         outs, self._unclaimed = self._unclaimed, []
         outs += self._apply_aborts()
-        core_outs = [co for co in self.client.get_output() if co.request_id in self.states]
+        outs += self._process_batch(self.client.get_output(), finished_only, delta)
+        return outs
+
+    def process_outputs(self, batch: list[EngineCoreOutput], delta: bool = True) -> list[RequestOutput]:
+        """Fold a batch of core outputs read by someone else than `step()` (AsyncLLM's reader of an engine-core
+        process, after `client.took(batch)`): the RequestOutputs of requests added without an outbox, plus the
+        final outputs of aborts applied first."""
+        with self._lock:
+            return self._apply_aborts() + self._process_batch(batch, False, delta)
+
+    def _process_batch(self, batch: list[EngineCoreOutput], finished_only: bool, delta: bool
+                       ) -> list[RequestOutput]:
+        core_outs = [co for co in batch if co.request_id in self.states]
         core_outs += self._lost_requests(core_outs)
         hits = add_tokens_batch([(self.states[co.request_id].detok, co.new_token_ids) for co in core_outs])
+        outs = []
         for co, hit in zip(core_outs, hits):
             ro = self._process(co, finished_only, delta, hit)
             if ro is not None:
@@ -415,6 +426,16 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.client.shutdown()
+
+
+def engine_stats(s: Any) -> EngineStats:
+    """EngineStats from the core's SchedulerStats."""
+    return EngineStats(s.num_running, s.num_waiting, s.num_used_blocks, s.num_total_blocks, s.kv_usage,
+                       s.prefix_hit_rate, s.num_active_loras, spec_num_draft_tokens=s.spec_num_draft_tokens,
+                       spec_num_accepted_tokens=s.spec_num_accepted_tokens,
+                       spec_acceptance_rate=s.spec_acceptance_rate,
+                       spec_mean_accepted_length=s.spec_mean_accepted_length,
+                       spec_proposer_time_s=s.spec_proposer_time_s)
 
 
 def error_output(prompt: Any, err: Exception, request_id: str) -> RequestOutput:

@@ -6,11 +6,18 @@ shutdown) and core -> frontend (outputs, utility results, the core's death repor
 turns into `EngineDeadError` for that caller and every later one; `shutdown()`, garbage collection and interpreter
 exit (an atexit hook that runs before multiprocessing joins its children) all stop it, escalating from a SHUTDOWN
 message to SIGTERM to SIGKILL.
+
+Two ways to read the core's messages: blocking (`get_output`, what `LLMEngine.step` and `LLM.generate` use), or,
+once `attach_async()` was called, from an asyncio task that awaits `recv_async()` (what `AsyncLLM` does, so the
+server's outputs are handled in its event loop with no second thread). While attached, blocking reads raise and
+utility calls from other threads wait for the event loop to file their results.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import itertools
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - imported before our atexit hook, so ours runs before its join
@@ -43,6 +50,8 @@ class MPClient(EngineCoreClient):
     """Drives an `EngineCoreProc` in a spawned process. Thread-safe: adds and aborts may come from any thread;
     one thread at a time reads the core's messages and files each where its reader will find it."""
 
+    thread_safe = True
+
     def __init__(self, config: EngineConfig, registry: Registry):
         import zmq
 
@@ -72,6 +81,11 @@ class MPClient(EngineCoreClient):
         self._batches: deque[list[EngineCoreOutput]] = deque()
         self._results: dict[int, tuple[bool, Any]] = {}
         self._call_ids = itertools.count()
+        # attach_async(): the event loop that reads the core's messages, and the callers waiting for results
+        self._reader_loop: asyncio.AbstractEventLoop | None = None
+        self._reader_thread: int | None = None
+        self._waiters: dict[int, asyncio.Future | concurrent.futures.Future] = {}
+        self._async_output: Any = None  # zmq.asyncio shadow of the output socket
         info = self._wait_ready()
         self.model_info: dict[str, Any] = info["model_info"]
         self.max_model_len: int = info["max_model_len"]
@@ -99,16 +113,100 @@ class MPClient(EngineCoreClient):
         """The next batch of outputs the core sent: blocks until one arrives (raising EngineDeadError if the core
         dies meanwhile); [] at once when no request is unfinished."""
         self._send(None, None)
+        if self._reader_loop is not None:
+            raise EngineError("the engine core's outputs are read by an AsyncLLM in an event loop; this LLM cannot "
+                              "be stepped directly while it is attached (shut the AsyncLLM down first)")
         with self._recv_lock:
             while not self._batches:
                 if not self._unfinished:
                     return []
                 self._file(*self._next_message())
             batch = self._batches.popleft()
+        return self.took(batch)
+
+    def took(self, batch: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
+        """Record a batch of outputs as handed to the frontend (its finished requests are no longer
+        unfinished); returns it."""
         for out in batch:
             if out.finished:
                 self._unfinished.discard(out.request_id)
         return batch
+
+    def flush(self) -> None:
+        """Send the queued adds now."""
+        self._send(None, None)
+
+    # -- reading from an event loop -------------------------------------------------------------------------
+    def attach_async(self) -> None:
+        """Make the running event loop the one reader of the core's messages: its task awaits `recv_async()` and
+        hands each UTILITY_RESULT to `file_result()`. Blocking reads raise from now on (until `detach_async`)."""
+        import zmq.asyncio
+
+        loop = asyncio.get_running_loop()
+        with self._recv_lock:
+            if self._reader_loop is not None and self._reader_loop is not loop and self._reader_loop.is_running():
+                raise EngineError("the engine core's outputs are already read by another running event loop")
+            self._reader_loop, self._reader_thread = loop, threading.get_ident()
+            if self._async_output is None:
+                self._async_output = zmq.asyncio.Socket.shadow(self._output.underlying)
+
+    def detach_async(self) -> None:
+        """Give the reading back to blocking callers (results already filed stay)."""
+        with self._recv_lock:
+            self._reader_loop = self._reader_thread = None
+
+    async def recv_async(self) -> tuple[int, Any]:
+        """The core's next message, awaited in the attached loop (OUTPUTS batches are returned, not queued);
+        raises EngineDeadError when the core dies (found within POLL_MS)."""
+        zmq = self._zmq
+        self._check_alive()
+        while True:
+            if self._batches:  # filed by a blocking reader before the loop attached
+                return serial.OUTPUTS, self._batches.popleft()
+            try:
+                data = self._output.recv(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if not await self._async_output.poll(POLL_MS, zmq.POLLIN) and not self.proc.is_alive():
+                    self._die(None)
+                continue
+            kind, payload = self.serializer.decode(data.buffer)
+            if kind == serial.DEAD:
+                self._die(payload)
+            return kind, payload
+
+    def file_result(self, payload: tuple[int, bool, Any]) -> None:
+        """Hand a UTILITY_RESULT read by the attached loop to the caller waiting for it."""
+        call_id, ok, value = payload
+        waiter = self._waiters.pop(call_id, None)
+        if waiter is None:
+            self._results[call_id] = (ok, value)
+        elif isinstance(waiter, asyncio.Future):
+            if not waiter.done():
+                waiter.set_result((ok, value))
+        else:
+            waiter.set_result((ok, value))
+
+    def fail_waiters(self, error: BaseException) -> None:
+        """The core died: every caller waiting for a utility result gets `error`."""
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    waiter.set_exception(error)
+            elif not waiter.done():
+                waiter.set_exception(error)
+
+    async def call_async(self, method: str, args: tuple) -> Any:
+        """A utility call from the attached loop: its result arrives through that loop's reader."""
+        call_id = next(self._call_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[call_id] = fut
+        try:
+            self._send(serial.UTILITY, (call_id, method, args))
+        except BaseException:
+            self._waiters.pop(call_id, None)
+            raise
+        return self._unwrap(method, *await fut)
 
     def has_unfinished_requests(self) -> bool:
         """Whether a request added here has not yet had its finished output returned by `get_output`."""
@@ -132,6 +230,7 @@ class MPClient(EngineCoreClient):
         if self._dead is None:
             self._dead = EngineDeadError(f"the {PROCESS_NAME} process (pid {self.proc.pid}) was shut down")
         self._finalizer()
+        self.fail_waiters(self._dead)
         _FINALIZERS.discard(self._finalizer)
 
     # -- messages -----------------------------------------------------------------------------------------
@@ -158,11 +257,31 @@ class MPClient(EngineCoreClient):
 
     def _call(self, method: str, args: tuple) -> Any:
         call_id = next(self._call_ids)
+        if self._reader_loop is not None:  # the event loop reads; wait for it to file the result
+            if threading.get_ident() == self._reader_thread:
+                raise EngineError(f"{method}: a blocking call to the engine core from the event loop that reads "
+                                  f"its outputs would wait forever; await the AsyncLLM's method instead")
+            waiter: concurrent.futures.Future = concurrent.futures.Future()
+            self._waiters[call_id] = waiter
+            self._send(serial.UTILITY, (call_id, method, args))
+            while True:
+                try:
+                    ok, value = waiter.result(timeout=POLL_MS / 1000)
+                    break
+                except concurrent.futures.TimeoutError:
+                    self._check_alive()
+                    if not self.proc.is_alive():
+                        self._waiters.pop(call_id, None)
+                        self._die(None)
+            return self._unwrap(method, ok, value)
         self._send(serial.UTILITY, (call_id, method, args))
         with self._recv_lock:
             while call_id not in self._results:
                 self._file(*self._next_message())
             ok, value = self._results.pop(call_id)
+        return self._unwrap(method, ok, value)
+
+    def _unwrap(self, method: str, ok: bool, value: Any) -> Any:
         if ok:
             return value
         message, text, exc = value
@@ -175,8 +294,7 @@ class MPClient(EngineCoreClient):
         if kind == serial.OUTPUTS:
             self._batches.append(payload)
         elif kind == serial.UTILITY_RESULT:
-            call_id, ok, value = payload
-            self._results[call_id] = (ok, value)
+            self.file_result(payload)
         else:
             raise AssertionError(f"unexpected message kind {kind} from the engine core")
 
@@ -225,6 +343,7 @@ class MPClient(EngineCoreClient):
         if self._dead is None:
             self._dead = dead_error(self.proc.pid, self.proc.exitcode, report)
         self._finalizer()
+        self.fail_waiters(self._dead)
         raise self._dead
 
 

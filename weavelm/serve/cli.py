@@ -72,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from weavelm.cli import engine_config_from_args
     from weavelm.core.async_llm import AsyncLLM
+    from weavelm.utils import freeze_gc_heap
 
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
@@ -82,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLM(config=config)
     try:
         app = build_app(engine, args.served_model_name, args.api_key, args.max_waiting_requests)
+        freeze_gc_heap()
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 access_log=bool(getattr(args, "verbose", False)), lifespan="off",
                                 timeout_graceful_shutdown=args.shutdown_timeout)
