@@ -166,6 +166,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            args.device, "--port", str(port), "--log-level", "warning", "--served-model-name", args.model_name]
     for s in args.set:
         cmd += ["--set", s]
+    if args.api_server_count > 1:
+        cmd += ["--api-server-count", str(args.api_server_count)]
     if args.num_threads:
         cmd += ["--num-threads", str(args.num_threads)]
     proc = subprocess.Popen(cmd)
@@ -213,6 +215,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--set", action="append", default=[], help="engine --set overrides (repeatable)")
+    p.add_argument("--api-server-count", type=int, default=1, help="API-server processes of the server started here")
     p.add_argument("--num-threads", type=int, help="torch CPU threads of the server and the offline run")
     p.add_argument("--model-name", default="bench")
     p.add_argument("--api-key", default=os.environ.get("WEAVELM_API_KEY"))

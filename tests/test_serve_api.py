@@ -17,11 +17,16 @@ NAME = "tiny-smol"
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
 
 
-@pytest.fixture(scope="module", params=["core-thread", "core-process"])
+LAYOUTS = {"core-thread": ("--set", "engine_process=false"), "core-process": ("--set", "engine_process=true"),
+           "two-api-servers": ("--api-server-count", "2")}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
 def server(request, smol_tokenizer_model):
-    """Every test runs against both engine layouts: the core stepped by a thread of the server (the CPU default)
-    and the core in its own process, its outputs read by a task of the server's event loop (the GPU default)."""
-    layout = ("--set", f"engine_process={str(request.param == 'core-process').lower()}")
+    """Every test runs against each server layout: the core stepped by a thread of the server (the CPU default);
+    the core in its own process, its outputs read by a task of the server's event loop (the GPU default); two
+    API-server processes sharing the port in front of one core process (`--api-server-count 2`)."""
+    layout = LAYOUTS[request.param]
     srv = ServerProcess(smol_tokenizer_model, "--api-key", API_KEY, "--served-model-name", NAME, "other-name",
                         *layout)
     yield srv

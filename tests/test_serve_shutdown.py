@@ -53,10 +53,10 @@ async def _drive(url: str, proc) -> tuple[list, list, float]:
         return await short, results, t0
 
 
-@pytest.mark.parametrize("engine_process", ["false", "true"])
-def test_sigterm_during_load_exits_0_within_the_timeout(smol_tokenizer_model, engine_process):
-    server = ServerProcess(smol_tokenizer_model, "--shutdown-timeout", str(TIMEOUT), "--set",
-                           f"engine_process={engine_process}")
+@pytest.mark.parametrize("layout", [("--set", "engine_process=false"), ("--set", "engine_process=true"),
+                                    ("--api-server-count", "2")], ids=["core-thread", "core-process", "two-api-servers"])
+def test_sigterm_during_load_exits_0_within_the_timeout(smol_tokenizer_model, layout):
+    server = ServerProcess(smol_tokenizer_model, "--shutdown-timeout", str(TIMEOUT), *layout)
     try:
         children = psutil.Process(server.proc.pid).children(recursive=True)
         short, long, t0 = asyncio.run(_drive(server.url, server.proc))

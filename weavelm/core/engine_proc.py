@@ -32,9 +32,13 @@ IDLE_POLL_MS = 1000  # while idle, how often the core checks that its parent is 
 UTILITY_METHODS = ("get_stats", "collective_rpc")
 
 
-def run_engine_core(config: EngineConfig, registry_spec: RegistrySpec, input_addr: str, output_addr: str,
-                    parent_pid: int) -> None:
-    """Process entry point. Exits 0 after a SHUTDOWN (or SIGTERM, or its parent's death), 1 after an error."""
+def run_engine_core(config: EngineConfig, registry_spec: RegistrySpec, input_addr: str | list[str],
+                    output_addr: str | list[str], parent_pid: int) -> None:
+    """Process entry point. Exits 0 after a SHUTDOWN (or SIGTERM, or its parent's death), 1 after an error.
+
+    Several frontends (API-server processes, `weavelm serve --api-server-count N`) pass lists of addresses:
+    frontend `k` sends on `input_addr[k]` and reads `output_addr[k]`; each request's outputs go back to the
+    frontend that added it, a utility result to the one that asked, READY and DEAD to all."""
     import zmq
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -44,15 +48,17 @@ def run_engine_core(config: EngineConfig, registry_spec: RegistrySpec, input_add
         import torch
 
         torch.set_num_threads(int(threads))
+    input_addrs = [input_addr] if isinstance(input_addr, str) else list(input_addr)
+    output_addrs = [output_addr] if isinstance(output_addr, str) else list(output_addr)
     ctx = zmq.Context()
-    input_socket = ctx.socket(zmq.PULL)
-    output_socket = ctx.socket(zmq.PUSH)
-    for sock in (input_socket, output_socket):
-        sock.setsockopt(zmq.LINGER, 5000)  # the last messages (DEAD) still reach the parent
+    input_sockets = [ctx.socket(zmq.PULL) for _ in input_addrs]
+    output_sockets = [ctx.socket(zmq.PUSH) for _ in output_addrs]
+    for sock in input_sockets + output_sockets:
+        sock.setsockopt(zmq.LINGER, 5000)  # the last messages (DEAD) still reach the frontends
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-    input_socket.connect(input_addr)
-    output_socket.connect(output_addr)
+    for sock, addr in zip(input_sockets + output_sockets, input_addrs + output_addrs):
+        sock.connect(addr)  # queued until the frontend binds: it may start after the core
     serializer = serial.SERIALIZER()
     core = None
     code = 0
@@ -60,24 +66,28 @@ def run_engine_core(config: EngineConfig, registry_spec: RegistrySpec, input_add
         from weavelm.core.registry import Registry
 
         core = EngineCore(config, Registry.from_spec(registry_spec))
-        proc = EngineCoreProc(core, input_socket, output_socket, serializer, parent_pid)
-        proc.send(serial.READY, {"model_info": core.model_info, "max_model_len": core.max_model_len,
-                                 "num_blocks": core.num_blocks, "pid": os.getpid()})
+        proc = EngineCoreProc(core, input_sockets, output_sockets, serializer, parent_pid)
+        proc.broadcast(serial.READY, {"model_info": core.model_info, "max_model_len": core.max_model_len,
+                                      "num_blocks": core.num_blocks, "pid": os.getpid()})
         freeze_gc_heap()
         proc.run()
     except SystemExit:
         pass
-    except BaseException as e:  # noqa: BLE001 - everything that kills the core is reported to the parent
+    except BaseException as e:  # noqa: BLE001 - everything that kills the core is reported to the frontends
         code = 1
-        output_socket.send(serializer.encode(serial.DEAD, _death_report(e)))
+        report = serializer.encode(serial.DEAD, _death_report(e))
+        for sock in output_sockets:
+            sock.send(report)
     finally:
         if core is not None:
             try:
                 core.shutdown()
             except Exception:  # the executor's own failure must not hide the one being reported
                 logger.exception("engine core shutdown failed")
-        input_socket.close(linger=0)
-        output_socket.close()
+        for sock in input_sockets:
+            sock.close(linger=0)
+        for sock in output_sockets:
+            sock.close()
         ctx.term()
     sys.exit(code)
 
@@ -98,18 +108,23 @@ def _death_report(e: BaseException) -> tuple[str, str, BaseException | None]:
 
 
 class EngineCoreProc:
-    """The busy loop around one EngineCore. `run()` returns after a SHUTDOWN message or when the parent is gone."""
+    """The busy loop around one EngineCore. `run()` returns after a SHUTDOWN message (from any frontend) or when
+    the parent is gone. `input_sockets[k]` / `output_sockets[k]` talk to frontend `k` (one socket each for one)."""
 
-    def __init__(self, core: EngineCore, input_socket: Any, output_socket: Any, serializer: Any, parent_pid: int):
+    def __init__(self, core: EngineCore, input_sockets: Any, output_sockets: Any, serializer: Any,
+                 parent_pid: int):
         import zmq
 
         self.core = core
-        self.input_socket = input_socket
-        self.output_socket = output_socket
+        self.input_sockets = input_sockets if isinstance(input_sockets, list) else [input_sockets]
+        self.output_sockets = output_sockets if isinstance(output_sockets, list) else [output_sockets]
         self.serializer = serializer
         self.parent_pid = parent_pid
         self.poller = zmq.Poller()
-        self.poller.register(input_socket, zmq.POLLIN)
+        for sock in self.input_sockets:
+            self.poller.register(sock, zmq.POLLIN)
+        self.owner: dict[str, int] = {}  # with several frontends: request id -> the frontend that added it
+        self.sender = 0  # the frontend whose message is being handled
         self.pending: PendingStep | None = None
         self.side_outputs: list[EngineCoreOutput] = []  # aborts and rejected adds, sent after the step's outputs
         self.stopping = False
@@ -117,8 +132,13 @@ class EngineCoreProc:
         # serialisation overlaps the device); on CPU the launch runs the whole forward, so send first.
         self.launch_first = not str(core.model_info.get("device", "cpu")).startswith("cpu")
 
-    def send(self, kind: int, payload: Any) -> None:
-        self.output_socket.send(self.serializer.encode(kind, payload), copy=False)
+    def send(self, kind: int, payload: Any, frontend: int = 0) -> None:
+        self.output_sockets[frontend].send(self.serializer.encode(kind, payload), copy=False)
+
+    def broadcast(self, kind: int, payload: Any) -> None:
+        data = self.serializer.encode(kind, payload)
+        for sock in self.output_sockets:
+            sock.send(data)
 
     def run(self) -> None:
         while not self.stopping:
@@ -149,10 +169,23 @@ class EngineCoreProc:
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         if outputs:
-            self.send(serial.OUTPUTS, outputs)
+            self._send_batch(outputs)
         if self.side_outputs:  # a separate batch: one request never appears twice in one batch
             side, self.side_outputs = self.side_outputs, []
-            self.send(serial.OUTPUTS, side)
+            self._send_batch(side)
+
+    def _send_batch(self, outputs: list[EngineCoreOutput]) -> None:
+        if len(self.output_sockets) == 1:
+            self.send(serial.OUTPUTS, outputs)
+            return
+        owner, batches = self.owner, [[] for _ in self.output_sockets]
+        for out in outputs:
+            batches[owner.get(out.request_id, 0)].append(out)
+            if out.finish_reason is not None:
+                owner.pop(out.request_id, None)
+        for frontend, batch in enumerate(batches):
+            if batch:
+                self.send(serial.OUTPUTS, batch, frontend)
 
     def _handle_inputs(self, block: bool) -> None:
         """Apply every queued message; when `block`, first wait for one (checking on the parent meanwhile)."""
@@ -165,12 +198,14 @@ class EngineCoreProc:
                 return
             if not block or self.poller.poll(IDLE_POLL_MS):
                 break
-        while not self.stopping:
-            try:
-                data = self.input_socket.recv(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._handle(*self.serializer.decode(data.buffer))
+        for frontend, sock in enumerate(self.input_sockets):
+            self.sender = frontend
+            while not self.stopping:
+                try:
+                    data = sock.recv(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle(*self.serializer.decode(data.buffer))
 
     def _handle(self, kind: int, payload: Any) -> None:
         if kind == serial.ADD:
@@ -186,6 +221,8 @@ class EngineCoreProc:
             raise AssertionError(f"unknown message kind {kind}")
 
     def _add(self, request: Any) -> None:
+        if len(self.output_sockets) > 1:
+            self.owner[request.request_id] = self.sender
         try:
             self.core.add_request(request)
         except Exception as e:  # in-process this raises to the caller; here it becomes the request's error output
@@ -203,4 +240,4 @@ class EngineCoreProc:
             result = (call_id, True, getattr(self.core, method)(*args))
         except Exception as e:  # the caller gets the exception; the core goes on
             result = (call_id, False, _death_report(e))
-        self.send(serial.UTILITY_RESULT, result)
+        self.send(serial.UTILITY_RESULT, result, self.sender)

@@ -30,7 +30,8 @@ class LLM:
     """Offline inference, vLLM-style. `LLM(model=..., **overrides)` or `LLM(config="engine.yaml")`."""
 
     def __init__(self, model: str | None = None, *, config: str | EngineConfig | dict | None = None,
-                 sets: list[str] | None = None, registry: Registry | None = None, **overrides: Any):
+                 sets: list[str] | None = None, registry: Registry | None = None, core_attachment: Any = None,
+                 **overrides: Any):
         registry = registry or Registry.load()  # one registry per engine: its plugins, its allow-list
         if isinstance(config, EngineConfig) and not (overrides or model or sets):
             engine_config = config
@@ -42,7 +43,7 @@ class LLM:
             engine_config = EngineConfig.build(merge_overrides(raw, overrides, sets), registry)
         self.config = engine_config
         self._closed = False
-        self.engine = LLMEngine(engine_config, registry)
+        self.engine = LLMEngine(engine_config, registry, core_attachment)
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:

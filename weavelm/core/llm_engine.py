@@ -78,7 +78,10 @@ class _RequestState:
 class LLMEngine:
     """Turns prompts into core requests and core deltas into RequestOutputs."""
 
-    def __init__(self, config: EngineConfig, registry: Registry | None = None):
+    def __init__(self, config: EngineConfig, registry: Registry | None = None, core_attachment: Any = None):
+        """`core_attachment` (a `mp_client.CoreAttachment`): join an engine-core process started elsewhere
+        instead of building a core (`engine_process` is implied); what each API-server process of
+        `weavelm serve --api-server-count N` does."""
         config.model = resolve_model(config.model)
         self.config = config
         registry = registry or Registry.load()
@@ -86,10 +89,10 @@ class LLMEngine:
         loader = build_loader(config, registry)
         self.hf_config = loader.load_hf_config(config.model)
         self.tokenizer = self._load_tokenizer(loader)
-        if config.engine_process:
+        if config.engine_process or core_attachment is not None:
             from weavelm.core.mp_client import MPClient
 
-            self.client: EngineCoreClient = MPClient(config, registry)
+            self.client: EngineCoreClient = MPClient(config, registry, core_attachment)
         else:
             self.client = InprocClient(config, registry)
         self.max_model_len = self.client.max_model_len

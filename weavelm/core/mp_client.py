@@ -28,6 +28,7 @@ import tempfile
 import threading
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from weavelm.core import serial
@@ -52,13 +53,16 @@ class MPClient(EngineCoreClient):
 
     thread_safe = True
 
-    def __init__(self, config: EngineConfig, registry: Registry):
+    def __init__(self, config: EngineConfig, registry: Registry, attachment: CoreAttachment | None = None):
         import zmq
 
         self._zmq = zmq
         self.serializer = serial.SERIALIZER()
-        tmpdir = tempfile.mkdtemp(prefix="weavelm-core-")
-        input_addr, output_addr = f"ipc://{tmpdir}/input", f"ipc://{tmpdir}/output"
+        if attachment is None:
+            tmpdir = tempfile.mkdtemp(prefix="weavelm-core-")
+            input_addr, output_addr = f"ipc://{tmpdir}/input", f"ipc://{tmpdir}/output"
+        else:
+            tmpdir, input_addr, output_addr = None, attachment.input_addr, attachment.output_addr
         ctx = zmq.Context()
         self._input = ctx.socket(zmq.PUSH)
         self._output = ctx.socket(zmq.PULL)
@@ -66,12 +70,16 @@ class MPClient(EngineCoreClient):
             sock.setsockopt(zmq.SNDHWM, 0)  # never block a sender: both sides send while the other is busy
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.bind(addr)
-        self.proc = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(config, registry.spec, input_addr, output_addr, os.getpid()),
-            name="EngineCore", daemon=False)  # not daemonic: the core may start worker processes of its own
-        self.proc.start()
-        self._finalizer = weakref.finalize(self, _stop_core, self.proc, ctx, self._input, self._output, tmpdir,
-                                           self.serializer.encode(serial.SHUTDOWN, None))
+        if attachment is None:
+            self.proc: Any = multiprocessing.get_context("spawn").Process(
+                target=run_engine_core, args=(config, registry.spec, input_addr, output_addr, os.getpid()),
+                name="EngineCore", daemon=False)  # not daemonic: the core may start worker processes of its own
+            self.proc.start()
+            self._finalizer = weakref.finalize(self, _stop_core, self.proc, ctx, self._input, self._output, tmpdir,
+                                               self.serializer.encode(serial.SHUTDOWN, None))
+        else:  # a core shared with other frontends: its owner stops it; leaving only closes our sockets
+            self.proc = SharedCoreProcess(attachment.core_pid)
+            self._finalizer = weakref.finalize(self, _close_sockets, ctx, self._input, self._output)
         _FINALIZERS.add(self._finalizer)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.RLock()
@@ -347,6 +355,42 @@ class MPClient(EngineCoreClient):
         raise self._dead
 
 
+@dataclass(frozen=True)
+class CoreAttachment:
+    """An engine-core process started by someone else (the `weavelm serve --api-server-count N` supervisor) that a
+    frontend joins: it binds `input_addr` and `output_addr`, which the core connects to (see `run_engine_core`)."""
+
+    input_addr: str
+    output_addr: str
+    core_pid: int
+
+
+class SharedCoreProcess:
+    """The `proc` of an MPClient attached to a core it did not start: not its child, so liveness comes from
+    /proc (a zombie counts as dead) and the exit code is unknown."""
+
+    exitcode = None
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def is_alive(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+        except OSError:  # no /proc: ask the kernel
+            try:
+                os.kill(self.pid, 0)
+                return True
+            except ProcessLookupError:
+                return False
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
 def dead_error(pid: int | None, exitcode: int | None,
                report: tuple[str, str, BaseException | None] | None) -> EngineDeadError:
     """The error for a dead core process: names it, its pid, exit code or signal, and the traceback it sent.
@@ -392,6 +436,12 @@ def _stop_core(proc: Any, ctx: Any, input_socket: Any, output_socket: Any, tmpdi
         output_socket.close(linger=0)
         ctx.term()
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _close_sockets(ctx: Any, input_socket: Any, output_socket: Any) -> None:
+    input_socket.close(linger=0)
+    output_socket.close(linger=0)
+    ctx.term()
 
 
 @atexit.register

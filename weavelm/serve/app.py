@@ -31,13 +31,14 @@ def served_adapters(config: Any) -> dict[str, Any]:
 
 
 def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None, api_key: str | None = None,
-              max_waiting: int | None = None) -> FastAPI:
+              max_waiting: int | None = None, metrics_dir: str | None = None) -> FastAPI:
     """An app serving `engine` under `served_model_name` (default: the model path; the first of a list is the
     name in responses). With `api_key`, `/v1/*`, `/tokenize` and `/detokenize` need `Authorization: Bearer KEY`.
-    `max_waiting`: requests waiting for their first output beyond which new ones get 429."""
+    `max_waiting`: requests waiting for their first output beyond which new ones get 429. `metrics_dir`: one of
+    several API servers whose /metrics are summed through prometheus_client's multiprocess directory."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     names = names or [str(engine.llm.config.model)]
-    state = ServeState(engine, names, api_key, max_waiting, ServerMetrics(names[0]), model_defaults(engine.llm),
+    state = ServeState(engine, names, api_key, max_waiting, ServerMetrics(names[0], metrics_dir), model_defaults(engine.llm),
                        served_adapters(engine.llm.config))
     engine.output_observer = state.metrics.observe
     app = FastAPI(title="weavelm", version=weavelm.__version__,

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 from weavelm.errors import WeaveError
 
@@ -32,6 +33,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction,
                    help="answer 429 while N requests wait for their first token (default: no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, let running requests finish this long, then abort them (default 10)")
+    g.add_argument("--api-server-count", type=int, default=1, metavar="N",
+                   help="API-server processes in front of one engine core (vLLM's flag; default 1). Each turns its "
+                        "share of the tokens into HTTP, so a busy GPU is not held back by one process's Python; "
+                        "implies engine_process")
     g.add_argument("--num-threads", type=int, default=_env_int("WEAVELM_NUM_THREADS"), metavar="N",
                    help="torch CPU threads (default: $WEAVELM_NUM_THREADS, else torch's default)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
@@ -52,6 +57,8 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append(f"--max-waiting-requests: must be >= 0 (got {args.max_waiting_requests})")
     if not args.shutdown_timeout >= 0:
         problems.append(f"--shutdown-timeout: must be >= 0 seconds (got {args.shutdown_timeout})")
+    if args.api_server_count < 1:
+        problems.append(f"--api-server-count: must be >= 1 (got {args.api_server_count})")
     if args.num_threads is not None and args.num_threads < 1:
         problems.append(f"--num-threads: must be >= 1 (got {args.num_threads})")
     if args.api_key is not None and not args.api_key:
@@ -63,34 +70,63 @@ def _check_args(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     _check_args(args)  # before the model loads
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
-        from weavelm.serve.app import build_app
+        from weavelm.serve.app import build_app  # noqa: F401
     except ImportError as e:
         raise WeaveError(f"serve: needs the [serve] extra (pip install 'weavelm[serve]'): {e}") from e
     import torch
 
     from weavelm.cli import engine_config_from_args
     from weavelm.core.async_llm import AsyncLLM
-    from weavelm.utils import freeze_gc_heap
 
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
         os.environ["WEAVELM_NUM_THREADS"] = str(args.num_threads)  # the engine-core and worker processes too
     config = engine_config_from_args(args)
+    if args.api_server_count > 1:
+        if _explicit_engine_process(args) and not config.engine_process:
+            raise WeaveError("--api-server-count: several API servers share one engine core in its own process; "
+                             "drop `engine_process=false` or use --api-server-count 1")
+        from weavelm.serve.multi import serve_multi
+
+        return serve_multi(args, config)
     if _engine_process_by_default(args, config):
         config.engine_process = True
     engine = AsyncLLM(config=config)
     try:
-        app = build_app(engine, args.served_model_name, args.api_key, args.max_waiting_requests)
-        freeze_gc_heap()
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                access_log=bool(getattr(args, "verbose", False)), lifespan="off",
-                                timeout_graceful_shutdown=args.shutdown_timeout)
-        _Server(config).run()
+        run_uvicorn(args, engine)
     finally:
         engine.shutdown()
     return 0
+
+
+def run_uvicorn(args: argparse.Namespace, engine, sockets: list | None = None, metrics_dir: str | None = None,
+                stop_early: Any = None) -> None:
+    """Build the app on `engine` and run uvicorn until a graceful shutdown; on `sockets` (already bound, shared
+    by several API servers) or on --host/--port. `stop_early` (an Event set by a SIGTERM that came before uvicorn
+    handled the signals): shut down as soon as it has started."""
+    import uvicorn
+
+    from weavelm.serve.app import build_app
+    from weavelm.utils import freeze_gc_heap
+
+    app = build_app(engine, args.served_model_name, args.api_key, args.max_waiting_requests, metrics_dir)
+    freeze_gc_heap()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=bool(getattr(args, "verbose", False)), lifespan="off",
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    server = _Server(config)
+    server.stop_early = stop_early
+    server.run(sockets=sockets)
+
+
+def _explicit_engine_process(args: argparse.Namespace) -> bool:
+    from weavelm.core.config import read_yaml
+
+    if any(s.split("=", 1)[0].strip() == "engine_process" for s in args.sets or []):
+        return True
+    return bool(args.config and "engine_process" in (read_yaml(args.config) or {}))
 
 
 def _engine_process_by_default(args: argparse.Namespace, config) -> bool:
@@ -98,12 +134,9 @@ def _engine_process_by_default(args: argparse.Namespace, config) -> bool:
     this process never hold the GIL the scheduler and the step's Python need; the GPU keeps stepping while
     responses are written. On the CPU the two processes would compete for the same cores, so the core stays a
     thread here. An explicit `engine_process` (YAML or --set) always wins."""
-    from weavelm.core.config import read_yaml
     from weavelm.core.device import resolve_device
 
-    if any(s.split("=", 1)[0].strip() == "engine_process" for s in args.sets or []):
-        return False
-    if args.config and "engine_process" in (read_yaml(args.config) or {}):
+    if _explicit_engine_process(args):
         return False
     return resolve_device(config.device).type == "cuda"
 
@@ -115,9 +148,16 @@ def _server_class():
         """uvicorn's server, except that a graceful shutdown on SIGTERM/SIGINT exits 0: uvicorn re-raises the
         signal after shutting down, which would end the process with the signal's status."""
 
+        stop_early = None
+
         def handle_exit(self, sig, frame) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.stop_early is not None and self.stop_early.is_set():
+                self.should_exit = True
 
     return Server
 

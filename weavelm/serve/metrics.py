@@ -18,15 +18,23 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServerMetrics:
-    """One server's metrics. `observe` is called for every engine output a request stream receives."""
+    """One server's metrics. `observe` is called for every engine output a request stream receives.
 
-    def __init__(self, model_name: str):
-        self.registry = CollectorRegistry(auto_describe=True)  # Prometheus' own, one per app (not a plugin registry)
+    With `multiprocess_dir` (one of several API-server processes, whose environment had PROMETHEUS_MULTIPROC_DIR
+    set to it before prometheus_client was imported) the values live in that directory and `render()` sums the
+    counters and histograms of every process; the engine gauges show the most recent value any process set."""
+
+    def __init__(self, model_name: str, multiprocess_dir: str | None = None):
+        self.multiprocess_dir = multiprocess_dir
+        # Prometheus' own registry, one per app (not a plugin registry); in multiprocess mode the values are
+        # collected from the directory instead
+        self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
-        r = self.registry
+        r = self.registry if multiprocess_dir is None else None
+        gauge_mode = {} if multiprocess_dir is None else {"multiprocess_mode": "mostrecent"}
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"weavelm:{name}", doc, labels, registry=r).labels(model_name)
+            return Gauge(f"weavelm:{name}", doc, labels, registry=r, **gauge_mode).labels(model_name)
 
         def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
             return Histogram(f"weavelm:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
@@ -89,4 +97,10 @@ class ServerMetrics:
         self.spec_proposer_time.set(stats.spec_proposer_time_s)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return generate_latest(registry)
