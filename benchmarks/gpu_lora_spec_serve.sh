@@ -23,9 +23,16 @@ want spec8b && python3 benchmarks/spec_decode.py --device cuda --shape llama-8b 
   --batch-sizes 1,8 --max-tokens 128 --repeats 2 --out "$OUT/spec_gpu_8b.json" 2>&1 | tail -12 \
   | tee "$OUT/spec_gpu_8b.log"
 # 5. the server at several rates vs offline LLM.generate, Qwen3-0.6B shape, engine core in its own process
+#    (one API server: the event loop reads the core's outputs itself)
 want serve || exit 0
 export PATH=/tmp/site/bin:$PATH  # py-spy, from .whl
 python3 .peer/make_model.py /tmp/q06 > "$OUT/make_model.log" 2>&1
 python3 benchmarks/serve_load.py --model /tmp/q06 --dtype bfloat16 --device cuda --rates 16,64,inf \
   --num-requests 512 --input-len 256 --output-len 256 --vocab 10000 --offline --client-procs 4 \
   --py-spy "$OUT/serve_spy.txt" --json "$OUT/serve_load_gpu.json" 2>&1 | tail -12 | tee "$OUT/serve_load_gpu.log"
+# 6. saturation only, with 1, 2 and 4 API-server processes in front of the one core (`--api-server-count`)
+for n in 1 2 4; do
+  python3 benchmarks/serve_load.py --model /tmp/q06 --dtype bfloat16 --device cuda --rates inf \
+    --num-requests 512 --input-len 256 --output-len 256 --vocab 10000 --offline --client-procs 4 \
+    --api-server-count $n --json "$OUT/serve_load_gpu_api$n.json" 2>&1 | tail -6 | tee "$OUT/serve_load_gpu_api$n.log"
+done

@@ -31,6 +31,10 @@ from weavelm.errors import EngineDeadError, EngineError, RequestError
 
 logger = logging.getLogger("weavelm.async_llm")
 OUTPUT_CHUNK = 128  # a reader folds a step's outputs this many at a time, letting the event loop run in between
+# When several steps' outputs are already waiting, the reader folds them all before the streams run, so each stream
+# writes one event for all its new tokens (as vLLM's output collector merges them): a frontend that falls behind
+# the core sends fewer, larger events instead of queueing ever more work.
+MAX_BACKLOG = 16
 
 
 class _Choice:
@@ -417,16 +421,23 @@ class AsyncLLM:
         client, engine = self.engine.client, self.engine
         try:
             while True:
-                kind, payload = await client.recv_async()
-                if kind == serial.OUTPUTS:
-                    for i in range(0, len(payload), OUTPUT_CHUNK):
-                        if i:
-                            await asyncio.sleep(0)  # let the loop write what is ready
-                        self._route(engine.process_outputs(client.took(payload[i:i + OUTPUT_CHUNK])))
-                elif kind == serial.UTILITY_RESULT:
-                    client.file_result(payload)
-                else:
-                    raise EngineError(f"unexpected message kind {kind} from the engine core")
+                messages = [await client.recv_async()]
+                while len(messages) < MAX_BACKLOG:  # what else is waiting: this loop is behind the core
+                    message = client.recv_nowait()
+                    if message is None:
+                        break
+                    messages.append(message)
+                behind = len(messages) > 1
+                for kind, payload in messages:
+                    if kind == serial.OUTPUTS:
+                        for i in range(0, len(payload), OUTPUT_CHUNK):
+                            if i and not behind:
+                                await asyncio.sleep(0)  # let the loop write what is ready
+                            self._route(engine.process_outputs(client.took(payload[i:i + OUTPUT_CHUNK])))
+                    elif kind == serial.UTILITY_RESULT:
+                        client.file_result(payload)
+                    else:
+                        raise EngineError(f"unexpected message kind {kind} from the engine core")
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # the core died, or the frontend's own processing failed: the engine is lost

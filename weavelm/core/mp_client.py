@@ -167,20 +167,27 @@ class MPClient(EngineCoreClient):
         """The core's next message, awaited in the attached loop (OUTPUTS batches are returned, not queued);
         raises EngineDeadError when the core dies (found within POLL_MS)."""
         zmq = self._zmq
-        self._check_alive()
         while True:
-            if self._batches:  # filed by a blocking reader before the loop attached
-                return serial.OUTPUTS, self._batches.popleft()
-            try:
-                data = self._output.recv(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                if not await self._async_output.poll(POLL_MS, zmq.POLLIN) and not self.proc.is_alive():
-                    self._die(None)
-                continue
-            kind, payload = self.serializer.decode(data.buffer)
-            if kind == serial.DEAD:
-                self._die(payload)
-            return kind, payload
+            message = self.recv_nowait()
+            if message is not None:
+                return message
+            if not await self._async_output.poll(POLL_MS, zmq.POLLIN) and not self.proc.is_alive():
+                self._die(None)
+
+    def recv_nowait(self) -> tuple[int, Any] | None:
+        """The core's next message if one is already here, else None (for the attached loop)."""
+        zmq = self._zmq
+        self._check_alive()
+        if self._batches:  # filed by a blocking reader before the loop attached
+            return serial.OUTPUTS, self._batches.popleft()
+        try:
+            data = self._output.recv(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        kind, payload = self.serializer.decode(data.buffer)
+        if kind == serial.DEAD:
+            self._die(payload)
+        return kind, payload
 
     def file_result(self, payload: tuple[int, bool, Any]) -> None:
         """Hand a UTILITY_RESULT read by the attached loop to the caller waiting for it."""
