@@ -72,6 +72,9 @@ def test_reads_in_the_event_loop_and_matches_in_process(inproc, mp):
             return sorted(len(c.token_ids) for c in outs[-1].outputs), outs[-1].finished
 
         assert asyncio.run(n2()) == ([5, 5], True)  # a second event loop took the reading over
+        # that loop has ended: blocking calls read the core themselves again
+        assert mp.get_stats().num_running_reqs == 0
+        assert len(mp.generate([[5, 6]], params(0))[0].outputs[0].token_ids) == 7
     finally:
         engine.shutdown()
 

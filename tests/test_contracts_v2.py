@@ -237,10 +237,11 @@ def test_no_plugin_module_imports_another_plugin():
 
 def test_registry_is_looked_up_only_by_the_assembler_and_entry_points():
     """No `get_registry()` anywhere; building a registry only in the assembler, the frontend that owns an engine,
-    config validation, the CLI, convert, the test kit, and the engine-core process (which rebuilds its engine's
-    registry from the spec the frontend sends); plugins never call `registry.get`/`find_model`."""
+    config validation, the CLI, convert, the test kit, the engine-core process (which rebuilds its engine's
+    registry from the spec the frontend sends) and the `serve --api-server-count` supervisor (which starts that
+    process); plugins never call `registry.get`/`find_model`."""
     allowed = {"core/registry.py", "core/assembly.py", "core/llm_engine.py", "core/llm.py", "core/config.py", "cli.py",
-               "convert.py", "testing/_registry.py", "core/engine_proc.py"}
+               "convert.py", "testing/_registry.py", "core/engine_proc.py", "serve/multi.py"}
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE).as_posix()
         text = path.read_text()

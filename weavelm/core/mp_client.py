@@ -121,7 +121,7 @@ class MPClient(EngineCoreClient):
         """The next batch of outputs the core sent: blocks until one arrives (raising EngineDeadError if the core
         dies meanwhile); [] at once when no request is unfinished."""
         self._send(None, None)
-        if self._reader_loop is not None:
+        if self._reading_in_a_loop():
             raise EngineError("the engine core's outputs are read by an AsyncLLM in an event loop; this LLM cannot "
                               "be stepped directly while it is attached (shut the AsyncLLM down first)")
         with self._recv_lock:
@@ -157,6 +157,17 @@ class MPClient(EngineCoreClient):
             self._reader_loop, self._reader_thread = loop, threading.get_ident()
             if self._async_output is None:
                 self._async_output = zmq.asyncio.Socket.shadow(self._output.underlying)
+
+    def _reading_in_a_loop(self) -> bool:
+        """Whether an attached event loop reads the core's messages; a loop that has stopped (asyncio.run
+        returned) no longer does, and the reading falls back to blocking callers."""
+        loop = self._reader_loop
+        if loop is None:
+            return False
+        if loop.is_running():
+            return True
+        self.detach_async()
+        return False
 
     def detach_async(self) -> None:
         """Give the reading back to blocking callers (results already filed stay)."""
@@ -272,7 +283,7 @@ class MPClient(EngineCoreClient):
 
     def _call(self, method: str, args: tuple) -> Any:
         call_id = next(self._call_ids)
-        if self._reader_loop is not None:  # the event loop reads; wait for it to file the result
+        if self._reading_in_a_loop():  # the event loop reads; wait for it to file the result
             if threading.get_ident() == self._reader_thread:
                 raise EngineError(f"{method}: a blocking call to the engine core from the event loop that reads "
                                   f"its outputs would wait forever; await the AsyncLLM's method instead")

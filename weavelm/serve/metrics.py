@@ -101,6 +101,6 @@ class ServerMetrics:
             return generate_latest(self.registry)
         from prometheus_client import multiprocess
 
-        registry = CollectorRegistry()
+        registry = CollectorRegistry(auto_describe=True)
         multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
         return generate_latest(registry)
