@@ -54,7 +54,7 @@ async def one_request(http: httpx.AsyncClient, prompt: list[int], args) -> dict:
     if not times:
         return {"error": "no tokens"}
     gaps = np.diff(times).tolist()
-    return {"ttft": times[0] - start, "itl": gaps, "e2e": times[-1] - start, "tokens": tokens}
+    return {"ttft": times[0] - start, "itl": gaps, "e2e": times[-1] - start, "tokens": tokens, "events": len(times)}
 
 
 async def _drive(url: str, prompts: list[list[int]], rate: float, args, seed: int) -> dict:
@@ -122,7 +122,9 @@ def run_rate(url: str, prompts: list[list[int]], rate: float, args, server_pid: 
     return {"rate": rate, "requests": len(prompts), "ok": len(ok), "wall_s": wall, "req_per_s": len(ok) / wall,
             "output_tok_per_s": sum(r["tokens"] for r in ok) / wall, "client_procs": n,
             "client_cpu_s": round(sum(p["cpu_s"] for p in parts), 2), "server_cpu_s": cpu,
-            "ttft_ms": pct([r["ttft"] for r in ok]), "itl_ms": pct([x for r in ok for x in r["itl"]])}
+            "ttft_ms": pct([r["ttft"] for r in ok]), "itl_ms": pct([x for r in ok for x in r["itl"]]),
+            # tokens per SSE event: above 1 when the server coalesces the tokens of several steps into one event
+            "tokens_per_event": sum(r["tokens"] for r in ok) / max(1, sum(r["events"] for r in ok))}
 
 
 def run_offline(prompts: list[list[int]], args) -> dict:
@@ -200,8 +202,8 @@ def print_table(rows: list[dict], offline: dict | None) -> None:
     for r in rows:
         cpu = ", ".join(f"{k.split(':')[0] if k == 'server' else k.split(':')[1]} {v:.1f}" for k, v in
                         r.get("server_cpu_s", {}).items())
-        print(f"rate {r['rate']}: wall {r['wall_s']:.1f} s, CPU s: clients ({r['client_procs']}) "
-              f"{r['client_cpu_s']:.1f}" + (f", {cpu}" if cpu else ""))
+        print(f"rate {r['rate']}: wall {r['wall_s']:.1f} s, {r.get('tokens_per_event', 1.0):.2f} tokens per SSE "
+              f"event, CPU s: clients ({r['client_procs']}) {r['client_cpu_s']:.1f}" + (f", {cpu}" if cpu else ""))
     if offline:
         sat = rows[-1]["output_tok_per_s"] if rows else 0.0
         print(f"offline LLM.generate: {offline['output_tok_per_s']:.1f} tok/s ({offline['req_per_s']:.2f} req/s); "

@@ -84,6 +84,8 @@ def serve_multi(args: argparse.Namespace, config: Any) -> int:
     try:
         core.start()
         for k in range(n):
+            if stop.is_set():  # a signal during startup: start nothing more
+                break
             proc = ctx.Process(target=run_api_server, name=f"APIServer-{k}",
                                args=(args, config, k, sock, CoreAttachment(inputs[k], outputs[k], core.pid),
                                      os.getpid()))
