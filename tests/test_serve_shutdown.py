@@ -54,7 +54,8 @@ async def _drive(url: str, proc) -> tuple[list, list, float]:
 
 
 @pytest.mark.parametrize("layout", [("--set", "engine_process=false"), ("--set", "engine_process=true"),
-                                    ("--api-server-count", "2")], ids=["core-thread", "core-process", "two-api-servers"])
+                                    ("--api-server-count", "2")],
+                         ids=["core-thread", "core-process", "two-api-servers"])
 def test_sigterm_during_load_exits_0_within_the_timeout(smol_tokenizer_model, layout):
     server = ServerProcess(smol_tokenizer_model, "--shutdown-timeout", str(TIMEOUT), *layout)
     try:

@@ -235,13 +235,10 @@ class AsyncLLM:
     def check_health(self) -> None:
         """Raise EngineDeadError when the engine loop (or the engine-core process) has died."""
         if self._dead is None and self._reader_mode and not self._stopping:
-            client = self.engine.client
-            if client._dead is not None or not client.proc.is_alive():
-                try:
-                    client._check_alive()
-                    client._die(None)
-                except EngineDeadError as e:
-                    self._die(e)
+            try:
+                self.engine.client.check_alive()
+            except EngineDeadError as e:
+                self._die(e)
         if self._dead is not None:
             raise self._dead
 

@@ -111,13 +111,13 @@ class EngineCoreProc:
     """The busy loop around one EngineCore. `run()` returns after a SHUTDOWN message (from any frontend) or when
     the parent is gone. `input_sockets[k]` / `output_sockets[k]` talk to frontend `k` (one socket each for one)."""
 
-    def __init__(self, core: EngineCore, input_sockets: Any, output_sockets: Any, serializer: Any,
+    def __init__(self, core: EngineCore, input_sockets: list[Any], output_sockets: list[Any], serializer: Any,
                  parent_pid: int):
         import zmq
 
         self.core = core
-        self.input_sockets = input_sockets if isinstance(input_sockets, list) else [input_sockets]
-        self.output_sockets = output_sockets if isinstance(output_sockets, list) else [output_sockets]
+        self.input_sockets = input_sockets
+        self.output_sockets = output_sockets
         self.serializer = serializer
         self.parent_pid = parent_pid
         self.poller = zmq.Poller()

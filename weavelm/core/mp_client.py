@@ -206,21 +206,21 @@ class MPClient(EngineCoreClient):
         waiter = self._waiters.pop(call_id, None)
         if waiter is None:
             self._results[call_id] = (ok, value)
-        elif isinstance(waiter, asyncio.Future):
-            if not waiter.done():
-                waiter.set_result((ok, value))
         else:
-            waiter.set_result((ok, value))
+            _settle(waiter, "set_result", (ok, value))
 
     def fail_waiters(self, error: BaseException) -> None:
         """The core died: every caller waiting for a utility result gets `error`."""
         waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
-            if isinstance(waiter, asyncio.Future):
-                if not waiter.done():
-                    waiter.set_exception(error)
-            elif not waiter.done():
-                waiter.set_exception(error)
+            _settle(waiter, "set_exception", error)
+
+    def check_alive(self) -> None:
+        """Raise EngineDeadError if the core process has died (reading its death report), without waiting for a
+        message."""
+        self._check_alive()
+        if not self.proc.is_alive():
+            self._die(None)
 
     async def call_async(self, method: str, args: tuple) -> Any:
         """A utility call from the attached loop: its result arrives through that loop's reader."""
@@ -295,10 +295,7 @@ class MPClient(EngineCoreClient):
                     ok, value = waiter.result(timeout=POLL_MS / 1000)
                     break
                 except concurrent.futures.TimeoutError:
-                    self._check_alive()
-                    if not self.proc.is_alive():
-                        self._waiters.pop(call_id, None)
-                        self._die(None)
+                    self.check_alive()
             return self._unwrap(method, ok, value)
         self._send(serial.UTILITY, (call_id, method, args))
         with self._recv_lock:
@@ -443,23 +440,44 @@ def _stop_core(proc: Any, ctx: Any, input_socket: Any, output_socket: Any, tmpdi
             except zmq.ZMQError:
                 pass
             proc.join(SHUTDOWN_WAIT_S)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(SHUTDOWN_WAIT_S)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        stop_process(proc, SHUTDOWN_WAIT_S)
     finally:
-        input_socket.close(linger=0)
-        output_socket.close(linger=0)
-        ctx.term()
+        _close_sockets(ctx, input_socket, output_socket)
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def stop_process(proc: Any, wait_s: float) -> None:
+    """SIGTERM a child process, give it `wait_s` seconds, then SIGKILL it."""
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(wait_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
 
 
 def _close_sockets(ctx: Any, input_socket: Any, output_socket: Any) -> None:
     input_socket.close(linger=0)
     output_socket.close(linger=0)
     ctx.term()
+
+
+def _settle(waiter: asyncio.Future | concurrent.futures.Future, method: str, value: Any) -> None:
+    """Complete a waiting caller's future from any thread (an asyncio future in its own loop's thread)."""
+    if isinstance(waiter, asyncio.Future):
+        loop = waiter.get_loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop:
+            try:
+                loop.call_soon_threadsafe(_settle, waiter, method, value)
+            except RuntimeError:  # its loop is closed: nobody waits any more
+                pass
+            return
+    if not waiter.done():
+        getattr(waiter, method)(value)
 
 
 @atexit.register

@@ -38,8 +38,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
     several API servers whose /metrics are summed through prometheus_client's multiprocess directory."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     names = names or [str(engine.llm.config.model)]
-    state = ServeState(engine, names, api_key, max_waiting, ServerMetrics(names[0], metrics_dir), model_defaults(engine.llm),
-                       served_adapters(engine.llm.config))
+    state = ServeState(engine, names, api_key, max_waiting, ServerMetrics(names[0], metrics_dir),
+                       model_defaults(engine.llm), served_adapters(engine.llm.config))
     engine.output_observer = state.metrics.observe
     app = FastAPI(title="weavelm", version=weavelm.__version__,
                   description="OpenAI-compatible API of a weavelm engine")

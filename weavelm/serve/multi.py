@@ -30,6 +30,7 @@ import tempfile
 import threading
 from typing import Any
 
+from weavelm.core.mp_client import stop_process
 from weavelm.errors import WeaveError
 
 logger = logging.getLogger("weavelm.serve")
@@ -133,14 +134,9 @@ def _stop_servers(servers: list[Any], timeout: float | None) -> None:
 
 
 def _stop_core(core: Any) -> None:
-    if core.pid is None:
-        return
-    if core.is_alive():
-        core.terminate()  # SIGTERM: the core shuts its executor (and its worker processes) down and exits 0
-        core.join(CORE_STOP_WAIT_S)
-    if core.is_alive():
-        core.kill()
-        core.join()
+    """SIGTERM: the core shuts its executor (and its worker processes) down and exits 0; SIGKILL if it hangs."""
+    if core.pid is not None:
+        stop_process(core, CORE_STOP_WAIT_S)
 
 
 def run_api_server(args: argparse.Namespace, config: Any, index: int, sock: socket.socket, attachment: Any,
