@@ -92,7 +92,7 @@ def step_times(model: str, engine_process: bool, running: int, steps: int) -> di
         engine.step(delta=True)
     per_step = (time.perf_counter() - t0) / steps * 1e6
     rtt = time_us(llm.get_stats, 200) if engine_process else None
-    engine.abort_request(list(engine.states))
+    engine.abort_request(list(engine.output_processor.states))
     while engine.has_unfinished_requests():
         engine.step()
     llm.shutdown()

@@ -1,22 +1,24 @@
-"""AsyncLLM over an engine-core process (`engine_process: true`): no engine thread; a task of the event loop reads
-the core's outputs and feeds the streams. Same outputs as the in-process engine, cancellation frees the blocks,
-stats work from the loop and from other threads, a second event loop takes the reading over, the wrapped LLM is
-refused while attached and usable again after shutdown, and a killed core fails every stream within seconds."""
+"""AsyncLLM over both async clients (the core in its own process: `AsyncMPClient`; in this process, stepped by the
+client's thread: `AsyncInprocClient`): the same tokens as `LLM.generate` for concurrent requests, n > 1 merged, a
+later event loop takes over, cancellation frees the blocks, a refused request ends its stream with an error, a
+killed core fails every stream within seconds, and a frozen core (SIGSTOP) ends in EngineDeadError at the iteration
+deadline, for `LLM.generate` too."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import threading
 import time
 
 import pytest
 
 from weavelm import LLM, SamplingParams
 from weavelm.core.async_llm import AsyncLLM
-from weavelm.errors import EngineDeadError, EngineError
-from tests.test_engine_process import ENGINE, child_alive, core_pid
+from weavelm.core.client import AsyncInprocClient
+from weavelm.core.mp_client import AsyncMPClient
+from weavelm.errors import EngineDeadError, RequestError
+from tests.test_engine_process import ENGINE, child_alive
 
 os.environ.setdefault("WEAVELM_NUM_THREADS", "1")  # inherited by the core processes
 PROMPTS = [[5, 6, 7, 8], [21, 22], list(range(40, 60)), [3]]
@@ -29,17 +31,18 @@ def params(i: int) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def inproc(tiny_llama):
-    llm = LLM(model=tiny_llama, **ENGINE)
-    yield llm
-    llm.shutdown()
+def want(tiny_llama):
+    with LLM(model=tiny_llama, **ENGINE) as llm:
+        return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
+                for o in llm.generate(PROMPTS * 3, [params(i) for i in range(len(PROMPTS) * 3)])]
 
 
-@pytest.fixture(scope="module")
-def mp(tiny_llama):
-    llm = LLM(model=tiny_llama, engine_process=True, **ENGINE)
-    yield llm
-    llm.shutdown()
+@pytest.fixture(scope="module", params=[True, False], ids=["core-process", "core-thread"])
+def engine(request, tiny_llama):
+    engine = AsyncLLM(model=tiny_llama, engine_process=request.param, **ENGINE)
+    assert isinstance(engine.client, AsyncMPClient if request.param else AsyncInprocClient)
+    yield engine
+    engine.shutdown()
 
 
 async def collect(engine: AsyncLLM, prompt, sp: SamplingParams, rid: str | None = None) -> tuple:
@@ -52,71 +55,52 @@ async def collect(engine: AsyncLLM, prompt, sp: SamplingParams, rid: str | None 
     return ids, text, finish
 
 
-def test_reads_in_the_event_loop_and_matches_in_process(inproc, mp):
-    engine = AsyncLLM.from_llm(mp)
-    try:
-        assert engine._reader_mode and engine._thread is None
+def test_concurrent_requests_match_llm_generate(engine, want):
+    async def run():
+        return await asyncio.gather(*(collect(engine, p, params(i)) for i, p in enumerate(PROMPTS * 3)))
 
-        async def run():
-            return await asyncio.gather(*(collect(engine, p, params(i)) for i, p in enumerate(PROMPTS * 3)))
+    assert asyncio.run(run()) == want
 
-        got = asyncio.run(run())
-        want = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
-                for o in inproc.generate(PROMPTS * 3, [params(i) for i in range(len(PROMPTS) * 3)])]
-        assert got == want
-        assert not [t for t in threading.enumerate() if t.name == "weavelm-engine-loop"]
+    async def n2():  # n > 1 fans out in the frontend and merges back into one stream
+        sp = SamplingParams(max_tokens=5, temperature=0.8, seed=3, n=2, ignore_eos=True)
+        outs = [o async for o in engine.generate([5, 6, 7], sp)]
+        return sorted(len(c.token_ids) for c in outs[-1].outputs), outs[-1].finished, len(outs[-1].outputs)
 
-        async def n2():  # n > 1 fans out in the frontend and merges back into one stream
-            sp = SamplingParams(max_tokens=5, temperature=0.8, seed=3, n=2, ignore_eos=True)
-            outs = [o async for o in engine.generate([5, 6, 7], sp)]
-            return sorted(len(c.token_ids) for c in outs[-1].outputs), outs[-1].finished
-
-        assert asyncio.run(n2()) == ([5, 5], True)  # a second event loop took the reading over
-        # that loop has ended: blocking calls read the core themselves again
-        assert mp.get_stats().num_running_reqs == 0
-        assert len(mp.generate([[5, 6]], params(0))[0].outputs[0].token_ids) == 7
-    finally:
-        engine.shutdown()
+    assert asyncio.run(n2()) == ([5, 5], True, 2)  # a second event loop took over
+    assert asyncio.run(engine.get_stats()).num_running_reqs == 0
 
 
-def test_cancel_frees_blocks_and_stats_work_from_any_thread(mp):
-    engine = AsyncLLM.from_llm(mp)
-    try:
-        async def run():
-            long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-            task = asyncio.ensure_future(collect(engine, [5, 6, 7], long))
-            while engine.num_unfinished == 0 or (await engine.get_stats()).num_running_reqs == 0:
-                await asyncio.sleep(0.01)
-            # a blocking call from another thread waits for this loop to file its result
-            stats = await asyncio.get_running_loop().run_in_executor(None, mp.get_stats)
-            assert stats.num_running_reqs == 1 and stats.num_used_blocks > 0
-            with pytest.raises(EngineError, match="await"):  # from the reading loop itself it would hang
-                mp.get_stats()
-            with pytest.raises(EngineError, match="AsyncLLM"):
-                mp.generate([[1, 2]], SamplingParams(max_tokens=2))
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            for _ in range(200):
-                stats = await engine.get_stats()
-                if stats.num_used_blocks == 0:
-                    break
-                await asyncio.sleep(0.01)
-            return stats
+def test_cancel_frees_blocks_and_refused_requests_end_with_an_error(engine):
+    async def run():
+        long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        task = asyncio.ensure_future(collect(engine, [5, 6, 7], long))
+        while engine.num_unfinished == 0 or (await engine.get_stats()).num_running_reqs == 0:
+            await asyncio.sleep(0.01)
+        stats = await engine.get_stats()
+        assert stats.num_running_reqs == 1 and stats.num_used_blocks > 0
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            stats = await engine.get_stats()
+            if stats.num_used_blocks == 0:
+                break
+            await asyncio.sleep(0.01)
+        # 40 tokens > the 32-token budget with chunked prefill off: the core itself refuses it
+        refused = [o async for o in engine.generate(list(range(1, 41)), SamplingParams(max_tokens=2))]
+        with pytest.raises(RequestError, match="max_tokens"):
+            await engine.add_request([1, 2], SamplingParams(max_tokens=0))
+        return stats, refused
 
-        stats = asyncio.run(run())
-        assert (stats.num_running_reqs, stats.num_waiting_reqs, stats.num_used_blocks) == (0, 0, 0)
-    finally:
-        engine.shutdown()
-    # shut down, the AsyncLLM gives the reading back: the LLM steps again
-    assert mp.generate([[5, 6]], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].finish_reason == \
-        "length"
+    stats, refused = asyncio.run(run())
+    assert (stats.num_running_reqs, stats.num_waiting_reqs, stats.num_used_blocks) == (0, 0, 0)
+    assert refused[-1].finished and refused[-1].error and refused[-1].outputs[0].finish_reason == "error"
+    assert engine.num_unfinished == 0 and not engine.errored
 
 
 def test_killed_core_fails_every_stream(tiny_llama):
-    llm = LLM(model=tiny_llama, engine_process=True, **ENGINE)
-    pid = core_pid(llm)
-    engine = AsyncLLM.from_llm(llm)
+    engine = AsyncLLM(model=tiny_llama, engine_process=True, **ENGINE)
+    pid = engine.client.core_pid
     try:
         async def run():
             long = SamplingParams(max_tokens=240, temperature=0.0, ignore_eos=True)
@@ -141,13 +125,12 @@ def test_killed_core_fails_every_stream(tiny_llama):
             engine.check_health()
     finally:
         engine.shutdown()
-        llm.shutdown()
     assert not child_alive(pid)
 
 
 def test_health_notices_a_dead_core_before_any_request(tiny_llama):
     engine = AsyncLLM(model=tiny_llama, engine_process=True, **ENGINE)
-    pid = engine.engine.client.proc.pid
+    pid = engine.client.core_pid
     try:
         engine.check_health()
         os.kill(pid, signal.SIGKILL)
@@ -159,3 +142,36 @@ def test_health_notices_a_dead_core_before_any_request(tiny_llama):
         assert engine.errored
     finally:
         engine.shutdown()
+
+
+def test_a_frozen_core_ends_in_engine_dead_error_at_the_deadline(tiny_llama):
+    """Issue 24 #7: a SIGSTOPped core used to block `generate` forever."""
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=tiny_llama, engine_process=True, engine_iteration_timeout_s=1.5, **ENGINE)
+    pid = llm.engine.client.core_pid
+    try:
+        assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].finished
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError, match=f"pid {pid}.*sent nothing for 1.5 s"):
+            llm.generate([[5, 6, 7]], long)
+        assert time.monotonic() - t0 < 10
+    finally:
+        llm.shutdown()
+    assert not child_alive(pid)
+
+    engine = AsyncLLM(model=tiny_llama, engine_process=True, engine_iteration_timeout_s=1.5, **ENGINE)
+    pid = engine.client.core_pid
+    try:
+        async def run():
+            assert [o async for o in engine.generate([5, 6, 7], SamplingParams(max_tokens=2))][-1].finished
+            os.kill(pid, signal.SIGSTOP)
+            stream = await engine.add_request([5, 6, 7], long, delta=True)
+            with pytest.raises(EngineDeadError, match="sent nothing"):
+                async for _ in stream:
+                    pass
+
+        asyncio.run(asyncio.wait_for(run(), 15))
+    finally:
+        engine.shutdown()
+    assert not child_alive(pid)

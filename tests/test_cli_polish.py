@@ -31,7 +31,7 @@ def test_generate_help_shows_defaults(capsys):
 
 
 def test_prompts_run_as_one_batch_and_echo_alike_with_stream(smol_tokenizer_model, capsys, monkeypatch):
-    from weavelm.core.llm_engine import LLM
+    from weavelm.core.llm import LLM
 
     calls = []
     real = LLM.generate

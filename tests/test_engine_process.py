@@ -43,7 +43,7 @@ def child_alive(pid: int) -> bool:
 
 
 def core_pid(llm: LLM) -> int:
-    return llm.engine.client.proc.pid
+    return llm.engine.client.core_pid
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ CTRL_C_SCRIPT = textwrap.dedent("""
     if __name__ == "__main__":
         llm = LLM(model=sys.argv[1], engine_process=True, dtype="float32", device="cpu", loader="safetensors",
                   cache={"num_blocks": 64, "block_size": 4})
-        print(llm.engine.client.proc.pid, flush=True)
+        print(llm.engine.client.core_pid, flush=True)
         while True:
             llm.generate([[5, 6, 7]] * 4, SamplingParams(max_tokens=50, ignore_eos=True))
 """)

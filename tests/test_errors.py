@@ -82,12 +82,12 @@ def test_abort_mid_generation_keeps_others(llm):
     eng.add_request({"prompt_token_ids": [7, 8, 9]}, params, request_id="b")
     eng.step()
     eng.step()
-    aborted = eng.abort_request(["a"])
-    assert aborted and aborted[0].outputs[0].finish_reason == "abort"
+    eng.abort_request(["a"])
     done = {}
     while eng.has_unfinished_requests():
         for o in eng.step():
             done[o.request_id] = o
-    assert len(done["b"].outputs[0].token_ids) == 8 and "a" not in done
+    assert len(done["b"].outputs[0].token_ids) == 8 and done["a"].outputs[0].finish_reason == "abort"
+    assert len(done["a"].outputs[0].token_ids) < 8
     core = eng.client.core
     assert core.scheduler.kv.num_free_blocks == core.num_blocks  # every block of both requests came back

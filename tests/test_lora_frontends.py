@@ -24,8 +24,8 @@ def adapter(smol_tokenizer_model, tmp_path_factory):
 
 def test_server_lists_adapters_and_selects_one_by_model_name(smol_tokenizer_model, adapter):
     torch.set_num_threads(1)
-    llm = LLM(model=smol_tokenizer_model, lora={"max_lora_rank": 8, "adapters": {"sql": adapter}}, **ENGINE_KWARGS)
-    engine = AsyncLLM.from_llm(llm)
+    engine = AsyncLLM(model=smol_tokenizer_model, lora={"max_lora_rank": 8, "adapters": {"sql": adapter}},
+                      **ENGINE_KWARGS)
     try:
         client = TestClient(build_app(engine, "tiny"))
         cards = client.get("/v1/models").json()["data"]
@@ -37,7 +37,7 @@ def test_server_lists_adapters_and_selects_one_by_model_name(smol_tokenizer_mode
                                                      "temperature": 0, "ignore_eos": True})
             assert r.status_code == 200, r.text
             texts[model] = r.json()["choices"][0]["text"]
-        tok = llm.get_tokenizer()
+        tok = engine.get_tokenizer()
         assert texts["sql"] == tok.decode(merged_greedy(smol_tokenizer_model, adapter, PROMPT, 8))
         assert texts["tiny"] == tok.decode(merged_greedy(smol_tokenizer_model, None, PROMPT, 8))
         assert texts["sql"] != texts["tiny"]
@@ -45,7 +45,6 @@ def test_server_lists_adapters_and_selects_one_by_model_name(smol_tokenizer_mode
         assert r.status_code == 404 and "serves tiny, sql" in r.json()["error"]["message"]
     finally:
         engine.shutdown()
-        llm.shutdown()
 
 
 def test_cli_generate_with_lora(smol_tokenizer_model, adapter, capsys):

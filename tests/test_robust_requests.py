@@ -40,7 +40,7 @@ def solo(llm):
 
 def assert_clean(llm):
     """No request left behind in the frontend or the core, and every KV block back in the pool."""
-    assert not llm.engine.states
+    assert not llm.engine.output_processor.states
     stats = llm.get_stats()
     assert stats.num_running_reqs == 0 and stats.num_waiting_reqs == 0 and stats.num_used_blocks == 0
 
@@ -234,7 +234,7 @@ def test_break_out_of_a_stream_aborts_it(llm, solo):
         assert llm.get_stats().num_used_blocks > 0
         break
     assert_clean(llm)
-    assert out.request_id not in llm.engine.states
+    assert out.request_id not in llm.engine.output_processor.states
     outs = llm.generate([{"prompt_token_ids": GOOD[0]}], GREEDY)
     assert outs[0].outputs[0].token_ids == solo(GOOD[0])
     assert_clean(llm)
@@ -261,7 +261,7 @@ def test_abandoned_stream_does_not_run_in_the_next_call(llm, solo):
     rid = next(it).request_id
     del it
     outs = llm.generate([{"prompt_token_ids": GOOD[1]}], GREEDY)
-    assert outs[0].outputs[0].token_ids == solo(GOOD[1]) and rid not in llm.engine.states
+    assert outs[0].outputs[0].token_ids == solo(GOOD[1]) and rid not in llm.engine.output_processor.states
     assert_clean(llm)
 
 
@@ -285,7 +285,7 @@ def test_abort_from_another_thread_while_stepping(llm, monkeypatch):
     def get_output():
         calls.append(1)
         if len(calls) == 3:
-            t = threading.Thread(target=llm.abort, args=(next(iter(llm.engine.states)),))
+            t = threading.Thread(target=llm.abort, args=(next(iter(llm.engine.output_processor.states)),))
             t.start()
             t.join(10)
         return real_get_output()
@@ -405,7 +405,7 @@ def test_core_rejection_leaves_no_state(tiny_llama):
     solo = llm.generate([{"prompt_token_ids": GOOD[0]}], GREEDY)[0].outputs[0].token_ids
     with pytest.raises(RequestError, match="chunked prefill is off"):
         llm.engine.add_request({"prompt_token_ids": list(range(20))}, GREEDY, request_id="long")
-    assert "long" not in llm.engine.states
+    assert "long" not in llm.engine.output_processor.states
     outs = llm.generate([{"prompt_token_ids": list(range(20))}, {"prompt_token_ids": GOOD[0]}], GREEDY)
     assert outs[0].error and "chunked prefill is off" in outs[0].error
     assert outs[1].outputs[0].token_ids == solo

@@ -81,7 +81,7 @@ def test_eos_stops_unless_ignored(tiny_llama):
     llm = LLM(model=tiny_llama, dtype="float32", device="cpu", loader="safetensors")
     toks = llm.generate([ids([8, 9])], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
     first = toks.outputs[0].token_ids[2]
-    llm.engine.eos_token_id = first
+    llm.engine.processor.eos_token_id = first  # what the tokenizer would name as its eos
     out = llm.generate([ids([8, 9])], SamplingParams(max_tokens=10, temperature=0))[0].outputs[0]
     assert out.token_ids[-1] == first and out.finish_reason == "stop"
     out = llm.generate([ids([8, 9])], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].outputs[0]

@@ -207,7 +207,7 @@ def test_n_seeded_completions_differ_and_reproduce(llm):
     streamed = list(llm.stream(ids(PROMPT), sp))
     assert streamed[-1].finished and [c.token_ids for c in streamed[-1].outputs] == [list(t) for t in texts]
     assert all(o.request_id == streamed[0].request_id for o in streamed)
-    assert not llm.engine.states and not llm.engine.parents
+    assert not llm.engine.output_processor.states and not llm.engine.output_processor.parents
 
 
 def test_n_abort_by_parent_id_frees_every_child(llm):
@@ -216,7 +216,7 @@ def test_n_abort_by_parent_id_frees_every_child(llm):
     llm.engine.abort_request(rid)
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
-    assert not llm.engine.parents and llm.get_stats().num_used_blocks == 0
+    assert not llm.engine.output_processor.parents and llm.get_stats().num_used_blocks == 0
 
 
 # -- validation ----------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ engine loop died, and a Hypothesis run over the request bodies that must never p
 import asyncio
 import json
 import math
+import threading
 
 import httpx
 import pytest
@@ -30,12 +31,18 @@ def llm(smol_tokenizer_model):
 
 
 @pytest.fixture
-def engine(llm):
-    engine = AsyncLLM.from_llm(llm)
+def engine(smol_tokenizer_model):
+    engine = AsyncLLM(model=smol_tokenizer_model, max_model_len=96, **ENGINE_KWARGS)
     yield engine
     engine.shutdown()
-    if llm.engine.states:  # a test that killed the loop leaves its request behind
-        llm.abort(list(llm.engine.states))
+
+
+def pause_core(engine: AsyncLLM, monkeypatch) -> threading.Event:
+    """Hold the in-process core's thread inside its next step until the returned event is set."""
+    core, go = engine.client.core, threading.Event()
+    step = core.step_fn
+    monkeypatch.setattr(core, "step_fn", lambda: go.wait(30) and step())
+    return go
 
 
 def test_generate_streams_deltas_and_cumulative_outputs(engine, llm):
@@ -83,20 +90,20 @@ def test_cancelling_the_consumer_aborts_and_frees_blocks(engine):
     assert engine.num_unfinished == 0 and engine.num_waiting == 0
 
 
-def test_429_when_the_waiting_queue_is_over_the_limit(engine, llm):
+def test_429_when_the_waiting_queue_is_over_the_limit(engine, monkeypatch):
     app = build_app(engine, NAME, max_waiting=2)
     body = {"model": NAME, "prompt": "Hi", "max_tokens": 2}
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
-            llm.engine._lock.acquire()  # the loop thread cannot submit: requests stay waiting
+            go = pause_core(engine, monkeypatch)  # requests stay waiting for their first output
             try:
                 first = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(2)]
                 while engine.num_waiting < 2:
                     await asyncio.sleep(0.01)
                 over = await http.post("/v1/completions", json=body)
             finally:
-                llm.engine._lock.release()
+                go.set()
             return over, [await t for t in first]
 
     over, first = asyncio.run(run())
@@ -104,11 +111,11 @@ def test_429_when_the_waiting_queue_is_over_the_limit(engine, llm):
     assert [r.status_code for r in first] == [200, 200]
 
 
-def test_503_once_the_engine_loop_died(engine, llm, monkeypatch):
+def test_503_once_the_engine_loop_died(engine, monkeypatch):
     def broken_step(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(llm.engine, "step", broken_step)
+    monkeypatch.setattr(engine.client.core, "step_fn", broken_step)
     app = build_app(engine, NAME)
     with TestClient(app) as http:
         r = http.post("/v1/completions", json={"model": NAME, "prompt": "Hi", "max_tokens": 3})

@@ -70,6 +70,10 @@ class _TopLevel(BaseModel):
     engine_process: bool = Field(False, description="Run the engine core (scheduler + executor) in its own "
                                  "process, so tokenizing, detokenizing and streaming in the caller's process overlap "
                                  "the core's steps; requests and outputs cross through ZeroMQ.")
+    engine_iteration_timeout_s: float = Field(120.0, ge=0, description="With `engine_process`, how long the "
+                                              "frontend waits for any message from a core that holds its requests "
+                                              "before declaring it frozen (EngineDeadError naming the process); "
+                                              "0: wait forever (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: Any = None
     executor: Any = None
@@ -109,6 +113,7 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = False
     async_scheduling: bool | None = Field(None, description="Overlap scheduling with the device (None: auto).")
     engine_process: bool = Field(False, description="The engine core runs in its own process (MPClient).")
+    engine_iteration_timeout_s: float = Field(120.0, description="Frozen-core deadline (0: none).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: ComponentConfig
     executor: ComponentConfig
@@ -154,7 +159,8 @@ class EngineConfig(BaseModel):
             raise ConfigError(errors)
         assert top is not None
         fields = {k: getattr(top, k) for k in ("model", "tokenizer", "dtype", "device", "seed", "max_model_len",
-                                                "enforce_eager", "async_scheduling", "engine_process", "cache")}
+                                                "enforce_eager", "async_scheduling", "engine_process", "engine_iteration_timeout_s",
+                                                "cache")}
         return cls(**fields, **sections, raw=raw)
 
     @classmethod
@@ -165,7 +171,7 @@ class EngineConfig(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in ("model", "tokenizer", "dtype", "device", "seed",
                                                               "max_model_len", "enforce_eager", "async_scheduling",
-                                                              "engine_process")}
+                                                              "engine_process", "engine_iteration_timeout_s")}
         out["cache"] = self.cache.model_dump()
         for key in COMPONENT_SECTIONS:
             comp: ComponentConfig | None = getattr(self, key)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import os
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,13 @@ class EngineCore:
             enable_prefix_caching=config.cache.enable_prefix_caching, lora=self.lora,
             async_scheduling=self.async_scheduling))
         self.last_stats = SchedulerStats()
+        # The step function is chosen once: a plain step on the CPU (launching a step runs its whole forward
+        # there), else a pipelined one that keeps the next step launched while the caller handles this one's
+        # outputs (two in flight with async scheduling)
+        pipelined = self.async_scheduling or not str(self.model_info.get("device", "cpu")).startswith("cpu")
+        self.step_fn = self.step_with_batch_queue if pipelined else self.step
+        self.batch_queue: deque[PendingStep] = deque()  # launched steps, oldest first
+        self._deferred: deque[list[EngineCoreOutput]] = deque()  # aborts' finals, steps collected by a utility
         self._num_inflight = 0
         self._idle_steps = 0
         self._consecutive_failures = 0
@@ -89,9 +96,8 @@ class EngineCore:
         self.registry.hook.weavelm_engine_started(config=config)
 
     def _use_async_scheduling(self) -> bool:
-        """`async_scheduling` as configured, else `WEAVELM_ASYNC_SCHEDULING` (1 / 0) when set, else on for a device
-        that runs asynchronously (CUDA); never with speculative decoding, nor for a scheduler class that does not
-        declare support."""
+        """`async_scheduling` as configured, else on for a device that runs asynchronously (CUDA); never with
+        speculative decoding, nor for a scheduler class that does not declare support."""
         if not self.assembly.scheduler_cls.supports_async_scheduling:
             if self.config.async_scheduling:
                 logger.warning("scheduler %s does not support async scheduling; running synchronously",
@@ -99,9 +105,7 @@ class EngineCore:
             return False
         if self.config.async_scheduling is not None:
             return self.config.async_scheduling and self.config.speculative is None
-        env = os.environ.get("WEAVELM_ASYNC_SCHEDULING", "")
-        default = env == "1" if env in ("0", "1") else str(self.model_info.get("device", "cpu")).startswith("cuda")
-        return default and self.config.speculative is None
+        return str(self.model_info.get("device", "cpu")).startswith("cuda") and self.config.speculative is None
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise RequestError (nothing queued) when the scheduler can never run it."""
@@ -117,11 +121,15 @@ class EngineCore:
             raise RequestError(reason)
         self.scheduler.add_request(request)
 
-    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
-        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Finish requests as aborted and free their blocks; their final outputs come from the next `step_fn()`."""
+        aborted = self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        if aborted:
+            self._deferred.append(aborted)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Whether `step_fn()` has more to return: unfinished requests, launched steps or deferred outputs."""
+        return bool(self._deferred or self.batch_queue) or self.scheduler.has_unfinished_requests()
 
     def get_stats(self) -> SchedulerStats:
         """The scheduler's current stats (running / waiting requests, KV blocks used and total, hit rate)."""
@@ -129,12 +137,42 @@ class EngineCore:
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:
+        """Call `method` on every worker between steps: launched steps are collected first (their outputs come
+        from the next `step_fn()`)."""
+        while self.batch_queue:
+            self._deferred.append(self.step_end(self.batch_queue.popleft()))
         return self.executor.collective_rpc(method, args, kwargs, ranks)
 
     def step(self) -> list[EngineCoreOutput]:
-        """One synchronous step: schedule -> execute -> update."""
+        """One synchronous step: schedule -> execute -> update. Deferred outputs (aborts) come first, alone: one
+        request never appears twice in one batch."""
+        if self._deferred:
+            return self._deferred.popleft()
         pending = self.step_begin()
         return self.step_end(pending) if pending is not None else []
+
+    def step_with_batch_queue(self) -> list[EngineCoreOutput]:
+        """A pipelined step: collect the oldest launched step with the next one already running on the device, so
+        the device never waits for the caller's output handling; with async scheduling the next step is launched
+        *before* the oldest is collected (on placeholders), so it never waits for scheduling either."""
+        if self._deferred:
+            return self._deferred.popleft()
+        queue = self.batch_queue
+        if not queue:
+            self._launch()
+        if self.async_scheduling and queue:
+            self._launch()
+        outputs = self.step_end(queue.popleft()) if queue else []
+        while queue and not self.scheduler.has_unfinished_requests():
+            outputs += self.step_end(queue.popleft())  # launched for requests that have all finished since
+        if not queue:
+            self._launch()
+        return outputs
+
+    def _launch(self) -> None:
+        pending = self.step_begin()
+        if pending is not None:
+            self.batch_queue.append(pending)
 
     def step_begin(self) -> PendingStep | None:
         """Schedule and launch a step without waiting for the device; None when there is nothing to run."""
@@ -193,6 +231,12 @@ class EngineCore:
         return outputs
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        try:
+            while self.batch_queue:
+                self.step_end(self.batch_queue.popleft())
+        except EngineError:  # a dead or failing executor still has to release its workers
+            pass
+        finally:
+            self.executor.shutdown()
         if self.async_scheduling:
             gc.unfreeze()

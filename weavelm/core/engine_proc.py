@@ -21,7 +21,7 @@ from typing import Any
 
 from weavelm.core import serial
 from weavelm.core.config import EngineConfig
-from weavelm.core.engine_core import EngineCore, PendingStep
+from weavelm.core.engine_core import EngineCore
 from weavelm.core.outputs import EngineCoreOutput
 from weavelm.core.registry import RegistrySpec
 from weavelm.errors import RequestError
@@ -109,7 +109,9 @@ def _death_report(e: BaseException) -> tuple[str, str, BaseException | None]:
 
 class EngineCoreProc:
     """The busy loop around one EngineCore. `run()` returns after a SHUTDOWN message (from any frontend) or when
-    the parent is gone. `input_sockets[k]` / `output_sockets[k]` talk to frontend `k` (one socket each for one)."""
+    the parent is gone. `input_sockets[k]` / `output_sockets[k]` talk to frontend `k` (one socket each for one).
+    Each iteration applies every queued message and runs `core.step_fn()` (plain or pipelined, chosen by the core),
+    then sends its outputs; it blocks on the sockets only when the core has nothing to do."""
 
     def __init__(self, core: EngineCore, input_sockets: list[Any], output_sockets: list[Any], serializer: Any,
                  parent_pid: int):
@@ -125,12 +127,7 @@ class EngineCoreProc:
             self.poller.register(sock, zmq.POLLIN)
         self.owner: dict[str, int] = {}  # with several frontends: request id -> the frontend that added it
         self.sender = 0  # the frontend whose message is being handled
-        self.pending: PendingStep | None = None
-        self.side_outputs: list[EngineCoreOutput] = []  # aborts and rejected adds, sent after the step's outputs
         self.stopping = False
-        # On a device that runs asynchronously, launch step N+1 before sending step N's outputs (their
-        # serialisation overlaps the device); on CPU the launch runs the whole forward, so send first.
-        self.launch_first = not str(core.model_info.get("device", "cpu")).startswith("cpu")
 
     def send(self, kind: int, payload: Any, frontend: int = 0) -> None:
         self.output_sockets[frontend].send(self.serializer.encode(kind, payload), copy=False)
@@ -142,39 +139,13 @@ class EngineCoreProc:
 
     def run(self) -> None:
         while not self.stopping:
-            if self.core.async_scheduling and self.pending is not None:
-                self._async_step()
-                continue
-            outputs = self.core.step_end(self.pending) if self.pending is not None else []
-            self.pending = None
-            if not self.launch_first:
-                self._send_outputs(outputs)
-                outputs = []
-            self._handle_inputs(block=not outputs and not self.core.has_unfinished_requests())
-            if not self.launch_first:
-                self._send_outputs([])
+            self._handle_inputs(block=not self.core.has_unfinished_requests())
             if not self.stopping:
-                self.pending = self.core.step_begin()
-            self._send_outputs(outputs)
-
-    def _async_step(self) -> None:
-        """Async scheduling: launch step N+1 while step N runs, then collect N and send its outputs."""
-        self._handle_inputs(block=False)
-        if self.pending is None:  # a collective_rpc collected it
-            return
-        launched = self.core.step_begin() if not self.stopping else None
-        outputs = self.core.step_end(self.pending)
-        self.pending = launched
-        self._send_outputs(outputs)
+                self._send_outputs(self.core.step_fn())
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
-        if outputs:
-            self._send_batch(outputs)
-        if self.side_outputs:  # a separate batch: one request never appears twice in one batch
-            side, self.side_outputs = self.side_outputs, []
-            self._send_batch(side)
-
-    def _send_batch(self, outputs: list[EngineCoreOutput]) -> None:
+        if not outputs:
+            return
         if len(self.output_sockets) == 1:
             self.send(serial.OUTPUTS, outputs)
             return
@@ -212,7 +183,7 @@ class EngineCoreProc:
             for row in payload:
                 self._add(serial.request_from_wire(row))
         elif kind == serial.ABORT:
-            self.side_outputs += self.core.abort_requests(payload)
+            self.core.abort_requests(payload)
         elif kind == serial.UTILITY:
             self._utility(*payload)
         elif kind == serial.SHUTDOWN:
@@ -228,15 +199,12 @@ class EngineCoreProc:
         except Exception as e:  # in-process this raises to the caller; here it becomes the request's error output
             if not isinstance(e, RequestError):
                 logger.exception("adding request %s failed", request.request_id)
-            self.side_outputs.append(EngineCoreOutput(request.request_id, [], finish_reason="error", error=str(e)))
+            self._send_outputs([EngineCoreOutput(request.request_id, [], finish_reason="error", error=str(e))])
 
     def _utility(self, call_id: int, method: str, args: tuple) -> None:
         try:
             if method not in UTILITY_METHODS:
                 raise AttributeError(f"the engine core has no utility method {method!r}")
-            if method == "collective_rpc" and self.pending is not None:  # workers are called between steps
-                outputs, self.pending = self.core.step_end(self.pending), None
-                self._send_outputs(outputs)
             result = (call_id, True, getattr(self.core, method)(*args))
         except Exception as e:  # the caller gets the exception; the core goes on
             result = (call_id, False, _death_report(e))

@@ -8,8 +8,10 @@ from typing import Any
 
 from weavelm.core.compat import apply_vllm_aliases
 from weavelm.core.config import EngineConfig, merge_overrides, read_yaml
-from weavelm.core.llm_engine import EngineStats, LLMEngine, Outbox, PromptType, _is_token_id, error_output
-from weavelm.core.outputs import RequestOutput
+from weavelm.core.input_processor import PromptType, _is_token_id
+from weavelm.core.llm_engine import EngineStats, LLMEngine
+from weavelm.core.output_processor import Outbox
+from weavelm.core.outputs import CompletionOutput, RequestOutput
 from weavelm.core.registry import Registry
 from weavelm.core.request import SamplingParams, show_value
 from weavelm.errors import RequestError
@@ -26,21 +28,26 @@ def _prompt_list(prompts: Any) -> list:
     return list(prompts)
 
 
+def build_engine_config(model: str | None, config: str | EngineConfig | dict | None, sets: list[str] | None,
+                        registry: Registry | None, overrides: dict[str, Any]) -> tuple[EngineConfig, Registry]:
+    """The EngineConfig and per-engine registry from `LLM(...)`'s (and `AsyncLLM(...)`'s) arguments."""
+    registry = registry or Registry.load()  # one registry per engine: its plugins, its allow-list
+    if isinstance(config, EngineConfig) and not (overrides or model or sets):
+        return config, registry
+    raw = config.to_dict() if isinstance(config, EngineConfig) else (
+        read_yaml(config) if isinstance(config, str) else dict(config or {}))
+    # vLLM's flat arguments (max_num_seqs=..., tensor_parallel_size=...) land in their sections
+    overrides = apply_vllm_aliases({"model": model, **overrides}, registry, base=raw)
+    return EngineConfig.build(merge_overrides(raw, overrides, sets), registry), registry
+
+
 class LLM:
     """Offline inference, vLLM-style. `LLM(model=..., **overrides)` or `LLM(config="engine.yaml")`."""
 
     def __init__(self, model: str | None = None, *, config: str | EngineConfig | dict | None = None,
                  sets: list[str] | None = None, registry: Registry | None = None, core_attachment: Any = None,
                  **overrides: Any):
-        registry = registry or Registry.load()  # one registry per engine: its plugins, its allow-list
-        if isinstance(config, EngineConfig) and not (overrides or model or sets):
-            engine_config = config
-        else:
-            raw = config.to_dict() if isinstance(config, EngineConfig) else (
-                read_yaml(config) if isinstance(config, str) else dict(config or {}))
-            # vLLM's flat arguments (max_num_seqs=..., tensor_parallel_size=...) land in their sections
-            overrides = apply_vllm_aliases({"model": model, **overrides}, registry, base=raw)
-            engine_config = EngineConfig.build(merge_overrides(raw, overrides, sets), registry)
+        engine_config, registry = build_engine_config(model, config, sets, registry, overrides)
         self.config = engine_config
         self._closed = False
         self.engine = LLMEngine(engine_config, registry, core_attachment)
@@ -49,7 +56,7 @@ class LLM:
                        ranks: list[int] | None = None) -> list[Any]:
         """Call `method` on every worker (vLLM's `LLM.collective_rpc`); results in rank order. For tools and tests:
         e.g. `llm.collective_rpc("set_logits_hook", (hook,))`. Call it between requests."""
-        return self.engine.client.collective_rpc(method, args, kwargs, ranks)
+        return self.engine.collective_rpc(method, args, kwargs, ranks)
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -89,7 +96,7 @@ class LLM:
         prompts = _prompt_list(prompts)
         params = self._params_list(len(prompts), sampling_params)
         loras = _lora_list(len(prompts), lora_request)
-        base = next(self.engine._counter)
+        base = self.engine.new_request_id()
         order = [f"gen-{base}-{i}" for i in range(len(prompts))]
         results: dict[str, RequestOutput] = {}
         prepared = []
@@ -103,13 +110,13 @@ class LLM:
         try:
             for rid, p, req, lora in prepared:
                 try:
-                    pending.add(self.engine.submit(req, rid, outbox, lora))
+                    pending.add(self.engine.submit(req, rid, outbox=outbox, lora_request=lora))
                 except RequestError as e:
                     results[rid] = error_output(p, e, rid)
             self._run_until_done(pending, outbox, results, use_tqdm)
         finally:
             if pending:  # an exception (or KeyboardInterrupt) left requests behind
-                self.engine.abort_request(list(pending))
+                self.engine.abort_request(list(pending), discard=True)
         return [results[r] for r in order]
 
     def _run_until_done(self, pending: set[str], outbox: Outbox, results: dict[str, RequestOutput],
@@ -140,7 +147,7 @@ class LLM:
                     yield out
         finally:
             if not finished:
-                self.engine.abort_request(rid)
+                self.engine.abort_request(rid, discard=True)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
@@ -178,6 +185,16 @@ class LLM:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.shutdown()
+
+
+def error_output(prompt: Any, err: Exception, request_id: str) -> RequestOutput:
+    """The finished output of a request rejected before it was queued (what can be shown of its prompt)."""
+    text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+    text = text if isinstance(text, str) else None
+    ids = prompt.get("prompt_token_ids", []) if isinstance(prompt, dict) else []
+    ids = ids if isinstance(ids, list) and all(_is_token_id(t) for t in ids) else []
+    return RequestOutput(request_id, text, [int(t) for t in ids], [CompletionOutput(0, "", [], "error")], True,
+                         error=str(err))
 
 
 def _lora_list(n: int, lora_request: Any) -> list:

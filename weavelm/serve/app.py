@@ -37,9 +37,9 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
     `max_waiting`: requests waiting for their first output beyond which new ones get 429. `metrics_dir`: one of
     several API servers whose /metrics are summed through prometheus_client's multiprocess directory."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
-    names = names or [str(engine.llm.config.model)]
+    names = names or [str(engine.config.model)]
     state = ServeState(engine, names, api_key, max_waiting, ServerMetrics(names[0], metrics_dir),
-                       model_defaults(engine.llm), served_adapters(engine.llm.config))
+                       model_defaults(engine), served_adapters(engine.config))
     engine.output_observer = state.metrics.observe
     app = FastAPI(title="weavelm", version=weavelm.__version__,
                   description="OpenAI-compatible API of a weavelm engine")
@@ -67,7 +67,7 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
 
     @api.get("/v1/models")
     async def models() -> ModelList:
-        cards = [ModelCard(id=name, root=str(engine.llm.config.model), max_model_len=engine.max_model_len)
+        cards = [ModelCard(id=name, root=str(engine.config.model), max_model_len=engine.max_model_len)
                  for name in state.model_names]
         cards += [ModelCard(id=name, root=lora.lora_path, parent=state.model_name, max_model_len=engine.max_model_len)
                   for name, lora in state.adapters.items()]
@@ -82,7 +82,7 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         state.admit(body.model, 0)
-        vocab = engine.engine.vocab_size
+        vocab = engine.processor.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"tokens: {bad[:5]} outside the vocabulary [0, {vocab})", param="tokens")
@@ -123,7 +123,7 @@ def _tokenize(state: ServeState, body: TokenizeRequest) -> list[int]:
         if body.messages is not None:
             return render_chat(state.tokenizer, body.messages, body.add_generation_prompt)["prompt_token_ids"]
         if body.add_special_tokens:
-            return state.engine.engine.tokenize(body.prompt)[1]
+            return state.engine.processor.tokenize(body.prompt)[1]
         if state.tokenizer is None:
             raise RequestError("prompt: this model has no tokenizer")
         try:

@@ -30,7 +30,7 @@ import tempfile
 import threading
 from typing import Any
 
-from weavelm.core.mp_client import stop_process
+from weavelm.core.core_process import stop_process
 from weavelm.errors import WeaveError
 
 logger = logging.getLogger("weavelm.serve")
@@ -55,7 +55,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve_multi(args: argparse.Namespace, config: Any) -> int:
     """Run the supervisor until SIGTERM/SIGINT or a child's death; returns the exit status."""
     from weavelm.core.engine_proc import run_engine_core
-    from weavelm.core.mp_client import CoreAttachment
+    from weavelm.core.core_process import CoreAttachment
     from weavelm.core.registry import Registry
 
     n = args.api_server_count
