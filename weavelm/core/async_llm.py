@@ -169,7 +169,8 @@ class AsyncLLM:
             asyncio_mode=True, attachment=core_attachment)
         self.processor.set_max_model_len(self.client.max_model_len, self.client.model_info)
         self.output_processor = OutputProcessor(self.processor.tokenizer, registry.hook)
-        self._streams: dict[str, RequestStream] = {}  # unfinished requests by id
+        self._streams: dict[str, RequestStream] = {}  # by request id, until their final output
+        self._open: dict[str, RequestStream] = {}  # the streams not yet finished or released
         self._handler: asyncio.Task | None = None
         self._num_waiting = 0
         self.output_observer: Callable[[RequestStream, RequestOutput, int, float | None, float], None] | None = None
@@ -203,7 +204,7 @@ class AsyncLLM:
     @property
     def num_unfinished(self) -> int:
         """Requests added through this AsyncLLM and not yet finished (or abandoned)."""
-        return len(self._streams)
+        return len(self._open)
 
     @property
     def num_waiting(self) -> int:
@@ -239,13 +240,15 @@ class AsyncLLM:
         stream.observer = self.output_observer
         self._num_waiting += 1
         stream.on_first_output = self._left_waiting
-        self._streams[rid] = stream
+        self._streams[rid] = self._open[rid] = stream
         try:
             for request in requests:
                 await self.client.add_request_async(request)
             self._ensure_output_handler()
         except BaseException:
             self._forget(stream, abort=True)
+            del self._streams[rid]
+            self.output_processor.forget(rid)
             raise
         return stream
 
@@ -269,7 +272,7 @@ class AsyncLLM:
         """Abort requests (unknown or finished ids are ignored); their KV blocks are freed before the next step."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for rid in ids:
-            stream = self._streams.get(rid)
+            stream = self._open.get(rid)
             if stream is not None:
                 self._forget(stream, abort=True)
 
@@ -334,6 +337,7 @@ class AsyncLLM:
                         if stream is not None:
                             if out.finished:
                                 del self._streams[out.request_id]
+                                self._open.pop(out.request_id, None)
                             stream.push(out)
                     if processed.reqs_to_abort:
                         client.abort_requests(processed.reqs_to_abort)
@@ -347,17 +351,17 @@ class AsyncLLM:
         self._num_waiting -= 1
 
     def _forget(self, stream: RequestStream, abort: bool) -> None:
+        """The consumer is done with `stream`; with `abort`, its request is aborted in the core (its final "abort"
+        output still reaches the stream, for the output observer's metrics)."""
         rid = stream.request_id
-        if self._streams.get(rid) is stream:
-            del self._streams[rid]
+        if self._open.get(rid) is stream:
+            del self._open[rid]
             if stream.on_first_output is not None:  # never got an output: still counted as waiting
                 stream.on_first_output()
                 stream.on_first_output = None
         if abort and self._dead is None:
-            ids = self.output_processor.core_request_ids([rid])
-            self.output_processor.forget(rid)
             try:
-                self.client.abort_requests(ids)
+                self.client.abort_requests(self.output_processor.core_request_ids([rid]))
             except EngineError:
                 pass
 
@@ -369,7 +373,7 @@ class AsyncLLM:
         if not isinstance(error, EngineError):
             dead.__cause__ = error
         self._dead = dead
-        streams, self._streams = list(self._streams.values()), {}
+        streams, self._streams, self._open = list(self._streams.values()), {}, {}
         for stream in streams:
             stream.push(dead)
 
