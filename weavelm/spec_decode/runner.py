@@ -13,6 +13,7 @@ refuses `max_query_len > 1`), and steps without drafts still replay them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 
 from weavelm.core.outputs import ModelRunnerOutput, SchedulerOutput
-from weavelm.plugins.workers.sampler import SamplingMetadata, compute_logprobs
+from weavelm.plugins.workers.sampler import (SamplingMetadata, apply_logits_processors, compute_logprobs, sample,
+                                             select_rows)
 from weavelm.plugins.workers.sampling_inputs import to_token_logprobs
 from weavelm.spec_decode.proposer import ProposeInput, Proposer
 from weavelm.spec_decode.rejection import emitted_lists, rejection_sample, target_probs
@@ -48,12 +50,21 @@ class SpecStep:
         return torch.from_numpy(idx.astype(np.int64)).to(device), np.repeat(rows, self.counts)
 
     def sample(self, logits: torch.Tensor, m: SamplingMetadata):
-        probs = target_probs(logits, m)
+        """Verify the drafts; a row without drafts is sampled by `sample`, as in a step without any, so a seeded
+        row draws from its generator the same way whatever its neighbours."""
+        processed = apply_logits_processors(logits, m)
+        probs = target_probs(processed, dataclasses.replace(m, penalties=None, logit_bias=None, banned=None))
         device = logits.device
         flat = [t for d in self.drafts for t in d]
         draft_ids = torch.tensor(flat, dtype=torch.int64, device=device)
-        gens = {i: m.generators[int(o)] for i, o in enumerate(self.offsets) if int(o) in m.generators}
+        gens = {i: m.generators[int(o)] for i, (o, n) in enumerate(zip(self.offsets, self.num_drafts))
+                if n and int(o) in m.generators}
         out = rejection_sample(probs, draft_ids, self.draft_probs, self.num_drafts, gens)
+        undrafted = [i for i, n in enumerate(self.num_drafts) if n == 0]
+        if undrafted and not m.all_greedy:
+            at = torch.from_numpy(self.offsets[undrafted]).to(device)
+            ids, _ = sample(processed[at], select_rows(m, at))
+            out[torch.tensor(undrafted, device=device), 0] = ids
         lps = None
         if m.want_logprobs:
             req = np.repeat(np.arange(len(self.num_drafts)), self.counts)
