@@ -27,7 +27,7 @@ from weavelm.core.request import Request, RequestStatus, SamplingParams
 from weavelm.errors import ConfigError, EngineError, LoadError, PluginError, RequestError, WeaveError
 from weavelm.ops.cache_write import write_kv_cache
 from weavelm.scheduling import BaseScheduler, SchedulerOptions
-from weavelm.spec_decode.proposer import Proposal, ProposeInput, Proposer, ProposerContext, ProposerOptions
+from weavelm.core.proposer import Proposal, ProposeInput, Proposer, ProposerContext, ProposerOptions
 from weavelm.utils import cdiv
 
 __all__ = [

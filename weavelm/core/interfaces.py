@@ -35,7 +35,7 @@ outputs.py / forward.py. Major: existing plugins break (refused at load); minor:
 1.1: execute_model_async. 2.0: components built by the assembler with typed contexts; Scheduler.limits and
 check_request; Executor.collective_rpc; ModelRunner.model_info / profile_peak_memory / set_logits_hook;
 AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select. 2.1: the `lora_manager` kind; the `proposer` kind
-(speculative decoding, `weavelm.spec_decode.proposer.Proposer`); SchedulerContext.num_speculative_tokens /
+(speculative decoding, `weavelm.core.proposer.Proposer`); SchedulerContext.num_speculative_tokens /
 num_lookahead_tokens; RunnerContext.build_proposer; ModelRunnerOutput.spec_token_ids / proposer_time_s (and
 sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*. 2.2: async scheduling
 (Scheduler.supports_async_scheduling, SchedulerContext.async_scheduling, Request.num_output_placeholders; a runner

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from weavelm.core.outputs import ModelRunnerOutput, SchedulerOutput
-from weavelm.plugins.workers.sampler import (SamplingMetadata, apply_logits_processors, compute_logprobs, sample,
+from weavelm.sample.sampler import (SamplingMetadata, apply_logits_processors, compute_logprobs, sample,
                                              select_rows)
-from weavelm.plugins.workers.sampling_inputs import to_token_logprobs
-from weavelm.spec_decode.proposer import ProposeInput, Proposer
-from weavelm.spec_decode.rejection import emitted_lists, rejection_sample, target_probs
+from weavelm.sample.logprobs import to_token_logprobs
+from weavelm.core.proposer import ProposeInput, Proposer
+from weavelm.sample.rejection import emitted_lists, rejection_sample, target_probs
 from weavelm.spec_decode.scheduling import kept_blocks
 
 

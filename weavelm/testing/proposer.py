@@ -53,7 +53,7 @@ class ProposerContract:
         return [o.outputs[0].token_ids for o in outs], llm
 
     def test_is_a_registered_proposer(self):
-        from weavelm.spec_decode.proposer import Proposer, ProposerOptions
+        from weavelm.core.proposer import Proposer, ProposerOptions
 
         cls = component("proposer", self.proposer)
         assert issubclass(cls, Proposer) and cls.name == self.proposer and cls.description
@@ -79,7 +79,7 @@ class ProposerContract:
         assert self._generate(spec, params)[0] == self._generate(spec, params)[0]
 
     def test_propose_honours_max_tokens(self):
-        from weavelm.spec_decode.proposer import ProposeInput
+        from weavelm.core.proposer import ProposeInput
 
         _, llm = self._generate(self._speculative(reference_checkpoint()), _greedy_params())
         runner = llm.engine.client.core.executor.worker.runner

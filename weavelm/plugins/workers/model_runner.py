@@ -20,8 +20,9 @@ from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutpu
 from weavelm.plugins.workers.cpu_threads import choose_cpu_threads
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
-from weavelm.plugins.workers.sampler import SampledLogprobs, SamplingMetadata, compute_logprobs, sample
-from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata, to_token_logprobs
+from weavelm.sample.sampler import SampledLogprobs, SamplingMetadata, compute_logprobs, sample
+from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata
+from weavelm.sample.logprobs import to_token_logprobs
 from weavelm.ops.memory import zeros
 from weavelm.utils import cdiv
 

@@ -1,5 +1,5 @@
-"""Sampling on the device: logits processors (penalties, logit bias, banned tokens), greedy, temperature, top-k,
-top-p, min-p, per-request seeds, logprobs with top-N alternatives.
+"""Sampling, shared by every runner and by speculative decoding: logits processors (penalties, logit bias, banned
+tokens), greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs with top-N alternatives.
 
 The host transfers are the sampled ids (and their logprobs when asked for). A seeded request draws its noise from
 its own generator, and every processor works on its own row, so its tokens do not depend on what else is in the
@@ -180,7 +180,7 @@ def sample(logits: torch.Tensor, m: SamplingMetadata) -> tuple[torch.Tensor, Sam
     elif m.all_greedy:
         ids = logits.argmax(dim=-1)
     elif logits.device.type == "cpu":  # one uniform number per row instead of one per token (cpu_sampling.py)
-        from weavelm.plugins.workers.cpu_sampling import sample_cpu
+        from weavelm.sample.cpu_sampling import sample_cpu
         ids = sample_cpu(logits, m)
     else:
         ids = exponential_race(logits, m)
