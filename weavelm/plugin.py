@@ -27,6 +27,7 @@ from weavelm.core.request import Request, RequestStatus, SamplingParams
 from weavelm.errors import ConfigError, EngineError, LoadError, PluginError, RequestError, WeaveError
 from weavelm.ops.cache_write import write_kv_cache
 from weavelm.scheduling import BaseScheduler, SchedulerOptions
+from weavelm.spec_decode.batch import SpecDecodeBatch, SpecDecodeLimits
 from weavelm.core.proposer import Proposal, ProposeInput, Proposer, ProposerContext, ProposerOptions
 from weavelm.utils import cdiv
 
@@ -41,6 +42,6 @@ __all__ = [
     "EngineCoreOutput", "SchedulerStats", "Request", "RequestStatus", "SamplingParams",
     "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",
     "write_kv_cache", "cdiv",
-    "Proposer", "ProposerOptions", "ProposerContext", "ProposeInput", "Proposal",
+    "Proposer", "ProposerOptions", "ProposerContext", "ProposeInput", "Proposal", "SpecDecodeBatch", "SpecDecodeLimits",
     "QuantizationConfig", "QuantizeMethodBase", "QuantSpec",
 ]

@@ -43,7 +43,8 @@ class DecodeGraphs:
         self.block_table = torch.zeros(b, runner.max_blocks_per_req, dtype=torch.int32, device=dev)
         lora = getattr(runner, "lora", None)
         self.lora_state = getattr(lora, "state", None) if lora is not None else None
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (size, with LoRA)
+        # (size, with LoRA) -> (graph, its hidden-state and logits outputs)
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     def _common(self, b: int) -> CommonAttentionMetadata:
         r = self.runner
@@ -54,11 +55,11 @@ class DecodeGraphs:
             seq_lens_cpu=torch.full((b,), r.max_model_len, dtype=torch.int32), num_reqs=b, num_actual_tokens=b,
             max_query_len=1, max_seq_len=r.max_model_len, block_size=r.block_size)
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.runner
         fb = ForwardBatch(r.attn_builder.build(self._common(b)), r.kv_caches, r.attn_impls)
         hidden = r.run_model(self.input_ids[:b], self.positions[:b], fb)
-        return r.bundle.model.compute_logits(hidden)
+        return hidden, r.bundle.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -75,8 +76,8 @@ class DecodeGraphs:
                         self._forward(b)  # warm up: triton autotuning / compilation outside the graph
                         graph = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(graph, pool=pool, stream=stream):
-                            logits = self._forward(b)
-                        self.graphs[(b, with_lora)] = (graph, logits)
+                            hidden, logits = self._forward(b)
+                        self.graphs[(b, with_lora)] = (graph, hidden, logits)
         finally:
             if self.lora_state is not None:
                 self.lora_state.force_kernels = False
@@ -88,8 +89,9 @@ class DecodeGraphs:
     def can_run(self, common: CommonAttentionMetadata) -> bool:
         return common.max_query_len == 1 and common.num_reqs <= self.max_bs and bool(self.graphs)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, common: CommonAttentionMetadata) -> torch.Tensor:
-        """Logits (n, vocab) of a decode step of n requests."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, common: CommonAttentionMetadata
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states (n, hidden_size) and logits (n, vocab) of a decode step of n requests."""
         n = common.num_reqs
         b = next(s for s in self.sizes if s >= n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
@@ -102,6 +104,6 @@ class DecodeGraphs:
             self.slot_mapping[n:b].fill_(-1)
             self.seq_lens[n:b].fill_(1)
             self.block_table[n:b, 0].zero_()
-        graph, logits = self.graphs[(b, self.lora_state is not None and self.lora_state.any_active)]
+        graph, hidden, logits = self.graphs[(b, self.lora_state is not None and self.lora_state.any_active)]
         graph.replay()
-        return logits[:n]
+        return hidden[:n], logits[:n]

@@ -82,10 +82,12 @@ class PagedModelRunner(ModelRunner):
             self.lora_targets = self.lora.attach(b.model, self.device, b.dtype,
                                                  max(self.max_num_tokens, self.max_num_reqs))
         if self.context.build_proposer is not None:
+            from weavelm.spec_decode.batch import SpecDecodeLimits
             from weavelm.spec_decode.runner import SpecDecodeRunner
 
             proposer = self.context.build_proposer(self.context, self.block_size, self._load_other_model)
-            self.spec = SpecDecodeRunner(proposer, self)
+            self.spec = SpecDecodeRunner(proposer, self.batch,
+                                         SpecDecodeLimits(self.block_size, self.max_model_len, self.device))
             self.spec.proposer.load(self.model_info())
 
     def _load_other_model(self, model: str, dtype: str) -> ModelBundle:
@@ -262,13 +264,17 @@ class PagedModelRunner(ModelRunner):
                 self.lora.prepare([s.lora_request for s in batch.states[:batch.num_reqs]], counts, sample_rows)
         prompt_lp_rows = np.nonzero(batch.wants_prompt_logprobs[:batch.num_reqs])[0]
         if self.graphs is not None and not len(prompt_lp_rows) and self.graphs.can_run(common):
-            logits = self.graphs.run(input_ids, positions, common)[logits_indices]
+            hidden, logits = self.graphs.run(input_ids, positions, common)
+            logits_hidden, logits = hidden[logits_indices], logits[logits_indices]
         else:
             fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
             hidden = self.run_model(input_ids, positions, fb)
-            logits = self.bundle.model.compute_logits(hidden[logits_indices])
+            logits_hidden = hidden[logits_indices]
+            logits = self.bundle.model.compute_logits(logits_hidden)
             if len(prompt_lp_rows):
                 self._prompt_logprobs(hidden, common, prompt_lp_rows)
+        # the proposer's input: the target's hidden states at the logits rows (the sampled positions)
+        proposer_hidden = logits_hidden if self.spec is not None and self.spec.wants_hidden_states else None
         if step is not None or self.logits_hook is not None:  # greedy and plain sampling cast only if they must
             logits = logits.float()
         if self.logits_hook is not None:
@@ -283,10 +289,11 @@ class PagedModelRunner(ModelRunner):
         else:
             ids, lps = sample(logits, self._sampling_metadata(rows, logits.shape[-1]))
         if step is not None:  # drafts were verified: the accepted runs are folded by `SpecStep.fold`
-            return _StepFuture(self, rows, ids, lps, step)
-        return self._launched(rows, ids, lps)
+            return _StepFuture(self, rows, ids, lps, step, proposer_hidden)
+        return self._launched(rows, ids, lps, proposer_hidden)
 
-    def _launched(self, rows: np.ndarray, ids: torch.Tensor, lps) -> RunnerFuture:
+    def _launched(self, rows: np.ndarray, ids: torch.Tensor, lps, proposer_hidden: torch.Tensor | None
+                  ) -> RunnerFuture:
         """The step's future. Everything it reports is taken from the batch now, since with async scheduling the
         next step rearranges the batch before this one is collected; its samples are folded in by request id."""
         batch = self.batch
@@ -296,7 +303,7 @@ class PagedModelRunner(ModelRunner):
         self._inflight = ({rid: i for i, rid in enumerate(sampled_req_ids)}, ids)
         want = None if lps is None else [batch.states[r].sampling_params.num_logprobs for r in row_list]
         self._last_future = _AsyncStepFuture(self, req_ids, row_list, sampled_req_ids, _HostCopy(ids, lps), want,
-                                             self._take_prompt_logprobs(rows))
+                                             self._take_prompt_logprobs(rows), proposer_hidden)
         return self._last_future
 
     def _fold_sampled(self, req_ids: list[str], token_ids: list[int]) -> None:
@@ -333,12 +340,13 @@ class PagedModelRunner(ModelRunner):
             lp = compute_logprobs(logprobs, torch.tensor(targets, device=logprobs.device), k)
             state.prompt_logprobs[first + 1:last + 1] = to_token_logprobs(targets, lp, [k] * len(targets))
 
-    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps, step) -> ModelRunnerOutput:
+    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps, step, proposer_hidden: torch.Tensor | None
+                     ) -> ModelRunnerOutput:
         """A speculative step's result: its accepted runs folded into the batch, then the next drafts proposed."""
         sampled, logprobs = step.fold(self.batch, rows, ids.cpu().numpy(), lps)  # the step's one device sync
         out = ModelRunnerOutput(list(self.batch.req_ids), dict(self.batch.index), sampled, logprobs,
                                 self._take_prompt_logprobs(rows))
-        self.spec.after_step(out, rows, step)
+        self.spec.after_step(out, rows, step, proposer_hidden)
         return out
 
     def _take_prompt_logprobs(self, rows: np.ndarray) -> dict:
@@ -354,14 +362,15 @@ class PagedModelRunner(ModelRunner):
 
 
 class _StepFuture(RunnerFuture):
-    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps, step):
+    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps, step,
+                 proposer_hidden: torch.Tensor | None):
         super().__init__()
-        self._args = (runner, rows, ids, lps, step)
+        self._args = (runner, rows, ids, lps, step, proposer_hidden)
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
-            runner, rows, ids, lps, step = self._args
-            self._output = runner._finish_step(rows, ids, lps, step)
+            runner, rows, ids, lps, step, proposer_hidden = self._args
+            self._output = runner._finish_step(rows, ids, lps, step, proposer_hidden)
             self._args = None
         return self._output
 
@@ -393,13 +402,13 @@ class _HostCopy:
 
 class _AsyncStepFuture(RunnerFuture):
     def __init__(self, runner: PagedModelRunner, req_ids: list[str], rows: list[int], sampled_req_ids: list[str],
-                 host: _HostCopy, want: list | None, prompt_logprobs: dict):
+                 host: _HostCopy, want: list | None, prompt_logprobs: dict, proposer_hidden: torch.Tensor | None):
         super().__init__()
-        self._args = (runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs)
+        self._args = (runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs, proposer_hidden)
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
-            runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs = self._args
+            runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs, proposer_hidden = self._args
             host.wait()  # the step's one device -> host sync
             ids = host.ids.tolist()
             runner._fold_sampled(sampled_req_ids, ids)
@@ -415,7 +424,7 @@ class _AsyncStepFuture(RunnerFuture):
             self._output = ModelRunnerOutput(req_ids, index, sampled, logprobs, prompt_logprobs)
             self._args = None
             if runner.spec is not None:  # a step without drafts (synchronous then): propose the next ones
-                runner.spec.after_step(self._output, np.asarray(rows, dtype=np.int64), None)
+                runner.spec.after_step(self._output, np.asarray(rows, dtype=np.int64), None, proposer_hidden)
         return self._output
 
 
