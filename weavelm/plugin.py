@@ -20,7 +20,7 @@ from weavelm.core.interfaces import (API_VERSION, COMPONENT_KINDS, AttentionBack
                                      AttentionMetadataBuilder, Component, Executor, ModelArchitecture,
                                      ModelLoader, ModelRunner, NoOptions, Scheduler, Worker)
 from weavelm.core.kv_cache import KVCacheManager, KVCacheStats
-from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec
+from weavelm.core.quantization import QuantizationConfig, QuantizedTensor, QuantizeMethodBase, QuantSpec
 from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                   RunnerFuture, SchedulerOutput, SchedulerStats)
 from weavelm.core.request import Request, RequestStatus, SamplingParams
@@ -43,5 +43,5 @@ __all__ = [
     "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",
     "write_kv_cache", "cdiv",
     "Proposer", "ProposerOptions", "ProposerContext", "ProposeInput", "Proposal", "SpecDecodeBatch", "SpecDecodeLimits",
-    "QuantizationConfig", "QuantizeMethodBase", "QuantSpec",
+    "QuantizationConfig", "QuantizeMethodBase", "QuantSpec", "QuantizedTensor",
 ]
