@@ -20,21 +20,27 @@ ENGINE = dict(dtype="float32", device="cpu", cache={"num_blocks": 20, "block_siz
 
 
 def test_third_party_proposer_gets_hidden_states_and_keeps_greedy_output(tiny_llama):
+    check_hidden_state_proposer(tiny_llama, ENGINE)
+
+
+def check_hidden_state_proposer(tiny_llama: str, engine: dict) -> None:
+    """Also run on CUDA (tests/gpu/test_spec_decode_gpu.py), where steps without drafts replay the decode graphs."""
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
-    want = [o.outputs[0].token_ids for o in LLM(model=tiny_llama, **ENGINE).generate(PROMPTS, params)]
+    with LLM(model=tiny_llama, **engine) as base:
+        want = [o.outputs[0].token_ids for o in base.generate(PROMPTS, params)]
     registry = Registry.load()
     registry.register_module("tests.spec_hidden_proposer")
     oracle = [p["prompt_token_ids"] + w for p, w in zip(PROMPTS[:2], want[:2])]  # the third row gets bad drafts
     spec = {"name": "hidden_check", "num_speculative_tokens": 2,
             "head": os.path.join(tiny_llama, "model.safetensors"), "oracle": oracle}
-    llm = LLM(model=tiny_llama, registry=registry, speculative=spec, **ENGINE)
-    outs = llm.generate(PROMPTS, params)
-    assert [o.error for o in outs] == [None] * len(outs)
-    assert [o.outputs[0].token_ids for o in outs] == want
-    stats = llm.get_stats()
-    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
-    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)  # rows that are not greedy too
-    assert all(o.error is None for o in llm.generate(PROMPTS, [sampled] * len(PROMPTS)))
+    with LLM(model=tiny_llama, registry=registry, speculative=spec, **engine) as llm:
+        outs = llm.generate(PROMPTS, params)
+        assert [o.error for o in outs] == [None] * len(outs)
+        assert [o.outputs[0].token_ids for o in outs] == want
+        stats = llm.get_stats()
+        assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+        sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)  # not greedy rows too
+        assert all(o.error is None for o in llm.generate(PROMPTS, [sampled] * len(PROMPTS)))
 
 
 def test_the_default_runners_batch_is_a_spec_decode_batch():

@@ -16,6 +16,7 @@ from weavelm.core.contexts import (ExecutorContext, RunnerContext, SchedulerCont
                                    WorkerContext)
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
 from weavelm.core.hookspecs import hookimpl
+from weavelm.core.graph_variants import CudaGraphVariants
 from weavelm.core.interfaces import (API_VERSION, COMPONENT_KINDS, AttentionBackend, AttentionImpl,
                                      AttentionMetadataBuilder, Component, Executor, ModelArchitecture,
                                      ModelLoader, ModelRunner, NoOptions, Scheduler, Worker)
@@ -37,7 +38,7 @@ __all__ = [
     "Scheduler", "SchedulerContext", "SchedulerLimits", "BaseScheduler", "SchedulerOptions",
     "ExecutorContext", "WorkerContext", "RunnerContext", "Executor", "Worker", "ModelRunner", "ModelLoader", "ModelArchitecture",
     "AttentionBackend", "AttentionImpl", "AttentionMetadataBuilder", "AttentionSpec", "CommonAttentionMetadata",
-    "ForwardBatch", "KVCacheManager", "KVCacheStats",
+    "ForwardBatch", "KVCacheManager", "KVCacheStats", "CudaGraphVariants",
     "SchedulerOutput", "NewRequestData", "CachedRequestsData", "ModelRunnerOutput", "RunnerFuture",
     "EngineCoreOutput", "SchedulerStats", "Request", "RequestStatus", "SamplingParams",
     "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",

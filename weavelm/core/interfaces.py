@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from weavelm.core.contexts import (ExecutorContext, RunnerContext, SchedulerContext, SchedulerLimits,
                                    WorkerContext)
+from weavelm.core.graph_variants import CudaGraphVariants
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -483,7 +484,7 @@ class AttentionBackend(Component, ABC):
     def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl: ...
 
 
-class LoRAManager(Component, ABC):
+class LoRAManager(Component, CudaGraphVariants, ABC):
     """Multi-LoRA serving (the `lora:` section; kind `lora_manager`). One instance lives in the engine core and
     one in each model runner; each side calls only its half.
 
@@ -495,6 +496,8 @@ class LoRAManager(Component, ABC):
     Model runner: `attach(model, device, dtype, max_tokens)` once after the weights are loaded (wrap layers,
     return the `LoRATargets` reported in `model_info`); `prepare(row_loras, counts, logits_rows)` before every
     forward; `set_head_rows(lora_request, n)` before a `compute_logits` over `n` rows of one request.
+    CUDA graphs: the `CudaGraphVariants` capability (`weavelm.core.graph_variants`); a manager whose layers skip
+    their kernels on steps without adapters declares a variant with and one without them.
     """
 
     def __init__(self, options: BaseModel):

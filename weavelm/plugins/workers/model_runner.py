@@ -122,7 +122,7 @@ class PagedModelRunner(ModelRunner):
                 return
             from weavelm.plugins.workers.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, min(self.max_num_reqs, self.options.cuda_graph_max_bs))
+            self.graphs = DecodeGraphs(self, min(self.max_num_reqs, self.options.cuda_graph_max_bs), self.lora)
             self.graphs.capture()
 
     @torch.inference_mode()
