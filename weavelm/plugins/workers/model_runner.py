@@ -36,6 +36,17 @@ class RunnerOptions(BaseModel):
                                     "one per core not busy with other processes at startup).")
 
 
+@dataclasses.dataclass
+class StepInputs:
+    """One step's prepared inputs (`_prepare_inputs`). input_ids, positions: (total tokens,) int64 on the device;
+    common: the attention metadata; logits_indices: (sampled rows,) int64, the flat index of each sampled row's last
+    token; logits_rows: (sampled rows,) int64 host array, the batch rows that sample this step."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    common: CommonAttentionMetadata
+    logits_indices: torch.Tensor
+    logits_rows: np.ndarray
 
 
 class PagedModelRunner(ModelRunner):
@@ -174,53 +185,63 @@ class PagedModelRunner(ModelRunner):
                 else:
                     batch.append_blocks(row, new_blocks)
 
-    def _prepare_inputs(self, scheduler_output: SchedulerOutput):
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
         batch = self.batch
-        n = batch.num_reqs
-        counts = np.fromiter((scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids), dtype=np.int64, count=n)
-        cu = np.cumsum(counts)
-        total = int(cu[-1])
-        token_req = np.repeat(np.arange(n), counts)
-        positions = batch.num_computed[token_req] + (np.arange(total) - np.repeat(cu - counts, counts))
+        num_reqs = batch.num_reqs
+        num_scheduled = np.fromiter((scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids),
+                                    dtype=np.int64, count=num_reqs)
+        query_end = np.cumsum(num_scheduled)  # each row's end offset in the flat token batch
+        total = int(query_end[-1])
+        token_req = np.repeat(np.arange(num_reqs), num_scheduled)
+        positions = batch.num_computed[token_req] + (np.arange(total) - np.repeat(query_end - num_scheduled,
+                                                                                 num_scheduled))
         input_ids = batch.token_ids[token_req, positions]
         bs = self.block_size
         slots = batch.block_table[token_req, positions // bs].astype(np.int64) * bs + positions % bs
-        seq_lens = batch.num_computed[:n] + counts
+        seq_lens = batch.num_computed[:num_reqs] + num_scheduled
         # rows whose last scheduled token was sampled by the previous step and is not folded in yet (async; with
         # speculative decoding the positions past the known tokens hold this step's drafts instead)
-        pending_rows = np.nonzero(seq_lens > batch.num_tokens[:n])[0] if self.spec is None else ()
-        m = len(pending_rows)
-        query_start_loc = np.zeros(n + 1, dtype=np.int32)
-        query_start_loc[1:] = cu
-        sampling = seq_lens >= batch.num_tokens[:n]
+        pending_rows = np.nonzero(seq_lens > batch.num_tokens[:num_reqs])[0] if self.spec is None else ()
+        num_pending = len(pending_rows)
+        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+        query_start_loc[1:] = query_end
+        sampling = seq_lens >= batch.num_tokens[:num_reqs]
         logits_rows = np.nonzero(sampling)[0]
         max_blocks = int(cdiv(seq_lens.max(), bs))
-        r = len(logits_rows)
+        num_logits = len(logits_rows)
         # Two host -> device copies per step: every int64 input packed in one buffer, every int32 in another.
-        i64 = np.empty(3 * total + r + 2 * m, dtype=np.int64)
-        i64[:total], i64[total:2 * total], i64[2 * total:3 * total] = input_ids, positions, slots
-        end = 3 * total + r
-        i64[3 * total:end] = cu[logits_rows] - 1
-        if m:
+        # int64 layout: input_ids, positions, slot_mapping (total each), logits_indices (num_logits), then for the
+        # pending rows the flat index of their last token and the index of its sample in the previous step's ids.
+        int64_inputs = np.empty(3 * total + num_logits + 2 * num_pending, dtype=np.int64)
+        int64_inputs[:total], int64_inputs[total:2 * total], int64_inputs[2 * total:3 * total] = \
+            input_ids, positions, slots
+        logits_end = 3 * total + num_logits
+        int64_inputs[3 * total:logits_end] = query_end[logits_rows] - 1
+        if num_pending:
             assert self._inflight is not None, "a position past the known tokens with no step in flight"
             index = self._inflight[0]
-            i64[end:end + m] = cu[pending_rows] - 1
-            i64[end + m:] = [index[batch.req_ids[row]] for row in pending_rows.tolist()]
-        i32 = np.empty(2 * n + 1 + n * max_blocks, dtype=np.int32)
-        i32[:n + 1], i32[n + 1:2 * n + 1] = query_start_loc, seq_lens
-        i32[2 * n + 1:].reshape(n, max_blocks)[:] = batch.block_table[:n, :max_blocks]
-        dev_i64, dev_i32 = self._to_device(i64), self._to_device(i32)
-        if m:  # the previous step's samples, straight from the device: no host round trip between the steps
-            dev_i64[:total][dev_i64[end:end + m]] = self._inflight[1][dev_i64[end + m:]]
+            int64_inputs[logits_end:logits_end + num_pending] = query_end[pending_rows] - 1
+            int64_inputs[logits_end + num_pending:] = [index[batch.req_ids[row]] for row in pending_rows.tolist()]
+        # int32 layout: query_start_loc (num_reqs + 1), seq_lens (num_reqs), block_table (num_reqs x max_blocks)
+        int32_inputs = np.empty(2 * num_reqs + 1 + num_reqs * max_blocks, dtype=np.int32)
+        int32_inputs[:num_reqs + 1], int32_inputs[num_reqs + 1:2 * num_reqs + 1] = query_start_loc, seq_lens
+        int32_inputs[2 * num_reqs + 1:].reshape(num_reqs, max_blocks)[:] = batch.block_table[:num_reqs, :max_blocks]
+        dev_int64, dev_int32 = self._to_device(int64_inputs), self._to_device(int32_inputs)
+        if num_pending:  # the previous step's samples, straight from the device: no host round trip between steps
+            pending_flat = dev_int64[logits_end:logits_end + num_pending]
+            dev_int64[:total][pending_flat] = self._inflight[1][dev_int64[logits_end + num_pending:]]
         if self.lora is not None:
-            self.lora.prepare([s.lora_request for s in batch.states[:n]], counts, logits_rows)
+            self.lora.prepare([s.lora_request for s in batch.states[:num_reqs]], num_scheduled, logits_rows)
         common = CommonAttentionMetadata(
-            query_start_loc=dev_i32[:n + 1], seq_lens=dev_i32[n + 1:2 * n + 1],
-            block_table=dev_i32[2 * n + 1:].view(n, max_blocks), slot_mapping=dev_i64[2 * total:3 * total],
-            query_start_loc_cpu=torch.from_numpy(i32[:n + 1]), seq_lens_cpu=torch.from_numpy(i32[n + 1:2 * n + 1]),
-            num_reqs=n, num_actual_tokens=total, max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
+            query_start_loc=dev_int32[:num_reqs + 1], seq_lens=dev_int32[num_reqs + 1:2 * num_reqs + 1],
+            block_table=dev_int32[2 * num_reqs + 1:].view(num_reqs, max_blocks),
+            slot_mapping=dev_int64[2 * total:3 * total],
+            query_start_loc_cpu=torch.from_numpy(int32_inputs[:num_reqs + 1]),
+            seq_lens_cpu=torch.from_numpy(int32_inputs[num_reqs + 1:2 * num_reqs + 1]), num_reqs=num_reqs,
+            num_actual_tokens=total, max_query_len=int(num_scheduled.max()), max_seq_len=int(seq_lens.max()),
             block_size=bs)
-        return dev_i64[:total], dev_i64[total:2 * total], common, dev_i64[3 * total:end], logits_rows
+        return StepInputs(dev_int64[:total], dev_int64[total:2 * total], common, dev_int64[3 * total:logits_end],
+                          logits_rows)
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         """A fresh device tensor of `a`. On CUDA the copy is asynchronous, through pinned memory from torch's
@@ -253,7 +274,9 @@ class PagedModelRunner(ModelRunner):
         if scheduler_output.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
             return RunnerFuture(ModelRunnerOutput([], {}, [], None))
         spec = self.spec.prepare(scheduler_output) if self.spec is not None else None
-        input_ids, positions, common, logits_indices, rows = self._prepare_inputs(scheduler_output)
+        inputs = self._prepare_inputs(scheduler_output)
+        input_ids, positions, common = inputs.input_ids, inputs.positions, inputs.common
+        logits_indices, rows = inputs.logits_indices, inputs.logits_rows
         step = sample_rows = None
         if spec is not None:
             step = self.spec.make_step(spec, rows)
