@@ -21,6 +21,7 @@ from weavelm.core.interfaces import (API_VERSION, COMPONENT_KINDS, AttentionBack
                                      AttentionMetadataBuilder, Component, Executor, ModelArchitecture,
                                      ModelLoader, ModelRunner, NoOptions, Scheduler, Worker)
 from weavelm.core.kv_cache import KVCacheManager, KVCacheStats
+from weavelm.core.proposer import Proposal, ProposeInput, Proposer, ProposerContext, ProposerOptions
 from weavelm.core.quantization import QuantizationConfig, QuantizedTensor, QuantizeMethodBase, QuantSpec
 from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                   RunnerFuture, SchedulerOutput, SchedulerStats)
@@ -29,7 +30,6 @@ from weavelm.errors import ConfigError, EngineError, LoadError, PluginError, Req
 from weavelm.ops.cache_write import write_kv_cache
 from weavelm.scheduling import BaseScheduler, SchedulerOptions
 from weavelm.spec_decode.batch import SpecDecodeBatch, SpecDecodeLimits
-from weavelm.core.proposer import Proposal, ProposeInput, Proposer, ProposerContext, ProposerOptions
 from weavelm.utils import cdiv
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "EngineCoreOutput", "SchedulerStats", "Request", "RequestStatus", "SamplingParams",
     "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",
     "write_kv_cache", "cdiv",
-    "Proposer", "ProposerOptions", "ProposerContext", "ProposeInput", "Proposal", "SpecDecodeBatch", "SpecDecodeLimits",
+    "Proposer", "ProposerOptions", "ProposerContext", "ProposeInput", "Proposal",
+    "SpecDecodeBatch", "SpecDecodeLimits",
     "QuantizationConfig", "QuantizeMethodBase", "QuantSpec", "QuantizedTensor",
 ]
