@@ -16,7 +16,7 @@ import torch
 
 
 def _meta(n: int, temperature: float, top_p: float):
-    from weavelm.plugins.workers.sampler import SamplingMetadata
+    from weavelm.sample.sampler import SamplingMetadata
     return SamplingMetadata(torch.full((n,), temperature), torch.zeros(n, dtype=torch.long),
                             torch.full((n,), top_p), torch.zeros(n), False, False, top_p < 1, False, {}, False)
 
@@ -45,8 +45,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench_out/cpu_sampling.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from weavelm.plugins.workers.cpu_sampling import sample_cpu
-    from weavelm.plugins.workers.sampler import exponential_race
+    from weavelm.sample.cpu_sampling import sample_cpu
+    from weavelm.sample.sampler import exponential_race
 
     kernel = []
     for n in (1, 8):

@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from weavelm.plugins.workers.cpu_sampling import CANDIDATES, sample_cpu
-from weavelm.plugins.workers.sampler import SamplingMetadata, apply_top_k_top_p_min_p
+from weavelm.sample.cpu_sampling import CANDIDATES, sample_cpu
+from weavelm.sample.sampler import SamplingMetadata, apply_top_k_top_p_min_p
 
 
 def meta(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generators=None):

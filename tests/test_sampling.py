@@ -7,7 +7,7 @@ import torch
 
 from tests.model_fixtures import hf_logits
 from weavelm import LLM, SamplingParams
-from weavelm.plugins.workers.sampler import SamplingMetadata, apply_top_k_top_p_min_p
+from weavelm.sample.sampler import SamplingMetadata, apply_top_k_top_p_min_p
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent("""
     assert mixed[0].item() == mixed[2].item() == 0
 
     # sampler.sample routes a plain-temperature batch with a step seed to the kernel (on CUDA; forced here)
-    from weavelm.plugins.workers import sampler
+    from weavelm.sample import sampler
     sampler.uses_one_pass_sampler = lambda logits, m: m.step_seed is not None and not m.generators
     e = torch.empty(0, device=dev)
     temps = torch.tensor([0.0, temp, 0.0], device=dev)

@@ -12,7 +12,7 @@ import torch
 
 from tests.model_fixtures import _hf_model, hf_logits
 from weavelm import LLM, RequestError, SamplingParams
-from weavelm.plugins.workers.sampler import (PenaltyMetadata, SamplingMetadata, SparseLogits, apply_logits_processors,
+from weavelm.sample.sampler import (PenaltyMetadata, SamplingMetadata, SparseLogits, apply_logits_processors,
                                              apply_penalties)
 
 PROMPT = [5, 6, 7, 8, 9, 10, 5, 6]

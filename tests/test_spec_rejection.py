@@ -1,4 +1,4 @@
-"""The rejection sampler (weavelm/spec_decode/rejection.py) preserves the target distribution.
+"""The rejection sampler (weavelm/sample/rejection.py) preserves the target distribution.
 
 Statistical bound used throughout: with N independent draws from a distribution over V categories, the total
 variation distance between the empirical and the true distribution has expectation <= sqrt(V / N) / 2; the tests
@@ -10,7 +10,7 @@ Seeds are fixed, so the tests are deterministic.
 import numpy as np
 import torch
 
-from weavelm.spec_decode.rejection import emitted_lists, rejection_sample
+from weavelm.sample.rejection import emitted_lists, rejection_sample
 
 V = 6
 N = 200_000

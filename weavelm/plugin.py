@@ -16,18 +16,20 @@ from weavelm.core.contexts import (ExecutorContext, RunnerContext, SchedulerCont
                                    WorkerContext)
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
 from weavelm.core.hookspecs import hookimpl
+from weavelm.core.graph_variants import CudaGraphVariants
 from weavelm.core.interfaces import (API_VERSION, COMPONENT_KINDS, AttentionBackend, AttentionImpl,
                                      AttentionMetadataBuilder, Component, Executor, ModelArchitecture,
                                      ModelLoader, ModelRunner, NoOptions, Scheduler, Worker)
 from weavelm.core.kv_cache import KVCacheManager, KVCacheStats
-from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec
+from weavelm.core.proposer import Proposal, ProposeInput, Proposer, ProposerContext, ProposerOptions
+from weavelm.core.quantization import QuantizationConfig, QuantizedTensor, QuantizeMethodBase, QuantSpec
 from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                   RunnerFuture, SchedulerOutput, SchedulerStats)
 from weavelm.core.request import Request, RequestStatus, SamplingParams
 from weavelm.errors import ConfigError, EngineError, LoadError, PluginError, RequestError, WeaveError
 from weavelm.ops.cache_write import write_kv_cache
 from weavelm.scheduling import BaseScheduler, SchedulerOptions
-from weavelm.spec_decode.proposer import Proposal, ProposeInput, Proposer, ProposerContext, ProposerOptions
+from weavelm.spec_decode.batch import SpecDecodeBatch, SpecDecodeLimits
 from weavelm.utils import cdiv
 
 __all__ = [
@@ -36,11 +38,12 @@ __all__ = [
     "Scheduler", "SchedulerContext", "SchedulerLimits", "BaseScheduler", "SchedulerOptions",
     "ExecutorContext", "WorkerContext", "RunnerContext", "Executor", "Worker", "ModelRunner", "ModelLoader", "ModelArchitecture",
     "AttentionBackend", "AttentionImpl", "AttentionMetadataBuilder", "AttentionSpec", "CommonAttentionMetadata",
-    "ForwardBatch", "KVCacheManager", "KVCacheStats",
+    "ForwardBatch", "KVCacheManager", "KVCacheStats", "CudaGraphVariants",
     "SchedulerOutput", "NewRequestData", "CachedRequestsData", "ModelRunnerOutput", "RunnerFuture",
     "EngineCoreOutput", "SchedulerStats", "Request", "RequestStatus", "SamplingParams",
     "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",
     "write_kv_cache", "cdiv",
     "Proposer", "ProposerOptions", "ProposerContext", "ProposeInput", "Proposal",
-    "QuantizationConfig", "QuantizeMethodBase", "QuantSpec",
+    "SpecDecodeBatch", "SpecDecodeLimits",
+    "QuantizationConfig", "QuantizeMethodBase", "QuantSpec", "QuantizedTensor",
 ]

@@ -44,3 +44,10 @@ def test_greedy_identity_on_cuda(tiny_models, arch):
         assert stats.spec_num_draft_tokens > 0 and preempted > 0
         if spec["name"] == "draft_model":  # the target as its own draft: GPU kernels for 1 and k + 1 query tokens
             assert stats.spec_acceptance_rate > 0.95  # may round differently, so allow a rare near-tie rejection
+
+
+def test_third_party_proposer_gets_hidden_states_on_cuda(tiny_llama):
+    """The decode graphs return the hidden states too: a proposer that drafts from them gets the right ones."""
+    from tests.test_spec_hidden_states import check_hidden_state_proposer
+
+    check_hidden_state_proposer(tiny_llama, dict(ENGINE, cache={"num_blocks": 64, "block_size": 16}))

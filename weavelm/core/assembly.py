@@ -76,7 +76,7 @@ class RunnerBuilder(_RegistryHolder):
     def build_proposer(self, context: RunnerContext, block_size: int, load_model: Any) -> Any:
         """The configured speculative-decoding proposer for a runner built with `context`; `load_model(model,
         dtype)` is the runner's model loading, lent to draft-model proposers."""
-        from weavelm.spec_decode.proposer import ProposerContext
+        from weavelm.core.proposer import ProposerContext
 
         section = self.config.speculative
         cls = self.registry.get("proposer", section.name)

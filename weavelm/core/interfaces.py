@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from weavelm.core.contexts import (ExecutorContext, RunnerContext, SchedulerContext, SchedulerLimits,
                                    WorkerContext)
+from weavelm.core.graph_variants import CudaGraphVariants
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -35,7 +36,7 @@ outputs.py / forward.py. Major: existing plugins break (refused at load); minor:
 1.1: execute_model_async. 2.0: components built by the assembler with typed contexts; Scheduler.limits and
 check_request; Executor.collective_rpc; ModelRunner.model_info / profile_peak_memory / set_logits_hook;
 AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select. 2.1: the `lora_manager` kind; the `proposer` kind
-(speculative decoding, `weavelm.spec_decode.proposer.Proposer`); SchedulerContext.num_speculative_tokens /
+(speculative decoding, `weavelm.core.proposer.Proposer`); SchedulerContext.num_speculative_tokens /
 num_lookahead_tokens; RunnerContext.build_proposer; ModelRunnerOutput.spec_token_ids / proposer_time_s (and
 sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*. 2.2: async scheduling
 (Scheduler.supports_async_scheduling, SchedulerContext.async_scheduling, Request.num_output_placeholders; a runner
@@ -483,7 +484,7 @@ class AttentionBackend(Component, ABC):
     def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl: ...
 
 
-class LoRAManager(Component, ABC):
+class LoRAManager(Component, CudaGraphVariants, ABC):
     """Multi-LoRA serving (the `lora:` section; kind `lora_manager`). One instance lives in the engine core and
     one in each model runner; each side calls only its half.
 
@@ -495,6 +496,8 @@ class LoRAManager(Component, ABC):
     Model runner: `attach(model, device, dtype, max_tokens)` once after the weights are loaded (wrap layers,
     return the `LoRATargets` reported in `model_info`); `prepare(row_loras, counts, logits_rows)` before every
     forward; `set_head_rows(lora_request, n)` before a `compute_logits` over `n` rows of one request.
+    CUDA graphs: the `CudaGraphVariants` capability (`weavelm.core.graph_variants`); a manager whose layers skip
+    their kernels on steps without adapters declares a variant with and one without them.
     """
 
     def __init__(self, options: BaseModel):

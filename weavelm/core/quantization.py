@@ -15,19 +15,54 @@ code does vLLM's three steps:
 Afterwards a quantized layer's matmul is `layer.quant_method.apply(layer, x, bias)` (see
 `weavelm.plugins.models.parallel_layers.linear_apply`); a layer without a method runs `F.linear` on its weight.
 Methods work on any device; each config says in `check(spec)` where it can run, as attention backends do.
+
+A method is opaque to the model and to the native CPU stack: they only call `apply` and `native_pack`. What a
+loader hands a method is declared too: a tensor stored quantized arrives as a `QuantizedTensor` (its stored blocks
+and their format's name), any other tensor as a plain tensor or `LazyTensor`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel
 
 from weavelm.core.interfaces import Component, NoOptions
+from weavelm.core.model_files import LazyTensor, ShardReader
+
+if TYPE_CHECKING:
+    from weavelm.ops.quant_kernels import BlockQ4Pack, BlockQ8Pack
+
+
+class QuantizedTensor(LazyTensor):
+    """A checkpoint tensor stored quantized, as a loader hands it to a parameter's `weight_loader`: it reads as a
+    float tensor like any `LazyTensor` (`shape` is the logical, dequantized shape; `materialize` / `narrow`
+    dequantize), so a layer without a quantization method loads it dense; a method that keeps the stored form reads
+    `quant_type` and `raw_rows()`.
+
+    quant_type: the storage format's name, e.g. GGUF's "Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K".
+    raw_rows(): the stored bytes, (shape[0], bytes_per_row) uint8, one row per output feature in the checkpoint's
+    logical (Hugging Face) row order (a loader undoes any row permutation of its format, e.g. llama.cpp's Q/K).
+    """
+
+    __slots__ = ("quant_type", "_raw_rows")
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, read: ShardReader, quant_type: str,
+                 raw_rows: Callable[[], np.ndarray]):
+        super().__init__(shape, dtype, read)
+        self.quant_type = quant_type
+        self._raw_rows = raw_rows
+
+    def raw_rows(self) -> np.ndarray:
+        return self._raw_rows()
+
+    def __repr__(self) -> str:
+        return f"QuantizedTensor(shape={tuple(self.shape)}, quant_type={self.quant_type})"
 
 
 @dataclass
@@ -64,6 +99,20 @@ class QuantizeMethodBase(ABC):
     @abstractmethod
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`x @ W^T + bias` for `x` of shape (tokens, in_features), in x's dtype."""
+
+    def native_pack(self, layer: torch.nn.Module) -> BlockQ4Pack | BlockQ8Pack | None:
+        """The layer's weight as blocks the native fp32 CPU kernels multiply (`weavelm.ops.quant_kernels`'
+        `BlockQ4Pack` or `BlockQ8Pack`, holding the same values `apply` uses), or None (the default) when this
+        method has none. Asked once, after `process_weights_after_loading`, by the native decoder stack
+        (`plugins/models/native_stack.py`), which then runs the layer's matmul itself; the pack must stay alive
+        and unchanged as long as the layer does."""
+        return None
+
+
+def native_pack(layer: torch.nn.Module) -> BlockQ4Pack | BlockQ8Pack | None:
+    """The native block pack of `layer`'s quantization method, or None (no method, or the method has none)."""
+    method = getattr(layer, "quant_method", None)
+    return None if method is None else method.native_pack(layer)
 
 
 class QuantizationConfig(Component, ABC):

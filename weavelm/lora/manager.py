@@ -226,3 +226,13 @@ class LoRAManagerBase:
         """The next `compute_logits` call sees `n` rows of one request running `lora`."""
         slot = self.slots.slot_of(lora, set())
         self.state.head.set(np.full(n, slot, dtype=np.int64))
+
+    # -- CUDA-graph variants (weavelm.core.graph_variants): graphs with the LoRA kernels (True) and without ------
+    def graph_variants(self) -> tuple[bool, ...]:
+        return (False, True)
+
+    def set_capture_variant(self, variant: bool | None) -> None:
+        self.state.force_kernels = bool(variant)
+
+    def graph_variant(self) -> bool:
+        return self.state.any_active

@@ -1,5 +1,6 @@
-"""Speculative decoding: the proposer contract (`proposer.py`), the rejection sampler (`rejection.py`), and the
-helpers the scheduler (`scheduling.py`) and the model runner (`runner.py`) call from a few hook points.
+"""Speculative decoding: the helpers the scheduler (`scheduling.py`) and the model runner (`runner.py`) call from a
+few hook points. The proposer contract is the `proposer` kind's (`weavelm.core.proposer`, exported by
+`weavelm.plugin`); the rejection sampler is shared sampling code (`weavelm.sample.rejection`).
 
 Flow of one request: after a step samples its next token, the runner asks the configured proposer for up to k draft
 tokens and returns them in `ModelRunnerOutput.spec_token_ids`. The next `schedule()` grants the request 1 + k'
@@ -9,7 +10,3 @@ sampling: the Leviathan et al. rule) and returns the accepted drafts plus one to
 scheduler rolls `num_computed_tokens` back past the rejected drafts and returns the blocks that then hold no
 known token to the pool; the runner drops the same blocks from its table (one rule, `kept_blocks`).
 """
-
-from weavelm.spec_decode.proposer import Proposal, ProposeInput, Proposer, ProposerContext, ProposerOptions
-
-__all__ = ["Proposal", "ProposeInput", "Proposer", "ProposerContext", "ProposerOptions"]

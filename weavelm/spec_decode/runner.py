@@ -1,11 +1,14 @@
-"""The model runner's side of speculative decoding, called from a few hook points of `PagedModelRunner`:
+"""The model runner's side of speculative decoding. A runner hosts it by handing `SpecDecodeRunner` its batch (any
+`SpecDecodeBatch`, see `batch.py`) and calling a few hook points:
 
 - `forget_requests` (state update): new, preempted and finished requests lose their proposer state.
 - `prepare` (before input preparation): the scheduled drafts are written after each row's known tokens, so the
   runner's ordinary input preparation feeds `[last token, d1..dk]` at positions `num_computed..`.
-- `SpecStep.logits_indices` / `SpecStep.sample`: logits at every position of a verified row; rejection sampling.
+- `make_step`, then `SpecStep.logits_indices` / `SpecStep.sample`: logits at every position of a verified row;
+  rejection sampling.
 - `SpecStep.fold` and `after_step` (when the step's tokens reach the host): accepted tokens into the batch, the
-  block-table tail the scheduler frees dropped (`kept_blocks`), and the next drafts proposed.
+  block-table tail the scheduler frees dropped (`kept_blocks`), and the next drafts proposed. `after_step` takes
+  the target's hidden states at the step's logits rows when `wants_hidden_states` (the proposer drafts from them).
 
 A step with drafts runs eagerly: the decode CUDA graphs take one query token per request (`DecodeGraphs.can_run`
 refuses `max_query_len > 1`), and steps without drafts still replay them.
@@ -13,17 +16,18 @@ refuses `max_query_len > 1`), and steps without drafts still replay them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any
 
 import numpy as np
 import torch
 
 from weavelm.core.outputs import ModelRunnerOutput, SchedulerOutput
-from weavelm.plugins.workers.sampler import SamplingMetadata, compute_logprobs
-from weavelm.plugins.workers.sampling_inputs import to_token_logprobs
-from weavelm.spec_decode.proposer import ProposeInput, Proposer
-from weavelm.spec_decode.rejection import emitted_lists, rejection_sample, target_probs
+from weavelm.core.proposer import ProposeInput, Proposer
+from weavelm.sample.logprobs import to_token_logprobs
+from weavelm.sample.rejection import emitted_lists, rejection_sample, target_probs
+from weavelm.sample.sampler import SamplingMetadata, apply_logits_processors, compute_logprobs, sample, select_rows
+from weavelm.spec_decode.batch import SpecDecodeBatch, SpecDecodeLimits
 from weavelm.spec_decode.scheduling import kept_blocks
 
 
@@ -48,12 +52,21 @@ class SpecStep:
         return torch.from_numpy(idx.astype(np.int64)).to(device), np.repeat(rows, self.counts)
 
     def sample(self, logits: torch.Tensor, m: SamplingMetadata):
-        probs = target_probs(logits, m)
+        """Verify the drafts; a row without drafts is sampled by `sample`, as in a step without any, so a seeded
+        row draws from its generator the same way whatever its neighbours."""
+        processed = apply_logits_processors(logits, m)
+        probs = target_probs(processed, dataclasses.replace(m, penalties=None, logit_bias=None, banned=None))
         device = logits.device
         flat = [t for d in self.drafts for t in d]
         draft_ids = torch.tensor(flat, dtype=torch.int64, device=device)
-        gens = {i: m.generators[int(o)] for i, o in enumerate(self.offsets) if int(o) in m.generators}
+        gens = {i: m.generators[int(o)] for i, (o, n) in enumerate(zip(self.offsets, self.num_drafts))
+                if n and int(o) in m.generators}
         out = rejection_sample(probs, draft_ids, self.draft_probs, self.num_drafts, gens)
+        undrafted = [i for i, n in enumerate(self.num_drafts) if n == 0]
+        if undrafted and not m.all_greedy:
+            at = torch.from_numpy(self.offsets[undrafted]).to(device)
+            ids, _ = sample(processed[at], select_rows(m, at))
+            out[torch.tensor(undrafted, device=device), 0] = ids
         lps = None
         if m.want_logprobs:
             req = np.repeat(np.arange(len(self.num_drafts)), self.counts)
@@ -62,7 +75,8 @@ class SpecStep:
             lps = (compute_logprobs(logits.log_softmax(dim=-1), tokens, m.num_logprobs), tokens)
         return out, lps
 
-    def fold(self, batch: Any, rows: np.ndarray, out: np.ndarray, lps) -> tuple[list[list[int]], list | None]:
+    def fold(self, batch: SpecDecodeBatch, rows: np.ndarray, out: np.ndarray, lps
+             ) -> tuple[list[list[int]], list | None]:
         """Append each row's emitted tokens to the batch; the step's sampled ids and logprobs per batch row."""
         sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
         emitted = emitted_lists(out)
@@ -74,7 +88,7 @@ class SpecStep:
         logprobs = None
         if lps is not None:
             lp, tokens = lps
-            want = [batch.states[r].sampling_params.num_logprobs for r in np.repeat(rows, self.counts).tolist()]
+            want = [batch.sampling_params(r).num_logprobs for r in np.repeat(rows, self.counts).tolist()]
             entries = to_token_logprobs(tokens.tolist(), lp, want)
             logprobs = [None] * batch.num_reqs
             for i, (row, toks) in enumerate(zip(rows.tolist(), emitted)):
@@ -85,12 +99,15 @@ class SpecStep:
 
 
 class SpecDecodeRunner:
-    """Owns the proposer and the draft distributions awaiting verification."""
+    """Owns the proposer and the draft distributions awaiting verification; reads and writes the runner's batch
+    only through `SpecDecodeBatch`."""
 
-    def __init__(self, proposer: Proposer, runner: Any):
+    def __init__(self, proposer: Proposer, batch: SpecDecodeBatch, limits: SpecDecodeLimits):
         self.proposer = proposer
-        self.runner = runner
+        self.batch = batch
+        self.limits = limits
         self.k = proposer.num_speculative_tokens
+        self.wants_hidden_states = proposer.uses_hidden_states
         self._draft_probs: dict[str, torch.Tensor] = {}
 
     def forget_requests(self, scheduler_output: SchedulerOutput) -> None:
@@ -108,7 +125,7 @@ class SpecDecodeRunner:
         spec = scheduler_output.scheduled_spec_decode_tokens
         if not spec:
             return None
-        batch = self.runner.batch
+        batch = self.batch
         for rid, drafts in spec.items():
             row = batch.index[rid]
             start = int(batch.num_tokens[row])
@@ -116,7 +133,7 @@ class SpecDecodeRunner:
         return spec
 
     def make_step(self, spec: dict[str, list[int]], rows: np.ndarray) -> SpecStep:
-        batch = self.runner.batch
+        batch, device = self.batch, self.limits.device
         drafts = [spec.get(batch.req_ids[r], []) for r in rows.tolist()]
         probs = None
         if self._draft_probs:
@@ -129,25 +146,26 @@ class SpecDecodeRunner:
                 if d:
                     stored = self._draft_probs.get(batch.req_ids[r])
                     if stored is None or stored.shape[0] < len(d):
-                        dev = self.runner.device
-                        stored = torch.zeros(len(d), vocab, device=dev)
-                        stored[torch.arange(len(d), device=dev), torch.tensor(d, device=dev)] = 1.0
+                        stored = torch.zeros(len(d), vocab, device=device)
+                        stored[torch.arange(len(d), device=device), torch.tensor(d, device=device)] = 1.0
                     parts.append(stored[:len(d)])
-            probs = torch.cat(parts) if parts else torch.empty(0, vocab, device=self.runner.device)
+            probs = torch.cat(parts) if parts else torch.empty(0, vocab, device=device)
         return SpecStep(drafts, probs)
 
-    def after_step(self, out: ModelRunnerOutput, rows: np.ndarray, step: SpecStep | None) -> None:
-        """Drop the freed block-table tails, then propose the next drafts for the sampled rows."""
-        runner, batch = self.runner, self.runner.batch
-        bs = runner.block_size
+    def after_step(self, out: ModelRunnerOutput, rows: np.ndarray, step: SpecStep | None,
+                   hidden_states: torch.Tensor | None = None) -> None:
+        """Drop the freed block-table tails, then propose the next drafts for the sampled rows. `hidden_states`:
+        the target's final hidden states at the step's logits rows (one per row of `rows`, or with a `step` one per
+        position of each verified run), given when `wants_hidden_states`."""
+        batch, bs = self.batch, self.limits.block_size
         uses_kv = self.proposer.uses_kv_cache
         rows_list = rows.tolist()
         t0 = time.perf_counter()
         eligible, caps = [], []
         for row in rows_list:
             n = int(batch.num_tokens[row])
-            sp = batch.states[row].sampling_params
-            cap = min(self.k, runner.max_model_len - n, sp.max_tokens - (n - int(batch.num_prompt[row])) - 1)
+            max_tokens = batch.sampling_params(row).max_tokens
+            cap = min(self.k, self.limits.max_model_len - n, max_tokens - (n - int(batch.num_prompt[row])) - 1)
             if uses_kv:
                 cap = min(cap, int(batch.num_blocks[row]) * bs - n + 1)
             if cap > 0 and not batch.processed[row]:  # logits processors depend on the history: no drafts
@@ -156,13 +174,8 @@ class SpecDecodeRunner:
         spec_ids: list[list[int]] = [[] for _ in range(batch.num_reqs)]
         self._draft_probs = {}
         if eligible:
-            e = np.asarray(eligible)
-            inp = ProposeInput(
-                req_ids=[batch.req_ids[r] for r in eligible],
-                token_ids=[batch.token_ids[r, :batch.num_tokens[r]] for r in eligible], max_tokens=caps,
-                block_table=batch.block_table[e], num_blocks=batch.num_blocks[e].copy(),
-                temperature=batch.temperature[e].copy(), generators=[batch.states[r].generator for r in eligible])
-            proposal = self.proposer.propose(inp)
+            proposal = self.proposer.propose(self._propose_input(out, rows_list, step, eligible, caps,
+                                                                 hidden_states))
             start = 0
             for row, toks, cap in zip(eligible, proposal.token_ids, caps):
                 kept = [int(t) for t in toks[:cap]]
@@ -175,8 +188,30 @@ class SpecDecodeRunner:
         # the scheduler frees the same tail (kept_blocks) for these rows
         for i, row in enumerate(rows_list):
             if uses_kv or (step is not None and step.num_drafts[i]):
-                keep = kept_blocks(int(batch.num_tokens[row]), bs)
-                if batch.num_blocks[row] > keep:
-                    batch.num_blocks[row] = keep
-                    state = batch.states[row]
-                    del state.block_ids[keep:]
+                batch.keep_blocks(row, kept_blocks(int(batch.num_tokens[row]), bs))
+
+    def _propose_input(self, out: ModelRunnerOutput, rows: list[int], step: SpecStep | None, eligible: list[int],
+                       caps: list[int], hidden_states: torch.Tensor | None) -> ProposeInput:
+        batch = self.batch
+        e = np.asarray(eligible)
+        num_tokens = batch.num_tokens[e]
+        sampled = [list(out.sampled_token_ids[r]) for r in eligible]
+        counts = np.fromiter((len(t) for t in sampled), dtype=np.int64, count=len(eligible))
+        positions = _ranges(num_tokens - counts - 1, counts)
+        hidden = None
+        if self.wants_hidden_states:
+            assert hidden_states is not None, "the runner must pass hidden states to a proposer that uses them"
+            at = {row: i for i, row in enumerate(rows)}
+            starts = np.array([step.offsets[at[r]] if step is not None else at[r] for r in eligible], dtype=np.int64)
+            hidden = hidden_states[torch.from_numpy(_ranges(starts, counts)).to(hidden_states.device)]
+        return ProposeInput(
+            req_ids=[batch.req_ids[r] for r in eligible],
+            token_ids=[batch.token_ids[r, :batch.num_tokens[r]] for r in eligible], max_tokens=caps,
+            block_table=batch.block_table[e], num_blocks=batch.num_blocks[e].copy(),
+            temperature=batch.temperature[e].copy(), generators=[batch.generator(r) for r in eligible],
+            num_computed_tokens=num_tokens - 1, sampled_token_ids=sampled, positions=positions, hidden_states=hidden)
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenated ranges [starts[i], starts[i] + counts[i]) as one int64 array."""
+    return np.repeat(starts, counts) + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)

@@ -18,6 +18,8 @@ The target is the suite's reference checkpoint: a tiny random Llama (vocab 512) 
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,7 +55,7 @@ class ProposerContract:
         return [o.outputs[0].token_ids for o in outs], llm
 
     def test_is_a_registered_proposer(self):
-        from weavelm.spec_decode.proposer import Proposer, ProposerOptions
+        from weavelm.core.proposer import Proposer, ProposerOptions
 
         cls = component("proposer", self.proposer)
         assert issubclass(cls, Proposer) and cls.name == self.proposer and cls.description
@@ -79,7 +81,7 @@ class ProposerContract:
         assert self._generate(spec, params)[0] == self._generate(spec, params)[0]
 
     def test_propose_honours_max_tokens(self):
-        from weavelm.spec_decode.proposer import ProposeInput
+        from weavelm.core.proposer import ProposeInput
 
         _, llm = self._generate(self._speculative(reference_checkpoint()), _greedy_params())
         runner = llm.engine.client.core.executor.worker.runner
@@ -88,9 +90,16 @@ class ProposerContract:
         rows = [np.asarray(p, dtype=np.int64) for p in PROMPTS[:2]]
         blocks = np.zeros((2, 18), dtype=np.int32)  # the engine is idle: any disjoint blocks of the pool will do
         blocks[0, :6], blocks[1, :18] = np.arange(6), np.arange(6, 24)
+        hidden = None
+        if proposer.uses_hidden_states:  # one hidden state per row: each row's last token was just sampled
+            with open(os.path.join(reference_checkpoint(), "config.json")) as f:
+                hidden_size = json.load(f)["hidden_size"]
+            hidden = torch.randn(2, hidden_size, generator=torch.Generator().manual_seed(0)).to(runner.device)
         inp = ProposeInput(req_ids=["a", "b"], token_ids=rows, max_tokens=[1, self.num_speculative_tokens],
                            block_table=blocks, num_blocks=np.array([6, 18]), temperature=np.zeros(2, np.float32),
-                           generators=[None, None])
+                           generators=[None, None], num_computed_tokens=np.array([len(r) - 1 for r in rows]),
+                           sampled_token_ids=[[int(r[-1])] for r in rows],
+                           positions=np.array([len(r) - 2 for r in rows]), hidden_states=hidden)
         proposal = proposer.propose(inp)
         assert len(proposal.token_ids) == 2
         for toks, cap in zip(proposal.token_ids, inp.max_tokens):

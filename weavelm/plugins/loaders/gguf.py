@@ -21,6 +21,7 @@ import torch
 
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.model_files import LazyTensor
+from weavelm.core.quantization import QuantizedTensor
 from weavelm.errors import LoadError
 from weavelm.plugins.loaders import gguf_layout as layout
 from weavelm.plugins.loaders.common import FileLoader, WeightRecord
@@ -147,20 +148,7 @@ def lazy_tensor(file: str, t: Any, n_head: int | None) -> LazyTensor:
             return rows
         return rows.reshape(n_head, shape[0] // n_head // 2, 2, -1).swapaxes(1, 2).reshape(rows.shape)
 
-    return QuantizedLazyTensor(shape, torch.float32, read, kind, raw_rows)
-
-
-class QuantizedLazyTensor(LazyTensor):
-    """A quantized GGUF tensor: reads as float32 like any LazyTensor, and also offers its stored blocks to a
-    quantization method (`weavelm.plugins.quantization.gguf`) that keeps them quantized: `ggml_type` ("Q4_1", ...)
-    and `raw_rows()`, the (rows, bytes_per_row) uint8 blocks with rows in Hugging Face order (Q/K unpermuted)."""
-
-    __slots__ = ("ggml_type", "raw_rows")
-
-    def __init__(self, shape, dtype, read, ggml_type: str, raw_rows):
-        super().__init__(shape, dtype, read)
-        self.ggml_type = ggml_type
-        self.raw_rows = raw_rows
+    return QuantizedTensor(shape, torch.float32, read, kind, raw_rows)
 
 
 _READERS: dict[tuple, Any] = {}  # parsed headers shared by this process's loaders until the weights are read

@@ -2,8 +2,8 @@
 
 At batch 1 on the CPU, a token of the default model is ~300 small operations (9 per layer, plus module calls and
 tensor bookkeeping around each); their Python and dispatch cost was a third of the step. When every layer is exactly
-weavelm's Llama-family decoder layer with block-quantized linears (`BlockQ4Pack` / `BlockQ8Pack`, or the `int8`
-plugin's codes as blocks), the attention
+weavelm's Llama-family decoder layer whose linears' quantization methods offer native block packs
+(`QuantizeMethodBase.native_pack`: a `BlockQ4Pack` or `BlockQ8Pack`), the attention
 step is the native paged attention (an impl that says so with `native_paged_attention = True`, as the `cpu`
 backend's does, and whose step metadata carries `common` when that kernel takes the step), and there is no tensor
 parallelism or LoRA wrapper, the model's forward hands the whole stack to `wl_decoder_forward`
@@ -19,8 +19,9 @@ import os
 
 import torch
 
+from weavelm.core.quantization import native_pack
 from weavelm.ops import native
-from weavelm.ops.quant_kernels import BlockQ4Pack, BlockQ8Pack, Int8Pack
+from weavelm.ops.quant_kernels import BlockQ4Pack
 
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 MAX_TOKENS = 64  # the blocked kernels' sweet spot; wider steps (prefill) run per layer with dense GEMMs
@@ -48,16 +49,13 @@ def _enabled() -> bool:
 
 
 def _linear(module) -> WLinear | None:
-    method = getattr(module, "quant_method", None)
-    pack = getattr(module, "qpack", None)
-    if type(pack) is Int8Pack and pack.q.is_cpu:  # `quantization: int8`: its per-channel codes as blocks
-        pack = pack.blocks()
-    if method is None or type(pack) not in (BlockQ4Pack, BlockQ8Pack):
+    pack = native_pack(module)
+    if pack is None:
         return None
     bias = getattr(module, "bias", None)
     if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
         return None
-    if type(pack) is BlockQ4Pack:
+    if isinstance(pack, BlockQ4Pack):
         return WLinear(0, pack.codes.data_ptr(), pack.d.data_ptr(), pack.m.data_ptr(),
                        None if bias is None else bias.data_ptr(), pack.n, pack.k)
     return WLinear(1, pack.codes.data_ptr(), pack.d.data_ptr(), None, None if bias is None else bias.data_ptr(),

@@ -18,11 +18,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
-from weavelm.core.hookspecs import hookimpl
-from weavelm.errors import ConfigError
-from weavelm.spec_decode.proposer import Proposal, ProposeInput, Proposer, ProposerOptions
-from weavelm.utils import cdiv
+from weavelm.plugin import (AttentionSpec, CommonAttentionMetadata, ConfigError, ForwardBatch, Proposal, ProposeInput,
+                            Proposer, ProposerOptions, cdiv, hookimpl)
 
 
 class DraftModelOptions(ProposerOptions):

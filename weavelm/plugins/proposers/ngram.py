@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, model_validator
 
-from weavelm.core.hookspecs import hookimpl
-from weavelm.spec_decode.proposer import Proposal, ProposeInput, Proposer, ProposerOptions
+from weavelm.plugin import Proposal, ProposeInput, Proposer, ProposerOptions, hookimpl
 
 
 class NgramOptions(ProposerOptions):

@@ -1,7 +1,8 @@
 """`quantization: {name: gguf}`: llama.cpp's quantized blocks stay quantized (picked by `auto` for GGUF files).
 
 Each linear layer's weight loader is wrapped so that, instead of dequantizing, it keeps every checkpoint part's raw
-blocks (`QuantizedLazyTensor.raw_rows()`). After loading, the layer is repacked once. With fp32 activations and
+blocks (the loader hands quantized tensors as `weavelm.core.quantization.QuantizedTensor`: `quant_type`,
+`raw_rows()`). After loading, the layer is repacked once. With fp32 activations and
 weavelm's native CPU kernels (the default; `weavelm.ops.native`), the blocks stay llama.cpp's and the matmul runs
 in fp32, equal to the dequantized model up to rounding order:
 - all parts Q4_0 / Q4_1 / Q4_K: `BlockQ4Pack`, llama.cpp's exact codes, scales and mins;
@@ -22,7 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from weavelm.core.hookspecs import hookimpl
-from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec, layer_kind
+from weavelm.core.quantization import (QuantizationConfig, QuantizedTensor, QuantizeMethodBase, QuantSpec,
+                                      layer_kind)
 from weavelm.ops import native
 from weavelm.ops.quant_kernels import BlockQ4Pack, BlockQ8Pack, Int4Pack, Int8Pack, LogitsPack, packed_linear
 from weavelm.plugins.quantization.gguf_blocks import INT4_TYPES, decode_int4, decode_int4_dm, decode_q8_0
@@ -48,7 +50,7 @@ class GGUFLinearMethod(QuantizeMethodBase):
         original = getattr(layer.weight, "weight_loader", None) or _copy_loader
 
         def stage(param, loaded, shard_id=None):
-            ggml_type = getattr(loaded, "ggml_type", "dense")
+            ggml_type = loaded.quant_type if isinstance(loaded, QuantizedTensor) else "dense"
             layer.gguf_parts[shard_id] = (ggml_type, loaded, original)
             if self.keep_dense or ggml_type not in INT4_TYPES:
                 original(param, loaded, shard_id)
@@ -97,6 +99,10 @@ class GGUFLinearMethod(QuantizeMethodBase):
         if pack is None:
             return torch.nn.functional.linear(x, layer.weight, bias)
         return packed_linear(pack, x, bias)
+
+    def native_pack(self, layer: torch.nn.Module) -> BlockQ4Pack | BlockQ8Pack | None:
+        pack = getattr(layer, "qpack", None)
+        return pack if isinstance(pack, (BlockQ4Pack, BlockQ8Pack)) else None
 
 
 def _copy_loader(param, loaded, shard_id=None) -> None:

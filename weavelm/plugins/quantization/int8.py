@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, QuantSpec, layer_kind
-from weavelm.ops.quant_kernels import Int8Pack, LogitsPack, packed_linear
+from weavelm.ops.quant_kernels import BlockQ8Pack, Int8Pack, LogitsPack, packed_linear
 
 
 class Int8Options(BaseModel):
@@ -40,6 +40,11 @@ class Int8LinearMethod(QuantizeMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return packed_linear(layer.qpack, x, bias)
+
+    def native_pack(self, layer: torch.nn.Module) -> BlockQ8Pack | None:
+        """The per-channel codes as blocks (each row's scale repeated), for the native fp32 kernels on the CPU."""
+        pack = layer.qpack
+        return pack.blocks() if isinstance(pack, Int8Pack) and pack.q.is_cpu else None
 
 
 class Int8Config(QuantizationConfig):

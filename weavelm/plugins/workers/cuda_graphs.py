@@ -2,18 +2,21 @@
 
 A decode-only step (every request has exactly one new token) of n requests replays the smallest captured graph of
 size >= n. Padded rows write no KV (slot -1) and attend to one position of block 0, so they stay finite; their
-logits are never read. Prefill and mixed steps run eagerly. With LoRA configured, each size is captured twice:
-with the LoRA kernels (replayed when a request in the step has an adapter) and without (steps on the base model
-pay nothing for LoRA).
+logits are never read. Prefill and mixed steps run eagerly. A component whose kernels vary by step declares its
+variants (`weavelm.core.graph_variants.CudaGraphVariants`); each size is captured once per variant. The LoRA
+manager declares two: with the LoRA kernels (replayed when a request in the step has an adapter) and without
+(steps on the base model pay nothing for LoRA).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 
 import torch
 
 from weavelm.core.forward import CommonAttentionMetadata, ForwardBatch
+from weavelm.core.graph_variants import CudaGraphVariants
 
 logger = logging.getLogger("weavelm.cuda_graphs")
 
@@ -30,8 +33,9 @@ def capture_sizes(max_bs: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode forwards (model + logits) of a runner, replayed with this step's inputs."""
 
-    def __init__(self, runner, max_bs: int):
+    def __init__(self, runner, max_bs: int, variants: CudaGraphVariants | None = None):
         self.runner = runner
+        self.variants = variants or CudaGraphVariants()
         self.sizes = capture_sizes(max_bs)
         self.max_bs = self.sizes[-1] if self.sizes else 0
         dev, b = runner.device, self.max_bs
@@ -41,9 +45,8 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros(b, runner.max_blocks_per_req, dtype=torch.int32, device=dev)
-        lora = getattr(runner, "lora", None)
-        self.lora_state = getattr(lora, "state", None) if lora is not None else None
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (size, with LoRA)
+        # (size, variant) -> (graph, its hidden-state and logits outputs)
+        self.graphs: dict[tuple[int, Hashable], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     def _common(self, b: int) -> CommonAttentionMetadata:
         r = self.runner
@@ -54,42 +57,41 @@ class DecodeGraphs:
             seq_lens_cpu=torch.full((b,), r.max_model_len, dtype=torch.int32), num_reqs=b, num_actual_tokens=b,
             max_query_len=1, max_seq_len=r.max_model_len, block_size=r.block_size)
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.runner
         fb = ForwardBatch(r.attn_builder.build(self._common(b)), r.kv_caches, r.attn_impls)
         hidden = r.run_model(self.input_ids[:b], self.positions[:b], fb)
-        return r.bundle.model.compute_logits(hidden)
+        return hidden, r.bundle.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        variants = (False, True) if self.lora_state is not None else (False,)
+        variants = self.variants.graph_variants()
         try:
             with torch.cuda.stream(stream):
-                for with_lora in variants:
-                    if self.lora_state is not None:
-                        self.lora_state.force_kernels = with_lora
+                for variant in variants:
+                    self.variants.set_capture_variant(variant)
                     for b in reversed(self.sizes):
                         self._forward(b)  # warm up: triton autotuning / compilation outside the graph
                         graph = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(graph, pool=pool, stream=stream):
-                            logits = self._forward(b)
-                        self.graphs[(b, with_lora)] = (graph, logits)
+                            hidden, logits = self._forward(b)
+                        self.graphs[(b, variant)] = (graph, hidden, logits)
         finally:
-            if self.lora_state is not None:
-                self.lora_state.force_kernels = False
+            self.variants.set_capture_variant(None)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        logger.info("captured %d decode CUDA graphs (batch sizes %s%s)", len(self.graphs), self.sizes,
-                    ", with and without LoRA" if self.lora_state is not None else "")
+        logger.info("captured %d decode CUDA graphs (batch sizes %s, variants %s)", len(self.graphs), self.sizes,
+                    variants)
 
     def can_run(self, common: CommonAttentionMetadata) -> bool:
         return common.max_query_len == 1 and common.num_reqs <= self.max_bs and bool(self.graphs)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, common: CommonAttentionMetadata) -> torch.Tensor:
-        """Logits (n, vocab) of a decode step of n requests."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, common: CommonAttentionMetadata
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states (n, hidden_size) and logits (n, vocab) of a decode step of n requests."""
         n = common.num_reqs
         b = next(s for s in self.sizes if s >= n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
@@ -102,6 +104,6 @@ class DecodeGraphs:
             self.slot_mapping[n:b].fill_(-1)
             self.seq_lens[n:b].fill_(1)
             self.block_table[n:b, 0].zero_()
-        graph, logits = self.graphs[(b, self.lora_state is not None and self.lora_state.any_active)]
+        graph, hidden, logits = self.graphs[(b, self.variants.graph_variant())]
         graph.replay()
-        return logits[:n]
+        return hidden[:n], logits[:n]

@@ -34,6 +34,9 @@ class CachedRequestState:
 
 
 class InputBatch:
+    """The default runner's persistent batch; speculative decoding reads and writes it as a
+    `weavelm.spec_decode.batch.SpecDecodeBatch`."""
+
     def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int):
         self.max_num_reqs = max_num_reqs
         self.token_ids = np.zeros((max_num_reqs, max_model_len + 1), dtype=np.int64)
@@ -62,6 +65,17 @@ class InputBatch:
     @property
     def num_reqs(self) -> int:
         return len(self.req_ids)
+
+    def sampling_params(self, row: int) -> SamplingParams:
+        return self.states[row].sampling_params
+
+    def generator(self, row: int) -> torch.Generator | None:
+        return self.states[row].generator
+
+    def keep_blocks(self, row: int, num_blocks: int) -> None:
+        if self.num_blocks[row] > num_blocks:
+            self.num_blocks[row] = num_blocks
+            del self.states[row].block_ids[num_blocks:]
 
     def add(self, s: CachedRequestState) -> None:
         row = len(self.req_ids)

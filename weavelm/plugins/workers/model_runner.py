@@ -20,8 +20,9 @@ from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutpu
 from weavelm.plugins.workers.cpu_threads import choose_cpu_threads
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
-from weavelm.plugins.workers.sampler import SampledLogprobs, SamplingMetadata, compute_logprobs, sample
-from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata, to_token_logprobs
+from weavelm.sample.sampler import SampledLogprobs, SamplingMetadata, compute_logprobs, sample
+from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata
+from weavelm.sample.logprobs import to_token_logprobs
 from weavelm.ops.memory import zeros
 from weavelm.utils import cdiv
 
@@ -35,6 +36,17 @@ class RunnerOptions(BaseModel):
                                     "one per core not busy with other processes at startup).")
 
 
+@dataclasses.dataclass
+class StepInputs:
+    """One step's prepared inputs (`_prepare_inputs`). input_ids, positions: (total tokens,) int64 on the device;
+    common: the attention metadata; logits_indices: (sampled rows,) int64, the flat index of each sampled row's last
+    token; logits_rows: (sampled rows,) int64 host array, the batch rows that sample this step."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    common: CommonAttentionMetadata
+    logits_indices: torch.Tensor
+    logits_rows: np.ndarray
 
 
 class PagedModelRunner(ModelRunner):
@@ -81,10 +93,12 @@ class PagedModelRunner(ModelRunner):
             self.lora_targets = self.lora.attach(b.model, self.device, b.dtype,
                                                  max(self.max_num_tokens, self.max_num_reqs))
         if self.context.build_proposer is not None:
+            from weavelm.spec_decode.batch import SpecDecodeLimits
             from weavelm.spec_decode.runner import SpecDecodeRunner
 
             proposer = self.context.build_proposer(self.context, self.block_size, self._load_other_model)
-            self.spec = SpecDecodeRunner(proposer, self)
+            self.spec = SpecDecodeRunner(proposer, self.batch,
+                                         SpecDecodeLimits(self.block_size, self.max_model_len, self.device))
             self.spec.proposer.load(self.model_info())
 
     def _load_other_model(self, model: str, dtype: str) -> ModelBundle:
@@ -119,7 +133,7 @@ class PagedModelRunner(ModelRunner):
                 return
             from weavelm.plugins.workers.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, min(self.max_num_reqs, self.options.cuda_graph_max_bs))
+            self.graphs = DecodeGraphs(self, min(self.max_num_reqs, self.options.cuda_graph_max_bs), self.lora)
             self.graphs.capture()
 
     @torch.inference_mode()
@@ -171,53 +185,63 @@ class PagedModelRunner(ModelRunner):
                 else:
                     batch.append_blocks(row, new_blocks)
 
-    def _prepare_inputs(self, scheduler_output: SchedulerOutput):
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
         batch = self.batch
-        n = batch.num_reqs
-        counts = np.fromiter((scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids), dtype=np.int64, count=n)
-        cu = np.cumsum(counts)
-        total = int(cu[-1])
-        token_req = np.repeat(np.arange(n), counts)
-        positions = batch.num_computed[token_req] + (np.arange(total) - np.repeat(cu - counts, counts))
+        num_reqs = batch.num_reqs
+        num_scheduled = np.fromiter((scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids),
+                                    dtype=np.int64, count=num_reqs)
+        query_end = np.cumsum(num_scheduled)  # each row's end offset in the flat token batch
+        total = int(query_end[-1])
+        token_req = np.repeat(np.arange(num_reqs), num_scheduled)
+        positions = batch.num_computed[token_req] + (np.arange(total) - np.repeat(query_end - num_scheduled,
+                                                                                 num_scheduled))
         input_ids = batch.token_ids[token_req, positions]
         bs = self.block_size
         slots = batch.block_table[token_req, positions // bs].astype(np.int64) * bs + positions % bs
-        seq_lens = batch.num_computed[:n] + counts
+        seq_lens = batch.num_computed[:num_reqs] + num_scheduled
         # rows whose last scheduled token was sampled by the previous step and is not folded in yet (async; with
         # speculative decoding the positions past the known tokens hold this step's drafts instead)
-        pending_rows = np.nonzero(seq_lens > batch.num_tokens[:n])[0] if self.spec is None else ()
-        m = len(pending_rows)
-        query_start_loc = np.zeros(n + 1, dtype=np.int32)
-        query_start_loc[1:] = cu
-        sampling = seq_lens >= batch.num_tokens[:n]
+        pending_rows = np.nonzero(seq_lens > batch.num_tokens[:num_reqs])[0] if self.spec is None else ()
+        num_pending = len(pending_rows)
+        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+        query_start_loc[1:] = query_end
+        sampling = seq_lens >= batch.num_tokens[:num_reqs]
         logits_rows = np.nonzero(sampling)[0]
         max_blocks = int(cdiv(seq_lens.max(), bs))
-        r = len(logits_rows)
+        num_logits = len(logits_rows)
         # Two host -> device copies per step: every int64 input packed in one buffer, every int32 in another.
-        i64 = np.empty(3 * total + r + 2 * m, dtype=np.int64)
-        i64[:total], i64[total:2 * total], i64[2 * total:3 * total] = input_ids, positions, slots
-        end = 3 * total + r
-        i64[3 * total:end] = cu[logits_rows] - 1
-        if m:
+        # int64 layout: input_ids, positions, slot_mapping (total each), logits_indices (num_logits), then for the
+        # pending rows the flat index of their last token and the index of its sample in the previous step's ids.
+        int64_inputs = np.empty(3 * total + num_logits + 2 * num_pending, dtype=np.int64)
+        int64_inputs[:total], int64_inputs[total:2 * total], int64_inputs[2 * total:3 * total] = \
+            input_ids, positions, slots
+        logits_end = 3 * total + num_logits
+        int64_inputs[3 * total:logits_end] = query_end[logits_rows] - 1
+        if num_pending:
             assert self._inflight is not None, "a position past the known tokens with no step in flight"
             index = self._inflight[0]
-            i64[end:end + m] = cu[pending_rows] - 1
-            i64[end + m:] = [index[batch.req_ids[row]] for row in pending_rows.tolist()]
-        i32 = np.empty(2 * n + 1 + n * max_blocks, dtype=np.int32)
-        i32[:n + 1], i32[n + 1:2 * n + 1] = query_start_loc, seq_lens
-        i32[2 * n + 1:].reshape(n, max_blocks)[:] = batch.block_table[:n, :max_blocks]
-        dev_i64, dev_i32 = self._to_device(i64), self._to_device(i32)
-        if m:  # the previous step's samples, straight from the device: no host round trip between the steps
-            dev_i64[:total][dev_i64[end:end + m]] = self._inflight[1][dev_i64[end + m:]]
+            int64_inputs[logits_end:logits_end + num_pending] = query_end[pending_rows] - 1
+            int64_inputs[logits_end + num_pending:] = [index[batch.req_ids[row]] for row in pending_rows.tolist()]
+        # int32 layout: query_start_loc (num_reqs + 1), seq_lens (num_reqs), block_table (num_reqs x max_blocks)
+        int32_inputs = np.empty(2 * num_reqs + 1 + num_reqs * max_blocks, dtype=np.int32)
+        int32_inputs[:num_reqs + 1], int32_inputs[num_reqs + 1:2 * num_reqs + 1] = query_start_loc, seq_lens
+        int32_inputs[2 * num_reqs + 1:].reshape(num_reqs, max_blocks)[:] = batch.block_table[:num_reqs, :max_blocks]
+        dev_int64, dev_int32 = self._to_device(int64_inputs), self._to_device(int32_inputs)
+        if num_pending:  # the previous step's samples, straight from the device: no host round trip between steps
+            pending_flat = dev_int64[logits_end:logits_end + num_pending]
+            dev_int64[:total][pending_flat] = self._inflight[1][dev_int64[logits_end + num_pending:]]
         if self.lora is not None:
-            self.lora.prepare([s.lora_request for s in batch.states[:n]], counts, logits_rows)
+            self.lora.prepare([s.lora_request for s in batch.states[:num_reqs]], num_scheduled, logits_rows)
         common = CommonAttentionMetadata(
-            query_start_loc=dev_i32[:n + 1], seq_lens=dev_i32[n + 1:2 * n + 1],
-            block_table=dev_i32[2 * n + 1:].view(n, max_blocks), slot_mapping=dev_i64[2 * total:3 * total],
-            query_start_loc_cpu=torch.from_numpy(i32[:n + 1]), seq_lens_cpu=torch.from_numpy(i32[n + 1:2 * n + 1]),
-            num_reqs=n, num_actual_tokens=total, max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
+            query_start_loc=dev_int32[:num_reqs + 1], seq_lens=dev_int32[num_reqs + 1:2 * num_reqs + 1],
+            block_table=dev_int32[2 * num_reqs + 1:].view(num_reqs, max_blocks),
+            slot_mapping=dev_int64[2 * total:3 * total],
+            query_start_loc_cpu=torch.from_numpy(int32_inputs[:num_reqs + 1]),
+            seq_lens_cpu=torch.from_numpy(int32_inputs[num_reqs + 1:2 * num_reqs + 1]), num_reqs=num_reqs,
+            num_actual_tokens=total, max_query_len=int(num_scheduled.max()), max_seq_len=int(seq_lens.max()),
             block_size=bs)
-        return dev_i64[:total], dev_i64[total:2 * total], common, dev_i64[3 * total:end], logits_rows
+        return StepInputs(dev_int64[:total], dev_int64[total:2 * total], common, dev_int64[3 * total:logits_end],
+                          logits_rows)
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         """A fresh device tensor of `a`. On CUDA the copy is asynchronous, through pinned memory from torch's
@@ -250,7 +274,9 @@ class PagedModelRunner(ModelRunner):
         if scheduler_output.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
             return RunnerFuture(ModelRunnerOutput([], {}, [], None))
         spec = self.spec.prepare(scheduler_output) if self.spec is not None else None
-        input_ids, positions, common, logits_indices, rows = self._prepare_inputs(scheduler_output)
+        inputs = self._prepare_inputs(scheduler_output)
+        input_ids, positions, common = inputs.input_ids, inputs.positions, inputs.common
+        logits_indices, rows = inputs.logits_indices, inputs.logits_rows
         step = sample_rows = None
         if spec is not None:
             step = self.spec.make_step(spec, rows)
@@ -261,13 +287,17 @@ class PagedModelRunner(ModelRunner):
                 self.lora.prepare([s.lora_request for s in batch.states[:batch.num_reqs]], counts, sample_rows)
         prompt_lp_rows = np.nonzero(batch.wants_prompt_logprobs[:batch.num_reqs])[0]
         if self.graphs is not None and not len(prompt_lp_rows) and self.graphs.can_run(common):
-            logits = self.graphs.run(input_ids, positions, common)[logits_indices]
+            hidden, logits = self.graphs.run(input_ids, positions, common)
+            logits_hidden, logits = hidden[logits_indices], logits[logits_indices]
         else:
             fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
             hidden = self.run_model(input_ids, positions, fb)
-            logits = self.bundle.model.compute_logits(hidden[logits_indices])
+            logits_hidden = hidden[logits_indices]
+            logits = self.bundle.model.compute_logits(logits_hidden)
             if len(prompt_lp_rows):
                 self._prompt_logprobs(hidden, common, prompt_lp_rows)
+        # the proposer's input: the target's hidden states at the logits rows (the sampled positions)
+        proposer_hidden = logits_hidden if self.spec is not None and self.spec.wants_hidden_states else None
         if step is not None or self.logits_hook is not None:  # greedy and plain sampling cast only if they must
             logits = logits.float()
         if self.logits_hook is not None:
@@ -282,10 +312,11 @@ class PagedModelRunner(ModelRunner):
         else:
             ids, lps = sample(logits, self._sampling_metadata(rows, logits.shape[-1]))
         if step is not None:  # drafts were verified: the accepted runs are folded by `SpecStep.fold`
-            return _StepFuture(self, rows, ids, lps, step)
-        return self._launched(rows, ids, lps)
+            return _StepFuture(self, rows, ids, lps, step, proposer_hidden)
+        return self._launched(rows, ids, lps, proposer_hidden)
 
-    def _launched(self, rows: np.ndarray, ids: torch.Tensor, lps) -> RunnerFuture:
+    def _launched(self, rows: np.ndarray, ids: torch.Tensor, lps, proposer_hidden: torch.Tensor | None
+                  ) -> RunnerFuture:
         """The step's future. Everything it reports is taken from the batch now, since with async scheduling the
         next step rearranges the batch before this one is collected; its samples are folded in by request id."""
         batch = self.batch
@@ -295,7 +326,7 @@ class PagedModelRunner(ModelRunner):
         self._inflight = ({rid: i for i, rid in enumerate(sampled_req_ids)}, ids)
         want = None if lps is None else [batch.states[r].sampling_params.num_logprobs for r in row_list]
         self._last_future = _AsyncStepFuture(self, req_ids, row_list, sampled_req_ids, _HostCopy(ids, lps), want,
-                                             self._take_prompt_logprobs(rows))
+                                             self._take_prompt_logprobs(rows), proposer_hidden)
         return self._last_future
 
     def _fold_sampled(self, req_ids: list[str], token_ids: list[int]) -> None:
@@ -332,12 +363,13 @@ class PagedModelRunner(ModelRunner):
             lp = compute_logprobs(logprobs, torch.tensor(targets, device=logprobs.device), k)
             state.prompt_logprobs[first + 1:last + 1] = to_token_logprobs(targets, lp, [k] * len(targets))
 
-    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps, step) -> ModelRunnerOutput:
+    def _finish_step(self, rows: np.ndarray, ids: torch.Tensor, lps, step, proposer_hidden: torch.Tensor | None
+                     ) -> ModelRunnerOutput:
         """A speculative step's result: its accepted runs folded into the batch, then the next drafts proposed."""
         sampled, logprobs = step.fold(self.batch, rows, ids.cpu().numpy(), lps)  # the step's one device sync
         out = ModelRunnerOutput(list(self.batch.req_ids), dict(self.batch.index), sampled, logprobs,
                                 self._take_prompt_logprobs(rows))
-        self.spec.after_step(out, rows, step)
+        self.spec.after_step(out, rows, step, proposer_hidden)
         return out
 
     def _take_prompt_logprobs(self, rows: np.ndarray) -> dict:
@@ -353,14 +385,15 @@ class PagedModelRunner(ModelRunner):
 
 
 class _StepFuture(RunnerFuture):
-    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps, step):
+    def __init__(self, runner: PagedModelRunner, rows: np.ndarray, ids: torch.Tensor, lps, step,
+                 proposer_hidden: torch.Tensor | None):
         super().__init__()
-        self._args = (runner, rows, ids, lps, step)
+        self._args = (runner, rows, ids, lps, step, proposer_hidden)
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
-            runner, rows, ids, lps, step = self._args
-            self._output = runner._finish_step(rows, ids, lps, step)
+            runner, rows, ids, lps, step, proposer_hidden = self._args
+            self._output = runner._finish_step(rows, ids, lps, step, proposer_hidden)
             self._args = None
         return self._output
 
@@ -392,13 +425,13 @@ class _HostCopy:
 
 class _AsyncStepFuture(RunnerFuture):
     def __init__(self, runner: PagedModelRunner, req_ids: list[str], rows: list[int], sampled_req_ids: list[str],
-                 host: _HostCopy, want: list | None, prompt_logprobs: dict):
+                 host: _HostCopy, want: list | None, prompt_logprobs: dict, proposer_hidden: torch.Tensor | None):
         super().__init__()
-        self._args = (runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs)
+        self._args = (runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs, proposer_hidden)
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
-            runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs = self._args
+            runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs, proposer_hidden = self._args
             host.wait()  # the step's one device -> host sync
             ids = host.ids.tolist()
             runner._fold_sampled(sampled_req_ids, ids)
@@ -414,7 +447,7 @@ class _AsyncStepFuture(RunnerFuture):
             self._output = ModelRunnerOutput(req_ids, index, sampled, logprobs, prompt_logprobs)
             self._args = None
             if runner.spec is not None:  # a step without drafts (synchronous then): propose the next ones
-                runner.spec.after_step(self._output, np.asarray(rows, dtype=np.int64), None)
+                runner.spec.after_step(self._output, np.asarray(rows, dtype=np.int64), None, proposer_hidden)
         return self._output
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from weavelm.core.forward import CommonAttentionMetadata, ForwardBatch
-from weavelm.plugins.workers.sampler import SamplingMetadata, sample
+from weavelm.sample.sampler import SamplingMetadata, sample
 from weavelm.utils import cdiv
 
 PROFILE_CHUNK = 512

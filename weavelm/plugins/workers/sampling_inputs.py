@@ -1,5 +1,5 @@
-"""Host side of sampling: SamplingMetadata from the persistent batch's rows, and logprob tensors back into the
-{token_id: Logprob} dicts that ModelRunnerOutput carries.
+"""Host side of sampling: SamplingMetadata from the persistent batch's rows (logprob tensors go back into
+{token_id: Logprob} dicts with `weavelm.sample.logprobs.to_token_logprobs`).
 
 The per-row Python work runs only for rows that use a feature (penalties, logit bias, bad words, min_tokens,
 logprobs); a batch that uses none builds the same metadata as before these features existed.
@@ -12,9 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from weavelm.core.outputs import Logprob, TokenLogprobs
 from weavelm.plugins.workers.input_batch import InputBatch
-from weavelm.plugins.workers.sampler import PenaltyMetadata, SampledLogprobs, SamplingMetadata, SparseLogits
+from weavelm.sample.sampler import PenaltyMetadata, SamplingMetadata, SparseLogits
 
 
 def build_sampling_metadata(b: InputBatch, rows: np.ndarray, device: torch.device, vocab_size: int,
@@ -91,19 +90,3 @@ def _penalties(b: InputBatch, rows: np.ndarray, pen_rows: list[int], device: tor
                            torch.from_numpy(token_ids).to(device), torch.from_numpy(is_output).to(device),
                            any_repetition=bool((values[:, 2] != 1).any()),
                            any_presence_frequency=bool((values[:, :2] != 0).any()))
-
-
-def to_token_logprobs(ids: list[int], lp: SampledLogprobs, want: list[int | None]) -> list[TokenLogprobs | None]:
-    """One {token_id: Logprob} per row: the chosen token first, then the row's top `want[i]` (None: skipped)."""
-    sampled, ranks = lp.sampled.tolist(), lp.sampled_rank.tolist()
-    top_ids, top_lps = lp.top_ids.tolist(), lp.top_logprobs.tolist()
-    out: list[TokenLogprobs | None] = []
-    for i, n in enumerate(want):
-        if n is None:
-            out.append(None)
-            continue
-        d = {ids[i]: Logprob(sampled[i], ranks[i])}
-        for r in range(n):
-            d.setdefault(top_ids[i][r], Logprob(top_lps[i][r], r + 1))
-        out.append(d)
-    return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from weavelm.plugins.workers.sampler import SamplingMetadata, apply_top_k_top_p_min_p
+from weavelm.sample.sampler import SamplingMetadata, apply_top_k_top_p_min_p
 
 BUCKET = 256
 CANDIDATES = 512

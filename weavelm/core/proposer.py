@@ -52,14 +52,25 @@ class ProposerContext:
 
 @dataclass
 class ProposeInput:
-    """The rows to propose for, after this step's tokens were appended.
+    """The rows to propose for, after this step's tokens were appended: the batch as a proposer sees it.
 
     req_ids: one per row. token_ids[i]: the row's known tokens (prompt + output), a read-only int64 array.
+    num_computed_tokens: (rows,) int64, the tokens whose KV the target's cache holds: every known token but the
+    last sampled one, so len(token_ids[i]) - 1.
+    sampled_token_ids[i]: the tokens this step emitted for the row (accepted drafts, then one token from the target;
+    one token after a step without drafts), the tail of token_ids[i].
+    positions: (sum of len(sampled_token_ids[i]),) int64, row by row: the position whose target output each sampled
+    token was drawn from (sampled token j of row i is token_ids[i][positions[k] + 1]).
+    hidden_states: (sum of len(sampled_token_ids[i]), hidden_size) on the runner's device in the model's dtype: the
+    target model's final hidden state (the LM head's input) at each of `positions`, in the same order; what an
+    EAGLE-style head drafts from. None unless the proposer sets `uses_hidden_states`.
     max_tokens[i]: the most drafts the row may get (<= num_speculative_tokens; fewer near max_model_len, near the
     request's max_tokens or, for a KV-using proposer, near the end of the blocks reserved for it).
     block_table: (rows, max_blocks) int32, each row's KV block ids (valid up to num_blocks[i]); num_blocks: (rows,).
     temperature: (rows,) float32, 0 = greedy. generators[i]: the request's torch.Generator when seeded, else None;
     a proposer that samples must draw a seeded row's randomness from it, so seeded requests stay reproducible.
+    The runner always sets num_computed_tokens, sampled_token_ids and positions; they default to None only so that a
+    test can build a ProposeInput by hand.
     """
 
     req_ids: list[str]
@@ -69,6 +80,10 @@ class ProposeInput:
     num_blocks: np.ndarray
     temperature: np.ndarray
     generators: list[Any]
+    num_computed_tokens: np.ndarray | None = None
+    sampled_token_ids: list[list[int]] | None = None
+    positions: np.ndarray | None = None
+    hidden_states: torch.Tensor | None = None
 
 
 @dataclass
@@ -89,10 +104,13 @@ class Proposer(Component, ABC):
     `uses_kv_cache`: the proposer keeps its own paged KV cache (a draft model). The scheduler then reserves
     `num_speculative_tokens` lookahead slots in each sampling request's block table so the proposer can write the
     KV of its drafts there; the blocks it may use for row i are `block_table[i, :num_blocks[i]]`.
+    `uses_hidden_states`: `ProposeInput.hidden_states` is filled (an EAGLE or Medusa head drafts from the target's
+    hidden states); otherwise it is None and the runner keeps no hidden states for the proposer.
     """
 
     Options: ClassVar[type[BaseModel]] = ProposerOptions
     uses_kv_cache: ClassVar[bool] = False
+    uses_hidden_states: ClassVar[bool] = False
 
     def __init__(self, options: ProposerOptions, context: ProposerContext):
         self.options = options

@@ -1,5 +1,5 @@
-"""Sampling on the device: logits processors (penalties, logit bias, banned tokens), greedy, temperature, top-k,
-top-p, min-p, per-request seeds, logprobs with top-N alternatives.
+"""Sampling, shared by every runner and by speculative decoding: logits processors (penalties, logit bias, banned
+tokens), greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs with top-N alternatives.
 
 The host transfers are the sampled ids (and their logprobs when asked for). A seeded request draws its noise from
 its own generator, and every processor works on its own row, so its tokens do not depend on what else is in the
@@ -112,6 +112,20 @@ def apply_logits_processors(logits: torch.Tensor, m: SamplingMetadata) -> torch.
     return logits
 
 
+def select_rows(m: SamplingMetadata, rows: torch.Tensor) -> SamplingMetadata:
+    """The metadata of a subset of the rows (`rows`: (r,) int64 indices into m's rows), without logits processors
+    or logprobs: for logits the processors were already applied to. Seeded rows keep their generators."""
+    if m.all_greedy:
+        empty = m.temperature
+        return SamplingMetadata(empty, empty, empty, empty, True, False, False, False, {}, False,
+                                step_seed=m.step_seed)
+    position = {int(r): i for i, r in enumerate(rows.tolist())}
+    gens = {position[r]: g for r, g in m.generators.items() if r in position}
+    rows = rows.to(m.temperature.device)
+    return SamplingMetadata(m.temperature[rows], m.top_k[rows], m.top_p[rows], m.min_p[rows], False, m.any_top_k,
+                            m.any_top_p, m.any_min_p, gens, False, step_seed=m.step_seed)
+
+
 def apply_top_k_top_p_min_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
     """Mask logits outside each row's top-k / nucleus / min-p set with -inf (always keeps the argmax)."""
     if not (m.any_top_k or m.any_top_p or m.any_min_p):
@@ -166,7 +180,7 @@ def sample(logits: torch.Tensor, m: SamplingMetadata) -> tuple[torch.Tensor, Sam
     elif m.all_greedy:
         ids = logits.argmax(dim=-1)
     elif logits.device.type == "cpu":  # one uniform number per row instead of one per token (cpu_sampling.py)
-        from weavelm.plugins.workers.cpu_sampling import sample_cpu
+        from weavelm.sample.cpu_sampling import sample_cpu
         ids = sample_cpu(logits, m)
     else:
         ids = exponential_race(logits, m)

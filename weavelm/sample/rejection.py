@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from weavelm.plugins.workers.sampler import SamplingMetadata, apply_logits_processors, apply_top_k_top_p_min_p
+from weavelm.sample.sampler import SamplingMetadata, apply_logits_processors, apply_top_k_top_p_min_p
 
 
 def target_probs(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
