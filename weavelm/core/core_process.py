@@ -199,17 +199,11 @@ def dead_error(pid: int | None, exitcode: int | None, report: tuple[str, str, Ba
     """The error for a dead core process: names it, its pid, exit code or signal (or `how` it failed), and the
     traceback it sent. Carries `pid`, `exitcode`, `traceback` (text or None) and `startup_error` (the exception, if
     it pickled)."""
-    if how is not None:
-        pass
-    elif exitcode is None:
-        how = "died"
-    elif exitcode < 0:
-        try:
-            how = f"was killed by signal {signal.Signals(-exitcode).name}"
-        except ValueError:
-            how = f"was killed by signal {-exitcode}"
-    else:
-        how = f"exited with code {exitcode}"
+    if how is None:
+        how = "died" if exitcode is None else f"exited with code {exitcode}"
+        if exitcode is not None and exitcode < 0:
+            name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else -exitcode
+            how = f"was killed by signal {name}"
     message = f"the {PROCESS_NAME} process (pid {pid}) {how}"
     if report is not None:
         message += f" after an error: {report[0]}\n{report[1].rstrip()}"
