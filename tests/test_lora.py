@@ -213,10 +213,11 @@ def test_tensor_parallel_lora_shards_sum_to_the_whole(world):
     """Each rank's wrapped QKV / gate-up (B's rows sharded) and o / down (A's columns sharded) layers, with the
     collectives left out, concatenate / sum to the whole-weight LoRA result."""
     from tests.test_tensor_parallel import LocalGroup
-    from weavelm.lora.layers import LoRABatchState
+    from weavelm.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+    from weavelm.lora.batch import LoRABatchState
+    from weavelm.lora.layers import (MergedColumnParallelLinearWithLoRA, QKVParallelLinearWithLoRA,
+                                     RowParallelLinearWithLoRA)
     from weavelm.lora.ops import lora_reference
-    from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear,
-                                                        RowParallelLinear)
 
     hidden, head_dim, heads, kv_heads, inter, r = 32, 4, 8, 2, 48, 4
     g = torch.Generator().manual_seed(0)
@@ -231,7 +232,6 @@ def test_tensor_parallel_lora_shards_sum_to_the_whole(world):
         a, b = ab[m]
         return lora_reference(inp, slots, a[None], b[None])
 
-    from weavelm.lora.layers import LoRALinear
     qkv_parts, gu_parts, o_out, down_out = [], [], 0, 0
     for rank in range(world):
         tp = LocalGroup(rank, world)
@@ -243,18 +243,18 @@ def test_tensor_parallel_lora_shards_sum_to_the_whole(world):
         down = RowParallelLinear(inter, hidden, False, tp)
         for layer in (qkv, gu, o, down):
             layer.weight.data.zero_()
-        kv_start = (rank // qkv.kv_replicas) * qkv.kv_size
-        wq = LoRALinear(qkv, [("q_proj", 0, qkv.q_size, rank * qkv.q_size),
-                              ("k_proj", qkv.q_size, qkv.kv_size, kv_start),
-                              ("v_proj", qkv.q_size + qkv.kv_size, qkv.kv_size, kv_start)], state, 1, r, False)
+        kw = dict(dtype=torch.float32, device=torch.device("cpu"))
+        wq = QKVParallelLinearWithLoRA(qkv, state, 1, r, **kw)
+        wg = MergedColumnParallelLinearWithLoRA(gu, state, 1, r, **kw)
+        wo, wd = RowParallelLinearWithLoRA(o, state, 1, r, **kw), RowParallelLinearWithLoRA(down, state, 1, r, **kw)
+        assert all(type(w).can_replace_layer(base) for w, base in ((wq, qkv), (wg, gu), (wo, o), (wd, down)))
+        assert not QKVParallelLinearWithLoRA.can_replace_layer(gu)
+        assert not RowParallelLinearWithLoRA.can_replace_layer(qkv)
         s0, s1 = gu.sizes
-        wg = LoRALinear(gu, [("gate_proj", 0, s0, rank * s0), ("up_proj", s0, s1, rank * s1)], state, 1, r, False)
-        wo = LoRALinear(o, [("o_proj", 0, hidden, 0)], state, 1, r, True)
-        wd = LoRALinear(down, [("down_proj", 0, hidden, 0)], state, 1, r, True)
         for w, names in ((wq, ("q_proj", "k_proj", "v_proj")), (wg, ("gate_proj", "up_proj")), (wo, ("o_proj",)),
                          (wd, ("down_proj",))):
-            for n in names:
-                w.set_part(0, n, *ab[n])
+            for part, n in enumerate(names):
+                w.set_lora(0, part, *ab[n])
         y = wq(x)
         qkv_parts.append(y.split([qkv.q_size, qkv.kv_size, qkv.kv_size], -1))
         gu_parts.append(wg(x).split([s0, s1], -1))

@@ -187,7 +187,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup):
         super().__init__()
-        self.tp = tp
+        self.tp, self.out_features = tp, out_features
         self.in_per_rank = tp.divide(in_features, "input features")
         self.weight = _param((out_features, self.in_per_rank), self.weight_loader)
         self.bias = _param((out_features,), default_weight_loader) if bias else None
