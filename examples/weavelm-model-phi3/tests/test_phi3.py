@@ -29,7 +29,7 @@ class TestPhi3LongRope(ModelContract):
 
     @pytest.mark.skip(reason="covered by TestPhi3: the rope does not change how the layers shard")
     def test_tensor_parallel_matches_single_rank(self):
-        pass
+        raise AssertionError("skipped")
 
 
 def test_unsupported_rope_type_is_a_typed_error(tmp_path):
