@@ -1,6 +1,7 @@
-"""The shipped model-architecture contract (`weavelm.testing.model`) on the built-in Llama and Qwen3: parity of
-tokens and logits with transformers, two tensor-parallel ranks, LoRA against peft's merge (on one and two ranks),
-and n-gram speculation; and tokens and logits with yarn and llama3 rope scaling. The Phi-3 example runs the same suite from its own folder (tests/test_phi3_example.py)."""
+"""The shipped model-architecture contract (`weavelm.testing.model`) on the built-in Llama and Qwen3: parity of tokens
+and logits with transformers, two tensor-parallel ranks, LoRA against peft's merge (on one and two ranks), and
+n-gram speculation; and tokens and logits with yarn and llama3 rope scaling. The Phi-3 example runs the same suite
+from its own folder (tests/test_phi3_example.py)."""
 
 from __future__ import annotations
 
