@@ -1,4 +1,4 @@
-"""Non-attention layer ops, torch eager (the layers' reference path) vs the Triton kernels of models/triton_ops.py.
+"""Non-attention layer ops, torch eager (the layers' reference path) vs the Triton kernels of layers/triton_ops.py.
 
 On the GPU machine, from the repo root (Qwen3-0.6B sizes by default: hidden 1024, 16 query / 8 KV heads of 128,
 intermediate 3072, bf16, 256 and 8192 tokens):
@@ -42,8 +42,8 @@ def make_cases(args, torch, device, dtype):
     """Yields (tokens, {op: (torch_fn, triton_fn, bytes_moved)}); every fn returns a tuple of tensors."""
     from transformers import LlamaConfig
 
-    from weavelm.plugins.models import triton_ops as ops
-    from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+    from weavelm.layers import triton_ops as ops
+    from weavelm.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 
     g = torch.Generator().manual_seed(0)
 

@@ -7,7 +7,8 @@
 - Bad input, each failing only its request while the others finish: rank above max_lora_rank, a module the model
   lacks, mismatched shapes, a missing path, an unknown adapter name, a `.bin` whose pickle would run code.
 - A `.bin` adapter loads; config errors; `LLM.get_stats()` counts active adapters; tensor-parallel shards of the
-  LoRA weights sum to the whole-weight result, and a two-rank (multiproc, gloo) engine matches peft's merge.
+  LoRA weights sum to the whole-weight result. Two-rank (multiproc, gloo) engines with adapters are the model
+  contract's (tests/test_model_contract.py: Llama on every projection, Qwen3 with embedding and head adapters).
 """
 
 from __future__ import annotations
@@ -213,10 +214,11 @@ def test_tensor_parallel_lora_shards_sum_to_the_whole(world):
     """Each rank's wrapped QKV / gate-up (B's rows sharded) and o / down (A's columns sharded) layers, with the
     collectives left out, concatenate / sum to the whole-weight LoRA result."""
     from tests.test_tensor_parallel import LocalGroup
-    from weavelm.lora.layers import LoRABatchState
+    from weavelm.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+    from weavelm.lora.batch import LoRABatchState
+    from weavelm.lora.layers import (MergedColumnParallelLinearWithLoRA, QKVParallelLinearWithLoRA,
+                                     RowParallelLinearWithLoRA)
     from weavelm.lora.ops import lora_reference
-    from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear,
-                                                        RowParallelLinear)
 
     hidden, head_dim, heads, kv_heads, inter, r = 32, 4, 8, 2, 48, 4
     g = torch.Generator().manual_seed(0)
@@ -231,7 +233,6 @@ def test_tensor_parallel_lora_shards_sum_to_the_whole(world):
         a, b = ab[m]
         return lora_reference(inp, slots, a[None], b[None])
 
-    from weavelm.lora.layers import LoRALinear
     qkv_parts, gu_parts, o_out, down_out = [], [], 0, 0
     for rank in range(world):
         tp = LocalGroup(rank, world)
@@ -243,18 +244,18 @@ def test_tensor_parallel_lora_shards_sum_to_the_whole(world):
         down = RowParallelLinear(inter, hidden, False, tp)
         for layer in (qkv, gu, o, down):
             layer.weight.data.zero_()
-        kv_start = (rank // qkv.kv_replicas) * qkv.kv_size
-        wq = LoRALinear(qkv, [("q_proj", 0, qkv.q_size, rank * qkv.q_size),
-                              ("k_proj", qkv.q_size, qkv.kv_size, kv_start),
-                              ("v_proj", qkv.q_size + qkv.kv_size, qkv.kv_size, kv_start)], state, 1, r, False)
+        kw = dict(dtype=torch.float32, device=torch.device("cpu"))
+        wq = QKVParallelLinearWithLoRA(qkv, state, 1, r, **kw)
+        wg = MergedColumnParallelLinearWithLoRA(gu, state, 1, r, **kw)
+        wo, wd = RowParallelLinearWithLoRA(o, state, 1, r, **kw), RowParallelLinearWithLoRA(down, state, 1, r, **kw)
+        assert all(type(w).can_replace_layer(base) for w, base in ((wq, qkv), (wg, gu), (wo, o), (wd, down)))
+        assert not QKVParallelLinearWithLoRA.can_replace_layer(gu)
+        assert not RowParallelLinearWithLoRA.can_replace_layer(qkv)
         s0, s1 = gu.sizes
-        wg = LoRALinear(gu, [("gate_proj", 0, s0, rank * s0), ("up_proj", s0, s1, rank * s1)], state, 1, r, False)
-        wo = LoRALinear(o, [("o_proj", 0, hidden, 0)], state, 1, r, True)
-        wd = LoRALinear(down, [("down_proj", 0, hidden, 0)], state, 1, r, True)
         for w, names in ((wq, ("q_proj", "k_proj", "v_proj")), (wg, ("gate_proj", "up_proj")), (wo, ("o_proj",)),
                          (wd, ("down_proj",))):
-            for n in names:
-                w.set_part(0, n, *ab[n])
+            for part, n in enumerate(names):
+                w.set_lora(0, part, *ab[n])
         y = wq(x)
         qkv_parts.append(y.split([qkv.q_size, qkv.kv_size, qkv.kv_size], -1))
         gu_parts.append(wg(x).split([s0, s1], -1))
@@ -270,6 +271,50 @@ def test_tensor_parallel_lora_shards_sum_to_the_whole(world):
     torch.testing.assert_close(torch.cat([p[1] for p in gu_parts], -1), whole("up_proj", x))
     torch.testing.assert_close(o_out, whole("o_proj", xo))
     torch.testing.assert_close(down_out, whole("down_proj", xd))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_fused_module_adapters_shard_by_part(world):
+    """An adapter of a fused checkpoint module (Phi-3's `qkv_proj` / `gate_up_proj`: one A, B over all parts) on
+    each rank's packed layer: every part's rows of B are sharded like that part, so the ranks' outputs reassemble
+    the whole-weight delta part by part (KV heads replicated when there are more ranks than KV heads)."""
+    from tests.test_tensor_parallel import LocalGroup
+    from weavelm.layers import MergedColumnParallelLinear, QKVParallelLinear
+    from weavelm.lora.batch import LoRABatchState
+    from weavelm.lora.layers import MergedColumnParallelLinearWithLoRA, QKVParallelLinearWithLoRA
+    from weavelm.lora.ops import lora_reference
+
+    hidden, head_dim, heads, kv_heads, inter, r = 32, 4, 8, 2, 48, 4
+    q, kv = heads * head_dim, kv_heads * head_dim
+    g = torch.Generator().manual_seed(3)
+    x, slots = torch.randn(4, hidden, generator=g), torch.tensor([0, 0, -1, 0])
+    a_qkv, b_qkv = torch.randn(r, hidden, generator=g), torch.randn(q + 2 * kv, r, generator=g)
+    a_gu, b_gu = torch.randn(r, hidden, generator=g), torch.randn(2 * inter, r, generator=g)
+    want_qkv = lora_reference(x, slots, a_qkv[None], b_qkv[None]).split([q, kv, kv], -1)
+    want_gu = lora_reference(x, slots, a_gu[None], b_gu[None]).split([inter, inter], -1)
+    got_qkv, got_gu = [], []
+    for rank in range(world):
+        tp = LocalGroup(rank, world)
+        state = LoRABatchState(1, 8, torch.device("cpu"))
+        state.tokens.set(slots.numpy())
+        qkv = QKVParallelLinear(hidden, head_dim, heads, kv_heads, False, tp)
+        gu = MergedColumnParallelLinear(hidden, [inter, inter], False, tp)
+        for layer in (qkv, gu):
+            layer.weight.data.zero_()
+        kw = dict(dtype=torch.float32, device=torch.device("cpu"))
+        wq = QKVParallelLinearWithLoRA(qkv, state, 1, r, **kw)
+        wg = MergedColumnParallelLinearWithLoRA(gu, state, 1, r, **kw)
+        assert wq.part_shapes() == [(hidden, q), (hidden, kv), (hidden, kv)]
+        wq.set_lora(0, None, a_qkv, b_qkv)
+        wg.set_lora(0, None, a_gu, b_gu)
+        got_qkv.append(wq(x).split([qkv.q_size, qkv.kv_size, qkv.kv_size], -1))
+        got_gu.append(wg(x).split(gu.sizes, -1))
+    step = max(1, world // kv_heads)
+    torch.testing.assert_close(torch.cat([p[0] for p in got_qkv], -1), want_qkv[0])
+    torch.testing.assert_close(torch.cat([p[1] for p in got_qkv[::step]], -1), want_qkv[1])
+    torch.testing.assert_close(torch.cat([p[2] for p in got_qkv[::step]], -1), want_qkv[2])
+    torch.testing.assert_close(torch.cat([p[0] for p in got_gu], -1), want_gu[0])
+    torch.testing.assert_close(torch.cat([p[1] for p in got_gu], -1), want_gu[1])
 
 
 def test_embedding_adapters_on_tied_embeddings_are_refused(tmp_path, one_torch_thread):
@@ -302,18 +347,6 @@ def test_prompt_logprobs_use_the_adapter(tiny_llama, adapters, one_torch_thread)
     got = [entry[tok].logprob for entry, tok in zip(out.prompt_logprobs[1:], prompt[1:])]
     want = [ref[i, tok].item() for i, tok in enumerate(prompt[1:])]
     assert got == pytest.approx(want, abs=1e-4)
-
-
-@pytest.mark.slow
-def test_tensor_parallel_engine_with_mixed_adapters(tiny_llama, adapters):
-    """Two gloo ranks (multiproc): every wrapped layer holds its shard of A or B; tokens equal peft's merge."""
-    loras = _requests(adapters["llama"])
-    with LLM(model=tiny_llama, dtype="float32", device="cpu", lora={"max_loras": 3, "max_lora_rank": 16},
-             executor={"name": "multiproc", "tensor_parallel_size": 2}) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, lora_request=loras)
-    for prompt, lora, out in zip(PROMPTS, loras, outs):
-        assert out.outputs[0].token_ids == merged_greedy(tiny_llama, None if lora is None else lora.lora_path, prompt,
-                                                         MAX_TOKENS), lora
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])

@@ -72,10 +72,10 @@ def test_engine_with_triton_lora_layers_matches_merged_transformers(kernels, tin
     pytest.importorskip("peft")
     from tests.lora_fixtures import ADAPTERS, build_adapter, merged_greedy
     from weavelm import LLM, LoRARequest, SamplingParams
-    from weavelm.lora import layers
+    from weavelm.lora import batch
 
     if not ON_GPU:
-        monkeypatch.setattr(layers, "use_triton", lambda x: True)
+        monkeypatch.setattr(batch, "use_triton", lambda x: True)
     path = build_adapter(tiny_llama, str(tmp_path / "mix16"), *ADAPTERS["mix16"], seed=2)
     prompts = [[5, 17, 33, 8, 99, 4], [7, 7, 21, 300, 11]]
     with LLM(model=tiny_llama, dtype="float32", device="cpu", lora={"max_loras": 2, "max_lora_rank": 16}) as llm:

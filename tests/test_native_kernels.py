@@ -60,7 +60,7 @@ def test_block_packs_hold_llama_cpp_values_and_multiply_in_fp32(ggml_type, rows)
 
 
 def test_elementwise_kernels_match_the_torch_layers():
-    from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+    from weavelm.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 
     g = torch.Generator().manual_seed(1)
     norm = RMSNorm(96, eps=1e-5)

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from tests.model_fixtures import TP_FIXTURES, build_tiny_model
 from weavelm.distributed import TensorParallelGroup
-from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                                    VocabParallelEmbedding)
+from weavelm.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from weavelm.utils import cdiv
 
 PROMPTS = [[5, 17, 42, 99, 3], list(range(10, 21)), [7, 300, 8], list(range(100, 117))]
@@ -295,7 +294,7 @@ def _layers_rank_main(rank: int, world: int, port: int) -> None:
     """Embedding -> QKV -> (a per-head product standing in for attention) -> o_proj -> tied head, with the real
     collectives, against the same computation on whole weights in this process."""
     from weavelm.distributed import destroy_distributed, init_distributed
-    from weavelm.plugins.models.parallel_layers import ParallelLMHead
+    from weavelm.layers import ParallelLMHead
 
     torch.set_num_threads(1)
     tp = init_distributed(rank, world, f"tcp://127.0.0.1:{port}", "gloo")

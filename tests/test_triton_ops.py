@@ -1,4 +1,4 @@
-"""Triton kernels of the non-attention hot path (models/triton_ops.py) against the torch path of models/layers.py.
+"""Triton kernels of the non-attention hot path (layers/triton_ops.py) against the torch path of weavelm.layers.
 
 Without CUDA the kernels run in triton's interpreter (TRITON_INTERPRET=1, set for this module only) at tiny shapes.
 The kernels keep the torch path's rounding order, so half-precision results differ from it only where an fp32
@@ -19,7 +19,7 @@ import torch
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-OPS = "weavelm.plugins.models.triton_ops"
+OPS = "weavelm.layers.triton_ops"
 
 
 def _import_triton_for_interpreter():
@@ -46,8 +46,9 @@ if ON_GPU:
 else:
     _import_triton_for_interpreter()
 
-from weavelm.plugins.models import layers
-from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, _rotate
+from weavelm.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from weavelm.layers import kernels as layers
+from weavelm.layers.rotary import _rotate
 
 # (max ulps, fraction of elements that may differ at all) from the torch path
 ULP_BUDGET = {torch.float16: (2, 1e-2), torch.bfloat16: (2, 1e-2) if ON_GPU else (8, 1.0)}
@@ -217,7 +218,7 @@ def test_empty_batches(ops):
 def test_env_var_and_import_lightness():
     """WEAVELM_DISABLE_TRITON_OPS=1 keeps new layers on torch; building the models' layers never imports triton."""
     code = ("import os, sys, weavelm.plugins.models.llama, weavelm.plugins.models.qwen3\n"
-            "from weavelm.plugins.models.layers import RMSNorm, SiluAndMul\n"
+            "from weavelm.layers import RMSNorm, SiluAndMul\n"
             "for v in ('1', '0'):\n"
             "    os.environ['WEAVELM_DISABLE_TRITON_OPS'] = v\n"
             "    print(RMSNorm(8).use_triton, SiluAndMul().use_triton)\n"

@@ -2,7 +2,7 @@
 
 A worker of a multi-rank executor calls `init_distributed` once in `init_device` (before building the model), then
 hands `TensorParallelGroup(rank, world_size)` to its runner through `RunnerContext.tp`. The model's parallel layers
-(`plugins/models/parallel_layers.py`) shard their weights by the group's rank and call `all_reduce` / `all_gather`
+(`weavelm.layers`) shard their weights by the group's rank and call `all_reduce` / `all_gather`
 on torch.distributed's default (WORLD) process group. A single-rank group (the default) never touches
 torch.distributed: every collective is a no-op and no process group is needed.
 

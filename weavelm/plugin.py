@@ -8,6 +8,10 @@
     def weavelm_register(registry):
         registry.add("attention", MyBackend.name, MyBackend)
 
+A model plugin builds its architecture from the public layer library, `weavelm.layers` (tensor-parallel linears,
+vocabulary-parallel embedding and head, RMSNorm, rotary, SiLU-and-mul, the attention layer); its key classes are
+re-exported here. Every registered kind's ABC is here too (`COMPONENT_KINDS` -> `KIND_ABCS`).
+
 Names exported here follow `API_VERSION` (semantic: a major bump breaks plugins, a minor one only adds).
 Anything not exported here is internal and may change without notice.
 """
@@ -18,8 +22,8 @@ from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, Forward
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.graph_variants import CudaGraphVariants
 from weavelm.core.interfaces import (API_VERSION, COMPONENT_KINDS, AttentionBackend, AttentionImpl,
-                                     AttentionMetadataBuilder, Component, Executor, ModelArchitecture,
-                                     ModelLoader, ModelRunner, NoOptions, Scheduler, Worker)
+                                     AttentionMetadataBuilder, Component, Executor, LoRAManager,
+                                     ModelArchitecture, ModelLoader, ModelRunner, NoOptions, Scheduler, Worker)
 from weavelm.core.kv_cache import KVCacheManager, KVCacheStats
 from weavelm.core.proposer import Proposal, ProposeInput, Proposer, ProposerContext, ProposerOptions
 from weavelm.core.quantization import QuantizationConfig, QuantizedTensor, QuantizeMethodBase, QuantSpec
@@ -27,10 +31,18 @@ from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRun
                                   RunnerFuture, SchedulerOutput, SchedulerStats)
 from weavelm.core.request import Request, RequestStatus, SamplingParams
 from weavelm.errors import ConfigError, EngineError, LoadError, PluginError, RequestError, WeaveError
+from weavelm.layers import (Attention, ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead,
+                            QKVParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear, SiluAndMul,
+                            TensorParallelGroup, VocabParallelEmbedding, WeightsMapper, load_checkpoint)
 from weavelm.ops.cache_write import write_kv_cache
 from weavelm.scheduling import BaseScheduler, SchedulerOptions
 from weavelm.spec_decode.batch import SpecDecodeBatch, SpecDecodeLimits
 from weavelm.utils import cdiv
+
+KIND_ABCS = {"scheduler": Scheduler, "executor": Executor, "worker": Worker, "model_runner": ModelRunner,
+             "loader": ModelLoader, "attention": AttentionBackend, "model": ModelArchitecture,
+             "lora_manager": LoRAManager, "proposer": Proposer, "quantization": QuantizationConfig}
+"""The interface each registered kind's components implement (one entry per `COMPONENT_KINDS`)."""
 
 __all__ = [
     "API_VERSION", "COMPONENT_KINDS", "hookimpl",
@@ -45,5 +57,8 @@ __all__ = [
     "write_kv_cache", "cdiv",
     "Proposer", "ProposerOptions", "ProposerContext", "ProposeInput", "Proposal",
     "SpecDecodeBatch", "SpecDecodeLimits",
-    "QuantizationConfig", "QuantizeMethodBase", "QuantSpec", "QuantizedTensor",
+    "QuantizationConfig", "QuantizeMethodBase", "QuantSpec", "QuantizedTensor", "LoRAManager", "KIND_ABCS",
+    "TensorParallelGroup", "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
+    "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead", "RMSNorm", "RotaryEmbedding", "SiluAndMul",
+    "Attention", "WeightsMapper", "load_checkpoint",
 ]

@@ -373,12 +373,19 @@ class ModelArchitecture(torch.nn.Module):
     `load_weights` consumes checkpoint-named, whole-model tensors (`torch.Tensor` or
     `weavelm.core.model_files.LazyTensor`, whose `narrow` reads only a slice), copies this rank's shard, and returns
     the parameter names it filled.
+
+    Built from `weavelm.layers`, an architecture gets LoRA by declaring `packed_modules_mapping` (each packed
+    layer's checkpoint parts, e.g. `{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}`; empty when the checkpoint is
+    already fused) and `hf_to_weavelm_mapper` (a `weavelm.layers.WeightsMapper` from checkpoint module names to its
+    own; None: the same names).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoOptions
     hf_architectures: ClassVar[tuple[str, ...]] = ()
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {}
+    hf_to_weavelm_mapper: ClassVar[Any] = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         raise NotImplementedError

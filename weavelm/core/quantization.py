@@ -13,7 +13,7 @@ code does vLLM's three steps:
    consumes (int4/int8 packs on CPU; fp8 or GPU int4 layouts later) and free the dense weight.
 
 Afterwards a quantized layer's matmul is `layer.quant_method.apply(layer, x, bias)` (see
-`weavelm.plugins.models.parallel_layers.linear_apply`); a layer without a method runs `F.linear` on its weight.
+`weavelm.layers.linear_apply`); a layer without a method runs `F.linear` on its weight.
 Methods work on any device; each config says in `check(spec)` where it can run, as attention backends do.
 
 A method is opaque to the model and to the native CPU stack: they only call `apply` and `native_pack`. What a

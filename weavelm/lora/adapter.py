@@ -3,7 +3,8 @@
 `adapter_config.json` + `adapter_model.safetensors` (or `adapter_model.bin`, read with `weights_only=True` so a
 pickle that would run code is refused). Tensor names are PEFT's: `base_model.model.model.layers.3.self_attn.
 q_proj.lora_A.weight` (A: (r, in)), `...lora_B.weight` (B: (out, r)); the embedding's are `lora_embedding_A`
-(r, vocab) and `lora_embedding_B` (hidden, r). Every module's B is returned pre-scaled by `lora_alpha / r`
+(r, vocab) and `lora_embedding_B` (hidden, r). Which modules exist, and their shapes, is the model's
+`LoRATargets` (weavelm/lora/targets.py). Every module's B is returned pre-scaled by `lora_alpha / r`
 (`lora_alpha / sqrt(r)` with rsLoRA; `alpha_pattern` overrides alpha per module, and r is each module's own rank,
 which covers `rank_pattern`), so the forward adds `x A^T B^T`: what `peft`'s `merge_and_unload` folds in.
 """
@@ -20,38 +21,22 @@ from dataclasses import dataclass, field
 import torch
 
 from weavelm.errors import LoRAError
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SUPPORTED_MODULES = (*PROJECTIONS, "embed_tokens", "lm_head")
-_LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-_EMBED_KEY = re.compile(r"^(?:model\.)?embed_tokens\.lora_embedding_([AB])$")
-_HEAD_KEY = re.compile(r"^lm_head\.lora_([AB])\.weight$")
-# peft saves the base embedding / head beside their adapters (`save_embedding_layers`), for resized vocabularies
-_BASE_COPY = re.compile(r"^(?:model\.)?(embed_tokens|lm_head)\.base_layer\.weight$")
-
-
-@dataclass(frozen=True)
-class LoRATargets:
-    """What an adapter may touch in this model (whole-model shapes, before tensor-parallel sharding):
-    `shapes[module] = (in_features, out_features)`; for `embed_tokens` that is (vocab, hidden)."""
-
-    num_layers: int
-    shapes: dict[str, tuple[int, int]]
-    tied_embeddings: bool = False
+from weavelm.lora.targets import LoRATargets
 
 
 @dataclass
 class LoRAAdapter:
-    """A loaded adapter: `weights[(layer or None, module)] = (A (r, in), B (out, r) pre-scaled)`, fp32 on the host."""
+    """A loaded adapter: `weights[target name] = (A (r, in), B (out, r) pre-scaled)`, fp32 on the host (target
+    names are `LoRATargets.modules` keys)."""
 
     name: str
     int_id: int
     rank: int
-    weights: dict[tuple[int | None, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def modules(self) -> set[str]:
-        return {m for _, m in self.weights}
+        return {m.rsplit(".", 1)[-1] for m in self.weights}
 
 
 def load_adapter(lora_request, targets: LoRATargets, max_lora_rank: int) -> LoRAAdapter:
@@ -59,36 +44,37 @@ def load_adapter(lora_request, targets: LoRATargets, max_lora_rank: int) -> LoRA
     path, name = lora_request.lora_path, lora_request.lora_name
     where = f"LoRA adapter {name!r} ({path})"
     cfg = _read_config(path, where)
+    targets.check_target_modules(cfg.get("target_modules"), where)
     tensors = _read_tensors(path, where)
     alpha = cfg.get("lora_alpha", 8)
     rslora = bool(cfg.get("use_rslora", False))
-    parts: dict[tuple[int | None, str], dict[str, torch.Tensor]] = {}
-    module_paths: dict[tuple[int | None, str], str] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    module_paths: dict[str, str] = {}
     for key, tensor in tensors.items():
-        if _BASE_COPY.match(key.removeprefix("base_model.model.")):
-            _check_base_copy(key, tensor, where, targets)
+        parsed = targets.parse(key, where)
+        if parsed is None:
+            targets.check_base_copy(key, tensor, where)
             continue
-        layer, module, which = _parse_key(key, where, targets)
-        parts.setdefault((layer, module), {})[which] = tensor
-        module_paths[(layer, module)] = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        module, which, module_paths[module] = parsed
+        parts.setdefault(module, {})[which] = tensor
     adapter = LoRAAdapter(name, lora_request.lora_int_id, 0)
-    for (layer, module), ab in sorted(parts.items(), key=lambda kv: (kv[0][0] or -1, kv[0][1])):
-        label = module if layer is None else f"layers.{layer}.{module}"
+    for module, ab in sorted(parts.items()):
+        label = module
         if set(ab) != {"A", "B"}:
             raise LoRAError(f"{where}: {label} has lora_{''.join(ab)} but not its pair; the adapter file is "
                             f"incomplete, save it again with peft")
         a, b = ab["A"].float(), ab["B"].float()
         r = a.shape[0]
-        in_f, out_f = targets.shapes[module]
+        in_f, out_f = targets.modules[module].in_features, targets.modules[module].out_features
         if a.dim() != 2 or b.dim() != 2 or a.shape != (r, in_f) or b.shape != (out_f, r):
             raise LoRAError(f"{where}: {label} has A {tuple(a.shape)} and B {tuple(b.shape)}, but this model needs "
                             f"A (r, {in_f}) and B ({out_f}, r); the adapter was made for a different base model")
         if r > max_lora_rank:
             raise LoRAError(f"{where}: {label} has rank {r}, above lora.max_lora_rank={max_lora_rank}; raise "
                             f"max_lora_rank to at least {r}")
-        a_alpha = _alpha_for(cfg.get("alpha_pattern") or {}, module_paths[(layer, module)], alpha)
+        a_alpha = _alpha_for(cfg.get("alpha_pattern") or {}, module_paths[module], alpha)
         scale = a_alpha / math.sqrt(r) if rslora else a_alpha / r
-        adapter.weights[(layer, module)] = (a.contiguous(), (b * scale).contiguous())
+        adapter.weights[module] = (a.contiguous(), (b * scale).contiguous())
         adapter.rank = max(adapter.rank, r)
     if not adapter.weights:
         raise LoRAError(f"{where}: holds no LoRA tensors; save the adapter with peft's save_pretrained")
@@ -124,12 +110,6 @@ def _read_config(path: str, where: str) -> dict:
     alpha = cfg.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         problems.append(f"lora_alpha must be a number (got {alpha!r})")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, (list, tuple)):
-        unknown = [t for t in targets if t not in SUPPORTED_MODULES]
-        if unknown:
-            problems.append(f"target_modules {unknown} are not modules of this model; supported: "
-                            f"{', '.join(SUPPORTED_MODULES)}")
     if problems:
         raise LoRAError(f"{where}: " + "; ".join(problems))
     return cfg
@@ -158,38 +138,6 @@ def _read_tensors(path: str, where: str) -> dict[str, torch.Tensor]:
             raise LoRAError(f"{where}: adapter_model.bin must hold a dict of tensors")
         return state
     raise LoRAError(f"{where}: neither adapter_model.safetensors nor adapter_model.bin is there")
-
-
-def _check_base_copy(key: str, tensor: torch.Tensor, where: str, targets: LoRATargets) -> None:
-    """A saved copy of the base embedding or head is ignored, provided the vocabulary was not resized."""
-    vocab, hidden = targets.shapes["embed_tokens"]
-    if tuple(tensor.shape) != (vocab, hidden):
-        raise LoRAError(f"{where}: {key!r} has shape {tuple(tensor.shape)} but the model's is {(vocab, hidden)}: "
-                        f"the adapter resized the vocabulary, which serving adapters on one base model cannot do")
-
-
-def _parse_key(key: str, where: str, targets: LoRATargets) -> tuple[int | None, str, str]:
-    name = key.removeprefix("base_model.model.")
-    m = _LAYER_KEY.match(name)
-    if m is not None:
-        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-        if module not in PROJECTIONS or module not in targets.shapes:
-            raise LoRAError(f"{where}: tensor {key!r} targets {module!r}, which this model lacks; supported "
-                            f"modules: {', '.join(SUPPORTED_MODULES)}")
-        if layer >= targets.num_layers:
-            raise LoRAError(f"{where}: tensor {key!r} is for layer {layer}, but the model has "
-                            f"{targets.num_layers} layers; the adapter was made for a different base model")
-        return layer, module, which
-    m = _EMBED_KEY.match(name) or _HEAD_KEY.match(name)
-    if m is not None:
-        module = "embed_tokens" if m.re is _EMBED_KEY else "lm_head"
-        if targets.tied_embeddings:
-            raise LoRAError(f"{where}: adapts {module}, but this model ties lm_head to embed_tokens (one weight), "
-                            f"so the merged adapter would change both; adapters of tied embeddings are not "
-                            f"supported, drop {module} from target_modules")
-        return None, module, m.group(1)
-    raise LoRAError(f"{where}: tensor {key!r} is not a LoRA weight of a module this model has (supported: "
-                    f"{', '.join(SUPPORTED_MODULES)}; DoRA magnitudes, biases and modules_to_save are not supported)")
 
 
 def _alpha_for(pattern: dict, module_path: str, default: float) -> float:

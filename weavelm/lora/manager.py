@@ -4,9 +4,9 @@ Two halves, one class, each instance used on one side:
 - in the engine core, `check_request` reads and checks an adapter before its request is queued (a bad adapter
   fails that request only) and `can_admit` keeps at most `max_loras` distinct adapters among running requests,
   so every batch fits the device slots (the others wait);
-- in each model runner, `attach` wraps the model's layers, and `prepare` maps each batch row's adapter to a
-  device slot (an LRU of `max_loras` slots, filled from an LRU of `max_cpu_loras` adapters in host memory) and
-  writes the per-token slot index the wrapped layers read.
+- in each model runner, `attach` wraps the model's layers by type (`weavelm.lora.model`), and `prepare` maps each
+  batch row's adapter to a device slot (an LRU of `max_loras` slots, filled from an LRU of `max_cpu_loras` adapters
+  in host memory) and writes the per-token slot index the wrapped layers read.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from weavelm.errors import ConfigError, LoRAError
-from weavelm.lora.adapter import LoRAAdapter, LoRATargets, load_adapter
-from weavelm.lora.layers import LoRABatchState, LoRAEmbedding, LoRALinear, LoRALMHead
+from weavelm.errors import LoRAError
+from weavelm.lora.adapter import LoRAAdapter, load_adapter
+from weavelm.lora.batch import LoRABatchState
+from weavelm.lora.layers import BaseLayerWithLoRA
+from weavelm.lora.model import lora_targets, wrap_model
 from weavelm.lora.request import LoRARequest
+from weavelm.lora.targets import LoRATargets
 
 MAX_CHECKED = 4096  # adapters remembered as checked by the engine core
 
@@ -49,61 +52,15 @@ def named_lora_requests(options: LoRAOptions) -> dict[str, LoRARequest]:
     return {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(options.adapters.items())}
 
 
-def lora_targets(model: Any) -> LoRATargets:
-    d = getattr(model, "dims", None)
-    if d is None or not hasattr(model, "layers") or not hasattr(model, "embed_tokens"):
-        raise ConfigError([("lora", f"the {type(model).__name__} architecture has no LoRA-capable layers (needs the "
-                                    f"decoder layout of plugins/models/decoder.py); remove `lora:`")])
-    q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
-    shapes = {"q_proj": (d.hidden, q), "k_proj": (d.hidden, kv), "v_proj": (d.hidden, kv), "o_proj": (q, d.hidden),
-              "gate_proj": (d.hidden, d.intermediate), "up_proj": (d.hidden, d.intermediate),
-              "down_proj": (d.intermediate, d.hidden), "embed_tokens": (d.vocab, d.hidden)}
-    if getattr(model, "lm_head", None) is not None:
-        shapes["lm_head"] = (d.hidden, d.vocab)
-    return LoRATargets(d.num_layers, shapes, tied_embeddings=getattr(model, "lm_head", None) is None)
-
-
-def wrap_model(model: Any, state: LoRABatchState, num_slots: int, max_rank: int) -> dict:
-    """Replace the model's projections, embedding and head by LoRA wrappers; {(layer or None, module): wrapper}."""
-    wrapped: dict[tuple[int | None, str], Any] = {}
-    for i, layer in enumerate(model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = attn.qkv_proj
-        rank = qkv.tp.rank
-        kv_start = (rank // qkv.kv_replicas) * qkv.kv_size
-        attn.qkv_proj = LoRALinear(qkv, [("q_proj", 0, qkv.q_size, rank * qkv.q_size),
-                                         ("k_proj", qkv.q_size, qkv.kv_size, kv_start),
-                                         ("v_proj", qkv.q_size + qkv.kv_size, qkv.kv_size, kv_start)],
-                                   state, num_slots, max_rank, row_parallel=False)
-        gu = mlp.gate_up_proj
-        s0, s1 = gu.sizes
-        mlp.gate_up_proj = LoRALinear(gu, [("gate_proj", 0, s0, rank * s0), ("up_proj", s0, s1, rank * s1)],
-                                      state, num_slots, max_rank, row_parallel=False)
-        attn.o_proj = LoRALinear(attn.o_proj, [("o_proj", 0, attn.o_proj.weight.shape[0], 0)], state, num_slots,
-                                 max_rank, row_parallel=True)
-        mlp.down_proj = LoRALinear(mlp.down_proj, [("down_proj", 0, mlp.down_proj.weight.shape[0], 0)], state,
-                                   num_slots, max_rank, row_parallel=True)
-        for name in ("q_proj", "k_proj", "v_proj"):
-            wrapped[(i, name)] = attn.qkv_proj
-        wrapped[(i, "gate_proj")] = wrapped[(i, "up_proj")] = mlp.gate_up_proj
-        wrapped[(i, "o_proj")], wrapped[(i, "down_proj")] = attn.o_proj, mlp.down_proj
-    model.embed_tokens = wrapped[(None, "embed_tokens")] = LoRAEmbedding(model.embed_tokens, state, num_slots,
-                                                                         max_rank)
-    if getattr(model, "lm_head", None) is not None:
-        model.lm_head = wrapped[(None, "lm_head")] = LoRALMHead(model.lm_head, state, num_slots, max_rank)
-    return wrapped
-
-
 class LoRASlots:
     """Runner side: adapters in device slots (LRU of `max_loras`) and in host memory (LRU of `max_cpu_loras`)."""
 
-    def __init__(self, options: LoRAOptions, wrapped: dict, targets: LoRATargets, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(self, options: LoRAOptions, wrapped: dict[str, BaseLayerWithLoRA], targets: LoRATargets,
+                 device: torch.device, dtype: torch.dtype):
         self.options, self.wrapped, self.targets = options, wrapped, targets
         self.device, self.dtype = device, dtype
         self.on_device: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, least recently used first
         self.in_host: OrderedDict[int, LoRAAdapter] = OrderedDict()
-        self.modules = {id(w): w for w in wrapped.values()}.values()
 
     def slot_of(self, lora: LoRARequest | None, pinned: set[int]) -> int:
         """The device slot holding `lora` (loading it, evicting the least recently used slot not in `pinned`)."""
@@ -139,10 +96,11 @@ class LoRASlots:
         return adapter
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
-        for module in self.modules:
+        for module in self.wrapped.values():
             module.clear_slot(slot)
-        for (layer, name), (a, b) in adapter.weights.items():
-            self.wrapped[(layer, name)].set_part(slot, name, a.to(self.device, self.dtype),
+        for name, (a, b) in adapter.weights.items():
+            target = self.targets.modules[name]
+            self.wrapped[target.module].set_lora(slot, target.part, a.to(self.device, self.dtype),
                                                  b.to(self.device, self.dtype))
 
 
@@ -206,10 +164,10 @@ class LoRAManagerBase:
 
     # -- runner side --------------------------------------------------------------------------------------
     def attach(self, model: Any, device: torch.device, dtype: torch.dtype, max_tokens: int) -> LoRATargets:
-        """Wrap `model`'s layers (once, after its weights are loaded) and return what adapters may target."""
-        self.targets = lora_targets(model)
+        """Wrap `model`'s layers by type (once, after its weights are loaded) and return what adapters may target."""
         self.state = LoRABatchState(self.options.max_loras, max_tokens, device)
-        wrapped = wrap_model(model, self.state, self.options.max_loras, self.options.max_lora_rank)
+        wrapped = wrap_model(model, self.state, self.options.max_loras, self.options.max_lora_rank, dtype, device)
+        self.targets = lora_targets(model, wrapped)
         self.slots = LoRASlots(self.options, wrapped, self.targets, device, dtype)
         return self.targets
 

@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama, Mistral, Qwen2) for flattened batches over a paged KV cache, tensor-parallel.
 
-Q/K/V and gate/up projections are packed into one matmul each; `load_weights` hands each checkpoint tensor to its
-parameter's `weight_loader`, which copies in this rank's shard (parallel_layers.py). Qwen3 reuses this with per-head
-Q/K RMSNorm (qwen3.py).
+Built only from `weavelm.layers` and `weavelm.plugin`, as a third-party architecture would be. Q/K/V and gate/up
+projections are packed into one matmul each (`packed_modules_mapping` names their checkpoint parts, for loading and
+for LoRA); `load_weights` hands each checkpoint tensor to its parameter's `weight_loader`, which copies in this rank's
+shard. Qwen3 reuses this with per-head Q/K RMSNorm (qwen3.py).
 """
 
 from __future__ import annotations
@@ -13,19 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from weavelm.core.forward import ForwardBatch
-from weavelm.core.interfaces import ModelArchitecture
-from weavelm.distributed import TensorParallelGroup
-from weavelm.ops import native
-from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from weavelm.layers import (Attention, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+                            RotaryEmbedding, RowParallelLinear, SiluAndMul, TensorParallelGroup,
+                            VocabParallelEmbedding, WeightsMapper, load_checkpoint)
+from weavelm.plugin import ForwardBatch, ModelArchitecture
 from weavelm.plugins.models.native_stack import NativeStack
-from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                                    RowParallelLinear, VocabParallelEmbedding, default_weight_loader)
 
 # checkpoint projection -> (packed parameter, shard id)
 STACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-PACKED_SHARDS = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {0, 1}}
 
 
 class DecoderDims:
@@ -43,7 +40,7 @@ class DecoderDims:
         self.max_positions = getattr(cfg, "max_position_embeddings", 4096)
 
 
-class Attention(nn.Module):
+class LlamaAttention(nn.Module):
     """One layer's attention over this rank's heads (`qkv_proj.num_heads` / `qkv_proj.num_kv_heads`)."""
 
     def __init__(self, d: DecoderDims, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
@@ -57,34 +54,27 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(d.num_heads * d.head_dim, d.hidden, o_bias, tp)
         self.q_norm = RMSNorm(d.head_dim, d.eps) if qk_norm else None
         self.k_norm = RMSNorm(d.head_dim, d.eps) if qk_norm else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d.head_dim, layer_idx)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch,
                 rotary: RotaryEmbedding) -> torch.Tensor:
         n = x.shape[0]
-        impl = batch.attn_impls[self.layer_idx]
         qkv = self.qkv_proj(x)
-        if getattr(impl, "accepts_strided_qkv", False) and rotary.inplace_ok(positions, qkv):
-            self._norm_heads_inplace(qkv)
+        if self.attn.accepts_strided(batch) and rotary.inplace_ok(positions, qkv):
+            if self.q_norm is not None:  # Qwen3's per-head norms, in place on the packed rows
+                self.q_norm.norm_heads_inplace(qkv, 0, self.num_heads, self.head_dim)
+                self.k_norm.norm_heads_inplace(qkv, self.q_size, self.num_kv_heads, self.head_dim)
             rotary.rotate_inplace(positions, qkv, self.num_heads, self.num_kv_heads)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            return self.o_proj(impl.forward(q, k, v, batch.kv_caches[self.layer_idx], batch.attn_metadata))
+            return self.o_proj(self.attn(q, k, v, batch))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(n, self.num_heads, self.head_dim)
         k = k.reshape(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
-        o = batch.attn_impls[self.layer_idx].forward(
-            q.reshape(n, self.q_size), k.reshape(n, self.kv_size), v.contiguous(),
-            batch.kv_caches[self.layer_idx], batch.attn_metadata)
+        o = self.attn(q.reshape(n, self.q_size), k.reshape(n, self.kv_size), v.contiguous(), batch)
         return self.o_proj(o)
-
-    def _norm_heads_inplace(self, qkv: torch.Tensor) -> None:
-        """Qwen3's per-head q/k RMSNorm in place on the qkv rows (native kernel; the caller checked qkv)."""
-        if self.q_norm is not None:
-            native.head_norm_(qkv, 0, self.num_heads, self.head_dim, self.q_norm.weight, self.q_norm.eps)
-            native.head_norm_(qkv, self.q_size, self.num_kv_heads, self.head_dim, self.k_norm.weight,
-                              self.k_norm.eps)
 
 
 class MLP(nn.Module):
@@ -102,7 +92,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, d: DecoderDims, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
                  qk_norm: bool, tp: TensorParallelGroup):
         super().__init__()
-        self.self_attn = Attention(d, layer_idx, qkv_bias, o_bias, qk_norm, tp)
+        self.self_attn = LlamaAttention(d, layer_idx, qkv_bias, o_bias, qk_norm, tp)
         self.mlp = MLP(d, mlp_bias, tp)
         self.input_layernorm = RMSNorm(d.hidden, d.eps)
         self.post_attention_layernorm = RMSNorm(d.hidden, d.eps)
@@ -122,6 +112,8 @@ class LlamaForCausalLM(ModelArchitecture):
     description = "Llama / Mistral / Qwen2 decoder (packed QKV and gate/up, paged attention, tensor-parallel)."
     hf_architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
     qk_norm = False
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    hf_to_weavelm_mapper = WeightsMapper({"model.": ""})
 
     def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
         super().__init__()
@@ -169,37 +161,9 @@ class LlamaForCausalLM(ModelArchitecture):
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return head.compute_logits(hidden_states)
 
-    # -- weights ------------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Hand each checkpoint tensor (whole-model shape; a tensor or LazyTensor) to its parameter's
         `weight_loader`, which copies this rank's shard. Returns the parameters filled (packed ones once every
         part arrived)."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        shards_seen: dict[str, set] = {}
-        for ckpt_name, tensor in weights:
-            name = ckpt_name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding is the head
-            shard_id, parts = None, name.split(".")
-            if len(parts) >= 2 and parts[-2] in STACKED:
-                packed, shard_id = STACKED[parts[-2]]
-                name = ".".join(parts[:-2] + [packed, parts[-1]])
-            param = params.get(name)
-            if param is None:
-                raise KeyError(f"unexpected tensor {ckpt_name!r}: the {self.name} architecture has no such weight")
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            try:
-                loader(param, tensor, shard_id)
-            except ValueError as e:
-                raise ValueError(f"tensor {ckpt_name!r} {e}") from e
-            if shard_id is None:
-                loaded.add(name)
-            else:
-                shards_seen.setdefault(name, set()).add(shard_id)
-        for name, seen in shards_seen.items():
-            if seen >= PACKED_SHARDS[name.split(".")[-2]]:
-                loaded.add(name)
-        return loaded
+        return load_checkpoint(self, weights, mapper=self.hf_to_weavelm_mapper, stacked=STACKED,
+                               skip={"lm_head.weight"} if self.lm_head is None else ())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from weavelm.core.hookspecs import hookimpl
+from weavelm.plugin import hookimpl
 from weavelm.plugins.models.decoder import LlamaForCausalLM
 
 

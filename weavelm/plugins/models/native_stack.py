@@ -76,9 +76,8 @@ class NativeStack:
     @classmethod
     def build(cls, model) -> NativeStack | None:
         from weavelm.plugins.models.decoder import DecoderLayer
-        from weavelm.plugins.models.layers import RMSNorm, SiluAndMul
-        from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear,
-                                                            RowParallelLinear)
+        from weavelm.layers import (MergedColumnParallelLinear, QKVParallelLinear, RMSNorm, RowParallelLinear,
+                                    SiluAndMul)
 
         attn = model.layers[0].self_attn
         if not (_enabled() and native.available()) or model.tp.world_size != 1 or \

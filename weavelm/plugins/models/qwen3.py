@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from weavelm.core.hookspecs import hookimpl
+from weavelm.plugin import hookimpl
 from weavelm.plugins.models.decoder import LlamaForCausalLM
 
 

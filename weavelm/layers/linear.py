@@ -1,19 +1,21 @@
-"""Tensor-parallel linear and vocabulary layers (vLLM's shapes), each holding only its rank's shard.
+"""Tensor-parallel linear layers (vLLM's shapes), each holding only its rank's shard.
 
 Every parameter carries `weight_loader(param, loaded, shard_id=None)`, which checks the FULL checkpoint tensor's
 shape and copies in only this rank's slice; `loaded` is a tensor or a `LazyTensor`, so only the shard is read.
 
 - `ColumnParallelLinear`: output features split across ranks (weight rows); no communication.
-- `MergedColumnParallelLinear`: several column-parallel outputs in one matmul (gate/up), each split across ranks.
-- `QKVParallelLinear`: fused Q/K/V split by heads. With fewer KV heads than ranks each rank holds one KV head,
-  replicated on `world_size // num_kv_heads` ranks (vLLM's rule), so a rank's query heads always find theirs.
+- `MergedColumnParallelLinear`: several column-parallel outputs in one matmul (gate/up), each split across ranks;
+  loads either its parts one at a time (`shard_id` = index) or one fused checkpoint tensor (`shard_id=None`).
+- `QKVParallelLinear`: fused Q/K/V split by heads (`shard_id` "q" / "k" / "v", or None for a fused `qkv_proj`
+  tensor). With fewer KV heads than ranks each rank holds one KV head, replicated on `world_size // num_kv_heads`
+  ranks (vLLM's rule), so a rank's query heads always find theirs.
 - `RowParallelLinear`: input features split (weight columns); partial outputs are summed with an all-reduce, the
   bias added once (by rank 0 before the sum).
-- `VocabParallelEmbedding`: vocabulary rows split; ids outside the shard give zeros, then an all-reduce.
-- `ParallelLMHead`: vocabulary rows split; `compute_logits` all-gathers the shards to full-vocabulary logits. A
-  tied head is the embedding itself (same shard).
 
-On one rank every layer is a plain `F.linear` / `F.embedding` over the full weight: no collective, no extra copy.
+On one rank every layer is a plain `F.linear` over the full weight: no collective, no extra copy.
+
+`output_segments()` describes a column-parallel layer's output as the checkpoint's parts (whole size, and where
+this rank's rows sit), which the loaders above and LoRA's sharding both follow.
 
 Quantization (`weavelm.core.quantization`): a layer's matmul goes through `linear_apply`, which runs
 `layer.quant_method.apply(layer, x, bias)` when a quantization config attached a method to the layer (its weight is
@@ -22,13 +24,14 @@ then the method's pack, and `layer.weight` may be None), else `F.linear` on the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from weavelm.core.model_files import LazyTensor, materialize, narrow_or_slice
 from weavelm.distributed import TensorParallelGroup
-from weavelm.utils import cdiv
 
 Loaded = torch.Tensor | LazyTensor
 
@@ -64,6 +67,17 @@ def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
     return p
 
 
+@dataclass(frozen=True)
+class OutputSegment:
+    """One checkpoint part of a column-parallel layer's output: `whole` rows in the checkpoint (all ranks), of
+    which this rank holds `size` rows starting at row `start` of the part, at `offset` in its own output."""
+
+    whole: int
+    offset: int
+    size: int
+    start: int
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's rows (output features) split across ranks; the output stays sharded."""
 
@@ -80,30 +94,62 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_apply(self, x, self.bias)
 
+    def output_segments(self) -> list[OutputSegment]:
+        """The checkpoint parts of the output, in `shard_id` order (one for a plain column-parallel layer)."""
+        n = self.out_per_rank
+        return [OutputSegment(n * self.tp.world_size, 0, n, self.tp.rank * n)]
+
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
-        full = (self.out_per_rank * self.tp.world_size, *param.shape[1:])
-        copy_shard(param.data, loaded, full, 0, self.tp.rank * self.out_per_rank)
+        segments = self.output_segments()
+        if shard_id is None:
+            _load_fused(param, loaded, segments)
+            return
+        index = self.shard_index(shard_id)
+        seg = segments[index]
+        copy_shard(param.data.narrow(0, seg.offset, seg.size), loaded, (seg.whole, *param.shape[1:]), 0, seg.start)
+
+    def shard_index(self, shard_id: object) -> int:
+        """Which output segment a checkpoint part's `shard_id` names."""
+        raise ValueError(f"is one tensor; {type(self).__name__} takes no shard_id (got {shard_id!r})")
+
+
+def _load_fused(param: nn.Parameter, loaded: Loaded, segments: list[OutputSegment]) -> None:
+    """A checkpoint tensor holding every part stacked (a fused `qkv_proj` / `gate_up_proj`): each part's rows for
+    this rank go to their place in the rank's output."""
+    whole = sum(s.whole for s in segments)
+    if tuple(loaded.shape) != (whole, *param.shape[1:]):
+        raise ValueError(f"has shape {tuple(loaded.shape)}, the model expects {(whole, *param.shape[1:])}; the "
+                         f"checkpoint does not match config.json")
+    base = 0
+    with torch.no_grad():
+        for seg in segments:
+            param.data.narrow(0, seg.offset, seg.size).copy_(narrow_or_slice(loaded, 0, base + seg.start, seg.size))
+            base += seg.whole
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Column-parallel outputs of several checkpoint tensors (`shard_id` = their index) stacked in one weight; each
-    rank holds its share of every one, in order: gate/up gives `[gate_r | up_r]`."""
+    rank holds its share of every one, in order: gate/up gives `[gate_r | up_r]`. A fused checkpoint tensor
+    (`[gate | up]`, `shard_id=None`) is split the same way."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool, tp: TensorParallelGroup):
         self.sizes = [tp.divide(s, "output features") for s in output_sizes]
         super().__init__(in_features, sum(output_sizes), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
-        if not isinstance(shard_id, int):
-            raise ValueError(f"is a fused tensor; {type(self).__name__} loads its parts one at a time")
-        size = self.sizes[shard_id]
-        target = param.data.narrow(0, sum(self.sizes[:shard_id]), size)
-        copy_shard(target, loaded, (size * self.tp.world_size, *param.shape[1:]), 0, self.tp.rank * size)
+    def output_segments(self) -> list[OutputSegment]:
+        ws, rank = self.tp.world_size, self.tp.rank
+        return [OutputSegment(n * ws, sum(self.sizes[:i]), n, rank * n) for i, n in enumerate(self.sizes)]
+
+    def shard_index(self, shard_id: object) -> int:
+        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.sizes):
+            raise ValueError(f"names part {shard_id!r}; {type(self).__name__} has parts 0..{len(self.sizes) - 1}")
+        return shard_id
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused Q/K/V projection split by heads; `shard_id` is "q", "k" or "v". Per rank: `num_heads // tp` query
-    heads and `max(1, num_kv_heads // tp)` KV heads (KV head `rank // (tp // num_kv_heads)` when replicated)."""
+    """Fused Q/K/V projection split by heads; `shard_id` is "q", "k" or "v" (None: one fused checkpoint tensor).
+    Per rank: `num_heads // tp` query heads and `max(1, num_kv_heads // tp)` KV heads (KV head
+    `rank // (tp // num_kv_heads)` when replicated)."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  tp: TensorParallelGroup):
@@ -120,17 +166,16 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.q_size + 2 * self.kv_size) * tp.world_size
         super().__init__(hidden, out, bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
-        rank = self.tp.rank
-        if shard_id == "q":
-            offset, size, start, rows = 0, self.q_size, rank * self.q_size, self.q_size * self.tp.world_size
-        elif shard_id in ("k", "v"):
-            offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
-            size, start = self.kv_size, (rank // self.kv_replicas) * self.kv_size
-            rows = self.total_kv_heads * self.head_dim
-        else:
-            raise ValueError(f"is a fused tensor; {type(self).__name__} loads q, k and v one at a time")
-        copy_shard(param.data.narrow(0, offset, size), loaded, (rows, *param.shape[1:]), 0, start)
+    def output_segments(self) -> list[OutputSegment]:
+        rank, q, kv = self.tp.rank, self.q_size, self.kv_size
+        kv_whole, kv_start = self.total_kv_heads * self.head_dim, (rank // self.kv_replicas) * kv
+        return [OutputSegment(q * self.tp.world_size, 0, q, rank * q), OutputSegment(kv_whole, q, kv, kv_start),
+                OutputSegment(kv_whole, q + kv, kv, kv_start)]
+
+    def shard_index(self, shard_id: object) -> int:
+        if shard_id not in ("q", "k", "v"):
+            raise ValueError(f"names part {shard_id!r}; {type(self).__name__} loads parts 'q', 'k' and 'v'")
+        return "qkv".index(shard_id)
 
 
 class RowParallelLinear(nn.Module):
@@ -142,7 +187,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup):
         super().__init__()
-        self.tp = tp
+        self.tp, self.out_features = tp, out_features
         self.in_per_rank = tp.divide(in_features, "input features")
         self.weight = _param((out_features, self.in_per_rank), self.weight_loader)
         self.bias = _param((out_features,), default_weight_loader) if bias else None
@@ -155,48 +200,3 @@ class RowParallelLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
         full = (param.shape[0], self.in_per_rank * self.tp.world_size)
         copy_shard(param.data, loaded, full, 1, self.tp.rank * self.in_per_rank)
-
-
-class VocabParallelEmbedding(nn.Module):
-    """Embedding whose vocabulary rows are split across ranks: rank r holds ids `[r * per_rank, (r + 1) * per_rank)`
-    (the last shard zero-padded when the vocabulary does not divide). `forward` looks up the ids it holds, zeros
-    the others, and sums over ranks. A quantization method, when attached, runs `compute_logits`' matmul (the
-    lookup keeps the dense rows)."""
-
-    quant_kind = "embedding"
-    quant_method = None
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallelGroup):
-        super().__init__()
-        self.tp, self.num_embeddings, self.embedding_dim = tp, num_embeddings, embedding_dim
-        self.per_rank = cdiv(num_embeddings, tp.world_size)
-        self.vocab_start = tp.rank * self.per_rank
-        self.vocab_end = min(self.vocab_start + self.per_rank, num_embeddings)
-        self.weight = _param((self.per_rank, embedding_dim), self.weight_loader)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp.world_size == 1:
-            return F.embedding(input_ids, self.weight)
-        held = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
-        out = F.embedding(torch.where(held, input_ids - self.vocab_start, 0), self.weight)
-        return self.tp.all_reduce(out.masked_fill_(~held.unsqueeze(-1), 0))
-
-    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
-        rows = self.vocab_end - self.vocab_start
-        if rows < self.per_rank:
-            param.data[rows:].zero_()
-        copy_shard(param.data[:rows], loaded, (self.num_embeddings, self.embedding_dim), 0, self.vocab_start)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(tokens, hidden) -> (tokens, num_embeddings) logits against these rows (the tied or untied head)."""
-        logits = linear_apply(self, hidden_states, None)
-        if self.tp.world_size == 1:
-            return logits
-        return self.tp.all_gather(logits, dim=-1)[..., :self.num_embeddings]
-
-
-class ParallelLMHead(VocabParallelEmbedding):
-    """The untied output projection: vocabulary-sharded like the embedding; only `compute_logits` is used."""
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("ParallelLMHead is applied with compute_logits, not called")

@@ -1,10 +1,11 @@
 """Triton kernels for the non-attention hot path: RMSNorm (+ fused residual add), SiLU-and-mul, neox rotary.
 
-Imported by `layers.py` only when a CUDA tensor reaches a layer, so listing plugins never imports triton. Each op
-reproduces the rounding of the torch path in `layers.py` (fp32 arithmetic, cast to the input dtype where torch
-casts), so results agree with it to within one ulp of the dtype; the rotary op computes in fp32 throughout and
-casts once (torch rounds cos/sin and each product to the input dtype first). Launchers read only shapes, strides
-and Python numbers: nothing syncs with the device, so they can be captured in a CUDA graph once compiled.
+Imported by `weavelm.layers.kernels.ops()` only when a CUDA tensor reaches a layer, so listing plugins never imports
+triton. Each op reproduces the rounding of the torch path of the layers (fp32 arithmetic, cast to the input dtype
+where torch casts), so results agree with it to within one ulp of the dtype; the rotary op computes in fp32
+throughout and casts once (torch rounds cos/sin and each product to the input dtype first). Launchers read only
+shapes, strides and Python numbers: nothing syncs with the device, so they can be captured in a CUDA graph once
+compiled.
 """
 
 from __future__ import annotations

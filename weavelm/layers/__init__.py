@@ -1,0 +1,31 @@
+"""weavelm's public model library (vLLM's `model_executor/layers`): what an architecture is built from.
+
+    from weavelm.layers import (QKVParallelLinear, MergedColumnParallelLinear, RowParallelLinear,
+                                VocabParallelEmbedding, ParallelLMHead, RMSNorm, RotaryEmbedding, SiluAndMul,
+                                Attention, WeightsMapper, load_checkpoint)
+
+Every parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies this rank's shard of a
+whole-model checkpoint tensor. A model made of these layers gets tensor parallelism (each layer shards itself by
+the `TensorParallelGroup` it is given), quantization (methods attach to the linears by `quant_kind`) and LoRA (the
+LoRA manager replaces layers by type, guided by the model's `packed_modules_mapping`) without code of its own.
+Names exported here follow `weavelm.plugin.API_VERSION`.
+"""
+
+from weavelm.distributed import TensorParallelGroup
+from weavelm.layers.activation import SiluAndMul
+from weavelm.layers.attention import Attention
+from weavelm.layers.layernorm import RMSNorm
+from weavelm.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, OutputSegment,
+                                   QKVParallelLinear, RowParallelLinear, copy_shard, default_weight_loader,
+                                   linear_apply)
+from weavelm.layers.rotary import ROPE_TYPES, RopeParameters, RotaryEmbedding, rope_parameters
+from weavelm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from weavelm.layers.weights import WeightsMapper, load_checkpoint
+
+__all__ = [
+    "TensorParallelGroup",
+    "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear",
+    "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead",
+    "RMSNorm", "SiluAndMul", "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention",
+    "WeightsMapper", "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply",
+]

@@ -1,0 +1,27 @@
+"""Activations of gated MLPs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weavelm.layers import kernels
+from weavelm.ops import native
+
+
+class SiluAndMul(nn.Module):
+    """(..., 2d) -> silu(x[..., :d]) * x[..., d:]: the gate is the first half (the `[gate | up]` layout of
+    `MergedColumnParallelLinear` and of fused `gate_up_proj` checkpoints)."""
+
+    def __init__(self):
+        super().__init__()
+        self.use_triton = kernels.triton_ops_enabled()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton and kernels.triton_device(x):
+            return kernels.ops().silu_and_mul(x)
+        if x.is_cpu and native.usable(x) and x.is_contiguous():
+            return native.silu_mul(x)
+        d = x.shape[-1] // 2
+        return F.silu(x[..., :d]) * x[..., d:]
