@@ -171,15 +171,15 @@ def test_logits_processors_see_the_latest_token(tiny_llama):
 
 def test_engine_suites_pass_under_async_scheduling():
     """The scheduling-parity, robust-request, step-isolation, frontend and plugin-hook suites, run with async
-    scheduling as the default on the CPU (`WEAVELM_ASYNC_SCHEDULING=1`), in a subprocess."""
+    scheduling as the default on the CPU (the `tests.async_default` pytest plugin), in a subprocess."""
     import os
     import subprocess
     import sys
 
     suites = ["tests/test_scheduling_parity.py", "tests/test_robust_requests.py", "tests/test_step_isolation.py",
               "tests/test_frontend.py", "tests/test_plugins.py"]
-    env = {**os.environ, "WEAVELM_ASYNC_SCHEDULING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites], env=env,
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.async_default",
+                           *suites],
                           capture_output=True, text=True, timeout=900,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stdout[-4000:]

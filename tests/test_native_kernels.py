@@ -135,8 +135,7 @@ def test_a_failed_build_falls_back_to_torch_with_a_reason(tmp_path):
             "p = BlockQ4Pack.from_codes(np.ones((4, 64), np.uint8), np.ones((4, 2), np.float32),"
             " np.zeros((4, 2), np.float32))\n"
             "assert torch.equal(p.mm(torch.ones(1, 64)), torch.full((1, 4), 64.0))\n")
-    env = {**os.environ, "CC": "false", "WEAVELM_CACHE_DIR": str(tmp_path)}
-    env.pop("WEAVELM_NATIVE_KERNELS", None)
+    env = {**os.environ, "CC": "false", "WEAVELM_CACHE_ROOT": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "native CPU kernels unavailable: false failed" in out.stdout, out.stdout

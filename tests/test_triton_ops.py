@@ -214,12 +214,14 @@ def test_empty_batches(ops):
 
 # ---- the layers dispatch -------------------------------------------------------------------------------------
 
-def test_env_var_and_import_lightness():
-    """WEAVELM_DISABLE_TRITON_OPS=1 keeps new layers on torch; building the models' layers never imports triton."""
-    code = ("import os, sys, weavelm.plugins.models.llama, weavelm.plugins.models.qwen3\n"
+def test_kernels_switch_and_import_lightness():
+    """`kernels: {triton_ops: false}` keeps new layers on torch; building the models' layers never imports
+    triton."""
+    code = ("import sys, weavelm.plugins.models.llama, weavelm.plugins.models.qwen3\n"
+            "from weavelm.ops.settings import KernelConfig, activate\n"
             "from weavelm.plugins.models.layers import RMSNorm, SiluAndMul\n"
-            "for v in ('1', '0'):\n"
-            "    os.environ['WEAVELM_DISABLE_TRITON_OPS'] = v\n"
+            "for on in (False, True):\n"
+            "    activate(KernelConfig(triton_ops=on))\n"
             "    print(RMSNorm(8).use_triton, SiluAndMul().use_triton)\n"
             "print('triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -21,6 +21,7 @@ from weavelm.core.forward import AttentionSpec
 from weavelm.core.interfaces import (AttentionBackend, Executor, ModelArchitecture, ModelLoader, ModelRunner,
                                      Scheduler, Worker)
 from weavelm.core.registry import Registry, RegistrySpec
+from weavelm.ops import settings as kernel_settings
 
 
 def build_loader(config: EngineConfig, registry: Registry) -> ModelLoader:
@@ -64,6 +65,7 @@ class RunnerBuilder(_RegistryHolder):
 
     def __call__(self, device: torch.device) -> ModelRunner:
         registry, config = self.registry, self.config
+        kernel_settings.activate(config.kernels)  # process-wide kernel switches, before any layer is built
         context = RunnerContext(config=config, device=device, rank=self.rank, world_size=self.world_size,
                                 limits=self.limits, loader=build_loader(config, registry),
                                 model_class=self.model_class, attention_backend=self.attention_backend,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import os
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -89,9 +88,8 @@ class EngineCore:
         self.registry.hook.weavelm_engine_started(config=config)
 
     def _use_async_scheduling(self) -> bool:
-        """`async_scheduling` as configured, else `WEAVELM_ASYNC_SCHEDULING` (1 / 0) when set, else on for a device
-        that runs asynchronously (CUDA); never with speculative decoding, nor for a scheduler class that does not
-        declare support."""
+        """`async_scheduling` as configured, else on for a device that runs asynchronously (CUDA); never with
+        speculative decoding, nor for a scheduler class that does not declare support."""
         if not self.assembly.scheduler_cls.supports_async_scheduling:
             if self.config.async_scheduling:
                 logger.warning("scheduler %s does not support async scheduling; running synchronously",
@@ -99,9 +97,8 @@ class EngineCore:
             return False
         if self.config.async_scheduling is not None:
             return self.config.async_scheduling and self.config.speculative is None
-        env = os.environ.get("WEAVELM_ASYNC_SCHEDULING", "")
-        default = env == "1" if env in ("0", "1") else str(self.model_info.get("device", "cpu")).startswith("cuda")
-        return default and self.config.speculative is None
+        on_cuda = str(self.model_info.get("device", "cpu")).startswith("cuda")
+        return on_cuda and self.config.speculative is None
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise RequestError (nothing queued) when the scheduler can never run it."""

@@ -143,8 +143,8 @@ class Scheduler(Component, ABC):
 
 
 class Executor(Component, ABC):
-    """Runs the workers and carries the two messages to and from them. Today's built-in is `uniproc` (one worker in
-    the engine's own process).
+    """Runs the workers and carries the two messages to and from them. Built-ins: `uniproc` (one worker in the
+    engine's own process), `multiproc` (one spawned process per rank) and `ray` (one actor per rank).
 
     Lifecycle, driven by EngineCore: `__init__` (builds its workers with `context.build_worker(rank, world_size)`
     and calls their `init_device()` and `load_model()`) -> `model_info()` -> `determine_num_blocks()` ->
@@ -327,9 +327,12 @@ class ModelLoader(Component, ABC):
         return None
 
     def load_hf_config(self, path: str) -> Any:
-        """The model's transformers `PretrainedConfig`. Default: `config.json` in the directory."""
+        """The model's transformers `PretrainedConfig`. Default: `config.json` in the directory `path`, or beside
+        the weight file `path`."""
+        import os
+
         from weavelm.core.model_files import load_hf_config
-        return load_hf_config(path)
+        return load_hf_config(path if os.path.isdir(path) else os.path.dirname(path) or ".")
 
     def load_tokenizer(self, path: str) -> Any | None:
         """A tokenizer for `path`, or None to use the transformers tokenizer beside the weights."""
@@ -436,7 +439,7 @@ class AttentionBackend(Component, ABC):
 
     `check(spec)` returns the reasons the backend cannot run for `spec` (empty list: it runs). `priority` ranks it
     for `attention: auto`, which picks the highest-priority backend whose check passes (built-ins: flash_attn 30,
-    triton 20, torch_ref 0). `graph_safe` says whether its forward may be captured in a CUDA graph (static shapes,
+    triton 20, cpu 10, torch_ref 0). `graph_safe` says whether its forward may be captured in a CUDA graph (static shapes,
     no host syncs).
     """
 

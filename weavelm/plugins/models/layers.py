@@ -11,19 +11,19 @@ tested against.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from weavelm.ops import native
+from weavelm.ops import settings as kernel_settings
 
 
 def triton_ops_enabled() -> bool:
-    """Whether new layers may use the Triton kernels: triton is installed and WEAVELM_DISABLE_TRITON_OPS is unset
-    (or "0"). Layers call this once, in their constructor."""
-    if os.environ.get("WEAVELM_DISABLE_TRITON_OPS", "0") not in ("", "0"):
+    """Whether new layers may use the Triton kernels: triton is installed and the engine's `kernels.triton_ops` is
+    on. Layers call this once, in their constructor."""
+    if not kernel_settings.active().triton_ops:
         return False
     return importlib.util.find_spec("triton") is not None
 

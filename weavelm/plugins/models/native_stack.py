@@ -15,11 +15,11 @@ this off (for A/B measurements).
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
 from weavelm.ops import native
+from weavelm.ops import settings as kernel_settings
 from weavelm.ops.quant_kernels import BlockQ4Pack, BlockQ8Pack, Int8Pack
 
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -44,7 +44,7 @@ class WStep(ctypes.Structure):
 
 
 def _enabled() -> bool:
-    return os.environ.get("WEAVELM_NATIVE_STACK", "1") not in ("0", "false", "no", "off")
+    return kernel_settings.active().native_stack
 
 
 def _linear(module) -> WLinear | None:

@@ -31,8 +31,6 @@ logger = logging.getLogger("weavelm.runner")
 class RunnerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cuda_graph_max_bs: int = Field(512, ge=0, le=512, description="Largest decode batch captured in a CUDA graph.")
-    cpu_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads on the CPU (default: "
-                                    "one per core not busy with other processes at startup).")
 
 
 
@@ -62,7 +60,7 @@ class PagedModelRunner(ModelRunner):
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
         if self.device.type == "cpu":
-            torch.set_num_threads(choose_cpu_threads(self.options.cpu_threads))
+            torch.set_num_threads(choose_cpu_threads(self.context.config.num_threads))
         self.bundle = load_model_bundle(self.context)
         b = self.bundle
         self.max_model_len = b.max_model_len
