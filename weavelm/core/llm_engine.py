@@ -174,9 +174,12 @@ class LLMEngine:
         if not token_ids:
             raise RequestError("prompt: is empty; give at least one token")
         if len(token_ids) >= self.max_model_len:
+            model_len = int(self.client.model_info.get("max_model_len", self.max_model_len))
+            fix = "raise max_model_len" if self.max_model_len >= model_len else (
+                f"grow the KV cache, which caps max_model_len below the model's {model_len} (cache.num_blocks, "
+                f"cache.cpu_kv_cache_gib or cache.gpu_memory_utilization)")
             raise RequestError(f"prompt: has {len(token_ids)} tokens but max_model_len is {self.max_model_len} "
-                               f"(one position must stay free for output); shorten the prompt or raise "
-                               f"max_model_len")
+                               f"(one position must stay free for output); shorten the prompt or {fix}")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"prompt_token_ids: {show_value(bad[:5])} outside the vocabulary "
