@@ -351,7 +351,7 @@ class BaseScheduler(Scheduler):
             if lps is not None:
                 lps = lps[:len(new_tokens)]
                 req.logprobs.extend(lps)
-            out = EngineCoreOutput(rid, new_tokens, lps, None, None, max(req.num_cached_tokens, 0))
+            out = EngineCoreOutput(rid, new_tokens, new_logprobs=lps, num_cached_tokens=max(req.num_cached_tokens, 0))
             if runner_output.prompt_logprobs:
                 out.prompt_logprobs = runner_output.prompt_logprobs.get(rid)
             if req.status is not _RUNNING:
@@ -376,8 +376,8 @@ class BaseScheduler(Scheduler):
         req.append_output_token(token)
         if logprobs:
             req.logprobs.extend(logprobs[:1])
-        out = EngineCoreOutput(req.request_id, [token], logprobs[:1] if logprobs else None, None, None,
-                               max(req.num_cached_tokens, 0))
+        out = EngineCoreOutput(req.request_id, [token], new_logprobs=logprobs[:1] if logprobs else None,
+                               num_cached_tokens=max(req.num_cached_tokens, 0))
         if self._check_stop(req, token):
             self.waiting.remove(req)
             out.finish_reason = req.status.finish_reason

@@ -118,9 +118,6 @@ class ModelRunnerOutput:
     proposer_time_s: float = 0.0
 
 
-EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, [], None)
-
-
 class RunnerFuture:
     """A step whose device work may still be running. `result()` waits for it and returns its output; call it
     exactly once, before the next step is prepared. The base class wraps an output that is already complete."""

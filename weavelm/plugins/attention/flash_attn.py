@@ -79,7 +79,7 @@ class FlashAttnImpl(AttentionImpl):
                           k_cache, v_cache, m.slot_mapping, out, m.query_start_loc, m.num_reqs)
         if n > m.slot_mapping.shape[0]:
             out[m.slot_mapping.shape[0]:].zero_()
-        if self.kind == "vllm_fa3":
+        if self.kind == "vllm_fa3":  # vLLM's op schema takes its 37 arguments by position, as vLLM's wrapper passes them
             self.fn(q3, k_cache, v_cache, None, None, None, out, m.query_start_loc, None, None, None, m.seq_lens,
                     m.max_query_len, m.max_seq_len, m.block_table, None, None, None, None, None, None, None, None,
                     self.scale, True, -1, -1, 0.0, True, None, 0, None, 0, None, 1, 0, None)
