@@ -18,7 +18,7 @@ import torch
 
 from tests.gguf_fixtures import (ARCHS, FORMATS, LOADER_OF, LOSSLESS, QUANTIZED, loader_of, model_zoo, reference_of,
                                  state_dict)
-from weavelm.testing._registry import component, names
+from weavelm.testing import component, names
 from weavelm.testing.loader import LoaderContract
 
 TOKENS = [1, 17, 300, 42, 5, 99, 250, 7, 3, 128, 64, 200, 11, 0, 255, 31,

@@ -427,6 +427,7 @@ class BaseScheduler(Scheduler):
             num_scheduled_tokens=self._step_tokens, step=self.step_count, num_used_blocks=kv.num_used_blocks,
             num_total_blocks=kv.num_total_blocks,
             num_active_loras=self.context.lora.num_active(self.running) if self.context.lora is not None else 0,
+            num_output_placeholders=sum(r.num_output_placeholders for r in self.running),
             **(self._spec_stats() if self.spec is not None else {}))
 
     def _spec_stats(self) -> dict:

@@ -43,7 +43,6 @@ def teacher_forced_logits(llm, prompts: list[list[int]], continuations: list[lis
         while engine.has_unfinished_requests():
             engine.step()
     finally:
-        engine.client.drain()
         llm.collective_rpc("set_logits_hook", (None,))
     return [torch.stack(rows[rid]) for rid in forced]
 

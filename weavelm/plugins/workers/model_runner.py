@@ -128,6 +128,12 @@ class PagedModelRunner(ModelRunner):
         return profile_run(self)
 
     # -- per step -----------------------------------------------------------------------------------------
+    def get_model(self) -> torch.nn.Module:
+        return self.bundle.model
+
+    def cached_request_ids(self) -> list[str]:
+        return list(self.requests)
+
     def set_logits_hook(self, hook) -> None:
         self.logits_hook = hook
 
