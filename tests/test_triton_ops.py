@@ -261,8 +261,8 @@ def test_qwen3_logits_through_the_kernels_match_the_torch_path(ops, triton_on_cp
 
     llm = LLM(model=tiny_models["qwen3"], dtype="float32", device=DEVICE, loader="safetensors",
               attention="torch_ref")
-    layer_modules = [m for m in llm.engine.client.core.executor.worker.runner.bundle.model.modules()
-                     if hasattr(m, "use_triton")]
+    [layer_modules] = llm.collective_rpc("apply_model", (
+        lambda model: [m for m in model.modules() if hasattr(m, "use_triton")],))  # in-process: the modules
     assert layer_modules and all(m.use_triton for m in layer_modules)
 
     def logits(use_triton: bool) -> torch.Tensor:
