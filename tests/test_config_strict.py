@@ -113,3 +113,19 @@ def test_bad_rope_scaling_is_refused_at_load(tiny, tmp_path, rope):
         LLM(model=str(bad), dtype="float32", device="cpu")
     assert "factor must be a finite number >= 1" in str(e.value) and os.path.join(str(bad), "config.json") in \
         str(e.value)
+
+
+def test_kernels_and_num_threads_reach_the_model_process(tiny, one_torch_thread):
+    """`kernels:` and `num_threads` are config values handed to the runner's process (here the caller's: uniproc)."""
+    import torch
+
+    from weavelm.ops import native, settings
+
+    with LLM(model=tiny, dtype="float32", device="cpu", kernels={"native": False}, num_threads=2) as llm:
+        assert settings.active().native is False and not native.available()
+        assert "kernels: {native: false}" in native.unavailable_reason()
+        assert torch.get_num_threads() == 2
+        assert llm.generate([[5, 6, 7]])[0].error is None
+    torch.set_num_threads(1)
+    with LLM(model=tiny, dtype="float32", device="cpu", num_threads=1):
+        assert settings.active().native is True and torch.get_num_threads() == 1
