@@ -5,7 +5,7 @@ On CUDA tensors RMSNorm, SiluAndMul and RotaryEmbedding run the Triton kernels o
 first CUDA call); on fp32 CPU tensors, weavelm's native kernels (`weavelm.ops.native`, one call per layer op
 instead of several torch ops) when they built. The torch code here is the fallback and the reference both are
 tested against.
-`WEAVELM_DISABLE_TRITON_OPS=1`, read when a layer is built, keeps a layer on the torch path everywhere.
+The config's `kernels: {triton_ops: false}`, read when a layer is built, keeps a layer on the torch path everywhere.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ step is the native paged attention (an impl that says so with `native_paged_atte
 backend's does, and whose step metadata carries `common` when that kernel takes the step), and there is no tensor
 parallelism or LoRA wrapper, the model's forward hands the whole stack to `wl_decoder_forward`
 (`weavelm/ops/native/stack.c`): the same kernels the per-layer path calls, in the same order, so the result is
-identical (tested bit for bit). Anything else takes the per-layer path, unchanged. `WEAVELM_NATIVE_STACK=0` turns
-this off (for A/B measurements).
+identical (tested bit for bit). Anything else takes the per-layer path, unchanged. The config's
+`kernels: {native_stack: false}` turns this off (for A/B measurements).
 """
 
 from __future__ import annotations
