@@ -255,3 +255,19 @@ def test_real_llama_cpp_file_smollm2():
     out = LLM(model=path, dtype="float32", device="cpu").generate(
         ["The capital of France is"], SamplingParams(max_tokens=2, temperature=0.0))[0].outputs[0]
     assert out.text.startswith(" Paris")
+
+
+def test_one_loader_per_engine_reads_a_gguf_header_once(monkeypatch):
+    """The frontend's loader (config, tokenizer) is the runner's in the same process: the file's header is parsed
+    once per engine, with no cache shared between engines."""
+    from weavelm import LLM
+    from weavelm.plugins.loaders import gguf
+
+    opened = []
+    real = gguf.open_reader
+    monkeypatch.setattr(gguf, "open_reader", lambda file: opened.append(file) or real(file))
+    path = model_zoo("llama")["gguf_Q8_0"]
+    for engines in (1, 2):
+        with LLM(model=path, dtype="float32", device="cpu") as llm:
+            assert llm.generate([{"prompt_token_ids": TOKENS[:5]}])[0].error is None
+        assert len(opened) == engines  # a second engine parses it again: nothing outlives the first

@@ -46,8 +46,8 @@ class EngineCoreClient(ABC):
 
 
 class InprocClient(EngineCoreClient):
-    def __init__(self, config: EngineConfig, registry: Registry, overlap: bool = True):
-        self.core = EngineCore(config, registry)
+    def __init__(self, config: EngineConfig, registry: Registry, overlap: bool = True, loader: Any = None):
+        self.core = EngineCore(config, registry, loader)
         self.overlap = overlap
         self._pending: deque = deque()  # launched steps, oldest first (two at most, with async scheduling)
         self.max_model_len = self.core.max_model_len

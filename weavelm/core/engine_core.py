@@ -52,10 +52,10 @@ class EngineCore:
     (the executor itself is broken), and the next request still gets a fresh chance.
     """
 
-    def __init__(self, config: EngineConfig, registry: Registry):
+    def __init__(self, config: EngineConfig, registry: Registry, loader: Any = None):
         self.config = config
         self.registry = registry
-        self.assembly = Assembly(config, registry)
+        self.assembly = Assembly(config, registry, loader)  # loader: the frontend's, when in this process
         self.executor = self.assembly.build_executor()
         self.model_info: dict[str, Any] = self.executor.model_info()
         self.num_blocks = self.executor.determine_num_blocks()

@@ -94,7 +94,7 @@ class LLMEngine:
 
             self.client: EngineCoreClient = MPClient(config, registry, core_attachment)
         else:
-            self.client = InprocClient(config, registry)
+            self.client = InprocClient(config, registry, loader=loader)  # one loader for frontend and runner
         self.max_model_len = self.client.max_model_len
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_id, self.extra_eos = self._eos_ids()
