@@ -1,6 +1,6 @@
 """Attention kernels on the GPU: achieved HBM bandwidth (GB/s) and TFLOP/s per kernel and per backend forward.
 
-Run on the GPU machine from the repo root (FA3 needs WEAVELM_FA3_LIB, see ../shared/GPU.md):
+Run on the GPU machine from the repo root (FA3 is loaded from `<cache root>/fa3/` where benchmarks/device_env.sh puts it, see ../shared/GPU.md):
     python benchmarks/attention_kernels.py --out bench_out/attention_kernels.json [--sweep]
 Llama-3.1-8B-like layer: 32 query heads, 8 KV heads, head 128, block 16, bf16. Bytes count what the kernel must
 move (KV read, q read, out write); FLOPs are 4 * attended (query, key) pairs * heads * head_size.

@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     from weavelm import LLM, SamplingParams
 
-    llm = LLM(device="cpu", model_runner={"cpu_threads": args.threads})
+    llm = LLM(device="cpu", num_threads=args.threads)
     rng = random.Random(0)
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(64)]}], params)  # warm-up

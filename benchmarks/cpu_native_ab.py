@@ -1,6 +1,6 @@
 """A/B of the CPU path's native pieces on the default model, batch 1: torch kernels only, native kernels per layer,
-and the whole decoder stack in one native call (the default). Each variant runs in its own process (the switches are
-environment variables read at startup), one long greedy generation per rep, interleaved reps, medians.
+and the whole decoder stack in one native call (the default). Each variant runs in its own process (its `kernels:`
+config section), one long greedy generation per rep, interleaved reps, medians.
 
     python benchmarks/cpu_native_ab.py --threads 2 --reps 3 --out benchmarks/results/cpu_native_ab.json
 """
@@ -15,16 +15,16 @@ import subprocess
 import sys
 
 VARIANTS = {
-    "torch kernels (WEAVELM_NATIVE_KERNELS=0)": {"WEAVELM_NATIVE_KERNELS": "0"},
-    "native kernels, per layer (WEAVELM_NATIVE_STACK=0)": {"WEAVELM_NATIVE_STACK": "0"},
+    "torch kernels (kernels.native=false)": {"native": False},
+    "native kernels, per layer (kernels.native_stack=false)": {"native_stack": False},
     "native decoder stack (default)": {},
 }
 
 CHILD = r"""
 import json, sys, time
 from weavelm import LLM, SamplingParams
-threads, tokens = int(sys.argv[1]), int(sys.argv[2])
-llm = LLM(device="cpu", model_runner={"cpu_threads": threads})
+threads, tokens, kernels = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+llm = LLM(device="cpu", num_threads=threads, kernels=kernels)
 tok = llm.get_tokenizer()
 text = tok.apply_chat_template([{"role": "user", "content": "Tell me a short story about a robot."}],
                                add_generation_prompt=True, tokenize=False)
@@ -46,9 +46,9 @@ def main() -> None:
     args = ap.parse_args()
     raw: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for rep in range(args.reps):
-        for name, env in VARIANTS.items():
-            out = subprocess.run([sys.executable, "-c", CHILD, str(args.threads), str(args.tokens)],
-                                 env={**os.environ, **env}, capture_output=True, text=True, check=True)
+        for name, kernels in VARIANTS.items():
+            out = subprocess.run([sys.executable, "-c", CHILD, str(args.threads), str(args.tokens),
+                                  json.dumps(kernels)], capture_output=True, text=True, check=True)
             tps = json.loads(out.stdout.strip().splitlines()[-1])["tok_s"]
             raw[name].append(tps)
             print(f"rep {rep + 1} {name}: {tps:.1f} tok/s", flush=True)

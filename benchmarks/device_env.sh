@@ -15,7 +15,7 @@ eps = d["project"]["entry-points"]["weavelm"]
 open(di + "/entry_points.txt", "w").write("[weavelm]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()))
 PY
 if [ -f .devkernels/_vllm_fa3_C.abi3.so.xz ]; then
-  python3 -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.devkernels/_vllm_fa3_C.abi3.so.xz'),open('/tmp/_vllm_fa3_C.abi3.so','wb'))"
-  export WEAVELM_FA3_LIB=/tmp/_vllm_fa3_C.abi3.so
+  # where the flash_attn backend looks when `kernels.fa3_lib` is not set: fa3/ under the cache root
+  python3 -c "import lzma,shutil,weavelm.utils as u;d=u.cache_root()/'fa3';d.mkdir(parents=True,exist_ok=True);shutil.copyfileobj(lzma.open('.devkernels/_vllm_fa3_C.abi3.so.xz'),open(d/'_vllm_fa3_C.abi3.so','wb'))"
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

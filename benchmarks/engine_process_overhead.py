@@ -115,7 +115,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    os.environ.setdefault("WEAVELM_NUM_THREADS", "1")
     ser = serialisation()
     print("| serializer | message | bytes | encode µs | decode µs |\n|---|---|---:|---:|---:|")
     for r in ser:

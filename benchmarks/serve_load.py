@@ -133,8 +133,8 @@ def run_offline(prompts: list[list[int]], args) -> dict:
     if args.num_threads:
         import torch
         torch.set_num_threads(args.num_threads)
-        os.environ["WEAVELM_NUM_THREADS"] = str(args.num_threads)  # an engine-core process too
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, sets=args.set)
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, num_threads=args.num_threads or None,
+              sets=args.set)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params)  # warm-up
     t0 = time.perf_counter()

@@ -1,12 +1,11 @@
-"""Drive a scheduler on CPU without a model: the test kit's driver (`weavelm.testing._scheduler_driver`), re-exported
+"""Drive a scheduler on CPU without a model: the test kit's driver (`weavelm.testing.Driver`), re-exported
 for the repository's own scheduler tests, plus registry shortcuts for them."""
 
 from __future__ import annotations
 
 from weavelm.plugin import SchedulerContext
-from weavelm.testing._registry import component, names
-from weavelm.testing._scheduler_driver import (EOS, VOCAB, Driver, FakeRunner, check_scheduler, fake_token,
-                                               make_request)
+from weavelm.testing import (EOS, VOCAB, Driver, FakeRunner, check_scheduler, component, fake_token, make_request,
+                             names)
 
 __all__ = ["EOS", "VOCAB", "Driver", "FakeRunner", "check_scheduler", "fake_token", "make_request",
            "make_scheduler", "scheduler_names"]

@@ -20,7 +20,6 @@ from weavelm.core.mp_client import AsyncMPClient
 from weavelm.errors import EngineDeadError, RequestError
 from tests.test_engine_process import ENGINE, child_alive
 
-os.environ.setdefault("WEAVELM_NUM_THREADS", "1")  # inherited by the core processes
 PROMPTS = [[5, 6, 7, 8], [21, 22], list(range(40, 60)), [3]]
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from tests.model_fixtures import ARCHS
 from weavelm import LLM, SamplingParams
+from weavelm.testing import StepRecorder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,10 +25,18 @@ ENGINE = dict(dtype="float32", device="cpu", cache={"num_blocks": 26, "block_siz
               scheduler={"max_num_batched_tokens": 32, "max_num_seqs": 8})
 
 
-def _engine(model: str, async_scheduling: bool, **kw) -> LLM:
-    llm = LLM(model=model, async_scheduling=async_scheduling, **{**ENGINE, **kw})
-    assert llm.engine.client.core.async_scheduling is async_scheduling
-    return llm
+def _engine(model: str, async_scheduling: bool, recorder: StepRecorder | None = None, **kw) -> LLM:
+    recorder = recorder or StepRecorder()
+    return LLM(model=model, async_scheduling=async_scheduling, registry=recorder.registry(), **{**ENGINE, **kw})
+
+
+def _generate(model: str, async_scheduling: bool, prompts, params, **kw):
+    """The outputs of a fresh engine, checking through its step stats that it scheduled ahead iff asked to."""
+    recorder = StepRecorder()
+    with _engine(model, async_scheduling, recorder, **kw) as llm:
+        outs = llm.generate(prompts, params)
+    assert recorder.scheduled_ahead is async_scheduling
+    return outs
 
 
 def _tokens(outs) -> list[list[int]]:
@@ -39,12 +48,13 @@ def test_greedy_identical_with_preemption_chunking_and_prefix_caching(tiny_model
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
     results = {}
     for mode in (False, True):
-        llm = _engine(tiny_models[arch], mode)
+        recorder = StepRecorder()
+        llm = _engine(tiny_models[arch], mode, recorder)
         results[mode] = _tokens(llm.generate(PROMPTS, params))
-        assert llm.engine.client.core.scheduler.num_preemptions > 0, "the pool must force preemption"
+        assert recorder.num_preempted > 0, "the pool must force preemption"
+        assert recorder.scheduled_ahead is mode
         stats = llm.get_stats()
-        assert stats.num_used_blocks == 0 and stats.num_running_reqs == 0
-        assert llm.engine.client.core.scheduler.requests == {}
+        assert stats.num_used_blocks == 0 and stats.num_running_reqs == 0 and stats.num_waiting_reqs == 0
     assert results[True] == results[False]
     assert [len(t) for t in results[True]] == MAX_TOKENS
 
@@ -53,7 +63,7 @@ def test_seeded_sampling_logprobs_and_processors_identical(tiny_llama):
     params = [SamplingParams(max_tokens=m, temperature=0.8, top_p=0.9, top_k=40, seed=7 + i, logprobs=2,
                              repetition_penalty=1.2 if i % 2 else 1.0, ignore_eos=True)
               for i, m in enumerate(MAX_TOKENS)]
-    runs = {mode: _engine(tiny_llama, mode).generate(PROMPTS, params) for mode in (False, True)}
+    runs = {mode: _generate(tiny_llama, mode, PROMPTS, params) for mode in (False, True)}
     assert _tokens(runs[True]) == _tokens(runs[False])
     for a, b in zip(runs[True], runs[False]):
         la, lb = a.outputs[0].logprobs, b.outputs[0].logprobs
@@ -66,11 +76,10 @@ def test_seeded_sampling_logprobs_and_processors_identical(tiny_llama):
 def test_stop_tokens_end_requests_without_extra_output(tiny_llama):
     """A stop token found in step N is known only after step N+1 was launched: the extra step's token is
     dropped, and the output equals the synchronous one."""
-    base = _engine(tiny_llama, False).generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0,
-                                                                       ignore_eos=True))
+    base = _generate(tiny_llama, False, PROMPTS, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
     stops = [o.outputs[0].token_ids[min(3 + i, len(o.outputs[0].token_ids) - 1)] for i, o in enumerate(base)]
     params = [SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[s]) for s in stops]
-    runs = {mode: _engine(tiny_llama, mode).generate(PROMPTS, params) for mode in (False, True)}
+    runs = {mode: _generate(tiny_llama, mode, PROMPTS, params) for mode in (False, True)}
     assert _tokens(runs[True]) == _tokens(runs[False])
     assert [o.outputs[0].finish_reason for o in runs[True]] == [o.outputs[0].finish_reason for o in runs[False]]
     assert any(o.outputs[0].finish_reason == "stop" for o in runs[True])
@@ -91,11 +100,10 @@ def test_abort_mid_flight_frees_everything(tiny_llama):
                 finished[out.request_id] = out
     assert {"r1", "r3", "r4", "r5"} <= set(finished)
     assert llm.get_stats().num_used_blocks == 0
-    runner = llm.engine.client.core.executor.worker.runner
     engine.add_request(PROMPTS[0], SamplingParams(max_tokens=2, temperature=0), request_id="late")
     while engine.has_unfinished_requests():
         engine.step()
-    assert set(runner.requests) <= {"late"}
+    assert set(llm.collective_rpc("cached_request_ids")[0]) <= {"late"}
 
 
 def test_placeholders_in_the_scheduler_driven_directly():
@@ -143,7 +151,7 @@ def test_engine_core_process_with_async_scheduling(tiny_llama):
     """The engine-core process's loop (what `weavelm serve` runs on a GPU) launches before it collects, too."""
     params = [SamplingParams(max_tokens=m, temperature=0.7 if i % 2 else 0, seed=i, ignore_eos=True)
               for i, m in enumerate(MAX_TOKENS)]
-    want = _tokens(_engine(tiny_llama, False).generate(PROMPTS, params))
+    want = _tokens(_generate(tiny_llama, False, PROMPTS, params))
     with LLM(model=tiny_llama, async_scheduling=True, engine_process=True, **ENGINE) as llm:
         assert _tokens(llm.generate(PROMPTS, params)) == want
         streamed = [o.outputs[0].token_ids for o in llm.stream(PROMPTS[1], params[1])]
@@ -157,29 +165,29 @@ def test_logits_processors_see_the_latest_token(tiny_llama):
     so that a lag of one token would change it: the stop token is the greedy continuation's 7th token, allowed from
     exactly that position."""
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    seqs = _tokens(_engine(tiny_llama, False).generate(PROMPTS, greedy))
+    seqs = _tokens(_generate(tiny_llama, False, PROMPTS, greedy))
     i, seq = next((i, s) for i, s in enumerate(seqs) if len(s) > 6 and s[6] not in s[:6])
     params = [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[seq[6]], min_tokens=6),
               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, presence_penalty=2.0,
                              frequency_penalty=1.5),
               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=3.0)]
     prompts = [PROMPTS[i], PROMPTS[0], PROMPTS[4]]
-    runs = {mode: _engine(tiny_llama, mode).generate(prompts, params) for mode in (False, True)}
+    runs = {mode: _generate(tiny_llama, mode, prompts, params) for mode in (False, True)}
     assert runs[False][0].outputs[0].token_ids == seq[:7] and runs[False][0].outputs[0].finish_reason == "stop"
     assert _tokens(runs[True]) == _tokens(runs[False])
 
 
 def test_engine_suites_pass_under_async_scheduling():
     """The scheduling-parity, robust-request, step-isolation, frontend and plugin-hook suites, run with async
-    scheduling as the default on the CPU (`WEAVELM_ASYNC_SCHEDULING=1`), in a subprocess."""
+    scheduling as the default on the CPU (the `tests.async_default` pytest plugin), in a subprocess."""
     import os
     import subprocess
     import sys
 
     suites = ["tests/test_scheduling_parity.py", "tests/test_robust_requests.py", "tests/test_step_isolation.py",
               "tests/test_frontend.py", "tests/test_plugins.py"]
-    env = {**os.environ, "WEAVELM_ASYNC_SCHEDULING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites], env=env,
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.async_default",
+                           *suites],
                           capture_output=True, text=True, timeout=900,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stdout[-4000:]

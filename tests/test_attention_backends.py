@@ -18,7 +18,7 @@ import torch
 
 from tests.attention_utils import make_batch, reference_output, rel_err
 from weavelm.core.forward import AttentionSpec
-from weavelm.testing._registry import component, names
+from weavelm.testing import component, names
 from weavelm.testing.attention import MIXED, AttentionContract, triton_interpreter_without_cuda
 
 ON_GPU = torch.cuda.is_available()

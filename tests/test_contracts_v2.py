@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from weavelm import LLM, SamplingParams
+from weavelm.testing import StepRecorder
 from weavelm.core.registry import Registry, RegistrySpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,10 +108,11 @@ def test_third_party_scheduler_with_its_own_option_names_runs_above_256(tiny_lla
     assert registry.components["scheduler"]["lanes"].distribution == "weavelm-lanes"
     prompts = [{"prompt_token_ids": [1 + (i * 7) % 250, 2 + i % 100, 3 + i % 50]} for i in range(300)]
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    lanes = tiny_engine(tiny_llama, registry, scheduler={"name": "lanes", "lanes": 300},
+    recorder = StepRecorder()
+    lanes = tiny_engine(tiny_llama, recorder.attach(registry), scheduler={"name": "lanes", "lanes": 300},
                         cache={"num_blocks": 700, "block_size": 4})
-    assert lanes.engine.client.core.assembly.limits.max_num_seqs == 300
     got = lanes.generate(prompts, params)
+    assert max(s.num_running for s in recorder.steps) == 300  # the runner's batch took the scheduler's limits
     assert lanes.get_stats().num_used_blocks == 0
     fcfs = tiny_engine(tiny_llama, Registry.load(), scheduler={"name": "fcfs", "max_num_seqs": 300},
                        cache={"num_blocks": 700, "block_size": 4})
@@ -122,7 +124,7 @@ def test_third_party_scheduler_with_its_own_option_names_runs_above_256(tiny_lla
 def test_highest_priority_outside_backend_wins_auto(tiny_llama, outside_plugins, caplog):
     with caplog.at_level(logging.INFO, logger="weavelm.attention"):
         loud = tiny_engine(tiny_llama)  # attention: auto
-    assert loud.engine.client.model_info["attention"] == "loud"
+    assert loud.collective_rpc("model_info")[0]["attention"] == "loud"
     assert "auto picked loud" in caplog.text
     ref = tiny_engine(tiny_llama, attention="torch_ref")
     prompts = [[5, 6, 7, 8, 9], [11, 12]]
@@ -136,8 +138,8 @@ def test_two_engines_with_different_registries_coexist(tiny_llama, outside_plugi
     assert "loud" in everything.names("attention") and "loud" not in blocked.names("attention")
     a = tiny_engine(tiny_llama, everything)
     b = tiny_engine(tiny_llama, blocked)
-    assert a.engine.client.model_info["attention"] == "loud"
-    assert b.engine.client.model_info["attention"] == "cpu"
+    assert a.collective_rpc("model_info")[0]["attention"] == "loud"
+    assert b.collective_rpc("model_info")[0]["attention"] == "cpu"
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
     out_a, out_b = a.generate(prompts, GREEDY), b.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in out_a] == [o.outputs[0].token_ids for o in out_b]
@@ -154,7 +156,7 @@ def test_incompatible_api_major_is_refused_naming_the_distribution(tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = Registry.load()
     record = registry.plugins["old_sched"]
-    assert "weavelm-old" in record.error and "API 1.1" in record.error and "2.2" in record.error
+    assert "weavelm-old" in record.error and "API 1.1" in record.error and "2.3" in record.error
     from weavelm.cli import main
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
@@ -169,10 +171,15 @@ def test_registration_is_a_historic_hook_and_registries_are_independent():
 
 
 def test_worker_builder_pickles_and_rebuilds_its_registry(tiny_llama):
-    llm = tiny_engine(tiny_llama)
-    builder = llm.engine.client.core.executor.context.build_worker
+    from weavelm.core.assembly import Assembly, WorkerBuilder
+    from weavelm.core.config import EngineConfig
+
+    registry = Registry.load()
+    config = EngineConfig.build({"model": tiny_llama, "dtype": "float32", "device": "cpu"}, registry)
+    builder = WorkerBuilder(config, registry.spec, registry, Assembly(config, registry).limits)
     clone = pickle.loads(pickle.dumps(builder))
-    assert clone._registry is None and clone.spec == llm.engine.registry.spec
+    assert clone.spec == registry.spec and clone.registry is not registry  # rebuilt from entry points
+    assert sorted(clone.registry.names("scheduler")) == sorted(registry.names("scheduler"))
     worker = clone(0, 1)  # rebuilt registry, same config
     assert type(worker).name == "device" and worker.rank == 0
 
@@ -182,7 +189,9 @@ def test_lora_section_selects_a_lora_manager_plugin(tiny_llama):
     with pytest.raises(ConfigError, match="lora.name: .*lora_manager"):
         tiny_engine(tiny_llama, lora={"name": "no-such-manager", "max_loras": 2})
     llm = tiny_engine(tiny_llama, lora={"max_loras": 2})
-    assert type(llm.engine.client.core.lora).name == "punica"
+    assert llm.config.lora.name == "punica"
+    out = llm.generate([[5, 6, 7]], GREEDY)[0]
+    assert out.error is None and llm.get_stats().num_active_loras == 0
 
 
 def test_collective_rpc_reaches_the_worker(tiny_llama):
@@ -241,7 +250,8 @@ def test_registry_is_looked_up_only_by_the_assembler_and_entry_points():
     registry from the spec the frontend sends) and the `serve --api-server-count` supervisor (which starts that
     process); plugins never call `registry.get`/`find_model`."""
     allowed = {"core/registry.py", "core/assembly.py", "core/llm_engine.py", "core/llm.py", "core/config.py", "cli.py",
-               "convert.py", "testing/_registry.py", "core/engine_proc.py", "serve/multi.py"}
+               "convert.py", "testing/_registry.py", "testing/stats.py", "testing/executor.py", "core/engine_proc.py",
+               "serve/multi.py"}
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE).as_posix()
         text = path.read_text()

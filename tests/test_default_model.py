@@ -16,6 +16,12 @@ CHAT_PROMPTS = [
 ]
 
 
+def _down_proj_storage(model) -> tuple:
+    """For `apply_model`: layer 0's down_proj dense weight and the type name of its quantized pack."""
+    proj = model.layers[0].mlp.down_proj
+    return proj.weight, type(getattr(proj, "qpack", None)).__name__
+
+
 @pytest.mark.slow
 def test_default_model_matches_transformers():
     from transformers import AutoModelForCausalLM
@@ -24,13 +30,16 @@ def test_default_model_matches_transformers():
 
     llm = LLM(model=default_dense_path(), device="cpu")  # the fp32 conversion, dense
     tok = llm.get_tokenizer()
-    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=12, temperature=0))[0]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    out = llm.generate(["The capital of France is"], params)[0]
     assert out.outputs[0].text.startswith(" Paris")
     ref = AutoModelForCausalLM.from_pretrained(llm.config.model, dtype=torch.float32)
     ids = tok.encode("The capital of France is")
     with torch.no_grad():
-        gen = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-    assert out.outputs[0].token_ids == gen[0, len(ids):].tolist()[: len(out.outputs[0].token_ids)]
+        gen = ref.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                           eos_token_id=None, pad_token_id=tok.pad_token_id or 0)
+    want = gen[0, len(ids):].tolist()
+    assert len(want) == 12 and out.outputs[0].token_ids == want  # every token, not a prefix
 
 
 @pytest.mark.slow
@@ -45,10 +54,10 @@ def test_default_path_is_quantized_and_agrees_with_fp32(one_torch_thread):
     from weavelm.default_model import default_dense_path
 
     quant, dense = LLM(device="cpu"), LLM(model=default_dense_path(), device="cpu")
-    model = quant.engine.client.core.executor.worker.runner.bundle.model
-    assert model.layers[0].mlp.down_proj.weight is None  # kept quantized, no dense copy
+    [(dense_weight, pack)] = quant.collective_rpc("apply_model", (_down_proj_storage,))
+    assert dense_weight is None  # kept quantized, no dense copy
     if native.available():
-        assert type(model.layers[0].mlp.down_proj.qpack).__name__ == "BlockQ4Pack"
+        assert pack == "BlockQ4Pack"
     tok = quant.get_tokenizer()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
              for p in CHAT_PROMPTS]

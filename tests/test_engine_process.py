@@ -23,10 +23,9 @@ from weavelm.core.request import Request
 from weavelm.errors import EngineDeadError, EngineError
 from tests.engine_process_plugins import POISON
 
-os.environ.setdefault("WEAVELM_NUM_THREADS", "1")  # inherited by the core processes
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 # chunked prefill off with a 32-token budget, so the core itself rejects a longer prompt
-ENGINE = dict(dtype="float32", device="cpu", loader="safetensors", cache={"num_blocks": 64, "block_size": 4},
+ENGINE = dict(dtype="float32", device="cpu", loader="safetensors", num_threads=1, cache={"num_blocks": 64, "block_size": 4},
               scheduler={"name": "fcfs", "max_num_batched_tokens": 32, "enable_chunked_prefill": False})
 PROMPTS = [[5, 6, 7, 8], [21, 22], list(range(40, 70)), [3]]
 

@@ -1,6 +1,6 @@
 """The shipped executor contract, run against every registered executor."""
 
-from weavelm.testing._registry import names
+from weavelm.testing import names
 from weavelm.testing.executor import ExecutorContract
 
 for _name in names("executor"):

@@ -1,5 +1,6 @@
 """KV block accounting: unit tests of the pool and the manager, and property tests that drive random add /
-schedule / finish / abort / preempt sequences through the schedulers and the block pool."""
+schedule / finish / abort sequences (preemption comes from the small pools) through the schedulers and the block
+pool."""
 
 from __future__ import annotations
 
@@ -162,18 +163,9 @@ op = st.one_of(
     add_op, add_op,
     st.tuples(st.just("step"), st.integers(1, 6)),
     st.tuples(st.just("abort"), st.integers(0, 40)),
-    st.tuples(st.just("preempt"), st.integers(0, 40)),
 )
 program = st.builds(lambda first, rest: first + rest, st.lists(add_op, min_size=2, max_size=8),
                     st.lists(op, max_size=30))
-
-
-def _preempt_between_steps(sched, k: int) -> None:
-    """Preempt a running request from outside a step (built-in mechanics only)."""
-    from weavelm.scheduling import BaseScheduler, _StepPlan
-    if not isinstance(sched, BaseScheduler) or not sched.running:
-        return
-    sched._preempt(sched.running[k % len(sched.running)], _StepPlan(0))
 
 
 @pytest.mark.parametrize("name", scheduler_names())
@@ -212,8 +204,6 @@ def _run_program(name, ops, caching, num_blocks, budget, max_seqs=8):
             if rid not in d.finishes:
                 aborted.add(rid)
             d.abort([rid])
-        elif o[0] == "preempt":
-            _preempt_between_steps(sched, o[1])
         _check_books(sched, num_blocks)
     d.run(max_steps=5000)
     _check_books(sched, num_blocks)

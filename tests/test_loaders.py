@@ -18,7 +18,7 @@ import torch
 
 from tests.gguf_fixtures import (ARCHS, FORMATS, LOADER_OF, LOSSLESS, QUANTIZED, loader_of, model_zoo, reference_of,
                                  state_dict)
-from weavelm.testing._registry import component, names
+from weavelm.testing import component, names
 from weavelm.testing.loader import LoaderContract
 
 TOKENS = [1, 17, 300, 42, 5, 99, 250, 7, 3, 128, 64, 200, 11, 0, 255, 31,
@@ -185,12 +185,23 @@ def test_engine_greedy_matches_safetensors(fmt):
             [{"prompt_token_ids": TOKENS[:12]}], params)[0].outputs[0]
         return out.token_ids, out.logprobs
 
-    ref_ids, ref_lp = run(zoo["safetensors"], "safetensors")
-    ids, lp = run(zoo[fmt], "auto")
     if fmt in LOSSLESS:
+        ref_ids, ref_lp = run(zoo["safetensors"], "safetensors")
+        ids, lp = run(zoo[fmt], "auto")
         assert ids == ref_ids and lp == ref_lp
-    else:  # quantized: runs end to end; Q8_0 keeps the first greedy token on this fixture
-        assert len(ids) == 8 and (quant_of(fmt) != "Q8_0" or ids[0] == ref_ids[0])
+        return
+    # quantized: the engine keeps the blocks quantized (`quantization: auto`); the reference is transformers on
+    # the same file, which dequantizes it: the same weights, so the same greedy tokens
+    from transformers import AutoModelForCausalLM
+
+    path = zoo[fmt]
+    ref_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                     dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref_model.generate(torch.tensor([TOKENS[:12]]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, 12:].tolist()
+    ids, _ = run(path, "auto")
+    assert ids == want
 
 
 # -- convert CLI -------------------------------------------------------------------------------------------------
@@ -244,3 +255,19 @@ def test_real_llama_cpp_file_smollm2():
     out = LLM(model=path, dtype="float32", device="cpu").generate(
         ["The capital of France is"], SamplingParams(max_tokens=2, temperature=0.0))[0].outputs[0]
     assert out.text.startswith(" Paris")
+
+
+def test_one_loader_per_engine_reads_a_gguf_header_once(monkeypatch):
+    """The frontend's loader (config, tokenizer) is the runner's in the same process: the file's header is parsed
+    once per engine, with no cache shared between engines."""
+    from weavelm import LLM
+    from weavelm.plugins.loaders import gguf
+
+    opened = []
+    real = gguf.open_reader
+    monkeypatch.setattr(gguf, "open_reader", lambda file: opened.append(file) or real(file))
+    path = model_zoo("llama")["gguf_Q8_0"]
+    for engines in (1, 2):
+        with LLM(model=path, dtype="float32", device="cpu") as llm:
+            assert llm.generate([{"prompt_token_ids": TOKENS[:5]}])[0].error is None
+        assert len(opened) == engines  # a second engine parses it again: nothing outlives the first

@@ -94,26 +94,25 @@ def test_elementwise_kernels_match_the_torch_layers():
 
 @pytest.mark.parametrize("arch,source", [("llama", "gguf_Q4_K"), ("qwen2", "gguf_Q4_K"), ("qwen3", "gguf_Q4_K"),
                                          ("llama", "int8")])
-def test_whole_stack_call_equals_the_per_layer_path(arch, source, one_torch_thread, monkeypatch):
+def test_whole_stack_call_equals_the_per_layer_path(arch, source, one_torch_thread):
     """Same weights (a GGUF Q4_K file, or safetensors quantized by `int8` on load), same engine settings: the
-    whole-stack native call (decode steps) against the per-layer path (WEAVELM_NATIVE_STACK=0): identical logits,
-    bit for bit, in a mixed batch (prefill past the stack's token limit, then decode)."""
+    whole-stack native call (decode steps) against the per-layer path (`kernels: {native_stack: false}`): identical
+    logits, bit for bit, in a mixed batch (prefill past the stack's token limit, then decode)."""
     from weavelm import LLM, SamplingParams
 
     zoo = model_zoo(arch)
     path, extra = (zoo["safetensors"], {"quantization": "int8"}) if source == "int8" else (zoo[source], {})
     prompts = [[5, 17, 42, 99, 3, 250] * 12, [7, 7, 1, 300, 12], [400, 2, 9]]
     results = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("WEAVELM_NATIVE_STACK", flag)
-        llm = LLM(model=path, device="cpu", dtype="float32", cache={"num_blocks": 64}, **extra)
-        runner = llm.engine.client.core.executor.worker.runner
+    for on in (True, False):
+        llm = LLM(model=path, device="cpu", dtype="float32", cache={"num_blocks": 64},
+                  kernels={"native_stack": on}, **extra)
         captured = []
-        runner.set_logits_hook(lambda ids, logits: captured.append(logits.clone()) or None)
+        llm.collective_rpc("set_logits_hook", (lambda ids, logits: captured.append(logits.clone()) or None,))
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-        stack = runner.bundle.model.__dict__.get("_native_stack")
-        assert bool(stack) == (flag == "1"), stack
+        [stack] = llm.collective_rpc("apply_model", (lambda model: model.__dict__.get("_native_stack"),))
+        assert bool(stack) == on, stack
         results.append(([o.outputs[0].token_ids for o in outs], captured))
     (tok_a, log_a), (tok_b, log_b) = results
     assert tok_a == tok_b
@@ -135,8 +134,7 @@ def test_a_failed_build_falls_back_to_torch_with_a_reason(tmp_path):
             "p = BlockQ4Pack.from_codes(np.ones((4, 64), np.uint8), np.ones((4, 2), np.float32),"
             " np.zeros((4, 2), np.float32))\n"
             "assert torch.equal(p.mm(torch.ones(1, 64)), torch.full((1, 4), 64.0))\n")
-    env = {**os.environ, "CC": "false", "WEAVELM_CACHE_DIR": str(tmp_path)}
-    env.pop("WEAVELM_NATIVE_KERNELS", None)
+    env = {**os.environ, "CC": "false", "WEAVELM_CACHE_ROOT": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "native CPU kernels unavailable: false failed" in out.stdout, out.stdout

@@ -1,6 +1,7 @@
 """Plugin discovery through importlib.metadata entry points, failure isolation, and the frozen contract."""
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -85,29 +86,49 @@ def test_name_clash_names_both_distributions(tmp_path, monkeypatch):
 
 
 def test_example_plugin_installs_and_is_selected_from_yaml(tmp_path, tiny_llama):
-    """pip-installs examples/weavelm-plugin-example into a fresh target and selects its scheduler by YAML."""
+    """pip-installs examples/weavelm-plugin-example into a fresh target and selects its scheduler by YAML: with one
+    sequence at a time it finishes the shorter prompt first where `fcfs` finishes the earlier one, and both give
+    the same greedy tokens (the finishing order is observed through the `weavelm_request_finished` hook)."""
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), os.path.join(ROOT, "examples", "weavelm-plugin-example")],
                    check=True, capture_output=True)
     cfg = tmp_path / "engine.yaml"
     cfg.write_text(f"model: {tiny_llama}\ndevice: cpu\ndtype: float32\nloader: safetensors\n"
-                   "scheduler: {name: shortest_prompt, max_num_seqs: 4}\n")
+                   "scheduler: {name: shortest_prompt, max_num_seqs: 1}\n")
     script = textwrap.dedent(f"""
+        import json
         from weavelm import LLM, SamplingParams
-        llm = LLM(config={str(cfg)!r})
-        cls = type(llm.engine.client.core.scheduler)
-        rec = llm.engine.registry.components["scheduler"]["shortest_prompt"]
-        outs = llm.generate([{{"prompt_token_ids": list(range(1, 30))}}, {{"prompt_token_ids": [5]}}],
-                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-        print(cls.name, rec.distribution, __import__(cls.__module__).__file__, [len(o.outputs[0].token_ids) for o in outs])
+        from weavelm.core.registry import Registry
+        from weavelm.plugin import hookimpl
+
+        class FinishOrder:
+            def __init__(self):
+                self.prompt_lens = []
+            @hookimpl
+            def weavelm_request_finished(self, output):
+                self.prompt_lens.append(len(output.prompt_token_ids))
+
+        result = {{}}
+        for scheduler in ("shortest_prompt", "fcfs"):
+            order, registry = FinishOrder(), Registry.load()
+            registry.pm.register(order)
+            llm = LLM(config={str(cfg)!r}, registry=registry, scheduler={{"name": scheduler}})
+            outs = llm.generate([{{"prompt_token_ids": list(range(1, 30))}}, {{"prompt_token_ids": [5, 6]}}],
+                                SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+            rec = registry.components["scheduler"][scheduler]
+            result[scheduler] = {{"order": order.prompt_lens, "tokens": [o.outputs[0].token_ids for o in outs],
+                                 "dist": rec.distribution, "file": __import__(rec.cls.__module__).__file__}}
+        print(json.dumps(result))
         """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), ROOT])}
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    name, dist, module_file, lens = res.stdout.strip().split(" ", 3)
-    assert name == "shortest_prompt" and dist == "weavelm-plugin-example"
-    assert module_file.startswith(str(target)) and lens == "[4, 4]"
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    example, fcfs = got["shortest_prompt"], got["fcfs"]
+    assert example["dist"] == "weavelm-plugin-example" and example["file"].startswith(str(target))
+    assert example["order"] == [2, 29] and fcfs["order"] == [29, 2]
+    assert example["tokens"] == fcfs["tokens"] and all(len(t) == 4 for t in example["tokens"])
 
 
 def test_allow_list_env(monkeypatch, tmp_path):
@@ -123,7 +144,7 @@ def test_hookspecs_are_frozen():
     specs = sorted(n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("weavelm_"))
     assert specs == ["weavelm_engine_started", "weavelm_register", "weavelm_request_finished",
                      "weavelm_step_finished"]
-    assert interfaces.API_VERSION == "2.2"
+    assert interfaces.API_VERSION == "2.3"
 
 
 def test_public_exports_are_frozen():

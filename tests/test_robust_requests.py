@@ -40,7 +40,7 @@ def solo(llm):
 
 def assert_clean(llm):
     """No request left behind in the frontend or the core, and every KV block back in the pool."""
-    assert not llm.engine.output_processor.states
+    assert not llm.engine.has_unfinished_requests()
     stats = llm.get_stats()
     assert stats.num_running_reqs == 0 and stats.num_waiting_reqs == 0 and stats.num_used_blocks == 0
 
@@ -234,7 +234,6 @@ def test_break_out_of_a_stream_aborts_it(llm, solo):
         assert llm.get_stats().num_used_blocks > 0
         break
     assert_clean(llm)
-    assert out.request_id not in llm.engine.output_processor.states
     outs = llm.generate([{"prompt_token_ids": GOOD[0]}], GREEDY)
     assert outs[0].outputs[0].token_ids == solo(GOOD[0])
     assert_clean(llm)
@@ -261,7 +260,7 @@ def test_abandoned_stream_does_not_run_in_the_next_call(llm, solo):
     rid = next(it).request_id
     del it
     outs = llm.generate([{"prompt_token_ids": GOOD[1]}], GREEDY)
-    assert outs[0].outputs[0].token_ids == solo(GOOD[1]) and rid not in llm.engine.output_processor.states
+    assert outs[0].outputs[0].token_ids == solo(GOOD[1])
     assert_clean(llm)
 
 
@@ -276,26 +275,27 @@ def test_llm_abort_ends_a_stream(llm):
     assert_clean(llm)
 
 
-def test_abort_from_another_thread_while_stepping(llm, monkeypatch):
+def test_abort_from_another_thread_while_stepping(tiny_llama):
     """An abort that arrives while another thread steps is applied before the next step; generate() then
-    returns the aborted request's final output instead of waiting for it."""
-    client = llm.engine.client
-    real_get_output, calls = client.get_output, []
+    returns the aborted request's final output instead of waiting for it. The abort is sent from the runner's
+    logits hook (`set_logits_hook`, reached with `collective_rpc`), i.e. from inside the third step."""
+    calls = []
 
-    def get_output():
+    def abort_from_another_thread(req_ids, logits):
         calls.append(1)
         if len(calls) == 3:
-            t = threading.Thread(target=llm.abort, args=(next(iter(llm.engine.output_processor.states)),))
+            t = threading.Thread(target=llm.abort, args=(req_ids[0],))
             t.start()
             t.join(10)
-        return real_get_output()
-    monkeypatch.setattr(client, "get_output", get_output)
-    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
-    outs = run_with_timeout(lambda: llm.generate([{"prompt_token_ids": GOOD[0]}], params))
-    out = outs[0].outputs[0]
-    assert out.finish_reason == "abort" and 0 < len(out.token_ids) < 50
-    monkeypatch.undo()
-    assert_clean(llm)
+        return None
+
+    with LLM(model=tiny_llama, dtype="float32", device="cpu", loader="safetensors", max_model_len=128) as llm:
+        llm.collective_rpc("set_logits_hook", (abort_from_another_thread,))
+        params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+        outs = run_with_timeout(lambda: llm.generate([{"prompt_token_ids": GOOD[0]}], params))
+        out = outs[0].outputs[0]
+        assert len(calls) >= 3 and out.finish_reason == "abort" and 0 < len(out.token_ids) < 50
+        assert_clean(llm)
 
 
 # -- class 4: wrong types give a RequestError, never a raw TypeError ---------------------------------------------
@@ -405,7 +405,7 @@ def test_core_rejection_leaves_no_state(tiny_llama):
     solo = llm.generate([{"prompt_token_ids": GOOD[0]}], GREEDY)[0].outputs[0].token_ids
     with pytest.raises(RequestError, match="chunked prefill is off"):
         llm.engine.add_request({"prompt_token_ids": list(range(20))}, GREEDY, request_id="long")
-    assert "long" not in llm.engine.output_processor.states
+    assert not llm.engine.has_unfinished_requests()
     outs = llm.generate([{"prompt_token_ids": list(range(20))}, {"prompt_token_ids": GOOD[0]}], GREEDY)
     assert outs[0].error and "chunked prefill is off" in outs[0].error
     assert outs[1].outputs[0].token_ids == solo

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.scheduler_utils import Driver, FakeRunner, make_request, make_scheduler, scheduler_names
-from weavelm.testing._registry import component
+from weavelm.testing import component
 from weavelm.testing.scheduler import BLOCK_SIZE, SchedulerContract, expected
 
 CONFIGS = {"tight": {"max_num_seqs": 3, "max_num_batched_tokens": 8},

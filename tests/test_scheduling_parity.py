@@ -117,31 +117,20 @@ def test_parity_other_architectures_under_preemption(tiny_models, observer, arch
 
 
 def _run_shared_prefix(path: str, caching: bool, observer: StepObserver):
+    """Through the public surface: the second request's cached tokens from its RequestOutput, the tokens the
+    engine computed for it from the `weavelm_step_finished` stats."""
     llm = make_llm(path, "fcfs", None, caching, num_blocks=64, registry=observer.registry)
-    scheduler = llm.engine.client.core.scheduler
-    scheduled = []
-    original = scheduler.schedule
-
-    def spy():
-        so = original()
-        scheduled.append(so)
-        return so
-
-    scheduler.schedule = spy
     rng = random.Random(11)
     prefix = [rng.randrange(3, 512) for _ in range(3 * BS)]
     first = prefix + [rng.randrange(3, 512) for _ in range(2)]
     second = prefix + [rng.randrange(3, 512) for _ in range(5)]
     out_first = generate(llm, [first], [0])[0]
-    mark = len(scheduled), len(observer.stats)
-    out_second = generate(llm, [second], [0])[0]
-    steps = scheduled[mark[0]:]
-    new = [nr for so in steps for nr in so.scheduled_new_reqs]
-    assert len(new) == 1
-    tokens_for_second = sum(n for so in steps for n in so.num_scheduled_tokens.values())
-    observed = sum(s.num_scheduled_tokens for s in observer.stats[mark[1]:])
-    assert observed == tokens_for_second  # what the weavelm_step_finished hook reports
-    return out_first, out_second, new[0].num_computed_tokens, tokens_for_second, second
+    mark = len(observer.stats)
+    [request_output] = llm.generate([{"prompt_token_ids": second}], SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+    tokens_for_second = sum(s.num_scheduled_tokens for s in observer.stats[mark:])
+    return out_first, request_output.outputs[0].token_ids, request_output.num_cached_tokens, tokens_for_second, \
+        second
 
 
 def test_shared_prefix_computes_only_the_uncached_suffix(tiny_llama, observer):

@@ -1,6 +1,6 @@
 """The proposer contract suite (`weavelm.testing.proposer`), run against every registered proposer."""
 
-from weavelm.testing._registry import names
+from weavelm.testing import names
 from weavelm.testing.proposer import ProposerContract
 
 OPTIONS = {  # what the built-ins need besides num_speculative_tokens (a third party's: none assumed)

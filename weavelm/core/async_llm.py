@@ -166,7 +166,7 @@ class AsyncLLM:
         self.processor = InputProcessor(engine_config, registry)
         self.client = EngineCoreClient.make_client(
             engine_config, registry, multiprocess_mode=engine_config.engine_process or core_attachment is not None,
-            asyncio_mode=True, attachment=core_attachment)
+            asyncio_mode=True, attachment=core_attachment, loader=self.processor.loader)
         self.processor.set_max_model_len(self.client.max_model_len, self.client.model_info)
         self.output_processor = OutputProcessor(self.processor.tokenizer, registry.hook)
         self._streams: dict[str, RequestStream] = {}  # by request id, until their final output

@@ -40,13 +40,14 @@ class EngineCoreClient(ABC):
 
     @staticmethod
     def make_client(config: EngineConfig, registry: Registry, *, multiprocess_mode: bool, asyncio_mode: bool,
-                    attachment: Any = None) -> EngineCoreClient:
-        """The client for a core in this process or its own (`attachment`: join one started elsewhere)."""
+                    attachment: Any = None, loader: Any = None) -> EngineCoreClient:
+        """The client for a core in this process or its own (`attachment`: join one started elsewhere). `loader`:
+        the frontend's, which an in-process core reuses (one loader per engine per process)."""
         if multiprocess_mode:
             from weavelm.core.mp_client import AsyncMPClient, SyncMPClient
 
             return (AsyncMPClient if asyncio_mode else SyncMPClient)(config, registry, attachment)
-        return AsyncInprocClient(config, registry) if asyncio_mode else InprocClient(config, registry)
+        return (AsyncInprocClient if asyncio_mode else InprocClient)(config, registry, loader)
 
     # -- blocking callers ----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -96,8 +97,8 @@ class EngineCoreClient(ABC):
 class InprocClient(EngineCoreClient):
     """The core in this process, stepped by the caller of `get_output`."""
 
-    def __init__(self, config: EngineConfig, registry: Registry):
-        self.core = EngineCore(config, registry)
+    def __init__(self, config: EngineConfig, registry: Registry, loader: Any = None):
+        self.core = EngineCore(config, registry, loader)
         self.max_model_len = self.core.max_model_len
         self.model_info = self.core.model_info
 
@@ -130,8 +131,8 @@ class AsyncInprocClient(EngineCoreClient):
     aborts, utility calls) that the thread applies between steps; the thread hands each step's outputs back
     through `call_soon_threadsafe`, so the loop never waits for a step."""
 
-    def __init__(self, config: EngineConfig, registry: Registry):
-        self.core = EngineCore(config, registry)
+    def __init__(self, config: EngineConfig, registry: Registry, loader: Any = None):
+        self.core = EngineCore(config, registry, loader)
         self.max_model_len = self.core.max_model_len
         self.model_info = self.core.model_info
         self._commands: list[Callable[[], None]] = []

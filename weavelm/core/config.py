@@ -12,9 +12,10 @@ import reprlib
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from weavelm.errors import ConfigError, PluginError
+from weavelm.ops.settings import KernelConfig
 
 COMPONENT_SECTIONS = {
     "scheduler": ("scheduler", "fcfs"),
@@ -33,8 +34,10 @@ MAX_MODEL_LEN = 1 << 24
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_YAML_DEPTH = 64
 MAX_ECHO = 200  # characters of a user value repeated in an error message
+MIN_KV_SLOTS = 2  # a prompt must be shorter than max_model_len, which the KV pool caps
 
-NOT_YET_SUPPORTED: dict[str, str] = {}
+SCALAR_FIELDS = ("model", "tokenizer", "dtype", "device", "seed", "max_model_len", "enforce_eager",
+                 "async_scheduling", "engine_process", "engine_iteration_timeout_s", "num_threads")
 # Sections that exist only when written: key -> (kind, default plugin)
 OPTIONAL_SECTIONS = {"lora": ("lora_manager", "punica"), "speculative": ("proposer", "")}  # "": name required
 
@@ -42,7 +45,7 @@ OPTIONAL_SECTIONS = {"lora": ("lora_manager", "punica"), "speculative": ("propos
 class CacheConfig(BaseModel):
     """The paged KV cache."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
     num_blocks: int | None = Field(None, ge=1, le=MAX_NUM_BLOCKS,
                                    description="Fix the pool size; default: sized from memory.")
@@ -52,9 +55,17 @@ class CacheConfig(BaseModel):
                                     description="KV cache size on CPU, in GiB (a finite number).")
     enable_prefix_caching: bool = Field(True, description="Share KV blocks of identical prompt prefixes.")
 
+    @model_validator(mode="after")
+    def _holds_a_request(self) -> CacheConfig:
+        if self.num_blocks is not None and self.num_blocks * self.block_size < MIN_KV_SLOTS:
+            raise ValueError(f"num_blocks x block_size = {self.num_blocks * self.block_size} token slots, but a "
+                             f"request needs at least {MIN_KV_SLOTS} (one prompt token and one output token); "
+                             f"raise cache.num_blocks or cache.block_size")
+        return self
+
 
 class _TopLevel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = Field(None, description="Model directory (config.json + weights) or .gguf file.")
     tokenizer: str | None = Field(None, description="Tokenizer directory; default: beside the model.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Weights/activations.")
@@ -74,7 +85,11 @@ class _TopLevel(BaseModel):
                                               "frontend waits for any message from a core that holds its requests "
                                               "before declaring it frozen (EngineDeadError naming the process); "
                                               "0: wait forever (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S).")
+    num_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads in each process that "
+                                    "runs the model (the runner sets it when it loads); None: one per core not "
+                                    "busy now (the 1-minute load average), at most torch's default.")
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    kernels: KernelConfig = Field(default_factory=KernelConfig)
     scheduler: Any = None
     executor: Any = None
     worker: Any = None
@@ -114,7 +129,9 @@ class EngineConfig(BaseModel):
     async_scheduling: bool | None = Field(None, description="Overlap scheduling with the device (None: auto).")
     engine_process: bool = Field(False, description="The engine core runs in its own process (MPClient).")
     engine_iteration_timeout_s: float = Field(120.0, description="Frozen-core deadline (0: none).")
+    num_threads: int | None = Field(None, description="torch CPU threads per model-running process (None: auto).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    kernels: KernelConfig = Field(default_factory=KernelConfig, description="Kernel switches (`weavelm.ops`).")
     scheduler: ComponentConfig
     executor: ComponentConfig
     worker: ComponentConfig
@@ -125,7 +142,6 @@ class EngineConfig(BaseModel):
     speculative: ComponentConfig | None = Field(None, description="Speculative decoding: the proposer and its "
                                                 "options (`num_speculative_tokens`, ...); None: off.")
     quantization: ComponentConfig | None = Field(None, description="Weight quantization (None: auto).")
-    raw: dict[str, Any] = Field(default_factory=dict, description="The merged input, for reproducibility.")
 
     @classmethod
     def build(cls, raw: dict[str, Any] | None = None, registry: Any = None) -> EngineConfig:
@@ -137,11 +153,8 @@ class EngineConfig(BaseModel):
         registry = registry or Registry.load()
         errors: list[tuple[str, str]] = []
         top = None
-        for key, why in NOT_YET_SUPPORTED.items():
-            if key in raw:
-                errors.append((key, why))
         try:
-            top = _TopLevel.model_validate({k: v for k, v in raw.items() if k not in NOT_YET_SUPPORTED})
+            top = _TopLevel.model_validate(raw)
         except ValidationError as e:
             errors.extend(_pydantic_errors(e))
         sections: dict[str, ComponentConfig] = {}
@@ -158,10 +171,8 @@ class EngineConfig(BaseModel):
         if errors:
             raise ConfigError(errors)
         assert top is not None
-        fields = {k: getattr(top, k) for k in ("model", "tokenizer", "dtype", "device", "seed", "max_model_len",
-                                                "enforce_eager", "async_scheduling", "engine_process", "engine_iteration_timeout_s",
-                                                "cache")}
-        return cls(**fields, **sections, raw=raw)
+        fields = {k: getattr(top, k) for k in (*SCALAR_FIELDS, "cache", "kernels")}
+        return cls(**fields, **sections)
 
     @classmethod
     def from_yaml(cls, path: str, overrides: dict[str, Any] | None = None,
@@ -169,10 +180,9 @@ class EngineConfig(BaseModel):
         return cls.build(merge_overrides(read_yaml(path), overrides, sets))
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {k: getattr(self, k) for k in ("model", "tokenizer", "dtype", "device", "seed",
-                                                              "max_model_len", "enforce_eager", "async_scheduling",
-                                                              "engine_process", "engine_iteration_timeout_s")}
+        out: dict[str, Any] = {k: getattr(self, k) for k in SCALAR_FIELDS}
         out["cache"] = self.cache.model_dump()
+        out["kernels"] = self.kernels.model_dump()
         for key in COMPONENT_SECTIONS:
             comp: ComponentConfig | None = getattr(self, key)
             if comp is None:
@@ -227,7 +237,7 @@ def _validate_section(key: str, kind: str, section: Any, registry: Any, errors: 
         errors.append((f"{key}.name", str(e)))
         return None
     try:
-        options = cls.Options.model_validate(section)
+        options = cls.Options.model_validate(section, strict=True)  # `true` is no count, "4" no number
     except ValidationError as e:
         errors.extend(_pydantic_errors(e, prefix=key))
         return None
@@ -243,8 +253,9 @@ class RefusedYAML(yaml.MarkedYAMLError):
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses aliases (`*name`, so no "billion laughs" expansion) and nesting deeper than
-    MAX_YAML_DEPTH (so no recursion overflow). Engine configs are small; repeat a value instead of aliasing it."""
+    """`yaml.SafeLoader` that refuses aliases (`*name`, so no "billion laughs" expansion), nesting deeper than
+    MAX_YAML_DEPTH (so no recursion overflow) and a key written twice in one mapping (which would silently keep the
+    last value). Engine configs are small; repeat a value instead of aliasing it."""
 
     def __init__(self, stream: Any):
         super().__init__(stream)
@@ -263,6 +274,20 @@ class ConfigLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                if first is not key_node.start_mark:
+                    raise RefusedYAML(f"duplicate key {echo(key)} (first at line {first.line + 1})",
+                                      key_node.start_mark, "write each key once")
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml(text: Any, source: str) -> Any:

@@ -53,10 +53,10 @@ class EngineCore:
     (the executor itself is broken), and the next request still gets a fresh chance.
     """
 
-    def __init__(self, config: EngineConfig, registry: Registry):
+    def __init__(self, config: EngineConfig, registry: Registry, loader: Any = None):
         self.config = config
         self.registry = registry
-        self.assembly = Assembly(config, registry)
+        self.assembly = Assembly(config, registry, loader)  # loader: the frontend's, when in this process
         self.executor = self.assembly.build_executor()
         self.model_info: dict[str, Any] = self.executor.model_info()
         self.num_blocks = self.executor.determine_num_blocks()
@@ -105,7 +105,8 @@ class EngineCore:
             return False
         if self.config.async_scheduling is not None:
             return self.config.async_scheduling and self.config.speculative is None
-        return str(self.model_info.get("device", "cpu")).startswith("cuda") and self.config.speculative is None
+        on_cuda = str(self.model_info.get("device", "cpu")).startswith("cuda")
+        return on_cuda and self.config.speculative is None
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise RequestError (nothing queued) when the scheduler can never run it."""

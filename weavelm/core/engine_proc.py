@@ -43,11 +43,6 @@ def run_engine_core(config: EngineConfig, registry_spec: RegistrySpec, input_add
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    threads = os.environ.get("WEAVELM_NUM_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
     input_addrs = [input_addr] if isinstance(input_addr, str) else list(input_addr)
     output_addrs = [output_addr] if isinstance(output_addr, str) else list(output_addr)
     ctx = zmq.Context()

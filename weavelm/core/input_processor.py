@@ -28,19 +28,19 @@ class InputProcessor:
     def __init__(self, config: EngineConfig, registry: Registry):
         config.model = resolve_model(config.model)
         self.config = config
-        loader = build_loader(config, registry)
-        self.hf_config = loader.load_hf_config(config.model)
-        self.tokenizer = self._load_tokenizer(loader)
+        self.loader = build_loader(config, registry)  # handed on to an in-process core: one per engine
+        self.hf_config = self.loader.load_hf_config(config.model)
+        self.tokenizer = self._load_tokenizer(self.loader)
         self.vocab_size: int = self.hf_config.vocab_size
         self.eos_token_id, self.extra_eos = self._eos_ids()
         self.max_model_len = 0  # set by set_max_model_len once the core is up
-        self._capped_by_kv = False
+        self._model_max_len = 0
 
     def set_max_model_len(self, max_model_len: int, model_info: dict[str, Any]) -> None:
         """The context limit the core runs with: the model's (or the configured) one, or less when the KV cache
         cannot hold it."""
         self.max_model_len = max_model_len
-        self._capped_by_kv = max_model_len < int(model_info.get("max_model_len", max_model_len))
+        self._model_max_len = int(model_info.get("max_model_len", max_model_len))
 
     def _load_tokenizer(self, loader) -> Any:
         from transformers import AutoTokenizer
@@ -122,9 +122,9 @@ class InputProcessor:
         return params
 
     def _raise_limit_hint(self) -> str:
-        if self._capped_by_kv:
-            return ("give the KV cache more room (cache.num_blocks, cache.cpu_kv_cache_gib or "
-                    "gpu_memory_utilization): it caps max_model_len here")
+        if self._model_max_len > self.max_model_len:
+            return (f"grow the KV cache, which caps max_model_len below the model's {self._model_max_len} "
+                    f"(cache.num_blocks, cache.cpu_kv_cache_gib or cache.gpu_memory_utilization)")
         return "raise max_model_len"
 
     def _validate_extras(self, params: SamplingParams) -> None:

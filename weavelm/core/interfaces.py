@@ -30,7 +30,7 @@ if TYPE_CHECKING:
                                       SchedulerStats)
     from weavelm.core.request import Request, RequestStatus
 
-API_VERSION = "2.2"
+API_VERSION = "2.3"
 """The plugin API: bumped on any change to the interfaces below, the contexts in contexts.py or the data in
 outputs.py / forward.py. Major: existing plugins break (refused at load); minor: additions only.
 1.1: execute_model_async. 2.0: components built by the assembler with typed contexts; Scheduler.limits and
@@ -40,7 +40,9 @@ AttentionBackend.priority and select (`auto` is a plugin); ModelLoader.select. 2
 num_lookahead_tokens; RunnerContext.build_proposer; ModelRunnerOutput.spec_token_ids / proposer_time_s (and
 sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*. 2.2: async scheduling
 (Scheduler.supports_async_scheduling, SchedulerContext.async_scheduling, Request.num_output_placeholders; a runner
-takes the input token of a position past its known tokens from the previous step's samples on the device)."""
+takes the input token of a position past its known tokens from the previous step's samples on the device). 2.3:
+inspection hooks reached through `LLM.collective_rpc` (Worker.apply_model / cached_request_ids,
+ModelRunner.get_model / cached_request_ids); the `kernels:` config section and `num_threads`."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
                    "lora_manager", "proposer", "quantization")
@@ -144,8 +146,8 @@ class Scheduler(Component, ABC):
 
 
 class Executor(Component, ABC):
-    """Runs the workers and carries the two messages to and from them. Today's built-in is `uniproc` (one worker in
-    the engine's own process).
+    """Runs the workers and carries the two messages to and from them. Built-ins: `uniproc` (one worker in the
+    engine's own process), `multiproc` (one spawned process per rank) and `ray` (one actor per rank).
 
     Lifecycle, driven by EngineCore: `__init__` (builds its workers with `context.build_worker(rank, world_size)`
     and calls their `init_device()` and `load_model()`) -> `model_info()` -> `determine_num_blocks()` ->
@@ -250,6 +252,17 @@ class Worker(Component, ABC):
         """Forward to the runner's `set_logits_hook` (testing and debugging; in-process workers only)."""
         raise NotImplementedError(f"worker {self.name!r} does not support logits hooks")
 
+    # -- inspection hooks, reached with `LLM.collective_rpc(name, args)` (tests, tools; between requests) -----
+    def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> Any:
+        """Return `func(model)` for this rank's model (vLLM's `apply_model`): read weights or layers, count
+        parameters. `func` crosses to worker processes by pickle, so a multi-process executor needs a module-level
+        function."""
+        raise NotImplementedError(f"worker {self.name!r} does not support apply_model")
+
+    def cached_request_ids(self) -> list[str]:
+        """The requests whose state this rank's runner holds now; a finished or aborted request must leave."""
+        raise NotImplementedError(f"worker {self.name!r} does not report its cached requests")
+
 
 class ModelRunner(Component, ABC):
     """Keeps the persistent batch (per-request rows on the device, updated from SchedulerOutput deltas),
@@ -297,6 +310,14 @@ class ModelRunner(Component, ABC):
         forcing). `None` removes it. Steps then run eagerly where the hook must see logits."""
         raise NotImplementedError(f"model runner {self.name!r} does not support logits hooks")
 
+    def get_model(self) -> torch.nn.Module:
+        """The loaded model (for the worker's `apply_model`)."""
+        raise NotImplementedError(f"model runner {self.name!r} does not expose its model")
+
+    def cached_request_ids(self) -> list[str]:
+        """The requests whose rows the persistent batch holds now (for the worker's `cached_request_ids`)."""
+        raise NotImplementedError(f"model runner {self.name!r} does not report its cached requests")
+
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
         """Launch the step and return before the device finishes, so the caller can overlap host work (output
         processing) with it. The default runs `execute_model` synchronously."""
@@ -328,9 +349,12 @@ class ModelLoader(Component, ABC):
         return None
 
     def load_hf_config(self, path: str) -> Any:
-        """The model's transformers `PretrainedConfig`. Default: `config.json` in the directory."""
+        """The model's transformers `PretrainedConfig`. Default: `config.json` in the directory `path`, or beside
+        the weight file `path`."""
+        import os
+
         from weavelm.core.model_files import load_hf_config
-        return load_hf_config(path)
+        return load_hf_config(path if os.path.isdir(path) else os.path.dirname(path) or ".")
 
     def load_tokenizer(self, path: str) -> Any | None:
         """A tokenizer for `path`, or None to use the transformers tokenizer beside the weights."""
@@ -444,7 +468,7 @@ class AttentionBackend(Component, ABC):
 
     `check(spec)` returns the reasons the backend cannot run for `spec` (empty list: it runs). `priority` ranks it
     for `attention: auto`, which picks the highest-priority backend whose check passes (built-ins: flash_attn 30,
-    triton 20, torch_ref 0). `graph_safe` says whether its forward may be captured in a CUDA graph (static shapes,
+    triton 20, cpu 10, torch_ref 0). `graph_safe` says whether its forward may be captured in a CUDA graph (static shapes,
     no host syncs).
     """
 

@@ -53,7 +53,7 @@ class LLMEngine:
         self.processor = InputProcessor(config, registry)
         self.client = EngineCoreClient.make_client(
             config, registry, multiprocess_mode=config.engine_process or core_attachment is not None,
-            asyncio_mode=False, attachment=core_attachment)
+            asyncio_mode=False, attachment=core_attachment, loader=self.processor.loader)
         self.processor.set_max_model_len(self.client.max_model_len, self.client.model_info)
         self.output_processor = OutputProcessor(self.processor.tokenizer, registry.hook)
         self._counter = itertools.count()

@@ -3,6 +3,7 @@ checkpoint tensor through which a tensor-parallel rank reads only its shard."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -25,9 +26,36 @@ def load_hf_config(path: str) -> Any:
         raise LoadError(f"model: {path!r} has no config.json; save the model with transformers' save_pretrained "
                         f"or point `model` at the directory that holds config.json")
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a bad config
         raise LoadError(f"{cfg_file}: cannot be read as a transformers config ({e})") from e
+    check_rope_parameters(cfg, cfg_file)
+    return cfg
+
+
+# rope-scaling numbers real checkpoints carry, and the least each may be (transformers only warns about these)
+ROPE_MINIMUM = {"factor": (1.0, True), "rope_theta": (0.0, False), "original_max_position_embeddings": (1.0, True),
+                "low_freq_factor": (0.0, False), "high_freq_factor": (0.0, False), "beta_fast": (0.0, False),
+                "beta_slow": (0.0, False), "attention_factor": (0.0, False)}  # name -> (bound, bound allowed)
+
+
+def check_rope_parameters(cfg: Any, source: str) -> None:
+    """Refuse rope-scaling values no model can run with (`factor: -1`, a NaN theta): a LoadError naming the key,
+    the value and the bound, instead of positions that silently go wrong."""
+    for attr in ("rope_scaling", "rope_parameters"):
+        params = getattr(cfg, attr, None)
+        if not isinstance(params, dict):
+            continue
+        for key, (bound, inclusive) in ROPE_MINIMUM.items():
+            if key not in params or params[key] is None:
+                continue
+            value = params[key]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+                (value >= bound if inclusive else value > bound)
+            if not ok:
+                need = f">= {bound:g}" if inclusive else f"> {bound:g}"
+                raise LoadError(f"{source}: {attr}.{key} must be a finite number {need} (got {value!r}); fix the "
+                                f"model's config.json")
 
 
 def load_into_model(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:

@@ -118,9 +118,6 @@ class ModelRunnerOutput:
     proposer_time_s: float = 0.0
 
 
-EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, [], None)
-
-
 class RunnerFuture:
     """A step whose device work may still be running. `result()` waits for it and returns its output; call it
     exactly once, before the next step is prepared. The base class wraps an output that is already complete."""
@@ -166,6 +163,9 @@ class SchedulerStats:
     num_used_blocks: int = 0  # KV blocks held by unfinished requests
     num_total_blocks: int = 0  # size of the KV pool
     num_active_loras: int = 0  # distinct LoRA adapters among running requests
+    # output tokens of running requests still being sampled on the device: > 0 when the next step was scheduled
+    # before this one's output arrived (async scheduling), always 0 for a synchronous engine
+    num_output_placeholders: int = 0
     # speculative decoding, cumulative since start (zero without a proposer)
     spec_num_draft_tokens: int = 0  # drafts verified
     spec_num_accepted_tokens: int = 0  # drafts accepted

@@ -51,21 +51,17 @@ def _reply(conn: Any, status: str, payload: Any) -> None:
     conn.send_bytes(pickle.dumps((status, payload), protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _configure_threads(num_threads: int | None) -> None:
-    threads = os.environ.get("WEAVELM_NUM_THREADS") or num_threads
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-
-
 def worker_proc_main(build_worker: Any, rank: int, world_size: int, distributed_init_method: str | None,
                      conn: Any, num_threads: int | None = None) -> None:
     """The WorkerProc loop: receive broadcast messages on `conn`, run them, reply. Every rank replies to an RPC;
     only rank 0 replies to a step (its `ModelRunnerOutput`), any rank replies when its step raised. Ctrl-C is left
-    to the parent, which shuts the workers down."""
+    to the parent, which shuts the workers down. `num_threads`: torch's CPU threads in this process until the
+    runner sets its own (the executor passes the config's `num_threads`, else its share of the cores)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _configure_threads(num_threads)
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(num_threads)
     wrapper = WorkerWrapperBase(build_worker, rank, world_size, distributed_init_method)
     while True:
         try:

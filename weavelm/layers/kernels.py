@@ -2,21 +2,22 @@
 kernels (`weavelm.ops.native`, fp32 CPU tensors, when they built), or the torch code in the layer (the fallback and
 the reference both are tested against).
 
-`WEAVELM_DISABLE_TRITON_OPS=1`, read when a layer is built, keeps a layer on the torch path everywhere.
+The config's `kernels: {triton_ops: false}`, read when a layer is built, keeps a layer on the torch path everywhere.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
+from weavelm.ops import settings as kernel_settings
+
 
 def triton_ops_enabled() -> bool:
-    """Whether new layers may use the Triton kernels: triton is installed and WEAVELM_DISABLE_TRITON_OPS is unset
-    (or "0"). Layers call this once, in their constructor."""
-    if os.environ.get("WEAVELM_DISABLE_TRITON_OPS", "0") not in ("", "0"):
+    """Whether new layers may use the Triton kernels: triton is installed and the engine's `kernels.triton_ops` is
+    on. Layers call this once, in their constructor."""
+    if not kernel_settings.active().triton_ops:
         return False
     return importlib.util.find_spec("triton") is not None
 

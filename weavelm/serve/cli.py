@@ -37,16 +37,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction,
                    help="API-server processes in front of one engine core (vLLM's flag; default 1). Each turns its "
                         "share of the tokens into HTTP, so a busy GPU is not held back by one process's Python; "
                         "implies engine_process")
-    g.add_argument("--num-threads", type=int, default=_env_int("WEAVELM_NUM_THREADS"), metavar="N",
-                   help="torch CPU threads (default: $WEAVELM_NUM_THREADS, else torch's default)")
+    g.add_argument("--num-threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads in every process (sets the config's num_threads; default: the cores "
+                        "not busy now)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default info)")
     p.set_defaults(handler=cmd_serve)
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value and value.strip().isdigit() else None
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -80,10 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from weavelm.cli import engine_config_from_args
     from weavelm.core.async_llm import AsyncLLM
 
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
-        os.environ["WEAVELM_NUM_THREADS"] = str(args.num_threads)  # the engine-core and worker processes too
-    config = engine_config_from_args(args)
+    config = engine_config_from_args(args, num_threads=args.num_threads)
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)  # this process; the config carries it to the model's processes
     if args.api_server_count > 1:
         if _explicit_engine_process(args) and not config.engine_process:
             raise WeaveError("--api-server-count: several API servers share one engine core in its own process; "

@@ -43,7 +43,7 @@ def reference_checkpoint() -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tempfile.mkdtemp(prefix="weavelm-loader-contract-")
-    atexit.register(shutil.rmtree, root, True)
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          initializer_range=0.3, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1,

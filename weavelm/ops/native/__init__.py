@@ -3,13 +3,13 @@ sharing `common.h`): built once per machine with the system C compiler into one 
 called on fp32 CPU tensors.
 
 The library is compiled on first use (`cc -O3 -march=native -fopenmp`, about 2 s) into
-`$WEAVELM_CACHE_DIR/native` (default `~/.cache/weavelm/native`), under a name that hashes the source, the compiler's
+`weavelm.utils.cache_root() / "native"` (default `~/.cache/weavelm/native`), under a name that hashes the source, the compiler's
 version and this CPU's feature flags, so a cache shared between machines never runs code built for another CPU.
 It links `libgomp.so.1`, the OpenMP runtime torch itself loads (same soname), so its parallel loops run on torch's
 threads and follow `torch.set_num_threads`.
 
 `available()` says whether the kernels can run here; `unavailable_reason()` says why not (no compiler, a build
-error, `WEAVELM_NATIVE_KERNELS=0`). Every caller keeps a torch path for that case, so the kernels are a speed-up,
+error, the config's `kernels: {native: false}`). Every caller keeps a torch path for that case, so the kernels are a speed-up,
 never a requirement.
 """
 
@@ -29,12 +29,14 @@ from pathlib import Path
 
 import torch
 
+from weavelm.ops import settings
+from weavelm.utils import cache_root
+
 log = logging.getLogger("weavelm.native")
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "layers.c", "attention.c", "stack.c"))
 HEADER = Path(__file__).with_name("common.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-ENV_DISABLE = "WEAVELM_NATIVE_KERNELS"
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -58,8 +60,7 @@ SIGNATURES = {
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("WEAVELM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "weavelm")
-    return Path(base) / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:
@@ -109,8 +110,6 @@ def _load() -> None:
         if _loaded:
             return
         try:
-            if os.environ.get(ENV_DISABLE, "1") in ("0", "false", "no", "off"):
-                raise RuntimeError(f"disabled by {ENV_DISABLE}=0")
             cc = _compiler()
             if cc is None:
                 raise RuntimeError("no C compiler found (install gcc, or set CC)")
@@ -126,9 +125,13 @@ def _load() -> None:
 
 
 def lib() -> ctypes.CDLL | None:
+    """The loaded library, or None when it cannot run here, is switched off by the active `kernels:` section, or
+    inside `disabled()`. Built and loaded on the first call that wants it."""
+    if _off or not settings.active().native:
+        return None
     if not _loaded:
         _load()
-    return None if _off else _lib
+    return _lib
 
 
 _off = False
@@ -151,8 +154,12 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str | None:
+    if _off:
+        return "native CPU kernels disabled (native.disabled())"
+    if not settings.active().native:
+        return "native CPU kernels switched off by the config (kernels: {native: false})"
     lib()
-    return "native CPU kernels disabled (native.disabled())" if _off else _reason
+    return _reason
 
 
 def attention_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:

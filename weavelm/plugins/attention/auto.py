@@ -1,6 +1,6 @@
 """`attention: auto`: the highest-priority registered backend whose `check(spec)` passes, logged when chosen.
 
-Built-ins rank flash_attn (30) > triton (20) > torch_ref (0); a third-party backend declaring a higher `priority`
+Built-ins rank flash_attn (30) > triton (20) > cpu (10) > torch_ref (0); a third-party backend declaring a higher `priority`
 wins wherever its `check` passes.
 """
 
@@ -19,7 +19,7 @@ logger = logging.getLogger("weavelm.attention")
 
 class AutoAttention(AttentionBackend):
     name = "auto"
-    description = "Picks the highest-priority installed backend that can run here (flash_attn > triton > torch_ref)."
+    description = "Picks the highest-priority installed backend that can run here (flash_attn > triton > cpu > torch_ref)."
     Options = NoOptions
     priority = -(1 << 30)  # never a candidate of itself
 

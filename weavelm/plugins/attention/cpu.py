@@ -61,8 +61,10 @@ class CpuAttentionBuilder(AttentionMetadataBuilder):
     def build(self, common: CommonAttentionMetadata) -> CpuAttentionMetadata:
         if common.max_query_len <= NATIVE_MAX_QUERY_LEN and common.block_table.device.type == "cpu" \
                 and native.available():
-            return CpuAttentionMetadata(common.slot_mapping, None, None, None, None, common.num_reqs,
-                                        common.num_actual_tokens, common.max_query_len, 0, common)
+            return CpuAttentionMetadata(common.slot_mapping, kv_index=None, query_index=None, query_valid=None,
+                                        mask=None, num_reqs=common.num_reqs,
+                                        num_actual_tokens=common.num_actual_tokens,
+                                        max_query_len=common.max_query_len, ctx_len=0, common=common)
         return self.build_sdpa(common)
 
     def build_sdpa(self, common: CommonAttentionMetadata) -> CpuAttentionMetadata:

@@ -1,8 +1,9 @@
 """The `flash_attn` attention backend: flash-attn's paged kernels, whichever build is importable.
 
 Tried in order (first that loads wins):
-  1. vLLM's FA3 build as `torch.ops._vllm_fa3_C.fwd`: loaded from `WEAVELM_FA3_LIB=/path/to/_vllm_fa3_C.abi3.so`,
-     or already registered (vllm imported).
+  1. vLLM's FA3 build as `torch.ops._vllm_fa3_C.fwd`: loaded from the config's
+     `kernels: {fa3_lib: /path/to/_vllm_fa3_C.abi3.so}` (default: `fa3/_vllm_fa3_C.abi3.so` under the cache root,
+     when present), or already registered (vllm imported).
   2. FA3 from flash-attention's `hopper/` (`flash_attn_interface.flash_attn_with_kvcache(..., page_table=)`).
   3. FA2 (`flash_attn.flash_attn_varlen_func(..., block_table=)`, which needs block_size % 256 == 0).
 The cache keeps the default layout `(2, num_blocks, block_size, kv_heads, head)`: `kv_cache[0]` / `kv_cache[1]` are
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from typing import Any
 
 import torch
@@ -22,27 +22,36 @@ import torch
 from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import AttentionBackend, AttentionImpl
+from weavelm.ops import settings
 from weavelm.ops.cache_write import reshape_and_cache, triton_unavailable_reasons
+from weavelm.utils import cache_root
 
-FA3_LIB_ENV = "WEAVELM_FA3_LIB"
 MAX_HEAD_SIZE = 256
+FA3_DEFAULT = "fa3/_vllm_fa3_C.abi3.so"  # under the cache root
+
+
+def load_flash_api() -> tuple[str | None, Any, str]:
+    """(kind, entry point, why-not) with kind one of 'vllm_fa3', 'fa3', 'fa2', or None and the reasons; the FA3
+    library named by the active `kernels.fa3_lib` is tried first."""
+    lib = settings.active().fa3_lib
+    if lib is None and (cache_root() / FA3_DEFAULT).is_file():
+        lib = str(cache_root() / FA3_DEFAULT)
+    return _load_flash_api(lib)
 
 
 @functools.cache
-def load_flash_api() -> tuple[str | None, Any, str]:
-    """(kind, entry point, why-not) with kind one of 'vllm_fa3', 'fa3', 'fa2', or None and the reasons."""
+def _load_flash_api(lib: str | None) -> tuple[str | None, Any, str]:
     tried = []
-    lib = os.environ.get(FA3_LIB_ENV)
     if lib:
         try:
             torch.ops.load_library(lib)
         except Exception as e:  # a wrong path or an ABI mismatch: say so, try the packages next
-            tried.append(f"{FA3_LIB_ENV}={lib} did not load ({type(e).__name__}: {e})")
+            tried.append(f"kernels.fa3_lib={lib} did not load ({type(e).__name__}: {e})")
     try:
         return "vllm_fa3", torch.ops._vllm_fa3_C.fwd, ""
     except (AttributeError, RuntimeError):
         if not lib:
-            tried.append(f"vLLM's FA3 op is not loaded (set {FA3_LIB_ENV}=/path/to/_vllm_fa3_C.abi3.so)")
+            tried.append("vLLM's FA3 op is not loaded (set kernels.fa3_lib=/path/to/_vllm_fa3_C.abi3.so)")
     for kind, module, fn in (("fa3", "flash_attn_interface", "flash_attn_with_kvcache"),
                              ("fa2", "flash_attn", "flash_attn_varlen_func")):
         try:
@@ -70,7 +79,7 @@ class FlashAttnImpl(AttentionImpl):
                           k_cache, v_cache, m.slot_mapping, out, m.query_start_loc, m.num_reqs)
         if n > m.slot_mapping.shape[0]:
             out[m.slot_mapping.shape[0]:].zero_()
-        if self.kind == "vllm_fa3":
+        if self.kind == "vllm_fa3":  # vLLM's op schema takes its 37 arguments by position, as vLLM's wrapper passes them
             self.fn(q3, k_cache, v_cache, None, None, None, out, m.query_start_loc, None, None, None, m.seq_lens,
                     m.max_query_len, m.max_seq_len, m.block_table, None, None, None, None, None, None, None, None,
                     self.scale, True, -1, -1, 0.0, True, None, 0, None, 0, None, 1, 0, None)

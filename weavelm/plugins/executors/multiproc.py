@@ -16,7 +16,7 @@ import os
 import pickle
 import socket
 import weakref
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,8 +34,6 @@ POLL_S = 1.0
 class MultiprocOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="Ranks (processes) the model is sharded over.")
-    distributed_backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="torch.distributed backend: auto is nccl on CUDA, gloo on CPU.")
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600, description="Wait for workers to exit before killing.")
 
 
@@ -85,7 +83,7 @@ class MultiprocExecutor(Executor):
         self.dead: str | None = None
         self._step_futures: list[_ProcStepFuture] = []
         init_method = f"tcp://127.0.0.1:{free_port()}" if self.world_size > 1 else None
-        threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        threads = context.config.num_threads or max(1, (os.cpu_count() or 1) // self.world_size)
         ctx = multiprocessing.get_context("spawn")
         self.handles: list[WorkerProcHandle] = []
         for rank in range(self.world_size):

@@ -151,9 +151,6 @@ def lazy_tensor(file: str, t: Any, n_head: int | None) -> LazyTensor:
     return QuantizedTensor(shape, torch.float32, read, kind, raw_rows)
 
 
-_READERS: dict[tuple, Any] = {}  # parsed headers shared by this process's loaders until the weights are read
-
-
 class GGUFLoader(FileLoader):
     name = "gguf"
     description = "llama.cpp GGUF (F32/F16/BF16, Q4_0..Q8_0, Q2_K..Q6_K) with config and tokenizer from metadata."
@@ -167,18 +164,22 @@ class GGUFLoader(FileLoader):
         except (LoadError, OSError):
             return None
 
+    def __init__(self, options: Any):
+        super().__init__(options)
+        self._readers: dict[tuple, Any] = {}  # parsed headers, until the weights are read
+
     def reader(self, file: str, keep: bool = True) -> Any:
         """The parsed file, kept between `load_hf_config`, `load_tokenizer` and `iter_weights` (parsing a large
-        vocabulary takes seconds), also across the loader instances of one process (the frontend's and the
-        runner's), keyed by path, mtime and size; `iter_weights` releases it so the mapped pages do not outlive the
-        load."""
+        vocabulary takes seconds; an engine uses one loader in each process, so the frontend's reads serve the
+        runner's load), keyed by path, mtime and size; `iter_weights` releases it so the mapped pages do not
+        outlive the load."""
         st = os.stat(file)
         key = (os.path.realpath(file), st.st_mtime_ns, st.st_size)
-        reader = _READERS.pop(key, None) or open_reader(file)
+        reader = self._readers.pop(key, None) or open_reader(file)
         if keep:
-            while len(_READERS) >= 2:
-                _READERS.pop(next(iter(_READERS)))
-            _READERS[key] = reader
+            while len(self._readers) >= 2:
+                self._readers.pop(next(iter(self._readers)))
+            self._readers[key] = reader
         return reader
 
     def load_hf_config(self, path: str) -> Any:

@@ -64,10 +64,6 @@ class PtLoader(FileLoader):
             return "PyTorch .bin/.pt files"
         return None
 
-    def load_hf_config(self, path: str):
-        from weavelm.core.model_files import load_hf_config
-        return load_hf_config(path if os.path.isdir(path) else os.path.dirname(path) or ".")
-
     def checkpoint_num_elements(self, path: str) -> int | None:
         """Elements (product of the logical shape) summed over the checkpoint's tensors at `path`, read from
         memory-mapped state dicts without loading tensor data; rotary `inv_freq` buffers are not counted."""

@@ -53,10 +53,6 @@ class TensorizerLoader(FileLoader):
         except (LoadError, OSError):
             return None
 
-    def load_hf_config(self, path: str):
-        from weavelm.core.model_files import load_hf_config
-        return load_hf_config(path if os.path.isdir(path) else os.path.dirname(path) or ".")
-
     def decryption(self, file: str):
         env = self.options.passphrase_env
         if env is None:

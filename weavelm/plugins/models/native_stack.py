@@ -8,19 +8,19 @@ step is the native paged attention (an impl that says so with `native_paged_atte
 backend's does, and whose step metadata carries `common` when that kernel takes the step), and there is no tensor
 parallelism or LoRA wrapper, the model's forward hands the whole stack to `wl_decoder_forward`
 (`weavelm/ops/native/stack.c`): the same kernels the per-layer path calls, in the same order, so the result is
-identical (tested bit for bit). Anything else takes the per-layer path, unchanged. `WEAVELM_NATIVE_STACK=0` turns
-this off (for A/B measurements).
+identical (tested bit for bit). Anything else takes the per-layer path, unchanged. The config's
+`kernels: {native_stack: false}` turns this off (for A/B measurements).
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
 from weavelm.core.quantization import native_pack
 from weavelm.ops import native
+from weavelm.ops import settings as kernel_settings
 from weavelm.ops.quant_kernels import BlockQ4Pack
 
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -45,7 +45,7 @@ class WStep(ctypes.Structure):
 
 
 def _enabled() -> bool:
-    return os.environ.get("WEAVELM_NATIVE_STACK", "1") not in ("0", "false", "no", "off")
+    return kernel_settings.active().native_stack
 
 
 def _linear(module) -> WLinear | None:

@@ -24,6 +24,6 @@ def choose_cpu_threads(requested: int | None) -> int:
         return cores
     threads = max(1, min(cores, int(cores - busy + 0.5)))
     if threads < cores:
-        logger.info("cpu_threads: %d of %d (1-minute load average %.1f); set model_runner.cpu_threads to override",
+        logger.info("cpu_threads: %d of %d (1-minute load average %.1f); set num_threads to override",
                     threads, cores, busy)
     return threads

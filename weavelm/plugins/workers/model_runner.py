@@ -32,8 +32,6 @@ logger = logging.getLogger("weavelm.runner")
 class RunnerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cuda_graph_max_bs: int = Field(512, ge=0, le=512, description="Largest decode batch captured in a CUDA graph.")
-    cpu_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads on the CPU (default: "
-                                    "one per core not busy with other processes at startup).")
 
 
 @dataclasses.dataclass
@@ -74,7 +72,7 @@ class PagedModelRunner(ModelRunner):
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
         if self.device.type == "cpu":
-            torch.set_num_threads(choose_cpu_threads(self.options.cpu_threads))
+            torch.set_num_threads(choose_cpu_threads(self.context.config.num_threads))
         self.bundle = load_model_bundle(self.context)
         b = self.bundle
         self.max_model_len = b.max_model_len
@@ -144,6 +142,12 @@ class PagedModelRunner(ModelRunner):
         return profile_run(self)
 
     # -- per step -----------------------------------------------------------------------------------------
+    def get_model(self) -> torch.nn.Module:
+        return self.bundle.model
+
+    def cached_request_ids(self) -> list[str]:
+        return list(self.requests)
+
     def set_logits_hook(self, hook) -> None:
         self.logits_hook = hook
 

@@ -72,6 +72,12 @@ class DeviceWorker(Worker):
     def set_logits_hook(self, hook) -> None:
         self.runner.set_logits_hook(hook)
 
+    def apply_model(self, func) -> Any:
+        return func(self.runner.get_model())
+
+    def cached_request_ids(self) -> list[str]:
+        return self.runner.cached_request_ids()
+
 
 @hookimpl
 def weavelm_register(registry) -> None:
