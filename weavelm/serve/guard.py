@@ -7,9 +7,9 @@ import hmac
 from typing import Any
 
 from weavelm.serve.errors import APIError
+from weavelm.serve.http_limits import DEFAULT_MAX_BODY_BYTES
 
 OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load balancers' probes)
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 class Guard:

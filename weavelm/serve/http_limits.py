@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # --max-request-body-bytes
+
 
 @dataclass
 class HTTPLimits:
