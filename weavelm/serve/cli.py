@@ -28,11 +28,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction,
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     g.add_argument("--api-key", default=os.environ.get("WEAVELM_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1/* (default: $WEAVELM_API_KEY, else none)")
+                   help="require `Authorization: Bearer KEY` on every endpoint but /health (default: "
+                        "$WEAVELM_API_KEY, else none)")
     g.add_argument("--served-model-name", nargs="+", metavar="NAME",
-                   help="model name(s) clients use; the first appears in responses (default: the model path)")
+                   help="model name(s) clients use; the first appears in responses (default: the model folder's "
+                        "name, never its path)")
     g.add_argument("--max-waiting-requests", type=int, metavar="N",
-                   help="answer 429 while N requests wait for their first token (default: no limit)")
+                   help="answer 429 while N requests wait for their first token, 400 to a request of more than N "
+                        "completions (default: no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, let running requests finish this long, then abort them: streams end "
                         "with finish_reason \"abort\", others get 503 (default 10)")
