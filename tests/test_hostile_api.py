@@ -77,6 +77,18 @@ def test_prompts_are_tokenized_off_the_event_loop(engine, llm, monkeypatch):
         assert http.post("/tokenize", json={"prompt": "Hello", "add_special_tokens": False}).status_code == 200
     assert len(threads) >= 4
     assert all(t.name.startswith("weavelm-tokenize") for t in threads), [t.name for t in threads]
+    decoded = []
+    real_decode = llm.engine.tokenizer.decode
+    monkeypatch.setattr(llm.engine.tokenizer, "decode",
+                        lambda *a, **k: decoded.append(threading.current_thread()) or real_decode(*a, **k))
+    with TestClient(build_app(engine, "tiny")) as http:
+        assert http.post("/detokenize", json={"tokens": [1, 2, 3]}).status_code == 200
+        error = _error(http.post("/detokenize", json={"tokens": [1] * (4 * MAX_LEN + 1)}), 400)
+        assert error["param"] == "tokens" and str(4 * MAX_LEN) in error["message"]
+        assert _error(http.post("/detokenize", json={"tokens": [-1]}), 400)["param"] == "tokens"
+    threads = decoded
+    assert len(threads) >= 1
+    assert all(t.name.startswith("weavelm-tokenize") for t in threads), [t.name for t in threads]
 
 
 def test_stop_lists_are_bounded(engine):

@@ -93,13 +93,10 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         state.admit(body.model, 0)
-        vocab = engine.engine.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"tokens: {bad[:5]} outside the vocabulary [0, {vocab})", param="tokens")
-        if state.tokenizer is None:
-            raise APIError(400, "tokens: this model has no tokenizer", param="tokens")
-        return {"prompt": state.tokenizer.decode(body.tokens)}
+        try:
+            return {"prompt": await state.prompts.decode(body.tokens)}
+        except RequestError as e:
+            raise bad_request(e) from None
 
     app.include_router(api)
 
@@ -136,7 +133,8 @@ async def _tokenize(state: ServeState, body: TokenizeRequest) -> list[int]:
         raise APIError(400, "prompt: give exactly one of `prompt` and `messages`", param="prompt")
     try:
         if body.messages is not None:
-            rendered = await state.prompts.chat(conversation(body.messages), body.add_generation_prompt)
+            rendered = await state.prompts.chat(conversation(body.messages), body.add_generation_prompt,
+                                                check_length=False)
             return rendered["prompt_token_ids"]
         return await state.prompts.encode(body.prompt, body.add_special_tokens)
     except RequestError as e:

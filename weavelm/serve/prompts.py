@@ -14,6 +14,7 @@ from weavelm.errors import RequestError
 CHARS_PER_TOKEN_BOUND = 32  # a text longer than this many characters per context position cannot fit
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1024
+MAX_DETOKENIZE_CONTEXTS = 4
 
 
 class PromptPreparer:
@@ -48,6 +49,7 @@ class PromptPreparer:
             return {"prompt_token_ids": prompt}
         self.check_text(prompt)
         text, ids = await self._off_loop(self.engine.tokenize, prompt)
+        self.check_ids(ids)  # before the engine's own checks walk the ids on the event loop
         return {"prompt": text, "prompt_token_ids": ids}
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -63,11 +65,32 @@ class PromptPreparer:
         except Exception as e:
             raise RequestError(f"prompt: the tokenizer cannot encode it ({type(e).__name__}: {e})") from e
 
-    async def chat(self, conversation: list[dict[str, Any]], add_generation_prompt: bool) -> dict[str, Any]:
-        """A conversation rendered by the chat template, off the loop."""
+    async def chat(self, conversation: list[dict[str, Any]], add_generation_prompt: bool,
+                   check_length: bool = True) -> dict[str, Any]:
+        """A conversation rendered by the chat template, off the loop (`check_length`: refuse one over the
+        context, as a generation would be; /tokenize only counts)."""
         self.check_text("".join(str(m.get("content") or "") for m in conversation), "messages")
-        return await self._off_loop(lambda: render_chat(self.engine.tokenizer, conversation,
-                                                        add_generation_prompt=add_generation_prompt))
+        prompt = await self._off_loop(lambda: render_chat(self.engine.tokenizer, conversation,
+                                                          add_generation_prompt=add_generation_prompt))
+        if check_length:
+            self.check_ids(prompt["prompt_token_ids"], "messages")
+        return prompt
+
+    async def decode(self, token_ids: list[int]) -> str:
+        """/detokenize's text, off the loop: at most `MAX_DETOKENIZE_CONTEXTS` contexts' worth of tokens, each in
+        the vocabulary."""
+        limit = MAX_DETOKENIZE_CONTEXTS * self.max_model_len
+        if len(token_ids) > limit:
+            raise RequestError(f"tokens: has {len(token_ids)} tokens, more than the limit of {limit} "
+                               f"({MAX_DETOKENIZE_CONTEXTS} x max_model_len {self.max_model_len})")
+        vocab = self.engine.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"tokens: {bad[:5]} outside the vocabulary [0, {vocab})")
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise RequestError("tokens: this model has no tokenizer")
+        return await self._off_loop(tokenizer.decode, token_ids)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
