@@ -141,7 +141,10 @@ def run_uvicorn(args: argparse.Namespace, engine, sockets: list | None = None, m
                          access_log=bool(getattr(args, "verbose", False)), limits=http_limits(args),
                          shutdown_timeout=args.shutdown_timeout)
     server.stop_early = stop_early
-    server.run(sockets=sockets)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        app.state.serve.prompts.close()
 
 
 def http_limits(args: argparse.Namespace) -> HTTPLimits:
