@@ -29,7 +29,7 @@ def test_server_lists_adapters_and_selects_one_by_model_name(smol_tokenizer_mode
     try:
         client = TestClient(build_app(engine, "tiny"))
         cards = client.get("/v1/models").json()["data"]
-        assert [(c["id"], c.get("parent"), c["root"]) for c in cards][1] == ("sql", "tiny", adapter)
+        assert [(c["id"], c.get("parent"), c["root"]) for c in cards][1] == ("sql", "tiny", "sql")  # no paths
         assert cards[0]["id"] == "tiny"
         texts = {}
         for model in ("sql", "tiny"):

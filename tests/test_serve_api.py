@@ -159,8 +159,9 @@ def test_errors_in_openai_shape(client, server):
 def test_models_health_version_tokenize_detokenize(client, server, offline):
     assert [m.id for m in client.models.list().data] == [NAME, "other-name"]
     assert httpx.get(server.url + "/health").status_code == 200
-    assert httpx.get(server.url + "/version").json()["version"]
     auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(server.url + "/version").status_code == 401  # every endpoint but /health needs the key
+    assert httpx.get(server.url + "/version", headers=auth).json()["version"]
     ids = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}, headers=auth).json()
     assert ids["tokens"] == offline.get_tokenizer().encode("Hello world") and ids["count"] == len(ids["tokens"])
     text = httpx.post(server.url + "/detokenize", json={"tokens": ids["tokens"]}, headers=auth).json()
@@ -208,16 +209,16 @@ def test_200_concurrent_streams_with_disconnects(server, offline):
         jobs.append((prompt, fields, disconnect))
         if not disconnect:
             want[i] = (prompt, params)
-    before = httpx.get(server.url + "/metrics").text
+    before = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     results = asyncio.run(_load(server.url, jobs))
     offline_outs = offline.generate([p for p, _ in want.values()], [sp for _, sp in want.values()])
     for (i, _), ref in zip(want.items(), offline_outs):
         assert results[i] == (ref.outputs[0].text, "length", True), i
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     for _ in range(20):  # aborts are applied before the engine's next step
         if metric(text, "weavelm:num_requests_running") == 0 and metric(text, "weavelm:kv_cache_used_blocks") == 0:
             break
-        text = httpx.get(server.url + "/metrics").text
+        text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     assert metric(text, "weavelm:num_requests_running") == 0
     assert metric(text, "weavelm:num_requests_waiting") == 0
     assert metric(text, "weavelm:kv_cache_used_blocks") == 0

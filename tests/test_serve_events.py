@@ -14,6 +14,9 @@ class _State:
     model_name = 'my "model" é'
     tokenizer = None
 
+    def response_model(self, model):
+        return self.model_name
+
 
 @pytest.mark.parametrize("text", ["Hello", " wörld\n\t\"quoted\" \\ back", "日本語 🙂", "\u2028\x00\x1f", ""])
 def test_text_event_equals_the_model_json(text):

@@ -1,5 +1,6 @@
 """`weavelm serve --api-server-count N`: flags checked before anything loads, and a core that dies takes the API
-servers down with it (exit 1, naming the process, nothing left behind). Serving itself (the openai client, 200
+servers down with it (exit 1, naming the process, nothing left behind); an adapter the core refuses at startup
+exits 2 with the reason. Serving itself (the openai client, 200
 streams with disconnects, summed /metrics) and SIGTERM run in test_serve_api.py and test_serve_shutdown.py, whose
 servers include a two-API-server layout."""
 
@@ -8,12 +9,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
-from tests.serve_utils import ServerProcess
+from tests.serve_utils import ENGINE_ARGS, ServerProcess
 from weavelm.cli import main
 
 
@@ -50,3 +53,12 @@ def test_api_server_count_must_be_an_int(bad, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--model", "x", "--api-server-count", bad])
     assert "--api-server-count" in capsys.readouterr().err
+
+
+def test_a_broken_adapter_exits_2_with_several_api_servers(tiny_llama, tmp_path):
+    """The core refuses the adapter at startup; every API server reports why and the supervisor exits 2."""
+    proc = subprocess.run([sys.executable, "-m", "weavelm.cli", "serve", "--model", tiny_llama, *ENGINE_ARGS,
+                           "--port", "0", "--api-server-count", "2", "--lora-modules", f"gone={tmp_path / 'gone'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "LoRA adapter 'gone'" in proc.stderr and "no such directory" in proc.stderr

@@ -168,14 +168,9 @@ def _process_age() -> float | None:
 
 
 def _chat_request(llm: Any, prompt: str) -> dict[str, Any]:
-    from weavelm.errors import RequestError
+    from weavelm.chat_template import render_chat
 
-    tok = llm.get_tokenizer()
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise RequestError("--chat: this model's tokenizer has no chat template")
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                   tokenize=False)
-    return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+    return render_chat(llm.get_tokenizer(), [{"role": "user", "content": prompt}])
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -79,9 +79,9 @@ def convert_gguf_with_transformers(gguf_path: str, out: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
+    cfg = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     cfg.dtype = "float32"

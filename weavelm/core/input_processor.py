@@ -51,7 +51,7 @@ class InputProcessor:
                 return tok
         path = self.config.tokenizer or self.config.model
         try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except Exception as e:  # no tokenizer files: token-id prompts only
             if self.config.tokenizer:
                 raise RequestError(f"tokenizer: cannot load a tokenizer from {path!r} ({e})") from e

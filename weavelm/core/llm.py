@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from weavelm.chat_template import render_chat
 from weavelm.core.compat import apply_vllm_aliases
 from weavelm.core.config import EngineConfig, merge_overrides, read_yaml
 from weavelm.core.input_processor import PromptType, _is_token_id
@@ -159,19 +160,9 @@ class LLM:
         RequestOutput, one per conversation (as vLLM does)."""
         conversations = _conversations(messages)
         tok = self.get_tokenizer()
-        if tok is None or not (chat_template or getattr(tok, "chat_template", None)):
-            raise RequestError("chat: this model's tokenizer has no chat template; pass chat_template=... or use "
-                               "generate() with a formatted prompt")
-        prompts = []
-        for conv in conversations:
-            try:
-                text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
-                                               continue_final_message=continue_final_message, tokenize=False,
-                                               chat_template=chat_template, **(chat_template_kwargs or {}))
-            except Exception as e:  # jinja errors, bad roles, ...
-                raise RequestError(f"messages: the chat template cannot render them ({type(e).__name__}: {e})"
-                                   ) from e
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        prompts = [render_chat(tok, conv, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, chat_template=chat_template,
+                               chat_template_kwargs=chat_template_kwargs) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def shutdown(self) -> None:

@@ -72,13 +72,33 @@ def load_adapter(lora_request, targets: LoRATargets, max_lora_rank: int) -> LoRA
         if r > max_lora_rank:
             raise LoRAError(f"{where}: {label} has rank {r}, above lora.max_lora_rank={max_lora_rank}; raise "
                             f"max_lora_rank to at least {r}")
+        declared = _alpha_for(cfg.get("rank_pattern") or {}, module_paths[module], cfg.get("r", r))
+        if declared != r:
+            raise LoRAError(f"{where}: {label} has tensors of rank {r} but adapter_config.json declares rank "
+                            f"{declared} (`r` / `rank_pattern`); the config does not belong to these weights, "
+                            f"save the adapter again with peft")
         a_alpha = _alpha_for(cfg.get("alpha_pattern") or {}, module_paths[module], alpha)
         scale = a_alpha / math.sqrt(r) if rslora else a_alpha / r
-        adapter.weights[module] = (a.contiguous(), (b * scale).contiguous())
+        scaled_b = b * scale
+        _check_finite(where, label, a, b, scaled_b, a_alpha, scale)
+        adapter.weights[module] = (a.contiguous(), scaled_b.contiguous())
         adapter.rank = max(adapter.rank, r)
     if not adapter.weights:
         raise LoRAError(f"{where}: holds no LoRA tensors; save the adapter with peft's save_pretrained")
     return adapter
+
+
+def _check_finite(where: str, label: str, a: torch.Tensor, b: torch.Tensor, scaled_b: torch.Tensor, alpha: float,
+                  scale: float) -> None:
+    """NaN or infinite weights (or a lora_alpha whose scaling overflows fp32) would turn every logit into NaN and
+    silently sample token 0 for the whole request."""
+    for name, t in (("lora_A", a), ("lora_B", b)):
+        if not bool(torch.isfinite(t).all()):
+            raise LoRAError(f"{where}: {label}.{name} holds values that are not finite (NaN or inf); the adapter "
+                            f"is corrupt, train or save it again")
+    if not math.isfinite(scale) or not bool(torch.isfinite(scaled_b).all()):
+        raise LoRAError(f"{where}: {label}: lora_alpha={alpha!r} scales lora_B by {scale!r}, which is not finite "
+                        f"in float32; use a sensible lora_alpha (peft's default is 8)")
 
 
 def _read_config(path: str, where: str) -> dict:

@@ -125,7 +125,11 @@ class LoRAManagerBase:
         return self.named[name]
 
     def set_targets(self, targets: LoRATargets) -> None:
+        """What adapters may touch; then every configured adapter is read and checked (a LoRAError at startup
+        instead of on every request that names it)."""
         self.targets = targets
+        for lora in self.named.values():
+            self.check_request(lora)
 
     def check_request(self, lora: Any) -> None:
         """Raise LoRAError when `lora` (a LoRARequest or None) cannot serve a request on this model."""

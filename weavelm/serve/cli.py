@@ -10,8 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 from weavelm.errors import WeaveError
+from weavelm.serve.http_limits import DEFAULT_MAX_BODY_BYTES, HTTPLimits
 
 logger = logging.getLogger("weavelm.serve")
+ABORT_GRACE_S = 5.0  # after aborting at --shutdown-timeout, how long responses get to end before uvicorn cancels
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction,
@@ -26,13 +28,30 @@ def add_serve_parser(subparsers: argparse._SubParsersAction,
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     g.add_argument("--api-key", default=os.environ.get("WEAVELM_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1/* (default: $WEAVELM_API_KEY, else none)")
+                   help="require `Authorization: Bearer KEY` on every endpoint but /health (default: "
+                        "$WEAVELM_API_KEY, else none)")
     g.add_argument("--served-model-name", nargs="+", metavar="NAME",
-                   help="model name(s) clients use; the first appears in responses (default: the model path)")
+                   help="model name(s) clients use; the first appears in responses (default: the model folder's "
+                        "name, never its path)")
     g.add_argument("--max-waiting-requests", type=int, metavar="N",
-                   help="answer 429 while N requests wait for their first token (default: no limit)")
+                   help="answer 429 while N requests wait for their first token, 400 to a request of more than N "
+                        "completions (default: no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, let running requests finish this long, then abort them (default 10)")
+                   help="on SIGTERM/SIGINT, let running requests finish this long, then abort them: streams end "
+                        "with finish_reason \"abort\", others get 503 (default 10)")
+    g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES}; 0: no cap)")
+    g.add_argument("--timeout-keep-alive", type=float, default=HTTPLimits.timeout_keep_alive, metavar="SECONDS",
+                   help=f"close idle keep-alive connections after this long (default "
+                        f"{HTTPLimits.timeout_keep_alive:g})")
+    g.add_argument("--request-read-timeout", type=float, default=HTTPLimits.request_read_timeout,
+                   metavar="SECONDS", help=f"a client must send a whole request (headers and body) within this "
+                                           f"long, else 408 (default {HTTPLimits.request_read_timeout:g})")
+    g.add_argument("--max-header-bytes", type=int, default=HTTPLimits.max_header_bytes, metavar="N",
+                   help=f"larger request lines and headers get 431 (default {HTTPLimits.max_header_bytes})")
+    g.add_argument("--limit-concurrency", type=int, default=HTTPLimits.limit_concurrency, metavar="N",
+                   help=f"most open connections and tasks; more get 503 (default {HTTPLimits.limit_concurrency}; "
+                        f"0: no limit)")
     g.add_argument("--api-server-count", type=int, default=1, metavar="N",
                    help="API-server processes in front of one engine core (vLLM's flag; default 1). Each turns its "
                         "share of the tokens into HTTP, so a busy GPU is not held back by one process's Python; "
@@ -59,6 +78,12 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append(f"--num-threads: must be >= 1 (got {args.num_threads})")
     if args.api_key is not None and not args.api_key:
         problems.append("--api-key: must not be empty")
+    for flag in ("max_request_body_bytes", "max_header_bytes", "limit_concurrency"):
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag.replace('_', '-')}: must be >= 0 (got {getattr(args, flag)})")
+    for flag in ("timeout_keep_alive", "request_read_timeout"):
+        if not getattr(args, flag) > 0:
+            problems.append(f"--{flag.replace('_', '-')}: must be > 0 seconds (got {getattr(args, flag)})")
     if problems:
         raise WeaveError("; ".join(problems))
 
@@ -101,19 +126,42 @@ def run_uvicorn(args: argparse.Namespace, engine, sockets: list | None = None, m
     """Build the app on `engine` and run uvicorn until a graceful shutdown; on `sockets` (already bound, shared
     by several API servers) or on --host/--port. `stop_early` (an Event set by a SIGTERM that came before uvicorn
     handled the signals): shut down as soon as it has started."""
-    import uvicorn
-
     from weavelm.serve.app import build_app
     from weavelm.utils import freeze_gc_heap
 
-    app = build_app(engine, args.served_model_name, args.api_key, args.max_waiting_requests, metrics_dir)
+    app = build_app(engine, args.served_model_name, args.api_key, args.max_waiting_requests, metrics_dir,
+                    max_request_body_bytes=args.max_request_body_bytes or None)
     freeze_gc_heap()
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=bool(getattr(args, "verbose", False)), lifespan="off",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    server = _Server(config)
+    server = make_server(app, host=args.host, port=args.port, log_level=args.log_level,
+                         access_log=bool(getattr(args, "verbose", False)), limits=http_limits(args),
+                         shutdown_timeout=args.shutdown_timeout)
     server.stop_early = stop_early
-    server.run(sockets=sockets)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        app.state.serve.prompts.close()
+
+
+def http_limits(args: argparse.Namespace) -> HTTPLimits:
+    return HTTPLimits(timeout_keep_alive=args.timeout_keep_alive, request_read_timeout=args.request_read_timeout,
+                      max_header_bytes=args.max_header_bytes, limit_concurrency=args.limit_concurrency or None)
+
+
+def make_server(app: Any, *, host: str, port: int, limits: HTTPLimits, shutdown_timeout: float,
+                log_level: str = "info", access_log: bool = False) -> Any:
+    """uvicorn's server for `app` (built by `build_app`) with the HTTP `limits`. On a graceful shutdown it lets
+    requests run `shutdown_timeout` seconds, then aborts them through the app, so every response still ends
+    properly (503 in OpenAI's shape, or a stream's final "abort" chunk and [DONE])."""
+    import uvicorn
+
+    from weavelm.serve.http_limits import uvicorn_kwargs
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="off",
+                            timeout_graceful_shutdown=shutdown_timeout + ABORT_GRACE_S, **uvicorn_kwargs(limits))
+    server = _Server(config)
+    server.abort_after = shutdown_timeout
+    server.abort_all = app.state.serve.abort_all
+    return server
 
 
 def _explicit_engine_process(args: argparse.Namespace) -> bool:
@@ -144,10 +192,23 @@ def _server_class():
         signal after shutting down, which would end the process with the signal's status."""
 
         stop_early = None
+        abort_after = 0.0
+        abort_all = None
 
         def handle_exit(self, sig, frame) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
+
+        async def shutdown(self, sockets=None) -> None:
+            import asyncio
+
+            timer = asyncio.get_running_loop().call_later(self.abort_after, self.abort_all) \
+                if self.abort_all is not None else None
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)

@@ -5,70 +5,67 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from weavelm.core.outputs import RequestOutput
-from weavelm.errors import EngineError, RequestError
-from weavelm.serve.errors import APIError, bad_request, engine_unavailable
-from weavelm.serve.generation import Generation, check_finished, completed, openai_finish_reason
 from weavelm.core.fanout import child_params
+from weavelm.core.outputs import RequestOutput
+from weavelm.errors import RequestError
+from weavelm.serve.errors import bad_request
+from weavelm.serve.generation import Generation, openai_finish_reason
 from weavelm.serve.params import build_params, check_unsupported
 from weavelm.serve.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse,
                                     UsageInfo)
-from weavelm.serve.serving import DONE, EventStream, ServeState, position_logprobs, sse, unless_disconnected
+from weavelm.serve.serving import ServeState, position_logprobs, sse
+from weavelm.serve.streaming import ResponseView, respond
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+RENAMES = {"prompt_token_ids": "prompt"}
 
 
-def engine_prompts(prompt: Any) -> list[Any]:
-    """The API's prompt forms as engine prompts: a str, a token-id list, or a list of either."""
+def api_prompts(prompt: Any) -> list[str | list[int]]:
+    """The API's prompt forms as a list of prompts: a str, a token-id list, or a list of either."""
     if isinstance(prompt, str):
         return [prompt]
     if not prompt or isinstance(prompt[0], int):
-        return [{"prompt_token_ids": prompt}]
-    return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
+        return [prompt]
+    return list(prompt)
 
 
 async def create_completion(state: ServeState, req: CompletionRequest, raw: Request) -> Response:
     check_unsupported(req)
-    prompts = engine_prompts(req.prompt)
+    prompts = api_prompts(req.prompt)
     lora = state.admit(req.model, len(prompts) * req.n)
     try:
         base = build_params(req, req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS,
                             req.logprobs, state.sampling_defaults)
+        for p in prompts:  # every size bound before any tokenizing
+            if isinstance(p, str):
+                state.prompts.check_text(p)
+            else:
+                state.prompts.check_ids(p)
+        engine_prompts = [await state.prompts.prompt(p) for p in prompts]
     except RequestError as e:
-        raise bad_request(e) from None
-    gen = Generation(state.engine, f"cmpl-{uuid.uuid4().hex}", lora)
-    try:
-        await gen.start([p for p in prompts for _ in range(req.n)],
-                        [child_params(base, j) for _ in prompts for j in range(req.n)])
-    except RequestError as e:
-        raise bad_request(e, {"prompt_token_ids": "prompt"}) from None
-    except EngineError as e:
-        raise engine_unavailable(e) from None
+        raise bad_request(e, RENAMES) from None
+    gen = Generation(state.engine, f"cmpl-{uuid.uuid4().hex}", lora, state.live)
     view = _View(state, req, gen.request_id)
-    if req.stream:
-        return EventStream(_stream(gen, view, req), gen.close)
-    try:
-        return await unless_disconnected(raw, _complete(gen, view))
-    finally:
-        gen.close()
+    return await respond(gen, [p for p in engine_prompts for _ in range(req.n)],
+                         [child_params(base, j) for _ in engine_prompts for j in range(req.n)], view, raw, RENAMES)
 
 
-class _View:
+class _View(ResponseView):
     """Formats engine outputs as completion choices."""
 
     def __init__(self, state: ServeState, req: CompletionRequest, request_id: str):
         self.state, self.req, self.id = state, req, request_id
+        self.model = state.response_model(req.model)
         self.created = int(time.time())
         self.top_n = req.logprobs
         self.offsets: dict[int, int] = {}
         self._event_head = (f'data: {{"id":{json.dumps(request_id)},"object":"text_completion","created":'
-                            f'{self.created},"model":{json.dumps(state.model_name)},"choices":[{{"index":')
+                            f'{self.created},"model":{json.dumps(self.model)},"choices":[{{"index":')
 
     def text_event(self, index: int, text: str) -> str:
         """The SSE event of a plain text delta (no logprobs, not finished): the JSON of
@@ -76,6 +73,22 @@ class _View:
         the streaming hot path, once per request per step."""
         return (f'{self._event_head}{index},"text":{json.dumps(text, ensure_ascii=False)},"logprobs":null,'
                 f'"finish_reason":null,"stop_reason":null}}],"usage":null}}\n\n')
+
+    def delta_event(self, index: int, out: RequestOutput, first: bool) -> str | None:
+        if not out.finished and self.top_n is None and not (self.req.echo and first):  # the common case
+            return self.text_event(index, out.outputs[0].text) if out.outputs[0].text else None
+        choice = self.choice(index, out, first)
+        if choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens):
+            return sse(CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
+        return None
+
+    def usage_event(self, usage: UsageInfo) -> str:
+        return sse(CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[],
+                                      usage=usage))
+
+    def response(self, finals: list[RequestOutput], usage: UsageInfo) -> CompletionResponse:
+        return CompletionResponse(id=self.id, created=self.created, model=self.model,
+                                  choices=[self.choice(i, out, True) for i, out in enumerate(finals)], usage=usage)
 
     def prompt_text(self, out: RequestOutput) -> str:
         if out.prompt is not None:
@@ -104,47 +117,3 @@ class _View:
             offset += len(text)
         self.offsets[index] = offset
         return result
-
-
-async def _complete(gen: Generation, view: _View) -> JSONResponse:
-    finals = await completed(gen)
-    n = view.req.n
-    prompt_tokens = sum(len(out.prompt_token_ids) for out in finals[::n])
-    completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)
-    body = CompletionResponse(id=view.id, created=view.created, model=view.state.model_name,
-                              choices=[view.choice(i, out, True) for i, out in enumerate(finals)],
-                              usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                              total_tokens=prompt_tokens + completion_tokens))
-    return JSONResponse(body.model_dump())
-
-
-async def _stream(gen: Generation, view: _View, req: CompletionRequest) -> AsyncIterator[str]:
-    seen: set[int] = set()
-    prompt_tokens = completion_tokens = 0
-    try:
-        async for index, out in gen.deltas():
-            first = index not in seen
-            seen.add(index)
-            completion_tokens += len(out.outputs[0].token_ids)
-            if first and index % req.n == 0:
-                prompt_tokens += len(out.prompt_token_ids)
-            if out.finished:
-                check_finished(out)
-            elif view.top_n is None and not (req.echo and first):  # the common case, without models
-                if out.outputs[0].text:
-                    yield view.text_event(index, out.outputs[0].text)
-                continue
-            choice = view.choice(index, out, first)
-            if choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens):
-                yield sse(CompletionResponse(id=view.id, created=view.created, model=view.state.model_name,
-                                             choices=[choice]))
-        if req.stream_options and req.stream_options.include_usage:
-            usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              total_tokens=prompt_tokens + completion_tokens)
-            yield sse(CompletionResponse(id=view.id, created=view.created, model=view.state.model_name,
-                                         choices=[], usage=usage))
-    except APIError as e:
-        yield sse(e.body())
-    except EngineError as e:
-        yield sse(engine_unavailable(e).body())
-    yield DONE

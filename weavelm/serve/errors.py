@@ -17,7 +17,8 @@ from weavelm.serve.protocol import ErrorInfo, ErrorResponse
 logger = logging.getLogger("weavelm.serve")
 _FIELD = re.compile(r"^(?:SamplingParams\.)?([A-Za-z_][\w.\[\]]*): ")
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error",
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          431: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error",
           503: "service_unavailable_error"}
 
 
@@ -25,18 +26,21 @@ class APIError(Exception):
     """An error answered to the client with `status` and OpenAI's error body."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=info).model_dump()
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = dict(self.headers)
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def bad_request(error: RequestError, renames: dict[str, str] | None = None) -> APIError:
@@ -60,6 +64,10 @@ def engine_unavailable(error: EngineError) -> APIError:
 def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":  # its loc is a character position, not a field
+        where = first.get("loc", ("body", "?"))[-1]
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return APIError(400, f"the request body is not valid JSON ({reason} at character {where})")
     loc = [p for p in first.get("loc", ()) if p != "body"]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     parts = []
@@ -89,7 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail)).response()
+        return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:

@@ -17,14 +17,16 @@ from weavelm.serve.errors import APIError, engine_unavailable
 class Generation:
     """Choice `i` is the request of `prompts[i]` with `params[i]`, all on `lora_request` (None: the base model)."""
 
-    def __init__(self, engine: AsyncLLM, request_id: str, lora_request: Any = None):
+    def __init__(self, engine: AsyncLLM, request_id: str, lora_request: Any = None, live: set | None = None):
         self.engine = engine
         self.request_id = request_id
         self.lora_request = lora_request
         self.streams: list[RequestStream] = []
+        self._live = live if live is not None else set()  # the server's set of generations in flight
 
     async def start(self, prompts: list[Any], params: list[SamplingParams]) -> None:
         """Add every choice's request or none: a RequestError (or EngineDeadError) aborts those already added."""
+        self._live.add(self)
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
                 self.streams.append(await self.engine.add_request(prompt, sp, f"{self.request_id}-{i}", delta=True,
@@ -35,8 +37,13 @@ class Generation:
 
     def close(self) -> None:
         """Abort whatever has not finished (idempotent)."""
+        self._live.discard(self)
         for stream in self.streams:
             self.engine.release(stream)
+
+    def abort(self) -> None:
+        """Abort every choice but keep reading: each stream still gets its final output (finish_reason "abort")."""
+        self.engine.abort_nowait([s.request_id for s in self.streams if not s.finished])
 
     async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, delta output) as they come, across choices, until every choice finished."""
@@ -107,5 +114,6 @@ def check_finished(out: RequestOutput) -> None:
 
 
 def openai_finish_reason(reason: str | None) -> str | None:
-    """The OpenAI finish_reason of an engine one: "stop" / "length" as is, anything else (abort, error) "stop"."""
-    return reason if reason in (None, "stop", "length") else "stop"
+    """The OpenAI finish_reason of an engine one: "stop", "length" and vLLM's "abort" as is, anything else (an
+    error) "stop"."""
+    return reason if reason in (None, "stop", "length", "abort") else "stop"

@@ -28,6 +28,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 from weavelm.core.core_process import stop_process
@@ -35,6 +36,7 @@ from weavelm.errors import WeaveError
 
 logger = logging.getLogger("weavelm.serve")
 CORE_STOP_WAIT_S = 15.0  # after SIGTERM, how long the core gets to shut its executor down before SIGKILL
+STARTUP_REPORT_WAIT_S = 10.0  # a core that exited (not killed): how long the API servers get to report why
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -98,9 +100,13 @@ def serve_multi(args: argparse.Namespace, config: Any) -> int:
             multiprocessing.connection.wait([core.sentinel] + [p.sentinel for p in servers], timeout=0.2)
             dead = [p for p in [core, *servers] if not p.is_alive()]
             if dead and not stop.is_set():
+                if core.exitcode is not None and core.exitcode >= 0:  # it exited: a startup error, reported to
+                    deadline = time.monotonic() + STARTUP_REPORT_WAIT_S  # each API server, which exits 2 with it
+                    for proc in servers:
+                        proc.join(max(0.0, deadline - time.monotonic()))
                 names = ", ".join(f"{p.name} (pid {p.pid}, exit code {p.exitcode})" for p in dead)
                 print(f"error: {names} stopped; shutting the server down", file=sys.stderr, flush=True)
-                code = 1
+                code = 2 if any(p.exitcode == 2 for p in servers) else 1
                 break
     finally:
         sock.close()  # no new connections from here on
@@ -109,7 +115,7 @@ def serve_multi(args: argparse.Namespace, config: Any) -> int:
         if failed:
             print("error: " + ", ".join(f"{p.name} (pid {p.pid}) exited with {p.exitcode}" for p in failed),
                   file=sys.stderr, flush=True)
-            code = 1
+            code = code or 1
         _stop_core(core)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -154,7 +160,7 @@ def run_api_server(args: argparse.Namespace, config: Any, index: int, sock: sock
         engine = AsyncLLM(config=config, core_attachment=attachment)
     except WeaveError as e:
         print(f"error: API server {index}: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(2)  # a configuration the engine refused, as `weavelm` exits on any WeaveError
     _watch_parent(parent_pid)
     try:
         if not stop_early.is_set():

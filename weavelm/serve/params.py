@@ -9,6 +9,7 @@ from typing import Any
 from weavelm.core.request import SamplingParams
 from weavelm.errors import RequestError
 from weavelm.serve.errors import APIError
+from weavelm.serve.prompts import check_stop
 from weavelm.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 MAX_N = 128  # completions per request: bounds the fan-out of one HTTP request
@@ -57,6 +58,7 @@ def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
 def build_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
                  defaults: dict[str, Any]) -> SamplingParams:
     """SamplingParams for one completion; raises RequestError (the engine's message) on a bad value."""
+    check_stop(req.stop)
     kwargs: dict[str, Any] = dict(defaults)
     kwargs.update({name: getattr(req, name) for name in DIRECT if getattr(req, name) is not None})
     kwargs["max_tokens"] = max_tokens

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from weavelm.core.async_llm import AsyncLLM
 from weavelm.serve.errors import APIError
 from weavelm.serve.metrics import ServerMetrics
+from weavelm.serve.prompts import PromptPreparer
 
 DONE = "data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # what -inf is sent as (JSON has no infinity), as vLLM does
@@ -24,7 +25,7 @@ MIN_LOGPROB = -9999.0  # what -inf is sent as (JSON has no infinity), as vLLM do
 @dataclass
 class ServeState:
     """One server: its engine and settings. `max_waiting`: most requests waiting for their first output before
-    new ones get 429 (None: no limit)."""
+    new ones get 429 (None: no limit). `live`: the generations of requests in flight (`abort_all` ends them)."""
 
     engine: AsyncLLM
     model_names: list[str]
@@ -33,6 +34,8 @@ class ServeState:
     metrics: ServerMetrics = None  # type: ignore[assignment]
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     adapters: dict[str, Any] = field(default_factory=dict)  # served LoRA adapters: name -> LoRARequest
+    prompts: PromptPreparer = None  # type: ignore[assignment]
+    live: set = field(default_factory=set)
 
     @property
     def model_name(self) -> str:
@@ -50,10 +53,23 @@ class ServeState:
                                 f"{', '.join([*self.model_names, *self.adapters])}", param="model",
                            code="model_not_found")
         self.engine.check_health()
+        if self.max_waiting is not None and num_requests > self.max_waiting:
+            raise APIError(400, f"this request has {num_requests} completions (prompts x n) but "
+                                f"--max-waiting-requests is {self.max_waiting}: it could never be admitted; "
+                                f"send at most {self.max_waiting} at once", param="n")
         if self.max_waiting is not None and self.engine.num_waiting + num_requests > self.max_waiting:
             raise APIError(429, f"too many requests waiting ({self.engine.num_waiting}, limit {self.max_waiting});"
                                 f" retry later", code="rate_limit_exceeded")
         return self.adapters.get(model) if model is not None else None
+
+    def response_model(self, model: str | None) -> str:
+        """The `model` of a response: the adapter's name for a LoRA adapter, else the served name."""
+        return model if model is not None and model in self.adapters else self.model_name
+
+    def abort_all(self) -> None:
+        """Abort every request in flight: streams end with finish_reason "abort", others answer 503."""
+        for gen in list(self.live):
+            gen.abort()
 
 
 def sse(chunk: BaseModel | dict) -> str:

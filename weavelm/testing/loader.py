@@ -150,7 +150,7 @@ class LoaderContract:
         from transformers import AutoConfig
 
         loader = self.build()
-        ref_config = AutoConfig.from_pretrained(reference_checkpoint())
+        ref_config = AutoConfig.from_pretrained(reference_checkpoint(), trust_remote_code=False)
         config = loader.load_hf_config(checkpoint)
         for key in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "tie_word_embeddings"):

@@ -197,8 +197,9 @@ class GGUFLoader(FileLoader):
             return None  # no tokenizer anywhere: token-id prompts only
         try:
             if has_hf:
-                return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            return AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(file), local_files_only=True)
+                return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+            return AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(file), local_files_only=True,
+                                                 trust_remote_code=False)
         except Exception as e:  # transformers raises many types for a tokenizer it cannot build
             raise LoadError(f"{file}: cannot build a tokenizer from its metadata or the files beside it ({e})") from e
 

@@ -56,7 +56,7 @@ def add_tokenizer(writer: Any, folder: str | None, vocab_size: int) -> bool:
         return False
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     reverse = {i: t for t, i in tok.get_vocab().items()}
     added = tok.get_added_vocab()
     decoder = getattr(tok, "added_tokens_decoder", {})

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from weavelm.core.request import SamplingParams
+from weavelm.ops.memory import check_fits
 
 
 @dataclass
@@ -39,6 +40,9 @@ class InputBatch:
 
     def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int):
         self.max_num_reqs = max_num_reqs
+        check_fits(max_num_reqs * (max_model_len + 1) * 8, "cpu", "max_model_len",
+                   f"max_model_len={max_model_len} x max_num_seqs={max_num_reqs} rows of token ids",
+                   "set a smaller max_model_len (it defaults to the model's max_position_embeddings)")
         self.token_ids = np.zeros((max_num_reqs, max_model_len + 1), dtype=np.int64)
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed = np.zeros(max_num_reqs, dtype=np.int64)

@@ -12,6 +12,7 @@ from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import NoOptions, Worker
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
 from weavelm.errors import ConfigError
+from weavelm.ops.memory import check_fits
 
 logger = logging.getLogger("weavelm.worker")
 GIB = 1 << 30
@@ -45,6 +46,8 @@ class DeviceWorker(Worker):
         cache = self.config.cache
         per_block = self.runner.kv_cache_bytes_per_block()
         if cache.num_blocks is not None:
+            check_fits(cache.num_blocks * per_block, self.device, "cache.num_blocks",
+                       f"cache.num_blocks={cache.num_blocks} ({per_block} bytes each)", "lower cache.num_blocks")
             return cache.num_blocks
         if self.device.type == "cuda":
             peak = self.runner.profile_peak_memory()
@@ -55,6 +58,8 @@ class DeviceWorker(Worker):
             logger.info("KV cache: peak step %.2f GiB, %d blocks (%.2f GiB)", peak / GIB, n, n * per_block / GIB)
         else:
             n = int(cache.cpu_kv_cache_gib * GIB) // per_block
+            check_fits(n * per_block, self.device, "cache.cpu_kv_cache_gib",
+                       f"cache.cpu_kv_cache_gib={cache.cpu_kv_cache_gib:g}", "lower cache.cpu_kv_cache_gib")
         if n < 1:
             raise ConfigError([("cache", "no memory left for the KV cache; lower max_num_batched_tokens, raise "
                                          "gpu_memory_utilization / cpu_kv_cache_gib, or set cache.num_blocks")])
