@@ -23,8 +23,8 @@ Three implementations of the routed experts, one result (`moe_reference` is the 
 - CPU tensors: `moe_sorted` - the (token, expert) pairs sorted by expert, one matmul per expert that has tokens.
 - `moe_reference`: a loop over experts, each over the tokens routed to it (what transformers does).
 
-The experts take no LoRA: `lora_unsupported` says why, and the LoRA manager leaves the layer alone (its shared
-expert and the model's attention and dense layers take adapters as usual).
+The experts and router take no LoRA: the LoRA manager wraps only the shared expert's linears, and an adapter of
+anything else inside the layer is refused with `lora_unsupported` as the reason (weavelm.lora.targets).
 """
 
 from __future__ import annotations
@@ -180,8 +180,9 @@ class FusedMoE(nn.Module):
     (router), `experts` (stacked weights), and with `shared_intermediate` `shared_expert` and
     `shared_expert_gate`. `forward(x)` maps (T, H) to (T, H), the same on every rank."""
 
-    lora_unsupported = ("the experts of a mixture-of-experts layer (FusedMoE) take no LoRA adapters; adapt the "
-                        "attention and dense layers instead and drop the experts from target_modules")
+    lora_unsupported = ("the experts and router of a mixture-of-experts layer (FusedMoE) take no LoRA adapters; "
+                        "adapt the attention and dense layers (and a shared expert) instead, and drop the experts "
+                        "from target_modules")
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool,
                  tp: TensorParallelGroup = TensorParallelGroup(), shared_intermediate: int = 0):
