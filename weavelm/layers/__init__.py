@@ -14,7 +14,7 @@ Names exported here follow `weavelm.plugin.API_VERSION`.
 from weavelm.distributed import TensorParallelGroup
 from weavelm.layers.activation import SiluAndMul
 from weavelm.layers.attention import Attention
-from weavelm.layers.fused_moe import FusedMoE, ReplicatedLinear, load_moe_checkpoint, moe_reference, select_experts
+from weavelm.layers.fused_moe import FusedMoE, load_moe_checkpoint
 from weavelm.layers.layernorm import RMSNorm
 from weavelm.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, OutputSegment,
                                    QKVParallelLinear, RowParallelLinear, copy_shard, default_weight_loader,
@@ -29,5 +29,5 @@ __all__ = [
     "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead",
     "RMSNorm", "SiluAndMul", "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention",
     "WeightsMapper", "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply",
-    "FusedMoE", "ReplicatedLinear", "load_moe_checkpoint", "moe_reference", "select_experts",
+    "FusedMoE", "load_moe_checkpoint",
 ]
