@@ -118,6 +118,35 @@ def test_experts_shard_over_two_ranks():
         full.weight_loader(full.w13_weight, w13[0, :i], (4, "gate"))
 
 
+def test_load_moe_checkpoint_routes_expert_tensors():
+    """Per-expert checkpoint names (Mixtral's w1/w3/w2, Qwen's gate/up/down_proj) and transformers' fused
+    `experts.gate_up_proj` / `experts.down_proj` fill the same stacked weights; the set reports them once complete."""
+    from torch import nn
+
+    from weavelm.layers import FusedMoE, WeightsMapper, load_moe_checkpoint
+
+    e, h, i = 3, 8, 4
+    _, w13, w2 = _weights(e, h, i)
+    router = torch.randn(e, h)
+    per_expert = [("model.moe.gate.weight", router)]
+    for ex in range(e):
+        per_expert += [(f"model.moe.experts.{ex}.w1.weight", w13[ex, :i]), (f"model.moe.experts.{ex}.w3.weight",
+                       w13[ex, i:]), (f"model.moe.experts.{ex}.down_proj.weight", w2[ex])]
+    fused = [("model.moe.gate.weight", router), ("model.moe.experts.gate_up_proj", w13),
+             ("model.moe.experts.down_proj", w2)]
+    names = {"moe.gate.weight", "moe.experts.w13_weight", "moe.experts.w2_weight"}
+    for weights in (per_expert, fused):
+        model = nn.Module()
+        model.moe = FusedMoE(h, i, e, 2, renormalize=True)
+        assert load_moe_checkpoint(model, weights, mapper=WeightsMapper({"model.": ""}), stacked={}) == names
+        assert torch.equal(model.moe.experts.w13_weight, w13) and torch.equal(model.moe.experts.w2_weight, w2)
+    assert load_moe_checkpoint(model, per_expert[:4], mapper=WeightsMapper({"model.": ""}), stacked={}) == \
+        {"moe.gate.weight"}  # expert 0's parts only: the stacked weights are not complete
+    with pytest.raises(ValueError, match="model.moe.experts.3.w1.weight.*experts 0..2"):
+        load_moe_checkpoint(model, [("model.moe.experts.3.w1.weight", w13[0, :i])],
+                            mapper=WeightsMapper({"model.": ""}), stacked={})
+
+
 # -- the architectures -------------------------------------------------------------------------------------
 class StepObserver:
     def __init__(self):

@@ -127,4 +127,4 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     out = torch.empty((t * k, w2.shape[1]), dtype=x.dtype, device=x.device)
     _launch(inter, w2, out, topk_weights.reshape(-1).to(torch.float32).contiguous(), sorted_ids, expert_ids,
             num_padded, 1, block_m)
-    return out.view(t, k, -1).sum(dim=1)
+    return out.view(t, k, w2.shape[1]).sum(dim=1)

@@ -49,7 +49,7 @@ class LoRATargets:
         class sets `lora_unsupported`, e.g. FusedMoE: its experts and router)."""
         for name, why in self.refused.items():
             if target == name or target.startswith(name + "."):
-                return f"{target} is part of {name}: {why}"
+                return f"{target}, part of {name}: {why}"
         return None
 
     def leaf_names(self) -> list[str]:
