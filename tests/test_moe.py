@@ -58,9 +58,11 @@ def test_select_experts_normalisation():
     assert torch.allclose(w, probs[:, :2] / probs[:, :2].sum())
 
 
-def test_sorted_cpu_path_equals_reference():
-    x, w13, w2 = _weights(6, 32, 24)
-    weights, ids = _routing(9, 6, 3, renormalize=False)
+@pytest.mark.parametrize("num_experts", [6, 64], ids=["per-expert", "grouped"])
+def test_sorted_cpu_path_equals_reference(num_experts):
+    """Few experts hit: one matmul per expert; many (over GROUPED_MM_MIN_EXPERTS): grouped matmuls."""
+    x, w13, w2 = _weights(num_experts, 32, 24)
+    weights, ids = _routing(9, num_experts, 6, renormalize=False)
     torch.testing.assert_close(moe_sorted(x, w13, w2, weights, ids), moe_reference(x, w13, w2, weights, ids),
                                atol=1e-5, rtol=1e-5)
 
