@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ["TensorParallelGroup", "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
            "RowParallelLinear", "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead", "RMSNorm", "SiluAndMul",
            "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention", "WeightsMapper",
-           "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply"]
+           "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply", "FusedMoE", "load_moe_checkpoint"]
 
 
 def test_library_exports_are_frozen_and_the_facade_re_exports_them():
@@ -69,10 +69,13 @@ def _imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("path", ["weavelm/plugins/models/decoder.py", "weavelm/plugins/models/llama.py",
-                                  "weavelm/plugins/models/qwen3.py",
+                                  "weavelm/plugins/models/qwen3.py", "weavelm/plugins/models/moe_decoder.py",
+                                  "weavelm/plugins/models/mixtral.py", "weavelm/plugins/models/qwen2_moe.py",
+                                  "weavelm/plugins/models/qwen3_moe.py",
                                   "examples/weavelm-model-phi3/weavelm_model_phi3/model.py"])
 def test_models_are_built_from_the_library_and_the_facade_only(path):
-    own = {"weavelm.plugins.models.decoder", "weavelm.plugins.models.native_stack"}  # the built-ins' own package
+    own = {"weavelm.plugins.models.decoder", "weavelm.plugins.models.native_stack",  # the built-ins' own package
+           "weavelm.plugins.models", "weavelm.plugins.models.moe_decoder"}
     weavelm = {i for i in _imports(ROOT / path) if i.startswith("weavelm")}
     assert weavelm - own <= {"weavelm.layers", "weavelm.plugin"}, weavelm
 

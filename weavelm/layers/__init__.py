@@ -14,6 +14,7 @@ Names exported here follow `weavelm.plugin.API_VERSION`.
 from weavelm.distributed import TensorParallelGroup
 from weavelm.layers.activation import SiluAndMul
 from weavelm.layers.attention import Attention
+from weavelm.layers.fused_moe import FusedMoE, load_moe_checkpoint
 from weavelm.layers.layernorm import RMSNorm
 from weavelm.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, OutputSegment,
                                    QKVParallelLinear, RowParallelLinear, copy_shard, default_weight_loader,
@@ -28,4 +29,5 @@ __all__ = [
     "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead",
     "RMSNorm", "SiluAndMul", "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention",
     "WeightsMapper", "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply",
+    "FusedMoE", "load_moe_checkpoint",
 ]

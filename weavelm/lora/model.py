@@ -56,5 +56,6 @@ def lora_targets(model: nn.Module, wrapped: dict[str, BaseLayerWithLoRA]) -> LoR
             in_f = shapes[0][0]
             modules[name] = LoRATarget(name, None, in_f, sum(out for _, out in shapes), wrapper.embedding)
     tied = not any(isinstance(w, ParallelLMHeadWithLoRA) for w in wrapped.values())
-    return LoRATargets(modules, mapper, tied_embeddings=tied)
+    refused = {name: why for name, m in model.named_modules() if (why := getattr(type(m), "lora_unsupported", None))}
+    return LoRATargets(modules, mapper, tied_embeddings=tied, refused=refused)
 

@@ -42,6 +42,15 @@ class LoRATargets:
     modules: dict[str, LoRATarget]
     mapper: WeightsMapper = field(default_factory=WeightsMapper)
     tied_embeddings: bool = False
+    refused: dict[str, str] = field(default_factory=dict)  # module -> why adapters of it (or inside it) are refused
+
+    def refusal(self, target: str) -> str | None:
+        """Why the module path `target` may not be adapted, when a module that refuses adapters holds it (one whose
+        class sets `lora_unsupported`, e.g. FusedMoE: its experts and router)."""
+        for name, why in self.refused.items():
+            if target == name or target.startswith(name + "."):
+                return f"{target}, part of {name}: {why}"
+        return None
 
     def leaf_names(self) -> list[str]:
         """The last components of the module names (what PEFT's `target_modules` lists), sorted."""
@@ -56,8 +65,9 @@ class LoRATargets:
         unknown = [t for t in target_modules
                    if not any(n == t or n.endswith("." + str(t)) for n in names)]
         if unknown:
+            note = f" (note: {next(iter(self.refused.values()))})" if self.refused else ""
             raise LoRAError(f"{where}: target_modules {unknown} are not modules of this model; supported: "
-                            f"{', '.join(self.leaf_names())}")
+                            f"{', '.join(self.leaf_names())}{note}")
 
     def parse(self, key: str, where: str) -> tuple[str, str, str] | None:
         """(target name, "A" or "B", module path as the adapter names it) of a PEFT tensor name; None for a saved
@@ -72,6 +82,8 @@ class LoRATargets:
                             f"supported)")
         target = self.mapper.map_name(m.group("path"))
         spec = self.modules.get(target)
+        if spec is None and self.refusal(target):
+            raise LoRAError(f"{where}: tensor {key!r} adapts {self.refusal(target)}")
         if spec is None:
             raise LoRAError(f"{where}: tensor {key!r} targets {target.rsplit('.', 1)[-1]!r}, which this model lacks "
                             f"(no module {target!r}); supported modules: {', '.join(self.leaf_names())}")
