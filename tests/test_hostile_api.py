@@ -15,24 +15,16 @@ from fastapi.testclient import TestClient
 
 from tests.hostile_utils import ThreadServer
 from tests.serve_utils import ENGINE_KWARGS
-from weavelm import LLM
 from weavelm.core.async_llm import AsyncLLM
 from weavelm.serve.app import build_app
 
 MAX_LEN = 96
 
 
-@pytest.fixture(scope="module")
-def llm(smol_tokenizer_model):
-    torch.set_num_threads(1)
-    llm = LLM(model=smol_tokenizer_model, max_model_len=MAX_LEN, **ENGINE_KWARGS)
-    yield llm
-    llm.shutdown()
-
-
 @pytest.fixture
-def engine(llm):
-    engine = AsyncLLM.from_llm(llm)
+def engine(smol_tokenizer_model):
+    torch.set_num_threads(1)
+    engine = AsyncLLM(model=smol_tokenizer_model, max_model_len=MAX_LEN, **ENGINE_KWARGS)
     yield engine
     engine.shutdown()
 
@@ -45,10 +37,10 @@ def _error(r: httpx.Response, status: int) -> dict:
 
 
 # -- item 2: one large request stalls no one ---------------------------------------------------------------------
-def test_prompts_over_the_bound_are_refused_before_tokenizing(engine, llm, monkeypatch):
+def test_prompts_over_the_bound_are_refused_before_tokenizing(engine, monkeypatch):
     calls = []
-    real = llm.engine.tokenizer.encode
-    monkeypatch.setattr(llm.engine.tokenizer, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = engine.tokenizer.encode
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
     huge = "word " * 200_000
     with TestClient(build_app(engine, "tiny")) as http:
         for path, body in [("/v1/completions", {"prompt": huge, "max_tokens": 1}),
@@ -64,10 +56,10 @@ def test_prompts_over_the_bound_are_refused_before_tokenizing(engine, llm, monke
         assert error["param"] == "prompt"
 
 
-def test_prompts_are_tokenized_off_the_event_loop(engine, llm, monkeypatch):
+def test_prompts_are_tokenized_off_the_event_loop(engine, monkeypatch):
     threads = []
-    real = llm.engine.tokenizer.encode
-    monkeypatch.setattr(llm.engine.tokenizer, "encode",
+    real = engine.tokenizer.encode
+    monkeypatch.setattr(engine.tokenizer, "encode",
                         lambda *a, **k: threads.append(threading.current_thread()) or real(*a, **k))
     with TestClient(build_app(engine, "tiny")) as http:
         assert http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 1}).status_code == 200
@@ -78,8 +70,8 @@ def test_prompts_are_tokenized_off_the_event_loop(engine, llm, monkeypatch):
     assert len(threads) >= 4
     assert all(t.name.startswith("weavelm-tokenize") for t in threads), [t.name for t in threads]
     decoded = []
-    real_decode = llm.engine.tokenizer.decode
-    monkeypatch.setattr(llm.engine.tokenizer, "decode",
+    real_decode = engine.tokenizer.decode
+    monkeypatch.setattr(engine.tokenizer, "decode",
                         lambda *a, **k: decoded.append(threading.current_thread()) or real_decode(*a, **k))
     with TestClient(build_app(engine, "tiny")) as http:
         assert http.post("/detokenize", json={"tokens": [1, 2, 3]}).status_code == 200
@@ -154,7 +146,7 @@ def test_api_key_covers_every_endpoint_but_health(engine):
         assert http.get("/health").status_code == 200
 
 
-def test_no_filesystem_path_in_responses(engine, llm, smol_tokenizer_model):
+def test_no_filesystem_path_in_responses(engine, smol_tokenizer_model):
     folder = os.path.basename(os.path.normpath(smol_tokenizer_model))
     with TestClient(build_app(engine)) as http:
         bodies = [http.get("/v1/models").text, http.get("/metrics").text,

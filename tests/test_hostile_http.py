@@ -14,23 +14,15 @@ import torch
 
 from tests.hostile_utils import ThreadServer
 from tests.serve_utils import ENGINE_KWARGS, sse_events
-from weavelm import LLM
 from weavelm.core.async_llm import AsyncLLM
 from weavelm.serve.app import build_app
 from weavelm.serve.http_limits import HTTPLimits
 
 
-@pytest.fixture(scope="module")
-def llm(smol_tokenizer_model):
-    torch.set_num_threads(1)
-    llm = LLM(model=smol_tokenizer_model, max_model_len=256, **ENGINE_KWARGS)
-    yield llm
-    llm.shutdown()
-
-
 @pytest.fixture
-def engine(llm):
-    engine = AsyncLLM.from_llm(llm)
+def engine(smol_tokenizer_model):
+    torch.set_num_threads(1)
+    engine = AsyncLLM(model=smol_tokenizer_model, max_model_len=256, **ENGINE_KWARGS)
     yield engine
     engine.shutdown()
 
@@ -121,14 +113,14 @@ def test_the_flags_reach_uvicorn():
 
 
 # -- item 5: shutdown past the timeout ----------------------------------------------------------------------------
-def test_shutdown_past_the_timeout_answers_503_and_ends_streams(engine, llm, monkeypatch):
-    step = llm.engine.step
+def test_shutdown_past_the_timeout_answers_503_and_ends_streams(engine, monkeypatch):
+    step = engine.client.core.step_fn
 
     def slow_step(*args, **kwargs):
         time.sleep(0.02)
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(llm.engine, "step", slow_step)
+    monkeypatch.setattr(engine.client.core, "step_fn", slow_step)
     server = ThreadServer(build_app(engine, "tiny"), shutdown_timeout=0.5)
     body = {"prompt": "Tell me", "max_tokens": 200, "ignore_eos": True}
     chat = {"messages": [{"role": "user", "content": "Tell me"}], "max_tokens": 200, "ignore_eos": True}

@@ -95,8 +95,9 @@ def test_serve_exits_2_naming_a_broken_adapter(tiny_llama, tmp_path, capsys):
     assert "missing" in err and "no such directory" in err
 
 
-def test_responses_on_an_adapter_name_it(llm):
-    engine = AsyncLLM.from_llm(llm)
+def test_responses_on_an_adapter_name_it(tiny_llama, good):
+    engine = AsyncLLM(model=tiny_llama, lora={"max_loras": 2, "max_lora_rank": 8, "adapters": {"good": good}},
+                      **ENGINE_KWARGS)
     try:
         with TestClient(build_app(engine, "tiny")) as http:
             for path, body in [("/v1/completions", {"prompt": PROMPT["prompt_token_ids"]}),

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.serve_utils import ENGINE_KWARGS
-from weavelm import LLM
 from weavelm.core.async_llm import AsyncLLM
 from weavelm.serve.app import build_app
 
@@ -19,11 +18,9 @@ KEY = "schema-key"
 @pytest.fixture(scope="module")
 def app(smol_tokenizer_model):
     torch.set_num_threads(1)
-    llm = LLM(model=smol_tokenizer_model, max_model_len=64, **ENGINE_KWARGS)
-    engine = AsyncLLM.from_llm(llm)
+    engine = AsyncLLM(model=smol_tokenizer_model, max_model_len=64, **ENGINE_KWARGS)
     yield build_app(engine, "tiny", api_key=KEY)
     engine.shutdown()
-    llm.shutdown()
 
 
 def test_the_server_keeps_its_schema(app):

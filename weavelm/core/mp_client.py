@@ -191,9 +191,10 @@ class AsyncMPClient(_MPClient):
         self._reader = loop.create_task(self._read(), name="weavelm-core-reader")
 
     async def _read(self) -> None:
+        import zmq
         import zmq.asyncio
 
-        core, zmq = self.core, self.core.zmq
+        core = self.core
         socket = zmq.asyncio.Socket.shadow(core.output.underlying)
         try:
             while True:
