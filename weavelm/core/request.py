@@ -27,6 +27,47 @@ MAX_BAD_WORDS = 1024
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's `StructuredOutputsParams`): exactly one of `json` (a JSON schema, as a
+    dict or a JSON string), `regex`, `choice` (the output is one of these strings), `grammar` (EBNF / GBNF) or
+    `json_object=True` (any JSON object). Compiled by the structured-output backend (xgrammar); a constraint that
+    cannot compile fails its request with a RequestError naming it."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON without optional whitespace (vLLM's option)
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise RequestError(f"structured_outputs: give exactly one of json, regex, choice, grammar, json_object "
+                               f"(got {given or 'none'})")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise _bad("structured_outputs.json", self.json, "must be a JSON schema (a dict or a JSON string)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _bad(f"structured_outputs.{name}", value, "must be a non-empty str")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise _bad("structured_outputs.choice", self.choice, "must be a non-empty list of non-empty strings")
+        if self.choice is not None:
+            self.choice = list(self.choice)
+        if self.json_object not in (None, True, False) or not isinstance(self.disable_any_whitespace, bool):
+            raise _bad("structured_outputs.json_object", self.json_object, "must be True, False or None")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(name for name in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, name) not in (None, False))
+
+
+@dataclass
 class SamplingParams:
     """How to sample one request. Validated on construction: every field is checked for type and range, with no
     silent coercion (a bool is not an int, a float is not an int, a str is not a number). A bad value raises
@@ -55,6 +96,8 @@ class SamplingParams:
       checked against the vocabulary when the request is added.
     - `bad_words`: None or a list of non-empty strings; tokenized when the request is added (with and without a
       leading space); a word's last token is banned whenever the output ends with the word's other tokens.
+    - `structured_outputs`: None or a `StructuredOutputsParams` (or a dict of its fields): the output follows that
+      JSON schema, regex, choice or grammar.
 
     Integral / real numpy scalars are accepted and stored as Python int / float.
     """
@@ -79,6 +122,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     # Set by the frontend when the request is added (not user fields): EOS + stop ids that `min_tokens` masks, and
     # `bad_words` as token sequences.
     min_tokens_stop_ids: list[int] = field(default_factory=list, repr=False, compare=False)
@@ -121,6 +165,10 @@ class SamplingParams:
                                f"must be an integer in [0, max_tokens={self.max_tokens}]")
         self.logit_bias = _logit_bias(self.logit_bias)
         self.bad_words = _bad_words(self.bad_words)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _bad("structured_outputs", self.structured_outputs, "must be None or a StructuredOutputsParams")
         for name in ("min_tokens_stop_ids", "bad_words_token_ids"):
             if not isinstance(getattr(self, name), list):
                 raise _bad(name, getattr(self, name), "is set by the engine; leave it out")
