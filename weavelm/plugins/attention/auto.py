@@ -30,7 +30,7 @@ class AutoAttention(AttentionBackend):
                         key=lambda item: (-item[1].priority, item[0]))
         skipped = []
         for name, candidate in ranked:
-            reasons = candidate.auto_check(spec)
+            reasons = candidate.reasons(spec, for_auto=True)
             if not reasons:
                 logger.info("attention: auto picked %s (priority %d)%s", name, candidate.priority,
                             f"; skipped {skipped}" if skipped else "")

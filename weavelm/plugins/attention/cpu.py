@@ -10,11 +10,14 @@ With fp32 tensors and weavelm's native CPU kernels (`weavelm.ops.native`), a ste
 speculative verification, small chunks: `max_query_len <= NATIVE_MAX_QUERY_LEN`) instead runs one native call per
 layer that writes the new keys/values and attends straight over the paged blocks: no gather, no mask, no padding.
 The builder then skips the SDPA index and mask (built on demand if a layer still needs them, e.g. bf16).
+
+A layer with a sliding window runs SDPA with the causal mask limited to its window (one mask per window per step);
+the native kernel, which attends to the whole context, is not used for it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,7 +38,9 @@ class CpuAttentionMetadata:
     context (ctx_len = max_blocks * block_size, the padding pointing at real rows that the mask hides);
     query_index: (num_reqs, max_query_len) int64 flat token of each padded query (None for a pure decode step);
     query_valid: (num_reqs * max_query_len,) bool, the padded queries that exist (None for decode);
-    mask: (num_reqs, 1, max_query_len, ctx_len) bool, True where a query may attend."""
+    mask: (num_reqs, 1, max_query_len, ctx_len) bool, True where a query may attend;
+    query_pos: (num_reqs, max_query_len) int64 position of each padded query (for the sliding-window masks,
+    `window_mask(w)`, made once per step and window and shared by the layers of that window)."""
 
     slot_mapping: torch.Tensor
     kv_index: torch.Tensor | None
@@ -47,14 +52,29 @@ class CpuAttentionMetadata:
     max_query_len: int
     ctx_len: int  # 0 until `sdpa_fields` when the builder left the SDPA fields out
     common: CommonAttentionMetadata | None = None  # set when the native kernel may take the step
+    query_pos: torch.Tensor | None = None
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def sdpa_fields(self) -> CpuAttentionMetadata:
         """The SDPA index and mask, built on first need when the builder skipped them."""
         if self.kv_index is None:
             full = CpuAttentionBuilder().build_sdpa(self.common)
-            self.kv_index, self.query_index, self.query_valid, self.mask, self.ctx_len = \
-                full.kv_index, full.query_index, full.query_valid, full.mask, full.ctx_len
+            self.kv_index, self.query_index, self.query_valid, self.mask, self.ctx_len, self.query_pos = \
+                full.kv_index, full.query_index, full.query_valid, full.mask, full.ctx_len, full.query_pos
         return self
+
+    def window_mask(self, window: int | None) -> torch.Tensor:
+        """`mask` limited to each query's last `window` positions (the causal mask itself for None)."""
+        if window is None:
+            return self.mask
+        mask = self.window_masks.get(window)
+        if mask is None:
+            key_pos = torch.arange(self.ctx_len, device=self.mask.device)
+            mask = self.mask & (key_pos[None, None, None, :] > self.query_pos[:, None, :, None] - window)
+            if self.query_valid is not None:  # padded queries keep attending somewhere (no all-masked row)
+                mask[:, 0, :, 0] |= ~self.query_valid.view(self.num_reqs, self.max_query_len)
+            self.window_masks[window] = mask
+        return mask
 
 
 class CpuAttentionBuilder(AttentionMetadataBuilder):
@@ -88,7 +108,7 @@ class CpuAttentionBuilder(AttentionMetadataBuilder):
             mask = mask & valid[:, :, None]
             mask[:, :, 0] |= ~valid  # padded queries attend somewhere (no all-masked row), then are dropped
         return CpuAttentionMetadata(common.slot_mapping, kv_index, query_index, query_valid, mask[:, None],
-                                    n, common.num_actual_tokens, max_q, ctx_len)
+                                    n, common.num_actual_tokens, max_q, ctx_len, query_pos=q_pos)
 
 
 class CpuAttentionImpl(AttentionImpl):
@@ -97,14 +117,20 @@ class CpuAttentionImpl(AttentionImpl):
     # model may run the whole decoder stack natively (weavelm/plugins/models/native_stack.py)
     native_paged_attention = True
 
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                 sliding_window: int | None = None):
+        super().__init__(num_heads, num_kv_heads, head_size, scale, sliding_window)
+        if sliding_window is not None:
+            self.native_paged_attention = False  # the native kernel attends to the whole context
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: Any) -> torch.Tensor:
         m: CpuAttentionMetadata = metadata
         n_tok, h, kvh, d = q.shape[0], self.num_heads, self.num_kv_heads, self.head_size
         if m.common is not None:
             c = m.common
-            if native.usable(q, k, v, kv_cache) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and \
-                    native.attention_supported(h, kvh, d):
+            if self.sliding_window is None and native.usable(q, k, v, kv_cache) and \
+                    q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and native.attention_supported(h, kvh, d):
                 return native.paged_attention(q, k, v, kv_cache, m.slot_mapping, c.query_start_loc, c.seq_lens,
                                               c.block_table, m.num_reqs, h, kvh, d, self.scale)
             m.sdpa_fields()
@@ -119,7 +145,7 @@ class CpuAttentionImpl(AttentionImpl):
             queries = qh.view(m.num_reqs, 1, h, d)
         else:
             queries = qh[m.query_index.reshape(-1)].view(m.num_reqs, m.max_query_len, h, d)
-        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=m.mask,
+        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=m.window_mask(self.sliding_window),
                                              scale=self.scale, enable_gqa=h != kvh)
         out = out.transpose(1, 2).reshape(-1, h * d)
         if m.query_valid is not None:
@@ -150,8 +176,9 @@ class CpuAttentionBackend(AttentionBackend):
     def make_builder(self, device: torch.device) -> AttentionMetadataBuilder:
         return CpuAttentionBuilder()
 
-    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl:
-        return CpuAttentionImpl(num_heads, num_kv_heads, head_size, scale)
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                  sliding_window: int | None = None) -> AttentionImpl:
+        return CpuAttentionImpl(num_heads, num_kv_heads, head_size, scale, sliding_window)
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) for flattened batches over a paged KV cache, tensor-parallel.
+"""Llama-family decoder (Llama, Mistral, Qwen2; per-layer sliding windows from the config, windows.py) for flattened batches over a paged KV cache, tensor-parallel.
 
 Q/K/V and gate/up projections are packed into one matmul each; `load_weights` hands each checkpoint tensor to its
 parameter's `weight_loader`, which copies in this rank's shard (parallel_layers.py). Qwen3 reuses this with per-head
@@ -19,6 +19,7 @@ from weavelm.distributed import TensorParallelGroup
 from weavelm.ops import native
 from weavelm.plugins.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from weavelm.plugins.models.native_stack import NativeStack
+from weavelm.plugins.models.windows import layer_windows
 from weavelm.plugins.models.parallel_layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                                                     RowParallelLinear, VocabParallelEmbedding, default_weight_loader)
 
@@ -47,9 +48,10 @@ class Attention(nn.Module):
     """One layer's attention over this rank's heads (`qkv_proj.num_heads` / `qkv_proj.num_kv_heads`)."""
 
     def __init__(self, d: DecoderDims, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
-                 tp: TensorParallelGroup):
+                 tp: TensorParallelGroup, sliding_window: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
+        self.sliding_window = sliding_window  # the runner builds this layer's attention impl with it
         self.qkv_proj = QKVParallelLinear(d.hidden, d.head_dim, d.num_heads, d.num_kv_heads, qkv_bias, tp)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = d.head_dim
@@ -100,9 +102,9 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, d: DecoderDims, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                 qk_norm: bool, tp: TensorParallelGroup):
+                 qk_norm: bool, tp: TensorParallelGroup, sliding_window: int | None = None):
         super().__init__()
-        self.self_attn = Attention(d, layer_idx, qkv_bias, o_bias, qk_norm, tp)
+        self.self_attn = Attention(d, layer_idx, qkv_bias, o_bias, qk_norm, tp, sliding_window)
         self.mlp = MLP(d, mlp_bias, tp)
         self.input_layernorm = RMSNorm(d.hidden, d.eps)
         self.post_attention_layernorm = RMSNorm(d.hidden, d.eps)
@@ -130,7 +132,8 @@ class LlamaForCausalLM(ModelArchitecture):
         qkv_bias, o_bias = self._biases(hf_config)
         mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
         self.embed_tokens = VocabParallelEmbedding(d.vocab, d.hidden, tp)
-        self.layers = nn.ModuleList(DecoderLayer(d, i, qkv_bias, o_bias, mlp_bias, self.qk_norm, tp)
+        windows = layer_windows(hf_config, d.num_layers)
+        self.layers = nn.ModuleList(DecoderLayer(d, i, qkv_bias, o_bias, mlp_bias, self.qk_norm, tp, windows[i])
                                     for i in range(d.num_layers))
         self.norm = RMSNorm(d.hidden, d.eps)
         self.rotary = RotaryEmbedding(hf_config, d.head_dim, d.max_positions)
@@ -148,6 +151,9 @@ class LlamaForCausalLM(ModelArchitecture):
         """Per rank: (num_layers, this rank's query heads, this rank's KV heads, head_size)."""
         attn = self.layers[0].self_attn
         return self.dims.num_layers, attn.num_heads, attn.num_kv_heads, attn.head_dim
+
+    def attention_windows(self) -> list[int | None]:
+        return [layer.self_attn.sliding_window for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
