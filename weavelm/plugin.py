@@ -14,7 +14,7 @@ Anything not exported here is internal and may change without notice.
 
 from weavelm.core.contexts import (ExecutorContext, RunnerContext, SchedulerContext, SchedulerLimits,
                                    WorkerContext)
-from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
+from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch, make_layer_impl
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import (API_VERSION, COMPONENT_KINDS, AttentionBackend, AttentionImpl,
                                      AttentionMetadataBuilder, Component, Executor, ModelArchitecture,
@@ -36,7 +36,7 @@ __all__ = [
     "Scheduler", "SchedulerContext", "SchedulerLimits", "BaseScheduler", "SchedulerOptions",
     "ExecutorContext", "WorkerContext", "RunnerContext", "Executor", "Worker", "ModelRunner", "ModelLoader", "ModelArchitecture",
     "AttentionBackend", "AttentionImpl", "AttentionMetadataBuilder", "AttentionSpec", "CommonAttentionMetadata",
-    "ForwardBatch", "KVCacheManager", "KVCacheStats",
+    "ForwardBatch", "make_layer_impl", "KVCacheManager", "KVCacheStats",
     "SchedulerOutput", "NewRequestData", "CachedRequestsData", "ModelRunnerOutput", "RunnerFuture",
     "EngineCoreOutput", "SchedulerStats", "Request", "RequestStatus", "SamplingParams",
     "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",

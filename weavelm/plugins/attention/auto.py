@@ -38,7 +38,8 @@ class AutoAttention(AttentionBackend):
             skipped.append(f"{name}: {'; '.join(reasons)}")
         raise PluginError("attention: auto found no backend that can run: " + " | ".join(skipped))
 
-    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl:
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                  sliding_window: int | None = None) -> AttentionImpl:
         raise PluginError("attention: auto is a selector; the engine builds the backend it selects")
 
 

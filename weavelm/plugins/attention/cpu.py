@@ -11,8 +11,9 @@ speculative verification, small chunks: `max_query_len <= NATIVE_MAX_QUERY_LEN`)
 layer that writes the new keys/values and attends straight over the paged blocks: no gather, no mask, no padding.
 The builder then skips the SDPA index and mask (built on demand if a layer still needs them, e.g. bf16).
 
-A layer with a sliding window runs SDPA with the causal mask limited to its window (one mask per window per step);
-the native kernel, which attends to the whole context, is not used for it.
+A layer with a sliding window gathers only the positions its queries can see (`window + max_query_len - 1` per
+request, one index and mask per window per step) and masks the window's edge; the native kernel, which attends to
+the whole context, is not used for it.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class CpuAttentionMetadata:
     query_index: (num_reqs, max_query_len) int64 flat token of each padded query (None for a pure decode step);
     query_valid: (num_reqs * max_query_len,) bool, the padded queries that exist (None for decode);
     mask: (num_reqs, 1, max_query_len, ctx_len) bool, True where a query may attend;
-    query_pos: (num_reqs, max_query_len) int64 position of each padded query (for the sliding-window masks,
-    `window_mask(w)`, made once per step and window and shared by the layers of that window)."""
+    query_pos: (num_reqs, max_query_len) int64 position of each padded query;
+    batch: the step's common metadata (sliding-window layers gather from it, `context(window)`)."""
 
     slot_mapping: torch.Tensor
     kv_index: torch.Tensor | None
@@ -53,7 +54,8 @@ class CpuAttentionMetadata:
     ctx_len: int  # 0 until `sdpa_fields` when the builder left the SDPA fields out
     common: CommonAttentionMetadata | None = None  # set when the native kernel may take the step
     query_pos: torch.Tensor | None = None
-    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    batch: CommonAttentionMetadata | None = None
+    _windows: dict[int, ContextView] = field(default_factory=dict, repr=False)
 
     def sdpa_fields(self) -> CpuAttentionMetadata:
         """The SDPA index and mask, built on first need when the builder skipped them."""
@@ -61,20 +63,48 @@ class CpuAttentionMetadata:
             full = CpuAttentionBuilder().build_sdpa(self.common)
             self.kv_index, self.query_index, self.query_valid, self.mask, self.ctx_len, self.query_pos = \
                 full.kv_index, full.query_index, full.query_valid, full.mask, full.ctx_len, full.query_pos
+            self.batch = self.common
         return self
 
-    def window_mask(self, window: int | None) -> torch.Tensor:
-        """`mask` limited to each query's last `window` positions (the causal mask itself for None)."""
+    def context(self, window: int | None) -> ContextView:
+        """What a layer gathers and how it masks: every request's whole context, or for a sliding window only the
+        `window + max_query_len - 1` positions its queries can see (made once per step and window; positions
+        before them, whose blocks may have been freed, are never read)."""
         if window is None:
-            return self.mask
-        mask = self.window_masks.get(window)
-        if mask is None:
-            key_pos = torch.arange(self.ctx_len, device=self.mask.device)
-            mask = self.mask & (key_pos[None, None, None, :] > self.query_pos[:, None, :, None] - window)
-            if self.query_valid is not None:  # padded queries keep attending somewhere (no all-masked row)
-                mask[:, 0, :, 0] |= ~self.query_valid.view(self.num_reqs, self.max_query_len)
-            self.window_masks[window] = mask
-        return mask
+            return ContextView(self.kv_index, self.ctx_len, self.mask)
+        view = self._windows.get(window)
+        if view is None:
+            view = self._windows[window] = _window_view(self, window)
+        return view
+
+
+@dataclass
+class ContextView:
+    """kv_index: (num_reqs * ctx_len,) int64 cache rows gathered per request; mask: (num_reqs, 1, max_query_len,
+    ctx_len) bool."""
+
+    kv_index: torch.Tensor
+    ctx_len: int
+    mask: torch.Tensor
+
+
+def _window_view(m: CpuAttentionMetadata, window: int) -> ContextView:
+    c, n = m.batch, m.num_reqs
+    bs = c.block_size
+    seq_lens = c.seq_lens[:n].long()
+    q_lens = c.query_start_loc[1:n + 1].long() - c.query_start_loc[:n].long()
+    span = window + m.max_query_len - 1
+    first = (seq_lens - q_lens - window + 1).clamp(min=0)  # each request's first visible key
+    key_pos = first[:, None] + torch.arange(span, device=first.device)  # (num_reqs, span)
+    in_context = key_pos < seq_lens[:, None]
+    read_pos = torch.minimum(key_pos, seq_lens[:, None] - 1)  # past the context: its last key, masked
+    blocks = c.block_table[:n].long().gather(1, read_pos // bs)
+    kv_index = (blocks * bs + read_pos % bs).reshape(-1)
+    q_pos = m.query_pos[:, :, None]
+    mask = in_context[:, None, :] & (key_pos[:, None, :] <= q_pos) & (key_pos[:, None, :] > q_pos - window)
+    if m.query_valid is not None:  # padded queries attend somewhere (no all-masked row), then are dropped
+        mask[:, :, 0] |= ~m.query_valid.view(n, m.max_query_len)
+    return ContextView(kv_index, span, mask[:, None])
 
 
 class CpuAttentionBuilder(AttentionMetadataBuilder):
@@ -108,7 +138,7 @@ class CpuAttentionBuilder(AttentionMetadataBuilder):
             mask = mask & valid[:, :, None]
             mask[:, :, 0] |= ~valid  # padded queries attend somewhere (no all-masked row), then are dropped
         return CpuAttentionMetadata(common.slot_mapping, kv_index, query_index, query_valid, mask[:, None],
-                                    n, common.num_actual_tokens, max_q, ctx_len, query_pos=q_pos)
+                                    n, common.num_actual_tokens, max_q, ctx_len, query_pos=q_pos, batch=common)
 
 
 class CpuAttentionImpl(AttentionImpl):
@@ -135,17 +165,18 @@ class CpuAttentionImpl(AttentionImpl):
                                               c.block_table, m.num_reqs, h, kvh, d, self.scale)
             m.sdpa_fields()
         write_kv_cache(k.reshape(n_tok, kvh, d), v.reshape(n_tok, kvh, d), kv_cache, m.slot_mapping)
+        ctx = m.context(self.sliding_window)
         flat = kv_cache.view(2, -1, kvh, d)
-        shape = (m.num_reqs, m.ctx_len, kvh, d)
-        keys = flat[0].index_select(0, m.kv_index).view(shape).transpose(1, 2)
-        values = flat[1].index_select(0, m.kv_index).view(shape).transpose(1, 2)
+        shape = (m.num_reqs, ctx.ctx_len, kvh, d)
+        keys = flat[0].index_select(0, ctx.kv_index).view(shape).transpose(1, 2)
+        values = flat[1].index_select(0, ctx.kv_index).view(shape).transpose(1, 2)
         n = m.num_actual_tokens
         qh = q[:n].reshape(n, h, d)
         if m.query_index is None:
             queries = qh.view(m.num_reqs, 1, h, d)
         else:
             queries = qh[m.query_index.reshape(-1)].view(m.num_reqs, m.max_query_len, h, d)
-        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=m.window_mask(self.sliding_window),
+        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=ctx.mask,
                                              scale=self.scale, enable_gqa=h != kvh)
         out = out.transpose(1, 2).reshape(-1, h * d)
         if m.query_valid is not None:
