@@ -97,3 +97,106 @@ def test_last_position_logits_match_transformers(models, arch):
         with torch.no_grad():
             ref = hf(torch.tensor([p])).logits[0, -1].float()
         torch.testing.assert_close(prompt_logits(llm, p), ref, atol=1e-4, rtol=1e-4)
+
+
+# -- KV blocks follow the window ------------------------------------------------------------------------------
+LONG_TOKENS = 96
+BLOCK = 4
+
+
+def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=0, min_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("attention", ["torch_ref", "cpu"])
+def test_long_generation_holds_only_the_window(models, attention):
+    """Memory follows the window: one request never holds more than window / block_size + 2 blocks, and its
+    output still equals transformers'."""
+    path, hf, _ = models["mistral"]
+    prompt = PROMPTS[0]
+    llm = _llm(path, attention, cache={"block_size": BLOCK, "num_blocks": 64},
+               scheduler={"max_num_batched_tokens": 8})
+    engine = llm.engine
+    assert engine.client.model_info["sliding_window"] == WINDOW
+    engine.add_request({"prompt_token_ids": prompt},
+                       SamplingParams(max_tokens=LONG_TOKENS, temperature=0.0, ignore_eos=True), request_id="r")
+    held, tokens = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens = out.outputs[0].token_ids
+        held.append(llm.get_stats().num_used_blocks)
+    bound = WINDOW // BLOCK + 2
+    assert max(held) <= bound, held
+    assert (len(prompt) + LONG_TOKENS) // BLOCK > 3 * bound  # the context is far larger than what is held
+    assert tokens == _hf_greedy(hf, prompt, LONG_TOKENS)
+
+
+def test_full_attention_layer_keeps_every_block(models):
+    """Qwen2 with one full-attention layer reads the whole context: nothing may be freed."""
+    path, _, refs = models["qwen2_mixed"]
+    llm = _llm(path, "cpu", cache={"block_size": BLOCK, "num_blocks": 64})
+    assert llm.engine.client.model_info["sliding_window"] is None
+    out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY)[0]
+    assert out.outputs[0].token_ids == refs[0]
+
+
+def test_prefix_caching_chunked_prefill_and_preemption(models):
+    """Mixed batches with chunked prefill, prefix hits on blocks the window already freed, and preemption (each
+    later request outranks the running ones, two seats): the outputs still equal transformers'."""
+    path, hf, _ = models["mistral"]
+    shared = list(range(50, 86))
+    prompts = [shared + [7, 8, 9], shared + [300, 301], shared + [9], PROMPTS[1]]
+    refs = [_hf_greedy(hf, p, 40) for p in prompts]
+    llm = _llm(path, "cpu", cache={"block_size": BLOCK, "num_blocks": 24, "enable_prefix_caching": True},
+               scheduler={"name": "priority", "max_num_seqs": 2, "max_num_batched_tokens": 12})
+    engine = llm.engine
+    results, preempted, steps = {}, 0, 0
+    while engine.has_unfinished_requests() or len(results) < len(prompts):
+        if steps in (0, 12, 13, 14):  # later ones join while the first decodes: its prompt left the window
+            i = max(steps - 11, 0)
+            params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, priority=len(prompts) - i)
+            engine.add_request({"prompt_token_ids": prompts[i]}, params, request_id=str(i))
+        for out in engine.step():
+            if out.finished:
+                results[int(out.request_id)] = out.outputs[0].token_ids
+        preempted += engine.client.get_stats().num_preempted
+        steps += 1
+    assert [results[i] for i in range(len(prompts))] == refs
+    stats = llm.get_stats()
+    assert stats.prefix_cache_hit_rate > 0 and preempted > 0, (stats, preempted)
+    assert stats.num_used_blocks == 0
+
+
+def test_kv_manager_frees_blocks_behind_the_window():
+    """Unit level: blocks wholly before the next token's window go back to the pool (still registered, so a later
+    prefix hit revives them); one freed before it was registered ends the request's hash chain."""
+    from tests.scheduler_utils import make_request
+    from weavelm.core.kv_cache import KVCacheManager
+
+    prompt = list(range(3, 33))
+    kv = KVCacheManager(num_blocks=32, block_size=BLOCK, sliding_window=WINDOW)
+    req = make_request("a", prompt)
+    assert kv.allocate_slots(req, 30, kv.get_computed_blocks(req)) is not None
+    req.num_computed_tokens = 30
+    kv.cache_computed(req)  # 7 full blocks registered
+    assert kv.allocate_slots(req, 1) == []  # position 30 sees 23..30: blocks 0..4 (positions 0..19) are freed
+    assert kv.block_ids("a") == [b.block_id for b in kv.req_blocks["a"][5:]] and len(kv.req_blocks["a"]) == 8
+    assert kv.stats().num_used_blocks == 3 and kv.stats().num_cached_blocks == 7
+    kv.check_invariants()
+    twin = make_request("b", prompt)
+    hits = kv.get_computed_blocks(twin)
+    assert hits.num_tokens == 28  # the freed blocks are still cached
+    kv.free(req)
+    kv.check_invariants()
+    late = KVCacheManager(num_blocks=32, block_size=BLOCK, sliding_window=WINDOW)
+    c = make_request("c", prompt)
+    late.allocate_slots(c, 30, late.get_computed_blocks(c))
+    c.num_computed_tokens = 30
+    late.allocate_slots(c, 1)  # async scheduling: the window moved on before the step's blocks were registered
+    late.cache_computed(c)
+    assert late.stats().num_cached_blocks == 0 and late.chain_serial["c"] is None
+    late.check_invariants()
