@@ -89,6 +89,18 @@ def test_greedy_past_the_window_matches_transformers(models, arch, attention):
     assert [o.outputs[0].token_ids for o in outs] == refs
 
 
+def test_triton_backend_past_the_window(models):
+    """The Triton kernels (under the interpreter without CUDA) in the engine, on the per-layer Qwen2 windows."""
+    from weavelm.testing.attention import triton_interpreter_without_cuda
+
+    path, _, refs = models["qwen2_mixed"]
+    kernels = ("weavelm.plugins.attention.triton.kernels", "weavelm.ops.triton_cache_write")
+    with triton_interpreter_without_cuda(kernels):
+        llm = _llm(path, "triton", scheduler={"max_num_batched_tokens": 16})
+        out = llm.generate([{"prompt_token_ids": PROMPTS[1]}], GREEDY)[0]
+    assert out.outputs[0].token_ids == refs[1]
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen2_mixed"])
 def test_last_position_logits_match_transformers(models, arch):
     path, hf, _ = models[arch]

@@ -229,8 +229,7 @@ class AttentionContract:
         b.kv_cache[:, freed] = FREED_FILL
         return b
 
-    @pytest.mark.parametrize("window", [1, 8, 37])
-    @pytest.mark.parametrize("gqa", [1, 4])
+    @pytest.mark.parametrize("window,gqa", [(1, 1), (8, 4), (37, 4)])
     def test_sliding_window(self, window, gqa):
         backend = self.build_backend(2 * gqa, 2, 64, 16, torch.float32, sliding_window=window)
         b = self.windowed_batch(*WINDOWED, window, gqa, seed=window + gqa)
@@ -249,11 +248,11 @@ class AttentionContract:
     def test_windowed_and_full_layers_share_metadata(self):
         """Gemma 3 / Qwen2 interleave windowed and full layers over one step's metadata."""
         backend = self.build_backend(8, 2, 64, 16, torch.float32, sliding_window=8)
-        for query_lens, context_lens in (WINDOWED, ([1] * 4, [150, 3, 33, 64])):
+        for query_lens, context_lens in (WINDOWED, ([1] * 3, [150, 3, 64])):
             b = make_batch(query_lens, context_lens, num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
                            device=self.device, seed=len(query_lens))
             meta = backend.make_builder(torch.device(self.device)).build(b.meta)
-            for window in (8, None, 24, 8):
+            for window in (8, None, 24):
                 self.check_against_reference(backend, b, torch.float32, sliding_window=window, meta=meta)
 
     # -- on the GPU: long contexts, bf16, head 256, CUDA graphs ------------------------------------------------
