@@ -235,9 +235,13 @@ class AttentionContract:
         b = self.windowed_batch(*WINDOWED, window, gqa, seed=window + gqa)
         self.check_against_reference(backend, b, torch.float32, sliding_window=window)
 
-    def test_sliding_window_decode_only(self):
+    @pytest.mark.parametrize("query_lens,context_lens", [([1] * 4, [150, 3, 33, 64]),
+                                                         ([1, 5, 17, 3], [150, 40, 60, 0])],
+                             ids=["decode", "short_chunks"])
+    def test_sliding_window_short_queries(self, query_lens, context_lens):
+        """Decodes and short chunks (the shapes CPU backends often run through another kernel than prefill)."""
         backend = self.build_backend(8, 2, 64, 16, torch.float32, sliding_window=20)
-        b = self.windowed_batch([1] * 4, [150, 3, 33, 64], 20, seed=3)
+        b = self.windowed_batch(query_lens, context_lens, 20, seed=3)
         self.check_against_reference(backend, b, torch.float32, sliding_window=20)
 
     def test_sliding_window_half_precision(self):

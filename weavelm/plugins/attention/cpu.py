@@ -12,8 +12,8 @@ layer that writes the new keys/values and attends straight over the paged blocks
 The builder then skips the SDPA index and mask (built on demand if a layer still needs them, e.g. bf16).
 
 A layer with a sliding window gathers only the positions its queries can see (`window + max_query_len - 1` per
-request, one index and mask per window per step) and masks the window's edge; the native kernel, which attends to
-the whole context, is not used for it.
+request, one index and mask per window per step) and masks the window's edge; the native kernel takes the window
+itself (it reads only the window's keys), but the whole-stack native path (native_stack.py) is not used.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class CpuAttentionImpl(AttentionImpl):
                  sliding_window: int | None = None):
         super().__init__(num_heads, num_kv_heads, head_size, scale, sliding_window)
         if sliding_window is not None:
-            self.native_paged_attention = False  # the native kernel attends to the whole context
+            self.native_paged_attention = False  # the native decoder stack knows no windows (the kernel does)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: Any) -> torch.Tensor:
@@ -159,10 +159,10 @@ class CpuAttentionImpl(AttentionImpl):
         n_tok, h, kvh, d = q.shape[0], self.num_heads, self.num_kv_heads, self.head_size
         if m.common is not None:
             c = m.common
-            if self.sliding_window is None and native.usable(q, k, v, kv_cache) and \
-                    q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and native.attention_supported(h, kvh, d):
+            if native.usable(q, k, v, kv_cache) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and \
+                    native.attention_supported(h, kvh, d):
                 return native.paged_attention(q, k, v, kv_cache, m.slot_mapping, c.query_start_loc, c.seq_lens,
-                                              c.block_table, m.num_reqs, h, kvh, d, self.scale)
+                                              c.block_table, m.num_reqs, h, kvh, d, self.scale, self.sliding_window)
             m.sdpa_fields()
         write_kv_cache(k.reshape(n_tok, kvh, d), v.reshape(n_tok, kvh, d), kv_cache, m.slot_mapping)
         ctx = m.context(self.sliding_window)
