@@ -249,9 +249,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     block_table: torch.Tensor, num_reqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
                     scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Write the new keys/values into `kv_cache` (2, blocks, block_size, kv_heads, head_dim) at `slot_mapping`,
-    then causal attention for every token (over its last `sliding_window` positions only, when given). q (T, >= H * D), k and v (T, >= KVH * D) rows with unit column stride;
-    query_start_loc / seq_lens / block_table int32 and slot_mapping int64, contiguous, on the CPU. Returns (T, H * D);
-    rows past the real tokens are zero."""
+    then causal attention for every token (over its last `sliding_window` positions only, when given). q (T, >= H * D),
+    k and v (T, >= KVH * D) rows with unit column stride; query_start_loc / seq_lens / block_table int32 and
+    slot_mapping int64, contiguous, on the CPU. Returns (T, H * D); rows past the real tokens are zero."""
     t = q.shape[0]
     out = torch.empty(t, num_heads * head_dim, dtype=torch.float32)
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
