@@ -212,3 +212,58 @@ def test_kv_manager_frees_blocks_behind_the_window():
     late.cache_computed(c)
     assert late.stats().num_cached_blocks == 0 and late.chain_serial["c"] is None
     late.check_invariants()
+
+
+def _windowed_program_run(ops, window: int, caching: bool, num_blocks: int, budget: int, scheduler: str) -> None:
+    from weavelm.core.contexts import SchedulerContext
+    from weavelm.testing._registry import component
+    from weavelm.testing._scheduler_driver import Driver, FakeRunner, fake_token, make_request
+
+    cls = component("scheduler", scheduler)
+    opts = cls.Options(max_num_batched_tokens=budget, max_num_seqs=3)
+    sched = cls(opts, SchedulerContext(num_blocks=num_blocks, block_size=BLOCK, max_model_len=num_blocks * BLOCK,
+                                       enable_prefix_caching=caching, sliding_window=window))
+    d = Driver(sched, FakeRunner(BLOCK, budget, sliding_window=window))  # checks the KV inside every window
+    shared = list(range(100, 140))
+    reqs = {}
+    for kind, arg, extra in ops:
+        if kind == "add":
+            rid = f"r{len(reqs)}"
+            prompt = shared[:arg] + [3 + (len(reqs) * 31 + j) % 90 for j in range(1 + extra)]
+            reqs[rid] = make_request(rid, prompt[:num_blocks * BLOCK - 2], max_tokens=4 + 3 * extra,
+                                     priority=-len(reqs))
+            d.add(reqs[rid])
+        else:
+            for _ in range(arg):
+                if sched.has_unfinished_requests():
+                    d.step()
+                    held = sched.kv.stats().num_used_blocks
+                    chunk_blocks = (window - 1 + budget) // BLOCK + 2  # the most one request can need at once
+                    assert held <= len(sched.running) * chunk_blocks, (held, len(sched.running))
+        sched.kv.check_invariants()
+    d.run(max_steps=3000)
+    sched.kv.check_invariants()
+    assert sched.kv.stats().num_used_blocks == 0
+    for rid, req in reqs.items():
+        toks = d.tokens[rid]
+        assert toks == [fake_token(rid, req.num_prompt_tokens + i) for i in range(len(toks))]
+
+
+def test_random_windowed_programs_keep_the_kv_in_every_window():
+    """Property test through the schedulers: random arrivals, chunked prefill, prefix hits and preemption (priority
+    seats and a tight pool), and the fake worker checks that every position inside each token's window still holds
+    that request's KV when it is read."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    op = st.one_of(st.tuples(st.just("add"), st.integers(0, 40), st.integers(0, 4)),
+                   st.tuples(st.just("step"), st.integers(1, 8), st.just(0)))
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(ops=st.lists(op, min_size=2, max_size=14), window=st.sampled_from([1, 5, 8, 13]),
+           caching=st.booleans(), num_blocks=st.integers(16, 30), budget=st.sampled_from([1, 6, 16]),
+           scheduler=st.sampled_from(["fcfs", "priority"]))
+    def run(ops, window, caching, num_blocks, budget, scheduler):
+        _windowed_program_run(ops, window, caching, num_blocks, budget, scheduler)
+
+    run()

@@ -210,6 +210,13 @@ class KVCacheManager:
         """The ids of the blocks the request holds (not the positions freed by the sliding window)."""
         return [b.block_id for b in self.req_blocks.get(request_id, ()) if b is not None]
 
+    def num_outside_window(self, request: Request, computed: ComputedBlocks | None) -> int:
+        """How many of a new request's leading prefix hits no token it computes can see (they are not taken)."""
+        if self.sliding_window is None or not computed or not computed.blocks:
+            return 0
+        first_query = request.num_computed_tokens + computed.num_tokens
+        return min(len(computed.blocks), max(0, first_query - self.sliding_window + 1) // self.block_size)
+
     def remove_skipped_blocks(self, request: Request) -> None:
         """Free the request's blocks that no token from `request.num_computed_tokens` on can see: those wholly
         before `num_computed_tokens - sliding_window + 1` (the first key of its next token's window)."""
@@ -259,8 +266,9 @@ class KVCacheManager:
         if computed is not None and computed.blocks:
             num_tokens += computed.num_tokens
             have += len(computed.blocks)
-            # reviving unreferenced cache hits takes them out of the free queue too
-            revived = sum(1 for b in computed.blocks if b.ref_cnt == 0)
+            # reviving unreferenced cache hits takes them out of the free queue too (not those outside the window)
+            skip = self.num_outside_window(request, computed)
+            revived = sum(1 for b in computed.blocks[skip:] if b.ref_cnt == 0)
         return max(self.blocks_for_tokens(num_tokens) - have, 0) + revived
 
     def can_allocate(self, request: Request, num_new_tokens: int, computed: ComputedBlocks | None = None) -> bool:
@@ -294,9 +302,13 @@ class KVCacheManager:
         assert not table, "prefix hits are only taken for a request without blocks"
         table = self.req_blocks[rid] = []
         hits = computed.blocks if computed else []
+        skip = self.num_outside_window(request, computed)
+        ids = [b.block_id for b in hits]  # the runner gets every position's id; it never reads the skipped ones
         if hits:
-            self.pool.touch(hits)
-            table.extend(hits)
+            self.pool.touch(hits[skip:])
+            table.extend([None] * skip + hits[skip:])
+        if skip:
+            self.num_skipped[rid] = skip
         self.num_hashed[rid] = len(hits)
         self.chain_serial[rid] = computed.tail_serial if computed else ROOT_SERIAL
         if self.enable_caching:
@@ -304,8 +316,10 @@ class KVCacheManager:
             self.prefix_hits += len(hits) * self.block_size
         total = self.blocks_for_tokens(request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens)
         if total > len(table):
-            table.extend(self.pool.take(total - len(table)))
-        return [b.block_id for b in table]
+            fresh = self.pool.take(total - len(table))
+            table.extend(fresh)
+            ids += [b.block_id for b in fresh]
+        return ids
 
     def cache_computed(self, request: Request) -> None:
         """Register the request's full blocks whose KV has been computed (`request.num_computed_tokens`).
