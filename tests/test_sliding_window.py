@@ -267,3 +267,45 @@ def test_random_windowed_programs_keep_the_kv_in_every_window():
         _windowed_program_run(ops, window, caching, num_blocks, budget, scheduler)
 
     run()
+
+
+def test_flash_attn_window_argument_and_honest_check(monkeypatch):
+    """flash-attn cannot run here: with fake entry points, its check refuses a build without `window_size`, and
+    its impl passes flash-attn's `(w - 1, 0)` to each API (vLLM's FA3 op positionally)."""
+    from weavelm.core.forward import AttentionSpec
+    from weavelm.plugins.attention import flash_attn as fa
+    from weavelm.testing._attention_batches import make_batch
+
+    seen = []
+
+    def fa2(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+            causal=False, window_size=(-1, -1), block_table=None):
+        seen.append(("fa2", window_size))
+        return torch.zeros_like(q)
+
+    def fa2_without_windows(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                            softmax_scale=None, causal=False, block_table=None):
+        return torch.zeros_like(q)
+
+    def fa3(q, k_cache, v_cache, cache_seqlens=None, page_table=None, cu_seqlens_q=None, max_seqlen_q=None,
+            softmax_scale=None, causal=False, window_size=(-1, -1)):
+        seen.append(("fa3", window_size))
+        return torch.zeros_like(q)
+
+    def vllm_fa3(*args):
+        seen.append(("vllm_fa3", args[25:27]))
+
+    spec = AttentionSpec("cuda", torch.bfloat16, 128, 8, 8, 256, sliding_window=64)
+    for kind, fn, refused in (("fa2", fa2, False), ("fa2", fa2_without_windows, True), ("fa3", fa3, False),
+                              ("vllm_fa3", vllm_fa3, False)):
+        monkeypatch.setattr(fa, "load_flash_api", lambda kind=kind, fn=fn: (kind, fn, ""))
+        assert any("sliding_window 64" in r for r in fa.FlashAttnBackend.check(spec)) == refused, kind
+        if refused:
+            continue
+        monkeypatch.setattr(fa, "reshape_and_cache", lambda *args: None)
+        b = make_batch([3, 1], [20, 9], num_heads=4, num_kv_heads=2, head_size=16, block_size=4)
+        for window in (8, None):
+            impl = fa.FlashAttnBackend().make_impl(4, 2, 16, 0.25, **({"sliding_window": window} if window else {}))
+            impl.forward(b.q, b.k, b.v, b.kv_cache, b.meta)
+    assert seen == [("fa2", (7, 0)), ("fa2", (-1, -1)), ("fa3", (7, 0)), ("fa3", (-1, -1)),
+                    ("vllm_fa3", (7, 0)), ("vllm_fa3", (-1, -1))]

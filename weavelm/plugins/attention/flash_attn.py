@@ -129,11 +129,11 @@ class FlashAttnBackend(AttentionBackend):
             reasons.append(f"num_heads ({spec.num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})")
         reasons += [f"cache write: {r}" for r in triton_unavailable_reasons(spec.device)]
         kind, fn, why = load_flash_api()
-        if kind is None:
-            reasons.append(f"no flash-attn build is usable: {why}")
-        elif spec.sliding_window is not None and not takes_window(kind, fn):
+        if kind is not None and spec.sliding_window is not None and not takes_window(kind, fn):
             reasons.append(f"sliding_window {spec.sliding_window}: this flash-attn build ({kind}) takes no "
                            f"window_size (FA2 >= 2.3 or FA3 does)")
+        if kind is None:
+            reasons.append(f"no flash-attn build is usable: {why}")
         elif kind == "fa2" and spec.block_size % 256:
             reasons.append(f"block_size {spec.block_size}: FA2's paged KV needs a multiple of 256")
         elif kind in ("vllm_fa3", "fa3"):
