@@ -34,8 +34,7 @@ def _find_request(qsl_ptr, target, num_reqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kv_head_off,
                  stride_cb, stride_cs, d, dm, qk_scale, window, first_q, BLOCK_SIZE: tl.constexpr,
-                 TILE_N: tl.constexpr,
-                 PRECISION: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                 TILE_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """One online-softmax step over KV positions [tile * TILE_N, (tile + 1) * TILE_N) (base-2 exponents). A masked
     tile hides keys after each query (causal) and, with a window, keys at or before `q_pos - window`."""
     kpos = tile * TILE_N + tl.arange(0, TILE_N)
