@@ -309,3 +309,30 @@ def test_flash_attn_window_argument_and_honest_check(monkeypatch):
             impl.forward(b.q, b.k, b.v, b.kv_cache, b.meta)
     assert seen == [("fa2", (7, 0)), ("fa2", (-1, -1)), ("fa3", (7, 0)), ("fa3", (-1, -1)),
                     ("vllm_fa3", (7, 0)), ("vllm_fa3", (-1, -1))]
+
+
+def test_backend_written_before_windows_is_never_used_for_a_windowed_model():
+    """A backend whose make_impl takes no `sliding_window` (plugin API < 2.3) is refused when named and skipped by
+    `auto` for a windowed model, and still chosen for a model without windows."""
+    import dataclasses
+
+    from weavelm.errors import PluginError
+    from weavelm.plugin import AttentionBackend, AttentionSpec, NoOptions
+    from weavelm.plugins.attention.auto import AutoAttention
+    from weavelm.plugins.attention.torch_ref import TorchRefBackend, TorchRefImpl
+
+    class OldBackend(AttentionBackend):
+        name = "old"
+        description = "written for plugin API 2.2"
+        priority = 100
+
+        def make_impl(self, num_heads, num_kv_heads, head_size, scale):
+            return TorchRefImpl(num_heads, num_kv_heads, head_size, scale)
+
+    candidates = {"old": OldBackend, "torch_ref": TorchRefBackend}
+    spec = AttentionSpec("cpu", torch.float32, 16, 4, 2, 16, sliding_window=WINDOW)
+    with pytest.raises(PluginError, match="sliding_window 8: its make_impl takes no sliding_window"):
+        OldBackend.select(NoOptions(), spec, candidates)
+    assert type(AutoAttention.select(NoOptions(), spec, candidates)) is TorchRefBackend
+    full = dataclasses.replace(spec, sliding_window=None)
+    assert type(AutoAttention.select(NoOptions(), full, candidates)) is OldBackend
