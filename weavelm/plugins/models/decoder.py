@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2; per-layer sliding windows from the config, windows.py) for flattened batches over a paged KV cache, tensor-parallel.
+"""Llama-family decoder (Llama, Mistral, Qwen2) for flattened batches over a paged KV cache, tensor-parallel;
+each layer's sliding window (or None) comes from the config (windows.py).
 
 Q/K/V and gate/up projections are packed into one matmul each; `load_weights` hands each checkpoint tensor to its
 parameter's `weight_loader`, which copies in this rank's shard (parallel_layers.py). Qwen3 reuses this with per-head
