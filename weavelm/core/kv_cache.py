@@ -12,8 +12,9 @@ With a sliding window (every layer reads only a request's last `sliding_window` 
 before the window of a request's next token are freed as it advances (vLLM's sliding-window manager), so a
 request holds about window / block_size + 1 blocks however long it runs. The block table keeps their positions
 (entries become `None` here; the runner keeps the old ids, which the attention kernels never read because every
-query's window starts after them). Prefix caching stays correct: a hit is still the whole prefix from the first
-block (so it covers the window of the first token to compute), and a freed block that was never registered ends
+query's window starts after them). Prefix caching stays correct: a hit is still found as a chain from the first
+block (each block's parent is checked), but only the hit blocks inside the window of the first token to compute are
+taken (vLLM's rule: the blocks a new token can see must be present); a block freed before it was registered ends
 the request's hash chain.
 """
 
