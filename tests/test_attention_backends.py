@@ -47,29 +47,33 @@ def interpreter_for_triton_tests():
         yield
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 8])
-def test_triton_split_kv_decode(num_splits):
+@pytest.mark.parametrize("num_splits,window", [(1, None), (2, None), (8, None), (2, 100), (8, 30)])
+def test_triton_split_kv_decode(num_splits, window):
+    """Split-KV decode; with a window, the splits cover only the window's tiles (some splits get none)."""
     cases = type("Split", (TritonCases,), {"options": {"num_splits": num_splits}})()
-    backend = cases.build_backend(4, 1, 64, 16, torch.float32)
+    backend = cases.build_backend(4, 1, 64, 16, torch.float32, sliding_window=window)
     b = make_batch([1] * 3, [300, 5, 129], num_heads=4, num_kv_heads=1, head_size=64, block_size=16,
                    device=DEVICE, pad_tokens=2, seed=num_splits)
     meta = backend.make_builder(torch.device(DEVICE)).build(b.meta)
     assert meta.launch_config(1)["num_splits"] == num_splits
-    cases.check_against_reference(backend, b, torch.float32)
+    cases.check_against_reference(backend, b, torch.float32, sliding_window=window)
 
 
-@pytest.mark.parametrize("block_m,tile_n,num_splits", [(16, 16, 1), (64, 16, 4), (128, 32, 2), (16, 128, 1)])
-def test_triton_kernel_launch_configs(triton_cases, block_m, tile_n, num_splits):
-    """Any tile shape and split count is correct, on mixed batches too (tiles smaller than a cache block)."""
+@pytest.mark.parametrize("block_m,tile_n,num_splits,window", [
+    (16, 16, 1, None), (64, 16, 4, None), (128, 32, 2, None), (16, 128, 1, None),
+    (16, 16, 1, 13), (64, 16, 4, 13), (128, 32, 2, 45), (16, 128, 1, 45)])
+def test_triton_kernel_launch_configs(triton_cases, block_m, tile_n, num_splits, window):
+    """Any tile shape and split count is correct, on mixed batches too (tiles smaller than a cache block), with
+    or without a sliding window (tiles straddling the window's edge)."""
     triton_cases.build_backend(8, 2, 64, 32, torch.float32)
     kernels = importlib.import_module(KERNELS)
     b = make_batch(*MIXED, num_heads=8, num_kv_heads=2, head_size=64, block_size=32, device=DEVICE, seed=tile_n)
-    ref, cache = reference_output(b)
+    ref, cache = reference_output(b, window)
     n, m = b.meta.num_actual_tokens, b.meta
     out = torch.empty(n, 8, 64, device=DEVICE)
     kernels.paged_attention(b.q.view(n, 8, 64), cache[0], cache[1], out, m.block_table, m.seq_lens,
                             m.query_start_loc, m.num_reqs, b.scale, block_m=block_m, tile_n=tile_n,
-                            num_splits=num_splits)
+                            num_splits=num_splits, sliding_window=window)
     assert rel_err(out.view(n, -1), ref) <= 1e-5
 
 

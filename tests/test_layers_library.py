@@ -13,7 +13,7 @@ import torch
 from tests.test_tensor_parallel import LocalGroup
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY = ["TensorParallelGroup", "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
+LIBRARY = ["layer_windows", "TensorParallelGroup", "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
            "RowParallelLinear", "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead", "RMSNorm", "SiluAndMul",
            "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention", "WeightsMapper",
            "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply", "FusedMoE", "load_moe_checkpoint"]

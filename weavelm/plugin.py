@@ -18,7 +18,7 @@ Anything not exported here is internal and may change without notice.
 
 from weavelm.core.contexts import (ExecutorContext, RunnerContext, SchedulerContext, SchedulerLimits,
                                    WorkerContext)
-from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
+from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch, make_layer_impl
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.graph_variants import CudaGraphVariants
 from weavelm.core.interfaces import (API_VERSION, COMPONENT_KINDS, AttentionBackend, AttentionImpl,
@@ -50,7 +50,7 @@ __all__ = [
     "Scheduler", "SchedulerContext", "SchedulerLimits", "BaseScheduler", "SchedulerOptions",
     "ExecutorContext", "WorkerContext", "RunnerContext", "Executor", "Worker", "ModelRunner", "ModelLoader", "ModelArchitecture",
     "AttentionBackend", "AttentionImpl", "AttentionMetadataBuilder", "AttentionSpec", "CommonAttentionMetadata",
-    "ForwardBatch", "KVCacheManager", "KVCacheStats", "CudaGraphVariants",
+    "ForwardBatch", "make_layer_impl", "KVCacheManager", "KVCacheStats", "CudaGraphVariants",
     "SchedulerOutput", "NewRequestData", "CachedRequestsData", "ModelRunnerOutput", "RunnerFuture",
     "EngineCoreOutput", "SchedulerStats", "Request", "RequestStatus", "SamplingParams",
     "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",

@@ -66,7 +66,8 @@ class BaseScheduler(Scheduler):
 
     def __init__(self, options: SchedulerOptions, context: SchedulerContext):
         super().__init__(options, context)
-        self.kv = KVCacheManager(context.num_blocks, context.block_size, context.enable_prefix_caching)
+        self.kv = KVCacheManager(context.num_blocks, context.block_size, context.enable_prefix_caching,
+                                 context.sliding_window)
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []

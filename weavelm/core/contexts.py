@@ -45,6 +45,9 @@ class SchedulerContext:
     # schedule() may run again before update_from_output() of the previous step: a request whose last token is
     # still being sampled on the device counts it as a placeholder (`Request.num_output_placeholders`)
     async_scheduling: bool = False
+    # every layer reads only a request's last `sliding_window` positions (`forward.kv_window` of the model's layers):
+    # KV blocks wholly before them may be freed; None: some layer reads the whole context
+    sliding_window: int | None = None
 
 
 @dataclass

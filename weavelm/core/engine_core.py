@@ -75,7 +75,7 @@ class EngineCore:
         self.scheduler = self.assembly.build_scheduler(SchedulerContext(
             num_blocks=self.num_blocks, block_size=block_size, max_model_len=max_len,
             enable_prefix_caching=config.cache.enable_prefix_caching, lora=self.lora,
-            async_scheduling=self.async_scheduling))
+            async_scheduling=self.async_scheduling, sliding_window=self.model_info.get("sliding_window")))
         self.last_stats = SchedulerStats()
         # The step function is chosen once: a plain step on the CPU (launching a step runs its whole forward
         # there), else a pipelined one that keeps the next step launched while the caller handles this one's

@@ -10,7 +10,13 @@ import torch
 
 @dataclass
 class AttentionSpec:
-    """What a backend needs to know to say whether it can run (`AttentionBackend.check`)."""
+    """What a backend needs to know to say whether it can run (`AttentionBackend.check`).
+
+    `sliding_window`: the smallest window of any layer when some layers attend only to their last `sliding_window`
+    keys (a query at position p sees keys p - sliding_window + 1 .. p, as transformers' and flash-attn's
+    `window_size=(sliding_window - 1, 0)`); None when every layer sees its whole context. A backend that cannot
+    apply a per-layer window returns a reason from `check` when it is set; the engine then never uses it.
+    """
 
     device: str  # "cpu" | "cuda"
     dtype: torch.dtype
@@ -18,6 +24,31 @@ class AttentionSpec:
     num_heads: int
     num_kv_heads: int
     block_size: int
+    sliding_window: int | None = None
+
+
+def smallest_window(windows: list[int | None]) -> int | None:
+    """The `AttentionSpec.sliding_window` of a model whose layer i has window `windows[i]` (None: full)."""
+    sized = [w for w in windows if w is not None]
+    return min(sized) if sized else None
+
+
+def kv_window(windows: list[int | None]) -> int | None:
+    """How many trailing positions any layer can still read (None: some layer reads the whole context), so KV
+    blocks wholly before a request's last `kv_window` positions may be freed. One block table serves every layer,
+    so a model with one full-attention layer frees nothing."""
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)
+
+
+def make_layer_impl(backend: Any, num_heads: int, num_kv_heads: int, head_size: int, window: int | None) -> Any:
+    """One layer's attention impl (scale head_size ** -0.5); `sliding_window` is passed only to windowed layers,
+    so backends written before windows keep working for models without them."""
+    scale = head_size ** -0.5
+    if window is None:
+        return backend.make_impl(num_heads, num_kv_heads, head_size, scale)
+    return backend.make_impl(num_heads, num_kv_heads, head_size, scale, sliding_window=window)
 
 
 @dataclass

@@ -12,6 +12,7 @@ and register through `weavelm_register`.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,7 +43,11 @@ sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*. 2
 (Scheduler.supports_async_scheduling, SchedulerContext.async_scheduling, Request.num_output_placeholders; a runner
 takes the input token of a position past its known tokens from the previous step's samples on the device). 2.3:
 inspection hooks reached through `LLM.collective_rpc` (Worker.apply_model / cached_request_ids,
-ModelRunner.get_model / cached_request_ids); the `kernels:` config section and `num_threads`."""
+ModelRunner.get_model / cached_request_ids); the `kernels:` config section and `num_threads`;
+
+sliding-window attention (AttentionSpec.sliding_window, AttentionImpl.sliding_window and make_impl's
+`sliding_window` keyword, AttentionBackend.reasons, ModelArchitecture.attention_windows,
+SchedulerContext.sliding_window)."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
                    "lora_manager", "proposer", "quantization")
@@ -425,12 +430,28 @@ class ModelArchitecture(torch.nn.Module):
         sizing and the attention backend."""
         raise NotImplementedError
 
+    def attention_windows(self) -> list[int | None]:
+        """Each layer's sliding window (it attends to its last `w` positions only) or None (its whole context).
+        The runner builds each layer's attention impl with it and frees KV blocks no layer can see any more.
+        Default: the `sliding_window` of each `weavelm.layers.Attention` in the model (None where there is none)."""
+        from weavelm.layers.attention import Attention
+
+        windows: list[int | None] = [None] * self.attention_layout()[0]
+        for module in self.modules():
+            if isinstance(module, Attention):
+                windows[module.layer_idx] = module.sliding_window
+        return windows
+
 
 class AttentionImpl(ABC):
     """Runs one layer's attention. `forward` writes the new K/V into `kv_cache` at `slot_mapping` and returns the
     attention output for the flattened batch (prefill chunks with cached prefixes and decodes, causal).
 
     q: (num_tokens, num_heads * head_size), k / v: (num_tokens, num_kv_heads * head_size); returns like q.
+
+    `sliding_window` (None: the whole context) limits each query at position p to keys p - sliding_window + 1 .. p;
+    blocks before that may be freed and their block-table entries point at blocks holding other data, so an impl
+    with a window must not read them.
 
     Optional capabilities a model may use (both default False):
     - `accepts_strided_qkv`: q, k and v may be column slices of one (num_tokens, (heads + 2 kv_heads) * head_size)
@@ -443,11 +464,13 @@ class AttentionImpl(ABC):
     accepts_strided_qkv = False
     native_paged_attention = False
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                 sliding_window: int | None = None):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_size = head_size
         self.scale = scale
+        self.sliding_window = sliding_window
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -490,6 +513,17 @@ class AttentionBackend(Component, ABC):
         return cls.check(spec)
 
     @classmethod
+    def reasons(cls, spec: AttentionSpec, for_auto: bool = False) -> list[str]:
+        """What the engine goes by (not meant to be overridden): `check` (or `auto_check` for `auto`), plus a
+        refusal of a windowed model when `make_impl` takes no `sliding_window`, so a backend written before windows
+        existed is never silently used for one."""
+        reasons = list(cls.auto_check(spec) if for_auto else cls.check(spec))
+        if spec.sliding_window is not None and \
+                "sliding_window" not in inspect.signature(cls.make_impl).parameters:
+            reasons.append(f"sliding_window {spec.sliding_window}: its make_impl takes no sliding_window")
+        return reasons
+
+    @classmethod
     def select(cls, options: BaseModel, spec: AttentionSpec,
                candidates: Mapping[str, type[AttentionBackend]]) -> AttentionBackend:
         """Called by the assembler (through `RunnerContext.attention_backend`) to build the configured backend for
@@ -497,7 +531,7 @@ class AttentionBackend(Component, ABC):
         with `check`'s reasons; the `auto` selector overrides it."""
         from weavelm.errors import PluginError
 
-        reasons = cls.check(spec)
+        reasons = cls.reasons(spec)
         if reasons:
             raise PluginError(f"attention backend {cls.name!r} cannot run here: {'; '.join(reasons)}; choose "
                               f"another with attention: <name> (installed: {', '.join(candidates)})")
@@ -512,7 +546,10 @@ class AttentionBackend(Component, ABC):
         return AttentionMetadataBuilder()
 
     @abstractmethod
-    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl: ...
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                  sliding_window: int | None = None) -> AttentionImpl:
+        """One layer's impl. The runner passes `sliding_window` only for a windowed layer, and only to a backend
+        whose `reasons(spec)` accepted the model's windows."""
 
 
 class LoRAManager(Component, CudaGraphVariants, ABC):

@@ -7,6 +7,15 @@ after the step that computed its tokens ran (`cache_computed`), so a hit never p
 that a preempted request never wrote. Blocks whose ref count drops to zero go to the back of the free queue but keep
 their registration: a later request with the same prefix can reuse them until they are evicted (the front of the
 free queue is taken first, so the least recently freed block goes first).
+
+With a sliding window (every layer reads only a request's last `sliding_window` positions), the blocks wholly
+before the window of a request's next token are freed as it advances (vLLM's sliding-window manager), so a
+request holds about window / block_size + 1 blocks however long it runs. The block table keeps their positions
+(entries become `None` here; the runner keeps the old ids, which the attention kernels never read because every
+query's window starts after them). Prefix caching stays correct: a hit is still found as a chain from the first
+block (each block's parent is checked), but only the hit blocks inside the window of the first token to compute are
+taken (vLLM's rule: the blocks a new token can see must be present); a block freed before it was registered ends
+the request's hash chain.
 """
 
 from __future__ import annotations
@@ -154,15 +163,19 @@ NO_HITS = ComputedBlocks([], 0)
 class KVCacheManager:
     """Per-request block tables on top of a BlockPool. Used by schedulers; knows no policy.
 
-    Per request: `req_blocks[id]` (its block table), `num_hashed[id]` (leading blocks already registered or
-    matched) and `chain_serial[id]` (serial of the registered content of its last hashed block; None once broken).
+    Per request: `req_blocks[id]` (its block table; `None` for a block freed because it left the sliding window),
+    `num_hashed[id]` (leading blocks already registered or matched), `chain_serial[id]` (serial of the registered
+    content of its last hashed block; None once broken) and `num_skipped[id]` (leading blocks freed by the window).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.enable_caching = enable_prefix_caching
-        self.req_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.sliding_window = sliding_window
+        self.num_skipped: dict[str, int] = {}
+        self.req_blocks: dict[str, list[KVCacheBlock | None]] = {}
         self.num_hashed: dict[str, int] = {}
         self.chain_serial: dict[str, int | None] = {}
         self.prefix_queries = 0
@@ -195,7 +208,31 @@ class KVCacheManager:
         return cdiv(num_tokens, self.block_size)
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        """The ids of the blocks the request holds (not the positions freed by the sliding window)."""
+        return [b.block_id for b in self.req_blocks.get(request_id, ()) if b is not None]
+
+    def num_outside_window(self, request: Request, computed: ComputedBlocks | None) -> int:
+        """How many of a new request's leading prefix hits no token it computes can see (they are not taken)."""
+        if self.sliding_window is None or not computed or not computed.blocks:
+            return 0
+        first_query = request.num_computed_tokens + computed.num_tokens
+        return min(len(computed.blocks), max(0, first_query - self.sliding_window + 1) // self.block_size)
+
+    def remove_skipped_blocks(self, request: Request) -> None:
+        """Free the request's blocks that no token from `request.num_computed_tokens` on can see: those wholly
+        before `num_computed_tokens - sliding_window + 1` (the first key of its next token's window)."""
+        rid = request.request_id
+        table = self.req_blocks.get(rid)
+        if self.sliding_window is None or not table:
+            return
+        first_needed = max(0, request.num_computed_tokens - self.sliding_window + 1) // self.block_size
+        done = self.num_skipped.get(rid, 0)
+        if first_needed <= done:
+            return
+        freed = [b for b in table[done:first_needed] if b is not None]
+        table[done:first_needed] = [None] * (first_needed - done)
+        self.num_skipped[rid] = first_needed
+        self.pool.free(freed)
 
     def _update_hashes(self, request: Request) -> None:
         tokens, bs = request.all_token_ids, self.block_size
@@ -230,8 +267,9 @@ class KVCacheManager:
         if computed is not None and computed.blocks:
             num_tokens += computed.num_tokens
             have += len(computed.blocks)
-            # reviving unreferenced cache hits takes them out of the free queue too
-            revived = sum(1 for b in computed.blocks if b.ref_cnt == 0)
+            # reviving unreferenced cache hits takes them out of the free queue too (not those outside the window)
+            skip = self.num_outside_window(request, computed)
+            revived = sum(1 for b in computed.blocks[skip:] if b.ref_cnt == 0)
         return max(self.blocks_for_tokens(num_tokens) - have, 0) + revived
 
     def can_allocate(self, request: Request, num_new_tokens: int, computed: ComputedBlocks | None = None) -> bool:
@@ -243,10 +281,12 @@ class KVCacheManager:
         without blocks) and `num_new_tokens` more.
 
         Returns the ids of the blocks added to its table (cache hits first), or None when they do not fit (then
-        nothing changed).
+        nothing changed but the release of blocks that left the sliding window, `remove_skipped_blocks`).
         """
         rid = request.request_id
         table = self.req_blocks.get(rid)
+        if table is not None and self.sliding_window is not None:
+            self.remove_skipped_blocks(request)
         if table is not None and not (computed and computed.blocks):
             # the hot path: a running request, usually a decode that fits in its last block
             total = self.blocks_for_tokens(request.num_computed_tokens + num_new_tokens)
@@ -263,9 +303,13 @@ class KVCacheManager:
         assert not table, "prefix hits are only taken for a request without blocks"
         table = self.req_blocks[rid] = []
         hits = computed.blocks if computed else []
+        skip = self.num_outside_window(request, computed)
+        ids = [b.block_id for b in hits]  # the runner gets every position's id; it never reads the skipped ones
         if hits:
-            self.pool.touch(hits)
-            table.extend(hits)
+            self.pool.touch(hits[skip:])
+            table.extend([None] * skip + hits[skip:])
+        if skip:
+            self.num_skipped[rid] = skip
         self.num_hashed[rid] = len(hits)
         self.chain_serial[rid] = computed.tail_serial if computed else ROOT_SERIAL
         if self.enable_caching:
@@ -273,8 +317,10 @@ class KVCacheManager:
             self.prefix_hits += len(hits) * self.block_size
         total = self.blocks_for_tokens(request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens)
         if total > len(table):
-            table.extend(self.pool.take(total - len(table)))
-        return [b.block_id for b in table]
+            fresh = self.pool.take(total - len(table))
+            table.extend(fresh)
+            ids += [b.block_id for b in fresh]
+        return ids
 
     def cache_computed(self, request: Request) -> None:
         """Register the request's full blocks whose KV has been computed (`request.num_computed_tokens`).
@@ -294,6 +340,9 @@ class KVCacheManager:
         self._update_hashes(request)
         bs, table, tokens, hashes = self.block_size, self.req_blocks[rid], request.all_token_ids, request.block_hashes
         for i in range(start, num_full):
+            if table[i] is None:  # freed by the sliding window before it was registered: the chain ends here
+                serial = None
+                break
             serial = self.pool.register(table[i], hashes[i], serial, tuple(tokens[i * bs:(i + 1) * bs]))
             if serial is None:
                 break
@@ -309,8 +358,7 @@ class KVCacheManager:
         tail = table[num_kept_blocks:]
         del table[num_kept_blocks:]
         assert len(table) >= self.num_hashed.get(request.request_id, 0), "a hashed block cannot be in the tail"
-        tail.reverse()
-        self.pool.free(tail)
+        self.pool.free([b for b in reversed(tail) if b is not None])
 
     def free(self, request: Request) -> None:
         """Release every block of the request; tail blocks are evicted before the shared prefix."""
@@ -318,8 +366,9 @@ class KVCacheManager:
         blocks = self.req_blocks.pop(rid, None)
         self.num_hashed.pop(rid, None)
         self.chain_serial.pop(rid, None)
+        self.num_skipped.pop(rid, None)
         if blocks:
-            blocks.reverse()
+            blocks = [b for b in reversed(blocks) if b is not None]
             self.pool.free(blocks)
 
     def reset_prefix_cache(self) -> int:
@@ -336,9 +385,13 @@ class KVCacheManager:
         table is consistent (tests)."""
         pool = self.pool
         refs = [0] * pool.num_blocks
-        for table in self.req_blocks.values():
-            assert len({b.block_id for b in table}) == len(table), "a block appears twice in one table"
-            for b in table:
+        for rid, table in self.req_blocks.items():
+            skipped = self.num_skipped.get(rid, 0)
+            assert all(b is None for b in table[:skipped]), "a block the window freed is still held"
+            held = [b for b in table if b is not None]
+            assert len(held) == len(table) - skipped, "only leading blocks are freed by the window"
+            assert len({b.block_id for b in held}) == len(held), "a block appears twice in one table"
+            for b in held:
                 refs[b.block_id] += 1
         for b in pool.blocks:
             assert b.ref_cnt == refs[b.block_id], f"block {b.block_id}: ref {b.ref_cnt} != {refs[b.block_id]}"

@@ -22,8 +22,10 @@ from weavelm.layers.linear import (ColumnParallelLinear, MergedColumnParallelLin
 from weavelm.layers.rotary import ROPE_TYPES, RopeParameters, RotaryEmbedding, rope_parameters
 from weavelm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from weavelm.layers.weights import WeightsMapper, load_checkpoint
+from weavelm.layers.windows import layer_windows
 
 __all__ = [
+    "layer_windows",
     "TensorParallelGroup",
     "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear",
     "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead",

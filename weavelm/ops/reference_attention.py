@@ -15,13 +15,15 @@ if TYPE_CHECKING:
 
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: CommonAttentionMetadata,
-                        scale: float) -> torch.Tensor:
-    """Causal attention of each request's new tokens over its whole context, read from the paged cache.
+                        scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its context, read from the paged cache.
 
     q: (num_actual_tokens, num_heads, head_size), request i's rows at `query_start_loc[i]:query_start_loc[i + 1]`;
     kv_cache: (2, num_blocks, block_size, num_kv_heads, head_size) already holding this step's keys and values;
     returns (num_actual_tokens, num_heads, head_size) in q's dtype. Request i's new tokens are the last ones of its
-    `seq_lens[i]` positions, so query j of a request of query length L sees positions `<= seq_len - L + j`.
+    `seq_lens[i]` positions, so query j of a request of query length L sees positions `<= seq_len - L + j`, and
+    with a `sliding_window` w only the last w of them (`> seq_len - L + j - w`). Blocks wholly before the first
+    query's window are never read (the scheduler may have freed them).
     One request at a time, in fp32, reading only host copies of the offsets (no device sync).
     """
     num_heads = q.shape[1]
@@ -35,16 +37,21 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: CommonAtt
         if end == start:
             continue
         num_blocks = (seq_len + block_size - 1) // block_size
-        blocks = meta.block_table[i, :num_blocks].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_size)[:seq_len]
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_size)[:seq_len]
+        first = 0 if sliding_window is None else max(0, seq_len - (end - start) - sliding_window + 1) // block_size
+        lo = first * block_size  # position of the first key read
+        blocks = meta.block_table[i, first:num_blocks].long()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_size)[:seq_len - lo]
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_size)[:seq_len - lo]
         if num_heads != num_kv_heads:
             k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
             v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
         qi = q[start:end].transpose(0, 1).float()  # (heads, q_len, head)
-        scores = torch.matmul(qi, k.transpose(0, 1).float().transpose(1, 2)) * scale  # (heads, q_len, seq_len)
+        scores = torch.matmul(qi, k.transpose(0, 1).float().transpose(1, 2)) * scale  # (heads, q_len, keys)
         q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None]
+        k_pos = torch.arange(lo, seq_len, device=q.device)
+        mask = k_pos[None, :] > q_pos[:, None]
+        if sliding_window is not None:
+            mask |= k_pos[None, :] <= q_pos[:, None] - sliding_window
         scores.masked_fill_(mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, v.transpose(0, 1).float()).transpose(0, 1).to(q.dtype)

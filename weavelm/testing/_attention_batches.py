@@ -73,7 +73,7 @@ def make_batch(query_lens: list[int], context_lens: list[int], *, num_heads: int
                           rnd(rows, num_kv_heads * head_size), kv_cache, meta, num_heads, num_kv_heads, head_size)
 
 
-def reference_output(b: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_output(b: AttentionBatch, sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference output for the real tokens (num_actual_tokens, heads*head) and the cache after the write."""
     n = b.meta.num_actual_tokens
     cache = b.kv_cache.clone()
@@ -81,7 +81,20 @@ def reference_output(b: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
     v = b.v[:n].view(n, b.num_kv_heads, b.head_size)
     write_kv_cache(k, v, cache, b.meta.slot_mapping[:n])
     q = b.q[:n].view(n, b.num_heads, b.head_size)
-    return paged_attention_ref(q, cache, b.meta, b.scale).reshape(n, -1), cache
+    return paged_attention_ref(q, cache, b.meta, b.scale, sliding_window).reshape(n, -1), cache
+
+
+def blocks_outside_window(b: AttentionBatch, window: int) -> list[int]:
+    """Ids of the blocks wholly before every query's window, per request: the blocks the scheduler may free (and
+    hand to other requests) while their ids stay in the block table."""
+    meta, bs = b.meta, b.meta.block_size
+    starts, seq_lens = meta.query_start_loc_cpu.tolist(), meta.seq_lens_cpu.tolist()
+    out = []
+    for i in range(meta.num_reqs):
+        first_query = seq_lens[i] - (starts[i + 1] - starts[i])
+        num_outside = max(0, first_query - window + 1) // bs
+        out += meta.block_table[i, :num_outside].tolist()
+    return out
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -57,11 +57,14 @@ class _RunnerState:
 
 
 class FakeRunner:
-    """A model-free worker that checks the SchedulerOutput contract and simulates paged KV."""
+    """A model-free worker that checks the SchedulerOutput contract and simulates paged KV. With `sliding_window`
+    w, a token at position p reads (and checks) only the KV of positions p - w + 1 .. p."""
 
     def __init__(self, block_size: int, max_num_batched_tokens: int | None = None,
-                 token_fn=fake_token, check_kv: bool = True, max_num_seqs: int | None = None):
+                 token_fn=fake_token, check_kv: bool = True, max_num_seqs: int | None = None,
+                 sliding_window: int | None = None):
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.token_fn = token_fn
@@ -111,7 +114,8 @@ class FakeRunner:
             assert end <= len(st.tokens), f"{rid}: scheduled past its known tokens"
             assert len(st.block_ids) * self.block_size >= end, f"{rid}: blocks do not cover the scheduled tokens"
             if self.check_kv:
-                for p in range(start):
+                first = 0 if self.sliding_window is None else max(0, start - self.sliding_window + 1)
+                for p in range(first, start):
                     got = self.kv.get(self._slot(st, p))
                     assert got == st.fingerprint(p), f"{rid}: stale or foreign KV at position {p}"
                 for p in range(start, end):

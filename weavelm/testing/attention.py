@@ -14,6 +14,11 @@ exactly at `slot_mapping`, and the output must match within a dtype tolerance. A
 refuses is skipped with its reasons. Without CUDA, `TRITON_INTERPRET=1` is set for the class so Triton kernels
 run in triton's interpreter. Tests marked `gpu` (long contexts, CUDA graphs) run only where CUDA is.
 
+Sliding windows (`AttentionSpec.sliding_window`, `make_impl(..., sliding_window=w)`): a query at position p sees
+keys p - w + 1 .. p. The windowed cases fill the blocks wholly outside every query's window with large values (the
+scheduler frees those blocks and other requests reuse them, while their ids stay in the block table); a backend
+whose `reasons(spec)` refuses windows is skipped there, and the engine never uses it for a windowed model.
+
 A backend whose `kv_cache_shape` is not the default `(2, num_blocks, block_size, num_kv_heads, head_size)`
 overrides `to_backend_cache` / `from_backend_cache` to convert from and to that layout.
 """
@@ -30,8 +35,9 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from weavelm.plugin import AttentionSpec
-from weavelm.testing._attention_batches import AttentionBatch, make_batch, reference_output, rel_err
+from weavelm.plugin import AttentionSpec, make_layer_impl
+from weavelm.testing._attention_batches import (AttentionBatch, blocks_outside_window, make_batch, reference_output,
+                                                rel_err)
 from weavelm.testing._registry import component, registry
 
 ON_GPU = torch.cuda.is_available()
@@ -39,6 +45,10 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 # prefill chunk with a cached prefix, decode, fresh prefill, decode, short chunk with a long prefix
 MIXED = ([5, 1, 17, 1, 3], [11, 40, 0, 7, 70])
 LONG = ([1, 1, 1, 300, 1, 64], [8191, 4000, 17, 3800, 2047, 0])
+# for sliding windows: chunks with cached prefixes longer than the window, decodes, a fresh prefill past the window
+WINDOWED = ([5, 1, 40, 1, 3, 24], [11, 40, 0, 7, 70, 90])
+# what freed blocks hold in the test (another request's finite data): a backend that gives them any weight fails
+FREED_FILL = 1e4
 
 
 @contextlib.contextmanager
@@ -106,11 +116,12 @@ class AttentionContract:
         return component("attention", self.backend)
 
     def build_backend(self, num_heads: int, num_kv_heads: int, head_size: int, block_size: int,
-                      dtype: torch.dtype, device: str | None = None) -> Any:
-        """The backend as the engine builds it (`select`), or a skip with `check()`'s reasons."""
+                      dtype: torch.dtype, device: str | None = None, sliding_window: int | None = None) -> Any:
+        """The backend as the engine builds it (`select`), or a skip with `reasons()` (its `check()`)."""
         cls = self.backend_cls
-        spec = AttentionSpec(device or self.device, dtype, head_size, num_heads, num_kv_heads, block_size)
-        reasons = cls.check(spec)
+        spec = AttentionSpec(device or self.device, dtype, head_size, num_heads, num_kv_heads, block_size,
+                             sliding_window)
+        reasons = cls.reasons(spec)
         if reasons:
             pytest.skip(f"{self.backend}: {'; '.join(reasons)}")
         candidates = {name: component("attention", name) for name in registry().names("attention")}
@@ -129,21 +140,23 @@ class AttentionContract:
         """The backend's cache back in the default layout (inverse of `to_backend_cache`)."""
         return cache
 
-    def run(self, backend: Any, b: AttentionBatch, layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Build the metadata once, run `layers` layers on it (as the runner does), return the last output and
-        cache in the default layout."""
-        meta = backend.make_builder(torch.device(self.device)).build(b.meta)
+    def run(self, backend: Any, b: AttentionBatch, layers: int = 1, sliding_window: int | None = None,
+            meta: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build the metadata once (or take `meta`), run `layers` layers on it (as the runner does), return the last
+        output and cache in the default layout."""
+        if meta is None:
+            meta = backend.make_builder(torch.device(self.device)).build(b.meta)
         for _ in range(layers):
-            impl = backend.make_impl(b.num_heads, b.num_kv_heads, b.head_size, b.scale)
+            impl = make_layer_impl(backend, b.num_heads, b.num_kv_heads, b.head_size, sliding_window)
             cache = self.to_backend_cache(backend, b.kv_cache)
             out = impl.forward(b.q, b.k, b.v, cache, meta)
             assert out.shape == b.q.shape and out.dtype == b.q.dtype, (out.shape, out.dtype)
         return out, self.from_backend_cache(backend, cache)
 
     def check_against_reference(self, backend: Any, b: AttentionBatch, dtype: torch.dtype,
-                                layers: int = 1) -> None:
-        ref, ref_cache = reference_output(b)
-        out, cache = self.run(backend, b, layers)
+                                layers: int = 1, sliding_window: int | None = None, meta: Any = None) -> None:
+        ref, ref_cache = reference_output(b, sliding_window)
+        out, cache = self.run(backend, b, layers, sliding_window, meta)
         n = b.meta.num_actual_tokens
         assert torch.equal(cache, ref_cache), "new K/V were not written exactly at slot_mapping"
         err = rel_err(out[:n], ref)
@@ -207,7 +220,55 @@ class AttentionContract:
                        device=self.device, pad_tokens=3, seed=1)
         self.check_against_reference(backend, b, torch.float32)
 
+    # -- sliding windows -----------------------------------------------------------------------------------------
+    def windowed_batch(self, query_lens, context_lens, window: int, gqa: int = 4, dtype=torch.float32,
+                       seed: int = 0) -> AttentionBatch:
+        b = make_batch(query_lens, context_lens, num_heads=2 * gqa, num_kv_heads=2, head_size=64, block_size=16,
+                       dtype=dtype, device=self.device, seed=seed)
+        freed = blocks_outside_window(b, window)
+        b.kv_cache[:, freed] = FREED_FILL
+        return b
+
+    @pytest.mark.parametrize("window,gqa", [(1, 1), (8, 4), (37, 4)])
+    def test_sliding_window(self, window, gqa):
+        backend = self.build_backend(2 * gqa, 2, 64, 16, torch.float32, sliding_window=window)
+        b = self.windowed_batch(*WINDOWED, window, gqa, seed=window + gqa)
+        self.check_against_reference(backend, b, torch.float32, sliding_window=window)
+
+    @pytest.mark.parametrize("query_lens,context_lens", [([1] * 4, [150, 3, 33, 64]),
+                                                         ([1, 5, 17, 3], [150, 40, 60, 0])],
+                             ids=["decode", "short_chunks"])
+    def test_sliding_window_short_queries(self, query_lens, context_lens):
+        """Decodes and short chunks (the shapes CPU backends often run through another kernel than prefill)."""
+        backend = self.build_backend(8, 2, 64, 16, torch.float32, sliding_window=20)
+        b = self.windowed_batch(query_lens, context_lens, 20, seed=3)
+        self.check_against_reference(backend, b, torch.float32, sliding_window=20)
+
+    def test_sliding_window_half_precision(self):
+        backend = self.build_backend(8, 2, 64, 16, torch.float16, sliding_window=8)
+        b = self.windowed_batch(*WINDOWED, 8, dtype=torch.float16, seed=5)
+        self.check_against_reference(backend, b, torch.float16, sliding_window=8)
+
+    def test_windowed_and_full_layers_share_metadata(self):
+        """Gemma 3 / Qwen2 interleave windowed and full layers over one step's metadata."""
+        backend = self.build_backend(8, 2, 64, 16, torch.float32, sliding_window=8)
+        for query_lens, context_lens in (WINDOWED, ([1] * 3, [150, 3, 64])):
+            b = make_batch(query_lens, context_lens, num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
+                           device=self.device, seed=len(query_lens))
+            meta = backend.make_builder(torch.device(self.device)).build(b.meta)
+            for window in (8, None, 24):
+                self.check_against_reference(backend, b, torch.float32, sliding_window=window, meta=meta)
+
     # -- on the GPU: long contexts, bf16, head 256, CUDA graphs ------------------------------------------------
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+    def test_long_context_sliding_window_gpu(self):
+        backend = self.build_backend(32, 8, 128, 16, torch.bfloat16, device="cuda", sliding_window=1000)
+        b = make_batch(*LONG, num_heads=32, num_kv_heads=8, head_size=128, block_size=16, dtype=torch.bfloat16,
+                       device="cuda", seed=9)
+        b.kv_cache[:, blocks_outside_window(b, 1000)] = FREED_FILL
+        self.check_against_reference(backend, b, torch.bfloat16, sliding_window=1000)
+
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
     @pytest.mark.parametrize("head_size,gqa", [(64, 8), (128, 4), (128, 1), (256, 2)])
     @pytest.mark.gpu

@@ -9,6 +9,10 @@ Per step, the metadata builder turns the flat batch into a padded one, once for 
   `context_len` cached tokens sees key positions `<= context_len + j`;
 - `token_req` / `token_col` (num_actual_tokens,): where each flat row sits in the padded output.
 
+A layer with a sliding window w (Mistral, Qwen2's upper layers) also hides keys at or before `position - w`: its
+mask is `window_mask(w)`, made once per step and window. The gather still reads every position (those out of the
+window are masked; their blocks may have been freed and reused, and hold other requests' finite values).
+
 Each layer then writes its new K/V into the cache, gathers its keys and values into (num_reqs, max_seq_len,
 kv_heads, head) tensors, runs SDPA once (grouped-query heads through `enable_gqa`), and scatters the rows back.
 No per-request Python loop; the cost is the padding, so a batch mixing one long context with many short ones reads
@@ -19,7 +23,7 @@ Imports only `weavelm.plugin` (the public plugin API) and torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from weavelm.plugin import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionSpec,
                             CommonAttentionMetadata, hookimpl, write_kv_cache)
 
-WEAVELM_API_VERSION = "2.0"  # the weavelm plugin API this module was written for
+WEAVELM_API_VERSION = "2.3"  # the weavelm plugin API this module was written for
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -42,6 +46,17 @@ class SdpaMetadata:
     token_req: torch.Tensor      # (num_actual_tokens,) int64
     token_col: torch.Tensor      # (num_actual_tokens,) int64
     num_actual_tokens: int
+    query_pos: torch.Tensor      # (num_reqs, max_query_len) int64: position of each padded query
+    window_masks: dict = field(default_factory=dict)  # window -> mask like `mask`, built on first use
+
+    def window_mask(self, window: int | None) -> torch.Tensor:
+        if window is None:
+            return self.mask
+        if window not in self.window_masks:
+            key_pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
+            in_window = key_pos[None, None, :] > self.query_pos[:, :, None] - window
+            self.window_masks[window] = self.mask & in_window[:, None]
+        return self.window_masks[window]
 
 
 class SdpaMetadataBuilder(AttentionMetadataBuilder):
@@ -66,13 +81,14 @@ class SdpaMetadataBuilder(AttentionMetadataBuilder):
         query_col = torch.arange(common.max_query_len, device=self.device)
         query_rows = (query_start_loc[:-1, None] + query_col[None, :]).clamp(max=max(num_tokens - 1, 0))
         # rows past a request's query length see a prefix too (never an all-masked row, so never NaN); discarded
-        mask = key_pos[None, None, :] <= (context_lens[:, None] + query_col[None, :])[:, :, None]
+        query_pos = context_lens[:, None] + query_col[None, :]
+        mask = key_pos[None, None, :] <= query_pos[:, :, None]
 
         token_req = torch.repeat_interleave(torch.arange(num_reqs, device=self.device), query_lens,
                                             output_size=num_tokens)
         token_col = torch.arange(num_tokens, device=self.device) - query_start_loc[token_req]
         return SdpaMetadata(common.slot_mapping[:num_tokens], gather_slots, query_rows, mask[:, None],
-                            token_req, token_col, num_tokens)
+                            token_req, token_col, num_tokens, query_pos)
 
 
 class SdpaImpl(AttentionImpl):
@@ -87,7 +103,7 @@ class SdpaImpl(AttentionImpl):
         keys = slots[0][metadata.gather_slots].transpose(1, 2)      # (num_reqs, kv_heads, max_seq_len, head)
         values = slots[1][metadata.gather_slots].transpose(1, 2)
         queries = q[metadata.query_rows].transpose(1, 2)            # (num_reqs, heads, max_query_len, head)
-        padded = F.scaled_dot_product_attention(queries, keys, values, attn_mask=metadata.mask, scale=self.scale,
+        padded = F.scaled_dot_product_attention(queries, keys, values, attn_mask=metadata.window_mask(self.sliding_window), scale=self.scale,
                                                 enable_gqa=self.num_heads != self.num_kv_heads)
         out = padded.transpose(1, 2)[metadata.token_req, metadata.token_col]  # (num_actual_tokens, heads, head)
         if n < num_rows:
@@ -112,8 +128,9 @@ class SdpaBackend(AttentionBackend):
     def make_builder(self, device: torch.device) -> SdpaMetadataBuilder:
         return SdpaMetadataBuilder(device)
 
-    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl:
-        return SdpaImpl(num_heads, num_kv_heads, head_size, scale)
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                  sliding_window: int | None = None) -> AttentionImpl:
+        return SdpaImpl(num_heads, num_kv_heads, head_size, scale, sliding_window)
 
 
 @hookimpl

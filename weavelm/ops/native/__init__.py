@@ -53,7 +53,7 @@ SIGNATURES = {
     "wl_silu_mul": ([P, I64, I64, P], None),
     "wl_rotary": ([P, I64, I64, I64, I64, I64, I64, I64, P, P, P], None),
     "wl_paged_attention": ([P, I64, P, I64, P, I64, P, I64, P, I64, P, P, P, I64, I64, I64, I64, I64, I64, F32, P,
-                            I64], None),
+                            I64, I64], None),
     "wl_decoder_forward": ([P, I64, P, P, P], None),
     "wl_head_norm": ([P, I64, I64, I64, I64, I64, P, F32], None),
 }
@@ -254,11 +254,11 @@ def rotary_(qkv: torch.Tensor, q_off: int, num_q_heads: int, k_off: int, num_k_h
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_table: torch.Tensor, num_reqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                    scale: float) -> torch.Tensor:
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Write the new keys/values into `kv_cache` (2, blocks, block_size, kv_heads, head_dim) at `slot_mapping`,
-    then causal attention for every token. q (T, >= H * D), k and v (T, >= KVH * D) rows with unit column stride;
-    query_start_loc / seq_lens / block_table int32 and slot_mapping int64, contiguous, on the CPU. Returns (T, H * D);
-    rows past the real tokens are zero."""
+    then causal attention for every token (over its last `sliding_window` positions only, when given). q (T, >= H * D),
+    k and v (T, >= KVH * D) rows with unit column stride; query_start_loc / seq_lens / block_table int32 and
+    slot_mapping int64, contiguous, on the CPU. Returns (T, H * D); rows past the real tokens are zero."""
     t = q.shape[0]
     out = torch.empty(t, num_heads * head_dim, dtype=torch.float32)
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
@@ -266,5 +266,5 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                             kv_cache.data_ptr(), num_slots, slot_mapping.data_ptr(), slot_mapping.shape[0],
                             query_start_loc.data_ptr(), seq_lens.data_ptr(), block_table.data_ptr(),
                             block_table.shape[1], kv_cache.shape[2], num_reqs, num_heads, num_kv_heads, head_dim,
-                            scale, out.data_ptr(), t)
+                            scale, out.data_ptr(), t, sliding_window or 0)
     return out

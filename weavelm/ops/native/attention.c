@@ -103,19 +103,20 @@ static void attention_chunk(const float *q, int64_t q_stride, const float *kc, c
 static void attention_split(const float *q, int64_t q_stride, const float *kc, const float *vc,
                             const int32_t *query_start_loc, const int32_t *seq_lens, const int32_t *block_table,
                             int64_t max_blocks, int64_t block_size, int64_t R, int64_t H, int64_t KVH, int64_t D,
-                            float scale, float *out) {
+                            float scale, int64_t window, float *out) {
     const int64_t n_real = query_start_loc[R], group = H / KVH;
-    /* per token: its request, context length and first chunk index */
-    int64_t *tok_req = (int64_t *)malloc((n_real + 1) * 3 * sizeof(int64_t));
-    int64_t *tok_ctx = tok_req + n_real + 1, *tok_first = tok_ctx + n_real + 1;
+    /* per token: its request, first and last + 1 key, first chunk index */
+    int64_t *tok_req = (int64_t *)malloc((n_real + 1) * 4 * sizeof(int64_t));
+    int64_t *tok_ctx = tok_req + n_real + 1, *tok_first = tok_ctx + n_real + 1, *tok_lo = tok_first + n_real + 1;
     int64_t items = 0;
     for (int64_t r = 0, t = 0; r < R; r++) {
         const int64_t q_len = query_start_loc[r + 1] - query_start_loc[r];
         for (int64_t i = 0; i < q_len; i++, t++) {
             tok_req[t] = r;
-            tok_ctx[t] = seq_lens[r] - q_len + i + 1; /* causal: keys [0, ctx) */
+            tok_ctx[t] = seq_lens[r] - q_len + i + 1; /* causal: keys [lo, ctx) */
+            tok_lo[t] = window > 0 && tok_ctx[t] > window ? tok_ctx[t] - window : 0; /* sliding window */
             tok_first[t] = items;
-            items += (tok_ctx[t] + SPLIT_KEYS - 1) / SPLIT_KEYS;
+            items += (tok_ctx[t] - tok_lo[t] + SPLIT_KEYS - 1) / SPLIT_KEYS;
         }
     }
     tok_first[n_real] = items;
@@ -130,7 +131,7 @@ static void attention_split(const float *q, int64_t q_stride, const float *kc, c
                 const int64_t mid = (lo + hi) / 2;
                 if (tok_first[mid] <= chunk) lo = mid; else hi = mid;
             }
-            const int64_t t = lo, j0 = (chunk - tok_first[t]) * SPLIT_KEYS;
+            const int64_t t = lo, j0 = tok_lo[t] + (chunk - tok_first[t]) * SPLIT_KEYS;
             const int64_t j1 = j0 + SPLIT_KEYS < tok_ctx[t] ? j0 + SPLIT_KEYS : tok_ctx[t];
             attention_chunk(q, q_stride, kc, vc, t, block_table + tok_req[t] * max_blocks, block_size, j0, j1, KVH,
                             kvh, group, D, scale, parts + (chunk * KVH + kvh) * group * (D + 2));
@@ -164,12 +165,13 @@ static void attention_split(const float *q, int64_t q_stride, const float *kc, c
  * q: (T, q_stride) rows holding H heads of D; k, v: (T, kv_stride) rows holding KVH heads.
  * query_start_loc: (R + 1,) int32; seq_lens: (R,) int32 (context after this step); block_table: (R, max_blocks)
  * int32; slot_mapping: (T_real,) int64. out: (T, H * D); rows past query_start_loc[R] are zeroed.
- * Requires D % 16 == 0, D <= 256, H / KVH <= 8. */
+ * window > 0: a token at position p sees keys p - window + 1 .. p only (positions before are never read: their
+ * blocks may have been freed). Requires D % 16 == 0, D <= 256, H / KVH <= 8. */
 void wl_paged_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
                         int64_t v_stride, float *cache, int64_t num_slots, const int64_t *slot_mapping,
                         int64_t n_new, const int32_t *query_start_loc, const int32_t *seq_lens,
                         const int32_t *block_table, int64_t max_blocks, int64_t block_size, int64_t R, int64_t H,
-                        int64_t KVH, int64_t D, float scale, float *out, int64_t T) {
+                        int64_t KVH, int64_t D, float scale, float *out, int64_t T, int64_t window) {
     float *kc = cache, *vc = cache + num_slots * KVH * D;
     for (int64_t t = 0; t < n_new; t++) {
         const int64_t slot = slot_mapping[t];
@@ -180,5 +182,5 @@ void wl_paged_attention(const float *q, int64_t q_stride, const float *k, int64_
     const int64_t n_real = query_start_loc[R];
     for (int64_t t = n_real; t < T; t++) memset(out + t * H * D, 0, H * D * sizeof(float));
     attention_split(q, q_stride, kc, vc, query_start_loc, seq_lens, block_table, max_blocks, block_size, R, H,
-                    KVH, D, scale, out);
+                    KVH, D, scale, window, out);
 }

@@ -122,5 +122,5 @@ void wl_paged_attention(const float *q, int64_t q_stride, const float *k, int64_
                         int64_t v_stride, float *cache, int64_t num_slots, const int64_t *slot_mapping,
                         int64_t n_new, const int32_t *query_start_loc, const int32_t *seq_lens,
                         const int32_t *block_table, int64_t max_blocks, int64_t block_size, int64_t R, int64_t H,
-                        int64_t KVH, int64_t D, float scale, float *out, int64_t T);
+                        int64_t KVH, int64_t D, float scale, float *out, int64_t T, int64_t window);
 

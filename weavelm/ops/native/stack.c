@@ -52,7 +52,7 @@ void wl_decoder_forward(const WLayer *layers, int64_t L, const WStep *s, float *
         wl_paged_attention(s->qkv, width, s->qkv + q_size, width, s->qkv + q_size + kv_size, width, ly->kv_cache,
                            s->num_slots, s->slot_mapping, s->n_slots, s->query_start_loc, s->seq_lens,
                            s->block_table, s->max_blocks, s->block_size, s->R, s->H, s->KVH, s->D, s->scale,
-                           s->attn, T);
+                           s->attn, T, 0); /* no window: native_stack.py declines windowed models */
         linear(&ly->o, s->attn, T, hidden);
         wl_rmsnorm(hidden, residual, residual, ly->post_norm, s->eps, T, s->hidden, s->x_norm);
         linear(&ly->gate_up, s->x_norm, T, s->gate_up);

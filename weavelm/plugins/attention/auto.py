@@ -30,7 +30,7 @@ class AutoAttention(AttentionBackend):
                         key=lambda item: (-item[1].priority, item[0]))
         skipped = []
         for name, candidate in ranked:
-            reasons = candidate.auto_check(spec)
+            reasons = candidate.reasons(spec, for_auto=True)
             if not reasons:
                 logger.info("attention: auto picked %s (priority %d)%s", name, candidate.priority,
                             f"; skipped {skipped}" if skipped else "")
@@ -38,7 +38,8 @@ class AutoAttention(AttentionBackend):
             skipped.append(f"{name}: {'; '.join(reasons)}")
         raise PluginError("attention: auto found no backend that can run: " + " | ".join(skipped))
 
-    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl:
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                  sliding_window: int | None = None) -> AttentionImpl:
         raise PluginError("attention: auto is a selector; the engine builds the backend it selects")
 
 

@@ -10,11 +10,15 @@ With fp32 tensors and weavelm's native CPU kernels (`weavelm.ops.native`), a ste
 speculative verification, small chunks: `max_query_len <= NATIVE_MAX_QUERY_LEN`) instead runs one native call per
 layer that writes the new keys/values and attends straight over the paged blocks: no gather, no mask, no padding.
 The builder then skips the SDPA index and mask (built on demand if a layer still needs them, e.g. bf16).
+
+A layer with a sliding window gathers only the positions its queries can see (`window + max_query_len - 1` per
+request, one index and mask per window per step) and masks the window's edge; the native kernel takes the window
+itself (it reads only the window's keys), but the whole-stack native path (native_stack.py) is not used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,7 +39,9 @@ class CpuAttentionMetadata:
     context (ctx_len = max_blocks * block_size, the padding pointing at real rows that the mask hides);
     query_index: (num_reqs, max_query_len) int64 flat token of each padded query (None for a pure decode step);
     query_valid: (num_reqs * max_query_len,) bool, the padded queries that exist (None for decode);
-    mask: (num_reqs, 1, max_query_len, ctx_len) bool, True where a query may attend."""
+    mask: (num_reqs, 1, max_query_len, ctx_len) bool, True where a query may attend;
+    query_pos: (num_reqs, max_query_len) int64 position of each padded query;
+    batch: the step's common metadata (sliding-window layers gather from it, `context(window)`)."""
 
     slot_mapping: torch.Tensor
     kv_index: torch.Tensor | None
@@ -47,14 +53,58 @@ class CpuAttentionMetadata:
     max_query_len: int
     ctx_len: int  # 0 until `sdpa_fields` when the builder left the SDPA fields out
     common: CommonAttentionMetadata | None = None  # set when the native kernel may take the step
+    query_pos: torch.Tensor | None = None
+    batch: CommonAttentionMetadata | None = None
+    _windows: dict[int, ContextView] = field(default_factory=dict, repr=False)
 
     def sdpa_fields(self) -> CpuAttentionMetadata:
         """The SDPA index and mask, built on first need when the builder skipped them."""
         if self.kv_index is None:
             full = CpuAttentionBuilder().build_sdpa(self.common)
-            self.kv_index, self.query_index, self.query_valid, self.mask, self.ctx_len = \
-                full.kv_index, full.query_index, full.query_valid, full.mask, full.ctx_len
+            self.kv_index, self.query_index, self.query_valid, self.mask, self.ctx_len, self.query_pos = \
+                full.kv_index, full.query_index, full.query_valid, full.mask, full.ctx_len, full.query_pos
+            self.batch = self.common
         return self
+
+    def context(self, window: int | None) -> ContextView:
+        """What a layer gathers and how it masks: every request's whole context, or for a sliding window only the
+        `window + max_query_len - 1` positions its queries can see (made once per step and window; positions
+        before them, whose blocks may have been freed, are never read)."""
+        if window is None:
+            return ContextView(self.kv_index, self.ctx_len, self.mask)
+        view = self._windows.get(window)
+        if view is None:
+            view = self._windows[window] = _window_view(self, window)
+        return view
+
+
+@dataclass
+class ContextView:
+    """kv_index: (num_reqs * ctx_len,) int64 cache rows gathered per request; mask: (num_reqs, 1, max_query_len,
+    ctx_len) bool."""
+
+    kv_index: torch.Tensor
+    ctx_len: int
+    mask: torch.Tensor
+
+
+def _window_view(m: CpuAttentionMetadata, window: int) -> ContextView:
+    c, n = m.batch, m.num_reqs
+    bs = c.block_size
+    seq_lens = c.seq_lens[:n].long()
+    q_lens = c.query_start_loc[1:n + 1].long() - c.query_start_loc[:n].long()
+    span = window + m.max_query_len - 1
+    first = (seq_lens - q_lens - window + 1).clamp(min=0)  # each request's first visible key
+    key_pos = first[:, None] + torch.arange(span, device=first.device)  # (num_reqs, span)
+    in_context = key_pos < seq_lens[:, None]
+    read_pos = torch.minimum(key_pos, seq_lens[:, None] - 1)  # past the context: its last key, masked
+    blocks = c.block_table[:n].long().gather(1, read_pos // bs)
+    kv_index = (blocks * bs + read_pos % bs).reshape(-1)
+    q_pos = m.query_pos[:, :, None]
+    mask = in_context[:, None, :] & (key_pos[:, None, :] <= q_pos) & (key_pos[:, None, :] > q_pos - window)
+    if m.query_valid is not None:  # padded queries attend somewhere (no all-masked row), then are dropped
+        mask[:, :, 0] |= ~m.query_valid.view(n, m.max_query_len)
+    return ContextView(kv_index, span, mask[:, None])
 
 
 class CpuAttentionBuilder(AttentionMetadataBuilder):
@@ -90,7 +140,7 @@ class CpuAttentionBuilder(AttentionMetadataBuilder):
             mask = mask & valid[:, :, None]
             mask[:, :, 0] |= ~valid  # padded queries attend somewhere (no all-masked row), then are dropped
         return CpuAttentionMetadata(common.slot_mapping, kv_index, query_index, query_valid, mask[:, None],
-                                    n, common.num_actual_tokens, max_q, ctx_len)
+                                    n, common.num_actual_tokens, max_q, ctx_len, query_pos=q_pos, batch=common)
 
 
 class CpuAttentionImpl(AttentionImpl):
@@ -98,6 +148,12 @@ class CpuAttentionImpl(AttentionImpl):
     # a step whose metadata has `common` set runs `wl_paged_attention` on weavelm's default cache layout, so the
     # model may run the whole decoder stack natively (weavelm/plugins/models/native_stack.py)
     native_paged_attention = True
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                 sliding_window: int | None = None):
+        super().__init__(num_heads, num_kv_heads, head_size, scale, sliding_window)
+        if sliding_window is not None:
+            self.native_paged_attention = False  # the native decoder stack knows no windows (the kernel does)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: Any) -> torch.Tensor:
@@ -108,20 +164,21 @@ class CpuAttentionImpl(AttentionImpl):
             if native.usable(q, k, v, kv_cache) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and \
                     native.attention_supported(h, kvh, d):
                 return native.paged_attention(q, k, v, kv_cache, m.slot_mapping, c.query_start_loc, c.seq_lens,
-                                              c.block_table, m.num_reqs, h, kvh, d, self.scale)
+                                              c.block_table, m.num_reqs, h, kvh, d, self.scale, self.sliding_window)
             m.sdpa_fields()
         write_kv_cache(k.reshape(n_tok, kvh, d), v.reshape(n_tok, kvh, d), kv_cache, m.slot_mapping)
+        ctx = m.context(self.sliding_window)
         flat = kv_cache.view(2, -1, kvh, d)
-        shape = (m.num_reqs, m.ctx_len, kvh, d)
-        keys = flat[0].index_select(0, m.kv_index).view(shape).transpose(1, 2)
-        values = flat[1].index_select(0, m.kv_index).view(shape).transpose(1, 2)
+        shape = (m.num_reqs, ctx.ctx_len, kvh, d)
+        keys = flat[0].index_select(0, ctx.kv_index).view(shape).transpose(1, 2)
+        values = flat[1].index_select(0, ctx.kv_index).view(shape).transpose(1, 2)
         n = m.num_actual_tokens
         qh = q[:n].reshape(n, h, d)
         if m.query_index is None:
             queries = qh.view(m.num_reqs, 1, h, d)
         else:
             queries = qh[m.query_index.reshape(-1)].view(m.num_reqs, m.max_query_len, h, d)
-        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=m.mask,
+        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=ctx.mask,
                                              scale=self.scale, enable_gqa=h != kvh)
         out = out.transpose(1, 2).reshape(-1, h * d)
         if m.query_valid is not None:
@@ -152,8 +209,9 @@ class CpuAttentionBackend(AttentionBackend):
     def make_builder(self, device: torch.device) -> AttentionMetadataBuilder:
         return CpuAttentionBuilder()
 
-    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl:
-        return CpuAttentionImpl(num_heads, num_kv_heads, head_size, scale)
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                  sliding_window: int | None = None) -> AttentionImpl:
+        return CpuAttentionImpl(num_heads, num_kv_heads, head_size, scale, sliding_window)
 
 
 @hookimpl

@@ -9,12 +9,14 @@ Tried in order (first that loads wins):
 The cache keeps the default layout `(2, num_blocks, block_size, kv_heads, head)`: `kv_cache[0]` / `kv_cache[1]` are
 the per-K/V `(num_blocks, block_size, kv_heads, head)` tensors these APIs take. New K/V are written by the shared Triton
 cache kernel (`weavelm.ops.cache_write`), which also zeroes CUDA-graph padding rows of the output.
+A layer's sliding window w becomes flash-attn's `window_size=(w - 1, 0)` (keys p - w + 1 .. p, as transformers).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from typing import Any
 
 import torch
@@ -61,12 +63,27 @@ def _load_flash_api(lib: str | None) -> tuple[str | None, Any, str]:
     return None, None, "; ".join(tried)
 
 
+def takes_window(kind: str, fn: Any) -> bool:
+    """Whether the loaded entry point applies a sliding window: vLLM's op always takes `window_size_left/right`
+    positionally; the Python APIs take `window_size=(left, right)` (FA2 since 2.3, FA3's hopper interface)."""
+    if kind == "vllm_fa3":
+        return True
+    try:
+        return "window_size" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: cannot tell, so no
+        return False
+
+
 class FlashAttnImpl(AttentionImpl):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float):
-        super().__init__(num_heads, num_kv_heads, head_size, scale)
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                 sliding_window: int | None = None):
+        super().__init__(num_heads, num_kv_heads, head_size, scale, sliding_window)
         self.kind, self.fn, why = load_flash_api()
         if self.kind is None:
             raise RuntimeError(f"flash_attn backend: no flash-attn build is usable: {why}")
+        # flash-attn's (left, right) window: a query at p sees keys p - left .. p + right; (-1, -1) is unbounded
+        self.window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+        self.window_kwargs = {} if sliding_window is None else {"window_size": self.window}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: Any) -> torch.Tensor:
@@ -82,17 +99,17 @@ class FlashAttnImpl(AttentionImpl):
         if self.kind == "vllm_fa3":  # vLLM's op schema takes its 37 arguments by position, as vLLM's wrapper passes them
             self.fn(q3, k_cache, v_cache, None, None, None, out, m.query_start_loc, None, None, None, m.seq_lens,
                     m.max_query_len, m.max_seq_len, m.block_table, None, None, None, None, None, None, None, None,
-                    self.scale, True, -1, -1, 0.0, True, None, 0, None, 0, None, 1, 0, None)
+                    self.scale, True, self.window[0], self.window[1], 0.0, True, None, 0, None, 0, None, 1, 0, None)
         else:
             if self.kind == "fa3":
                 res = self.fn(q3, k_cache, v_cache, cache_seqlens=m.seq_lens, page_table=m.block_table,
                               cu_seqlens_q=m.query_start_loc, max_seqlen_q=m.max_query_len,
-                              softmax_scale=self.scale, causal=True)
+                              softmax_scale=self.scale, causal=True, **self.window_kwargs)
             else:
                 cu_k = torch.nn.functional.pad(m.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
                 res = self.fn(q3, k_cache, v_cache, cu_seqlens_q=m.query_start_loc, cu_seqlens_k=cu_k,
                               max_seqlen_q=m.max_query_len, max_seqlen_k=m.max_seq_len, softmax_scale=self.scale,
-                              causal=True, block_table=m.block_table)
+                              causal=True, block_table=m.block_table, **self.window_kwargs)
             res = res[0] if isinstance(res, tuple) else res
             real = torch.arange(n, device=q.device) < m.query_start_loc[m.num_reqs]
             torch.where(real[:, None, None], res, out, out=out)  # padded rows keep the zeros written above
@@ -120,7 +137,10 @@ class FlashAttnBackend(AttentionBackend):
         if spec.num_heads % spec.num_kv_heads:
             reasons.append(f"num_heads ({spec.num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})")
         reasons += [f"cache write: {r}" for r in triton_unavailable_reasons(spec.device)]
-        kind, _, why = load_flash_api()
+        kind, fn, why = load_flash_api()
+        if kind is not None and spec.sliding_window is not None and not takes_window(kind, fn):
+            reasons.append(f"sliding_window {spec.sliding_window}: this flash-attn build ({kind}) takes no "
+                           f"window_size (FA2 >= 2.3 or FA3 does)")
         if kind is None:
             reasons.append(f"no flash-attn build is usable: {why}")
         elif kind == "fa2" and spec.block_size % 256:
@@ -133,8 +153,9 @@ class FlashAttnBackend(AttentionBackend):
                                f"{''.join(map(str, torch.cuda.get_device_capability()))}")
         return reasons
 
-    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl:
-        return FlashAttnImpl(num_heads, num_kv_heads, head_size, scale)
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                  sliding_window: int | None = None) -> AttentionImpl:
+        return FlashAttnImpl(num_heads, num_kv_heads, head_size, scale, sliding_window)
 
 
 @hookimpl

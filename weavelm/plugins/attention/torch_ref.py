@@ -21,7 +21,8 @@ class TorchRefImpl(AttentionImpl):
         k = k.view(n, self.num_kv_heads, self.head_size)
         v = v.view(n, self.num_kv_heads, self.head_size)
         write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
-        out = paged_attention_ref(q[: metadata.num_actual_tokens], kv_cache, metadata, self.scale)
+        out = paged_attention_ref(q[: metadata.num_actual_tokens], kv_cache, metadata, self.scale,
+                                  self.sliding_window)
         if out.shape[0] < n:
             out = torch.cat([out, out.new_zeros(n - out.shape[0], *out.shape[1:])])
         return out.reshape(n, self.num_heads * self.head_size)
@@ -38,8 +39,9 @@ class TorchRefBackend(AttentionBackend):
             return [f"num_heads ({spec.num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})"]
         return []
 
-    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl:
-        return TorchRefImpl(num_heads, num_kv_heads, head_size, scale)
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                  sliding_window: int | None = None) -> AttentionImpl:
+        return TorchRefImpl(num_heads, num_kv_heads, head_size, scale, sliding_window)
 
 
 @hookimpl

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) for flattened batches over a paged KV cache, tensor-parallel.
+"""Llama-family decoder (Llama, Mistral, Qwen2) for flattened batches over a paged KV cache, tensor-parallel;
+each layer's sliding window (or None) comes from the config (windows.py).
 
 Built only from `weavelm.layers` and `weavelm.plugin`, as a third-party architecture would be. Q/K/V and gate/up
 projections are packed into one matmul each (`packed_modules_mapping` names their checkpoint parts, for loading and
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weavelm.layers import (Attention, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+from weavelm.layers import (layer_windows, Attention, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                             RotaryEmbedding, RowParallelLinear, SiluAndMul, TensorParallelGroup,
                             VocabParallelEmbedding, WeightsMapper, load_checkpoint)
 from weavelm.plugin import ForwardBatch, ModelArchitecture
@@ -44,7 +45,7 @@ class LlamaAttention(nn.Module):
     """One layer's attention over this rank's heads (`qkv_proj.num_heads` / `qkv_proj.num_kv_heads`)."""
 
     def __init__(self, d: DecoderDims, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
-                 tp: TensorParallelGroup):
+                 tp: TensorParallelGroup, sliding_window: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.qkv_proj = QKVParallelLinear(d.hidden, d.head_dim, d.num_heads, d.num_kv_heads, qkv_bias, tp)
@@ -54,7 +55,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(d.num_heads * d.head_dim, d.hidden, o_bias, tp)
         self.q_norm = RMSNorm(d.head_dim, d.eps) if qk_norm else None
         self.k_norm = RMSNorm(d.head_dim, d.eps) if qk_norm else None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, d.head_dim, layer_idx)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d.head_dim, layer_idx, sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch,
                 rotary: RotaryEmbedding) -> torch.Tensor:
@@ -90,9 +91,9 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, d: DecoderDims, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                 qk_norm: bool, tp: TensorParallelGroup):
+                 qk_norm: bool, tp: TensorParallelGroup, sliding_window: int | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(d, layer_idx, qkv_bias, o_bias, qk_norm, tp)
+        self.self_attn = LlamaAttention(d, layer_idx, qkv_bias, o_bias, qk_norm, tp, sliding_window)
         self.mlp = MLP(d, mlp_bias, tp)
         self.input_layernorm = RMSNorm(d.hidden, d.eps)
         self.post_attention_layernorm = RMSNorm(d.hidden, d.eps)
@@ -122,7 +123,8 @@ class LlamaForCausalLM(ModelArchitecture):
         qkv_bias, o_bias = self._biases(hf_config)
         mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
         self.embed_tokens = VocabParallelEmbedding(d.vocab, d.hidden, tp)
-        self.layers = nn.ModuleList(DecoderLayer(d, i, qkv_bias, o_bias, mlp_bias, self.qk_norm, tp)
+        windows = layer_windows(hf_config, d.num_layers)
+        self.layers = nn.ModuleList(DecoderLayer(d, i, qkv_bias, o_bias, mlp_bias, self.qk_norm, tp, windows[i])
                                     for i in range(d.num_layers))
         self.norm = RMSNorm(d.hidden, d.eps)
         self.rotary = RotaryEmbedding(hf_config, d.head_dim, d.max_positions)

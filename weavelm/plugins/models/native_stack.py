@@ -110,7 +110,8 @@ class NativeStack:
         meta = batch.attn_metadata
         common = getattr(meta, "common", None)
         t = x.shape[0]
-        if common is None or t > MAX_TOKENS or not getattr(batch.attn_impls[0], "native_paged_attention", False) or \
+        native_attention = all(getattr(i, "native_paged_attention", False) for i in batch.attn_impls)
+        if common is None or t > MAX_TOKENS or not native_attention or \
                 x.dtype != torch.float32 or not x.is_contiguous() or positions.dtype != torch.int64 or \
                 positions.shape[0] != t or common.num_actual_tokens != t or \
                 common.slot_mapping.dtype != torch.int64 or not common.block_table.is_contiguous():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from weavelm.core.forward import make_layer_impl, smallest_window
 from weavelm.plugin import (AttentionSpec, CommonAttentionMetadata, ConfigError, ForwardBatch, Proposal, ProposeInput,
                             Proposer, ProposerOptions, cdiv, hookimpl)
 
@@ -57,10 +58,10 @@ class DraftModelProposer(Proposer):
                                 f"target's ({self.vocab_size}); the draft must use the target's tokenizer")])
         num_layers, num_heads, num_kv_heads, head_size = b.model.attention_layout()
         bs = self.context.block_size
+        windows = b.model.attention_windows()
         self.backend = rc.attention_backend(AttentionSpec(self.device.type, b.dtype, head_size, num_heads,
-                                                          num_kv_heads, bs))
-        self.impls = [self.backend.make_impl(num_heads, num_kv_heads, head_size, head_size ** -0.5)
-                      for _ in range(num_layers)]
+                                                          num_kv_heads, bs, smallest_window(windows)))
+        self.impls = [make_layer_impl(self.backend, num_heads, num_kv_heads, head_size, w) for w in windows]
         self.builder = self.backend.make_builder(self.device)
         self.layout = (num_layers, num_kv_heads, head_size)
 

@@ -13,7 +13,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from weavelm.core.contexts import RunnerContext
-from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata, ForwardBatch
+from weavelm.core.forward import (AttentionSpec, CommonAttentionMetadata, ForwardBatch, kv_window, make_layer_impl,
+                                  smallest_window)
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import ModelRunner
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
@@ -79,11 +80,12 @@ class PagedModelRunner(ModelRunner):
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         num_layers, num_heads, num_kv_heads, head_size = b.model.attention_layout()
-        spec = AttentionSpec(self.device.type, b.dtype, head_size, num_heads, num_kv_heads, self.block_size)
+        self.windows = b.model.attention_windows()
+        spec = AttentionSpec(self.device.type, b.dtype, head_size, num_heads, num_kv_heads, self.block_size,
+                             smallest_window(self.windows))
         self.attn_backend = self.context.attention_backend(spec)
-        scale = head_size ** -0.5
-        self.attn_impls = [self.attn_backend.make_impl(num_heads, num_kv_heads, head_size, scale)
-                           for _ in range(num_layers)]
+        self.attn_impls = [make_layer_impl(self.attn_backend, num_heads, num_kv_heads, head_size, w)
+                           for w in self.windows]
         self.attn_builder = self.attn_backend.make_builder(self.device)
         self.layout = (num_layers, num_heads, num_kv_heads, head_size)
         self.lora = self.context.lora_manager() if self.context.lora_manager is not None else None
@@ -108,6 +110,10 @@ class PagedModelRunner(ModelRunner):
         b = self.bundle
         return {"max_model_len": b.max_model_len, "vocab_size": b.vocab_size, "dtype": str(b.dtype),
                 "attention": self.attn_backend.name, "architecture": type(b.model).__name__,
+                # KV blocks older than this many positions are read by no layer (the scheduler frees them); a
+                # draft model addresses the same blocks with its own layers, so then nothing is freed
+                "sliding_window": None if self.spec is not None and self.spec.proposer.uses_kv_cache
+                else kv_window(self.windows),
                 **({"lora_targets": self.lora_targets} if self.lora is not None else {})}
 
     def kv_cache_bytes_per_block(self) -> int:

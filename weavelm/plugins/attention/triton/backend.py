@@ -92,7 +92,7 @@ class TritonAttentionImpl(AttentionImpl):
             out[common.slot_mapping.shape[0]:].zero_()
         kernels.paged_attention(q3, kv_cache[0], kv_cache[1], out, common.block_table, common.seq_lens,
                                 common.query_start_loc, common.num_reqs, self.scale,
-                                **metadata.launch_config(self.num_kv_heads))
+                                sliding_window=self.sliding_window, **metadata.launch_config(self.num_kv_heads))
         return out.view(n, self.num_heads * self.head_size)
 
 
@@ -131,8 +131,9 @@ class TritonAttentionBackend(AttentionBackend):
     def make_builder(self, device: torch.device) -> TritonMetadataBuilder:
         return TritonMetadataBuilder(device, getattr(self.options, "num_splits", 0))
 
-    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> AttentionImpl:
-        return TritonAttentionImpl(num_heads, num_kv_heads, head_size, scale)
+    def make_impl(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                  sliding_window: int | None = None) -> AttentionImpl:
+        return TritonAttentionImpl(num_heads, num_kv_heads, head_size, scale, sliding_window)
 
 
 @hookimpl

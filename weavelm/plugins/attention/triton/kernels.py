@@ -33,17 +33,23 @@ def _find_request(qsl_ptr, target, num_reqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kv_head_off,
-                 stride_cb, stride_cs, d, dm, qk_scale, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-                 PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """One online-softmax step over KV positions [tile * TILE_N, (tile + 1) * TILE_N) (base-2 exponents)."""
+                 stride_cb, stride_cs, d, dm, qk_scale, window, first_q, BLOCK_SIZE: tl.constexpr,
+                 TILE_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """One online-softmax step over KV positions [tile * TILE_N, (tile + 1) * TILE_N) (base-2 exponents). A masked
+    tile hides keys after each query (causal) and, with a window, keys at or before `q_pos - window`."""
     kpos = tile * TILE_N + tl.arange(0, TILE_N)
     kmask = (kpos < kv_end) | (not MASKED)
+    if HAS_WINDOW and MASKED:  # keys before every query's window are not loaded: their blocks may be freed
+        kmask = kmask & (kpos > first_q - window)
     blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
     off = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_cs + kv_head_off
     k = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=kmask[None, :] & dm[:, None], other=0.0)
     s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
     if MASKED:
-        s = tl.where((kpos[None, :] <= q_pos[:, None]) & kmask[None, :], s, float("-inf"))
+        visible = (kpos[None, :] <= q_pos[:, None]) & kmask[None, :]
+        if HAS_WINDOW:
+            visible = visible & (kpos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -56,16 +62,18 @@ def _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_c
 @triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
-    part_acc_ptr, part_m_ptr, part_l_ptr, num_reqs, num_heads, qk_scale,
+    part_acc_ptr, part_m_ptr, part_l_ptr, num_reqs, num_heads, qk_scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
     BLOCK_SIZE: tl.constexpr, QPK: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """Grid (q blocks, kv heads, splits). A program takes BLOCK_Q query tokens of one request times the QPK query
     heads sharing one KV head (BLOCK_M rows), and streams that request's paged KV in TILE_N-token tiles with an
     online softmax in fp32. With NUM_SPLITS > 1 it covers 1/NUM_SPLITS of the tiles and writes unnormalised
-    partials (acc, running max m, sum l; base-2 exponent) for `_reduce_splits_kernel`."""
+    partials (acc, running max m, sum l; base-2 exponent) for `_reduce_splits_kernel`. With HAS_WINDOW a query at
+    position p sees keys p - window + 1 .. p: tiles wholly before the block's first query's window are never read
+    (their blocks may have been freed)."""
     qb = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -91,27 +99,38 @@ def _paged_attention_kernel(
 
     kv_end = tl.minimum(seq_len, ctx_len + (local_qb + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(kv_end, TILE_N)
-    tile_lo = 0
+    first_q = ctx_len + local_qb * BLOCK_Q
+    first_tile = 0  # tiles before it are outside every query's window
+    full_lo = 0  # tiles from it on are inside every query's window
+    if HAS_WINDOW:
+        first_tile = tl.maximum(first_q - window + 1, 0) // TILE_N
+        full_lo = tl.cdiv(tl.maximum(kv_end - window, 0), TILE_N)
+    tile_lo = first_tile
     tile_hi = num_tiles
     if NUM_SPLITS > 1:
-        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-        tile_lo = split * per_split
+        per_split = tl.cdiv(num_tiles - first_tile, NUM_SPLITS)
+        tile_lo = first_tile + split * per_split
         tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
 
     m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
-    # tiles wholly at or before the block's first query position need no causal / length mask
-    num_full = (ctx_len + local_qb * BLOCK_Q + 1) // TILE_N
-    for tile in range(tile_lo, tl.minimum(tile_hi, num_full)):
+    # tiles wholly at or before the block's first query position (and inside the last query's window) need no
+    # mask; the ones before (window edge) and after (causal edge) do
+    num_full = (first_q + 1) // TILE_N
+    for tile in range(tile_lo, tl.minimum(tile_hi, full_lo)):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr,
-                                     kvh * stride_ch, stride_cb, stride_cs, d, dm, qk_scale, BLOCK_SIZE, TILE_N,
-                                     PRECISION, False)
-    for tile in range(tl.maximum(tile_lo, num_full), tile_hi):
+                                     kvh * stride_ch, stride_cb, stride_cs, d, dm, qk_scale, window, first_q, BLOCK_SIZE,
+                                     TILE_N, PRECISION, True, HAS_WINDOW)
+    for tile in range(tl.maximum(tile_lo, full_lo), tl.minimum(tile_hi, num_full)):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr,
-                                     kvh * stride_ch, stride_cb, stride_cs, d, dm, qk_scale, BLOCK_SIZE, TILE_N,
-                                     PRECISION, True)
+                                     kvh * stride_ch, stride_cb, stride_cs, d, dm, qk_scale, window, first_q, BLOCK_SIZE,
+                                     TILE_N, PRECISION, False, HAS_WINDOW)
+    for tile in range(tl.maximum(tl.maximum(tile_lo, full_lo), num_full), tile_hi):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr,
+                                     kvh * stride_ch, stride_cb, stride_cs, d, dm, qk_scale, window, first_q, BLOCK_SIZE,
+                                     TILE_N, PRECISION, True, HAS_WINDOW)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -171,9 +190,10 @@ def _pow2_floor(x: int) -> int:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     num_reqs: int, scale: float, block_m: int = 16, tile_n: int = 64, num_splits: int = 1,
-                    num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                    num_warps: int = 4, num_stages: int = 2, sliding_window: int | None = None) -> torch.Tensor:
     """Causal paged attention for a flat batch. q/out: (num_tokens, num_heads, head); caches as in the module
-    docstring. Rows of `out` past query_start_loc[num_reqs] are left untouched, or zeroed when split."""
+    docstring; `sliding_window` w: each query sees only its last w positions. Rows of `out` past
+    query_start_loc[num_reqs] are left untouched, or zeroed when split."""
     num_tokens, num_heads, head = q.shape
     kv_heads = k_cache.shape[2]
     qpk = num_heads // kv_heads
@@ -193,11 +213,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     grid = (num_tokens // block_q + num_reqs, kv_heads, num_splits)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_table, seq_lens, query_start_loc, part_acc, part_m, part_l,
-        num_reqs, num_heads, scale * LOG2E,
+        num_reqs, num_heads, scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], QPK=qpk, HEAD=head, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_q,
         TILE_N=tile_n, NUM_SPLITS=num_splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_WINDOW=sliding_window is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
