@@ -62,6 +62,13 @@ class ServeState:
                                 f" retry later", code="rate_limit_exceeded")
         return self.adapters.get(model) if model is not None else None
 
+    async def refresh_adapters(self, model: str | None = None) -> None:
+        """Take the served LoRA adapters from the engine core, where adapters loaded or unloaded at run time (by
+        any API server) are: for /v1/models, and before a request whose `model` is not the base model's name.
+        Nothing to ask without LoRA."""
+        if self.engine.config.lora is not None and (model is None or model not in self.model_names):
+            self.adapters = await self.engine.lora_adapters()
+
     def response_model(self, model: str | None) -> str:
         """The `model` of a response: the adapter's name for a LoRA adapter, else the served name."""
         return model if model is not None and model in self.adapters else self.model_name
