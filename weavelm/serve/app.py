@@ -73,12 +73,12 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        await state.refresh_adapters(body.model)
+        await state.refresh_adapters_for(body.model)
         return await create_completion(state, body, request)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        await state.refresh_adapters(body.model)
+        await state.refresh_adapters_for(body.model)
         return await create_chat_completion(state, body, request)
 
     @api.get("/v1/models")
@@ -92,14 +92,14 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        await state.refresh_adapters(body.model)
+        await state.refresh_adapters_for(body.model)
         state.admit(body.model, 0)
         ids = await _tokenize(state, body)
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        await state.refresh_adapters(body.model)
+        await state.refresh_adapters_for(body.model)
         state.admit(body.model, 0)
         try:
             return {"prompt": await state.prompts.decode(body.tokens)}
