@@ -121,6 +121,11 @@ def test_endpoints_are_off_without_their_flags_in_process(smol_tokenizer_model, 
         client = TestClient(build_app(engine, "tiny", lora_allowed_paths=[adapters["root"]]))
         assert client.post("/v1/load_lora_adapter", json=body).status_code == 200
         assert [c["id"] for c in client.get("/v1/models").json()["data"]] == ["tiny", "sql"]
+        # vLLM's load_inplace: a bad replacement leaves the loaded adapter in place; a good one takes its name
+        r = client.post("/v1/load_lora_adapter", json={**body, "lora_path": adapters["nan"], "load_inplace": True})
+        assert r.status_code == 400 and "not finite" in r.json()["error"]["message"]
+        assert client.post("/v1/load_lora_adapter", json={**body, "load_inplace": True}).status_code == 200
+        assert [c["id"] for c in client.get("/v1/models").json()["data"]] == ["tiny", "sql"]
         r = client.post("/v1/completions", json={"model": "sql", "prompt": PROMPT, "max_tokens": 8,
                                                  "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200, r.text

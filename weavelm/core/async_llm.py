@@ -295,11 +295,12 @@ class AsyncLLM:
         self.check_health()
         return await self.client.call_utility_async("add_lora", lora_request)
 
-    async def load_lora_adapter(self, lora_name: str, lora_path: str) -> Any:
+    async def load_lora_adapter(self, lora_name: str, lora_path: str, replace: bool = False) -> Any:
         """Add the adapter at `lora_path` as `lora_name` under an id the core picks (unique across every API
-        server of the core); returns its LoRARequest. LoRAError when it cannot serve or the name is taken."""
+        server of the core); returns its LoRARequest. LoRAError when it cannot serve, or the name is taken and
+        not `replace` (then the adapter of that name goes once the new one passed its checks)."""
         self.check_health()
-        return await self.client.call_utility_async("load_lora_adapter", lora_name, lora_path)
+        return await self.client.call_utility_async("load_lora_adapter", lora_name, lora_path, replace)
 
     async def remove_lora(self, lora: int | str) -> bool:
         """`LLM.remove_lora`, awaited."""

@@ -142,9 +142,10 @@ class EngineCore:
         already."""
         return self._lora_manager().add_lora(lora_request)
 
-    def load_lora_adapter(self, lora_name: str, lora_path: str) -> Any:
-        """Add the adapter at `lora_path` as `lora_name` under an id the core picks; returns its LoRARequest."""
-        return self._lora_manager().load_lora(lora_name, lora_path)
+    def load_lora_adapter(self, lora_name: str, lora_path: str, replace: bool = False) -> Any:
+        """Add the adapter at `lora_path` as `lora_name` under an id the core picks (`replace`: in place of the
+        adapter of that name); returns its LoRARequest."""
+        return self._lora_manager().load_lora(lora_name, lora_path, replace)
 
     def remove_lora(self, lora: int | str) -> bool:
         """Forget the adapter with this id or name (False: none has it); requests queued on it still finish."""

@@ -192,13 +192,18 @@ class LoRAManagerBase:
         self.named[lora.lora_name] = lora
         return True
 
-    def load_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
+    def load_lora(self, lora_name: str, lora_path: str, replace: bool = False) -> LoRARequest:
         """Add the PEFT adapter at `lora_path` as `lora_name` under a new id (`add_lora`'s checks); returns its
-        request. What the server's /v1/load_lora_adapter does, from any API server."""
-        if lora_name in self.named:
-            raise LoRAError(f"a LoRA adapter named {lora_name!r} is loaded already; unload it first, or choose "
-                            f"another name")
+        request. What the server's /v1/load_lora_adapter does, from any API server. `replace` (vLLM's
+        `load_inplace`): an adapter of that name is removed once the new one passed its checks."""
+        old = self.named.get(lora_name)
+        if old is not None and not replace:
+            raise LoRAError(f"a LoRA adapter named {lora_name!r} is loaded already; unload it first, choose "
+                            f"another name, or replace it (load_inplace)")
         lora = LoRARequest(lora_name, self._next_id, lora_path)
+        if old is not None:
+            self.check_request(lora)
+            self.remove_lora(lora_name)
         self.add_lora(lora)
         return lora
 

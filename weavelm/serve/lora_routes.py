@@ -29,6 +29,8 @@ class LoadLoRAAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     lora_name: str = Field(min_length=1, description="The name requests use as `model`.")
     lora_path: str = Field(min_length=1, description="A PEFT adapter directory under --lora-allowed-paths.")
+    load_inplace: bool = Field(False, description="Replace a loaded adapter of that name (vLLM's field); "
+                                                  "requests running on the old one finish on it.")
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
@@ -76,7 +78,7 @@ def add_lora_routes(api: APIRouter, state: ServeState, roots: list[str]) -> None
                            param="lora_name")
         path = _check_path(body.lora_path, roots)
         try:
-            await state.engine.load_lora_adapter(body.lora_name, path)
+            await state.engine.load_lora_adapter(body.lora_name, path, body.load_inplace)
         except LoRAError as e:
             raise bad_request(e) from None
         await state.refresh_adapters()
