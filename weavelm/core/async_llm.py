@@ -290,6 +290,32 @@ class AsyncLLM:
         self.check_health()
         return await self.client.call_utility_async("collective_rpc", method, args, kwargs, ranks)
 
+    async def add_lora(self, lora_request: Any) -> bool:
+        """`LLM.add_lora`, awaited: the core checks the adapter (LoRAError) and makes it selectable by name."""
+        self.check_health()
+        return await self.client.call_utility_async("add_lora", lora_request)
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str, replace: bool = False) -> Any:
+        """Add the adapter at `lora_path` as `lora_name` under an id the core picks (unique across every API
+        server of the core); returns its LoRARequest. LoRAError when it cannot serve, or the name is taken and
+        not `replace` (then the adapter of that name goes once the new one passed its checks)."""
+        self.check_health()
+        return await self.client.call_utility_async("load_lora_adapter", lora_name, lora_path, replace)
+
+    async def remove_lora(self, lora: int | str) -> bool:
+        """`LLM.remove_lora`, awaited."""
+        self.check_health()
+        return await self.client.call_utility_async("remove_lora", lora)
+
+    async def list_loras(self) -> set[int]:
+        """`LLM.list_loras`, awaited."""
+        return {r.lora_int_id for r in (await self.lora_adapters()).values()}
+
+    async def lora_adapters(self) -> dict[str, Any]:
+        """{name: LoRARequest} of the adapters selectable by name, as the core has them now."""
+        self.check_health()
+        return await self.client.call_utility_async("lora_adapters")
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort every request, stop the output task and shut the engine core down. Idempotent."""
         if self._stopping:

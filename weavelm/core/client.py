@@ -72,6 +72,10 @@ class EngineCoreClient(ABC):
         """Call a method on every worker (see `Executor.collective_rpc`) between steps."""
         raise NotImplementedError(f"{type(self).__name__} has no blocking verbs; use call_utility_async")
 
+    def call_utility(self, method: str, *args: Any) -> Any:
+        """A utility method of the core (`engine_proc.UTILITY_METHODS`), between steps."""
+        raise NotImplementedError(f"{type(self).__name__} has no blocking verbs; use call_utility_async")
+
     # -- asyncio callers -----------------------------------------------------------------------------------
     async def add_request_async(self, request: Request) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no async verbs; use add_request")
@@ -121,6 +125,9 @@ class InprocClient(EngineCoreClient):
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:
         return self.core.collective_rpc(method, args, kwargs, ranks)
+
+    def call_utility(self, method: str, *args: Any) -> Any:
+        return getattr(self.core, method)(*args)
 
     def shutdown(self) -> None:
         self.core.shutdown()

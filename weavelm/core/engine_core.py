@@ -136,6 +136,31 @@ class EngineCore:
         """The scheduler's current stats (running / waiting requests, KV blocks used and total, hit rate)."""
         return self.scheduler.get_stats()
 
+    # -- LoRA adapters by name, at run time (vLLM's add_lora / remove_lora); utilities of every frontend -------
+    def add_lora(self, lora_request: Any) -> bool:
+        """Check the adapter of `lora_request` (LoRAError) and make it selectable by name; False when added
+        already."""
+        return self._lora_manager().add_lora(lora_request)
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str, replace: bool = False) -> Any:
+        """Add the adapter at `lora_path` as `lora_name` under an id the core picks (`replace`: in place of the
+        adapter of that name); returns its LoRARequest."""
+        return self._lora_manager().load_lora(lora_name, lora_path, replace)
+
+    def remove_lora(self, lora: int | str) -> bool:
+        """Forget the adapter with this id or name (False: none has it); requests queued on it still finish."""
+        return self._lora_manager().remove_lora(lora)
+
+    def lora_adapters(self) -> dict[str, Any]:
+        """{name: LoRARequest} of the adapters selectable by name ({} without `lora:`)."""
+        return self.lora.named_loras() if self.lora is not None else {}
+
+    def _lora_manager(self) -> Any:
+        if self.lora is None:
+            raise LoRAError("this engine serves no LoRA adapters; enable them with --enable-lora (enable_lora=True, "
+                            "or a `lora:` section in the config)")
+        return self.lora
+
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:
         """Call `method` on every worker between steps: launched steps are collected first (their outputs come

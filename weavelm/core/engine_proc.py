@@ -29,7 +29,7 @@ from weavelm.utils import freeze_gc_heap
 
 logger = logging.getLogger("weavelm.engine_proc")
 IDLE_POLL_MS = 1000  # while idle, how often the core checks that its parent is still alive
-UTILITY_METHODS = ("get_stats", "collective_rpc")
+UTILITY_METHODS = ("get_stats", "collective_rpc", "add_lora", "load_lora_adapter", "remove_lora", "lora_adapters")
 
 
 def run_engine_core(config: EngineConfig, registry_spec: RegistrySpec, input_addr: str | list[str],

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from weavelm.core.contexts import (ExecutorContext, RunnerContext, SchedulerContext, SchedulerLimits,
                                    WorkerContext)
 from weavelm.core.graph_variants import CudaGraphVariants
+from weavelm.errors import LoRAError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -561,6 +562,8 @@ class LoRAManager(Component, CudaGraphVariants, ABC):
     it admits a waiting request on an adapter (False: it waits; the running set must never need more adapters
     than fit a batch; base-model requests are not asked about, and an adapter refused once is not asked about
     again in the same step); `num_active(running)` for stats; `lora_request(name)` resolves a configured adapter's name.
+    Run-time adapters (optional; the defaults refuse): `add_lora(lora_request) -> bool`, `load_lora(name, path,
+    replace)` (a new id; returns the request), `remove_lora(id or name) -> bool` and `named_loras()` ({name: request}).
     Model runner: `attach(model, device, dtype, max_tokens)` once after the weights are loaded (wrap layers,
     return the `LoRATargets` reported in `model_info`); `prepare(row_loras, counts, logits_rows)` before every
     forward; `set_head_rows(lora_request, n)` before a `compute_logits` over `n` rows of one request.
@@ -594,3 +597,15 @@ class LoRAManager(Component, CudaGraphVariants, ABC):
 
     @abstractmethod
     def set_head_rows(self, lora_request: Any, n: int) -> None: ...
+
+    def add_lora(self, lora_request: Any) -> bool:
+        raise LoRAError(f"the {type(self).__name__} lora_manager does not support adding adapters at run time")
+
+    def load_lora(self, lora_name: str, lora_path: str, replace: bool = False) -> Any:
+        raise LoRAError(f"the {type(self).__name__} lora_manager does not support adding adapters at run time")
+
+    def remove_lora(self, lora: int | str) -> bool:
+        raise LoRAError(f"the {type(self).__name__} lora_manager does not support removing adapters at run time")
+
+    def named_loras(self) -> dict[str, Any]:
+        return {}

@@ -62,6 +62,21 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def add_lora(self, lora_request: Any) -> bool:
+        """Add a LoRA adapter at run time (vLLM's `add_lora`): it is read and checked now (LoRAError naming the
+        problem), then selectable by name (`lora_request="name"`). False when this very adapter is added already;
+        a name or id taken by another adapter is a LoRAError. Needs LoRA enabled (`enable_lora=True`)."""
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora: int | str) -> bool:
+        """Remove an adapter by id (vLLM's `remove_lora`) or name; False when none has it. Requests running on it
+        finish; new requests on it are refused until it is added again."""
+        return self.engine.remove_lora(lora)
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters selectable by name (vLLM's `list_loras`)."""
+        return self.engine.list_loras()
+
     def get_stats(self) -> EngineStats:
         """Running / waiting requests, KV blocks used and total, KV usage and prefix-cache hit rate."""
         return self.engine.get_stats()

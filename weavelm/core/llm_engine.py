@@ -152,6 +152,23 @@ class LLMEngine:
         with self._lock:
             return self.client.collective_rpc(method, args, kwargs, ranks)
 
+    def add_lora(self, lora_request: Any) -> bool:
+        """vLLM's `add_lora`: check the adapter (LoRAError naming the problem) and make it selectable by its name;
+        False when this very adapter is added already."""
+        with self._lock:
+            return self.client.call_utility("add_lora", lora_request)
+
+    def remove_lora(self, lora: int | str) -> bool:
+        """vLLM's `remove_lora`, by id (or name): False when no adapter has it. Requests running on it finish;
+        new ones on it are refused until it is added again."""
+        with self._lock:
+            return self.client.call_utility("remove_lora", lora)
+
+    def list_loras(self) -> set[int]:
+        """vLLM's `list_loras`: the ids of the adapters selectable by name (configured or added)."""
+        with self._lock:
+            return {r.lora_int_id for r in self.client.call_utility("lora_adapters").values()}
+
     def step(self, finished_only: bool = False, delta: bool = False) -> list[RequestOutput]:
         """Run one core step. Outputs of requests added with an outbox (LLM.generate / LLM.stream) go to it;
         the others are returned: one RequestOutput per request that changed; with `finished_only` only for

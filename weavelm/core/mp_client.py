@@ -108,6 +108,9 @@ class SyncMPClient(_MPClient):
         """`args`, `kwargs` and the results must pickle."""
         return self._call("collective_rpc", (method, args, kwargs, ranks))
 
+    def call_utility(self, method: str, *args: Any) -> Any:
+        return self._call(method, args)
+
     def _call(self, method: str, args: tuple) -> Any:
         self._flush()
         call_id = next(self._call_ids)

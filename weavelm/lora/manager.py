@@ -3,7 +3,10 @@
 Two halves, one class, each instance used on one side:
 - in the engine core, `check_request` reads and checks an adapter before its request is queued (a bad adapter
   fails that request only) and `can_admit` keeps at most `max_loras` distinct adapters among running requests,
-  so every batch fits the device slots (the others wait);
+  so every batch fits the device slots (the others wait). It also keeps the adapters selectable by name: the
+  configured ones, plus those added and removed at run time (`add_lora`, `load_lora`, `remove_lora`). An id is
+  never reused for another adapter (the runners' slot and host caches and the prefix cache are keyed by it), and
+  a removed adapter serves no new request until it is added again; requests already queued on it finish;
 - in each model runner, `attach` wraps the model's layers by type (`weavelm.lora.model`), and `prepare` maps each
   batch row's adapter to a device slot (an LRU of `max_loras` slots, filled from an LRU of `max_cpu_loras` adapters
   in host memory) and writes the per-token slot index the wrapped layers read.
@@ -27,6 +30,7 @@ from weavelm.lora.request import LoRARequest
 from weavelm.lora.targets import LoRATargets
 
 MAX_CHECKED = 4096  # adapters remembered as checked by the engine core
+MAX_REMOVED = 4096  # adapters remembered as removed (refused for new requests) by the engine core
 
 
 class LoRAOptions(BaseModel):
@@ -112,6 +116,8 @@ class LoRAManagerBase:
         self.named = named_lora_requests(options)
         self.targets: LoRATargets | None = None
         self._checked: OrderedDict[int, LoRARequest] = OrderedDict()
+        self._removed: OrderedDict[int, LoRARequest] = OrderedDict()  # by id, oldest first
+        self._next_id = len(self.named) + 1  # above every id seen: what `load_lora` gives a new adapter
         self.state: LoRABatchState | None = None
         self.slots: LoRASlots | None = None
 
@@ -121,7 +127,7 @@ class LoRAManagerBase:
         if name not in self.named:
             known = ", ".join(sorted(self.named)) or "none configured"
             raise LoRAError(f"unknown LoRA adapter {name!r}; configured adapters: {known} (add it under "
-                            f"lora.adapters or pass --lora {name}=PATH)")
+                            f"lora.adapters, pass --lora {name}=PATH, or add it at run time with add_lora)")
         return self.named[name]
 
     def set_targets(self, targets: LoRATargets) -> None:
@@ -137,6 +143,10 @@ class LoRAManagerBase:
             return
         if not isinstance(lora, LoRARequest):
             raise LoRAError(f"lora_request: expected a weavelm.LoRARequest or None (got {type(lora).__name__})")
+        removed = self._removed.get(lora.lora_int_id)
+        if removed is not None:
+            raise LoRAError(f"LoRA adapter {removed.lora_name!r} (lora_int_id {lora.lora_int_id}) was removed; add "
+                            f"it again (add_lora, or POST /v1/load_lora_adapter) before sending requests on it")
         seen = self._checked.get(lora.lora_int_id)
         if seen is not None:
             if seen != lora:
@@ -146,13 +156,73 @@ class LoRAManagerBase:
             return
         configured = next((r for r in self.named.values() if r.lora_int_id == lora.lora_int_id), None)
         if configured is not None and configured != lora:
-            raise LoRAError(f"lora_int_id {lora.lora_int_id} is taken by the configured adapter "
-                            f"{configured.lora_name!r}; use an id above {len(self.named)}")
+            raise LoRAError(f"lora_int_id {lora.lora_int_id} is taken by the adapter {configured.lora_name!r}; "
+                            f"use an id of {self._next_id} or above")
         assert self.targets is not None, "set_targets before check_request"
         load_adapter(lora, self.targets, self.options.max_lora_rank)
         self._checked[lora.lora_int_id] = lora
+        self._next_id = max(self._next_id, lora.lora_int_id + 1)
         while len(self._checked) > MAX_CHECKED:
             self._checked.popitem(last=False)
+
+    def add_lora(self, lora: Any) -> bool:
+        """vLLM's `add_lora`: read and check the adapter of `lora` (a LoRARequest; LoRAError naming the problem
+        otherwise), then make it selectable by its name. False when this very adapter is added already; a name
+        or id taken by another adapter is a LoRAError. An adapter removed earlier may come back only as it was
+        (same name, id and path): ids are never reused."""
+        if not isinstance(lora, LoRARequest):
+            raise LoRAError(f"add_lora: expected a weavelm.LoRARequest (got {type(lora).__name__})")
+        current = self.named.get(lora.lora_name)
+        if current == lora:
+            return False
+        if current is not None:
+            raise LoRAError(f"a LoRA adapter named {lora.lora_name!r} is loaded already; remove it first, or "
+                            f"choose another name")
+        removed = self._removed.get(lora.lora_int_id)
+        if removed is not None and removed != lora:
+            raise LoRAError(f"lora_int_id {lora.lora_int_id} belonged to the removed adapter "
+                            f"{removed.lora_name!r}; ids are never reused, use an id of {self._next_id} or above")
+        self._removed.pop(lora.lora_int_id, None)
+        try:
+            self.check_request(lora)
+        except LoRAError:
+            if removed is not None:
+                self._removed[lora.lora_int_id] = removed
+            raise
+        self.named[lora.lora_name] = lora
+        return True
+
+    def load_lora(self, lora_name: str, lora_path: str, replace: bool = False) -> LoRARequest:
+        """Add the PEFT adapter at `lora_path` as `lora_name` under a new id (`add_lora`'s checks); returns its
+        request. What the server's /v1/load_lora_adapter does, from any API server. `replace` (vLLM's
+        `load_inplace`): an adapter of that name is removed once the new one passed its checks."""
+        old = self.named.get(lora_name)
+        if old is not None and not replace:
+            raise LoRAError(f"a LoRA adapter named {lora_name!r} is loaded already; unload it first, choose "
+                            f"another name, or replace it (load_inplace)")
+        lora = LoRARequest(lora_name, self._next_id, lora_path)
+        if old is not None:
+            self.check_request(lora)
+            self.remove_lora(lora_name)
+        self.add_lora(lora)
+        return lora
+
+    def remove_lora(self, lora: int | str) -> bool:
+        """vLLM's `remove_lora`: forget the adapter with this id (or name); False when none has it. Requests
+        already queued on it run to their end; new ones on it are refused until it is added again."""
+        found = next((r for r in self.named.values() if lora in (r.lora_int_id, r.lora_name)), None)
+        if found is None:
+            return False
+        del self.named[found.lora_name]
+        self._checked.pop(found.lora_int_id, None)
+        self._removed[found.lora_int_id] = found
+        while len(self._removed) > MAX_REMOVED:
+            self._removed.popitem(last=False)
+        return True
+
+    def named_loras(self) -> dict[str, LoRARequest]:
+        """The adapters selectable by name now: the configured ones and those added at run time."""
+        return dict(self.named)
 
     def can_admit(self, request: Any, running: list) -> bool:
         """Whether `request` may join `running` without more than `max_loras` distinct adapters among them."""

@@ -17,6 +17,7 @@ from weavelm.serve.chat import conversation, create_chat_completion
 from weavelm.serve.completions import create_completion
 from weavelm.serve.errors import APIError, bad_request, engine_unavailable, install_error_handlers
 from weavelm.serve.guard import DEFAULT_MAX_BODY_BYTES, Guard
+from weavelm.serve.lora_routes import add_lora_routes, allowed_roots
 from weavelm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from weavelm.serve.params import model_defaults
 from weavelm.serve.prompts import PromptPreparer
@@ -46,12 +47,14 @@ def default_model_name(model: Any) -> str:
 
 def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None, api_key: str | None = None,
               max_waiting: int | None = None, metrics_dir: str | None = None,
-              max_request_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              max_request_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+              lora_allowed_paths: list[str] | None = None) -> FastAPI:
     """An app serving `engine` under `served_model_name` (default: the model folder's name; the first of a list is
     the name in responses). With `api_key`, every endpoint but /health needs `Authorization: Bearer KEY`.
     `max_waiting`: requests waiting for their first output beyond which new ones get 429. `metrics_dir`: one of
     several API servers whose /metrics are summed through prometheus_client's multiprocess directory.
-    `max_request_body_bytes`: larger bodies get 413 (None: no cap)."""
+    `max_request_body_bytes`: larger bodies get 413 (None: no cap). `lora_allowed_paths`: directories LoRA adapters
+    may be loaded from at run time (/v1/load_lora_adapter; none: run-time loading is refused)."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     names = names or [default_model_name(engine.config.model)]
     state = ServeState(engine, names, api_key, max_waiting, ServerMetrics(names[0], metrics_dir),
@@ -70,14 +73,17 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        await state.refresh_adapters_for(body.model)
         return await create_completion(state, body, request)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        await state.refresh_adapters_for(body.model)
         return await create_chat_completion(state, body, request)
 
     @api.get("/v1/models")
     async def models() -> ModelList:
+        await state.refresh_adapters()
         cards = [ModelCard(id=name, root=state.model_name, max_model_len=engine.max_model_len)
                  for name in state.model_names]
         cards += [ModelCard(id=name, root=name, parent=state.model_name, max_model_len=engine.max_model_len)
@@ -86,18 +92,21 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        await state.refresh_adapters_for(body.model)
         state.admit(body.model, 0)
         ids = await _tokenize(state, body)
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        await state.refresh_adapters_for(body.model)
         state.admit(body.model, 0)
         try:
             return {"prompt": await state.prompts.decode(body.tokens)}
         except RequestError as e:
             raise bad_request(e) from None
 
+    add_lora_routes(api, state, allowed_roots(lora_allowed_paths))
     app.include_router(api)
 
     @app.get("/health", response_class=Response, responses={

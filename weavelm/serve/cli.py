@@ -52,6 +52,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction,
     g.add_argument("--limit-concurrency", type=int, default=HTTPLimits.limit_concurrency, metavar="N",
                    help=f"most open connections and tasks; more get 503 (default {HTTPLimits.limit_concurrency}; "
                         f"0: no limit)")
+    g.add_argument("--lora-allowed-paths", nargs="+", metavar="DIR",
+                   help="with --enable-lora: directories LoRA adapters may be loaded from at run time (POST "
+                        "/v1/load_lora_adapter, /v1/unload_lora_adapter); default: run-time loading is off")
     g.add_argument("--api-server-count", type=int, default=1, metavar="N",
                    help="API-server processes in front of one engine core (vLLM's flag; default 1). Each turns its "
                         "share of the tokens into HTTP, so a busy GPU is not held back by one process's Python; "
@@ -76,6 +79,9 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append(f"--api-server-count: must be >= 1 (got {args.api_server_count})")
     if args.num_threads is not None and args.num_threads < 1:
         problems.append(f"--num-threads: must be >= 1 (got {args.num_threads})")
+    for path in getattr(args, "lora_allowed_paths", None) or []:
+        if not os.path.isdir(path):
+            problems.append(f"--lora-allowed-paths: {path!r} is not a directory")
     if args.api_key is not None and not args.api_key:
         problems.append("--api-key: must not be empty")
     for flag in ("max_request_body_bytes", "max_header_bytes", "limit_concurrency"):
@@ -130,7 +136,8 @@ def run_uvicorn(args: argparse.Namespace, engine, sockets: list | None = None, m
     from weavelm.utils import freeze_gc_heap
 
     app = build_app(engine, args.served_model_name, args.api_key, args.max_waiting_requests, metrics_dir,
-                    max_request_body_bytes=args.max_request_body_bytes or None)
+                    max_request_body_bytes=args.max_request_body_bytes or None,
+                    lora_allowed_paths=getattr(args, "lora_allowed_paths", None))
     freeze_gc_heap()
     server = make_server(app, host=args.host, port=args.port, log_level=args.log_level,
                          access_log=bool(getattr(args, "verbose", False)), limits=http_limits(args),

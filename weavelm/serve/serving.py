@@ -62,6 +62,17 @@ class ServeState:
                                 f" retry later", code="rate_limit_exceeded")
         return self.adapters.get(model) if model is not None else None
 
+    async def refresh_adapters(self) -> None:
+        """Take the served LoRA adapters from the engine core, which holds those loaded or unloaded at run time
+        (by any API server). Nothing to ask without LoRA."""
+        if self.engine.config.lora is not None:
+            self.adapters = await self.engine.lora_adapters()
+
+    async def refresh_adapters_for(self, model: str | None) -> None:
+        """`refresh_adapters` before a request whose `model` may name an adapter (not the base model's names)."""
+        if model is not None and model not in self.model_names:
+            await self.refresh_adapters()
+
     def response_model(self, model: str | None) -> str:
         """The `model` of a response: the adapter's name for a LoRA adapter, else the served name."""
         return model if model is not None and model in self.adapters else self.model_name
