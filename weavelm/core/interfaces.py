@@ -45,7 +45,7 @@ inspection hooks reached through `LLM.collective_rpc` (Worker.apply_model / cach
 ModelRunner.get_model / cached_request_ids); the `kernels:` config section and `num_threads`."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
-                   "lora_manager", "proposer", "quantization")
+                   "lora_manager", "proposer", "quantization", "tool_parser", "reasoning_parser")
 
 
 class NoOptions(BaseModel):
