@@ -19,7 +19,7 @@ def _body(text: str) -> str | None:
     """The calls' text after the optional python tag; None while the start is still undecided."""
     stripped = text.lstrip()
     if stripped.startswith(PYTHON_TAG):
-        return stripped[len(PYTHON_TAG):].lstrip()
+        return stripped[len(PYTHON_TAG):].lstrip() or None
     if not stripped or PYTHON_TAG.startswith(stripped):
         return None
     return stripped
