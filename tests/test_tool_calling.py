@@ -205,6 +205,27 @@ def test_parsers_are_plugins_selected_by_flag():
         ToolSettings.from_flags(True, None, None, registry)
 
 
+def test_serve_flags_are_vllms_and_checked_before_the_model_loads():
+    import argparse
+
+    from weavelm.errors import WeaveError
+    from weavelm.serve.cli import _check_args, add_serve_parser, tool_settings
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(), add_engine_args=lambda p: None)
+    args = parser.parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json",
+                              "--reasoning-parser", "deepseek_r1"])
+    settings = tool_settings(args)
+    assert settings.auto and settings.tool_parser is Llama3JsonToolParser
+    assert settings.reasoning_parser is DeepSeekR1ReasoningParser
+    assert tool_settings(parser.parse_args(["serve"])) == ToolSettings()
+    for argv, flag in ((["--enable-auto-tool-choice"], "--enable-auto-tool-choice"),
+                       (["--tool-call-parser", "nope"], "--tool-call-parser"),
+                       (["--reasoning-parser", "nope"], "--reasoning-parser")):
+        with pytest.raises(WeaveError, match=flag):
+            _check_args(parser.parse_args(["serve", *argv]))
+
+
 # -- the server -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(smol_tokenizer_model):
@@ -234,7 +255,9 @@ def structured_enforced(engine) -> bool:
 
 @pytest.fixture(scope="module")
 def server(smol_tokenizer_model):
-    srv = ServerProcess(smol_tokenizer_model, "--max-model-len", "256", "--served-model-name", "tiny")
+    # a reasoning parser but no auto tool choice: "auto" is refused, the rest works
+    srv = ServerProcess(smol_tokenizer_model, "--max-model-len", "512", "--served-model-name", "tiny",
+                        "--reasoning-parser", "qwen3")
     yield srv
     srv.stop()
 
@@ -282,7 +305,7 @@ def test_required_and_named_give_calls_that_validate(client, structured_enforced
                     "issue 29 item 1)")
     for tool_choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
         for seed in range(2):
-            kwargs = dict(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, max_tokens=120,
+            kwargs = dict(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, max_tokens=160,
                           temperature=1.0, seed=seed)
             if stream:
                 calls, finish = _stream_calls(client.chat.completions.create(stream=True, **kwargs))

@@ -83,7 +83,9 @@ async def create_chat_completion(state: ServeState, req: ChatCompletionRequest, 
             if getattr(base, "structured_outputs", None) is not None:
                 raise RequestError(f"tool_choice: {plan.mode} tool calls are held to their own JSON schema; drop "
                                    f"response_format / structured_outputs or use tool_choice \"auto\"")
-            base.structured_outputs = StructuredOutputsParams(json=plan.schema)
+            # compact JSON (", " and ": " separators): a call needs no other whitespace, and a weak model could
+            # otherwise write whitespace until max_tokens
+            base.structured_outputs = StructuredOutputsParams(json=plan.schema, disable_any_whitespace=True)
         prompt = await state.prompts.chat(conversation(req.messages), req.add_generation_prompt is not False,
                                           tools=plan.tools)
         if max_tokens is None:  # the rest of the context, as vLLM does
