@@ -382,3 +382,26 @@ def test_auto_hermes_output_becomes_tool_calls_with_reasoning(forced_app_client)
                                                       tool_choice="none", max_tokens=100).choices[0]
     assert plain.message.tool_calls == [] and plain.finish_reason == "stop"  # "none": no parsing for calls
     assert plain.message.content.startswith("\n\nChecking.<tool_call>")
+
+
+def test_template_gets_tools_and_earlier_calls(smol_tokenizer_model):
+    """`tools` reach the chat template, and an earlier assistant call's JSON arguments reach it as a mapping (as
+    vLLM passes them), next to the tool message's `tool_call_id`."""
+    from transformers import AutoTokenizer
+
+    from weavelm.chat_template import render_chat
+    from weavelm.serve.chat import conversation
+    from weavelm.serve.protocol import ChatMessage
+
+    template = ("{% for t in tools %}[tool {{ t.function.name }}]{% endfor %}{% for m in messages %}<{{ m.role }}>"
+                "{% for c in m.tool_calls or [] %}{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}"
+                "{{ m.tool_call_id or '' }}:{{ m.content }}{% endfor %}")
+    messages = [ChatMessage(role="user", content="weather?"),
+                ChatMessage(role="assistant", content=None, tool_calls=[{
+                    "id": "call1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]),
+                ChatMessage(role="tool", content="sunny", tool_call_id="call1")]
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_model)
+    text = render_chat(tokenizer, conversation(messages), add_generation_prompt=False, chat_template=template,
+                       tools=TOOLS)["prompt"]
+    assert text == "[tool get_weather][tool get_time]<user>:weather?<assistant>get_weather(Paris):<tool>call1:sunny"
