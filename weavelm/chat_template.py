@@ -10,10 +10,11 @@ from weavelm.errors import RequestError
 
 def render_chat(tokenizer: Any, conversation: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                 continue_final_message: bool = False, chat_template: str | None = None,
-                chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                chat_template_kwargs: dict[str, Any] | None = None,
+                tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Render `conversation` (a list of {"role", "content"} dicts) with the tokenizer's chat template, or
     `chat_template` when given, and encode the text without adding special tokens on top of the template's own (as
-    vLLM's `LLM.chat` does). Raises RequestError naming `messages` when there is no template or it cannot render
+    vLLM's `LLM.chat` does). `tools` (OpenAI's function declarations) go to the template as its `tools`. Raises RequestError naming `messages` when there is no template or it cannot render
     them."""
     if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise RequestError("messages: this model's tokenizer has no chat template; pass a chat template or send a "
@@ -25,6 +26,8 @@ def render_chat(tokenizer: Any, conversation: list[dict[str, Any]], *, add_gener
         kwargs["continue_final_message"] = True
     if chat_template is not None:
         kwargs["chat_template"] = chat_template
+    if tools:
+        kwargs["tools"] = tools
     try:
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                              tokenize=False, **kwargs)

@@ -37,11 +37,14 @@ from weavelm.layers import (Attention, ColumnParallelLinear, MergedColumnParalle
 from weavelm.ops.cache_write import write_kv_cache
 from weavelm.scheduling import BaseScheduler, SchedulerOptions
 from weavelm.spec_decode.batch import SpecDecodeBatch, SpecDecodeLimits
+from weavelm.tools.interfaces import (DeltaFunctionCall, DeltaMessage, DeltaToolCall, ExtractedToolCalls,
+                                      FunctionCall, ReasoningParser, ToolCall, ToolParser)
 from weavelm.utils import cdiv
 
 KIND_ABCS = {"scheduler": Scheduler, "executor": Executor, "worker": Worker, "model_runner": ModelRunner,
              "loader": ModelLoader, "attention": AttentionBackend, "model": ModelArchitecture,
-             "lora_manager": LoRAManager, "proposer": Proposer, "quantization": QuantizationConfig}
+             "lora_manager": LoRAManager, "proposer": Proposer, "quantization": QuantizationConfig,
+             "tool_parser": ToolParser, "reasoning_parser": ReasoningParser}
 """The interface each registered kind's components implement (one entry per `COMPONENT_KINDS`)."""
 
 __all__ = [
@@ -61,4 +64,6 @@ __all__ = [
     "TensorParallelGroup", "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
     "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead", "RMSNorm", "RotaryEmbedding", "SiluAndMul",
     "Attention", "WeightsMapper", "load_checkpoint",
+    "ToolParser", "ReasoningParser", "ExtractedToolCalls", "ToolCall", "FunctionCall", "DeltaMessage",
+    "DeltaToolCall", "DeltaFunctionCall",
 ]

@@ -51,7 +51,7 @@ sliding-window attention (AttentionSpec.sliding_window, AttentionImpl.sliding_wi
 SchedulerContext.sliding_window)."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
-                   "lora_manager", "proposer", "quantization")
+                   "lora_manager", "proposer", "quantization", "tool_parser", "reasoning_parser")
 
 
 class NoOptions(BaseModel):

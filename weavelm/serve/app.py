@@ -48,18 +48,21 @@ def default_model_name(model: Any) -> str:
 def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None, api_key: str | None = None,
               max_waiting: int | None = None, metrics_dir: str | None = None,
               max_request_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
-              lora_allowed_paths: list[str] | None = None) -> FastAPI:
+              lora_allowed_paths: list[str] | None = None, tools: Any = None) -> FastAPI:
     """An app serving `engine` under `served_model_name` (default: the model folder's name; the first of a list is
     the name in responses). With `api_key`, every endpoint but /health needs `Authorization: Bearer KEY`.
     `max_waiting`: requests waiting for their first output beyond which new ones get 429. `metrics_dir`: one of
     several API servers whose /metrics are summed through prometheus_client's multiprocess directory.
     `max_request_body_bytes`: larger bodies get 413 (None: no cap). `lora_allowed_paths`: directories LoRA adapters
-    may be loaded from at run time (/v1/load_lora_adapter; none: run-time loading is refused)."""
+    may be loaded from at run time (/v1/load_lora_adapter; none: run-time loading is refused). `tools`: the
+    `weavelm.tools.settings.ToolSettings` (tool_choice "auto" and the parsers; None: no parsers)."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     names = names or [default_model_name(engine.config.model)]
     state = ServeState(engine, names, api_key, max_waiting, ServerMetrics(names[0], metrics_dir),
                        model_defaults(engine), served_adapters(engine.config),
                        PromptPreparer(engine.processor, engine.max_model_len))
+    if tools is not None:
+        state.tools = tools
     engine.output_observer = state.metrics.observe
     app = FastAPI(title="weavelm", version=weavelm.__version__,
                   description="OpenAI-compatible API of a weavelm engine")

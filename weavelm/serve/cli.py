@@ -62,6 +62,17 @@ def add_serve_parser(subparsers: argparse._SubParsersAction,
     g.add_argument("--num-threads", type=int, default=None, metavar="N",
                    help="torch CPU threads in every process (sets the config's num_threads; default: the cores "
                         "not busy now)")
+    t = p.add_argument_group("tool calling and reasoning (vLLM's flags)")
+    t.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto" (the default when a request has tools): the model decides, and '
+                        "--tool-call-parser finds its calls in the output. \"required\" and named functions work "
+                        "without it (held to a JSON schema by structured outputs)")
+    t.add_argument("--tool-call-parser", metavar="NAME",
+                   help="the tool_parser plugin that reads the model's calls: hermes (Qwen2.5, Qwen3, Hermes), "
+                        "llama3_json (Llama 3.x), or an installed plugin's")
+    t.add_argument("--reasoning-parser", metavar="NAME",
+                   help="the reasoning_parser plugin that fills message.reasoning_content: qwen3 (<think>...</think>"
+                        "), deepseek_r1, or an installed plugin's")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default info)")
     p.set_defaults(handler=cmd_serve)
@@ -92,6 +103,15 @@ def _check_args(args: argparse.Namespace) -> None:
             problems.append(f"--{flag.replace('_', '-')}: must be > 0 seconds (got {getattr(args, flag)})")
     if problems:
         raise WeaveError("; ".join(problems))
+    tool_settings(args)  # an unknown parser fails before the model loads
+
+
+def tool_settings(args: argparse.Namespace) -> Any:
+    """The server's ToolSettings from --enable-auto-tool-choice, --tool-call-parser and --reasoning-parser."""
+    from weavelm.tools.settings import ToolSettings
+
+    return ToolSettings.from_flags(getattr(args, "enable_auto_tool_choice", False),
+                                   getattr(args, "tool_call_parser", None), getattr(args, "reasoning_parser", None))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -137,7 +157,7 @@ def run_uvicorn(args: argparse.Namespace, engine, sockets: list | None = None, m
 
     app = build_app(engine, args.served_model_name, args.api_key, args.max_waiting_requests, metrics_dir,
                     max_request_body_bytes=args.max_request_body_bytes or None,
-                    lora_allowed_paths=getattr(args, "lora_allowed_paths", None))
+                    lora_allowed_paths=getattr(args, "lora_allowed_paths", None), tools=tool_settings(args))
     freeze_gc_heap()
     server = make_server(app, host=args.host, port=args.port, log_level=args.log_level,
                          access_log=bool(getattr(args, "verbose", False)), limits=http_limits(args),

@@ -47,10 +47,6 @@ def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of: is not supported (only best_of = n)", param="best_of")
     else:
-        if req.tools:
-            raise APIError(400, "tools: tool calling is not supported", param="tools")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice: tool calling is not supported", param="tool_choice")
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise APIError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
 

@@ -66,12 +66,13 @@ class PromptPreparer:
             raise RequestError(f"prompt: the tokenizer cannot encode it ({type(e).__name__}: {e})") from e
 
     async def chat(self, conversation: list[dict[str, Any]], add_generation_prompt: bool,
-                   check_length: bool = True) -> dict[str, Any]:
+                   check_length: bool = True, tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """A conversation rendered by the chat template, off the loop (`check_length`: refuse one over the
-        context, as a generation would be; /tokenize only counts)."""
+        context, as a generation would be; /tokenize only counts; `tools`: the template's tool declarations)."""
         self.check_text("".join(str(m.get("content") or "") for m in conversation), "messages")
         prompt = await self._off_loop(lambda: render_chat(self.engine.tokenizer, conversation,
-                                                          add_generation_prompt=add_generation_prompt))
+                                                          add_generation_prompt=add_generation_prompt,
+                                                          tools=tools))
         if check_length:
             self.check_ids(prompt["prompt_token_ids"], "messages")
         return prompt

@@ -17,6 +17,7 @@ from weavelm.core.async_llm import AsyncLLM
 from weavelm.serve.errors import APIError
 from weavelm.serve.metrics import ServerMetrics
 from weavelm.serve.prompts import PromptPreparer
+from weavelm.tools.settings import ToolSettings
 
 DONE = "data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # what -inf is sent as (JSON has no infinity), as vLLM does
@@ -36,6 +37,7 @@ class ServeState:
     adapters: dict[str, Any] = field(default_factory=dict)  # served LoRA adapters: name -> LoRARequest
     prompts: PromptPreparer = None  # type: ignore[assignment]
     live: set = field(default_factory=set)
+    tools: ToolSettings = field(default_factory=ToolSettings)  # tool calling and reasoning parsers (chat)
 
     @property
     def model_name(self) -> str:
