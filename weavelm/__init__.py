@@ -9,9 +9,8 @@ from weavelm.core.request import SamplingParams
 from weavelm.errors import (ConfigError, EngineDeadError, EngineError, LoadError, PluginError, RequestError,
                             WeaveError)
 from weavelm.lora.request import LoRARequest
-from weavelm.pooling.outputs import EmbeddingRequestOutput, PoolingRequestOutput, ScoringRequestOutput
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "LLMEngine", "AsyncLLM", "SamplingParams", "LoRARequest", "EngineConfig", "RequestOutput",
            "CompletionOutput", "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError", "EngineDeadError",
-           "EmbeddingRequestOutput", "PoolingRequestOutput", "ScoringRequestOutput", "__version__"]
+           "__version__"]
