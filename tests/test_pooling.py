@@ -175,3 +175,27 @@ def test_openai_embeddings_endpoint(folders, st_llm):
         assert r.status_code == 400 and "--runner pooling" in r.json()["error"]["message"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kind", ["MEAN", "CLS", "LAST"])
+def test_pooler_folds_chunks_and_restarts_after_preemption(kind):
+    """The runner-side Pooler alone: a prompt cut into chunks across steps (beside another request) pools as the
+    whole prompt does, and a chunk at position 0 (a request preempted and recomputed) starts it afresh."""
+    from weavelm.pooling.config import ResolvedPooler
+    from weavelm.pooling.pooler import Pooler
+
+    torch.manual_seed(0)
+    h = torch.randn(7, 5)
+    want = {"MEAN": h.mean(0), "CLS": h[0], "LAST": h[-1]}[kind]
+    pooler = Pooler(ResolvedPooler(kind, False, "config"))
+    other = torch.randn(2, 5)
+    # step 1: "a" positions 0-2 and "b" (2 tokens, done); step 2: "a" preempted, recomputed from 0 with wrong
+    # states first; step 3: positions 0-3 again; step 4: positions 4-6 finish it
+    first = pooler.pool(torch.cat([h[:3], other]), ["a", "b"], [0, 3, 5], [0, 0], [7, 2])
+    assert list(first) == ["b"]
+    assert pooler.pool(torch.zeros(2, 5), ["a"], [0, 2], [0], [7]) == {}
+    assert pooler.pool(h[:4], ["a"], [0, 4], [0], [7]) == {}
+    out = pooler.pool(h[4:], ["a"], [0, 3], [4], [7])
+    np.testing.assert_allclose(out["a"], want.numpy(), atol=1e-6, rtol=0)
+    pooler.forget(["a", "b"])
+    assert not pooler._partial
