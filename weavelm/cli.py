@@ -25,6 +25,8 @@ VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
                                "help": "scheduler.enable_chunked_prefill"},
     "enforce_eager": {"action": "store_const", "const": True, "help": "disable CUDA graphs"},
     "tokenizer": {"help": "tokenizer directory (default: beside the model)"},
+    "runner": {"choices": ("auto", "generate", "pooling"), "help": "generate (default) or pooling: embed prompts "
+               "(LLM.embed, /v1/embeddings)"},
     "enable_lora": {"action": "store_const", "const": True, "help": "serve LoRA adapters (opens the lora section)"},
     "max_loras": {"type": int, "help": "lora.max_loras (distinct adapters in one batch)"},
     "max_lora_rank": {"type": int, "help": "lora.max_lora_rank"},

@@ -313,6 +313,7 @@ class BaseScheduler(Scheduler):
         kv = self.kv
         caching = kv.enable_caching
         spec, spec_sched = self.spec, scheduler_output.scheduled_spec_decode_tokens
+        pooled = runner_output.pooler_output
         for rid in scheduler_output.num_scheduled_tokens:
             req = requests.get(rid)
             if req is None:
@@ -327,6 +328,13 @@ class BaseScheduler(Scheduler):
                 continue
             if req.num_output_placeholders:
                 req.num_output_placeholders = max(0, req.num_output_placeholders - len(sampled or ()))
+            if pooled is not None and rid in pooled:  # a pooling request ends with its prompt: nothing to sample
+                req.status = RequestStatus.FINISHED_STOPPED
+                outputs.append(EngineCoreOutput(rid, [], finish_reason=req.status.finish_reason,
+                                                num_cached_tokens=max(req.num_cached_tokens, 0),
+                                                pooling_output=pooled[rid]))
+                finished.append(req)
+                continue
             if not sampled:
                 # the step computed these tokens: full blocks among them may now be shared
                 if caching:

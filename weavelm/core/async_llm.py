@@ -71,6 +71,7 @@ class RequestStream:
         self._changed: set[int] = set()
         self._prompt_logprobs: list | None = None  # arrives once, with the first output
         self._prompt_logprobs_sent = False
+        self._pooling_output: list[float] | None = None  # a pooling request's embedding, with its final output
         self.on_first_output: Callable[[], None] | None = None
 
     def push(self, item: RequestOutput | BaseException) -> None:
@@ -116,6 +117,8 @@ class RequestStream:
         self.num_prompt_tokens = len(out.prompt_token_ids)
         if getattr(out, "prompt_logprobs", None) is not None:
             self._prompt_logprobs = out.prompt_logprobs
+        if out.pooling_output is not None:
+            self._pooling_output = out.pooling_output
         for comp in out.outputs:
             choice = self._choices.get(comp.index)
             if choice is None:
@@ -146,6 +149,8 @@ class RequestStream:
         if self._prompt_logprobs is not None and not (self.delta and self._prompt_logprobs_sent):
             extra["prompt_logprobs"] = self._prompt_logprobs  # deltas carry them once, cumulative outputs always
             self._prompt_logprobs_sent = True
+        if self._pooling_output is not None:
+            extra["pooling_output"] = self._pooling_output
         return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, completions, out.finished,
                              out.num_cached_tokens, out.error, out.metrics, **extra)
 

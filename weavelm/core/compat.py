@@ -74,6 +74,7 @@ def _special_cases(raw: dict[str, Any], base: dict[str, Any], registry: Any, err
     if raw.get("dtype") in DTYPES:
         raw["dtype"] = DTYPES[raw["dtype"]]
     _lora_flags(raw, errors)
+    _runner_flags(raw, errors)
     if raw.get("pipeline_parallel_size") in (1, None) and "pipeline_parallel_size" in raw:
         raw.pop("pipeline_parallel_size")
     if "distributed_executor_backend" in raw:
@@ -97,6 +98,32 @@ def _special_cases(raw: dict[str, Any], base: dict[str, Any], registry: Any, err
         if registry is None or MULTI_WORKER_EXECUTOR in registry.names("executor"):
             executor["name"] = MULTI_WORKER_EXECUTOR  # vLLM too picks its multiprocessing backend for TP > 1
             raw["executor"] = executor
+
+
+TASKS = {"auto": None, "generate": "generate", "embed": "pooling", "embedding": "pooling"}  # vLLM's older `task`
+
+
+def _runner_flags(raw: dict[str, Any], errors: list[tuple[str, str]]) -> None:
+    """vLLM's `runner="auto"`, its older `task="embed"` and `pooler_config=` / `override_pooler_config=`."""
+    if raw.get("runner") == "auto":
+        raw.pop("runner")
+    if "task" in raw:
+        task = raw.pop("task")
+        runner = TASKS.get(task, "") if isinstance(task, str) else ""
+        if runner == "":
+            errors.append(("task", f"{echo(task)} is not supported; weavelm runs task 'generate' or 'embed' "
+                                   f"(runner='generate' or runner='pooling')"))
+        elif runner is not None and raw.setdefault("runner", runner) != runner:
+            errors.append(("task", f"{echo(task)} conflicts with runner={echo(raw['runner'])}; give one of them"))
+    for name in ("pooler_config", "override_pooler_config"):
+        if name in raw:
+            value = raw.pop(name)
+            if hasattr(value, "model_dump"):
+                value = value.model_dump(exclude_none=True)
+            elif not isinstance(value, dict):  # vLLM's PoolerConfig dataclass: its two fields weavelm takes
+                value = {k: getattr(value, k) for k in ("pooling_type", "normalize") if getattr(value, k, None)
+                         is not None}
+            raw["pooler"] = {**_section(raw, "pooler"), **value}
 
 
 def _lora_flags(raw: dict[str, Any], errors: list[tuple[str, str]]) -> None:

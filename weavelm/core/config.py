@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from weavelm.errors import ConfigError, PluginError
 from weavelm.ops.settings import KernelConfig
+from weavelm.pooling.config import PoolerConfig
 
 COMPONENT_SECTIONS = {
     "scheduler": ("scheduler", "fcfs"),
@@ -37,7 +38,7 @@ MAX_ECHO = 200  # characters of a user value repeated in an error message
 MIN_KV_SLOTS = 2  # a prompt must be shorter than max_model_len, which the KV pool caps
 
 SCALAR_FIELDS = ("model", "tokenizer", "dtype", "device", "seed", "max_model_len", "enforce_eager",
-                 "async_scheduling", "engine_process", "engine_iteration_timeout_s", "num_threads")
+                 "async_scheduling", "engine_process", "engine_iteration_timeout_s", "num_threads", "runner")
 # Sections that exist only when written: key -> (kind, default plugin)
 OPTIONAL_SECTIONS = {"lora": ("lora_manager", "punica"), "speculative": ("proposer", "")}  # "": name required
 
@@ -88,6 +89,10 @@ class _TopLevel(BaseModel):
     num_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads in each process that "
                                     "runs the model (the runner sets it when it loads); None: one per core not "
                                     "busy now (the 1-minute load average), at most torch's default.")
+    runner: Literal["generate", "pooling"] = Field("generate", description="vLLM's `runner`: generate (sample "
+                                                   "tokens) or pooling (embed prompts: `LLM.embed`, /v1/embeddings).")
+    pooler: PoolerConfig | None = Field(None, description="With runner: pooling, the pooling type and normalization "
+                                        "(default: the model's sentence-transformers config, else LAST, normalized).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     kernels: KernelConfig = Field(default_factory=KernelConfig)
     scheduler: Any = None
@@ -130,6 +135,8 @@ class EngineConfig(BaseModel):
     engine_process: bool = Field(False, description="The engine core runs in its own process (MPClient).")
     engine_iteration_timeout_s: float = Field(120.0, description="Frozen-core deadline (0: none).")
     num_threads: int | None = Field(None, description="torch CPU threads per model-running process (None: auto).")
+    runner: str = Field("generate", description="generate or pooling (embeddings).")
+    pooler: PoolerConfig | None = Field(None, description="The pooler's overrides (runner: pooling only).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     kernels: KernelConfig = Field(default_factory=KernelConfig, description="Kernel switches (`weavelm.ops`).")
     scheduler: ComponentConfig
@@ -168,10 +175,12 @@ class EngineConfig(BaseModel):
                 comp = _validate_section(key, kind, raw[key], registry, errors, default)
                 if comp is not None:
                     sections[key] = comp
+        if top is not None:
+            errors.extend(_runner_conflicts(top, sections))
         if errors:
             raise ConfigError(errors)
         assert top is not None
-        fields = {k: getattr(top, k) for k in (*SCALAR_FIELDS, "cache", "kernels")}
+        fields = {k: getattr(top, k) for k in (*SCALAR_FIELDS, "cache", "kernels", "pooler")}
         return cls(**fields, **sections)
 
     @classmethod
@@ -183,6 +192,8 @@ class EngineConfig(BaseModel):
         out: dict[str, Any] = {k: getattr(self, k) for k in SCALAR_FIELDS}
         out["cache"] = self.cache.model_dump()
         out["kernels"] = self.kernels.model_dump()
+        if self.pooler is not None:
+            out["pooler"] = self.pooler.model_dump()
         for key in COMPONENT_SECTIONS:
             comp: ComponentConfig | None = getattr(self, key)
             if comp is None:
@@ -193,6 +204,17 @@ class EngineConfig(BaseModel):
             if comp is not None:
                 out[key] = {"name": comp.name, **comp.options.model_dump()}
         return out
+
+
+def _runner_conflicts(top: _TopLevel, sections: dict[str, ComponentConfig]) -> list[tuple[str, str]]:
+    """What `runner:` cannot be combined with."""
+    if top.runner == "generate":
+        return [("pooler", "only applies with runner: pooling; set runner: pooling or remove the section")] \
+            if top.pooler is not None else []
+    if "speculative" in sections:
+        return [("speculative", "a pooling engine samples nothing, so it has nothing to speculate; remove the "
+                                "section or use runner: generate")]
+    return []
 
 
 def _pydantic_errors(e: ValidationError, prefix: str = "") -> list[tuple[str, str]]:

@@ -74,7 +74,8 @@ class EngineCore:
         self.async_scheduling = self._use_async_scheduling()
         self.scheduler = self.assembly.build_scheduler(SchedulerContext(
             num_blocks=self.num_blocks, block_size=block_size, max_model_len=max_len,
-            enable_prefix_caching=config.cache.enable_prefix_caching, lora=self.lora,
+            # a pooling request's pooler (MEAN) needs every prompt position computed: no prefix-cache reads
+            enable_prefix_caching=config.cache.enable_prefix_caching and config.runner != "pooling", lora=self.lora,
             async_scheduling=self.async_scheduling, sliding_window=self.model_info.get("sliding_window")))
         self.last_stats = SchedulerStats()
         # The step function is chosen once: a plain step on the CPU (launching a step runs its whole forward

@@ -116,6 +116,8 @@ class InputProcessor:
         if bad:
             raise RequestError(f"prompt_token_ids: {show_value(bad[:5])} outside the vocabulary "
                                f"[0, {self.vocab_size})")
+        if self.config.runner == "pooling":
+            params.max_tokens = 1  # a pooling request runs its prompt only (its one "token" is the embedding)
         if self.extra_eos and not params.ignore_eos:
             params.stop_token_ids = params.stop_token_ids + self.extra_eos
         self._validate_extras(params)

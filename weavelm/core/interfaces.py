@@ -95,6 +95,9 @@ class Scheduler(Component, ABC):
       `ModelRunnerOutput.spec_token_ids` in `scheduled_spec_decode_tokens`, rolls `num_computed_tokens` back past
       rejected drafts and frees the blocks past those holding the request's known tokens (`weavelm.spec_decode`);
       a from-scratch scheduler that ignores `spec_token_ids` simply runs without speculation.
+    - Pooling (`runner: pooling`): a request whose id is in `ModelRunnerOutput.pooler_output` finishes with
+      FINISHED_STOPPED, its EngineCoreOutput carrying the vector in `pooling_output` (the runner pools a prompt when
+      its last chunk is computed and samples nothing).
     - Finishing: a finished request's blocks are freed at once and its id is reported in the *next*
       SchedulerOutput's `finished_req_ids` (so the worker drops its state), exactly once. `finish_requests`
       (abort, stop strings) does the same for requests in any state.

@@ -16,6 +16,7 @@ from weavelm.core.outputs import CompletionOutput, RequestOutput
 from weavelm.core.registry import Registry
 from weavelm.core.request import SamplingParams, show_value
 from weavelm.errors import RequestError
+from weavelm.pooling.offline import PoolingMethods
 
 logger = logging.getLogger("weavelm.llm")
 
@@ -42,8 +43,9 @@ def build_engine_config(model: str | None, config: str | EngineConfig | dict | N
     return EngineConfig.build(merge_overrides(raw, overrides, sets), registry), registry
 
 
-class LLM:
-    """Offline inference, vLLM-style. `LLM(model=..., **overrides)` or `LLM(config="engine.yaml")`."""
+class LLM(PoolingMethods):
+    """Offline inference, vLLM-style. `LLM(model=..., **overrides)` or `LLM(config="engine.yaml")`.
+    `LLM(model, runner="pooling")` embeds instead (`embed`, `encode`, `score`: `weavelm.pooling.offline`)."""
 
     def __init__(self, model: str | None = None, *, config: str | EngineConfig | dict | None = None,
                  sets: list[str] | None = None, registry: Registry | None = None, core_attachment: Any = None,
@@ -109,11 +111,22 @@ class LLM:
         prompt; None means the base model). Every request is validated before any is queued; an invalid one (or one
         the engine can never schedule) yields an output with `error` set and finish_reason "error", and the
         other prompts run normally. Safe to call from several threads and while streams are open."""
+        self._check_generate()
+        return self._run_requests(prompts, sampling_params, use_tqdm, lora_request, "gen")
+
+    def _check_generate(self) -> None:
+        if self.config.runner == "pooling":
+            raise RequestError("this engine runs runner='pooling', which embeds prompts and generates nothing; use "
+                               "llm.embed(prompts), or an engine with runner='generate' to generate")
+
+    def _run_requests(self, prompts: Any, sampling_params: Any, use_tqdm: bool, lora_request: Any,
+                      prefix: str) -> list[RequestOutput]:
+        """`generate`'s body, shared with the pooling methods: every prompt to its final output, in order."""
         prompts = _prompt_list(prompts)
         params = self._params_list(len(prompts), sampling_params)
         loras = _lora_list(len(prompts), lora_request)
         base = self.engine.new_request_id()
-        order = [f"gen-{base}-{i}" for i in range(len(prompts))]
+        order = [f"{prefix}-{base}-{i}" for i in range(len(prompts))]
         results: dict[str, RequestOutput] = {}
         prepared = []
         for rid, p, sp, lora in zip(order, prompts, params, loras):
@@ -152,6 +165,7 @@ class LLM:
         """Yield a growing RequestOutput after every step that adds text, ending with the finished one. Closing
         the generator early (break, close(), garbage collection) aborts the request. Safe to interleave with
         other streams, `generate` calls and threads."""
+        self._check_generate()
         outbox = Outbox(finished_only=False)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         rid = self.engine.add_request(prompt, params, outbox=outbox, lora_request=lora_request)

@@ -164,7 +164,8 @@ class OutputProcessor:
                                       finish_reason, stop_reason, logprobs)],
             finished=finish_reason is not None, num_cached_tokens=st.num_cached_tokens, error=co.error,
             metrics={"arrival": st.arrival, "first_token": st.first_token_time or 0.0, "now": now},
-            prompt_logprobs=co.prompt_logprobs if delta else st.prompt_logprobs)
+            prompt_logprobs=co.prompt_logprobs if delta else st.prompt_logprobs,
+            pooling_output=co.pooling_output)  # a pooling request's embedding: with its one, final output
         if out.finished:
             del self.states[co.request_id]
         if st.parent is not None:

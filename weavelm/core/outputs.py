@@ -116,6 +116,9 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     spec_token_ids: list[list[int]] | None = None
     proposer_time_s: float = 0.0
+    # pooling runner (`runner: pooling`): {req_id: pooled embedding} for the requests whose prompt finished this
+    # step (their sampled_token_ids are empty: a pooling request samples nothing and finishes after its prompt)
+    pooler_output: dict[str, list[float]] | None = None
 
 
 class RunnerFuture:
@@ -142,6 +145,7 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, with the request's first token
+    pooling_output: list[float] | None = None  # a pooling request's embedding, with its final (only) output
 
     @property
     def finished(self) -> bool:
@@ -200,3 +204,4 @@ class RequestOutput:
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # with `prompt_logprobs`: None, then one per token
+    pooling_output: list[float] | None = None  # `runner: pooling`: the prompt's embedding (see `LLM.embed`)

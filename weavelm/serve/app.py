@@ -15,6 +15,7 @@ from weavelm.core.async_llm import AsyncLLM
 from weavelm.errors import EngineError, RequestError
 from weavelm.serve.chat import conversation, create_chat_completion
 from weavelm.serve.completions import create_completion
+from weavelm.serve.embeddings import EmbeddingRequest, EmbeddingResponse, create_embedding, require_runner
 from weavelm.serve.errors import APIError, bad_request, engine_unavailable, install_error_handlers
 from weavelm.serve.guard import DEFAULT_MAX_BODY_BYTES, Guard
 from weavelm.serve.lora_routes import add_lora_routes, allowed_roots
@@ -76,13 +77,19 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        require_runner(state, "generate", "/v1/completions")
         await state.refresh_adapters_for(body.model)
         return await create_completion(state, body, request)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        require_runner(state, "generate", "/v1/chat/completions")
         await state.refresh_adapters_for(body.model)
         return await create_chat_completion(state, body, request)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
+        return await create_embedding(state, body)
 
     @api.get("/v1/models")
     async def models() -> ModelList:

@@ -69,6 +69,7 @@ class PagedModelRunner(ModelRunner):
         self._inflight: tuple[dict[str, int], torch.Tensor] | None = None
         self._last_future: RunnerFuture | None = None  # the last launched step's, collected or not
         self._sampling_rng = random.Random(context.config.seed)  # per-step seeds of the one-pass sampler
+        self.pooler = None  # `runner: pooling`: weavelm.pooling.Pooler, built in load_model
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -76,6 +77,13 @@ class PagedModelRunner(ModelRunner):
             torch.set_num_threads(choose_cpu_threads(self.context.config.num_threads))
         self.bundle = load_model_bundle(self.context)
         b = self.bundle
+        if self.config.runner == "pooling":
+            from weavelm.pooling.config import resolve_pooler
+            from weavelm.pooling.pooler import Pooler
+            resolved = resolve_pooler(self.config.model, self.config.pooler)
+            logger.info("pooling runner: %s pooling, normalize=%s (%s)", resolved.pooling_type, resolved.normalize,
+                        resolved.source)
+            self.pooler = Pooler(resolved)
         self.max_model_len = b.max_model_len
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
@@ -130,7 +138,8 @@ class PagedModelRunner(ModelRunner):
         self.num_blocks = num_blocks
         if self.spec is not None:
             self.spec.proposer.initialize_kv_cache(num_blocks)
-        if self.device.type == "cuda" and not self.config.enforce_eager and self.options.cuda_graph_max_bs > 0:
+        if (self.device.type == "cuda" and not self.config.enforce_eager and self.options.cuda_graph_max_bs > 0
+                and self.pooler is None):  # a pooling engine runs prompts only: no decode to capture
             if not self.attn_backend.graph_safe:
                 logger.warning("attention backend %s is not CUDA-graph safe; running eagerly",
                                self.attn_backend.name)
@@ -280,6 +289,8 @@ class PagedModelRunner(ModelRunner):
         """Update the batch, prepare inputs and launch forward + sampling; the returned future's `result()`
         waits for the sampled ids (the step's one device -> host sync) and folds them into the batch."""
         self._update_states(scheduler_output)
+        if self.pooler is not None:
+            return RunnerFuture(self._pool_step(scheduler_output))
         batch = self.batch
         if scheduler_output.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
             return RunnerFuture(ModelRunnerOutput([], {}, [], None))
@@ -324,6 +335,23 @@ class PagedModelRunner(ModelRunner):
         if step is not None:  # drafts were verified: the accepted runs are folded by `SpecStep.fold`
             return _StepFuture(self, rows, ids, lps, step, proposer_hidden)
         return self._launched(rows, ids, lps, proposer_hidden)
+
+    def _pool_step(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """A pooling engine's step: forward the scheduled prompt chunks and pool the final hidden states of the
+        prompts that finish (`weavelm.pooling.Pooler`); nothing is sampled."""
+        batch = self.batch
+        self.pooler.forget(scheduler_output.finished_req_ids)
+        req_ids = list(batch.req_ids)
+        if scheduler_output.total_num_scheduled_tokens == 0 or batch.num_reqs == 0:
+            return ModelRunnerOutput([], {}, [], None)
+        inputs = self._prepare_inputs(scheduler_output)
+        fb = ForwardBatch(self.attn_builder.build(inputs.common), self.kv_caches, self.attn_impls)
+        hidden = self.run_model(inputs.input_ids, inputs.positions, fb)
+        n = batch.num_reqs
+        pooled = self.pooler.pool(hidden, req_ids, inputs.common.query_start_loc_cpu.tolist(),
+                                  batch.num_computed[:n].tolist(), [len(s.prompt_token_ids) for s in batch.states[:n]])
+        return ModelRunnerOutput(req_ids, {rid: i for i, rid in enumerate(req_ids)}, [[] for _ in req_ids],
+                                 pooler_output=pooled)
 
     def _launched(self, rows: np.ndarray, ids: torch.Tensor, lps, proposer_hidden: torch.Tensor | None
                   ) -> RunnerFuture:
