@@ -32,7 +32,7 @@ if TYPE_CHECKING:
                                       SchedulerStats)
     from weavelm.core.request import Request, RequestStatus
 
-API_VERSION = "2.3"
+API_VERSION = "2.4"
 """The plugin API: bumped on any change to the interfaces below, the contexts in contexts.py or the data in
 outputs.py / forward.py. Major: existing plugins break (refused at load); minor: additions only.
 1.1: execute_model_async. 2.0: components built by the assembler with typed contexts; Scheduler.limits and
@@ -45,10 +45,12 @@ sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*. 2
 takes the input token of a position past its known tokens from the previous step's samples on the device). 2.3:
 inspection hooks reached through `LLM.collective_rpc` (Worker.apply_model / cached_request_ids,
 ModelRunner.get_model / cached_request_ids); the `kernels:` config section and `num_threads`;
-
 sliding-window attention (AttentionSpec.sliding_window, AttentionImpl.sliding_window and make_impl's
 `sliding_window` keyword, AttentionBackend.reasons, ModelArchitecture.attention_windows,
-SchedulerContext.sliding_window)."""
+SchedulerContext.sliding_window). 2.4: ModelArchitecture.packed_modules_mapping / hf_to_weavelm_mapper (LoRA by
+type over `weavelm.layers`), CudaGraphVariants, the typed speculative-decoding batch view and ProposeInput's hidden
+states, QuantizedTensor and QuantizeMethodBase.native_pack, LoRAManager's run-time add/remove, the `tool_parser`
+and `reasoning_parser` kinds, ModelRunnerOutput.pooler_output / EngineCoreOutput.pooling_output."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
                    "lora_manager", "proposer", "quantization", "tool_parser", "reasoning_parser")
