@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -92,6 +93,7 @@ class GrammarCompiler:
                 compiled = c.compile_grammar(spec)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError with the parser's message
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            message = re.sub(r"^\[[\d:.]+\]\s*\S+:\d+:\s*", "", message)  # xgrammar's "[time] file.cc:line:"
             shown = spec if len(spec) <= 200 else spec[:200] + "..."
             raise StructuredOutputError(f"structured_outputs.{kind}: cannot compile {shown!r}: {message}") from e
         self._cache[key] = compiled
