@@ -198,3 +198,45 @@ def test_server_bad_grammar_is_a_400_naming_it(client):
     with pytest.raises(openai.BadRequestError, match="give only one output constraint"):
         client.completions.create(model="x", prompt="hi", max_tokens=4,
                                   extra_body={"guided_regex": "a", "guided_choice": ["a"]})
+
+
+# -- the pieces -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compiler(smol_tokenizer_model):
+    from transformers import AutoTokenizer
+
+    from weavelm.structured import GrammarCompiler
+
+    return GrammarCompiler(AutoTokenizer.from_pretrained(smol_tokenizer_model), 49152 + 64)  # a padded vocab
+
+
+def test_the_sampler_mask_matches_xgrammar(compiler):
+    import xgrammar as xgr
+
+    from weavelm.sample.sampler import AllowedTokens, apply_allowed_tokens
+
+    grammar = compiler.matcher(StructuredOutputsParams(regex=REGEX))
+    bitmask = torch.full((2, (compiler.vocab_size + 31) // 32), -1, dtype=torch.int32)
+    grammar.fill(bitmask, 1)
+    logits = torch.randn(3, compiler.vocab_size)
+    ours, theirs = logits.clone(), logits[1:].clone()
+    apply_allowed_tokens(ours, AllowedTokens(torch.tensor([1, 2]), bitmask))
+    xgr.apply_token_bitmask_inplace(theirs, bitmask)
+    assert torch.equal(ours[0], logits[0])  # an unlisted row is untouched
+    assert torch.equal(ours[1:], theirs)
+    allowed = torch.isfinite(ours[2]).nonzero().flatten().tolist()
+    assert 0 < len(allowed) < 49152 // 4 and max(allowed) < 49152  # lowercase words only; no padding id
+
+
+def test_drafts_are_cut_at_the_first_token_the_grammar_rejects(compiler, smol_tokenizer_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_model)
+    grammar = compiler.matcher(StructuredOutputsParams(choice=["maybe later"]))
+    good = tok.encode("maybe later", add_special_tokens=False)
+    junk = tok.encode("!!", add_special_tokens=False)
+    assert grammar.valid_prefix(good + junk + good) == len(good)
+    assert grammar.valid_prefix(junk + good) == 0
+    grammar.advance(good[:1])  # the state is kept between checks: only the accepted token moved it
+    assert grammar.valid_prefix(good[1:] + [tok.eos_token_id]) == len(good)
+    assert not grammar.is_terminated
