@@ -240,3 +240,14 @@ def test_drafts_are_cut_at_the_first_token_the_grammar_rejects(compiler, smol_to
     grammar.advance(good[:1])  # the state is kept between checks: only the accepted token moved it
     assert grammar.valid_prefix(good[1:] + [tok.eos_token_id]) == len(good)
     assert not grammar.is_terminated
+
+
+def test_the_constraint_crosses_the_engine_process_boundary():
+    from weavelm.core import serial
+    from weavelm.core.request import Request
+
+    for so in (StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True), StructuredOutputsParams(choice=CHOICES)):
+        request = Request("r", [1, 2, 3], SamplingParams(structured_outputs=so), eos_token_id=2)
+        for ser in (serial.MsgpackSerializer(), serial.PickleSerializer()):
+            _, rows = ser.decode(ser.encode(serial.ADD, [serial.request_to_wire(request)]))
+            assert serial.request_from_wire(rows[0]).sampling_params.structured_outputs == so
