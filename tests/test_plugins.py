@@ -148,7 +148,8 @@ def test_hookspecs_are_frozen():
 
 
 def test_public_exports_are_frozen():
-    assert sorted(weavelm.__all__) == sorted(["LLM", "LLMEngine", "AsyncLLM", "SamplingParams", "LoRARequest",
+    assert sorted(weavelm.__all__) == sorted(["LLM", "LLMEngine", "AsyncLLM", "SamplingParams", "StructuredOutputsParams",
+                                              "LoRARequest",
                                               "EngineConfig", "RequestOutput", "CompletionOutput", "WeaveError",
                                               "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",
                                               "EngineDeadError", "__version__"])

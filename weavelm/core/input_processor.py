@@ -35,6 +35,7 @@ class InputProcessor:
         self.eos_token_id, self.extra_eos = self._eos_ids()
         self.max_model_len = 0  # set by set_max_model_len once the core is up
         self._model_max_len = 0
+        self._grammars = None  # structured outputs' GrammarCompiler, built on the first constrained request
 
     def set_max_model_len(self, max_model_len: int, model_info: dict[str, Any]) -> None:
         """The context limit the core runs with: the model's (or the configured) one, or less when the KV cache
@@ -141,6 +142,19 @@ class InputProcessor:
         params.min_tokens_stop_ids = [t for t in stop_ids + params.stop_token_ids if t < vocab] \
             if params.min_tokens else []
         params.bad_words_token_ids = self._bad_words_ids(params.bad_words) if params.bad_words else []
+        if params.structured_outputs is not None:
+            self._check_structured_outputs(params)
+
+    def _check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the request's constraint (cached), so one that cannot compile fails here, naming it."""
+        if self.tokenizer is None:
+            raise RequestError("SamplingParams.structured_outputs: this model has no tokenizer to compile the "
+                               "constraint against")
+        if self._grammars is None:
+            from weavelm.structured.backend import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+        self._grammars.compile(params.structured_outputs)
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """vLLM's tokenization of bad words: each word as given and with a leading space when that makes a

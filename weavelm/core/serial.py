@@ -22,7 +22,7 @@ import pickle
 from typing import Any
 
 from weavelm.core.outputs import EngineCoreOutput
-from weavelm.core.request import Request, SamplingParams
+from weavelm.core.request import Request, SamplingParams, StructuredOutputsParams
 from weavelm.lora.request import LoRARequest
 
 # frontend -> core
@@ -94,6 +94,8 @@ class MsgpackSerializer:
     def _params(self, row: list) -> SamplingParams:
         sp = object.__new__(SamplingParams)  # validated by the frontend already
         sp.__dict__.update(zip(self._sp_fields, row))
+        if isinstance(sp.structured_outputs, dict):  # msgpack sends a dataclass as a dict
+            sp.structured_outputs = StructuredOutputsParams(**sp.structured_outputs)
         return sp
 
 

@@ -45,6 +45,27 @@ class SparseLogits:
 
 
 @dataclass
+class AllowedTokens:
+    """Structured outputs: the tokens a row may sample. rows: (g,) int64 indices into the sampled rows; bitmask:
+    (g, ceil(vocab / 32)) int32, bit j of word w set when token 32 * w + j is allowed (xgrammar's layout). Every
+    other token of those rows is set to -inf before sampling."""
+
+    rows: torch.Tensor
+    bitmask: torch.Tensor
+
+
+def apply_allowed_tokens(logits: torch.Tensor, allowed: AllowedTokens) -> None:
+    """In place: -inf on the tokens `allowed` does not allow in its rows."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=allowed.bitmask.device)
+    bits = (allowed.bitmask[:, :, None] >> shifts) & 1
+    ok = bits.view(bits.shape[0], -1)[:, :vocab].bool()
+    if ok.shape[1] < vocab:  # logits wider than the grammar's vocabulary: the extra (padding) ids are never allowed
+        ok = torch.nn.functional.pad(ok, (0, vocab - ok.shape[1]), value=False)
+    logits[allowed.rows] = logits[allowed.rows].masked_fill(~ok, float("-inf"))
+
+
+@dataclass
 class SamplingMetadata:
     """Per sampled row: (n,) tensors on the logits' device; `generators` maps row -> torch.Generator.
     `num_logprobs`: the largest top-N asked for in the batch (0: only the sampled token's logprob)."""
@@ -64,6 +85,7 @@ class SamplingMetadata:
     logit_bias: SparseLogits | None = None
     banned: SparseLogits | None = None
     step_seed: int | None = None  # set on CUDA: the seed of the one-pass Gumbel-max sampler for this step
+    allowed: AllowedTokens | None = None  # structured outputs' grammar bitmask (applied last)
 
 
 @dataclass
@@ -98,8 +120,9 @@ def apply_penalties(logits: torch.Tensor, p: PenaltyMetadata) -> None:
 
 
 def apply_logits_processors(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
-    """The logits after logit bias, banned tokens and penalties (a copy when any applies, else `logits`)."""
-    if m.penalties is None and m.logit_bias is None and m.banned is None:
+    """The logits after logit bias, banned tokens, penalties and the grammar's bitmask (a copy when any applies,
+    else `logits`)."""
+    if m.penalties is None and m.logit_bias is None and m.banned is None and m.allowed is None:
         return logits
     logits = logits.clone()
     if m.logit_bias is not None:
@@ -109,6 +132,8 @@ def apply_logits_processors(logits: torch.Tensor, m: SamplingMetadata) -> torch.
         apply_penalties(logits, m.penalties)
     if m.banned is not None:
         logits[m.banned.rows, m.banned.token_ids] = float("-inf")
+    if m.allowed is not None:
+        apply_allowed_tokens(logits, m.allowed)
     return logits
 
 
@@ -168,7 +193,7 @@ def sample(logits: torch.Tensor, m: SamplingMetadata) -> tuple[torch.Tensor, Sam
     one-pass sampler read them as they are). Returns sampled ids (n,) int64 and, if asked, their logprobs (with the
     top `m.num_logprobs` alternatives) under the model's unmodified distribution."""
     one_pass = uses_one_pass_sampler(logits, m)
-    processed = m.penalties is not None or m.logit_bias is not None or m.banned is not None
+    processed = m.penalties is not None or m.logit_bias is not None or m.banned is not None or m.allowed is not None
     if m.want_logprobs or processed or not (m.all_greedy or one_pass):
         logits = logits.float()
     logprobs = logits.log_softmax(dim=-1) if m.want_logprobs else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from weavelm.core.request import SamplingParams
+from weavelm.core.request import SamplingParams, StructuredOutputsParams
 from weavelm.errors import RequestError
 from weavelm.serve.errors import APIError
 from weavelm.serve.prompts import check_stop
@@ -46,9 +46,6 @@ def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise APIError(400, "suffix: is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of: is not supported (only best_of = n)", param="best_of")
-    else:
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
 
 
 def build_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
@@ -73,6 +70,9 @@ def build_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int
             kwargs[name] = value
         elif value != neutral:
             raise APIError(400, f"{name}: is not supported by this engine", param=name)
+    structured = structured_outputs(req)
+    if structured is not None:
+        kwargs["structured_outputs"] = structured
     return SamplingParams(**kwargs)
 
 
@@ -84,3 +84,53 @@ def _logit_bias(value: dict[str, float]) -> dict[int, float]:
         except ValueError:
             raise RequestError(f"logit_bias: keys must be token ids (got {key!r})") from None
     return out
+
+
+GUIDED_ALIASES = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+
+
+def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> StructuredOutputsParams | None:
+    """The request's output constraint, from exactly one of OpenAI's `response_format`, vLLM's
+    `structured_outputs` or vLLM's older `guided_*` fields; None when unconstrained."""
+    given: list[tuple[str, dict[str, Any]]] = []
+    fmt = req.response_format
+    if fmt is not None:
+        spec = _response_format(fmt)
+        if spec is not None:
+            given.append(("response_format", spec))
+    if req.structured_outputs is not None:
+        given.append(("structured_outputs", dict(req.structured_outputs)))
+    for alias, kind in GUIDED_ALIASES.items():
+        value = getattr(req, alias)
+        if value is not None:
+            given.append((alias, {kind: value}))
+    if not given:
+        return None
+    if len(given) > 1:
+        names = [name for name, _ in given]
+        raise APIError(400, f"{' and '.join(names)}: give only one output constraint", param=names[1])
+    name, spec = given[0]
+    try:
+        return StructuredOutputsParams(**spec)
+    except TypeError as e:  # an unknown key
+        raise APIError(400, f"{name}: {e}; the keys are json, regex, choice, grammar, json_object, "
+                            f"disable_any_whitespace", param=name) from None
+
+
+def _response_format(fmt: dict[str, Any]) -> dict[str, Any] | None:
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema: must be a JSON schema object (response_format "
+                                "is {'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}})",
+                           param="response_format")
+        return {"json": schema}
+    raise APIError(400, f"response_format.type: must be 'text', 'json_object' or 'json_schema' (got {kind!r})",
+                   param="response_format")

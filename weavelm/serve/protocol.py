@@ -44,6 +44,14 @@ class _SamplingFields(_Strict):
     priority: int | None = None
     user: str | None = Field(None, description="Accepted and ignored.")
     echo: bool | None = False
+    response_format: dict[str, Any] | None = Field(
+        None, description="OpenAI's: {'type': 'text' | 'json_object' | 'json_schema', 'json_schema': {...}}.")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's: one of json, regex, choice, grammar, json_object (+ disable_any_whitespace).")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older alias of structured_outputs.")
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -76,7 +84,6 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool | None = True
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, Any] | None = None

@@ -55,7 +55,7 @@ class SpecStep:
         """Verify the drafts; a row without drafts is sampled by `sample`, as in a step without any, so a seeded
         row draws from its generator the same way whatever its neighbours."""
         processed = apply_logits_processors(logits, m)
-        probs = target_probs(processed, dataclasses.replace(m, penalties=None, logit_bias=None, banned=None))
+        probs = target_probs(processed, dataclasses.replace(m, penalties=None, logit_bias=None, banned=None, allowed=None))
         device = logits.device
         flat = [t for d in self.drafts for t in d]
         draft_ids = torch.tensor(flat, dtype=torch.int64, device=device)

@@ -25,6 +25,8 @@ from weavelm.sample.sampler import SampledLogprobs, SamplingMetadata, compute_lo
 from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata
 from weavelm.sample.logprobs import to_token_logprobs
 from weavelm.ops.memory import zeros
+from weavelm.structured.backend import GrammarCompiler
+from weavelm.structured.runner import StructuredOutputs, load_tokenizer
 from weavelm.utils import cdiv
 
 logger = logging.getLogger("weavelm.runner")
@@ -70,6 +72,7 @@ class PagedModelRunner(ModelRunner):
         self._last_future: RunnerFuture | None = None  # the last launched step's, collected or not
         self._sampling_rng = random.Random(context.config.seed)  # per-step seeds of the one-pass sampler
         self.pooler = None  # `runner: pooling`: weavelm.pooling.Pooler, built in load_model
+        self.structured = StructuredOutputs(self._grammar_compiler)  # grammar matchers of constrained requests
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -108,6 +111,10 @@ class PagedModelRunner(ModelRunner):
             self.spec = SpecDecodeRunner(proposer, self.batch,
                                          SpecDecodeLimits(self.block_size, self.max_model_len, self.device))
             self.spec.proposer.load(self.model_info())
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        """The structured-output compiler for this model's tokenizer (built on the first constrained request)."""
+        return GrammarCompiler(load_tokenizer(self.config, self.context.loader), self.bundle.vocab_size)
 
     def _load_other_model(self, model: str, dtype: str) -> ModelBundle:
         """Load another model (a draft) like the target: same loader, device and tensor-parallel group."""
@@ -172,6 +179,7 @@ class PagedModelRunner(ModelRunner):
             self.spec.forget_requests(scheduler_output)
         for rid in scheduler_output.finished_req_ids:
             self.requests.pop(rid, None)
+        self.structured.remove(scheduler_output.finished_req_ids)
         unscheduled = {r for r in batch.req_ids if r not in scheduler_output.num_scheduled_tokens}
         batch.remove(set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids) | unscheduled)
         for nr in scheduler_output.scheduled_new_reqs:
@@ -184,6 +192,7 @@ class PagedModelRunner(ModelRunner):
             if sp.prompt_logprobs is not None:
                 state.prompt_logprobs = [None] * len(nr.prompt_token_ids)
             self.requests[nr.req_id] = state
+            self.structured.add_request(nr.req_id, sp)
             batch.add(state)
         c = scheduler_output.scheduled_cached_reqs
         for rid, resumed, new_blocks, num_computed in zip(c.req_ids, c.resumed_from_preemption, c.new_block_ids,
@@ -325,13 +334,19 @@ class PagedModelRunner(ModelRunner):
             hook_rows = rows if step is None else sample_rows
             replaced = self.logits_hook([batch.req_ids[r] for r in hook_rows.tolist()], logits)
             logits = logits if replaced is None else replaced
-        if self._last_future is not None and batch.processed[rows].any():
-            # penalties, bad words and min_tokens read the output tokens: fold the previous step's in first
+        constrained = self.structured.has_rows(batch.req_ids, rows)
+        if self._last_future is not None and (constrained or batch.processed[rows].any()):
+            # penalties, bad words, min_tokens and grammars read the output tokens: fold the previous step's in
+            # first (the forward is launched already: on a device it runs meanwhile)
             self._last_future.result()
+        meta = self._sampling_metadata(rows if step is None else sample_rows, logits.shape[-1])
+        if constrained:  # the grammar bitmask, filled on the host while the device runs the forward
+            meta.allowed = self.structured.allowed_tokens(batch, rows, logits.device,
+                                                          None if step is None else step.drafts)
         if step is not None:
-            ids, lps = step.sample(logits, self._sampling_metadata(sample_rows, logits.shape[-1]))
+            ids, lps = step.sample(logits, meta)
         else:
-            ids, lps = sample(logits, self._sampling_metadata(rows, logits.shape[-1]))
+            ids, lps = sample(logits, meta)
         if step is not None:  # drafts were verified: the accepted runs are folded by `SpecStep.fold`
             return _StepFuture(self, rows, ids, lps, step, proposer_hidden)
         return self._launched(rows, ids, lps, proposer_hidden)
@@ -408,6 +423,7 @@ class PagedModelRunner(ModelRunner):
         out = ModelRunnerOutput(list(self.batch.req_ids), dict(self.batch.index), sampled, logprobs,
                                 self._take_prompt_logprobs(rows))
         self.spec.after_step(out, rows, step, proposer_hidden)
+        self.structured.cut_drafts(self.batch, out.spec_token_ids)
         return out
 
     def _take_prompt_logprobs(self, rows: np.ndarray) -> dict:
@@ -486,6 +502,7 @@ class _AsyncStepFuture(RunnerFuture):
             self._args = None
             if runner.spec is not None:  # a step without drafts (synchronous then): propose the next ones
                 runner.spec.after_step(self._output, np.asarray(rows, dtype=np.int64), None, proposer_hidden)
+                runner.structured.cut_drafts(runner.batch, self._output.spec_token_ids)
         return self._output
 
 
