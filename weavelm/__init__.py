@@ -8,9 +8,10 @@ from weavelm.core.outputs import CompletionOutput, RequestOutput
 from weavelm.core.request import SamplingParams
 from weavelm.errors import (ConfigError, EngineDeadError, EngineError, LoadError, PluginError, RequestError,
                             WeaveError)
+from weavelm.inputs import TextPrompt, TokensPrompt
 from weavelm.lora.request import LoRARequest
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "LLMEngine", "AsyncLLM", "SamplingParams", "LoRARequest", "EngineConfig", "RequestOutput",
            "CompletionOutput", "WeaveError", "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError", "EngineDeadError",
-           "__version__"]
+           "TextPrompt", "TokensPrompt", "__version__"]
