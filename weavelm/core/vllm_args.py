@@ -97,3 +97,51 @@ def take_default_only(raw: dict[str, Any], errors: list[tuple[str, str]]) -> Non
         if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
             shown = " or ".join(echo(a) for a in accepted)
             errors.append((name, f"{echo(value)} is unsupported: {why}; leave it out or at {shown}"))
+
+
+def _json(text: str) -> Any:
+    import json
+    return json.loads(text)
+
+
+_INT, _FLOAT, _STR, _BOOL, _JSON = int, float, str, bool, _json
+# Every vLLM engine argument `EngineArgs.add_cli_args` adds, with its flag's type.
+CLI_TYPES: dict[str, Any] = {
+    "model": _STR, "tokenizer": _STR, "dtype": _STR, "seed": _INT, "max_model_len": _INT, "enforce_eager": _BOOL,
+    "async_scheduling": _BOOL, "trust_remote_code": _BOOL, "tensor_parallel_size": _INT,
+    "pipeline_parallel_size": _INT, "distributed_executor_backend": _STR, "gpu_memory_utilization": _FLOAT,
+    "block_size": _INT, "enable_prefix_caching": _BOOL, "num_gpu_blocks_override": _INT, "max_num_seqs": _INT,
+    "max_num_batched_tokens": _INT, "enable_chunked_prefill": _BOOL, "long_prefill_token_threshold": _INT,
+    "enable_lora": _BOOL, "max_loras": _INT, "max_lora_rank": _INT, "max_cpu_loras": _INT,
+    "speculative_config": _JSON, "load_format": _STR, "scheduling_policy": _STR, "quantization": _STR,
+    "swap_space": _FLOAT, "disable_log_stats": _BOOL,
+    **{name: (_BOOL if isinstance(a[0], bool) else _JSON if a[0] is None or isinstance(a[0], dict)
+              else type(a[0])) for name, (a, _) in DEFAULT_ONLY.items()},
+}
+
+
+class EngineArgs:
+    """vLLM's `EngineArgs`, for scripts that build `LLM(**vars(parser.parse_args()))`: `add_cli_args` adds one
+    `--flag` per vLLM engine argument, each defaulting to None (left out), so only the flags given reach `LLM`.
+    `EngineArgs(model=..., **kwargs)` holds keyword arguments for `LLM(**vars(engine_args))`."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self.model = model
+        self.__dict__.update(kwargs)
+
+    @staticmethod
+    def add_cli_args(parser: Any) -> Any:
+        import argparse
+
+        group = parser.add_argument_group("engine arguments (vLLM's)")
+        for name, kind in CLI_TYPES.items():
+            flag = "--" + name.replace("_", "-")
+            if kind is bool:
+                group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction)
+            else:
+                group.add_argument(flag, dest=name, default=None, type=kind)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: Any) -> EngineArgs:
+        return cls(**{name: getattr(args, name) for name in CLI_TYPES if getattr(args, name, None) is not None})
