@@ -119,7 +119,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(generation_stats([last]), file=sys.stderr)
         return 0
     rc = 0
-    outputs = llm.generate(requests, params, lora_request=lora)  # one batch
+    outputs = llm.generate(requests, params, lora_request=lora,  # one batch, a progress bar for several
+                           use_tqdm=len(requests) > 1 and not args.quiet)
     for out, head in zip(outputs, echo):
         if out.error:
             print(f"error: {out.error}", file=sys.stderr)
