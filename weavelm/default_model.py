@@ -74,15 +74,16 @@ def default_dense_path() -> str:
 
 
 def write_gguf_tokenizer_files(gguf_path: str, out: str) -> None:
-    """The tokenizer (with its chat template) and generation_config.json of a GGUF file, as transformers reads
-    them from its metadata, saved into `out`."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    """The tokenizer (with its chat template) of a GGUF file, as transformers reads it from the metadata, and a
+    generation_config.json with its special tokens, saved into `out`."""
+    from transformers import AutoTokenizer, GenerationConfig
 
     folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     tok.save_pretrained(out)
-    cfg = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
-    GenerationConfig.from_model_config(cfg).save_pretrained(out)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=pad).save_pretrained(out)
     for extra in set(os.listdir(out)) - set(TOKENIZER_FILES):
         os.remove(os.path.join(out, extra))
 
