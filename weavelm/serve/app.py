@@ -18,6 +18,7 @@ from weavelm.serve.completions import create_completion
 from weavelm.serve.errors import APIError, bad_request, engine_unavailable, install_error_handlers
 from weavelm.serve.guard import DEFAULT_MAX_BODY_BYTES, Guard
 from weavelm.serve.metrics import CONTENT_TYPE, ServerMetrics
+from weavelm.serve.request_log import RequestLog
 from weavelm.serve.params import model_defaults
 from weavelm.serve.prompts import PromptPreparer
 from weavelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
@@ -57,7 +58,7 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
     state = ServeState(engine, names, api_key, max_waiting, ServerMetrics(names[0], metrics_dir),
                        model_defaults(engine), served_adapters(engine.config),
                        PromptPreparer(engine.processor, engine.max_model_len))
-    engine.output_observer = state.metrics.observe
+    engine.output_observer = RequestLog(engine, then=state.metrics.observe)  # log lines, then the metrics
     app = FastAPI(title="weavelm", version=weavelm.__version__,
                   description="OpenAI-compatible API of a weavelm engine")
     app.state.serve = state
