@@ -157,3 +157,13 @@ def test_generate_shows_progress_by_default(tiny_llama, capsys):
     assert "Processed prompts: 100%" in capsys.readouterr().err
     llm.generate([[5, 6]], SamplingParams(max_tokens=2), use_tqdm=False)
     assert "Processed prompts" not in capsys.readouterr().err
+
+
+def test_cli_generate_shows_progress_for_several_prompts(smol_tokenizer_model, capsys):
+    from weavelm.cli import main
+
+    base = ["generate", "--model", smol_tokenizer_model, "--device", "cpu", "--max-tokens", "2"]
+    assert main(base + ["--prompt", "a", "--prompt", "b"]) == 0
+    assert "Processed prompts: 100%|██████████| 2/2" in capsys.readouterr().err
+    assert main(base + ["--prompt", "a"]) == 0
+    assert "Processed prompts" not in capsys.readouterr().err
