@@ -99,9 +99,9 @@ class LLM:
                  ) -> list[RequestOutput]:
         """Run prompts to completion, each on `lora_request` (one `LoRARequest` for all, or a list with one per
         prompt; None means the base model), with a tqdm bar on stderr (vLLM's default; `use_tqdm=False` hides it).
-        `priority` (vLLM's): one per prompt, overriding their SamplingParams' priority. Every request is validated before any is queued; an invalid one (or one
-        the engine can never schedule) yields an output with `error` set and finish_reason "error", and the
-        other prompts run normally. Safe to call from several threads and while streams are open."""
+        `priority` (vLLM's): one per prompt, overriding their SamplingParams' priority. Every request is validated
+        before any is queued; an invalid one (or one the engine can never schedule) yields an output with `error`
+        set and finish_reason "error", and the other prompts run normally. Safe to call from several threads and while streams are open."""
         prompts = _prompt_list(prompts)
         params = self._params_list(len(prompts), sampling_params)
         if priority is not None:

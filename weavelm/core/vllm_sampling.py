@@ -51,7 +51,8 @@ def check_vllm_fields(params: Any) -> None:
         raise RequestError(f"SamplingParams.truncate_prompt_tokens: must be None or an integer >= 1 (the prompt's "
                            f"last tokens to keep) (got {t!r})")
     if params.extra_args is not None and not isinstance(params.extra_args, dict):
-        raise RequestError(f"SamplingParams.extra_args: must be None or a dict (got {type(params.extra_args).__name__})")
+        raise RequestError(f"SamplingParams.extra_args: must be None or a dict "
+                           f"(got {type(params.extra_args).__name__})")
 
 
 def _is_int(value: Any) -> bool:
