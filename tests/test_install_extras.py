@@ -67,3 +67,15 @@ def test_default_model_files_need_only_the_gguf_extra(tmp_path):
     with open(tmp_path / "generation_config.json") as f:
         made = json.load(f)
     assert (made["bos_token_id"], made["eos_token_id"], made["pad_token_id"]) == (1, 2, 2)  # SmolLM2's
+
+
+def test_a_gguf_model_without_gguf_names_the_extra():
+    from weavelm.default_model import default_gguf_file
+
+    path = default_gguf_file()
+    proc = run_hidden(["gguf"], "import runpy, sys; sys.argv = ['weavelm', 'generate', '--model', "
+                                f"{path!r}, '--prompt', 'hi']; runpy.run_module('weavelm.cli', run_name='__main__')")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().endswith(f"error: loading {os.path.basename(path)} (a GGUF file) needs the `gguf` "
+                                        f"package, which is not installed; install it with pip install "
+                                        f"'weavelm[gguf]'")

@@ -95,7 +95,7 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request: Any = None, priority: list[int] | None = None
+                 use_tqdm: Any = True, lora_request: Any = None, priority: list[int] | None = None
                  ) -> list[RequestOutput]:
         """Run prompts to completion, each on `lora_request` (one `LoRARequest` for all, or a list with one per
         prompt; None means the base model), with a tqdm bar on stderr (vLLM's default; `use_tqdm=False` hides it).
@@ -232,8 +232,10 @@ def _conversations(messages: Any) -> list[list[dict[str, Any]]]:
     return [list(c) for c in convs]
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: Any):
+    """The progress bar of `generate` (vLLM's `use_tqdm`: True, False, or a tqdm-like class to build it with)."""
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc="Processed prompts", unit="req", dynamic_ncols=True)
+    factory = enabled if callable(enabled) else tqdm
+    return factory(total=total, desc="Processed prompts", unit="req", dynamic_ncols=True)
