@@ -167,3 +167,27 @@ def test_cli_generate_shows_progress_for_several_prompts(smol_tokenizer_model, c
     assert "Processed prompts: 100%|██████████| 2/2" in capsys.readouterr().err
     assert main(base + ["--prompt", "a"]) == 0
     assert "Processed prompts" not in capsys.readouterr().err
+
+
+def test_async_llm_outputs_carry_cumulative_logprob(tiny_llama):
+    import asyncio
+
+    from weavelm import AsyncLLM
+
+    sp = SamplingParams(max_tokens=3, logprobs=1, n=2, seed=3, ignore_eos=True)  # both finish on one step
+    ref = LLM(tiny_llama, device="cpu").generate([[5, 6]], sp, use_tqdm=False)[0]
+    engine = AsyncLLM(model=tiny_llama, device="cpu")
+
+    async def last(delta: bool):
+        out = None
+        async for out in engine.generate({"prompt_token_ids": [5, 6]}, sp, f"r-{delta}", delta=delta):
+            pass
+        return out
+
+    try:
+        for delta in (False, True):
+            out = asyncio.run(last(delta))
+            assert [c.cumulative_logprob for c in out.outputs] == pytest.approx(
+                [c.cumulative_logprob for c in ref.outputs], rel=1e-6)
+    finally:
+        engine.shutdown()
