@@ -72,6 +72,7 @@ def test_sigterm_during_load_exits_0_within_the_timeout(smol_tokenizer_model, la
         assert not [e for events in long for e in events if isinstance(e, dict) and "error" in e]
         aborted = [events for events in long if events[-2]["choices"][0]["finish_reason"] == "abort"]
         assert aborted, "every 480-token request finished inside the shutdown timeout; nothing was aborted"
+        assert "Traceback" not in server.output(), server.output()[-3000:]
         _, alive = psutil.wait_procs(children, timeout=5)  # helpers (resource tracker) end on the server's exit
         assert not [c for c in alive if c.status() != psutil.STATUS_ZOMBIE], [c.cmdline() for c in alive]
     finally:

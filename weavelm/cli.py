@@ -32,6 +32,7 @@ VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "max_lora_rank": {"type": int, "help": "lora.max_lora_rank"},
     "max_cpu_loras": {"type": int, "help": "lora.max_cpu_loras (adapters kept in host memory)"},
     "lora_modules": {"nargs": "+", "metavar": "NAME=PATH", "help": "lora.adapters: PEFT adapters served by name"},
+    "quantization": {"help": "the quantization plugin (auto, int8, gguf, none); vLLM's other methods are refused"},
     "trust_remote_code": {"action": "store_const", "const": True,
                           "help": "refused: weavelm never runs code shipped with a model"},
 }
@@ -121,7 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(generation_stats([last]), file=sys.stderr)
         return 0
     rc = 0
-    outputs = llm.generate(requests, params, lora_request=lora)  # one batch
+    outputs = llm.generate(requests, params, lora_request=lora,  # one batch, a progress bar for several
+                           use_tqdm=len(requests) > 1 and not args.quiet)
     for out, head in zip(outputs, echo):
         if out.error:
             print(f"error: {out.error}", file=sys.stderr)

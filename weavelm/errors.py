@@ -46,3 +46,25 @@ class LoRAError(RequestError):
     """A LoRA adapter cannot serve a request: unknown name, missing or unsafe files, a rank above
     `lora.max_lora_rank`, a module the model lacks, or tensors whose shapes do not fit the model. Only the request
     asking for that adapter fails."""
+
+
+class MissingExtraError(WeaveError, ImportError):
+    """An optional dependency is not installed. The message names the package, what needs it and the exact
+    `pip install 'weavelm[EXTRA]'` command; `extra` is that extra's name."""
+
+    def __init__(self, module: str, extra: str, needed_for: str):
+        self.module, self.extra = module, extra
+        super().__init__(f"{needed_for} needs the `{module}` package, which is not installed; install it with "
+                         f"pip install 'weavelm[{extra}]'")
+
+
+def require_extra(module: str, extra: str, needed_for: str) -> None:
+    """Raise MissingExtraError unless `module` can be imported (checked without importing it)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise MissingExtraError(module, extra, needed_for)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -35,3 +36,18 @@ def freeze_gc_heap() -> None:
     gc.freeze()
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(gen0, YOUNG_GC_THRESHOLD), gen1, gen2)
+
+
+class FlexibleArgumentParser(argparse.ArgumentParser):
+    """vLLM's `FlexibleArgumentParser`: an ArgumentParser that also takes `--flag_name` for `--flag-name`."""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102
+        import sys
+        args = sys.argv[1:] if args is None else list(args)
+        fixed = []
+        for arg in args:
+            if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+                key, sep, value = arg.partition("=")
+                arg = key.replace("_", "-") + sep + value
+            fixed.append(arg)
+        return super().parse_args(fixed, namespace)

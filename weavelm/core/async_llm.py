@@ -33,7 +33,8 @@ OUTPUT_CHUNK = 128  # the output task folds a batch this many outputs at a time,
 class _Choice:
     """One completion's state inside a stream, folded from the engine's per-step deltas."""
 
-    __slots__ = ("token_ids", "logprobs", "text", "finish_reason", "stop_reason", "sent_tokens", "sent_text")
+    __slots__ = ("token_ids", "logprobs", "text", "finish_reason", "stop_reason", "sent_tokens", "sent_text",
+                 "cumulative_logprob")
 
     def __init__(self) -> None:
         self.token_ids: list[int] = []
@@ -43,6 +44,7 @@ class _Choice:
         self.stop_reason: int | str | None = None
         self.sent_tokens = 0
         self.sent_text = 0
+        self.cumulative_logprob: float | None = None  # the whole completion's, as the output processor sums it
 
 
 class RequestStream:
@@ -129,6 +131,7 @@ class RequestStream:
                     choice.logprobs = []
                 choice.logprobs.extend(comp.logprobs)
             choice.text, choice.finish_reason, choice.stop_reason = comp.text, comp.finish_reason, comp.stop_reason
+            choice.cumulative_logprob = comp.cumulative_logprob
             self._changed.add(comp.index)
 
     def _emit(self, out: RequestOutput) -> RequestOutput:
@@ -143,7 +146,8 @@ class RequestStream:
                 text, ids = c.text, list(c.token_ids)
                 logprobs = list(c.logprobs) if c.logprobs is not None else None
             c.sent_text, c.sent_tokens = len(c.text), len(c.token_ids)
-            completions.append(CompletionOutput(index, text, ids, c.finish_reason, c.stop_reason, logprobs))
+            completions.append(CompletionOutput(index, text, ids, c.finish_reason, c.stop_reason, logprobs,
+                                                c.cumulative_logprob))
         self._changed.clear()
         extra = {}
         if self._prompt_logprobs is not None and not (self.delta and self._prompt_logprobs_sent):

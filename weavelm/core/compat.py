@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from weavelm.core.config import COMPONENT_SECTIONS, CacheConfig, EngineConfig, echo
+from weavelm.core.vllm_args import take_default_only
 from weavelm.errors import ConfigError, PluginError
 
 logger = logging.getLogger("weavelm.compat")
@@ -41,6 +42,8 @@ IGNORED = {  # accepted so ported code runs; each logs why it has no effect
     "swap_space": "weavelm recomputes preempted requests instead of swapping their KV blocks to the CPU",
 }
 MULTI_WORKER_EXECUTOR = "multiproc"
+# vLLM names whose value names a plugin of a section: load_format="safetensors" -> loader: {name: safetensors}
+PLUGIN_CHOICES = {"load_format": "loader", "scheduling_policy": "scheduler", "quantization": "quantization"}
 
 
 def apply_vllm_aliases(raw: dict[str, Any], registry: Any = None, base: dict[str, Any] | None = None
@@ -65,12 +68,17 @@ def _special_cases(raw: dict[str, Any], base: dict[str, Any], registry: Any, err
     if "trust_remote_code" in raw:
         value = raw.pop("trust_remote_code")
         if value not in (False, None):
-            errors.append(("trust_remote_code", "weavelm never runs code shipped with a model; architectures come "
-                           "from built-in or installed model plugins. Remove trust_remote_code=True"))
+            errors.append(("trust_remote_code", "weavelm never runs code shipped with a model (trust_remote_code=True "
+                           "is unsupported); architectures come from built-in or installed model plugins. Remove "
+                           "trust_remote_code=True"))
     for name, why in IGNORED.items():
         if name in raw:
             raw.pop(name)
-            logger.warning("%s is ignored: %s", name, why)
+            logger.debug("%s is ignored: %s", name, why)  # vLLM defaults pass silently
+    take_default_only(raw, errors)
+    for flat, section in PLUGIN_CHOICES.items():
+        if flat in raw:
+            _choose_plugin(raw, flat, section, registry, errors)
     if raw.get("dtype") in DTYPES:
         raw["dtype"] = DTYPES[raw["dtype"]]
     _lora_flags(raw, errors)
@@ -145,6 +153,28 @@ def _lora_flags(raw: dict[str, Any], errors: list[tuple[str, str]]) -> None:
         adapters[name] = path
     lora["adapters"] = adapters
     raw["lora"] = lora
+
+
+def _choose_plugin(raw: dict[str, Any], flat: str, section: str, registry: Any,
+                   errors: list[tuple[str, str]]) -> None:
+    """`load_format` / `scheduling_policy` / `quantization` (a plugin name as a string) -> `section: {name: ...}`;
+    a name no installed plugin has is unsupported. `quantization` given as a section (a dict) is left as it is."""
+    value = raw.get(flat) if flat == section else raw.pop(flat)
+    if flat == section and not isinstance(value, str):
+        return  # the section itself, validated by EngineConfig.build
+    kind = COMPONENT_SECTIONS[section][0]
+    names = registry.names(kind) if registry is not None else None
+    if not isinstance(value, str) or (names is not None and value not in names):
+        errors.append((flat, f"{echo(value)} is unsupported: weavelm's {section} plugins are "
+                             f"{', '.join(names or [])}"))
+        raw.pop(flat, None)
+        return
+    current = _section(raw, section) if flat != section else {}
+    if current.get("name", value) != value:
+        errors.append((flat, f"{echo(value)} conflicts with {section}.name {echo(current['name'])}; give one"))
+        return
+    current["name"] = value
+    raw[section] = current
 
 
 def _speculative_config(raw: dict[str, Any], errors: list[tuple[str, str]]) -> None:

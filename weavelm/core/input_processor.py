@@ -180,6 +180,9 @@ class InputProcessor:
                 ) -> tuple[str | None, list[int], SamplingParams]:
         """Tokenize and validate a whole request without queueing anything; raises RequestError."""
         text, ids = self.tokenize(prompt)
+        keep = getattr(params, "truncate_prompt_tokens", None)
+        if keep is not None and len(ids) > keep:  # vLLM's: keep the prompt's last `keep` tokens
+            text, ids = None, ids[-keep:]
         return text, ids, self.validate(ids, SamplingParams() if params is None else params)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -55,6 +56,11 @@ class LLM(PoolingMethods):
         self._closed = False
         self.engine = LLMEngine(engine_config, registry, core_attachment)
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's name for `engine`."""
+        return self.engine
+
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:
         """Call `method` on every worker (vLLM's `LLM.collective_rpc`); results in rank order. For tools and tests:
@@ -106,24 +112,29 @@ class LLM(PoolingMethods):
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False, lora_request: Any = None) -> list[RequestOutput]:
+                 use_tqdm: Any = True, lora_request: Any = None, priority: list[int] | None = None
+                 ) -> list[RequestOutput]:
         """Run prompts to completion, each on `lora_request` (one `LoRARequest` for all, or a list with one per
-        prompt; None means the base model). Every request is validated before any is queued; an invalid one (or one
-        the engine can never schedule) yields an output with `error` set and finish_reason "error", and the
-        other prompts run normally. Safe to call from several threads and while streams are open."""
+        prompt; None means the base model), with a tqdm bar on stderr (vLLM's default; `use_tqdm=False` hides it).
+        `priority` (vLLM's): one per prompt, overriding their SamplingParams' priority. Every request is validated
+        before any is queued; an invalid one (or one the engine can never schedule) yields an output with `error`
+        set and finish_reason "error", and the other prompts run normally. Safe to call from several threads and
+        while streams are open."""
         self._check_generate()
-        return self._run_requests(prompts, sampling_params, use_tqdm, lora_request, "gen")
+        return self._run_requests(prompts, sampling_params, use_tqdm, lora_request, "gen", priority)
 
     def _check_generate(self) -> None:
         if self.config.runner == "pooling":
             raise RequestError("this engine runs runner='pooling', which embeds prompts and generates nothing; use "
                                "llm.embed(prompts), or an engine with runner='generate' to generate")
 
-    def _run_requests(self, prompts: Any, sampling_params: Any, use_tqdm: bool, lora_request: Any,
-                      prefix: str) -> list[RequestOutput]:
+    def _run_requests(self, prompts: Any, sampling_params: Any, use_tqdm: Any, lora_request: Any,
+                      prefix: str, priority: list[int] | None = None) -> list[RequestOutput]:
         """`generate`'s body, shared with the pooling methods: every prompt to its final output, in order."""
         prompts = _prompt_list(prompts)
         params = self._params_list(len(prompts), sampling_params)
+        if priority is not None:
+            params = _with_priority(params, priority)
         loras = _lora_list(len(prompts), lora_request)
         base = self.engine.new_request_id()
         order = [f"{prefix}-{base}-{i}" for i in range(len(prompts))]
@@ -180,19 +191,23 @@ class LLM(PoolingMethods):
                 self.engine.abort_request(rid, discard=True)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
-             add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             lora_request: Any = None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None
              ) -> list[RequestOutput]:
         """vLLM's `LLM.chat`: one conversation (a list of {"role", "content"} messages) or a list of them, each
         rendered with the tokenizer's chat template and generated as one batch. Always returns a list of
         RequestOutput, one per conversation (as vLLM does)."""
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise RequestError(f"chat_template_content_format: {chat_template_content_format!r} is unsupported; "
+                               f"use 'auto'")
         conversations = _conversations(messages)
         tok = self.get_tokenizer()
         prompts = [render_chat(tok, conv, add_generation_prompt=add_generation_prompt,
                                continue_final_message=continue_final_message, chat_template=chat_template,
                                chat_template_kwargs=chat_template_kwargs) for conv in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def shutdown(self) -> None:
         """Stop the engine: its core process and workers, if any. Idempotent; the LLM cannot be used after."""
@@ -215,6 +230,13 @@ def error_output(prompt: Any, err: Exception, request_id: str) -> RequestOutput:
     ids = ids if isinstance(ids, list) and all(_is_token_id(t) for t in ids) else []
     return RequestOutput(request_id, text, [int(t) for t in ids], [CompletionOutput(0, "", [], "error")], True,
                          error=str(err))
+
+
+def _with_priority(params: list[SamplingParams], priority: Any) -> list[SamplingParams]:
+    if not isinstance(priority, (list, tuple)) or len(priority) != len(params):
+        raise RequestError(f"priority: expected a list with one int per prompt ({len(params)}) (got "
+                           f"{show_value(priority)})")
+    return [replace(sp, priority=p) for sp, p in zip(params, priority)]
 
 
 def _lora_list(n: int, lora_request: Any) -> list:
@@ -240,8 +262,10 @@ def _conversations(messages: Any) -> list[list[dict[str, Any]]]:
     return [list(c) for c in convs]
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: Any):
+    """The progress bar of `generate` (vLLM's `use_tqdm`: True, False, or a tqdm-like class to build it with)."""
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc="generate", unit="req")
+    factory = enabled if callable(enabled) else tqdm
+    return factory(total=total, desc="Processed prompts", unit="req", dynamic_ncols=True)

@@ -45,6 +45,17 @@ class RequestState:
     first_token_time: float | None = None
     num_cached_tokens: int = 0
     prompt_logprobs: list | None = None
+    cumulative_logprob: float = 0.0  # over logprobs[:num_summed]
+    num_summed: int = 0
+
+    def sum_logprobs(self) -> float | None:
+        """The chosen tokens' summed logprob (vLLM's cumulative_logprob), None when logprobs were not asked for."""
+        if self.logprobs is None:
+            return None
+        for lp, tok in zip(self.logprobs[self.num_summed:], self.token_ids[self.num_summed:]):
+            self.cumulative_logprob += float(lp[tok]) if tok in lp else 0.0
+        self.num_summed = min(len(self.logprobs), len(self.token_ids))
+        return self.cumulative_logprob
 
 
 @dataclass
@@ -59,6 +70,7 @@ class OutputProcessor:
         self.hook = hook
         self.states: dict[str, RequestState] = {}
         self.parents: dict[str, ParentRequest] = {}  # n > 1 requests by their id; their children are in states
+        self._token_text: dict[int, str] = {}  # token id -> its text, for Logprob.decoded_token
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     *, eos_token_id: int | None, lora_request: Any = None, outbox: Outbox | None = None
@@ -115,6 +127,26 @@ class OutputProcessor:
                 result.request_outputs.append(out)
         return result
 
+    def _decode_logprobs(self, positions: list) -> None:
+        """Fill `Logprob.decoded_token` for the tokens in these {token_id: Logprob} dicts (vLLM's: each token's
+        text on its own), decoding only the ids not seen before."""
+        tok = self.tokenizer
+        if tok is None:
+            return
+        cache = self._token_text
+        new = sorted({t for d in positions if d for t in d if t not in cache})
+        if new:
+            try:
+                pieces = tok.convert_ids_to_tokens(new)
+                cache.update((t, tok.convert_tokens_to_string([p]) if p is not None else "")
+                             for t, p in zip(new, pieces))
+            except Exception:  # a tokenizer without the slow-API methods: decode each id
+                cache.update((t, tok.decode([t])) for t in new)
+        for d in positions:
+            for t, lp in (d or {}).items():
+                if lp.decoded_token is None:
+                    lp.decoded_token = cache[t]
+
     def _lost_requests(self, core_outs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
         finishing = {co.request_id for co in core_outs if co.finished}
         lost = [rid for rid in self.states if rid not in finishing]
@@ -135,8 +167,10 @@ class OutputProcessor:
         st.token_ids.extend(co.new_token_ids)
         st.num_cached_tokens = co.num_cached_tokens
         if st.logprobs is not None and co.new_logprobs:
+            self._decode_logprobs(co.new_logprobs)
             st.logprobs.extend(co.new_logprobs)
         if co.prompt_logprobs is not None:
+            self._decode_logprobs(co.prompt_logprobs)
             st.prompt_logprobs = co.prompt_logprobs
         finish_reason, stop_reason = co.finish_reason, co.stop_reason
         if hit is not None and 1 < len(co.new_token_ids) and st.detok.num_used < len(co.new_token_ids):
@@ -161,7 +195,7 @@ class OutputProcessor:
         out = RequestOutput(
             request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
             outputs=[CompletionOutput(st.index, st.detok.text, list(co.new_token_ids) if delta else list(st.token_ids),
-                                      finish_reason, stop_reason, logprobs)],
+                                      finish_reason, stop_reason, logprobs, st.sum_logprobs())],
             finished=finish_reason is not None, num_cached_tokens=st.num_cached_tokens, error=co.error,
             metrics={"arrival": st.arrival, "first_token": st.first_token_time or 0.0, "now": now},
             prompt_logprobs=co.prompt_logprobs if delta else st.prompt_logprobs,

@@ -181,7 +181,8 @@ class SchedulerStats:
 @dataclass
 class CompletionOutput:
     """One completion of a request (`index` in [0, n)). `logprobs` (when asked for) holds one dict per token:
-    {token_id: Logprob} with the chosen token and the `logprobs=N` most likely ones (vLLM's SampleLogprobs)."""
+    {token_id: Logprob} with the chosen token and the `logprobs=N` most likely ones (vLLM's SampleLogprobs);
+    `cumulative_logprob` is then the sum of the chosen tokens' logprobs (None without logprobs, as vLLM)."""
 
     index: int
     text: str
@@ -189,6 +190,7 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from weavelm.core.vllm_sampling import check_vllm_fields
 from weavelm.errors import RequestError
 
 
@@ -123,6 +124,19 @@ class SamplingParams:
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's remaining arguments, accepted at vLLM's defaults; other values are refused as unsupported, except
+    # `truncate_prompt_tokens` (keep the prompt's last N tokens), `best_of` == n and `extra_args` (kept for plugins)
+    best_of: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logits_processors: Any = None
+    truncate_prompt_tokens: int | None = None
+    output_kind: Any = None  # RequestOutputKind.CUMULATIVE (None: the same)
+    output_text_buffer_length: int = 0
+    guided_decoding: Any = None
+    allowed_token_ids: list[int] | None = None
+    extra_args: dict[str, Any] | None = None
     # Set by the frontend when the request is added (not user fields): EOS + stop ids that `min_tokens` masks, and
     # `bad_words` as token sequences.
     min_tokens_stop_ids: list[int] = field(default_factory=list, repr=False, compare=False)
@@ -169,6 +183,7 @@ class SamplingParams:
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise _bad("structured_outputs", self.structured_outputs, "must be None or a StructuredOutputsParams")
+        check_vllm_fields(self)
         for name in ("min_tokens_stop_ids", "bad_words_token_ids"):
             if not isinstance(getattr(self, name), list):
                 raise _bad(name, getattr(self, name), "is set by the engine; leave it out")

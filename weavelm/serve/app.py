@@ -20,6 +20,7 @@ from weavelm.serve.errors import APIError, bad_request, engine_unavailable, inst
 from weavelm.serve.guard import DEFAULT_MAX_BODY_BYTES, Guard
 from weavelm.serve.lora_routes import add_lora_routes, allowed_roots
 from weavelm.serve.metrics import CONTENT_TYPE, ServerMetrics
+from weavelm.serve.request_log import RequestLog
 from weavelm.serve.params import model_defaults
 from weavelm.serve.prompts import PromptPreparer
 from weavelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
@@ -64,7 +65,7 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
                        PromptPreparer(engine.processor, engine.max_model_len))
     if tools is not None:
         state.tools = tools
-    engine.output_observer = state.metrics.observe
+    engine.output_observer = RequestLog(engine, then=state.metrics.observe)  # log lines, then the metrics
     app = FastAPI(title="weavelm", version=weavelm.__version__,
                   description="OpenAI-compatible API of a weavelm engine")
     app.state.serve = state

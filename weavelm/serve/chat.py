@@ -18,7 +18,7 @@ from weavelm.core.request import StructuredOutputsParams
 from weavelm.errors import RequestError
 from weavelm.serve.errors import bad_request
 from weavelm.serve.generation import Generation, openai_finish_reason
-from weavelm.serve.params import build_params, check_unsupported
+from weavelm.serve.params import build_params, check_context_length, check_unsupported
 from weavelm.serve.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                     ChatLogProbs, ChatMessage, ChatResponseMessage, ChatStreamChoice,
                                     ChatTokenLogprob, DeltaMessage, DeltaToolCall, ToolCall, TopLogprob,
@@ -90,6 +90,8 @@ async def create_chat_completion(state: ServeState, req: ChatCompletionRequest, 
                                           tools=plan.tools)
         if max_tokens is None:  # the rest of the context, as vLLM does
             base.max_tokens = max(1, state.engine.max_model_len - len(prompt["prompt_token_ids"]))
+        else:  # vLLM's 400 for a completion that cannot fit the context
+            check_context_length(state.engine.max_model_len, len(prompt["prompt_token_ids"]), max_tokens)
     except RequestError as e:
         raise bad_request(e, renames) from None
     gen = Generation(state.engine, f"chatcmpl-{uuid.uuid4().hex}", lora, state.live)

@@ -23,6 +23,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction,
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                               description="OpenAI-compatible server: /v1/completions, /v1/chat/completions, "
                                           "/v1/models, /health, /version, /tokenize, /detokenize, /metrics.")
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model to serve (vLLM's positional form of "
+                                                                "--model)")
     add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
@@ -80,6 +82,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction,
 
 def _check_args(args: argparse.Namespace) -> None:
     problems = []
+    tag = getattr(args, "model_tag", None)
+    if tag is not None and args.model is not None and tag != args.model:
+        problems.append(f"MODEL {tag!r} and --model {args.model!r} disagree; give one of them")
+    elif tag is not None:
+        args.model = tag
     if not 0 <= args.port <= 65535:
         problems.append(f"--port: must be in [0, 65535] (got {args.port})")
     if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
@@ -116,6 +123,8 @@ def tool_settings(args: argparse.Namespace) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _check_args(args)  # before the model loads
+    if args.log_level in ("info", "debug"):  # the per-request and throughput lines (weavelm.serve.request_log)
+        logging.getLogger("weavelm.serve").setLevel(logging.INFO)
     try:
         import uvicorn  # noqa: F401
 

@@ -15,7 +15,7 @@ from weavelm.core.outputs import RequestOutput
 from weavelm.errors import RequestError
 from weavelm.serve.errors import bad_request
 from weavelm.serve.generation import Generation, openai_finish_reason
-from weavelm.serve.params import build_params, check_unsupported
+from weavelm.serve.params import build_params, check_context_length, check_unsupported
 from weavelm.serve.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse,
                                     UsageInfo)
 from weavelm.serve.serving import ServeState, position_logprobs, sse
@@ -47,6 +47,9 @@ async def create_completion(state: ServeState, req: CompletionRequest, raw: Requ
             else:
                 state.prompts.check_ids(p)
         engine_prompts = [await state.prompts.prompt(p) for p in prompts]
+        if req.max_tokens is not None:  # vLLM's 400 for a completion that cannot fit the context
+            for p in engine_prompts:
+                check_context_length(state.engine.max_model_len, len(p["prompt_token_ids"]), req.max_tokens)
     except RequestError as e:
         raise bad_request(e, RENAMES) from None
     gen = Generation(state.engine, f"cmpl-{uuid.uuid4().hex}", lora, state.live)

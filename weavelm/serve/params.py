@@ -134,3 +134,12 @@ def _response_format(fmt: dict[str, Any]) -> dict[str, Any] | None:
         return {"json": schema}
     raise APIError(400, f"response_format.type: must be 'text', 'json_object' or 'json_schema' (got {kind!r})",
                    param="response_format")
+
+
+def check_context_length(max_model_len: int, num_prompt_tokens: int, max_tokens: int) -> None:
+    """vLLM's 400 for a `max_tokens` that does not fit the context beside the prompt."""
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                           f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, "
+                           f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                           f"completion.")

@@ -48,6 +48,8 @@ def gguf_file(path: str) -> str:
 
 def open_reader(file: str) -> Any:
     """A `gguf.GGUFReader` whose tensor table is checked first, so a bad entry is reported by tensor name."""
+    from weavelm.errors import require_extra
+    require_extra("gguf", "gguf", f"loading {os.path.basename(file)} (a GGUF file)")
     import gguf
 
     class CheckedReader(gguf.GGUFReader):
