@@ -152,7 +152,8 @@ def test_public_exports_are_frozen():
                                               "LoRARequest",
                                               "EngineConfig", "RequestOutput", "CompletionOutput", "WeaveError",
                                               "ConfigError", "PluginError", "LoadError", "RequestError", "EngineError",
-                                              "EngineDeadError", "__version__"])
+                                              "EngineDeadError", "TextPrompt", "TokensPrompt", "EngineArgs",
+                                              "__version__"])
 
 
 def test_event_hooks_reach_an_observer(tiny_llama):
