@@ -210,3 +210,32 @@ def test_older_configs_give_each_layer_type_its_rope():
                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
     for kind, section in rope_sections(new).items():
         assert {k: section[k] for k in rope_sections(old)[kind]} == rope_sections(old)[kind]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_norm_and_gelu_equal_transformers(dtype):
+    """`GemmaRMSNorm` (with and without the fused residual add) and `GeluAndMul("tanh")` give transformers'
+    `Gemma3RMSNorm` and `gelu_pytorch_tanh(gate) * up` bit for bit, in fp32 and bf16."""
+    from transformers.activations import ACT2FN
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from weavelm.layers import GeluAndMul, GemmaRMSNorm
+
+    torch.manual_seed(0)
+    ref, norm = Gemma3RMSNorm(32, eps=1e-6).to(dtype), GemmaRMSNorm(32, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ref.weight.normal_(0, 0.5)
+        norm.weight.copy_(ref.weight)
+    x, r = torch.randn(5, 32, dtype=dtype), torch.randn(5, 32, dtype=dtype)
+    assert torch.equal(norm(x), ref(x))
+    y, residual = norm(x, r)
+    assert torch.equal(residual, x + r) and torch.equal(y, ref(x + r))
+    heads_ref, heads = Gemma3RMSNorm(16, eps=1e-6).to(dtype), GemmaRMSNorm(16, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        heads_ref.weight.normal_(0, 0.5)
+        heads.weight.copy_(heads_ref.weight)
+    assert torch.equal(heads(x.view(5, 2, 16)), heads_ref(x.view(5, 2, 16)))  # per head (the Q/K norms)
+    gate_up = torch.randn(5, 64, dtype=dtype)
+    assert torch.equal(GeluAndMul("tanh")(gate_up), ACT2FN["gelu_pytorch_tanh"](gate_up[:, :32]) * gate_up[:, 32:])
+    with pytest.raises(ValueError, match="approximate"):
+        GeluAndMul("sigmoid")

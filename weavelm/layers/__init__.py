@@ -29,7 +29,8 @@ __all__ = [
     "TensorParallelGroup",
     "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear",
     "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead",
-    "RMSNorm", "GemmaRMSNorm", "SiluAndMul", "GeluAndMul", "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention",
+    "RMSNorm", "GemmaRMSNorm", "SiluAndMul", "GeluAndMul",
+    "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention",
     "WeightsMapper", "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply",
     "FusedMoE", "load_moe_checkpoint",
 ]
