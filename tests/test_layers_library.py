@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ["layer_windows", "TensorParallelGroup", "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
            "RowParallelLinear", "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead", "RMSNorm", "SiluAndMul",
            "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention", "WeightsMapper",
-           "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply", "FusedMoE", "load_moe_checkpoint"]
+           "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply", "FusedMoE", "load_moe_checkpoint",
+           "GemmaRMSNorm", "GeluAndMul"]
 
 
 def test_library_exports_are_frozen_and_the_facade_re_exports_them():

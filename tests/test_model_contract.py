@@ -6,7 +6,7 @@ from its own folder (tests/test_phi3_example.py)."""
 from __future__ import annotations
 
 import pytest
-from transformers import LlamaConfig, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config
 
 from weavelm.testing.model import ModelContract
 
@@ -41,3 +41,31 @@ class TestLlama3Rope(_RopeVariant):
     config_kwargs = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                          "original_max_position_embeddings": 64}}
+
+
+class TestMistralWindow(ModelContract):
+    """Mistral with its sliding window (8) below the prompts' and generations' lengths: parity, and TP=2 == TP=1
+    with every layer windowed."""
+
+    config_class = MistralConfig
+    config_kwargs = {"sliding_window": 8}
+    lora_target_modules = ["q_proj", "v_proj", "o_proj", "down_proj"]
+
+
+class TestGemma3(ModelContract):
+    """Gemma 3 text: sliding and full layers interleaved (window 8), per-type rope, `query_pre_attn_scalar` !=
+    head_dim, soft-capped logits, tied embeddings. initializer_range 0.02: at the suite's 0.3 the scaled embedding
+    dominates and every prompt decodes one repeated token, which would prove little."""
+
+    config_class = Gemma3TextConfig
+    config_kwargs = {"head_dim": 16, "initializer_range": 0.02, "sliding_window": 8, "tie_word_embeddings": True,
+                     "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 24,
+                     "final_logit_softcapping": 30.0}
+    lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    @pytest.fixture(scope="class", autouse=True)
+    def _plugin(self):
+        from tests.test_gemma3 import gemma3_plugin
+
+        with gemma3_plugin():
+            yield

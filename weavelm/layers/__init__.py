@@ -12,10 +12,10 @@ Names exported here follow `weavelm.plugin.API_VERSION`.
 """
 
 from weavelm.distributed import TensorParallelGroup
-from weavelm.layers.activation import SiluAndMul
+from weavelm.layers.activation import GeluAndMul, SiluAndMul
 from weavelm.layers.attention import Attention
 from weavelm.layers.fused_moe import FusedMoE, load_moe_checkpoint
-from weavelm.layers.layernorm import RMSNorm
+from weavelm.layers.layernorm import GemmaRMSNorm, RMSNorm
 from weavelm.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, OutputSegment,
                                    QKVParallelLinear, RowParallelLinear, copy_shard, default_weight_loader,
                                    linear_apply)
@@ -29,7 +29,8 @@ __all__ = [
     "TensorParallelGroup",
     "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear",
     "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead",
-    "RMSNorm", "SiluAndMul", "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention",
+    "RMSNorm", "GemmaRMSNorm", "SiluAndMul", "GeluAndMul",
+    "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention",
     "WeightsMapper", "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply",
     "FusedMoE", "load_moe_checkpoint",
 ]

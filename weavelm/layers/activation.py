@@ -1,4 +1,4 @@
-"""Activations of gated MLPs."""
+"""Activations of gated MLPs: `SiluAndMul` (Llama family) and `GeluAndMul` (Gemma's gelu / gelu_pytorch_tanh)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,18 @@ class SiluAndMul(nn.Module):
             return native.silu_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
+
+
+class GeluAndMul(nn.Module):
+    """(..., 2d) -> gelu(x[..., :d]) * x[..., d:], same `[gate | up]` layout as `SiluAndMul`. `approximate="tanh"`
+    is transformers' `gelu_pytorch_tanh` (Gemma 2 / 3); "none" is the exact erf gelu."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GeluAndMul: approximate must be 'none' or 'tanh' (got {approximate!r})")
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.gelu(x[..., :d], approximate=self.approximate) * x[..., d:]

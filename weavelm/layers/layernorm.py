@@ -1,4 +1,4 @@
-"""RMSNorm, replicated on every tensor-parallel rank."""
+"""RMSNorm (and Gemma's `(1 + weight)` variant), replicated on every tensor-parallel rank."""
 
 from __future__ import annotations
 
@@ -45,3 +45,27 @@ class RMSNorm(nn.Module):
         """Normalise `num_heads` heads of `head_dim` starting at column `offset` of the (tokens, width) buffer `qkv`
         in place, with the native kernel (per-head Q/K norms; the caller checked `native.usable(qkv)`)."""
         native.head_norm_(qkv, offset, num_heads, head_dim, self.weight, self.eps)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the checkpoint stores `weight` as an offset from one, and the whole norm runs in fp32
+    (`x * rsqrt(mean(x^2) + eps) * (1 + weight)`, rounded once to the input dtype), as transformers'
+    `Gemma3RMSNorm` does. `forward(x, residual)` fuses the residual add like `RMSNorm`: (norm(x + r), x + r).
+    Applied to a (tokens, heads, head_dim) tensor it normalises each head (Gemma 3's Q/K norms)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+        self.weight.weight_loader = default_weight_loader
+        self.eps = eps
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
