@@ -94,12 +94,16 @@ def _engine(path, **kw):
     return LLM(model=path, device="cpu", dtype="float32", cache={"num_blocks": 64}, **kw)
 
 
+def _model(llm):
+    """The engine's model (in-process executor: the object itself)."""
+    return llm.collective_rpc("apply_model", (lambda model: model,))[0]
+
+
 def _greedy_and_logits(llm, prompts, n=8):
     from weavelm import SamplingParams
 
     captured = []
-    runner = llm.engine.client.core.executor.worker.runner
-    runner.set_logits_hook(lambda ids, logits: captured.append(logits.clone()) or None)
+    llm.collective_rpc("set_logits_hook", (lambda ids, logits: captured.append(logits.clone()) or None,))
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
     return [o.outputs[0].token_ids for o in outs], captured[0]
@@ -113,8 +117,7 @@ def test_gguf_file_stays_quantized_and_matches_dequantized(fmt, kernels, one_tor
     path = model_zoo("llama")[fmt]
     with native.disabled() if kernels == "torch" else contextlib.nullcontext():
         quant, dense = _engine(path), _engine(path, quantization="none")
-        runner = quant.engine.client.core.executor.worker.runner
-        layers = dict(runner.bundle.model.named_modules())
+        layers = dict(_model(quant).named_modules())
         down = layers["layers.0.mlp.down_proj"]
         assert down.weight is None and type(down.qpack).__name__ == PACKS[fmt, kernels]
         assert layers["layers.0.self_attn.qkv_proj"].quant_method is not None
@@ -142,8 +145,7 @@ def test_int8_on_load_of_a_float_checkpoint(tiny_llama, kernels, one_torch_threa
 
 
 def _check_int8(quant, dense):
-    runner = quant.engine.client.core.executor.worker.runner
-    assert runner.bundle.model.layers[0].mlp.gate_up_proj.qpack.q.dtype == torch.int8
+    assert _model(quant).layers[0].mlp.gate_up_proj.qpack.q.dtype == torch.int8
     prompts = [[5, 17, 42, 99, 3], [7, 1, 30, 12]]
     _, logits_q = _greedy_and_logits(quant, prompts, n=2)
     _, logits_d = _greedy_and_logits(dense, prompts, n=2)
@@ -156,15 +158,16 @@ def _check_int8(quant, dense):
 
 def test_auto_leaves_float_checkpoints_dense(tiny_llama, one_torch_thread):
     llm = _engine(tiny_llama)
-    model = llm.engine.client.core.executor.worker.runner.bundle.model
-    assert all(getattr(m, "quant_method", None) is None for m in model.modules())
+    assert all(getattr(m, "quant_method", None) is None for m in _model(llm).modules())
 
 
 def test_quantization_errors(tiny_llama):
     from weavelm.errors import ConfigError
 
+    with pytest.raises(ConfigError, match=r"quantization: 'int9' is unsupported: .*plugins are .*int8"):
+        _engine(tiny_llama, quantization="int9")  # vLLM's flat argument
     with pytest.raises(ConfigError, match=r"quantization.name: unknown quantization plugin 'int9'.*int8"):
-        _engine(tiny_llama, quantization="int9")
+        _engine(tiny_llama, quantization={"name": "int9"})  # the YAML section
     with pytest.raises(ConfigError, match="quantization.name: 'gguf' cannot run here: .*no GGUF quantized tensors"):
         _engine(tiny_llama, quantization="gguf")
     with pytest.raises(ConfigError, match=r"quantization.lm_head"):

@@ -69,7 +69,7 @@ def test_the_native_stack_is_built_only_from_method_packs(quantization, tiny_lla
         pytest.skip(native.unavailable_reason())
     path = tiny_llama if quantization == "int8" else model_zoo("llama")["gguf_Q8_0"]
     llm = LLM(model=path, dtype="float32", device="cpu", quantization=quantization, cache={"num_blocks": 32})
-    model = llm.engine.client.core.executor.worker.runner.bundle.model
+    model = llm.collective_rpc("apply_model", (lambda m: m,))[0]  # in-process: the model itself
     assert NativeStack.build(model) is not None
     model.layers[-1].mlp.down_proj.quant_method = _DenseMethod()
     assert NativeStack.build(model) is None

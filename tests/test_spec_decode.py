@@ -8,6 +8,7 @@ import pytest
 
 from tests.model_fixtures import ARCHS
 from weavelm import LLM, SamplingParams
+from weavelm.testing import StepRecorder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,10 +30,10 @@ def _params() -> list[SamplingParams]:
 
 
 def _run(model: str, speculative: dict | None):
-    llm = LLM(model=model, speculative=speculative, **ENGINE)
+    recorder = StepRecorder()
+    llm = LLM(model=model, speculative=speculative, registry=recorder.registry(), **ENGINE)
     outs = llm.generate(PROMPTS, _params())
-    sched = llm.engine.client.core.scheduler
-    return [o.outputs[0].token_ids for o in outs], llm.get_stats(), sched.num_preemptions
+    return [o.outputs[0].token_ids for o in outs], llm.get_stats(), recorder.num_preempted
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -43,8 +43,8 @@ num_lookahead_tokens; RunnerContext.build_proposer; ModelRunnerOutput.spec_token
 sampled_token_ids may hold several tokens per request); SchedulerStats.spec_*. 2.2: async scheduling
 (Scheduler.supports_async_scheduling, SchedulerContext.async_scheduling, Request.num_output_placeholders; a runner
 takes the input token of a position past its known tokens from the previous step's samples on the device). 2.3:
-inspection hooks reached through `LLM.collective_rpc` (Worker.apply_model / cached_request_ids,
-ModelRunner.get_model / cached_request_ids); the `kernels:` config section and `num_threads`;
+inspection hooks reached through `LLM.collective_rpc` (Worker.apply_model / cached_request_ids /
+apply_proposer, ModelRunner.get_model / cached_request_ids / get_proposer); the `kernels:` config section and `num_threads`;
 sliding-window attention (AttentionSpec.sliding_window, AttentionImpl.sliding_window and make_impl's
 `sliding_window` keyword, AttentionBackend.reasons, ModelArchitecture.attention_windows,
 SchedulerContext.sliding_window). 2.4: ModelArchitecture.packed_modules_mapping / hf_to_weavelm_mapper (LoRA by
@@ -274,6 +274,11 @@ class Worker(Component, ABC):
         """The requests whose state this rank's runner holds now; a finished or aborted request must leave."""
         raise NotImplementedError(f"worker {self.name!r} does not report its cached requests")
 
+    def apply_proposer(self, func: Callable[[Any], Any]) -> Any:
+        """Return `func(proposer)` for this rank's speculative-decoding proposer (None without `speculative:`);
+        what the proposer contract suite calls `propose` on directly."""
+        raise NotImplementedError(f"worker {self.name!r} does not support apply_proposer")
+
 
 class ModelRunner(Component, ABC):
     """Keeps the persistent batch (per-request rows on the device, updated from SchedulerOutput deltas),
@@ -328,6 +333,10 @@ class ModelRunner(Component, ABC):
     def cached_request_ids(self) -> list[str]:
         """The requests whose rows the persistent batch holds now (for the worker's `cached_request_ids`)."""
         raise NotImplementedError(f"model runner {self.name!r} does not report its cached requests")
+
+    def get_proposer(self) -> Any:
+        """The speculative-decoding proposer, or None (for the worker's `apply_proposer`)."""
+        return None
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
         """Launch the step and return before the device finishes, so the caller can overlap host work (output

@@ -47,10 +47,11 @@ class ProposerContract:
         return {"name": self.proposer, "num_speculative_tokens": self.num_speculative_tokens,
                 **self.proposer_options(target)}
 
-    def _generate(self, speculative, params):
+    def _generate(self, speculative, params, recorder=None):
         from weavelm import LLM
 
-        llm = LLM(model=reference_checkpoint(), speculative=speculative, **ENGINE)
+        registry = recorder.registry() if recorder is not None else None
+        llm = LLM(model=reference_checkpoint(), speculative=speculative, registry=registry, **ENGINE)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
         return [o.outputs[0].token_ids for o in outs], llm
 
@@ -65,10 +66,13 @@ class ProposerContract:
         from weavelm import SamplingParams
 
         params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
+        from weavelm.testing.stats import StepRecorder
+
         ref, _ = self._generate(None, params)
-        got, llm = self._generate(self._speculative(reference_checkpoint()), params)
+        recorder = StepRecorder()
+        got, llm = self._generate(self._speculative(reference_checkpoint()), params, recorder)
         assert got == ref
-        assert llm.engine.client.core.scheduler.num_preemptions > 0, "the contract's pool must force preemption"
+        assert recorder.num_preempted > 0, "the contract's pool must force preemption"
         stats = llm.get_stats()
         assert stats.num_used_blocks == 0 and 0 <= stats.spec_acceptance_rate <= 1
 
@@ -84,8 +88,8 @@ class ProposerContract:
         from weavelm.core.proposer import ProposeInput
 
         _, llm = self._generate(self._speculative(reference_checkpoint()), _greedy_params())
-        runner = llm.engine.client.core.executor.worker.runner
-        proposer, vocab = runner.spec.proposer, runner.model_info()["vocab_size"]
+        proposer = llm.collective_rpc("apply_proposer", (lambda p: p,))[0]  # in-process (uniproc): the object
+        vocab = llm.engine.vocab_size
         proposer.forget(["a", "b"])
         rows = [np.asarray(p, dtype=np.int64) for p in PROMPTS[:2]]
         blocks = np.zeros((2, 18), dtype=np.int32)  # the engine is idle: any disjoint blocks of the pool will do
@@ -94,7 +98,8 @@ class ProposerContract:
         if proposer.uses_hidden_states:  # one hidden state per row: each row's last token was just sampled
             with open(os.path.join(reference_checkpoint(), "config.json")) as f:
                 hidden_size = json.load(f)["hidden_size"]
-            hidden = torch.randn(2, hidden_size, generator=torch.Generator().manual_seed(0)).to(runner.device)
+            device = llm.collective_rpc("apply_model", (lambda m: next(m.parameters()).device,))[0]
+            hidden = torch.randn(2, hidden_size, generator=torch.Generator().manual_seed(0)).to(device)
         inp = ProposeInput(req_ids=["a", "b"], token_ids=rows, max_tokens=[1, self.num_speculative_tokens],
                            block_table=blocks, num_blocks=np.array([6, 18]), temperature=np.zeros(2, np.float32),
                            generators=[None, None], num_computed_tokens=np.array([len(r) - 1 for r in rows]),

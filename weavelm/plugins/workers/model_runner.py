@@ -170,6 +170,9 @@ class PagedModelRunner(ModelRunner):
     def cached_request_ids(self) -> list[str]:
         return list(self.requests)
 
+    def get_proposer(self) -> Any:
+        return self.spec.proposer if self.spec is not None else None
+
     def set_logits_hook(self, hook) -> None:
         self.logits_hook = hook
 

@@ -83,6 +83,9 @@ class DeviceWorker(Worker):
     def cached_request_ids(self) -> list[str]:
         return self.runner.cached_request_ids()
 
+    def apply_proposer(self, func) -> Any:
+        return func(self.runner.get_proposer())
+
 
 @hookimpl
 def weavelm_register(registry) -> None:
