@@ -248,6 +248,6 @@ def test_the_constraint_crosses_the_engine_process_boundary():
 
     for so in (StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True), StructuredOutputsParams(choice=CHOICES)):
         request = Request("r", [1, 2, 3], SamplingParams(structured_outputs=so), eos_token_id=2)
-        for ser in (serial.MsgpackSerializer(), serial.PickleSerializer()):
+        for ser in (serial.MsgpackSerializer(),):
             _, rows = ser.decode(ser.encode(serial.ADD, [serial.request_to_wire(request)]))
             assert serial.request_from_wire(rows[0]).sampling_params.structured_outputs == so

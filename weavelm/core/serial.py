@@ -10,7 +10,7 @@ A message is `(kind, payload)`. Kinds and payloads:
   DEAD `(message, traceback_text, exception_or_None)`, sent by the core just before it exits on an error.
 
 `SERIALIZER` (`MsgpackSerializer`, msgspec) is the one in use: `benchmarks/engine_process_overhead.py` measures
-it against `PickleSerializer` (protocol 5) on a 1000-token request and a 256-request step, where pickle spends its
+it against plain pickle (protocol 5) on a 1000-token request and a 256-request step, where pickle spends its
 time rebuilding dataclasses from `__reduce_ex__` state (numbers in benchmarks/RESULTS.md).
 """
 
@@ -38,16 +38,6 @@ def request_to_wire(r: Request) -> tuple:
 def request_from_wire(row: tuple | list) -> Request:
     rid, ids, params, eos, arrival, lora = row
     return Request(rid, ids, params, eos_token_id=eos, arrival_time=arrival, lora_request=lora)
-
-
-class PickleSerializer:
-    name = "pickle5"
-
-    def encode(self, kind: int, payload: Any) -> bytes:
-        return pickle.dumps((kind, payload), protocol=5)
-
-    def decode(self, data: bytes | memoryview) -> tuple[int, Any]:
-        return pickle.loads(data)
 
 
 class MsgpackSerializer:
