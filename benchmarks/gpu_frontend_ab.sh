@@ -11,7 +11,7 @@ parts=" ${*:-ab tests} "
 want() { [[ $parts == *" $1 "* ]]; }
 python3 .peer/make_model.py /tmp/q06 > "$OUT/make_model.log" 2>&1
 if want ab; then
-  for round in 1 2; do
+  for round in $(seq 1 ${ROUNDS:-2}); do
     for side in old new; do
       dir=$PWD; [ "$side" = old ] && dir=$PWD/.old
       (cd "$dir" && PYTHONPATH=/tmp/site:$dir python3 benchmarks/vs_nanovllm.py --model /tmp/q06 --repeats 1 \
