@@ -28,7 +28,8 @@ from weavelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, De
 from weavelm.serve.serving import ServeState
 
 _ERRORS = {400: "Invalid request (vLLM answers validation errors with 400, never 422)",
-           401: "Missing or wrong API key", 404: "Unknown model", 413: "Request body over the size limit",
+           401: "Missing or wrong API key", 403: "Not allowed here (run-time LoRA loading off, or a path outside "
+           "--lora-allowed-paths)", 404: "Unknown model", 413: "Request body over the size limit",
            429: "Too many requests waiting", 503: "The engine is not available or the server is shutting down"}
 
 
@@ -72,7 +73,9 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str] | None = None
     install_error_handlers(app)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_request_body_bytes)
     app.openapi = lambda: _openapi(app)
-    errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": text}
+    # errors are JSON on every route, plain-text ones (the LoRA endpoints' success message) included
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": text,
+                                                      "content": {"application/json": {}}}
                                                for code, text in _ERRORS.items()}
     api = APIRouter(responses=errors)
 
