@@ -49,7 +49,7 @@ def tp_models(tmp_path_factory):
     return models
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mqa", "tied"])
+@pytest.mark.parametrize("arch", ["qwen2", "mqa", "tied"])  # Llama and Qwen3: the model contract's TP=2 tests
 def test_tp2_over_gloo_matches_tp1(tp_models, arch):
     path = tp_models[arch]
     tp1 = engine(path)

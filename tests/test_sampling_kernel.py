@@ -3,8 +3,8 @@ TRITON_INTERPRET=1 is set before triton is imported; on a GPU machine it runs on
 
 - temperature-0 rows return exactly `torch.argmax`, ties to the lowest index, over a vocabulary longer than one
   block and not a multiple of it;
-- the draws of a temperature row follow softmax(logits / T): 3,000 draws over 8 tokens are within total variation
-  0.05 of it (the expected distance at that sample size is about 0.02);
+- the draws of a temperature row follow softmax(logits / T): 1,500 draws over 8 tokens are within total variation
+  0.06 of it (the expected distance at that sample size is about 0.03);
 - the same seed gives the same draws, another seed other draws; rows of one call draw independent noise.
 """
 
@@ -33,14 +33,14 @@ SCRIPT = textwrap.dedent("""
 
     base = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])
     temp = 0.7
-    n = 3000
+    n = 1500
     x = base.repeat(n, 1).to(dev)
     t = torch.full((n,), temp, device=dev)
     draws = gumbel_sample(x, t, seed=123).cpu()
     freq = torch.bincount(draws, minlength=8).double() / n
     want = torch.softmax(base.double() / temp, -1)
     tv = 0.5 * (freq - want).abs().sum().item()
-    assert tv < 0.05, (tv, freq, want)
+    assert tv < 0.06, (tv, freq, want)
     assert torch.equal(draws[:300], gumbel_sample(x[:300], t[:300], seed=123).cpu())
     other = gumbel_sample(x[:300], t[:300], seed=124).cpu()
     assert (other != draws[:300]).float().mean() > 0.3
