@@ -132,7 +132,7 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = None
     enforce_eager: bool = False
     async_scheduling: bool | None = Field(None, description="Overlap scheduling with the device (None: auto).")
-    engine_process: bool = Field(False, description="The engine core runs in its own process (MPClient).")
+    engine_process: bool = Field(False, description="The engine core runs in its own process (SyncMPClient / AsyncMPClient).")
     engine_iteration_timeout_s: float = Field(120.0, description="Frozen-core deadline (0: none).")
     num_threads: int | None = Field(None, description="torch CPU threads per model-running process (None: auto).")
     runner: str = Field("generate", description="generate or pooling (embeddings).")

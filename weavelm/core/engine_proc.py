@@ -1,6 +1,7 @@
-"""EngineCoreProc: the engine core's busy loop in its own process, fed and drained by `MPClient` over ZeroMQ.
+"""EngineCoreProc: the engine core's busy loop in its own process, fed and drained over ZeroMQ by the multiprocess
+clients (core/mp_client.py).
 
-The process is spawned (never forked: the caller may have initialised CUDA) by `MPClient` with
+The process is spawned (never forked: the caller may have initialised CUDA) by `core_process.CoreProcess` with
 `run_engine_core` as its target. It rebuilds the registry from its picklable spec, builds the `EngineCore`, reports
 READY (or DEAD with its startup error) and then loops: apply every queued message (adds, aborts, utility calls),
 run one step, send its outputs; it blocks on its input socket only when it holds no unfinished request. Ctrl-C is

@@ -1,4 +1,4 @@
-"""The wire format between the frontend (MPClient) and the engine-core process (EngineCoreProc).
+"""The wire format between the frontend (core/mp_client.py) and the engine-core process (EngineCoreProc).
 
 A message is `(kind, payload)`. Kinds and payloads:
 
