@@ -72,12 +72,15 @@ class QuantSpec:
     device: "cpu" | "cuda"; dtype: the engine's activation dtype; world_size: tensor-parallel ranks;
     weight_types: the checkpoint's stored tensor types by Hugging Face name (e.g. {"model.layers.0.mlp.down_proj.weight":
     "Q4_1"}; empty for float checkpoints), from `ModelLoader.weight_types(path)`.
+    checkpoint_quant: the checkpoint's own `quantization_config` (its config.json entry, as a dict; empty when it
+    has none), e.g. {"quant_method": "fp8", "weight_block_size": [128, 128]} or {"quant_method": "gptq", ...}.
     """
 
     device: str
     dtype: torch.dtype
     world_size: int = 1
     weight_types: Mapping[str, str] = field(default_factory=dict)
+    checkpoint_quant: Mapping[str, Any] = field(default_factory=dict)
 
 
 class QuantizeMethodBase(ABC):
@@ -139,6 +142,13 @@ class QuantizationConfig(Component, ABC):
     def check(cls, spec: QuantSpec) -> list[str]:
         """The reasons this scheme cannot run for `spec` (empty: it runs)."""
         return []
+
+    @classmethod
+    def from_checkpoint(cls, spec: QuantSpec) -> QuantizationConfig | None:
+        """This scheme configured from the checkpoint's `quantization_config` (`spec.checkpoint_quant`) when that
+        config is this scheme's format (e.g. `quant_method: gptq`), else None (the default). `quantization: auto`
+        asks every registered scheme; a malformed config of this scheme's format is a LoadError naming the field."""
+        return None
 
     @abstractmethod
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:

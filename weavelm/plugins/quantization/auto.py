@@ -1,6 +1,7 @@
 """`quantization: auto` (the default) and `quantization: none`.
 
-`auto` keeps the checkpoint's own precision: a GGUF file whose linear weights are stored quantized runs on its
+`auto` keeps the checkpoint's own precision: a checkpoint whose config.json carries a `quantization_config` runs the
+registered scheme whose `from_checkpoint` claims it (fp8, GPTQ, AWQ, ...); a GGUF file whose linear weights are stored quantized runs on its
 blocks repacked for the CPU kernels (`gguf`) when that scheme's `check` passes here; float checkpoints run
 unquantized. `none` always runs dense weights (a GGUF file is dequantized at load, as before).
 """
@@ -38,6 +39,17 @@ class AutoQuantization(QuantizationConfig):
     @classmethod
     def select(cls, options, spec: QuantSpec,
                candidates: Mapping[str, type[QuantizationConfig]]) -> QuantizationConfig | None:
+        if spec.checkpoint_quant:
+            for name, cls_ in candidates.items():
+                picked = cls_.from_checkpoint(spec) if name not in (cls.name, "none") else None
+                if picked is not None:
+                    reasons = type(picked).check(spec)
+                    if reasons:
+                        from weavelm.errors import ConfigError
+                        raise ConfigError([("quantization", f"the checkpoint is {name!r}-quantized, which cannot "
+                                                            f"run here: {'; '.join(reasons)}")])
+                    logger.info("quantization: auto picked %s (from the checkpoint's quantization_config)", name)
+                    return picked
         gguf = candidates.get("gguf")
         if gguf is None or not any(t.startswith(("Q", "IQ")) for t in spec.weight_types.values()):
             return None

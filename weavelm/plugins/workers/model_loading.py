@@ -57,7 +57,7 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp)
     with default_dtype(dtype), torch.device(device):
         model = build_model(model_cls, hf_config, tp)
-    quant = quantization_config(context, loader, device, dtype)
+    quant = quantization_config(context, loader, device, dtype, hf_config)
     attach(model, quant)                                 # 1. methods claim their layers
     loader.load_weights(model, config.model)             # 2. the checkpoint streams in
     process_weights_after_loading(model)                 # 3. methods repack once
@@ -65,10 +65,24 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     return ModelBundle(model, hf_config, dtype, model_max_len(config, hf_config), hf_config.vocab_size)
 
 
-def quantization_config(context: RunnerContext, loader: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """The engine's `QuantizationConfig` for this model and device (None: dense weights)."""
+def quantization_config(context: RunnerContext, loader: Any, device: torch.device, dtype: torch.dtype,
+                        hf_config: Any = None) -> Any:
+    """The engine's `QuantizationConfig` for this model and device (None: dense weights); `hf_config`'s
+    `quantization_config` (the checkpoint's own scheme) goes to the selector as `QuantSpec.checkpoint_quant`."""
     if context.quantization is None:
         return None
     types = getattr(loader, "weight_types", None)
-    spec = QuantSpec(device.type, dtype, context.tp.world_size, types(context.config.model) if types else {})
+    hf_quant = getattr(hf_config, "quantization_config", None)
+    spec = QuantSpec(device.type, dtype, context.tp.world_size, types(context.config.model) if types else {},
+                     checkpoint_quant=_as_dict(hf_quant))
     return context.quantization(spec)
+
+
+def _as_dict(quant_config: Any) -> dict[str, Any]:
+    """A checkpoint's `quantization_config` as a plain dict (transformers may hold a dict or a config object)."""
+    if quant_config is None:
+        return {}
+    if isinstance(quant_config, dict):
+        return dict(quant_config)
+    to_dict = getattr(quant_config, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else dict(vars(quant_config))
