@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from weavelm.distributed import TensorParallelGroup
+from weavelm.distributed import ParallelContext, TensorParallelGroup
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +82,8 @@ class RunnerContext:
     backend for `spec` (for `auto`, the highest-priority registered backend whose `check(spec)` passes).
     `limits` bounds every step's batch. `tp` is this rank's tensor-parallel group (built from `rank` and
     `world_size` when not given); the runner builds the model with it. `quantization(spec)` returns the configured
-    `QuantizationConfig` for a `QuantSpec` (None: dense weights); absent (None) means no quantization.
+    `QuantizationConfig` for a `QuantSpec` (None: dense weights); absent (None) means no quantization. `parallel`
+holds every group of the rank (`weavelm.distributed.ParallelContext`: tp, pp, dp, ep); its `tp` is `tp`.
     """
 
     config: EngineConfig
@@ -97,7 +98,10 @@ class RunnerContext:
     lora_manager: Callable[[], Any] | None = None  # builds the configured LoRAManager; None without `lora:`
     build_proposer: Callable[..., Any] | None = None  # (context, block_size, load_model) -> Proposer
     quantization: Callable[[Any], Any] | None = None
+    parallel: ParallelContext | None = None  # pipeline / data / expert groups; None: tensor parallelism alone
 
     def __post_init__(self) -> None:
         if self.tp is None:
-            self.tp = TensorParallelGroup(self.rank, self.world_size)
+            self.tp = TensorParallelGroup(self.rank, self.world_size) if self.parallel is None else self.parallel.tp
+        if self.parallel is None:
+            self.parallel = ParallelContext(tp=self.tp)
