@@ -19,6 +19,17 @@ Methods work on any device; each config says in `check(spec)` where it can run, 
 A method is opaque to the model and to the native CPU stack: they only call `apply` and `native_pack`. What a
 loader hands a method is declared too: a tensor stored quantized arrives as a `QuantizedTensor` (its stored blocks
 and their format's name), any other tensor as a plain tensor or `LazyTensor`.
+
+Checkpoints that store a layer as several tensors (fp8's `weight` + `weight_scale_inv`, GPTQ's `qweight` /
+`qzeros` / `scales` / `g_idx`) reach the method by name: in `create_weights` the method registers one parameter per
+stored tensor on the layer, named by the checkpoint's suffix, each with a `weight_loader(param, loaded, shard_id)`
+(it may also replace the dense `weight` with its own, before any data is written to it, so the dense copy is
+never filled). `weavelm.layers.load_checkpoint` then routes `<module>.<suffix>` to that parameter with the part's
+shard id (`q_proj.weight_scale_inv` -> `qkv_proj.weight_scale_inv`, shard "q"), as it does for `weight`. The
+method declares the same tensors, with their whole shapes and dtypes where fixed, in `checkpoint_tensors`; the
+loaders' schema check (`checkpoint_schema`, used by `weavelm.plugins.loaders.common`) then expects them in place of
+the dense weight, so an unexpected, missing, mis-shaped or mistyped tensor is a LoadError naming it before any
+tensor data is read.
 """
 
 from __future__ import annotations
@@ -83,6 +94,18 @@ class QuantSpec:
     checkpoint_quant: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """A tensor a quantization method loads from the checkpoint, as the loaders' schema check expects it.
+
+    shape: the whole (all ranks) shape, or None when several are valid (the method's weight_loader checks it);
+    dtype: the stored dtype, or None for any.
+    """
+
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None = None
+
+
 class QuantizeMethodBase(ABC):
     """How one layer's weight is created, repacked and multiplied (vLLM's `QuantizeMethodBase`).
 
@@ -102,6 +125,16 @@ class QuantizeMethodBase(ABC):
     @abstractmethod
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`x @ W^T + bias` for `x` of shape (tokens, in_features), in x's dtype."""
+
+    def checkpoint_tensors(self, layer: torch.nn.Module,
+                           shape: tuple[int, ...]) -> Mapping[str, CheckpointTensor] | None:
+        """The tensors one checkpoint module of `layer` stores under this method, by name suffix (e.g. {"weight":
+        fp8 (N, K), "weight_scale_inv": (N / 128, K / 128)}), given `shape`, the whole dense weight's shape of that
+        module (for one part of a packed layer, e.g. `q_proj` of `qkv_proj`, that part's). They replace the module's
+        `<prefix>.weight` in the expected tensors, each one required. None (the default): the module stores its
+        dense weight. Asked by the loaders' schema check after `create_weights`, before any tensor is read; every
+        suffix named must be a parameter the method registered on the layer (see the module docstring)."""
+        return None
 
     def native_pack(self, layer: torch.nn.Module) -> BlockQ4Pack | BlockQ8Pack | None:
         """The layer's weight as blocks the native fp32 CPU kernels multiply (`weavelm.ops.quant_kernels`'
@@ -202,3 +235,75 @@ def resolve(section: Any, registry: Any, spec: QuantSpec) -> QuantizationConfig 
     """The config for the engine's `quantization` section (a ComponentConfig) and `spec`."""
     cls = registry.get("quantization", section.name)
     return cls.select(section.options, spec, registry.classes("quantization"))
+
+
+def checkpoint_schema(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]
+                      ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, torch.dtype]]:
+    """The expected checkpoint tensors of `model` with its attached methods: `shapes` (Hugging Face name -> dense
+    shape, as the loaders' schema has them) with every `<module>.weight` whose layer has a method that declares
+    `checkpoint_tensors` replaced by those tensors; returns `(name -> shape or None (unchecked), name -> dtype)`.
+    A checkpoint module maps onto the model's layer through the model's `hf_to_weavelm_mapper` and
+    `packed_modules_mapping` (`model.layers.0.self_attn.q_proj` -> `layers.0.self_attn.qkv_proj`)."""
+    from weavelm.layers.weights import WeightsMapper
+
+    mapper = getattr(model, "hf_to_weavelm_mapper", None) or WeightsMapper()
+    packed = {part: name for name, parts in (getattr(model, "packed_modules_mapping", None) or {}).items()
+              for part in parts}
+    modules = dict(model.named_modules())
+    out: dict[str, tuple[int, ...] | None] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for name, shape in shapes.items():
+        declared = None
+        if name.endswith(".weight"):
+            module_name = mapper.map_name(name[:-len(".weight")])
+            head, _, leaf = module_name.rpartition(".")
+            layer = modules.get(f"{head}.{packed.get(leaf, leaf)}" if head else packed.get(leaf, leaf))
+            method = getattr(layer, "quant_method", None)
+            declared = method.checkpoint_tensors(layer, tuple(shape)) if method is not None else None
+        if declared is None:
+            out[name] = shape
+            continue
+        prefix = name[:-len("weight")]
+        for suffix, spec in declared.items():
+            out[prefix + suffix] = spec.shape
+            if spec.dtype is not None:
+                dtypes[prefix + suffix] = spec.dtype
+    return out, dtypes
+
+
+@dataclass(frozen=True)
+class QuantSummary:
+    """What runs after loading: layers per method kind (e.g. {"fp8-block/w8a8-block-triton": 196}) and the bytes
+    of the model's parameters and buffers resident on its device (weights, scales, tables)."""
+
+    methods: dict[str, int]
+    weight_bytes: int
+
+    def __str__(self) -> str:
+        methods = ", ".join(f"{k} x{v}" for k, v in sorted(self.methods.items())) or "none (dense)"
+        mib = self.weight_bytes / (1 << 20)
+        size = f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
+        return f"quantization {methods}; weights {size} ({self.weight_bytes:,} bytes) resident"
+
+
+def summary(model: torch.nn.Module) -> QuantSummary:
+    """The `QuantSummary` of a loaded model (for the load log line and `model_info`)."""
+    methods: dict[str, int] = {}
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            kind = getattr(method, "kind", type(method).__name__)
+            mode = getattr(method, "mode", None)
+            key = f"{kind}/{mode}" if mode else kind
+            methods[key] = methods.get(key, 0) + 1
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    for module in model.modules():  # packs a method keeps outside parameters (int8 / gguf `qpack`)
+        pack = getattr(module, "qpack", None)
+        if pack is not None:
+            total += sum(v.numel() * v.element_size() for v in getattr(pack, "__dict__", {}).values() if isinstance(v, torch.Tensor))
+    return QuantSummary(methods, total)

@@ -13,8 +13,8 @@ import json
 import logging
 import os
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,6 +32,9 @@ WeightRecord = tuple[str, str, torch.Tensor | LazyTensor]
 SCHEMA_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # Buffers that old checkpoints carry but no model loads (vLLM skips them too).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Tensor names quantized checkpoints add (fp8, compressed-tensors, GPTQ / AWQ): named in the unexpected-tensor error.
+QUANT_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "qweight", "qzeros", "scales", "g_idx",
+                  "weight_packed", "weight_zero_point", "weight_shape")
 
 
 def weight_files(path: str, *, single: tuple[str, ...], index: str, suffixes: tuple[str, ...],
@@ -132,15 +135,23 @@ def decoder_tensor_shapes(cfg: Any, model_type: str) -> dict[str, tuple[int, ...
     return shapes
 
 
-def check_stream(records: Iterable[WeightRecord], schema: tuple[dict, set] | None,
-                 source: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pass `(name, tensor)` on, raising LoadError naming file and tensor for a duplicate, unexpected or mis-shaped
-    tensor, and at the end for a missing one. Without a schema only duplicates and non-tensors are caught."""
+def check_stream(records: Iterable[WeightRecord], schema: tuple[dict, set] | None, source: str, *,
+                 dtypes: Mapping[str, torch.dtype] | None = None,
+                 upfront: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass `(name, tensor)` on, raising LoadError naming file and tensor for a duplicate, unexpected, mis-shaped or
+    (with `dtypes`) mistyped tensor, and for a missing one. Without a schema only duplicates and non-tensors are
+    caught. A schema shape of None is not checked here (a quantization method's weight loader checks it).
+
+    With `upfront` (streams of `LazyTensor`s, whose records hold no data) every record is checked before the first
+    is passed on, so a corrupt checkpoint fails before any tensor is read into the model; otherwise each as it
+    comes, and a missing tensor at the end."""
     shapes, optional = schema if schema is not None else (None, set())
+    dtypes = dtypes or {}
     seen: dict[str, str] = {}
-    for file, name, tensor in records:
+
+    def checked(file: str, name: str, tensor: Any) -> bool:
         if name.endswith(IGNORED_SUFFIXES):
-            continue
+            return False
         if not isinstance(tensor, (torch.Tensor, LazyTensor)):
             raise LoadError(f"{file}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
         if name in seen:
@@ -148,22 +159,46 @@ def check_stream(records: Iterable[WeightRecord], schema: tuple[dict, set] | Non
         seen[name] = file
         if shapes is not None:
             if name not in shapes:
+                hint = (" (a quantized checkpoint's tensor: does config.json carry its quantization_config, and is "
+                        "`quantization` auto?)" if name.endswith(QUANT_SUFFIXES) else "")
                 raise LoadError(f"{file}: unexpected tensor {name!r}; the checkpoint does not match the "
-                                f"architecture in the model config")
-            if tuple(tensor.shape) != shapes[name]:
+                                f"architecture in the model config{hint}")
+            if shapes[name] is not None and tuple(tensor.shape) != tuple(shapes[name]):
                 raise LoadError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, the model config "
-                                f"expects {shapes[name]}")
-        yield name, tensor
-    if shapes is not None:
+                                f"expects {tuple(shapes[name])}")
+        want = dtypes.get(name)
+        if want is not None and tensor.dtype != want:
+            raise LoadError(f"{file}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, the "
+                            f"checkpoint's quantization_config expects {str(want).removeprefix('torch.')}")
+        return True
+
+    def check_missing() -> None:
+        if shapes is None:
+            return
         missing = sorted(set(shapes) - set(seen) - optional)
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise LoadError(f"{source}: missing tensor(s) {shown}; the checkpoint is incomplete or for a "
                             f"different architecture")
 
+    if upfront:
+        records = [r for r in records if checked(*r)]
+        check_missing()
+        for _, name, tensor in records:
+            yield name, tensor
+        return
+    for file, name, tensor in records:
+        if checked(file, name, tensor):
+            yield name, tensor
+    check_missing()
+
 
 class FileLoader(ModelLoader):
     """A loader for one on-disk format. Subclasses implement `iter_sourced`."""
+
+    lazy_records: ClassVar[bool] = False
+    """True when `iter_sourced` yields only `LazyTensor`s (no data read until asked): the whole stream is then
+    checked against the schema before any tensor is loaded."""
 
     @abstractmethod
     def iter_sourced(self, path: str) -> Iterator[WeightRecord]:
@@ -173,12 +208,20 @@ class FileLoader(ModelLoader):
         for _, name, tensor in self.iter_sourced(path):
             yield name, materialize(tensor)
 
-    def checked_weights(self, path: str, hf_config: Any = None,
-                        lazy: bool = False) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
+    def checked_weights(self, path: str, hf_config: Any = None, lazy: bool = False,
+                        model: torch.nn.Module | None = None) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
         """`iter_weights` checked against the config's expected tensors (see `check_stream`); with `lazy`, tensors
-        the format can read in part come as `LazyTensor`s."""
+        the format can read in part come as `LazyTensor`s. With `model`, the expected tensors are those of its
+        attached quantization methods (`weavelm.core.quantization.checkpoint_schema`)."""
         cfg = hf_config if hf_config is not None else self.load_hf_config(path)
-        stream = check_stream(self.iter_sourced(path), expected_tensors(cfg), source=path)
+        schema, dtypes = expected_tensors(cfg), None
+        if schema is not None and model is not None:
+            from weavelm.core.quantization import checkpoint_schema
+
+            shapes, dtypes = checkpoint_schema(model, schema[0])
+            schema = (shapes, schema[1])
+        stream = check_stream(self.iter_sourced(path), schema, source=path, dtypes=dtypes,
+                              upfront=lazy and self.lazy_records)
         return stream if lazy else ((name, materialize(tensor)) for name, tensor in stream)
 
     def load_weights(self, model: ModelArchitecture, path: str) -> None:
@@ -187,4 +230,4 @@ class FileLoader(ModelLoader):
         cfg = getattr(model, "hf_config", None) or getattr(model, "config", None)
         if cfg is None or not hasattr(cfg, "model_type"):
             cfg = self.load_hf_config(path)
-        load_into_model(model, self.checked_weights(path, cfg, lazy=True), source=path)
+        load_into_model(model, self.checked_weights(path, cfg, lazy=True, model=model), source=path)

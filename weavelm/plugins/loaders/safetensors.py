@@ -116,6 +116,7 @@ def lazy_tensors(file: str) -> Iterator[tuple[str, LazyTensor]]:
 class SafetensorsLoader(FileLoader):
     name = "safetensors"
     description = "Hugging Face safetensors, single or sharded; streams one tensor at a time with low peak memory."
+    lazy_records = True  # headers only until a tensor is asked for: the whole checkpoint is checked first
 
     @classmethod
     def detect(cls, path: str) -> str | None:

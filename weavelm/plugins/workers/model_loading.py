@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,9 +11,10 @@ import torch
 from weavelm.core.config import EngineConfig
 from weavelm.core.contexts import RunnerContext
 from weavelm.core.model_size import build_model, check_model_size, default_dtype
-from weavelm.core.quantization import QuantSpec, attach, process_weights_after_loading
+from weavelm.core.quantization import QuantSpec, attach, process_weights_after_loading, summary
 from weavelm.errors import ConfigError
 
+logger = logging.getLogger("weavelm.loading")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -61,6 +63,7 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     attach(model, quant)                                 # 1. methods claim their layers
     loader.load_weights(model, config.model)             # 2. the checkpoint streams in
     process_weights_after_loading(model)                 # 3. methods repack once
+    logger.info("loaded %s on %s: %s", type(model).__name__, device, summary(model))
     model.eval()
     return ModelBundle(model, hf_config, dtype, model_max_len(config, hf_config), hf_config.vocab_size)
 
