@@ -256,3 +256,22 @@ def test_malformed_quantization_config_names_the_field(block, registry):
         json.dump(cfg, f)
     with pytest.raises(LoadError, match=r"quantization_config.weight_block_size: \[128\] must be two positive"):
         LLM(model=path, registry=registry, **ENGINE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_runs_w8a8_and_agrees_with_the_reference(block, dense, registry):
+    from weavelm.ops.fp8_kernels import fp8_supported
+
+    if not fp8_supported(torch.device("cuda")):
+        pytest.skip("needs fp8 (sm89+)")
+    path, ref = block
+    expected = reference(ref)
+    gpu = dict(ENGINE, dtype="bfloat16", device="cuda")
+    with LLM(model=path, registry=registry, **gpu) as llm:
+        tokens = greedy(llm)
+        assert summary(model_of(llm)).methods == {"fp8-block/w8a8-block-triton": 8}
+    assert [t[0] for t in tokens] == [t[0] for t in expected]  # bf16 + fp8 activations: the first token agrees
+    with LLM(model=dense, quantization="fp8", registry=registry, **gpu) as llm:
+        greedy(llm)
+        assert summary(model_of(llm)).methods == {"fp8-channel/w8a8-scaled-mm": 8}
