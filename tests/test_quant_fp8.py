@@ -141,12 +141,13 @@ def test_block_fp8_checkpoint_matches_transformers_on_dequantized_weights(block,
     with LLM(model=path, registry=registry, **ENGINE) as llm:  # quantization: auto picks fp8
         assert greedy(llm) == reference(ref)
         model = model_of(llm)
+        info = llm.collective_rpc("model_info")[0]
     qkv, gate_up = model.layers[0].self_attn.qkv_proj, model.layers[0].mlp.gate_up_proj
     assert qkv.weight.dtype == FP8 and gate_up.weight.dtype == FP8
     assert qkv.quant_method.group == (1, 128) and gate_up.quant_method.group == (128, 128)
     assert tuple(gate_up.weight_scale_inv.shape) == (4, 3)  # 512 rows, 320 columns: the last column block partial
-    info = summary(model)
-    assert info.methods == {"fp8-block/weight-only": 8}
+    assert info["quantization"] == summary(model).methods == {"fp8-block/weight-only": 8}
+    assert info["weight_bytes"] == summary(model).weight_bytes
     dense_bf16 = sum(m.weight.numel() * 2 for m in model.modules() if getattr(m, "quant_method", None))
     fp8_bytes = sum(m.weight.numel() + m.weight_scale_inv.numel() * 4 for m in model.modules()
                     if getattr(m, "quant_method", None))

@@ -199,7 +199,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def _can_run(kind: str, cls: Any) -> str:
     """"ok", or "cannot run here: <reasons>" for an attention backend whose `check` fails for this machine's
-    default device and dtype (a typical head layout: 64-wide heads, 8 query and 8 KV heads, 16-token blocks)."""
+    default device and dtype (a typical head layout: 64-wide heads, 8 query and 8 KV heads, 16-token blocks); a
+    quantization scheme adds how it computes here (`how_it_runs`)."""
+    if kind == "quantization":
+        from weavelm.core.device import resolve_device
+
+        how = cls.how_it_runs(resolve_device("auto").type)
+        return f"ok: {how}" if how else "ok"
     if kind != "attention" or getattr(cls, "name", "") == "auto":
         return "ok"
     import torch

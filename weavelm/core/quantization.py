@@ -177,6 +177,12 @@ class QuantizationConfig(Component, ABC):
         return []
 
     @classmethod
+    def how_it_runs(cls, device: str) -> str:
+        """One line on how this scheme computes on `device` ("cpu" or "cuda", this machine's), e.g. "W8A8 fp8
+        GEMMs" or "weight-only: dequantized per call", shown by `weavelm plugins`; "" (the default) says nothing."""
+        return ""
+
+    @classmethod
     def from_checkpoint(cls, spec: QuantSpec) -> QuantizationConfig | None:
         """This scheme configured from the checkpoint's `quantization_config` (`spec.checkpoint_quant`) when that
         config is this scheme's format (e.g. `quant_method: gptq`), else None (the default). `quantization: auto`

@@ -18,7 +18,7 @@ from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import NoOptions
 from weavelm.core.quantization import QuantizationConfig, QuantSpec, layer_kind
 from weavelm.errors import LoadError, MissingExtraError
-from weavelm.plugins.quantization.fp8_layer import Fp8Format, Fp8LinearMethod, is_ignored
+from weavelm.plugins.quantization.fp8_layer import Fp8Format, Fp8LinearMethod, how_it_runs, is_ignored
 
 FORMAT = "float-quantized"
 WHERE = "config.json quantization_config"
@@ -81,6 +81,10 @@ class CompressedTensorsFp8Config(QuantizationConfig):
                 raise LoadError(f"{at}.input_activations: static activation scales must be per tensor "
                                 f"(got strategy {strategy!r})")
         return cls(cls.Options(), Fp8Format(static_input=static), tuple(scheme.targets), tuple(config.ignore or ()))
+
+    @classmethod
+    def how_it_runs(cls, device: str) -> str:
+        return how_it_runs(device)
 
     def get_quant_method(self, layer, prefix):
         if layer_kind(layer) != "linear" or is_ignored(prefix, self.ignored):

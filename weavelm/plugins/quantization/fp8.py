@@ -22,7 +22,7 @@ from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import NoOptions
 from weavelm.core.quantization import QuantizationConfig, QuantSpec, layer_kind
 from weavelm.errors import ConfigError, LoadError
-from weavelm.plugins.quantization.fp8_layer import Fp8Format, Fp8LinearMethod, is_ignored
+from weavelm.plugins.quantization.fp8_layer import Fp8Format, Fp8LinearMethod, how_it_runs, is_ignored
 
 
 class Fp8Config(QuantizationConfig):
@@ -83,6 +83,10 @@ class Fp8Config(QuantizationConfig):
             raise LoadError(f"{where}.ignored_layers: must be a list of module names (got {ignored!r})")
         fmt = Fp8Format(block=tuple(block) if block is not None else None, static_input=scheme == "static")
         return cls(cls.Options(), fmt, tuple(ignored))
+
+    @classmethod
+    def how_it_runs(cls, device: str) -> str:
+        return how_it_runs(device)
 
     def get_quant_method(self, layer, prefix):
         if layer_kind(layer) != "linear" or is_ignored(prefix, self.ignored):

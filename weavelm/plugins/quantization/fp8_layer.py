@@ -267,6 +267,15 @@ def _check_scale_dtype(loaded) -> None:
                          f"bfloat16/float16)")
 
 
+def how_it_runs(device: str) -> str:
+    """How fp8 layers compute on `device` ("cpu" / "cuda" of this machine), for `weavelm plugins`."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available() and fp8.fp8_supported(torch.device("cuda")):
+        return "W8A8: torch._scaled_mm (per-channel), Triton block GEMM (blocks); weights fp8"
+    return f"weight-only on {device} (no fp8 GEMM here): weights stay fp8, dequantized per call"
+
+
 # checkpoint part -> the engine's packed layer (the standard decoders' `packed_modules_mapping`)
 PACKED_PARTS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
                 "up_proj": "gate_up_proj"}

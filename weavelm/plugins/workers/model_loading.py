@@ -11,7 +11,7 @@ import torch
 from weavelm.core.config import EngineConfig
 from weavelm.core.contexts import RunnerContext
 from weavelm.core.model_size import build_model, check_model_size, default_dtype
-from weavelm.core.quantization import QuantSpec, attach, process_weights_after_loading, summary
+from weavelm.core.quantization import QuantSpec, QuantSummary, attach, process_weights_after_loading, summary
 from weavelm.errors import ConfigError
 
 logger = logging.getLogger("weavelm.loading")
@@ -45,6 +45,7 @@ class ModelBundle:
     dtype: torch.dtype
     max_model_len: int
     vocab_size: int
+    weights: QuantSummary | None = None  # the quantization methods that run and the resident weight bytes
 
 
 def load_model_bundle(context: RunnerContext) -> ModelBundle:
@@ -63,9 +64,10 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     attach(model, quant)                                 # 1. methods claim their layers
     loader.load_weights(model, config.model)             # 2. the checkpoint streams in
     process_weights_after_loading(model)                 # 3. methods repack once
-    logger.info("loaded %s on %s: %s", type(model).__name__, device, summary(model))
+    weights = summary(model)
+    logger.info("loaded %s on %s: %s", type(model).__name__, device, weights)
     model.eval()
-    return ModelBundle(model, hf_config, dtype, model_max_len(config, hf_config), hf_config.vocab_size)
+    return ModelBundle(model, hf_config, dtype, model_max_len(config, hf_config), hf_config.vocab_size, weights)
 
 
 def quantization_config(context: RunnerContext, loader: Any, device: torch.device, dtype: torch.dtype,

@@ -125,6 +125,7 @@ class PagedModelRunner(ModelRunner):
         b = self.bundle
         return {"max_model_len": b.max_model_len, "vocab_size": b.vocab_size, "dtype": str(b.dtype),
                 "attention": self.attn_backend.name, "architecture": type(b.model).__name__,
+                **({"quantization": b.weights.methods, "weight_bytes": b.weights.weight_bytes} if b.weights else {}),
                 # KV blocks older than this many positions are read by no layer (the scheduler frees them); a
                 # draft model addresses the same blocks with its own layers, so then nothing is freed
                 "sliding_window": None if self.spec is not None and self.spec.proposer.uses_kv_cache
