@@ -276,3 +276,60 @@ def test_gpu_runs_w8a8_and_agrees_with_the_reference(block, dense, registry):
     with LLM(model=dense, quantization="fp8", registry=registry, **gpu) as llm:
         greedy(llm)
         assert summary(model_of(llm)).methods == {"fp8-channel/w8a8-scaled-mm": 8}
+
+
+# -- tensor-parallel shards, layer by layer (no processes: each rank's layer is built with its TensorParallelGroup) --
+
+def tp_layers(tp):
+    from weavelm.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+    # hidden 320 (columns 128 + 128 + 64); q 4 x 64, k/v 2 x 64; at TP 2 a rank holds 128 q rows and 64 k/v rows
+    # (k/v off the 128-row blocks: a scale per row), 128 + 128 gate/up rows (blocks kept), 128 o_proj columns
+    return {"qkv": (QKVParallelLinear(320, 64, 4, 2, False, tp), [("q", 256), ("k", 128), ("v", 128)], 320),
+            "gate_up": (MergedColumnParallelLinear(320, [256, 256], False, tp), [(0, 256), (1, 256)], 320),
+            "o": (RowParallelLinear(256, 320, False, tp), [(None, 320)], 256)}
+
+
+@pytest.mark.parametrize("fmt", ["block", "tensor", "float"])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_each_rank_holds_its_slice_of_the_dequantized_checkpoint(fmt, world_size):
+    from weavelm.distributed import TensorParallelGroup
+    from weavelm.ops.fp8_kernels import dequantize
+    from weavelm.plugins.quantization.fp8_layer import Fp8Format, Fp8LinearMethod
+
+    form = {"block": Fp8Format(block=(128, 128)), "tensor": Fp8Format(), "float": Fp8Format(from_float=True)}[fmt]
+    gen = torch.Generator().manual_seed(1)
+    parts = {name: [(sid, torch.randn(rows, k, generator=gen)) for sid, rows in spec]
+             for name, (_, spec, k) in tp_layers(TensorParallelGroup()).items()}
+    for rank in range(world_size):
+        tp = TensorParallelGroup(rank, world_size)
+        for name, (layer, _, _) in tp_layers(tp).items():
+            method = Fp8LinearMethod(form)
+            layer.quant_method = method
+            method.create_weights(layer)
+            expected = []
+            for sid, w in parts[name]:
+                if fmt == "block":
+                    q, s, deq = block_pack(w)
+                elif fmt == "tensor":
+                    s = w.abs().max() / 448.0
+                    q, deq = (w / s).to(FP8), (w / s).to(FP8).float() * s
+                else:
+                    q, s, deq = w, None, None
+                layer.weight.weight_loader(layer.weight, q, sid)
+                if s is not None:
+                    scale = getattr(layer, form.scale_name)
+                    scale.weight_loader(scale, s, sid)
+                if name == "o":
+                    cols = slice(rank * 256 // world_size, (rank + 1) * 256 // world_size)
+                    expected.append(row_round(w[:, cols]) if deq is None else deq[:, cols])
+                else:
+                    rows = w.shape[0] // world_size if name != "qkv" or sid == "q" else 128 // world_size
+                    part = w[rank * rows:(rank + 1) * rows]
+                    expected.append(row_round(part) if deq is None else deq[rank * rows:(rank + 1) * rows])
+            method.process_weights_after_loading(layer)
+            want = torch.cat(expected)
+            got = dequantize(layer.weight, getattr(layer, form.scale_name), method.group)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name} rank {rank}")
+            x = torch.randn(3, want.shape[1], generator=gen)
+            torch.testing.assert_close(method.apply(layer, x), x @ want.t())

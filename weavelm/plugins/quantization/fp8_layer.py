@@ -32,6 +32,7 @@ from torch import nn
 
 from weavelm.core.model_files import materialize, narrow_or_slice
 from weavelm.core.quantization import CheckpointTensor, QuantizeMethodBase
+from weavelm.errors import ConfigError
 from weavelm.layers.linear import OutputSegment
 from weavelm.ops import fp8_kernels as fp8
 from weavelm.utils import cdiv
@@ -104,9 +105,10 @@ class Fp8LinearMethod(QuantizeMethodBase):
         if self.fmt.block is not None:
             bn, bk = self.fmt.block
             if geo.k_start % bk:
-                raise ValueError(f"{type(layer).__name__}: this rank's input columns start at {geo.k_start}, not on "
-                                 f"a {bk}-column block of the fp8 checkpoint; use a tensor_parallel_size that "
-                                 f"splits the input features in multiples of {bk}")
+                raise ConfigError([("executor.tensor_parallel_size", f"{type(layer).__name__}: rank "
+                                    f"{layer.tp.rank}'s input columns start at {geo.k_start}, inside a {bk}-column "
+                                    f"block of the fp8 checkpoint; use a tensor-parallel size that splits the "
+                                    f"input features ({geo.k_full}) in multiples of {bk}")])
             self.group = (bn if self._rows_aligned(geo, bn) else 1, bk)
         else:
             self.group = (1, k)
