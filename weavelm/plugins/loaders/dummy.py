@@ -1,4 +1,7 @@
-"""dummy loader: random weights of the configured shape, for benchmarks. Needs only config.json."""
+"""dummy loader: random weights of the configured shape, for benchmarks. Needs only config.json.
+
+With a quantization method attached, its parameters are filled too: fp8 weights from the same normal draw, integer
+codes uniformly, scales (`*scale`, `*scale_inv`) with 1.0."""
 
 from __future__ import annotations
 
@@ -33,13 +36,20 @@ class DummyLoader(ModelLoader):
         gens: dict[torch.device, torch.Generator] = {}
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
+                if name.endswith(("norm.weight", "scale", "scale_inv")):  # norms; a quantized layer's scales
                     p.fill_(1.0)
                     continue
                 gen = gens.get(p.device)
                 if gen is None:
                     gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(self.options.seed)
-                p.normal_(0.0, self.options.std, generator=gen)
+                if not p.dtype.is_floating_point:
+                    p.random_(0, 16, generator=gen)  # packed integer codes (int4 / int8 methods)
+                elif p.dtype.itemsize == 1:  # fp8 weights: drawn in float32, one slab of rows at a time
+                    for rows in torch.split(p, max(1, (1 << 24) // max(1, p[0].numel())), dim=0):
+                        rows.copy_(torch.empty(rows.shape, device=p.device).normal_(0.0, self.options.std,
+                                                                                  generator=gen))
+                else:
+                    p.normal_(0.0, self.options.std, generator=gen)
 
 
 @hookimpl

@@ -114,7 +114,7 @@ class Fp8LinearMethod(QuantizeMethodBase):
             self.group = (1, k)
         self.kind = f"fp8-{'block' if self.fmt.block else 'channel'}"
         weight = nn.Parameter(torch.empty((n, k), dtype=fp8.FP8_DTYPE, device=dense.device), requires_grad=False)
-        scale = torch.empty((cdiv(n, self.group[0]), cdiv(k, self.group[1])), dtype=torch.float32,
+        scale = torch.ones((cdiv(n, self.group[0]), cdiv(k, self.group[1])), dtype=torch.float32,
                             device=dense.device)
         del layer.weight
         layer.weight = weight
