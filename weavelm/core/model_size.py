@@ -88,12 +88,18 @@ def build_model(model_cls: type, hf_config: Any, tp: TensorParallelGroup) -> tor
 
 
 def measure(model_cls: type, hf_config: Any, dtype: torch.dtype, source: str,
-            tp: TensorParallelGroup = TensorParallelGroup()) -> ModelSize:
+            tp: TensorParallelGroup = TensorParallelGroup(), quant: Any = None) -> ModelSize:
     """Build the architecture on the meta device and count its parameters and bytes (exact for any architecture;
-    nothing is allocated): bytes of `tp`'s rank, parameters of the whole (single-rank) model."""
+    nothing is allocated): bytes of `tp`'s rank, parameters of the whole (single-rank) model. With a quantization
+    config (`quant`), the bytes are those of the weights its methods create (e.g. fp8), as far as they are known
+    before loading (a method that repacks after loading is counted dense)."""
     shard = _meta_build(model_cls, hf_config, dtype, source, tp)
     whole = shard if tp.world_size == 1 else _meta_build(model_cls, hf_config, dtype, source, TensorParallelGroup())
     num_params = sum(p.numel() for p in whole.parameters())
+    if quant is not None:
+        from weavelm.core.quantization import attach
+
+        attach(shard, quant)
     num_bytes = sum(t.numel() * t.element_size() for t in [*shard.parameters(), *shard.buffers()])
     tied = 0
     if getattr(hf_config, "tie_word_embeddings", False):
@@ -142,13 +148,13 @@ def check_fits_memory(num_bytes: int, device: torch.device, what: str) -> None:
 
 
 def check_model_size(model_cls: type, hf_config: Any, dtype: torch.dtype, device: torch.device, loader: Any,
-                     path: str, tp: TensorParallelGroup = TensorParallelGroup()) -> ModelSize:
+                     path: str, tp: TensorParallelGroup = TensorParallelGroup(), quant: Any = None) -> ModelSize:
     """Everything above, in order, before the model is built on `device`. Called by the model runner's loading
     code with the loader that will load `path` and the rank's tensor-parallel group;
     `loader.checkpoint_num_elements(path)` (None when the loader cannot tell, e.g. `dummy`) gives the checkpoint
-    side."""
+    side. `quant`: the engine's quantization config, whose methods' weights are counted (see `measure`)."""
     validate_dims(hf_config, path)
-    size = measure(model_cls, hf_config, dtype, path, tp)
+    size = measure(model_cls, hf_config, dtype, path, tp, quant)
     check_checkpoint(size, loader.checkpoint_num_elements(path), path)
     what = "the model" if tp.world_size == 1 else f"rank {tp.rank}'s shard of the model"
     check_fits_memory(size.num_bytes, device, f"{path}: {what} ({size.num_params:,} parameters in {dtype})")

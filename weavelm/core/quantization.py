@@ -7,7 +7,10 @@ code does vLLM's three steps:
 
 1. build the model (each linear layer creates its dense `weight` as usual), then `attach(model, config)` calls
    `method.create_weights(layer)` for every layer the config claims (a method may replace the weight's
-   `weight_loader` to receive the checkpoint tensors in their stored, quantized form);
+   `weight_loader` to receive the checkpoint tensors in their stored, quantized form). With a quantization config
+   the model is built with its parameters on the `meta` device (`parameters_on_meta`), so a dense weight a method
+   replaces is never allocated; `materialize(model, device)` then allocates every parameter still on meta (the
+   methods' own ones included, since a method creates its tensors on its dense weight's device);
 2. the loader streams the checkpoint into the model;
 3. `process_weights_after_loading(model)` lets each method repack its layer once into the form its kernel
    consumes (int4/int8 packs on CPU; fp8 or GPU int4 layouts later) and free the dense weight.
@@ -38,6 +41,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
+
+import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -313,3 +319,44 @@ def summary(model: torch.nn.Module) -> QuantSummary:
         if pack is not None:
             total += sum(v.numel() * v.element_size() for v in getattr(pack, "__dict__", {}).values() if isinstance(v, torch.Tensor))
     return QuantSummary(methods, total)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """While a model is built inside this block, every parameter a module registers is moved to the `meta` device
+    (its attributes, e.g. `weight_loader`, kept): each dense tensor a layer creates is freed as soon as it is
+    registered, before any data is written to it, so building costs the largest single parameter, not the model.
+    Buffers (rotary tables) are built as usual. The build must be single-threaded (it swaps
+    `nn.Module.register_parameter` for the block, as accelerate's `init_empty_weights` does)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            meta = torch.nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            param = meta
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialised, to be loaded) every parameter of `model` still on the meta device on `device`,
+    keeping its attributes; a buffer a method created on meta is zero-filled there."""
+    done: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in done:
+                real = torch.nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+                real.__dict__.update(param.__dict__)
+                done[id(param)] = real
+            module._parameters[name] = done[id(param)]
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                module._buffers[name] = torch.zeros_like(buf, device=device)

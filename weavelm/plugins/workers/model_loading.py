@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,8 @@ import torch
 from weavelm.core.config import EngineConfig
 from weavelm.core.contexts import RunnerContext
 from weavelm.core.model_size import build_model, check_model_size, default_dtype
-from weavelm.core.quantization import QuantSpec, QuantSummary, attach, process_weights_after_loading, summary
+from weavelm.core.quantization import (QuantSpec, QuantSummary, attach, materialize, parameters_on_meta,
+                                      process_weights_after_loading, summary)
 from weavelm.errors import ConfigError
 
 logger = logging.getLogger("weavelm.loading")
@@ -57,11 +59,12 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     hf_config = loader.load_hf_config(config.model)
     model_cls = context.model_class(hf_config)
     dtype = resolve_dtype(config, hf_config, device)
-    check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp)
-    with default_dtype(dtype), torch.device(device):
-        model = build_model(model_cls, hf_config, tp)
     quant = quantization_config(context, loader, device, dtype, hf_config)
+    check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp, quant)
+    with default_dtype(dtype), torch.device(device), parameters_on_meta() if quant else nullcontext():
+        model = build_model(model_cls, hf_config, tp)
     attach(model, quant)                                 # 1. methods claim their layers
+    materialize(model, device)                           #    (what they did not replace was built on meta)
     loader.load_weights(model, config.model)             # 2. the checkpoint streams in
     process_weights_after_loading(model)                 # 3. methods repack once
     weights = summary(model)
