@@ -333,3 +333,40 @@ def test_each_rank_holds_its_slice_of_the_dequantized_checkpoint(fmt, world_size
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name} rank {rank}")
             x = torch.randn(3, want.shape[1], generator=gen)
             torch.testing.assert_close(method.apply(layer, x), x @ want.t())
+
+
+def test_quantized_build_allocates_only_what_methods_keep():
+    """`parameters_on_meta` + `materialize` (the loading code's build for a quantized model): the dense weight an fp8
+    method replaces is never allocated, the others are, with their weight loaders; the size check counts fp8."""
+    from weavelm.core.model_size import measure
+    from weavelm.core.quantization import attach, materialize, parameters_on_meta
+    from weavelm.plugins.models.qwen3 import Qwen3ForCausalLM
+    from weavelm.plugins.quantization.fp8 import Fp8Config
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=512, hidden_size=320, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=48)
+    with parameters_on_meta():
+        model = Qwen3ForCausalLM(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    assert not model.rotary.cos_cache.is_meta  # buffers are built as usual
+    config = Fp8Config(Fp8Config.Options())
+    attach(model, config)
+    materialize(model, torch.device("cpu"))
+    assert not any(p.is_meta for p in model.parameters())
+    qkv = model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == FP8 and callable(qkv.weight.weight_loader)
+    embed = model.embed_tokens.weight
+    assert embed.dtype == torch.get_default_dtype() and callable(embed.weight_loader)
+    dense = measure(Qwen3ForCausalLM, cfg, torch.bfloat16, "cfg")
+    fp8 = measure(Qwen3ForCausalLM, cfg, torch.bfloat16, "cfg", quant=config)
+    linear = sum(m.weight.numel() for m in model.modules() if getattr(m, "quant_method", None))
+    assert dense.num_bytes - fp8.num_bytes >= linear * 0.9  # 2 bytes -> 1 byte a weight, less the scales
+
+
+def test_plugins_listing_says_how_fp8_computes_here():
+    from weavelm.cli import _can_run
+    from weavelm.plugins.quantization.fp8 import Fp8Config
+
+    status = _can_run("quantization", Fp8Config)
+    assert status.startswith("ok: ") and ("W8A8" in status if torch.cuda.is_available() else "weight-only" in status)
