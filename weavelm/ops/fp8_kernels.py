@@ -95,10 +95,10 @@ def scaled_mm_rowwise(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                       input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 `x @ W^T + bias` through `torch._scaled_mm` with per-token activation scales and one scale per weight row
     (`scale`: (N, 1)); row-wise scaling computes in bfloat16 output, cast to x's dtype."""
-    q, x_scale = quantize_per_token(x, input_scale)
+    q, x_scale = quantize_per_token(x.reshape(-1, x.shape[-1]), input_scale)
     out = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=scale.reshape(1, -1).float(),
                            out_dtype=torch.bfloat16)
-    out = out.to(x.dtype)
+    out = out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
 
 
