@@ -370,3 +370,39 @@ def test_plugins_listing_says_how_fp8_computes_here():
 
     status = _can_run("quantization", Fp8Config)
     assert status.startswith("ok: ") and ("W8A8" in status if torch.cuda.is_available() else "weight-only" in status)
+
+
+def test_checkpoint_schema_takes_the_tensors_a_method_declares():
+    """The hook the loaders' schema check reads (`QuantizeMethodBase.checkpoint_tensors`): a method's declared tensors
+    replace each checkpoint part's dense weight, with their shapes, dtypes and optional ones (int4 methods declare
+    qweight / scales / g_idx the same way)."""
+    from transformers import Qwen3Config
+
+    from weavelm.core.quantization import CheckpointTensor, QuantizeMethodBase, checkpoint_schema
+    from weavelm.plugins.loaders.common import expected_tensors
+    from weavelm.plugins.models.qwen3 import Qwen3ForCausalLM
+
+    class Packed(QuantizeMethodBase):
+        def create_weights(self, layer):
+            pass
+
+        def process_weights_after_loading(self, layer):
+            pass
+
+        def apply(self, layer, x, bias=None):
+            raise AssertionError("not called")
+
+        def checkpoint_tensors(self, layer, shape):
+            return {"qweight": CheckpointTensor((shape[1] // 8, shape[0]), torch.int32),
+                    "g_idx": CheckpointTensor(None, required=False)}
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    model.layers[0].self_attn.qkv_proj.quant_method = Packed()
+    schema = checkpoint_schema(model, *expected_tensors(cfg))
+    k = "model.layers.0.self_attn.k_proj."
+    assert k + "weight" not in schema.shapes and schema.shapes[k + "qweight"] == (8, 32)
+    assert schema.dtypes[k + "qweight"] == torch.int32 and k + "g_idx" in schema.optional
+    assert schema.shapes["model.layers.0.mlp.down_proj.weight"] == (64, 64)  # layers without a method: dense

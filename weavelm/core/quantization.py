@@ -105,11 +105,12 @@ class CheckpointTensor:
     """A tensor a quantization method loads from the checkpoint, as the loaders' schema check expects it.
 
     shape: the whole (all ranks) shape, or None when several are valid (the method's weight_loader checks it);
-    dtype: the stored dtype, or None for any.
+    dtype: the stored dtype, or None for any; required: whether a checkpoint without it is incomplete.
     """
 
     shape: tuple[int, ...] | None
     dtype: torch.dtype | None = None
+    required: bool = True  # False: a checkpoint may leave it out (e.g. GPTQ's g_idx without desc_act)
 
 
 class QuantizeMethodBase(ABC):
@@ -249,21 +250,33 @@ def resolve(section: Any, registry: Any, spec: QuantSpec) -> QuantizationConfig 
     return cls.select(section.options, spec, registry.classes("quantization"))
 
 
-def checkpoint_schema(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]
-                      ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, torch.dtype]]:
+@dataclass
+class CheckpointSchema:
+    """The tensors a checkpoint must hold for a model with its methods attached (Hugging Face names).
+
+    shapes: name -> whole shape, or None (not checked by the schema: the weight loader checks it);
+    dtypes: name -> stored dtype, where a method fixes it; optional: names that may be absent.
+    """
+
+    shapes: dict[str, tuple[int, ...] | None]
+    dtypes: dict[str, torch.dtype]
+    optional: set[str]
+
+
+def checkpoint_schema(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]],
+                      optional: set[str] | frozenset[str] = frozenset()) -> CheckpointSchema:
     """The expected checkpoint tensors of `model` with its attached methods: `shapes` (Hugging Face name -> dense
-    shape, as the loaders' schema has them) with every `<module>.weight` whose layer has a method that declares
-    `checkpoint_tensors` replaced by those tensors; returns `(name -> shape or None (unchecked), name -> dtype)`.
-    A checkpoint module maps onto the model's layer through the model's `hf_to_weavelm_mapper` and
-    `packed_modules_mapping` (`model.layers.0.self_attn.q_proj` -> `layers.0.self_attn.qkv_proj`)."""
+    shape, as the loaders' schema has them; `optional` names may be absent) with every `<module>.weight` whose
+    layer has a method that declares `checkpoint_tensors` replaced by those tensors. A checkpoint module maps onto
+    the model's layer through the model's `hf_to_weavelm_mapper` and `packed_modules_mapping`
+    (`model.layers.0.self_attn.q_proj` -> `layers.0.self_attn.qkv_proj`)."""
     from weavelm.layers.weights import WeightsMapper
 
     mapper = getattr(model, "hf_to_weavelm_mapper", None) or WeightsMapper()
     packed = {part: name for name, parts in (getattr(model, "packed_modules_mapping", None) or {}).items()
               for part in parts}
     modules = dict(model.named_modules())
-    out: dict[str, tuple[int, ...] | None] = {}
-    dtypes: dict[str, torch.dtype] = {}
+    schema = CheckpointSchema({}, {}, set(optional))
     for name, shape in shapes.items():
         declared = None
         if name.endswith(".weight"):
@@ -273,14 +286,17 @@ def checkpoint_schema(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ..
             method = getattr(layer, "quant_method", None)
             declared = method.checkpoint_tensors(layer, tuple(shape)) if method is not None else None
         if declared is None:
-            out[name] = shape
+            schema.shapes[name] = shape
             continue
+        schema.optional.discard(name)
         prefix = name[:-len("weight")]
         for suffix, spec in declared.items():
-            out[prefix + suffix] = spec.shape
+            schema.shapes[prefix + suffix] = spec.shape
             if spec.dtype is not None:
-                dtypes[prefix + suffix] = spec.dtype
-    return out, dtypes
+                schema.dtypes[prefix + suffix] = spec.dtype
+            if not spec.required or name in optional:
+                schema.optional.add(prefix + suffix)
+    return schema
 
 
 @dataclass(frozen=True)

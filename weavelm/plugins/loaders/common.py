@@ -218,8 +218,8 @@ class FileLoader(ModelLoader):
         if schema is not None and model is not None:
             from weavelm.core.quantization import checkpoint_schema
 
-            shapes, dtypes = checkpoint_schema(model, schema[0])
-            schema = (shapes, schema[1])
+            declared = checkpoint_schema(model, *schema)
+            schema, dtypes = (declared.shapes, declared.optional), declared.dtypes
         stream = check_stream(self.iter_sourced(path), schema, source=path, dtypes=dtypes,
                               upfront=lazy and self.lazy_records)
         return stream if lazy else ((name, materialize(tensor)) for name, tensor in stream)
