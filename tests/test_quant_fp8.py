@@ -221,7 +221,7 @@ def test_on_the_fly_fp8_of_a_float_checkpoint(dense, state, registry):
     assert model.embed_tokens.weight.dtype == torch.float32  # the embedding and LM head stay dense
 
 
-# -- corrupt checkpoints: a LoadError naming the tensor, before any tensor is read into the model ----------------
+# -- corrupt checkpoints: a LoadError naming the tensor, before the model's memory is allocated --------------------
 
 def corrupt(block: tuple[str, str], name: str, edit) -> str:
     path, _ = block
@@ -243,7 +243,12 @@ WEIGHT = "model.layers.0.mlp.up_proj.weight"
      f"tensor '{WEIGHT}' has dtype bfloat16, the checkpoint's quantization_config expects float8_e4m3fn"),
     ("missing_scale", lambda t: t.pop(SCALE), f"missing tensor(s) {SCALE}"),
 ])
-def test_corrupt_block_checkpoint_is_a_load_error_naming_the_tensor(block, registry, case, edit, message):
+def test_corrupt_block_checkpoint_is_a_load_error_naming_the_tensor(block, registry, case, edit, message,
+                                                                     monkeypatch):
+    def allocate(model, device):
+        raise AssertionError("the model's memory was allocated before the checkpoint was checked")
+
+    monkeypatch.setattr("weavelm.plugins.workers.model_loading.materialize", allocate)
     with pytest.raises(LoadError, match=message.replace("(", r"\(").replace(")", r"\)")):
         LLM(model=corrupt(block, case, edit), registry=registry, **ENGINE)
 

@@ -79,6 +79,12 @@ class AutoLoader(ModelLoader):
     def weight_types(self, path: str) -> dict[str, str]:
         return self.resolve(path).weight_types(path)
 
+    def check_checkpoint(self, model: ModelArchitecture, path: str) -> None:
+        """The chosen loader's up-front check (`FileLoader.check_checkpoint`), where it has one."""
+        check = getattr(self.resolve(path), "check_checkpoint", None)
+        if check is not None:
+            check(model, path)
+
     def load_weights(self, model: ModelArchitecture, path: str) -> None:
         self.resolve(path).load_weights(model, path)
 

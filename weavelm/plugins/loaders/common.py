@@ -227,7 +227,17 @@ class FileLoader(ModelLoader):
     def load_weights(self, model: ModelArchitecture, path: str) -> None:
         from weavelm.core.model_files import load_into_model
 
+        load_into_model(model, self.checked_weights(path, self._config_of(model, path), lazy=True, model=model),
+                        source=path)
+
+    def check_checkpoint(self, model: ModelArchitecture, path: str) -> None:
+        """Check the whole checkpoint at `path` against `model`'s expected tensors (with its quantization methods'
+        declared ones): names, shapes, dtypes and missing tensors, from the file headers alone. Called by the
+        loading code after the methods are attached and before the model's memory is allocated, so a corrupt
+        checkpoint costs nothing; a no-op for formats whose records carry data (checked as they load)."""
+        if self.lazy_records:
+            next(iter(self.checked_weights(path, self._config_of(model, path), lazy=True, model=model)), None)
+
+    def _config_of(self, model: ModelArchitecture, path: str) -> Any:
         cfg = getattr(model, "hf_config", None) or getattr(model, "config", None)
-        if cfg is None or not hasattr(cfg, "model_type"):
-            cfg = self.load_hf_config(path)
-        load_into_model(model, self.checked_weights(path, cfg, lazy=True, model=model), source=path)
+        return cfg if cfg is not None and hasattr(cfg, "model_type") else self.load_hf_config(path)

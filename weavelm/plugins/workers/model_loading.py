@@ -64,6 +64,8 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     with default_dtype(dtype), torch.device(device), parameters_on_meta() if quant else nullcontext():
         model = build_model(model_cls, hf_config, tp)
     attach(model, quant)                                 # 1. methods claim their layers
+    if quant is not None and hasattr(loader, "check_checkpoint"):
+        loader.check_checkpoint(model, config.model)     #    a corrupt checkpoint fails before any allocation
     materialize(model, device)                           #    (what they did not replace was built on meta)
     loader.load_weights(model, config.model)             # 2. the checkpoint streams in
     process_weights_after_loading(model)                 # 3. methods repack once
