@@ -31,19 +31,23 @@ def write_checkpoints(root: str, args) -> dict[str, str]:
     from weavelm.ops.fp8_kernels import quantize
 
     cfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
-                      head_dim=args.hidden // args.heads, tie_word_embeddings=False)
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.heads // 2, head_dim=args.hidden // args.heads,
+                      tie_word_embeddings=False)
     cfg.architectures = ["Qwen3ForCausalLM"]
     gen = torch.Generator().manual_seed(0)
     h, i, q, kv = args.hidden, args.intermediate, args.hidden, args.hidden // 2
-    shapes = {"model.embed_tokens.weight": (args.vocab, h), "lm_head.weight": (args.vocab, h), "model.norm.weight": (h,)}
+    shapes = {"model.embed_tokens.weight": (args.vocab, h), "lm_head.weight": (args.vocab, h),
+              "model.norm.weight": (h,)}
     for n in range(args.layers):
         p = f"model.layers.{n}."
         shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.q_norm.weight": (h // args.heads,), p + "self_attn.k_norm.weight": (h // args.heads,),
+                   p + "self_attn.q_norm.weight": (h // args.heads,),
+                   p + "self_attn.k_norm.weight": (h // args.heads,),
                    p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i)}
+                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                   p + "mlp.down_proj.weight": (h, i)}
     dense, block = {}, {}
     for name, shape in shapes.items():
         t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)

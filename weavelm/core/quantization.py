@@ -333,7 +333,8 @@ def summary(model: torch.nn.Module) -> QuantSummary:
     for module in model.modules():  # packs a method keeps outside parameters (int8 / gguf `qpack`)
         pack = getattr(module, "qpack", None)
         if pack is not None:
-            total += sum(v.numel() * v.element_size() for v in getattr(pack, "__dict__", {}).values() if isinstance(v, torch.Tensor))
+            tensors = [v for v in getattr(pack, "__dict__", {}).values() if isinstance(v, torch.Tensor)]
+            total += sum(t.numel() * t.element_size() for t in tensors)
     return QuantSummary(methods, total)
 
 
