@@ -32,7 +32,8 @@ VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "max_lora_rank": {"type": int, "help": "lora.max_lora_rank"},
     "max_cpu_loras": {"type": int, "help": "lora.max_cpu_loras (adapters kept in host memory)"},
     "lora_modules": {"nargs": "+", "metavar": "NAME=PATH", "help": "lora.adapters: PEFT adapters served by name"},
-    "quantization": {"help": "the quantization plugin (auto, int8, gguf, none); vLLM's other methods are refused"},
+    "quantization": {"help": "the quantization plugin (auto, int8, gguf, fp8, compressed-tensors-fp8, none); "
+                             "vLLM's other methods are refused"},
     "trust_remote_code": {"action": "store_const", "const": True,
                           "help": "refused: weavelm never runs code shipped with a model"},
 }
