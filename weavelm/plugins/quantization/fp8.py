@@ -9,8 +9,8 @@ Picked by `quantization: auto` for a checkpoint whose config.json says `quantiza
 `ignored_layers` (vLLM) / `modules_to_not_convert` (transformers) name layers stored in full precision.
 
 Named explicitly on a float (bf16/fp16/fp32) checkpoint, `quantization: fp8` quantizes every linear layer on the
-fly, per output channel (scale = max |row| / 448), as each tensor loads. The embedding and the LM head stay dense
-(as in vLLM). What runs per device: see `fp8_layer.py` (W8A8 on CUDA sm89+, weight-only elsewhere).
+fly, per output channel (scale = max |row| / 448), as each tensor loads (under tensor parallelism a row-parallel
+layer's rank scales the rows of its own columns). The embedding and the LM head stay dense (as in vLLM). What runs per device: see `fp8_layer.py` (W8A8 on CUDA sm89+, weight-only elsewhere).
 """
 
 from __future__ import annotations
