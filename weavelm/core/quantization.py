@@ -38,12 +38,10 @@ tensor data is read.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
-
-import contextlib
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -138,9 +136,10 @@ class QuantizeMethodBase(ABC):
         """The tensors one checkpoint module of `layer` stores under this method, by name suffix (e.g. {"weight":
         fp8 (N, K), "weight_scale_inv": (N / 128, K / 128)}), given `shape`, the whole dense weight's shape of that
         module (for one part of a packed layer, e.g. `q_proj` of `qkv_proj`, that part's). They replace the module's
-        `<prefix>.weight` in the expected tensors, each one required. None (the default): the module stores its
-        dense weight. Asked by the loaders' schema check after `create_weights`, before any tensor is read; every
-        suffix named must be a parameter the method registered on the layer (see the module docstring)."""
+        `<prefix>.weight` in the expected tensors (each required unless `required=False`). None (the default): the
+        module stores its dense weight. Asked by the loaders' schema check after `create_weights`, before any
+        tensor is read; every suffix named must be a parameter the method registered on the layer (see the module
+        docstring)."""
         return None
 
     def native_pack(self, layer: torch.nn.Module) -> BlockQ4Pack | BlockQ8Pack | None:
