@@ -63,8 +63,10 @@ def block_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_s
     assert b.shape[1] == k and a_scale.shape == (m, cdiv(k, group_k)), (a.shape, a_scale.shape, b.shape)
     assert b_scale.shape == (cdiv(n, group_n), cdiv(k, group_k)), (b_scale.shape, b.shape, b_group)
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    block_n = 64 if m <= 16 else 128
+    # vLLM's default tile for this GEMM is 64 x 128 x 128 (4 warps); decode-sized M takes 16-row tiles and narrower
+    # columns while there are fewer than ~2 tiles per SM of a 132-SM card (untuned guesses, to be measured)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 128 if m > 16 else 64 if cdiv(n, 64) >= 264 else 32
     grid = (cdiv(m, block_m), cdiv(n, block_n))
     _block_fp8_mm_kernel[grid](
         a, b, out, a_scale, b_scale, bias if bias is not None else out, m, n, k,
