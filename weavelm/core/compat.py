@@ -31,6 +31,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "enable_chunked_prefill": ("scheduler", "enable_chunked_prefill"),
     "long_prefill_token_threshold": ("scheduler", "long_prefill_token_threshold"),
+    "enable_expert_parallel": ("executor", "enable_expert_parallel"),
     "max_loras": ("lora", "max_loras"),
     "max_lora_rank": ("lora", "max_lora_rank"),
     "max_cpu_loras": ("lora", "max_cpu_loras"),

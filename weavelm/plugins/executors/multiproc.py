@@ -34,6 +34,9 @@ POLL_S = 1.0
 class MultiprocOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="Ranks (processes) the model is sharded over.")
+    enable_expert_parallel: bool = Field(False, description="Spread each MoE layer's experts over the ranks "
+                                         "(whole experts per rank, tokens dispatched to them) instead of sharding "
+                                         "every expert; attention stays tensor-parallel (vLLM's flag).")
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600, description="Wait for workers to exit before killing.")
 
 

@@ -26,6 +26,9 @@ logger = logging.getLogger("weavelm.executor")
 class RayOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tensor_parallel_size: int = Field(1, ge=1, le=512, description="Ranks (Ray actors) the model is sharded over.")
+    enable_expert_parallel: bool = Field(False, description="Spread each MoE layer's experts over the ranks "
+                                         "(whole experts per rank, tokens dispatched to them) instead of sharding "
+                                         "every expert; attention stays tensor-parallel (vLLM's flag).")
     address: str | None = Field(None, description="Ray cluster to join (`auto`, or host:port); default: the "
                                 "running local instance, else a new local one.")
     num_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs each rank's actor reserves.")
