@@ -3,23 +3,22 @@
 - The expert kernels skip pairs marked as another rank's (`moe_sorted`, `moe_reference`, the Triton grouped GEMM
   under triton's interpreter); a rank's loader copies only its experts and never reads the others'; uneven
   experts are a ConfigError.
-- The three combine paths (replicated tokens + all-reduce, all-to-all dispatch, all-gather + reduce-scatter) on two
-  gloo ranks holding different token counts (one rank none) equal one rank's whole FusedMoE.
 - `LLM(tensor_parallel_size=2, enable_expert_parallel=True)` on a tiny Qwen3-MoE (4 experts, top-2, fp32): each
   rank holds 2 experts, and a mixed batch under chunked prefill and forced preemption gives transformers' greedy
-  tokens. The CLI flag `--enable-expert-parallel` sets the same option.
+  tokens; in the same two gloo ranks, the three combine paths (replicated tokens + all-reduce, all-to-all dispatch,
+  all-gather + reduce-scatter) on ranks holding different token counts (one rank none) equal one whole FusedMoE.
+  The CLI flag `--enable-expert-parallel` sets the same option.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import operator
 import random
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from weavelm import LLM, SamplingParams
@@ -31,6 +30,7 @@ from weavelm.errors import ConfigError
 from weavelm.layers.expert_parallel import ExpertParallel, to_local
 from weavelm.layers.fused_moe import FusedExperts, FusedMoE, moe_reference, moe_sorted, select_experts
 from weavelm.testing.attention import triton_interpreter_without_cuda
+from weavelm.testing.expert_parallel import rank_dispatch_errors
 from weavelm.testing.model import ENGINE, TINY
 
 E, H, I, K = 4, 16, 8, 2
@@ -105,62 +105,6 @@ def test_uneven_experts_and_dense_models_are_config_errors():
 
 
 # -- the combine paths on two gloo ranks ---------------------------------------------------------------------
-TOKENS = (5, 0)  # rank 1 holds no tokens: it still joins every collective
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _moe(tp: TensorParallelGroup = TensorParallelGroup(), ep: ExpertParallel | None = None) -> FusedMoE:
-    torch.manual_seed(3)
-    whole = FusedMoE(H, I, E, K, True)
-    for p in whole.parameters():
-        p.data.normal_()
-    if ep is None:
-        return whole
-    moe = FusedMoE(H, I, E, K, True, tp=tp, ep=ep)
-    moe.gate.weight.data.copy_(whole.gate.weight)
-    moe.experts.weight_loader(moe.experts.w13_weight, whole.experts.w13_weight.data, None)
-    moe.experts.weight_loader(moe.experts.w2_weight, whole.experts.w2_weight.data, None)
-    return moe
-
-
-def _rank_main(rank: int, port: int, results) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    group = TensorParallelGroup(rank, 2)
-    g = torch.Generator().manual_seed(10)
-    xs = [torch.randn(t, H, generator=g) for t in TOKENS]
-    whole = _moe()
-    out = {}
-    with torch.no_grad():
-        same = _moe(group, ExpertParallel(group, tokens_replicated=True))(xs[0])
-        out["replicated"] = (same - whole(xs[0])).abs().max().item()
-        for dispatch in ("all2all", "allgather"):
-            moe = _moe(group, ExpertParallel(group, tokens_replicated=False, dispatch=dispatch))
-            got = moe(xs[rank])
-            assert got.shape == xs[rank].shape
-            out[dispatch] = (got - whole(xs[rank])).abs().max().item() if TOKENS[rank] else 0.0
-    results[rank] = out
-    dist.destroy_process_group()
-
-
-def test_dispatch_paths_equal_one_rank():
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(_rank_main, args=(_free_port(), results), nprocs=2, start_method="spawn")
-        results = dict(results)
-    for rank in (0, 1):
-        for path, err in results[rank].items():
-            assert err < 1e-5, (rank, path, err)
-
-
 # -- the engine ----------------------------------------------------------------------------------------------
 class StepObserver:
     def __init__(self):
@@ -211,10 +155,15 @@ def test_tp2_expert_parallel_matches_transformers_with_preemption(checkpoint):
              scheduler={"max_num_seqs": 4, "max_num_batched_tokens": 10, "long_prefill_token_threshold": 7}) as llm:
         shapes = llm.collective_rpc("apply_model", (operator.attrgetter("layers.0.mlp.experts.w13_weight.shape"),))
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        # the dispatch paths (for ranks with different tokens: DP attention + EP), in the engine's gloo ranks
+        dispatch = llm.collective_rpc("apply_model", (functools.partial(rank_dispatch_errors, tokens=(5, 0)),))
     assert [tuple(s) for s in shapes] == [(2, 64, 64)] * 2  # 2 whole experts (2 x 32 intermediate) per rank
     assert [o.outputs[0].token_ids for o in outs] == want
     assert sum(s.num_preempted for s in observer.stats) > 0, "the KV budget did not force a preemption"
     assert any(s.num_running > 1 for s in observer.stats), "no step mixed requests"
+    for rank, errors in enumerate(dispatch):  # rank 1 holds no tokens: it still joins every collective
+        assert sorted(errors) == ["all2all", "allgather", "replicated"]
+        assert all(err < 1e-5 for err in errors.values()), (rank, errors)
 
 
 def test_cli_flag_sets_the_executor_option(checkpoint):
