@@ -5,16 +5,20 @@
   tokens equal transformers'; killing node 1 mid-generation is an EngineDeadError naming its rank and node within
   10 s, and its worker does not survive.
 - Ray: a head (`ray start --head --num-cpus 1`) and a second node (`ray start --address`), each with one CPU, so a
-  tp=2 placement group (STRICT_SPREAD) must span both; greedy tokens equal transformers'. `ray stop` afterwards.
+  tp=2 placement group (STRICT_SPREAD) must span both; greedy tokens equal transformers'. Killing the rank on the
+  second node is an EngineDeadError naming it within 10 s. The cluster's processes are ended afterwards by their
+  ids (the process trees of this cluster's session directory): `ray stop` would end every Ray on the machine.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -110,3 +114,96 @@ def test_a_node_other_than_0_without_headless_is_refused(model):
 
     with pytest.raises(ConfigError, match="--headless"):
         LLM(model=model[0], tensor_parallel_size=2, nnodes=2, node_rank=1, **ENGINE)
+
+
+# -- Ray ---------------------------------------------------------------------------------------------------------
+def _descendants(marker: str) -> list[int]:
+    """Processes whose command line names `marker`, and their descendants (never this process)."""
+    parents: dict[int, int] = {}
+    roots = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    roots.add(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, grew = set(roots), True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                grew = True
+    return sorted(found)
+
+
+def _end_processes(pids: list[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two local Ray nodes of one CPU each (head + `ray start --address`); yields the head's address."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'weavelm[ray]')")
+    if shutil.which("ray") is None:
+        pytest.skip("the `ray` command is not on PATH")
+    if ray.is_initialized():
+        ray.shutdown()  # this process's own local Ray (another module's): the engine must join the test cluster
+    temp = tempfile.mkdtemp(prefix="wlray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    port = _free_port()
+    env = {**_env(), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the driver (this process) speaks to the cluster as it was started
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    try:
+        for cmd in (["ray", "start", "--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard",
+                     "false", *common],
+                    ["ray", "start", "--address", f"127.0.0.1:{port}", *common]):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+            if done.returncode:
+                pytest.skip(f"Ray could not start here: {' '.join(cmd[:3])}: {done.stderr[-800:]}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        _end_processes(_descendants(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+
+
+def test_ray_tp2_across_two_nodes(model, ray_cluster):
+    import ray
+
+    path, want = model
+    executor = {"name": "ray", "tensor_parallel_size": 2, "address": ray_cluster,
+                "placement_strategy": "STRICT_SPREAD"}
+    llm = LLM(model=path, executor=executor, **ENGINE)
+    try:
+        assert _tokens(llm) == want
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        placed = ray.util.placement_group_table(llm.engine.client.core.executor.placement)["bundles_to_node_id"]
+        assert len(nodes) == 2 and set(placed.values()) == nodes  # one rank on each node
+        where = llm.engine.client.core.executor.locations
+        os.kill(where[1][1], signal.SIGKILL)  # rank 1, on the second node
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match=f"Ray worker rank 1 .*pid {where[1][1]}"):
+            llm.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY)
+        assert time.monotonic() - started < 10
+    finally:
+        llm.shutdown()
