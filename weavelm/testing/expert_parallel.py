@@ -49,11 +49,12 @@ def rank_dispatch_errors(model: Any = None, tokens: tuple[int, ...] = (5, 0)) ->
     if world != len(tokens):
         raise ValueError(f"{len(tokens)} token counts for {world} ranks")
     group = TensorParallelGroup(rank, world)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     g = torch.Generator().manual_seed(10)
-    xs = [torch.randn(t, HIDDEN, generator=g) for t in tokens]
-    whole = seeded_moe()
+    xs = [torch.randn(t, HIDDEN, generator=g).to(device) for t in tokens]
     out: dict[str, float] = {}
-    with torch.no_grad():
+    with torch.no_grad(), torch.device(device):
+        whole = seeded_moe()
         same = seeded_moe(group, ExpertParallel(group, tokens_replicated=True))(xs[0])
         out["replicated"] = (same - whole(xs[0])).abs().max().item()
         for dispatch in ("all2all", "allgather"):
