@@ -97,7 +97,7 @@ def test_two_nodes_over_torch_distributed(model):
         assert time.monotonic() - started < 10
         error = caught.get("error")
         assert isinstance(error, EngineDeadError), error
-        assert f"worker rank 1 on node 1" in str(error) and f"pid {pids[1]}" in str(error), error
+        assert "worker rank 1 on node 1" in str(error) and f"pid {pids[1]}" in str(error), error
         llm.shutdown()
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:

@@ -1,8 +1,8 @@
-"""Checking expert-parallel MoE layers on several gloo ranks in spawned processes (run inside an engine's workers, which
-have joined torch.distributed already).
+"""Checking expert-parallel MoE layers on several ranks (gloo or NCCL), run inside an engine's workers, which have
+joined torch.distributed already.
 
     check = functools.partial(rank_dispatch_errors, tokens=(5, 0))
-    errors = llm.collective_rpc("apply_model", (check,))   # per rank: {"replicated" | "all2all" | "allgather": max |diff|}
+    errors = llm.collective_rpc("apply_model", (check,))   # per rank: {path: max |diff|}
 
 Each rank builds the same seeded `FusedMoE` whole and spread over the ranks (`ExpertParallel`), runs its own tokens
 (`tokens[rank]` rows; a rank may hold none) through every combine path, and reports the largest difference from the

@@ -23,7 +23,7 @@ import socket
 import weakref
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from weavelm.core.contexts import ExecutorContext
 from weavelm.core.hookspecs import hookimpl
