@@ -8,8 +8,8 @@ a second, and every caller then gets an `EngineDeadError` naming the rank, its p
 
 Across nodes (`nnodes > 1`, `weavelm.plugins.executors.multinode`): node 0 spawns its own ranks and accepts the other
 nodes' ranks over TCP connections that stand in for their pipes; the hooks here are `MultiNodeOptions` (the options),
-`local_ranks` / `init_method` / `check_driver` in `__init__`, `join_remote_workers`, and a remote process's `describe` in
-`WorkerProcHandle.death`.
+`local_ranks` / `init_method` / `check_driver` in `__init__`, `join_remote_workers`, and a remote process's
+`describe` in `WorkerProcHandle.death`.
 """
 
 from __future__ import annotations
