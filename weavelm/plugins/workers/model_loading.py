@@ -62,7 +62,7 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     quant = quantization_config(context, loader, device, dtype, hf_config)
     check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp, quant)
     with default_dtype(dtype), torch.device(device), parameters_on_meta() if quant else nullcontext():
-        model = build_model(model_cls, hf_config, tp)
+        model = build_model(model_cls, hf_config, tp, context.parallel)
     attach(model, quant)                                 # 1. methods claim their layers
     if quant is not None and hasattr(loader, "check_checkpoint"):
         loader.check_checkpoint(model, config.model)     #    a corrupt checkpoint fails before any allocation
