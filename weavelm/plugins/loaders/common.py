@@ -187,4 +187,10 @@ class FileLoader(ModelLoader):
         cfg = getattr(model, "hf_config", None) or getattr(model, "config", None)
         if cfg is None or not hasattr(cfg, "model_type"):
             cfg = self.load_hf_config(path)
+        if any(getattr(getattr(m, "quant_method", None), "checks_own_tensors", False) for m in model.modules()):
+            # int4 layers store other tensors than the dense schema's (qweight, scales, ...); their weight loaders
+            # check each one's shape and dtype, and load_into_model reports any that is missing
+            stream = check_stream(self.iter_sourced(path), None, source=path)
+            load_into_model(model, stream, source=path)
+            return
         load_into_model(model, self.checked_weights(path, cfg, lazy=True), source=path)
