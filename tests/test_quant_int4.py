@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.int4_fixtures import float_model, write_checkpoint
+from tests.test_triton_ops import ON_GPU  # noqa: F401  (imports triton under the interpreter, or skips)
 from weavelm.errors import LoadError
 
 MODULES = ("weavelm.plugins.quantization.gptq", "weavelm.plugins.quantization.awq",
@@ -227,7 +228,7 @@ def _drop(name):
 
 
 def _replace(name, fn):
-    return lambda state: {**state, name: fn(state[name])}
+    return lambda state: {**state, name: fn(state[name]).contiguous()}
 
 
 CORRUPT = {
