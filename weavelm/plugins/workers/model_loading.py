@@ -55,9 +55,9 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     model_cls = context.model_class(hf_config)
     dtype = resolve_dtype(config, hf_config, device)
     check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp)
-    with default_dtype(dtype), torch.device(device):
+    quant = quantization_config(context, loader, device, dtype, hf_config)  # a bad quantization_config: before
+    with default_dtype(dtype), torch.device(device):                         # anything is allocated
         model = build_model(model_cls, hf_config, tp)
-    quant = quantization_config(context, loader, device, dtype, hf_config)
     attach(model, quant)                                 # 1. methods claim their layers
     loader.load_weights(model, config.model)             # 2. the checkpoint streams in
     process_weights_after_loading(model)                 # 3. methods repack once
