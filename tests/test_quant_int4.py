@@ -20,6 +20,8 @@ import torch
 from tests.int4_fixtures import float_model, write_checkpoint
 from tests.test_triton_ops import ON_GPU  # noqa: F401  (imports triton under the interpreter, or skips)
 from weavelm.errors import LoadError
+from weavelm.ops import native
+from weavelm.plugins.models.native_stack import NativeStack
 
 MODULES = ("weavelm.plugins.quantization.gptq", "weavelm.plugins.quantization.awq",
            "weavelm.plugins.quantization.compressed_tensors_w4a16")
@@ -98,6 +100,9 @@ def test_int4_checkpoint_matches_transformers_on_dequantized_weights(case, base,
     scheme = CASES[case]["fmt"].replace("ct", "ct-w4a16")
     assert qkv.weight is None and qkv.quant_method.kind.startswith(scheme), qkv.quant_method.kind
     assert down.qpack.nbytes() < HIDDEN_X_INTER_FP32 / 4  # under a byte per weight: no dense copy kept
+    if native.available():  # layers without an act-order gather hand their blocks to the native decoder stack
+        model = llm.collective_rpc("apply_model", (lambda m: m,))[0]
+        assert (NativeStack.build(model) is not None) == (not CASES[case].get("desc_act", False))
     tokens, first = run(llm)
     ref_tokens, ref_first = reference(base[1], dense)
     torch.testing.assert_close(first, ref_first, rtol=0, atol=1e-4)
