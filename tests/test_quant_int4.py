@@ -152,8 +152,10 @@ def triton_interpreted():
         os.environ["TRITON_INTERPRET"] = old
 
 
-# (rows, K, N, group, split_k): decode with a ragged N, a split K, one group, prefill-sized tiles
-TRITON_SHAPES = [(1, 128, 72, 32, 1), (5, 256, 64, 64, 3), (20, 96, 40, 96, 2), (70, 64, 136, 32, 1)]
+# (rows, K, N, group, split_k): decode with a ragged N, a split K, one group, prefill-sized tiles, and a group no
+# power-of-two tile divides (scales read per feature)
+TRITON_SHAPES = [(1, 128, 72, 32, 1), (5, 256, 64, 64, 3), (20, 96, 40, 96, 2), (70, 64, 136, 32, 1),
+                 (3, 80, 48, 40, 1)]
 
 
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))

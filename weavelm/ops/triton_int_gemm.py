@@ -24,7 +24,10 @@ import triton.language as tl
 @triton.jit
 def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, group_size, k_per_split,
                       sxm, sxk, sqk, sqn, ssg, ssn, som, son,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+                      TILE_IN_GROUP: tl.constexpr):
+    """TILE_IN_GROUP: every K tile lies inside one group (BLOCK_K divides group_size), so a tile reads one row of
+    scales and zeros instead of one per feature."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -39,11 +42,16 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, group_size,
         x = tl.load(x_ptr + rm[:, None] * sxm + k[None, :] * sxk, mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
         wmask = kmask[:, None] & nmask[None, :]
         packed = tl.load(qw_ptr + (k // 8)[:, None] * sqk + rn[None, :] * sqn, mask=wmask, other=0)
-        q = (packed >> ((k % 8) * 4)[:, None]) & 0xF
-        g = k // group_size
-        s = tl.load(s_ptr + g[:, None] * ssg + rn[None, :] * ssn, mask=wmask, other=0.0)
-        z = tl.load(z_ptr + g[:, None] * ssg + rn[None, :] * ssn, mask=wmask, other=0.0)
-        w = ((q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        q = ((packed >> ((k % 8) * 4)[:, None]) & 0xF).to(tl.float32)
+        if TILE_IN_GROUP:
+            g = k0 // group_size
+            s = tl.load(s_ptr + g * ssg + rn * ssn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + g * ssg + rn * ssn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        else:
+            g = k // group_size
+            s = tl.load(s_ptr + g[:, None] * ssg + rn[None, :] * ssn, mask=wmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g[:, None] * ssg + rn[None, :] * ssn, mask=wmask, other=0.0).to(tl.float32)
+        w = ((q - z) * s).to(x_ptr.dtype.element_ty)
         acc += tl.dot(x, w)
     omask = (rm[:, None] < M) & nmask[None, :]
     optr = out_ptr + rm[:, None] * som + rn[None, :] * son
@@ -105,9 +113,13 @@ def _split(x: torch.Tensor, m: int, n: int, k: int, bm: int, bn: int, bk: int, s
 
 
 def _launch(kernel, x: torch.Tensor, n: int, k: int, split_k: int | None, tensors: tuple, scalars: tuple,
-            strides: tuple):
+            strides: tuple, group_size: int | None = None, **constexprs):
     m = x.shape[0]
     bm, bn, bk, warps = _tiles(m)
+    if group_size is not None:  # int4: a K tile inside one group when a power of two >= 16 divides the group
+        while bk > 16 and group_size % bk:
+            bk //= 2
+        constexprs["TILE_IN_GROUP"] = group_size % bk == 0
     split = _split(x, m, n, k, bm, bn, bk, split_k)
     k_per_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
     split = triton.cdiv(k, k_per_split)
@@ -116,7 +128,7 @@ def _launch(kernel, x: torch.Tensor, n: int, k: int, split_k: int | None, tensor
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     kernel[grid](x, *tensors, out, m, n, k, *scalars, k_per_split, x.stride(0), x.stride(1), *strides,
                  out.stride(0), out.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ATOMIC=split > 1,
-                 num_warps=warps)
+                 num_warps=warps, **constexprs)
     return out.to(x.dtype) if split > 1 else out
 
 
@@ -126,7 +138,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     assert x.shape[1] == k and scales.shape == zeros.shape and scales.stride() == zeros.stride()
     return _launch(_int4_gemm_kernel, x, n, k, split_k, (qweight, scales, zeros), (group_size,),
-                   (qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1)))
+                   (qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1)), group_size=group_size)
 
 
 def int8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, split_k: int | None = None) -> torch.Tensor:
