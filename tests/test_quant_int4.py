@@ -241,7 +241,7 @@ def _replace(name, fn):
 CORRUPT = {
     "gptq_bits_3": ("gptq", dict(quant=lambda q: {**q, "bits": 3}), r"quantization_config\.bits: 3"),
     "gptq_missing_g_idx": ("gptq_desc_act_sym", dict(tensors=_drop("model.layers.1.self_attn.v_proj.g_idx")),
-                           r"layers\.1\.self_attn\.qkv_proj\.g_idx"),
+                           r"layers\.1\.self_attn\.(qkv|v)_proj\.g_idx"),
     "gptq_scales_shape": ("gptq", dict(tensors=_replace("model.layers.0.mlp.up_proj.scales", lambda t: t[:2])),
                           r"model\.layers\.0\.mlp\.up_proj\.scales' has shape \(2, 256\).*expects \(4, 256\)"),
     "gptq_bad_g_idx": ("gptq_desc_act_sym", dict(tensors=_replace("model.layers.0.mlp.down_proj.g_idx",
@@ -249,7 +249,7 @@ CORRUPT = {
                        r"layers\.0\.mlp\.down_proj\.g_idx: every group must hold exactly 32"),
     "gptq_qweight_dtype": ("gptq", dict(tensors=_replace("model.layers.0.self_attn.o_proj.qweight",
                                                          lambda t: t.float())),
-                           r"o_proj\.qweight' has dtype torch\.float32"),
+                           r"o_proj\.qweight' has dtype (torch\.)?float32"),
     "awq_version_gemv": ("awq", dict(quant=lambda q: {**q, "version": "gemv"}), r"quantization_config\.version"),
     "awq_qzeros_shape": ("awq", dict(tensors=_replace("model.layers.0.self_attn.k_proj.qzeros",
                                                       lambda t: t[:, :4])), r"k_proj\.qzeros' has shape \(4, 4\)"),

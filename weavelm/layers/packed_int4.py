@@ -49,6 +49,14 @@ class StoredTensor:
     out_div: int = 1
 
 
+@dataclass(frozen=True)
+class DeclaredTensor:
+    """A stored tensor as the loaders' schema check expects it: whole shape, and dtype (None: any float)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None = None
+
+
 def layer_parts(layer: nn.Module) -> tuple[list[int], int]:
     """(output features of each checkpoint part, input features) of a single-rank linear layer."""
     segments = getattr(layer, "output_segments", None)
@@ -87,7 +95,8 @@ class PackedInt4Method(QuantizeMethodBase):
         if any(n % 8 for n in parts):
             raise LoadError(f"{self.fmt}: output features {parts} of {self.prefix or type(layer).__name__} are not "
                             f"multiples of 8 (int4 packing)")
-        self.device, self.dtype = layer.weight.device, layer.weight.dtype
+        self.dtype = layer.weight.dtype  # the activation dtype; the device is the dense weight's (meta while built)
+        device = layer.weight.device
         layer.register_parameter("weight", None)
         groups = self.groups(k)
         for name, spec in self.stored().items():
@@ -97,9 +106,18 @@ class PackedInt4Method(QuantizeMethodBase):
                 shape = spec.shape(parts[0], k, groups)
             else:
                 shape = spec.shape(sum(parts), k, groups)
-            param = nn.Parameter(torch.zeros(shape, dtype=spec.keep, device=self.device), requires_grad=False)
+            param = nn.Parameter(torch.zeros(shape, dtype=spec.keep, device=device), requires_grad=False)
             param.weight_loader = self._loader(layer, name, spec, parts, k, groups)
             layer.register_parameter(name, param)
+
+    def checkpoint_tensors(self, layer: nn.Module, shape: tuple[int, ...]) -> dict[str, DeclaredTensor]:
+        """What one checkpoint module of `layer` (dense weight shape (n, k): one part of a packed layer) stores
+        instead of its `weight`, for the loaders' schema check: each stored tensor's shape, and its dtype where only
+        one is accepted."""
+        n, k = shape
+        groups = self.groups(k)
+        return {name: DeclaredTensor(spec.shape(n, k, groups), spec.dtypes[0] if len(spec.dtypes) == 1 else None)
+                for name, spec in self.stored().items()}
 
     def _loader(self, layer: nn.Module, name: str, spec: StoredTensor, parts: list[int], k: int, groups: int):
         seen: set = set()
@@ -133,10 +151,11 @@ class PackedInt4Method(QuantizeMethodBase):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         parts, k = layer_parts(layer)
         tensors = {name: getattr(layer, name).data for name in self.stored()}
+        device = tensors["qweight" if "qweight" in tensors else "weight_packed"].device  # where they were loaded
         weight = self.to_int4(tensors, parts, k)
         for name in tensors:
             layer.register_parameter(name, None)
-        layer.qpack = Int4Linear.prepare(weight, self.device, self.dtype)
+        layer.qpack = Int4Linear.prepare(weight, device, self.dtype)
         self.kind = f"{self.fmt}-{layer.qpack.kernel}"
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
