@@ -233,3 +233,10 @@ def select_from_checkpoint(cls, spec, needs: str):
     if reasons:
         raise ConfigError([("quantization.name", f"{cls.name!r} cannot run here: {'; '.join(reasons)}")])
     return picked
+
+
+def how_int4_runs(device: str) -> str:
+    """`QuantizationConfig.how_it_runs` of the int4 formats (shown by `weavelm plugins`)."""
+    if device == "cuda":
+        return "int4 weight-only: Triton int4 GEMM (fp16/bf16), cuBLAS on the dequantized weight from 256 rows"
+    return "int4 weight-only: native fp32 block kernels (group a multiple of 32), else dequantized per call"

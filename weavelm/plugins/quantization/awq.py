@@ -20,8 +20,8 @@ from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import NoOptions
 from weavelm.core.quantization import QuantizationConfig, QuantSpec, layer_kind
 from weavelm.errors import LoadError
-from weavelm.layers.packed_int4 import (FLOAT, INT, PackedInt4Method, StoredTensor, config_field, int4_group_size,
-                                        select_from_checkpoint, single_rank_reasons)
+from weavelm.layers.packed_int4 import (FLOAT, INT, PackedInt4Method, StoredTensor, config_field, how_int4_runs,
+                                        int4_group_size, select_from_checkpoint, single_rank_reasons)
 from weavelm.ops.int4_kernels import Int4Weight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds output 8 c + AWQ_ORDER[i]
@@ -87,6 +87,10 @@ class AWQConfig(QuantizationConfig):
     @classmethod
     def select(cls, options, spec: QuantSpec, candidates) -> AWQConfig:
         return select_from_checkpoint(cls, spec, "an AWQ checkpoint (quantization_config.quant_method: awq)")
+
+    @classmethod
+    def how_it_runs(cls, device: str) -> str:
+        return how_int4_runs(device)
 
     @classmethod
     def check(cls, spec: QuantSpec) -> list[str]:

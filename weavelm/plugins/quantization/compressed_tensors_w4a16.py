@@ -24,7 +24,7 @@ from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import NoOptions
 from weavelm.core.quantization import QuantizationConfig, QuantSpec, layer_kind
 from weavelm.errors import LoadError
-from weavelm.layers.packed_int4 import (FLOAT, INT, PackedInt4Method, StoredTensor, group_order,
+from weavelm.layers.packed_int4 import (FLOAT, INT, PackedInt4Method, StoredTensor, group_order, how_int4_runs,
                                         select_from_checkpoint, single_rank_reasons)
 from weavelm.ops.int4_kernels import Int4Weight, unpack_rows
 
@@ -131,6 +131,10 @@ class W4A16Config(QuantizationConfig):
     @classmethod
     def select(cls, options, spec: QuantSpec, candidates) -> W4A16Config:
         return select_from_checkpoint(cls, spec, "a compressed-tensors pack-quantized checkpoint")
+
+    @classmethod
+    def how_it_runs(cls, device: str) -> str:
+        return how_int4_runs(device)
 
     @classmethod
     def check(cls, spec: QuantSpec) -> list[str]:

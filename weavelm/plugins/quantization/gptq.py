@@ -24,8 +24,7 @@ from weavelm.core.interfaces import NoOptions
 from weavelm.core.quantization import QuantizationConfig, QuantSpec, layer_kind
 from weavelm.errors import LoadError
 from weavelm.layers.packed_int4 import (FLOAT, INT, PackedInt4Method, StoredTensor, config_field, group_order,
-                                        int4_group_size, select_from_checkpoint,
-                                        single_rank_reasons)
+                                        how_int4_runs, int4_group_size, select_from_checkpoint, single_rank_reasons)
 from weavelm.ops.int4_kernels import Int4Weight, unpack_rows
 
 V1_ZERO_OFFSET = 0x11111111  # one per nibble: v1 stores zero - 1 in every 4-bit field
@@ -107,6 +106,10 @@ class GPTQConfig(QuantizationConfig):
     def select(cls, options, spec: QuantSpec, candidates) -> GPTQConfig:
         return select_from_checkpoint(cls, spec, "a GPTQ checkpoint (config.json quantization_config.quant_method: "
                                                  "gptq)")
+
+    @classmethod
+    def how_it_runs(cls, device: str) -> str:
+        return how_int4_runs(device)
 
     @classmethod
     def check(cls, spec: QuantSpec) -> list[str]:

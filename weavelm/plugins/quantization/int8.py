@@ -81,6 +81,12 @@ class Int8Config(QuantizationConfig):
     Options = Int8Options
 
     @classmethod
+    def how_it_runs(cls, device: str) -> str:
+        if device == "cuda":
+            return "int8 weight-only: codes kept int8 on the GPU, Triton int8 GEMM (fp16/bf16)"
+        return "int8 weight-only: native fp32 block kernels, or torch's bf16 int8 kernel"
+
+    @classmethod
     def check(cls, spec: QuantSpec) -> list[str]:
         if any(t.startswith(("Q", "IQ")) for t in spec.weight_types.values()):
             return ["the checkpoint is already quantized (GGUF); use quantization: gguf or none"]
