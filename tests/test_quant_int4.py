@@ -11,18 +11,40 @@ and the same greedy tokens.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
 
 import pytest
 import torch
 
 from tests.int4_fixtures import float_model, write_checkpoint
-from tests.test_triton_ops import ON_GPU  # imports triton under the interpreter (without CUDA), or skips
 from weavelm.errors import LoadError
 from weavelm.ops import native
 from weavelm.plugins.models.native_stack import NativeStack
 
+def _triton_interpretable() -> bool:
+    """Without CUDA: import triton under TRITON_INTERPRET=1 unless something imported it already (triton.language
+    builds its own functions for the interpreter only then); True when the interpreter can run the kernels."""
+    if torch.cuda.is_available():
+        return False
+    if "triton" not in sys.modules:
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            importlib.import_module("triton")
+        except ImportError:
+            return False
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET")
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+    return type(sys.modules["triton.language"].sum).__name__ == "InterpretedFunction"
+
+
+INTERPRETABLE = _triton_interpretable()
 MODULES = ("weavelm.plugins.quantization.gptq", "weavelm.plugins.quantization.awq",
            "weavelm.plugins.quantization.compressed_tensors_w4a16")
 PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 7, 1, 300, 12], [400, 2, 9]]
@@ -153,11 +175,9 @@ def test_the_kernel_paths_agree_with_the_dequantized_weight():
 
 @pytest.fixture(scope="module")
 def triton_interpreted():
-    import importlib
-
-    if ON_GPU:
-        pytest.skip("with CUDA the compiled kernels are tested (test_gpu_*); the interpreter needs triton imported "
-                    "under TRITON_INTERPRET=1")
+    if not INTERPRETABLE:
+        pytest.skip("CUDA present (test_gpu_* run the compiled kernels), or triton was imported without "
+                    "TRITON_INTERPRET=1 earlier in this process: run this module alone")
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     mod = importlib.import_module("weavelm.ops.triton_int_gemm")
