@@ -219,6 +219,8 @@ def test_triton_int4_and_int8_gemms_match_the_torch_reference(shape, dtype, trit
     y = triton_interpreted.int4_gemm(x.to(dtype), wd.qweight, wd.scales, wd.zeros, group, split_k=split)
     y8 = triton_interpreted.int8_gemm(x.to(dtype), q, scale.to(dtype), split_k=split)
     assert y.dtype == y8.dtype == dtype
+    dense = triton_interpreted.int4_dequantize(wd.qweight, wd.scales, wd.zeros, group, dtype)
+    torch.testing.assert_close(dense, wd.dequantize().t().to(dtype), rtol=0, atol=0)  # the same fp32 formula
     if dtype == torch.float32:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(y8, ref8, rtol=1e-5, atol=1e-4)

@@ -12,8 +12,8 @@ Triton kernel reads directly):
 Where it runs (`Int4Weight.mm` / `int4_linear`):
 - CUDA, fp16/bf16 activations: the Triton GEMM (`weavelm.ops.triton_int_gemm`: each K tile of the weight is
   dequantized in registers and fed to `tl.dot` in the activation dtype, accumulated in fp32). From
-  `DENSE_MIN_ROWS` rows on (prefill), the weight is dequantized once per call and multiplied by cuBLAS, as vLLM's AWQ
-  path does.
+  `DENSE_MIN_ROWS` rows on (prefill), a Triton pass writes the layer's weight in the activation dtype once per call
+  (a transient (K, N) tensor) and cuBLAS multiplies it, as vLLM's AWQ path does.
 - CPU, fp32 activations and the native kernels available, group_size a multiple of 32 (or one group, K % 32 == 0):
   repacked once into the native `BlockQ4Pack` (d = scale, m = -scale * zero per 32-element block; the same values up
   to fp32 rounding order), so `QuantizeMethodBase.native_pack` hands it to the native decoder stack too.
@@ -115,9 +115,11 @@ class Int4Weight:
         """x (M, K) -> (M, N) in x's dtype."""
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[0] < DENSE_MIN_ROWS:
-            from weavelm.ops.triton_int_gemm import int4_gemm
-            return int4_gemm(x, self.qweight, self.scales, self.zeros, self.group_size)
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            from weavelm.ops.triton_int_gemm import int4_dequantize, int4_gemm
+            if x.shape[0] < DENSE_MIN_ROWS:
+                return int4_gemm(x, self.qweight, self.scales, self.zeros, self.group_size)
+            return x @ int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
         return F.linear(x, self._stored_order_dense(x.dtype))
 
     def _stored_order_dense(self, dtype: torch.dtype) -> torch.Tensor:

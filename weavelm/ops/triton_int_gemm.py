@@ -1,5 +1,8 @@
 """Triton weight-only integer GEMMs for CUDA: `x @ W^T` with W kept int4 (GPTQ layout) or int8 (per output channel).
 
+`int4_dequantize` writes the whole int4 weight in the activation dtype in one pass, for wide inputs (prefill), which
+cuBLAS then multiplies.
+
 Imported only when a CUDA tensor reaches an int4 / int8 layer (or under TRITON_INTERPRET=1 in tests), so listing
 plugins never imports triton. Both kernels dequantize each (BLOCK_K, BLOCK_N) weight tile in registers into the
 activation dtype (fp16 / bf16; fp32 in the interpreter), multiply it with `tl.dot`, and accumulate in fp32; nothing
@@ -59,6 +62,21 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, group_size,
         tl.atomic_add(optr, acc, mask=omask)
     else:
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size, sqk, sqn, ssg, ssn, sok, son,
+                         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[k, n] = (q[k, n] - zeros[g, n]) * scales[g, n] in out's dtype, one (BLOCK_K, BLOCK_N) tile per program."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (k < K)[:, None] & (n < N)[None, :]
+    packed = tl.load(qw_ptr + (k // 8)[:, None] * sqk + n[None, :] * sqn, mask=mask, other=0)
+    q = ((packed >> ((k % 8) * 4)[:, None]) & 0xF).to(tl.float32)
+    g = k // group_size
+    s = tl.load(s_ptr + g[:, None] * ssg + n[None, :] * ssn, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g[:, None] * ssg + n[None, :] * ssn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + k[:, None] * sok + n[None, :] * son, ((q - z) * s).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -146,3 +164,16 @@ def int8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, split_k: in
     n, k = q.shape
     assert x.shape[1] == k and scale.shape == (n,)
     return _launch(_int8_gemm_kernel, x, n, k, split_k, (q, scale), (), (q.stride(0), q.stride(1)))
+
+
+def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """W^T, (K, N) in `dtype`, from the int4 layout above: one pass that reads the packed codes once and writes
+    2 bytes per weight (the prefill path: cuBLAS then multiplies `x @ W^T`)."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    out = torch.empty((k, n), device=qweight.device, dtype=dtype)
+    grid = (triton.cdiv(k, 64), triton.cdiv(n, 128))
+    _int4_dequant_kernel[grid](qweight, scales, zeros, out, n, k, group_size, qweight.stride(0), qweight.stride(1),
+                               scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
+                               BLOCK_K=64, BLOCK_N=128, num_warps=4)
+    return out
