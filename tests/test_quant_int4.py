@@ -322,3 +322,12 @@ def test_corrupt_int4_checkpoint_is_a_load_error_naming_it(corruption, checkpoin
     path = _mutate(checkpoints[case][0], str(tmp_path / corruption), **edits)
     with pytest.raises(LoadError, match=message):
         engine(path)
+
+
+def test_naming_an_int4_scheme_for_another_checkpoint_is_a_config_error(checkpoints):
+    from weavelm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"quantization.name: 'gptq' needs a GPTQ checkpoint"):
+        engine(checkpoints["awq"][0], quantization="gptq")
+    with pytest.raises(ConfigError, match=r"quantization.name: 'awq' needs an AWQ checkpoint"):
+        engine(checkpoints["gptq"][0], quantization="awq")

@@ -7,6 +7,9 @@ rest, in vLLM's three steps:
    tensor, sized for the whole layer, whose `weight_loader` checks each checkpoint part's shape and dtype (a
    ValueError, which the loading code turns into a LoadError naming the tensor) and copies it into place; the parts
    of a packed layer (q/k/v, gate/up) stack along their output dimension, as the dense weights do;
+   `checkpoint_tensors` declares the same tensors to the loaders' schema check (shape per checkpoint module, dtype
+   where only one is accepted). The dense weight's device is where they are created (`meta` when the model is built
+   without allocating); they are repacked wherever they were loaded;
 2. the checkpoint streams in through those loaders (`weavelm.layers.weights.load_checkpoint` finds them by name);
 3. `process_weights_after_loading`: `to_int4`, then `Int4Linear.prepare` picks the kernel for the device and dtype
    and the stored parameters are freed.
