@@ -150,10 +150,10 @@ HIDDEN_X_INTER_FP32 = 128 * 256 * 4
 
 
 def test_the_kernel_paths_agree_with_the_dequantized_weight():
-    """Int4Weight's three CPU paths (native blocks, blocks with an act-order gather, dequantize per call) against
-    x @ dequantize().T, with group 64 and one group (-1 -> K)."""
-    from weavelm.ops import native
-    from weavelm.ops.int4_kernels import Int4Linear, Int4Weight, int4_linear
+    """Int4Weight's CPU paths (native fp32 blocks, torch's bf16 int4 kernel, each also with an act-order gather)
+    against x @ dequantize().T, with group 64 and one group (-1 -> K); and the dequantize-per-call fallback with
+    a group no 32-element block fits."""
+    from weavelm.ops.int4_kernels import TORCH_INT4_OP, Int4Linear, Int4Weight, int4_linear
 
     g = torch.Generator().manual_seed(3)
     for k, group in ((256, 64), (96, 96)):
@@ -166,11 +166,20 @@ def test_the_kernel_paths_agree_with_the_dequantized_weight():
             ref = x @ w.dequantize().t()
             for dtype in (torch.float32, torch.bfloat16):
                 packed = Int4Linear.prepare(w, torch.device("cpu"), dtype)
-                assert packed.kernel == ("int4-native-blocks" if dtype == torch.float32 and native.available()
-                                         else "int4-dequant-per-call")
+                if dtype == torch.float32:
+                    assert packed.kernel == ("int4-native-blocks" if native.available() else "int4-dequant-per-call")
+                else:
+                    assert packed.kernel == ("int4-torch-bf16" if hasattr(torch.ops.aten, TORCH_INT4_OP)
+                                             else "int4-dequant-per-call")
                 y = int4_linear(packed, x.to(dtype), None).float()
                 tol = 1e-4 if dtype == torch.float32 else 0.05 * ref.abs().max().item()
                 torch.testing.assert_close(y, ref, rtol=0, atol=tol)
+    w = Int4Weight.from_codes(torch.randint(0, 16, (80, 16), generator=g), torch.rand(2, 16, generator=g),
+                              torch.full((2, 16), 8.0), 40)
+    packed = Int4Linear.prepare(w, torch.device("cpu"), torch.float32)
+    assert packed.kernel == "int4-dequant-per-call"
+    x = torch.randn(3, 80, generator=g)
+    torch.testing.assert_close(int4_linear(packed, x, None), x @ w.dequantize().t(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

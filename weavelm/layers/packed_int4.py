@@ -242,4 +242,5 @@ def how_int4_runs(device: str) -> str:
     """`QuantizationConfig.how_it_runs` of the int4 formats (shown by `weavelm plugins`)."""
     if device == "cuda":
         return "int4 weight-only: Triton int4 GEMM (fp16/bf16), cuBLAS on the dequantized weight from 256 rows"
-    return "int4 weight-only: native fp32 block kernels (group a multiple of 32), else dequantized per call"
+    return ("int4 weight-only: native fp32 block kernels or torch's bf16 int4 kernel (group a multiple of 32), "
+            "else dequantized per call")

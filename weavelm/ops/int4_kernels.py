@@ -17,8 +17,10 @@ Where it runs (`Int4Weight.mm` / `int4_linear`):
 - CPU, fp32 activations and the native kernels available, group_size a multiple of 32 (or one group, K % 32 == 0):
   repacked once into the native `BlockQ4Pack` (d = scale, m = -scale * zero per 32-element block; the same values up
   to fp32 rounding order), so `QuantizeMethodBase.native_pack` hands it to the native decoder stack too.
-- Anything else (bf16 on the CPU, other group sizes, no C compiler): the int4 codes stay resident and are dequantized
-  per call into x's dtype (correct everywhere, not fast).
+- CPU, bf16 activations, the same group sizes: torch's int4 pack and bf16 kernel (`quant_kernels.Int4Pack`, scales
+  and zeros rounded to bf16).
+- Anything else (other group sizes, no C compiler with fp32, fp32 on CUDA): the int4 codes stay resident and are
+  dequantized per call into x's dtype (correct everywhere, not fast).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from weavelm.ops import native
-from weavelm.ops.quant_kernels import GROUP, BlockQ4Pack
+from weavelm.ops.quant_kernels import GROUP, BlockQ4Pack, Int4Pack, packed_linear
 
 PACK = 8  # int4 values per int32
+TORCH_INT4_OP = "_weight_int4pack_mm_for_cpu"
 DENSE_MIN_ROWS = 256  # from here on a CUDA call dequantizes once and runs cuBLAS (vLLM's AWQ threshold)
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
@@ -106,6 +109,17 @@ class Int4Weight:
         m = np.repeat((-s * z).T, rep, axis=1)
         return BlockQ4Pack.from_codes(self.codes().t().cpu().numpy(), d, m)
 
+    def torch_pack(self) -> Int4Pack | None:
+        """The same values as torch's CPU int4 pack (bf16 kernel, 32-element groups: value = (q - 8) * scale + zero,
+        so zero = scale * (8 - zero point)), in the stored K order; None when the groups do not cover whole 32s."""
+        if self.group_size % GROUP or self.k % GROUP:
+            return None
+        rep = self.group_size // GROUP
+        s = self.scales.float().cpu().numpy()
+        z = self.zeros.float().cpu().numpy()
+        return Int4Pack.from_codes(self.codes().t().cpu().numpy(), np.repeat(s.T, rep, axis=1),
+                                   np.repeat((s * (8 - z)).T, rep, axis=1))
+
     def nbytes(self) -> int:
         extra = 0 if self.perm is None else self.perm.numel() * self.perm.element_size()
         return (self.qweight.numel() * 4 + self.scales.numel() * self.scales.element_size()
@@ -129,11 +143,11 @@ class Int4Weight:
 
 @dataclass
 class Int4Linear:
-    """What a layer holds after loading: its `Int4Weight` and, on the CPU, the native block pack built from it (then
-    the only copy kept: `weight` is None)."""
+    """What a layer holds after loading: its `Int4Weight`, or on the CPU a pack built from it (then the only copy
+    kept: `weight` is None): the native fp32 blocks, or torch's bf16 int4 pack."""
 
     weight: Int4Weight | None
-    blocks: BlockQ4Pack | None = None
+    blocks: BlockQ4Pack | Int4Pack | None = None
     perm: torch.Tensor | None = None
 
     @classmethod
@@ -143,16 +157,22 @@ class Int4Linear:
             blocks = weight.block_pack()
             if blocks is not None:
                 return cls(None, blocks, weight.perm)
+        if device.type == "cpu" and dtype == torch.bfloat16 and hasattr(torch.ops.aten, TORCH_INT4_OP):
+            pack = weight.torch_pack()
+            if pack is not None:
+                return cls(None, pack, weight.perm)
         return cls(weight.to(device, dtype))
 
     @property
     def kernel(self) -> str:
-        if self.blocks is not None:
+        if isinstance(self.blocks, BlockQ4Pack):
             return "int4-native-blocks"
+        if self.blocks is not None:
+            return "int4-torch-bf16"
         return "int4-triton" if self.weight.qweight.is_cuda else "int4-dequant-per-call"
 
     def native_pack(self) -> BlockQ4Pack | None:
-        return self.blocks if self.perm is None else None
+        return self.blocks if self.perm is None and isinstance(self.blocks, BlockQ4Pack) else None
 
     def nbytes(self) -> int:
         return self.blocks.nbytes() if self.blocks is not None else self.weight.nbytes()
@@ -165,7 +185,7 @@ def int4_linear(layer_pack: Int4Linear, x: torch.Tensor, bias: torch.Tensor | No
     if layer_pack.blocks is not None:
         if layer_pack.perm is not None:
             x2 = x2.index_select(1, layer_pack.perm)
-        y = layer_pack.blocks.mm(x2.contiguous(), bias)
+        y = packed_linear(layer_pack.blocks, x2.contiguous(), bias)
     else:
         y = layer_pack.weight.mm(x2)
         if bias is not None:
