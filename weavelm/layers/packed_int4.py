@@ -202,7 +202,8 @@ def config_field(quant: Mapping, key: str, fmt: str, types: type | tuple[type, .
         return default
     if not isinstance(value, types) or isinstance(value, bool) and bool not in (
             types if isinstance(types, tuple) else (types,)):
-        raise LoadError(f"quantization_config.{key}: {value!r} is not a {getattr(types, '__name__', types)}")
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise LoadError(f"quantization_config.{key}: {value!r} has the wrong type (expected {names})")
     if allowed and value not in allowed:
         raise LoadError(f"quantization_config.{key}: {value!r} is not supported by weavelm's {fmt} scheme; "
                         f"supported: {', '.join(map(repr, allowed))}")

@@ -45,7 +45,9 @@ def parse(quant: Mapping) -> GPTQSettings:
     bits = config_field(quant, "bits", "gptq", int)
     if bits != 4:
         raise LoadError(f"quantization_config.bits: {bits}-bit GPTQ is not supported; weavelm runs bits: 4")
-    fmt = config_field(quant, "checkpoint_format", "gptq", str, default="gptq", allowed=("gptq", "gptq_v2"))
+    fmt = config_field(quant, "checkpoint_format", "gptq", str, default="gptq", allowed=("gptq", "gptq_v2"),
+                       aliases=("format",))
+    config_field(quant, "pack_dtype", "gptq", str, default="int32", allowed=("int32",))
     if config_field(quant, "lm_head", "gptq", bool, default=False):
         raise LoadError("quantization_config.lm_head: a quantized LM head is not supported by weavelm's gptq scheme")
     if config_field(quant, "dynamic", "gptq", (dict, type(None)), default=None):
