@@ -19,6 +19,7 @@ from weavelm.core.quantization import QuantizationConfig, QuantizeMethodBase, Qu
 from weavelm.ops.quant_kernels import KERNEL_DTYPE, BlockQ8Pack, Int8Pack, LogitsPack, packed_linear
 
 GPU_DTYPES = (torch.float16, torch.bfloat16)
+ROWS_PER_PASS = 4096
 
 
 class Int8Options(BaseModel):
@@ -60,9 +61,15 @@ class Int8LinearMethod(QuantizeMethodBase):
 def quantize_on_device(w: torch.Tensor) -> Int8Pack:
     """`Int8Pack.quantize` computed where the weight lives (the same formula: scale = max |w| / 127 rounded to
     bf16, q = round(w / scale) clamped to +-127), without a round trip through host memory."""
-    scale = (w.detach().float().abs().amax(dim=1) / 127.0).clamp_min(1e-12).to(KERNEL_DTYPE)
-    q = torch.round(w.detach().float() / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return Int8Pack(q.contiguous(), scale)
+    w = w.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=KERNEL_DTYPE, device=w.device)
+    for start in range(0, w.shape[0], ROWS_PER_PASS):  # fp32 temporaries of a slab of rows, not of the matrix
+        rows = w[start:start + ROWS_PER_PASS].float()
+        s = (rows.abs().amax(dim=1) / 127.0).clamp_min(1e-12).to(KERNEL_DTYPE)
+        scale[start:start + ROWS_PER_PASS] = s
+        q[start:start + ROWS_PER_PASS] = torch.round(rows / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Pack(q, scale)
 
 
 def _gpu_linear(pack: Int8Pack | LogitsPack, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
