@@ -9,7 +9,8 @@ codes, and `dequantized` holds the exact float weights they stand for, which the
   scales (G, N) fp16, no zero offset.
 - compressed-tensors pack-quantized W4A16: written by the compressed-tensors library itself
   (`PackedQuantizationCompressor.compress` of the weight with our scales and zero points, its `QuantizationConfig`
-  for config.json).
+  for config.json); with `desc_act`, the `actorder: group` layout of earlier releases (`weight_g_idx`), packed by
+  the library's `pack_to_int32`.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def write_checkpoint(fmt: str, model, path: str, *, desc_act: bool = False, sym:
             tensors[base + ".qzeros"] = pack_along(zeros, 1, AWQ_ORDER)
             tensors[base + ".scales"] = scales
         else:
-            packed = _ct_compress(w, scales, zeros, sym)
+            packed = _ct_pack_actorder(codes, scales, zeros, g_idx, sym) if desc_act else \
+                _ct_compress(w, scales, zeros, sym)
             tensors.update({f"{base}.{k}": v for k, v in packed.items()})
             dense[name] = _ct_meaning(packed, scales, zeros, g_idx)
     hf = model.config.to_dict()
@@ -128,6 +130,8 @@ def write_checkpoint(fmt: str, model, path: str, *, desc_act: bool = False, sym:
                  "modules_to_not_convert": None}
     else:
         quant = ct_config(sym)
+        if desc_act:  # what earlier llm-compressor releases wrote for GPTQ with activation order (weight_g_idx)
+            quant["config_groups"]["group_0"]["weights"]["actorder"] = "group"
     _write(path, tensors, hf, quant)
     return dense
 
@@ -147,6 +151,19 @@ def _ct_compress(w, scales, zeros, sym):
     if sym:
         state.pop("weight_zero_point")
     return PackedQuantizationCompressor.compress(state, _scheme(sym))
+
+
+def _ct_pack_actorder(codes, scales, zeros, g_idx, sym):
+    """compressed-tensors' layout with `actorder: group` (scattered groups, `weight_g_idx`), packed by the library's
+    own `pack_to_int32` (its compressor no longer writes this scheme)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    n, k = codes.shape
+    out = {"weight_packed": pack_to_int32((codes - 8).to(torch.int8), 4), "weight_scale": scales.t().contiguous(),
+           "weight_shape": torch.tensor([n, k]), "weight_g_idx": g_idx.to(torch.int32)}
+    if not sym:
+        out["weight_zero_point"] = pack_to_int32((zeros.t() - 8).to(torch.int8).contiguous(), 4, packed_dim=0)
+    return out
 
 
 def _ct_meaning(packed, scales, zeros, g_idx):

@@ -50,7 +50,8 @@ MODULES = ("weavelm.plugins.quantization.gptq", "weavelm.plugins.quantization.aw
 PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 7, 1, 300, 12], [400, 2, 9]]
 STEPS = 6
 CASES = {"gptq": dict(fmt="gptq"), "gptq_desc_act_sym": dict(fmt="gptq", desc_act=True, sym=True),
-         "awq": dict(fmt="awq"), "ct_w4a16": dict(fmt="ct"), "ct_w4a16_sym": dict(fmt="ct", sym=True)}
+         "awq": dict(fmt="awq"), "ct_w4a16": dict(fmt="ct"), "ct_w4a16_sym": dict(fmt="ct", sym=True),
+         "ct_w4a16_actorder": dict(fmt="ct", desc_act=True)}
 
 
 def registry():

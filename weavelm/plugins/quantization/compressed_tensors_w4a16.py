@@ -15,6 +15,7 @@ w[n, k] = (q - zero_point) * scale. One config group targeting `Linear`, int wei
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -44,8 +45,9 @@ def parse(quant: Mapping) -> W4A16Settings:
     from compressed_tensors.quantization import QuantizationConfig as CTConfig
     from pydantic import ValidationError
 
+    quant, reordered = _without_group_actorder(quant)
     try:
-        cfg = CTConfig.model_validate(dict(quant))
+        cfg = CTConfig.model_validate(quant)
     except ValidationError as e:
         raise LoadError(f"quantization_config: not a valid compressed-tensors config: {e}") from e
     if len(cfg.config_groups) != 1:
@@ -68,9 +70,21 @@ def parse(quant: Mapping) -> W4A16Settings:
     if extra:
         raise LoadError(f"quantization_config.ignore: {extra!r}; weavelm's ct_w4a16 can leave only the LM head "
                         f"unquantized")
-    actorder = str(getattr(w.actorder, "value", w.actorder)) if w.actorder is not None else None
-    return W4A16Settings(w.group_size if strategy == "group" else -1, bool(w.symmetric),
-                         actorder in ("group", "dynamic"))
+    return W4A16Settings(w.group_size if strategy == "group" else -1, bool(w.symmetric), reordered)
+
+
+def _without_group_actorder(quant: Mapping) -> tuple[dict, bool]:
+    """The config with `actorder: group` (or its alias `dynamic`) taken out of every weights section, and whether
+    one was there. Checkpoints made by earlier llm-compressor releases store it (with `weight_g_idx`); the
+    compressed-tensors library now refuses to parse it, but the stored layout is still well defined."""
+    quant = copy.deepcopy(dict(quant))
+    found = False
+    for scheme in (quant.get("config_groups") or {}).values():
+        weights = scheme.get("weights") if isinstance(scheme, dict) else None
+        if isinstance(weights, dict) and weights.get("actorder") in ("group", "dynamic"):
+            weights["actorder"] = None
+            found = True
+    return quant, found
 
 
 class W4A16LinearMethod(PackedInt4Method):
