@@ -54,7 +54,8 @@ class StoredTensor:
 
 @dataclass(frozen=True)
 class DeclaredTensor:
-    """A stored tensor as the loaders' schema check expects it: whole shape, and dtype (None: any float)."""
+    """A stored tensor as the loaders' schema check expects it: whole shape, and dtype (None: several are accepted,
+    the weight loader checks which)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype | None = None
@@ -154,7 +155,7 @@ class PackedInt4Method(QuantizeMethodBase):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         parts, k = layer_parts(layer)
         tensors = {name: getattr(layer, name).data for name in self.stored()}
-        device = tensors["qweight" if "qweight" in tensors else "weight_packed"].device  # where they were loaded
+        device = next(iter(tensors.values())).device  # where they were loaded
         weight = self.to_int4(tensors, parts, k)
         for name in tensors:
             layer.register_parameter(name, None)
