@@ -145,7 +145,7 @@ def decode(args) -> dict:
         kinds = sorted({getattr(m.quant_method, "kind", "") for m in model.modules()
                         if getattr(m, "quant_method", None) is not None})
         wbytes = _weight_bytes(model)
-        for batch in (1, 64):
+        for batch in args.batches:
             prompts = [{"prompt_token_ids": list(range(1 + i, 129 + i))} for i in range(batch)]
 
             def timed(n: int) -> float:
@@ -180,6 +180,7 @@ def main() -> None:
     d.add_argument("--group-size", type=int, default=GROUP)
     d.add_argument("--device", default="cuda")
     d.add_argument("--dtype", default="bfloat16")
+    d.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     for p in (k, d):
         p.add_argument("--out", default=None)
     args = ap.parse_args()
