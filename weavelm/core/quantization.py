@@ -331,7 +331,9 @@ def summary(model: torch.nn.Module) -> QuantSummary:
             total += t.numel() * t.element_size()
     for module in model.modules():  # packs a method keeps outside parameters (int8 / gguf `qpack`)
         pack = getattr(module, "qpack", None)
-        if pack is not None:
+        if pack is not None and callable(getattr(pack, "nbytes", None)):
+            total += pack.nbytes()
+        elif pack is not None:
             tensors = [v for v in getattr(pack, "__dict__", {}).values() if isinstance(v, torch.Tensor)]
             total += sum(t.numel() * t.element_size() for t in tensors)
     return QuantSummary(methods, total)

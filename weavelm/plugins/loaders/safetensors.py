@@ -112,6 +112,7 @@ def lazy_tensors(file: str) -> Iterator[tuple[str, LazyTensor]]:
 
         yield name, LazyTensor(info["shape"], DTYPES[info["dtype"]], read)
 
+PACKED_INT4 = (".qweight", ".qzeros", ".weight_packed", ".weight_zero_point")  # int32 words of eight int4 values
 
 class SafetensorsLoader(FileLoader):
     name = "safetensors"
@@ -130,10 +131,11 @@ class SafetensorsLoader(FileLoader):
 
     def checkpoint_num_elements(self, path: str) -> int | None:
         """Elements (product of the logical shape) summed over the checkpoint's tensors at `path`, read from
-        the file headers without loading tensor data; rotary `inv_freq` buffers are not counted."""
+        the file headers without loading tensor data; rotary `inv_freq` buffers are not counted, and int4 words
+        packed eight to an int32 (GPTQ / AWQ / compressed-tensors) count as eight."""
         files = weight_files(path, single=("model.safetensors",), index=INDEX, suffixes=(".safetensors",),
                              fmt="safetensors")
-        return sum(math.prod(info["shape"]) for file in files
+        return sum(math.prod(info["shape"]) * (8 if name.endswith(PACKED_INT4) else 1) for file in files
                    for name, info in read_header(file)[1].items() if not name.endswith(IGNORED_SUFFIXES))
 
     def iter_sourced(self, path: str) -> Iterator[WeightRecord]:
