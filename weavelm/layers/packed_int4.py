@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from weavelm.core.model_files import materialize
-from weavelm.core.quantization import QuantizeMethodBase
+from weavelm.core.quantization import CheckpointTensor, QuantizeMethodBase
 from weavelm.errors import LoadError
 from weavelm.ops.int4_kernels import Int4Linear, Int4Weight, int4_linear
 
@@ -52,13 +52,7 @@ class StoredTensor:
     out_div: int = 1
 
 
-@dataclass(frozen=True)
-class DeclaredTensor:
-    """A stored tensor as the loaders' schema check expects it: whole shape, and dtype (None: several are accepted,
-    the weight loader checks which)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype | None = None
+DeclaredTensor = CheckpointTensor  # the stored tensors as the loaders' schema check expects them
 
 
 def layer_parts(layer: nn.Module) -> tuple[list[int], int]:
@@ -73,7 +67,6 @@ class PackedInt4Method(QuantizeMethodBase):
     """One int4 layer of a format; subclasses set `fmt` and `stored` and implement `to_int4`."""
 
     fmt: str = "int4"
-    checks_own_tensors = True  # the loaders' dense-schema check steps aside: these loaders check each tensor
 
     def __init__(self, group_size: int, prefix: str = ""):
         self.group_size = group_size  # -1: one group over all input features
