@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from weavelm.ops.kv_quant import fp8_max, is_fp8
+
+FP8_MANTISSA_BITS = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}
+
+
+@triton.jit
+def _round_to_fp8_grid(x, MANT_DROP: tl.constexpr, MIN_NORMAL: tl.constexpr, SUBNORMAL_MAGIC: tl.constexpr):
+    """x (fp32, saturated) rounded to nearest-even onto fp8's grid, so the fp8 conversion after it is exact: normal
+    values in integer bits at fp8's mantissa width (the carry reaches the exponent), subnormal ones by adding and
+    subtracting a magic number whose fp32 ulp is fp8's subnormal step. Only under the CPU interpreter, whose
+    fp32 -> fp8 rounding loses that carry and truncates subnormals (1.97 becomes 1.0 in e4m3, triton 3.9); on the
+    GPU the hardware conversion rounds."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + ((1 << (MANT_DROP - 1)) - 1) + ((bits >> MANT_DROP) & 1)) & ~((1 << MANT_DROP) - 1)
+    tiny = (x + SUBNORMAL_MAGIC) - SUBNORMAL_MAGIC
+    return tl.where(tl.abs(x) < MIN_NORMAL, tiny, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit(do_not_specialize=["num_reqs"])
@@ -15,6 +32,7 @@ def _reshape_and_cache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch, stride_ot,
     BLOCK_SIZE: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
     OUT_COLS: tl.constexpr, BLOCK_O: tl.constexpr, ZERO_PADDED: tl.constexpr, FP8_MAX: tl.constexpr,
+    FP8_MANT_DROP: tl.constexpr, FP8_MIN_NORMAL: tl.constexpr, FP8_MAGIC: tl.constexpr,
 ):
     """Grid (num_tokens, num_kv_heads). Writes K/V of token t at slot_mapping[t] (skipped when < 0); an fp8 cache
     (FP8_MAX > 0) gets `k * k_inv_scale` saturated to +-FP8_MAX. With ZERO_PADDED also zeroes this head group's
@@ -31,6 +49,9 @@ def _reshape_and_cache_kernel(
         if FP8_MAX > 0:
             key = tl.clamp(key.to(tl.float32) * k_inv_scale, -FP8_MAX, FP8_MAX)
             val = tl.clamp(val.to(tl.float32) * v_inv_scale, -FP8_MAX, FP8_MAX)
+            if FP8_MANT_DROP > 0:
+                key = _round_to_fp8_grid(key, FP8_MANT_DROP, FP8_MIN_NORMAL, FP8_MAGIC)
+                val = _round_to_fp8_grid(val, FP8_MANT_DROP, FP8_MIN_NORMAL, FP8_MAGIC)
         tl.store(k_cache_ptr + dst, key.to(k_cache_ptr.dtype.element_ty), mask=dm)
         tl.store(v_cache_ptr + dst, val.to(v_cache_ptr.dtype.element_ty), mask=dm)
     if ZERO_PADDED:
@@ -38,6 +59,16 @@ def _reshape_and_cache_kernel(
             o = tl.arange(0, BLOCK_O)
             zeros = tl.zeros([BLOCK_O], dtype=out_ptr.dtype.element_ty)
             tl.store(out_ptr + t * stride_ot + h * OUT_COLS + o, zeros, mask=o < OUT_COLS)
+
+
+def _interpreter_rounding(dtype: torch.dtype) -> dict:
+    """The `_round_to_fp8_grid` constants for an fp8 `dtype` under the CPU interpreter (FP8_MANT_DROP 0: off)."""
+    if not is_fp8(dtype) or os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+        return dict(FP8_MANT_DROP=0, FP8_MIN_NORMAL=0.0, FP8_MAGIC=0.0)
+    mantissa = FP8_MANTISSA_BITS[dtype]
+    min_normal = float(torch.finfo(dtype).tiny)
+    return dict(FP8_MANT_DROP=23 - mantissa, FP8_MIN_NORMAL=min_normal,
+                FP8_MAGIC=1.5 * min_normal * 2.0 ** (23 - mantissa))
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -65,5 +96,6 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0) if zero else 0,
         BLOCK_SIZE=k_cache.shape[1], HEAD=head, BLOCK_D=triton.next_power_of_2(head),
         OUT_COLS=out_cols, BLOCK_O=triton.next_power_of_2(out_cols), ZERO_PADDED=zero,
-        FP8_MAX=fp8_max(k_cache.dtype) if is_fp8(k_cache.dtype) else 0.0, num_warps=1,
+        FP8_MAX=fp8_max(k_cache.dtype) if is_fp8(k_cache.dtype) else 0.0,
+        **_interpreter_rounding(k_cache.dtype), num_warps=1,
     )
