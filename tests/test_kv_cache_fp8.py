@@ -124,18 +124,20 @@ def _fp8_cache(cache: torch.Tensor, k_scale: float, v_scale: float, dtype: torch
     return torch.stack([quantize_kv(cache[0], k_scale, dtype), quantize_kv(cache[1], v_scale, dtype)])
 
 
-@pytest.mark.parametrize("fp8", sorted(FP8))
-@pytest.mark.parametrize("name", ["torch_ref", "cpu", "triton"])
-def test_backend_attends_over_the_dequantized_cache(name, fp8):
+@pytest.mark.parametrize("fp8,name,splits", [(f, n, 0) for f in sorted(FP8) for n in ("torch_ref", "cpu", "triton")]
+                         + [("e4m3", "triton", 4)])
+def test_backend_attends_over_the_dequantized_cache(name, fp8, splits):
     """A mixed batch (prefill chunks, one on a cached prefix, and decodes), k_scale 0.05, v_scale 0.02: the new K/V land
-    byte-exact as torch's `quantize_kv`, and the output equals the reference on the dequantized cache (fp32)."""
+    byte-exact as torch's `quantize_kv`, and the output equals the reference on the dequantized cache (fp32).
+    `splits` 4: a decode-only batch through Triton's split-KV path (its partials carry v_scale)."""
     dtype, heads, kv_heads, head = FP8[fp8], 4, 2, 32
     cls = component("attention", name)
     spec = AttentionSpec(DEVICE, torch.float32, head, heads, kv_heads, 16, kv_cache_dtype=dtype)
+    lens = SMALL if not splits else ([1, 1, 1], [40, 70, 5])
     with triton_interpreter_without_cuda((KERNELS,)):
         assert cls.reasons(spec) == []
-        backend = cls(cls.Options())
-        b = make_batch(*SMALL, num_heads=heads, num_kv_heads=kv_heads, head_size=head, block_size=16,
+        backend = cls(cls.Options(num_splits=splits) if splits else cls.Options())
+        b = make_batch(*lens, num_heads=heads, num_kv_heads=kv_heads, head_size=head, block_size=16,
                        device=DEVICE, pad_tokens=2 if name == "triton" else 0, seed=len(fp8))
         k_scale, v_scale = 0.05, 0.02
         cache = _fp8_cache(b.kv_cache, k_scale, v_scale, dtype)
@@ -224,3 +226,59 @@ def test_default_model_fp8_kv_agrees_with_the_fp32_cache(one_torch_thread):
     assert runs["fp8"][0].get_stats().kv_cache_dtype == "float8_e4m3fn"
     for llm, _ in runs.values():
         llm.shutdown()
+
+
+# -- on the GPU (the lead runs these: pytest -m gpu tests/test_kv_cache_fp8.py) --------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", sorted(FP8))
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_triton_fp8_kv_bf16_on_gpu(fp8, num_splits):
+    """bf16 queries over an fp8 cache on CUDA (the hardware fp8 conversion, no interpreter rounding): the write is
+    byte-exact with torch's `quantize_kv`, the output within bf16 tolerance (1e-2) of the fp32 reference on the
+    dequantized cache; `num_splits` 4 takes the split-KV decode path (its partials carry v_scale)."""
+    from weavelm.testing.attention import LONG, MIXED, TOL
+
+    dtype, heads, kv_heads, head = FP8[fp8], 16, 4, 128
+    backend_cls = component("attention", "triton")
+    spec = AttentionSpec("cuda", torch.bfloat16, head, heads, kv_heads, 16, kv_cache_dtype=dtype)
+    assert backend_cls.reasons(spec) == []
+    backend = backend_cls(backend_cls.Options(num_splits=num_splits))
+    lens = MIXED if num_splits == 1 else ([1] * len(LONG[1]), LONG[1])
+    b = make_batch(*lens, num_heads=heads, num_kv_heads=kv_heads, head_size=head, block_size=16,
+                   dtype=torch.bfloat16, device="cuda", pad_tokens=3, seed=num_splits)
+    k_scale, v_scale = 0.03, 0.01
+    cache = _fp8_cache(b.kv_cache, k_scale, v_scale, dtype)
+    impl = make_layer_impl(backend, heads, kv_heads, head, None)
+    impl.k_scale, impl.v_scale = k_scale, v_scale
+    out = impl.forward(b.q, b.k, b.v, cache, backend.make_builder(torch.device("cuda")).build(b.meta))
+    n = b.meta.num_actual_tokens
+    want = _fp8_cache(b.kv_cache, k_scale, v_scale, dtype)
+    write_kv_cache(b.k[:n].view(n, kv_heads, head), b.v[:n].view(n, kv_heads, head), want, b.meta.slot_mapping[:n],
+                   k_scale, v_scale)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+    dense = torch.stack([dequantize_kv(cache[0], k_scale, torch.float32),
+                         dequantize_kv(cache[1], v_scale, torch.float32)])
+    ref = paged_attention_ref(b.q[:n].float().view(n, heads, head), dense, b.meta, b.scale).reshape(n, -1)
+    assert rel_err(out[:n], ref) <= TOL[torch.bfloat16]
+    assert (out[n:] == 0).all()
+
+
+@pytest.mark.gpu
+def test_engine_on_gpu_doubles_blocks_and_auto_skips_flash_attn(tiny_llama):
+    """bf16 engine on CUDA: fp8 KV halves the block bytes and (same gpu_memory_utilization) doubles the pool within
+    1%; `attention: auto` passes over flash_attn (it refuses fp8) to triton."""
+    stats, backends = {}, {}
+    for kv in ("auto", "fp8"):
+        llm = LLM(model=tiny_llama, device="cuda", dtype="bfloat16", kv_cache_dtype=kv,
+                  cache={"gpu_memory_utilization": 0.5})
+        out = llm.generate([{"prompt_token_ids": list(range(3, 40))}],
+                           SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 8
+        stats[kv], backends[kv] = llm.get_stats(), llm.engine.client.model_info["attention"]
+        llm.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    assert stats["auto"].kv_block_bytes == 2 * stats["fp8"].kv_block_bytes
+    assert abs(stats["fp8"].num_total_blocks / stats["auto"].num_total_blocks - 2) < 0.02
+    assert backends["fp8"] == "triton" and stats["fp8"].kv_cache_dtype == "float8_e4m3fn"

@@ -33,11 +33,12 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """`x / scale` saturated to `dtype`'s range and rounded to `dtype` (fp8); any other dtype is a plain cast."""
+    """`x / scale` (in fp32, as `x * (1 / scale)`) saturated to `dtype`'s range and rounded to nearest-even in
+    `dtype` (fp8); any other dtype is a plain cast."""
     if not is_fp8(dtype):
         return x.to(dtype)
     limit = fp8_max(dtype)
-    return (x.float() / scale).clamp_(-limit, limit).to(dtype)
+    return (x.float() * (1.0 / scale)).clamp_(-limit, limit).to(dtype)  # as the Triton write: times the inverse
 
 
 def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
