@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 
 import pytest
 import torch
@@ -267,17 +268,18 @@ def test_triton_fp8_kv_bf16_on_gpu(fp8, num_splits):
 @pytest.mark.gpu
 def test_engine_on_gpu_doubles_blocks_and_auto_skips_flash_attn(tiny_llama):
     """bf16 engine on CUDA: fp8 KV halves the block bytes and (same gpu_memory_utilization) doubles the pool within
-    1%; `attention: auto` passes over flash_attn (it refuses fp8) to triton."""
+    2% (the profiled peak differs a little); `attention: auto` passes over flash_attn (it refuses fp8) to triton."""
     stats, backends = {}, {}
     for kv in ("auto", "fp8"):
         llm = LLM(model=tiny_llama, device="cuda", dtype="bfloat16", kv_cache_dtype=kv,
-                  cache={"gpu_memory_utilization": 0.5})
+                  cache={"gpu_memory_utilization": 0.02})  # ~1.6 GB: the block pool stays under a million
         out = llm.generate([{"prompt_token_ids": list(range(3, 40))}],
                            SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 8
         stats[kv], backends[kv] = llm.get_stats(), llm.engine.client.model_info["attention"]
         llm.shutdown()
-        del llm
+        del llm, out
+        gc.collect()
         torch.cuda.empty_cache()
     assert stats["auto"].kv_block_bytes == 2 * stats["fp8"].kv_block_bytes
     assert abs(stats["fp8"].num_total_blocks / stats["auto"].num_total_blocks - 2) < 0.02

@@ -35,9 +35,10 @@ class AttentionImpl(ABC):
       attention is exactly weavelm's native `wl_paged_attention` over the default cache layout, so a model may run
       its whole decoder stack in one native call for that step (weavelm/plugins/models/native_stack.py).
 
-    `k_scale` / `v_scale`: the layer's fp8 KV-cache scales (vLLM's `k_scale` / `v_scale`, default 1.0, set by the
-    runner before the first forward). When `kv_cache` is fp8 (`AttentionSpec.kv_cache_dtype`), `forward` stores
-    `k / k_scale` saturated to the fp8 range and reads `fp8 * k_scale` (`weavelm.ops.kv_quant`); values likewise.
+    `k_scale` / `v_scale`: the layer's fp8 KV-cache scales (vLLM's `k_scale` / `v_scale`; default 1.0, which the
+    engine keeps: per-layer checkpoint scales are not read yet; whoever builds the impl may set them before its
+    first forward). When `kv_cache` is fp8 (`AttentionSpec.kv_cache_dtype`), `forward` stores `k / k_scale`
+    saturated to the fp8 range and reads `fp8 * k_scale` (`weavelm.ops.kv_quant`); values likewise.
     """
 
     accepts_strided_qkv = False

@@ -58,7 +58,8 @@ class CacheConfig(BaseModel):
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
         "auto", description="KV cache storage (vLLM's names): auto = the model's dtype; fp8 / fp8_e4m3 = "
         "float8_e4m3fn, fp8_e5m2 = float8_e5m2, one byte per element (twice the blocks of bf16 in the same memory), "
-        "keys and values stored divided by the layer's k_scale / v_scale (1.0 unless the checkpoint has them).")
+        "keys and values stored divided by the layer's k_scale / v_scale (1.0: per-layer checkpoint scales are not "
+        "read yet).")
 
     @model_validator(mode="after")
     def _holds_a_request(self) -> CacheConfig:

@@ -46,8 +46,8 @@ DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "enable_multimodal_encoder_data_parallel": ((False,), _NO_MM),
     "logits_processors": ((None,), "per-engine logits processors are not supported; use logit_bias, bad_words "
                                    "or structured outputs"),
-    "calculate_kv_scales": ((False,), "an fp8 KV cache uses the checkpoint's k_scale / v_scale (default 1.0); "
-                                      "weavelm does not compute scales from the first batch"),
+    "calculate_kv_scales": ((False,), "an fp8 KV cache keeps k_scale / v_scale at 1.0; weavelm does not compute "
+                                      "scales from the first batch"),
     "max_logprobs": ((20,), "weavelm's limit is 20 logprobs per token"),
     "logprobs_mode": (("raw_logprobs",), "weavelm returns the model's raw log-probabilities"),
     "data_parallel_size": ((1,), "weavelm runs one engine per process; start one server per replica"),

@@ -1,6 +1,7 @@
 """The KV cache's storage dtype (`cache.kv_cache_dtype`, vLLM's names) and the fp8 quantize / dequantize that every
 attention backend keeping an fp8 cache shares: a key is stored as `saturate(k / k_scale)` in fp8 and read back as
-`fp8 * k_scale` (values likewise with `v_scale`), the per-layer scales defaulting to 1.0 as in vLLM.
+`fp8 * k_scale` (values likewise with `v_scale`), the per-layer scales defaulting to 1.0 as in vLLM (the engine does
+not read checkpoint scales yet, so it always runs at 1.0).
 """
 
 from __future__ import annotations
