@@ -13,6 +13,7 @@ the CPU engine's default (fp32 KV vs fp8 KV). Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -72,6 +73,13 @@ def run(kv_cache_dtype: str, args, prompts: list[dict] | None = None,
     stats = llm.get_stats()
     tokens = [o.outputs[0].token_ids for o in outs]
     forced = top1_given(llm, prompts, reference or tokens)
+    llm.shutdown()  # the next engine sizes its pool from the same free memory
+    del llm, outs
+    gc.collect()
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
     return {"kv_cache_dtype": kv_cache_dtype, "tokens": tokens, "teacher_forced": forced,
             "kv_storage": stats.kv_cache_dtype, "num_total_blocks": stats.num_total_blocks,
             "kv_block_bytes": stats.kv_block_bytes, "seconds": seconds, "prompts": prompts}
