@@ -92,10 +92,10 @@ def pool_stats(tiny_llama):
     return out
 
 
-def test_fp8_quarters_fp32_blocks_and_halves_bf16_blocks(pool_stats, tiny_llama):
-    """Same 0.01 GiB: fp32 KV 4 bytes/element, bf16 2, fp8 1 (whatever the model's dtype). The tiny llama's block: 2 layers x K,V x 16 tokens x
-    2 kv heads x 16 dims = 2048 elements. Blocks are floor(budget / block bytes), so fp8 holds 4x (2x) the fp32
-    (bf16) blocks up to the rounding of that floor."""
+def test_fp8_quarters_fp32_blocks_and_halves_bf16_blocks(pool_stats):
+    """Same 0.01 GiB: fp32 KV 4 bytes/element, bf16 2, fp8 1 (whatever the model's dtype). The tiny llama's block:
+    2 layers x K,V x 16 tokens x 2 kv heads x 16 dims = 2048 elements. Blocks are floor(budget / block bytes), so
+    fp8 holds 4x (2x) the fp32 (bf16) blocks up to the rounding of that floor."""
     budget = int(KV_GIB * GIB)
     f32, f8 = pool_stats["float32", "auto"][0], pool_stats["float32", "fp8"][0]
     b16 = pool_stats["bfloat16", "auto"][0]
