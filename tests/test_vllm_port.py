@@ -47,7 +47,7 @@ VLLM_ENGINE_UNSUPPORTED = {
     "allowed_local_media_path": "/data", "allowed_media_domains": ["x.org"], "quantization": "awq",
     "revision": "main", "tokenizer_revision": "main", "cpu_offload_gb": 4, "max_seq_len_to_capture": 1024,
     "disable_async_output_proc": True, "hf_token": "t", "hf_overrides": {"a": 1}, "mm_processor_kwargs": {"a": 1},
-    "compilation_config": 3, "kv_cache_memory_bytes": 1 << 30, "logits_processors": ["p"], "kv_cache_dtype": "fp8",
+    "compilation_config": 3, "kv_cache_memory_bytes": 1 << 30, "logits_processors": ["p"], "kv_cache_dtype": "fp8_inc",
     "max_logprobs": 5, "load_format": "bitsandbytes", "download_dir": "/d", "data_parallel_size": 2,
     "lora_dtype": "float16", "fully_sharded_loras": True,
     "scheduling_policy": "lottery", "generation_config": "vllm", "override_generation_config": {"a": 1},

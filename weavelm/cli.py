@@ -26,6 +26,9 @@ VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "max_model_len": {"type": int, "help": "context limit (default: the model's)"},
     "block_size": {"type": int, "help": "cache.block_size"},
     "num_gpu_blocks_override": {"type": int, "help": "cache.num_blocks"},
+    "kv_cache_dtype": {"choices": ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+                       "help": "cache.kv_cache_dtype: auto (the model's dtype) or fp8 (e4m3; e5m2), twice the KV "
+                               "blocks of bf16 in the same memory"},
     "enable_prefix_caching": {"action": argparse.BooleanOptionalAction, "help": "cache.enable_prefix_caching"},
     "enable_chunked_prefill": {"action": argparse.BooleanOptionalAction,
                                "help": "scheduler.enable_chunked_prefill"},

@@ -291,7 +291,7 @@ class AsyncLLM:
     async def get_stats(self) -> EngineStats:
         """The engine's stats, taken by the core between steps."""
         self.check_health()
-        return engine_stats(await self.client.call_utility_async("get_stats"))
+        return engine_stats(await self.client.call_utility_async("get_stats"), self.client.model_info)
 
     async def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                              ranks: list[int] | None = None) -> list[Any]:

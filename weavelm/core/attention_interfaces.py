@@ -34,10 +34,17 @@ class AttentionImpl(ABC):
     - `native_paged_attention`: when a step's metadata has `common` set (a `CommonAttentionMetadata`), this impl's
       attention is exactly weavelm's native `wl_paged_attention` over the default cache layout, so a model may run
       its whole decoder stack in one native call for that step (weavelm/plugins/models/native_stack.py).
+
+    `k_scale` / `v_scale`: the layer's fp8 KV-cache scales (vLLM's `k_scale` / `v_scale`; default 1.0, which the
+    engine keeps: per-layer checkpoint scales are not read yet; whoever builds the impl may set them before its
+    first forward). When `kv_cache` is fp8 (`AttentionSpec.kv_cache_dtype`), `forward` stores `k / k_scale`
+    saturated to the fp8 range and reads `fp8 * k_scale` (`weavelm.ops.kv_quant`); values likewise.
     """
 
     accepts_strided_qkv = False
     native_paged_attention = False
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
                  sliding_window: int | None = None):
@@ -72,6 +79,9 @@ class AttentionBackend(Component, ABC):
 
     graph_safe: ClassVar[bool] = False
     priority: ClassVar[int] = 0
+    # whether `check` looks at `spec.kv_cache_dtype` (accepting an fp8 cache or giving a reason); a backend that
+    # does not is refused every cache dtype but the model's (see `reasons`)
+    checks_kv_cache_dtype: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel):
         self.options = options
@@ -91,8 +101,12 @@ class AttentionBackend(Component, ABC):
     def reasons(cls, spec: AttentionSpec, for_auto: bool = False) -> list[str]:
         """What the engine goes by (not meant to be overridden): `check` (or `auto_check` for `auto`), plus a
         refusal of a windowed model when `make_impl` takes no `sliding_window`, so a backend written before windows
-        existed is never silently used for one."""
+        existed is never silently used for one, and of a KV cache dtype other than the model's when the backend
+        does not `checks_kv_cache_dtype`."""
         reasons = list(cls.auto_check(spec) if for_auto else cls.check(spec))
+        kv_dtype = getattr(spec, "kv_cache_dtype", None)
+        if kv_dtype is not None and kv_dtype != spec.dtype and not cls.checks_kv_cache_dtype:
+            reasons.append(f"kv_cache_dtype {kv_dtype}: this backend keeps the KV cache in the model's dtype only")
         if spec.sliding_window is not None and \
                 "sliding_window" not in inspect.signature(cls.make_impl).parameters:
             reasons.append(f"sliding_window {spec.sliding_window}: its make_impl takes no sliding_window")

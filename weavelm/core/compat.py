@@ -27,6 +27,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "block_size": ("cache", "block_size"),
     "enable_prefix_caching": ("cache", "enable_prefix_caching"),
     "num_gpu_blocks_override": ("cache", "num_blocks"),
+    "kv_cache_dtype": ("cache", "kv_cache_dtype"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "enable_chunked_prefill": ("scheduler", "enable_chunked_prefill"),

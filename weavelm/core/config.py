@@ -55,6 +55,11 @@ class CacheConfig(BaseModel):
     cpu_kv_cache_gib: float = Field(1.0, gt=0, le=MAX_CPU_KV_CACHE_GIB, allow_inf_nan=False,
                                     description="KV cache size on CPU, in GiB (a finite number).")
     enable_prefix_caching: bool = Field(True, description="Share KV blocks of identical prompt prefixes.")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        "auto", description="KV cache storage (vLLM's names): auto = the model's dtype; fp8 / fp8_e4m3 = "
+        "float8_e4m3fn, fp8_e5m2 = float8_e5m2, one byte per element (twice the blocks of bf16 in the same memory), "
+        "keys and values stored divided by the layer's k_scale / v_scale (1.0: per-layer checkpoint scales are not "
+        "read yet).")
 
     @model_validator(mode="after")
     def _holds_a_request(self) -> CacheConfig:

@@ -16,6 +16,10 @@ class AttentionSpec:
     keys (a query at position p sees keys p - sliding_window + 1 .. p, as transformers' and flash-attn's
     `window_size=(sliding_window - 1, 0)`); None when every layer sees its whole context. A backend that cannot
     apply a per-layer window returns a reason from `check` when it is set; the engine then never uses it.
+
+    `kv_cache_dtype`: the dtype the KV cache is allocated in when it differs from `dtype` (`cache.kv_cache_dtype`:
+    `torch.float8_e4m3fn` or `torch.float8_e5m2`); None: the model's dtype. A backend whose `check` does not
+    accept it is refused (`AttentionBackend.checks_kv_cache_dtype`).
     """
 
     device: str  # "cpu" | "cuda"
@@ -25,6 +29,7 @@ class AttentionSpec:
     num_kv_heads: int
     block_size: int
     sliding_window: int | None = None
+    kv_cache_dtype: torch.dtype | None = None
 
 
 def smallest_window(windows: list[int | None]) -> int | None:

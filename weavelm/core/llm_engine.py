@@ -38,6 +38,10 @@ class EngineStats:
     spec_acceptance_rate: float = 0.0  # accepted / verified drafts
     spec_mean_accepted_length: float = 0.0  # tokens emitted per verifying request-step (accepted drafts + 1)
     spec_proposer_time_s: float = 0.0  # wall time the proposer took
+    # the KV pool's storage (`cache.kv_cache_dtype`): fp8 halves kv_block_bytes against bf16, so the same memory
+    # holds twice num_total_blocks
+    kv_cache_dtype: str = ""  # the torch dtype the cache is allocated in ("float8_e4m3fn", "bfloat16", ...)
+    kv_block_bytes: int = 0  # bytes of one KV block over all layers, on one worker (a draft model's cache is extra)
 
 
 class LLMEngine:
@@ -145,7 +149,7 @@ class LLMEngine:
         """Current load of the core (pending aborts applied first)."""
         with self._lock:
             self._apply_aborts()
-            return engine_stats(self.client.get_stats())
+            return engine_stats(self.client.get_stats(), self.client.model_info)
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:
@@ -203,11 +207,15 @@ class LLMEngine:
         self.client.shutdown()
 
 
-def engine_stats(s: Any) -> EngineStats:
-    """EngineStats from the core's SchedulerStats."""
+def engine_stats(s: Any, model_info: dict[str, Any] | None = None) -> EngineStats:
+    """EngineStats from the core's SchedulerStats and the workers' `model_info` (the KV cache's dtype and block
+    bytes)."""
+    model_info = model_info or {}
     return EngineStats(s.num_running, s.num_waiting, s.num_used_blocks, s.num_total_blocks, s.kv_usage,
                        s.prefix_hit_rate, s.num_active_loras, spec_num_draft_tokens=s.spec_num_draft_tokens,
                        spec_num_accepted_tokens=s.spec_num_accepted_tokens,
                        spec_acceptance_rate=s.spec_acceptance_rate,
                        spec_mean_accepted_length=s.spec_mean_accepted_length,
-                       spec_proposer_time_s=s.spec_proposer_time_s)
+                       spec_proposer_time_s=s.spec_proposer_time_s,
+                       kv_cache_dtype=str(model_info.get("kv_cache_dtype", "")),
+                       kv_block_bytes=int(model_info.get("kv_block_bytes", 0)))

@@ -46,8 +46,8 @@ DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "enable_multimodal_encoder_data_parallel": ((False,), _NO_MM),
     "logits_processors": ((None,), "per-engine logits processors are not supported; use logit_bias, bad_words "
                                    "or structured outputs"),
-    "kv_cache_dtype": (("auto",), "weavelm stores the KV cache in the model's dtype"),
-    "calculate_kv_scales": ((False,), "weavelm stores the KV cache in the model's dtype"),
+    "calculate_kv_scales": ((False,), "an fp8 KV cache keeps k_scale / v_scale at 1.0; weavelm does not compute "
+                                      "scales from the first batch"),
     "max_logprobs": ((20,), "weavelm's limit is 20 logprobs per token"),
     "logprobs_mode": (("raw_logprobs",), "weavelm returns the model's raw log-probabilities"),
     "data_parallel_size": ((1,), "weavelm runs one engine per process; start one server per replica"),
@@ -86,9 +86,28 @@ DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
+_KV_DTYPES = "auto, fp8, fp8_e4m3 or fp8_e5m2"
+# vLLM arguments weavelm implements for some of vLLM's values (mapped by weavelm.core.compat): name -> {vLLM value
+# weavelm does not implement: why}
+UNSUPPORTED_VALUES: dict[str, dict[Any, str]] = {
+    "kv_cache_dtype": {
+        "bfloat16": f"weavelm keeps the KV cache in the model's dtype (auto) or in fp8; use {_KV_DTYPES}, or "
+                    f"dtype='bfloat16' for a bf16 model and cache",
+        "fp8_inc": f"Intel Neural Compressor's fp8 (Gaudi) is not implemented; use {_KV_DTYPES}",
+        "fp8_ds_mla": f"DeepSeek MLA's fp8 cache layout is not implemented; use {_KV_DTYPES}",
+    },
+}
+
+
 def take_default_only(raw: dict[str, Any], errors: list[tuple[str, str]]) -> None:
     """Pop every `DEFAULT_ONLY` argument from `raw`; one at a value other than its accepted ones adds an error
-    saying it is unsupported and why."""
+    saying it is unsupported and why. An `UNSUPPORTED_VALUES` argument at one of its refused values is popped
+    with an error too (its other values stay in `raw` for their alias)."""
+    for name, refused in UNSUPPORTED_VALUES.items():
+        value = raw.get(name)
+        if isinstance(value, str) and value in refused:
+            raw.pop(name)
+            errors.append((name, f"{echo(value)} is unsupported: {refused[value]}"))
     for name, (accepted, why) in DEFAULT_ONLY.items():
         if name not in raw:
             continue
@@ -114,7 +133,7 @@ CLI_TYPES: dict[str, Any] = {
     "max_num_batched_tokens": _INT, "enable_chunked_prefill": _BOOL, "long_prefill_token_threshold": _INT,
     "enable_lora": _BOOL, "max_loras": _INT, "max_lora_rank": _INT, "max_cpu_loras": _INT,
     "speculative_config": _JSON, "load_format": _STR, "scheduling_policy": _STR, "quantization": _STR,
-    "swap_space": _FLOAT, "disable_log_stats": _BOOL,
+    "swap_space": _FLOAT, "disable_log_stats": _BOOL, "kv_cache_dtype": _STR,
     **{name: (_BOOL if isinstance(a[0], bool) else _JSON if a[0] is None or isinstance(a[0], dict)
               else type(a[0])) for name, (a, _) in DEFAULT_ONLY.items()},
 }

@@ -10,12 +10,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from weavelm.ops.kv_quant import dequantize_kv
+
 if TYPE_CHECKING:
     from weavelm.core.forward import CommonAttentionMetadata
 
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: CommonAttentionMetadata,
-                        scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                        scale: float, sliding_window: int | None = None, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of each request's new tokens over its context, read from the paged cache.
 
     q: (num_actual_tokens, num_heads, head_size), request i's rows at `query_start_loc[i]:query_start_loc[i + 1]`;
@@ -24,6 +27,7 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: CommonAtt
     `seq_lens[i]` positions, so query j of a request of query length L sees positions `<= seq_len - L + j`, and
     with a `sliding_window` w only the last w of them (`> seq_len - L + j - w`). Blocks wholly before the first
     query's window are never read (the scheduler may have freed them).
+    An fp8 cache is read as `k * k_scale` / `v * v_scale` (`weavelm.ops.kv_quant`).
     One request at a time, in fp32, reading only host copies of the offsets (no device sync).
     """
     num_heads = q.shape[1]
@@ -40,8 +44,9 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: CommonAtt
         first = 0 if sliding_window is None else max(0, seq_len - (end - start) - sliding_window + 1) // block_size
         lo = first * block_size  # position of the first key read
         blocks = meta.block_table[i, first:num_blocks].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_size)[:seq_len - lo]
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_size)[:seq_len - lo]
+        k = dequantize_kv(kv_cache[0, blocks], k_scale, torch.float32).reshape(-1, num_kv_heads, head_size)
+        v = dequantize_kv(kv_cache[1, blocks], v_scale, torch.float32).reshape(-1, num_kv_heads, head_size)
+        k, v = k[:seq_len - lo], v[:seq_len - lo]
         if num_heads != num_kv_heads:
             k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
             v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)

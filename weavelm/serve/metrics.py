@@ -47,6 +47,8 @@ class ServerMetrics:
         self.kv_usage = gauge("kv_cache_usage_perc", "Share of KV cache blocks in use (1 = full).")
         self.kv_used_blocks = gauge("kv_cache_used_blocks", "KV cache blocks held by unfinished requests.")
         self.kv_total_blocks = gauge("kv_cache_total_blocks", "KV cache blocks in the pool.")
+        self.kv_block_bytes = gauge("kv_cache_block_bytes", "Bytes of one KV cache block over all layers, on one "
+                                                            "worker (halved by an fp8 KV cache).")
         self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Share of queried prompt tokens found in the "
                                                               "prefix cache (cumulative).")
         self.spec_drafts = gauge("spec_decode_num_draft_tokens", "Draft tokens verified (cumulative).")
@@ -89,6 +91,7 @@ class ServerMetrics:
         self.kv_usage.set(stats.kv_cache_usage)
         self.kv_used_blocks.set(stats.num_used_blocks)
         self.kv_total_blocks.set(stats.num_total_blocks)
+        self.kv_block_bytes.set(stats.kv_block_bytes)
         self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
         self.spec_drafts.set(stats.spec_num_draft_tokens)
         self.spec_accepted.set(stats.spec_num_accepted_tokens)

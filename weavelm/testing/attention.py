@@ -19,6 +19,10 @@ keys p - w + 1 .. p. The windowed cases fill the blocks wholly outside every que
 scheduler frees those blocks and other requests reuse them, while their ids stay in the block table); a backend
 whose `reasons(spec)` refuses windows is skipped there, and the engine never uses it for a windowed model.
 
+An fp8 KV cache (`AttentionSpec.kv_cache_dtype`, `impl.k_scale` / `impl.v_scale`): the new K/V must be stored as
+`weavelm.ops.kv_quant.quantize_kv` stores them, and the output match the reference on the dequantized cache; a
+backend that refuses fp8 is skipped with its reasons.
+
 A backend whose `kv_cache_shape` is not the default `(2, num_blocks, block_size, num_kv_heads, head_size)`
 overrides `to_backend_cache` / `from_backend_cache` to convert from and to that layout.
 """
@@ -219,6 +223,49 @@ class AttentionContract:
         b = make_batch([1] * 4, [150, 0, 33, 64], num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
                        device=self.device, pad_tokens=3, seed=1)
         self.check_against_reference(backend, b, torch.float32)
+
+    # -- fp8 KV cache --------------------------------------------------------------------------------------------
+    def test_fp8_kv_cache(self):
+        """`AttentionSpec.kv_cache_dtype` float8_e4m3fn with `impl.k_scale` 0.05 / `impl.v_scale` 0.02: the new K/V are
+        stored as `weavelm.ops.kv_quant.quantize_kv` stores them (saturate(k / k_scale), byte-exact) and the output
+        equals the reference on the dequantized cache. A backend that refuses fp8 (its `check`, or no
+        `checks_kv_cache_dtype`) is skipped with its reasons."""
+        from weavelm.errors import PluginError
+        from weavelm.ops.cache_write import write_kv_cache
+        from weavelm.ops.kv_quant import dequantize_kv, quantize_kv
+        from weavelm.ops.reference_attention import paged_attention_ref
+
+        fp8, k_scale, v_scale = torch.float8_e4m3fn, 0.05, 0.02
+        cls = self.backend_cls
+        spec = AttentionSpec(self.device, torch.float32, 64, 8, 2, 16, kv_cache_dtype=fp8)
+        reasons = cls.reasons(spec)
+        if reasons:
+            assert all(isinstance(r, str) and r for r in reasons)
+            pytest.skip(f"{self.backend}: {'; '.join(reasons)}")
+        candidates = {name: component("attention", name) for name in registry().names("attention")}
+        try:
+            backend = cls.select(cls.Options(**self.options), spec, candidates)
+        except PluginError as e:  # `auto` found no candidate that stores fp8 here
+            pytest.skip(f"{self.backend}: {e}")
+        b = make_batch(*MIXED, num_heads=8, num_kv_heads=2, head_size=64, block_size=16, device=self.device,
+                       pad_tokens=3 if cls.graph_safe else 0, seed=31)
+        want = torch.stack([quantize_kv(b.kv_cache[0], k_scale, fp8), quantize_kv(b.kv_cache[1], v_scale, fp8)])
+        impl = make_layer_impl(backend, 8, 2, 64, None)
+        impl.k_scale, impl.v_scale = k_scale, v_scale
+        cache = self.to_backend_cache(backend, want)
+        out = impl.forward(b.q, b.k, b.v, cache, backend.make_builder(torch.device(self.device)).build(b.meta))
+        cache = self.from_backend_cache(backend, cache)
+        n = b.meta.num_actual_tokens
+        write_kv_cache(b.k[:n].view(n, 2, 64), b.v[:n].view(n, 2, 64), want, b.meta.slot_mapping[:n], k_scale,
+                       v_scale)
+        assert cache.dtype == fp8 and torch.equal(cache.view(torch.uint8), want.view(torch.uint8)), \
+            "new K/V were not stored as quantize_kv stores them, at slot_mapping"
+        dense = torch.stack([dequantize_kv(want[0], k_scale, torch.float32),
+                             dequantize_kv(want[1], v_scale, torch.float32)])
+        ref = paged_attention_ref(b.q[:n].view(n, 8, 64), dense, b.meta, b.scale).reshape(n, -1)
+        err = rel_err(out[:n], ref)
+        assert err <= TOL[torch.float32], f"relative error {err:.2e} > {TOL[torch.float32]:.0e}"
+        assert torch.isfinite(out[n:]).all(), "padded rows must be finite"
 
     # -- sliding windows -----------------------------------------------------------------------------------------
     def windowed_batch(self, query_lens, context_lens, window: int, gqa: int = 4, dtype=torch.float32,

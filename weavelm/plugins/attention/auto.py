@@ -22,6 +22,7 @@ class AutoAttention(AttentionBackend):
     description = "Picks the highest-priority installed backend that can run here (flash_attn > triton > cpu > torch_ref)."
     Options = NoOptions
     priority = -(1 << 30)  # never a candidate of itself
+    checks_kv_cache_dtype = True  # each candidate's own reasons decide (an fp8 cache skips those that refuse it)
 
     @classmethod
     def select(cls, options: NoOptions, spec: AttentionSpec,

@@ -11,6 +11,9 @@ speculative verification, small chunks: `max_query_len <= NATIVE_MAX_QUERY_LEN`)
 layer that writes the new keys/values and attends straight over the paged blocks: no gather, no mask, no padding.
 The builder then skips the SDPA index and mask (built on demand if a layer still needs them, e.g. bf16).
 
+An fp8 KV cache (`cache.kv_cache_dtype: fp8`) takes the SDPA path (the native kernels read fp32 caches only): each
+layer gathers its context's fp8 rows and dequantizes them to the query dtype before SDPA.
+
 A layer with a sliding window gathers only the positions its queries can see (`window + max_query_len - 1` per
 request, one index and mask per window per step) and masks the window's edge; the native kernel takes the window
 itself (it reads only the window's keys), but the whole-stack native path (native_stack.py) is not used.
@@ -29,6 +32,7 @@ from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import AttentionBackend, AttentionImpl, AttentionMetadataBuilder
 from weavelm.ops import native
 from weavelm.ops.cache_write import write_kv_cache
+from weavelm.ops.kv_quant import dequantize_kv
 
 NATIVE_MAX_QUERY_LEN = 32  # longer queries (prefill) go to SDPA's blocked kernel
 
@@ -166,12 +170,14 @@ class CpuAttentionImpl(AttentionImpl):
                 return native.paged_attention(q, k, v, kv_cache, m.slot_mapping, c.query_start_loc, c.seq_lens,
                                               c.block_table, m.num_reqs, h, kvh, d, self.scale, self.sliding_window)
             m.sdpa_fields()
-        write_kv_cache(k.reshape(n_tok, kvh, d), v.reshape(n_tok, kvh, d), kv_cache, m.slot_mapping)
+        write_kv_cache(k.reshape(n_tok, kvh, d), v.reshape(n_tok, kvh, d), kv_cache, m.slot_mapping, self.k_scale,
+                       self.v_scale)
         ctx = m.context(self.sliding_window)
         flat = kv_cache.view(2, -1, kvh, d)
         shape = (m.num_reqs, ctx.ctx_len, kvh, d)
-        keys = flat[0].index_select(0, ctx.kv_index).view(shape).transpose(1, 2)
-        values = flat[1].index_select(0, ctx.kv_index).view(shape).transpose(1, 2)
+        keys = dequantize_kv(flat[0].index_select(0, ctx.kv_index), self.k_scale, q.dtype).view(shape).transpose(1, 2)
+        values = dequantize_kv(flat[1].index_select(0, ctx.kv_index), self.v_scale, q.dtype).view(shape) \
+            .transpose(1, 2)
         n = m.num_actual_tokens
         qh = q[:n].reshape(n, h, d)
         if m.query_index is None:
@@ -192,6 +198,7 @@ class CpuAttentionBackend(AttentionBackend):
     name = "cpu"
     description = "Batched paged attention for the CPU: one SDPA call per layer over gathered contexts."
     priority = 10
+    checks_kv_cache_dtype = True  # an fp8 cache: written scaled and saturated, gathered and dequantized per layer
 
     @classmethod
     def check(cls, spec: AttentionSpec) -> list[str]:

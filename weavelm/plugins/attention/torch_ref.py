@@ -20,9 +20,9 @@ class TorchRefImpl(AttentionImpl):
         q = q.view(n, self.num_heads, self.head_size)
         k = k.view(n, self.num_kv_heads, self.head_size)
         v = v.view(n, self.num_kv_heads, self.head_size)
-        write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
+        write_kv_cache(k, v, kv_cache, metadata.slot_mapping, self.k_scale, self.v_scale)
         out = paged_attention_ref(q[: metadata.num_actual_tokens], kv_cache, metadata, self.scale,
-                                  self.sliding_window)
+                                  self.sliding_window, self.k_scale, self.v_scale)
         if out.shape[0] < n:
             out = torch.cat([out, out.new_zeros(n - out.shape[0], *out.shape[1:])])
         return out.reshape(n, self.num_heads * self.head_size)
@@ -32,6 +32,7 @@ class TorchRefBackend(AttentionBackend):
     name = "torch_ref"
     description = "Reference paged attention in plain PyTorch (one request at a time); any device, any dtype."
     priority = 0
+    checks_kv_cache_dtype = True  # any cache dtype: written with a cast (fp8: scaled, saturated), read in fp32
 
     @classmethod
     def check(cls, spec: AttentionSpec) -> list[str]:

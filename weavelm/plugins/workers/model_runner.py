@@ -24,6 +24,7 @@ from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
 from weavelm.sample.sampler import SampledLogprobs, SamplingMetadata, compute_logprobs, sample
 from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata
 from weavelm.sample.logprobs import to_token_logprobs
+from weavelm.ops.kv_quant import kv_cache_torch_dtype
 from weavelm.ops.memory import zeros
 from weavelm.structured.backend import GrammarCompiler
 from weavelm.structured.runner import StructuredOutputs, load_tokenizer
@@ -92,8 +93,10 @@ class PagedModelRunner(ModelRunner):
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         num_layers, num_heads, num_kv_heads, head_size = b.model.attention_layout()
         self.windows = b.model.attention_windows()
+        self.kv_cache_dtype = kv_cache_torch_dtype(self.config.cache.kv_cache_dtype, b.dtype)
         spec = AttentionSpec(self.device.type, b.dtype, head_size, num_heads, num_kv_heads, self.block_size,
-                             smallest_window(self.windows))
+                             smallest_window(self.windows),
+                             kv_cache_dtype=None if self.kv_cache_dtype == b.dtype else self.kv_cache_dtype)
         self.attn_backend = self.context.attention_backend(spec)
         self.attn_impls = [make_layer_impl(self.attn_backend, num_heads, num_kv_heads, head_size, w)
                            for w in self.windows]
@@ -130,19 +133,24 @@ class PagedModelRunner(ModelRunner):
                 # draft model addresses the same blocks with its own layers, so then nothing is freed
                 "sliding_window": None if self.spec is not None and self.spec.proposer.uses_kv_cache
                 else kv_window(self.windows),
+                "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch."),
+                "kv_block_bytes": self._target_kv_block_bytes(),  # a draft model's cache, if any, is extra
                 **({"lora_targets": self.lora_targets} if self.lora is not None else {})}
 
     def kv_cache_bytes_per_block(self) -> int:
-        num_layers, _, num_kv_heads, head_size = self.layout
-        elem = torch.empty((), dtype=self.bundle.dtype).element_size()
-        one_block = self.attn_backend.kv_cache_shape(1, self.block_size, num_kv_heads, head_size)
         draft = self.spec.proposer.kv_cache_bytes_per_block() if self.spec is not None else 0
-        return num_layers * math.prod(one_block) * elem + draft
+        return self._target_kv_block_bytes() + draft
+
+    def _target_kv_block_bytes(self) -> int:
+        num_layers, _, num_kv_heads, head_size = self.layout
+        elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()  # 1 for fp8 (cache.kv_cache_dtype)
+        one_block = self.attn_backend.kv_cache_shape(1, self.block_size, num_kv_heads, head_size)
+        return num_layers * math.prod(one_block) * elem
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         num_layers, _, num_kv_heads, head_size = self.layout
         shape = self.attn_backend.kv_cache_shape(num_blocks, self.block_size, num_kv_heads, head_size)
-        self.kv_caches = [zeros(shape, self.bundle.dtype, self.device) for _ in range(num_layers)]
+        self.kv_caches = [zeros(shape, self.kv_cache_dtype, self.device) for _ in range(num_layers)]
         self.num_blocks = num_blocks
         if self.spec is not None:
             self.spec.proposer.initialize_kv_cache(num_blocks)

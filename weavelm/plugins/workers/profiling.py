@@ -20,7 +20,7 @@ def profile_run(runner) -> int:
     blocks_per = cdiv(PROFILE_CHUNK, bs)
     num_layers, _, num_kv_heads, head_size = runner.layout
     shape = runner.attn_backend.kv_cache_shape(len(lens) * blocks_per, bs, num_kv_heads, head_size)
-    kv = [torch.zeros(shape, dtype=runner.bundle.dtype, device=dev) for _ in range(num_layers)]
+    kv = [torch.zeros(shape, dtype=runner.kv_cache_dtype, device=dev) for _ in range(num_layers)]
     n = len(lens)
     qsl = np.zeros(n + 1, dtype=np.int32)
     qsl[1:] = np.cumsum(lens)

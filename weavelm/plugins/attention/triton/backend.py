@@ -15,8 +15,10 @@ from weavelm.core.forward import AttentionSpec, CommonAttentionMetadata
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import AttentionBackend, AttentionImpl, AttentionMetadataBuilder
 from weavelm.ops.cache_write import reshape_and_cache, triton_unavailable_reasons
+from weavelm.ops.kv_quant import is_fp8
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: Triton's fp8 conversions
 MAX_HEAD_SIZE = 256
 
 
@@ -87,12 +89,14 @@ class TritonAttentionImpl(AttentionImpl):
         out = torch.empty(n, self.num_heads, self.head_size, dtype=q.dtype, device=q.device)
         reshape_and_cache(k.view(n, self.num_kv_heads, self.head_size),
                                   v.view(n, self.num_kv_heads, self.head_size), kv_cache[0], kv_cache[1],
-                                  common.slot_mapping, out, common.query_start_loc, common.num_reqs)
+                                  common.slot_mapping, out, common.query_start_loc, common.num_reqs,
+                                  self.k_scale, self.v_scale)
         if n > common.slot_mapping.shape[0]:  # rows beyond slot_mapping are padding the cache kernel never saw
             out[common.slot_mapping.shape[0]:].zero_()
         kernels.paged_attention(q3, kv_cache[0], kv_cache[1], out, common.block_table, common.seq_lens,
                                 common.query_start_loc, common.num_reqs, self.scale,
-                                sliding_window=self.sliding_window, **metadata.launch_config(self.num_kv_heads))
+                                sliding_window=self.sliding_window, k_scale=self.k_scale, v_scale=self.v_scale,
+                                **metadata.launch_config(self.num_kv_heads))
         return out.view(n, self.num_heads * self.head_size)
 
 
@@ -102,6 +106,7 @@ class TritonAttentionBackend(AttentionBackend):
     priority = 20
     Options = TritonOptions
     graph_safe = True
+    checks_kv_cache_dtype = True  # fp8 caches: quantized by the cache write, converted as the kernel loads them
 
     def __init__(self, options: BaseModel | None = None):
         super().__init__(options if options is not None else TritonOptions())
@@ -119,6 +124,13 @@ class TritonAttentionBackend(AttentionBackend):
             reasons.append(f"block_size {spec.block_size} must be >= 1")
         if spec.device != "cuda" and spec.dtype == torch.bfloat16:
             reasons.append("bfloat16 under the Triton CPU interpreter: it has no bf16 tl.dot (triton-lang/triton#11584)")
+        kv_dtype = spec.kv_cache_dtype or spec.dtype
+        if kv_dtype != spec.dtype and not is_fp8(kv_dtype):
+            reasons.append(f"kv_cache_dtype {kv_dtype}: the cache is kept in the model's dtype or in fp8")
+        if is_fp8(kv_dtype) and spec.device == "cuda" and torch.cuda.is_available() and \
+                torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
+            reasons.append(f"kv_cache_dtype {kv_dtype}: Triton converts fp8 on sm_89 and newer only; this GPU is "
+                           f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}")
         return reasons
 
     @classmethod

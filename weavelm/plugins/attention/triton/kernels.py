@@ -36,14 +36,16 @@ def _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_c
                  stride_cb, stride_cs, d, dm, qk_scale, window, first_q, BLOCK_SIZE: tl.constexpr,
                  TILE_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """One online-softmax step over KV positions [tile * TILE_N, (tile + 1) * TILE_N) (base-2 exponents). A masked
-    tile hides keys after each query (causal) and, with a window, keys at or before `q_pos - window`."""
+    tile hides keys after each query (causal) and, with a window, keys at or before `q_pos - window`. Keys and
+    values are converted to q's dtype as loaded (an fp8 cache: its scales are folded into `qk_scale` and the
+    output by the caller)."""
     kpos = tile * TILE_N + tl.arange(0, TILE_N)
     kmask = (kpos < kv_end) | (not MASKED)
     if HAS_WINDOW and MASKED:  # keys before every query's window are not loaded: their blocks may be freed
         kmask = kmask & (kpos > first_q - window)
     blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
     off = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_cs + kv_head_off
-    k = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=kmask[None, :] & dm[:, None], other=0.0)
+    k = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=kmask[None, :] & dm[:, None], other=0.0).to(q.dtype)
     s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
     if MASKED:
         visible = (kpos[None, :] <= q_pos[:, None]) & kmask[None, :]
@@ -54,7 +56,7 @@ def _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_c
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kmask[:, None] & dm[None, :], other=0.0)
+    v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kmask[:, None] & dm[None, :], other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
@@ -62,7 +64,7 @@ def _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_end, bt_row, k_cache_ptr, v_c
 @triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
-    part_acc_ptr, part_m_ptr, part_l_ptr, num_reqs, num_heads, qk_scale, window,
+    part_acc_ptr, part_m_ptr, part_l_ptr, num_reqs, num_heads, qk_scale, v_scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
     BLOCK_SIZE: tl.constexpr, QPK: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -71,7 +73,8 @@ def _paged_attention_kernel(
     """Grid (q blocks, kv heads, splits). A program takes BLOCK_Q query tokens of one request times the QPK query
     heads sharing one KV head (BLOCK_M rows), and streams that request's paged KV in TILE_N-token tiles with an
     online softmax in fp32. With NUM_SPLITS > 1 it covers 1/NUM_SPLITS of the tiles and writes unnormalised
-    partials (acc, running max m, sum l; base-2 exponent) for `_reduce_splits_kernel`. With HAS_WINDOW a query at
+    partials (acc, running max m, sum l; base-2 exponent) for `_reduce_splits_kernel`. `v_scale` multiplies the
+    output (an fp8 cache's value scale; `qk_scale` carries its key scale). With HAS_WINDOW a query at
     position p sees keys p - window + 1 .. p: tiles wholly before the block's first query's window are never read
     (their blocks may have been freed)."""
     qb = tl.program_id(0)
@@ -133,12 +136,12 @@ def _paged_attention_kernel(
                                      TILE_N, PRECISION, True, HAS_WINDOW)
 
     if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
         tl.store(out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])
     else:
         idx = (q_tok * num_heads + head) * NUM_SPLITS + split
-        tl.store(part_acc_ptr + idx[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_acc_ptr + idx[:, None] * BLOCK_D + d[None, :], acc * v_scale, mask=row_ok[:, None])
         tl.store(part_m_ptr + idx, m_i, mask=row_ok)
         tl.store(part_l_ptr + idx, l_i, mask=row_ok)
 
@@ -190,10 +193,12 @@ def _pow2_floor(x: int) -> int:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     num_reqs: int, scale: float, block_m: int = 16, tile_n: int = 64, num_splits: int = 1,
-                    num_warps: int = 4, num_stages: int = 2, sliding_window: int | None = None) -> torch.Tensor:
+                    num_warps: int = 4, num_stages: int = 2, sliding_window: int | None = None,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Causal paged attention for a flat batch. q/out: (num_tokens, num_heads, head); caches as in the module
-    docstring; `sliding_window` w: each query sees only its last w positions. Rows of `out` past
-    query_start_loc[num_reqs] are left untouched, or zeroed when split."""
+    docstring, in q's dtype or fp8 (read as `fp8 * k_scale` / `fp8 * v_scale`); `sliding_window` w: each query
+    sees only its last w positions. Rows of `out` past query_start_loc[num_reqs] are left untouched, or zeroed when
+    split."""
     num_tokens, num_heads, head = q.shape
     kv_heads = k_cache.shape[2]
     qpk = num_heads // kv_heads
@@ -213,7 +218,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     grid = (num_tokens // block_q + num_reqs, kv_heads, num_splits)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_table, seq_lens, query_start_loc, part_acc, part_m, part_l,
-        num_reqs, num_heads, scale * LOG2E, sliding_window or 0,
+        num_reqs, num_heads, scale * k_scale * LOG2E, v_scale, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], QPK=qpk, HEAD=head, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_q,
