@@ -44,7 +44,7 @@ VLLM_ENGINE_DEFAULTS = {
 # a value other than the default for every argument weavelm does not implement
 VLLM_ENGINE_UNSUPPORTED = {
     "tokenizer_mode": "mistral", "skip_tokenizer_init": True, "trust_remote_code": True,
-    "allowed_local_media_path": "/data", "allowed_media_domains": ["x.org"], "quantization": "awq",
+    "allowed_local_media_path": "/data", "allowed_media_domains": ["x.org"], "quantization": "bitsandbytes",
     "revision": "main", "tokenizer_revision": "main", "cpu_offload_gb": 4, "max_seq_len_to_capture": 1024,
     "disable_async_output_proc": True, "hf_token": "t", "hf_overrides": {"a": 1}, "mm_processor_kwargs": {"a": 1},
     "compilation_config": 3, "kv_cache_memory_bytes": 1 << 30, "logits_processors": ["p"], "kv_cache_dtype": "fp8_inc",
