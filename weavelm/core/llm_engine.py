@@ -38,6 +38,8 @@ class EngineStats:
     spec_acceptance_rate: float = 0.0  # accepted / verified drafts
     spec_mean_accepted_length: float = 0.0  # tokens emitted per verifying request-step (accepted drafts + 1)
     spec_proposer_time_s: float = 0.0  # wall time the proposer took
+    # data parallelism (`data_parallel_size > 1`): one `dp_stats.ReplicaStats` per replica; the fields above sum them
+    replicas: tuple = ()
 
 
 class LLMEngine:
@@ -210,4 +212,4 @@ def engine_stats(s: Any) -> EngineStats:
                        spec_num_accepted_tokens=s.spec_num_accepted_tokens,
                        spec_acceptance_rate=s.spec_acceptance_rate,
                        spec_mean_accepted_length=s.spec_mean_accepted_length,
-                       spec_proposer_time_s=s.spec_proposer_time_s)
+                       spec_proposer_time_s=s.spec_proposer_time_s, replicas=tuple(getattr(s, "replicas", ())))
