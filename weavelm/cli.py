@@ -16,6 +16,12 @@ VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "tensor_parallel_size": {"type": int, "help": "executor.tensor_parallel_size (picks the multiproc executor)"},
     "data_parallel_size": {"type": int, "help": "data_parallel_size: engine-core replicas, each in its own process "
                            "with its own devices, behind one load-balancing client"},
+    "enable_expert_parallel": {"action": "store_const", "const": True,
+                               "help": "executor.enable_expert_parallel: spread MoE experts over the ranks"},
+    "nnodes": {"type": int, "help": "executor.nnodes: nodes the ranks span (multiproc; node 0 runs the engine)"},
+    "node_rank": {"type": int, "help": "executor.node_rank: this node's index (others than 0 need --headless)"},
+    "master_addr": {"help": "executor.master_addr: node 0's address, reachable from every node"},
+    "master_port": {"type": int, "help": "executor.master_port: node 0's port the other nodes' workers join"},
     "gpu_memory_utilization": {"type": float, "help": "cache.gpu_memory_utilization"},
     "max_num_seqs": {"type": int, "help": "scheduler.max_num_seqs"},
     "max_num_batched_tokens": {"type": int, "help": "scheduler.max_num_batched_tokens"},
@@ -53,6 +59,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     v = p.add_argument_group("vLLM engine flags (each sets the config value named; --set wins over them)")
     for dest, kwargs in VLLM_ENGINE_FLAGS.items():
         v.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **kwargs)
+    v.add_argument("--headless", action="store_true", help="run only this node's workers of a multi-node engine "
+                   "(--nnodes N --node-rank K > 0): no engine, no API server")
 
 
 def engine_config_from_args(args: argparse.Namespace, **extra: Any):
@@ -271,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "headless", False):  # a multi-node engine's other node: its workers only
+            from weavelm.plugins.executors.multinode import run_headless_from_args
+            return run_headless_from_args(args)
         return args.handler(args) or 0
     except WeaveError as e:
         print(f"error: {e}", file=sys.stderr)

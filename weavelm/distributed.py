@@ -189,6 +189,16 @@ class ParallelLayout:
         return seen
 
 
+def layout_from_options(options: Any, world_size: int) -> ParallelLayout:
+    """The layout an executor's options describe (`tensor_parallel_size`, `pipeline_parallel_size`,
+    `enable_expert_parallel`, each optional; an executor without them runs `world_size` tensor-parallel ranks); the
+    ranks left over (`world_size / (tensor * pipeline)`) are data-parallel replicas."""
+    tensor = int(getattr(options, "tensor_parallel_size", None) or world_size)
+    pipeline = int(getattr(options, "pipeline_parallel_size", None) or 1)
+    data = max(1, world_size // (tensor * pipeline))
+    return ParallelLayout(tensor, pipeline, data, bool(getattr(options, "enable_expert_parallel", False)))
+
+
 @dataclass(frozen=True)
 class ParallelContext:
     """One rank's groups (picklable). `tp`: its tensor-parallel group; `pp`: the pipeline stages it belongs to

@@ -21,6 +21,7 @@ from weavelm.core.forward import AttentionSpec
 from weavelm.core.interfaces import (AttentionBackend, Executor, ModelArchitecture, ModelLoader, ModelRunner,
                                      Scheduler, Worker)
 from weavelm.core.registry import Registry, RegistrySpec
+from weavelm.distributed import ParallelContext, layout_from_options
 from weavelm.ops import settings as kernel_settings
 
 
@@ -80,9 +81,15 @@ class RunnerBuilder(_RegistryHolder):
                                 model_class=self.model_class, attention_backend=self.attention_backend,
                                 lora_manager=self.lora_manager if config.lora is not None else None,
                                 build_proposer=self.build_proposer if config.speculative is not None else None,
-                                quantization=self.quantization)
+                                quantization=self.quantization, parallel=self.parallel())
         cls = registry.get("model_runner", config.model_runner.name)
         return cls(config.model_runner.options, context)
+
+    def parallel(self) -> ParallelContext | None:
+        """This rank's groups, from the executor's options (None on one rank: tensor parallelism alone)."""
+        if self.world_size == 1:
+            return None
+        return ParallelContext.for_rank(layout_from_options(self.config.executor.options, self.world_size), self.rank)
 
     def build_proposer(self, context: RunnerContext, block_size: int, load_model: Any) -> Any:
         """The configured speculative-decoding proposer for a runner built with `context`; `load_model(model,

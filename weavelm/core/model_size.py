@@ -79,9 +79,17 @@ def validate_dims(hf_config: Any, source: str) -> None:
         raise LoadError(f"{_config_file(source)}: " + "; ".join(problems))
 
 
-def build_model(model_cls: type, hf_config: Any, tp: TensorParallelGroup) -> torch.nn.Module:
+def build_model(model_cls: type, hf_config: Any, tp: TensorParallelGroup, parallel: Any = None) -> torch.nn.Module:
     """`model_cls(hf_config, tp)` (`model_cls(hf_config)` on one rank, so single-rank architectures need no `tp`
-    argument); in the caller's device and default-dtype context."""
+    argument); in the caller's device and default-dtype context. With expert parallelism (`parallel`, a
+    `ParallelContext` whose layout has `expert` and whose expert group has several ranks) `model_cls(hf_config, tp,
+    parallel=parallel)`, for architectures that declare `supports_expert_parallel` (ConfigError otherwise)."""
+    if parallel is not None and parallel.layout.expert and parallel.ep.world_size > 1:
+        if not getattr(model_cls, "supports_expert_parallel", False):
+            from weavelm.errors import ConfigError
+            raise ConfigError([("executor.enable_expert_parallel", f"{model_cls.__name__} has no mixture-of-experts "
+                                "layers to spread; turn enable_expert_parallel off")])
+        return model_cls(hf_config, tp, parallel=parallel)
     if tp.world_size == 1:
         return model_cls(hf_config)
     return model_cls(hf_config, tp)

@@ -50,7 +50,6 @@ DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "calculate_kv_scales": ((False,), "weavelm stores the KV cache in the model's dtype"),
     "max_logprobs": ((20,), "weavelm's limit is 20 logprobs per token"),
     "logprobs_mode": (("raw_logprobs",), "weavelm returns the model's raw log-probabilities"),
-    "enable_expert_parallel": ((False,), "weavelm shards experts with tensor parallelism"),
     "lora_dtype": (("auto", None), "adapters run in the model's dtype"),
     "fully_sharded_loras": ((False,), "weavelm shards LoRA with tensor parallelism its own way"),
     "lora_extra_vocab_size": ((256, 0), "weavelm's LoRA adapters do not extend the vocabulary"),
@@ -108,6 +107,7 @@ _INT, _FLOAT, _STR, _BOOL, _JSON = int, float, str, bool, _json
 CLI_TYPES: dict[str, Any] = {
     "model": _STR, "tokenizer": _STR, "dtype": _STR, "seed": _INT, "max_model_len": _INT, "enforce_eager": _BOOL,
     "async_scheduling": _BOOL, "trust_remote_code": _BOOL, "tensor_parallel_size": _INT,
+    "enable_expert_parallel": _BOOL, "nnodes": _INT, "node_rank": _INT, "master_addr": _STR, "master_port": _INT,
     "pipeline_parallel_size": _INT, "distributed_executor_backend": _STR, "gpu_memory_utilization": _FLOAT,
     "block_size": _INT, "enable_prefix_caching": _BOOL, "num_gpu_blocks_override": _INT, "max_num_seqs": _INT,
     "max_num_batched_tokens": _INT, "enable_chunked_prefill": _BOOL, "long_prefill_token_threshold": _INT,

@@ -40,6 +40,7 @@ from torch import nn
 
 from weavelm.distributed import TensorParallelGroup
 from weavelm.layers import kernels
+from weavelm.layers.expert_parallel import ExpertParallel
 from weavelm.layers.activation import SiluAndMul
 from weavelm.layers.linear import (Loaded, MergedColumnParallelLinear, RowParallelLinear, _param, copy_shard,
                                    default_weight_loader)
@@ -76,7 +77,8 @@ def _expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.T
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
     """The definition: for each expert, the tokens routed to it run its MLP, weighted by their routing weight, and
-    are summed into the output. x (T, H), w13 (E, 2I, H), w2 (E, H, I), topk_* (T, k); returns (T, H)."""
+    are summed into the output. x (T, H), w13 (E, 2I, H), w2 (E, H, I), topk_* (T, k); returns (T, H). An id `E`
+    marks a pair whose expert another expert-parallel rank holds: it is skipped (so are they in every path)."""
     out = torch.zeros_like(x)
     for e in range(w13.shape[0]):
         token, slot = torch.where(topk_ids == e)
@@ -98,11 +100,12 @@ def moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     that has tokens (at most `E`, however many tokens), or, when many experts are hit and torch has it, one
     `torch._grouped_mm` per projection over all of them; the weighted results are scattered back with one
     `index_add_`."""
-    k = topk_ids.shape[1]
+    k, num_experts = topk_ids.shape[1], w13.shape[0]
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts_t = torch.bincount(flat, minlength=w13.shape[0])
+    counts_t = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # id num_experts: another rank's
     counts = counts_t.tolist()
+    order = order[:sum(counts)]
     token = order // k
     xs = x[token]
     if hasattr(torch, "_grouped_mm") and sum(n > 0 for n in counts) > GROUPED_MM_MIN_EXPERTS:
@@ -121,28 +124,37 @@ def moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
 
 
 class FusedExperts(nn.Module):
-    """The stacked expert weights of one layer, this rank's share of each expert's intermediate dimension."""
+    """The stacked expert weights of one layer: this rank's share of each expert's intermediate dimension, or, with
+    expert parallelism (`ep`), this rank's `num_experts / ep.size` whole experts (`first_expert` onwards; the
+    intermediate dimension is not split). Checkpoint tensors of other ranks' experts are skipped unread."""
 
     PARTS = ("gate", "up", "down")
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, tp: TensorParallelGroup):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, tp: TensorParallelGroup,
+                 ep: ExpertParallel | None = None):
         super().__init__()
-        self.tp, self.num_experts, self.hidden, self.intermediate = tp, num_experts, hidden, intermediate
-        self.per_rank = tp.divide(intermediate, "moe_intermediate_size")
-        self.w13_weight = _param((num_experts, 2 * self.per_rank, hidden), self.weight_loader)
-        self.w2_weight = _param((num_experts, hidden, self.per_rank), self.weight_loader)
+        self.num_experts, self.hidden, self.intermediate, self.ep = num_experts, hidden, intermediate, ep
+        self.tp = tp if ep is None else TensorParallelGroup()  # EP: whole experts, no tensor-parallel split
+        self.first_expert, self.num_local = (0, num_experts) if ep is None else ep.local_experts(num_experts)
+        self.per_rank = self.tp.divide(intermediate, "moe_intermediate_size")
+        self.w13_weight = _param((self.num_local, 2 * self.per_rank, hidden), self.weight_loader)
+        self.w2_weight = _param((self.num_local, hidden, self.per_rank), self.weight_loader)
         self.use_triton = kernels.triton_ops_enabled()
 
     def expected_shards(self, param: nn.Parameter) -> set[tuple[int, str]]:
-        """The per-expert `shard_id`s that together fill `param`."""
+        """The per-expert `shard_id`s (global expert ids) that together fill `param`."""
         parts = ("down",) if param is self.w2_weight else ("gate", "up")
-        return {(e, p) for e in range(self.num_experts) for p in parts}
+        return {(e, p) for e in range(self.first_expert, self.first_expert + self.num_local) for p in parts}
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
         """One expert's part (`shard_id = (expert, part)`; gate/up (I, H), down (H, I)) or, with `shard_id=None`,
         every expert's at once (w13 (E, 2I, H) as [gate | up], w2 (E, H, I)); copies this rank's slice."""
         n, r, big_i, e_all = self.per_rank, self.tp.rank, self.intermediate, self.num_experts
         if shard_id is None:
+            if self.ep is not None:  # this rank's run of whole experts
+                shape = (e_all, self.hidden, big_i) if param is self.w2_weight else (e_all, 2 * big_i, self.hidden)
+                copy_shard(param.data, loaded, shape, 0, self.first_expert)
+                return
             if param is self.w2_weight:
                 copy_shard(param.data, loaded, (e_all, self.hidden, big_i), 2, r * n)
                 return
@@ -158,6 +170,9 @@ class FusedExperts(nn.Module):
                              f"config.json)")
         if (part == "down") != (param is self.w2_weight):
             raise ValueError(f"is an expert's {part} projection, loaded into the wrong stacked weight")
+        expert -= self.first_expert
+        if not 0 <= expert < self.num_local:
+            return  # another expert-parallel rank's expert: not read
         if part == "down":
             copy_shard(param.data[expert], loaded, (self.hidden, big_i), 1, r * n)
         else:
@@ -165,11 +180,12 @@ class FusedExperts(nn.Module):
             copy_shard(param.data[expert, i * n:(i + 1) * n], loaded, (big_i, self.hidden), 0, r * n)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """This rank's partial sum of the routed experts' outputs (T, H) (summed over ranks by the caller)."""
+        """This rank's partial sum of the routed experts' outputs (T, H) (summed over ranks by the caller). With
+        EP, `topk_ids` are local (0 .. num_local - 1), and `num_local` marks a pair held by another rank."""
         w13, w2 = self.w13_weight, self.w2_weight
         if self.use_triton and kernels.triton_device(x):
             from weavelm.layers import moe_kernels
-            return moe_kernels.fused_moe(x, w13, w2, topk_weights, topk_ids)
+            return moe_kernels.fused_moe(x, w13, w2, topk_weights, topk_ids, skip_marked=self.ep is not None)
         if x.is_cpu:
             return moe_sorted(x, w13, w2, topk_weights, topk_ids)
         return moe_reference(x, w13, w2, topk_weights, topk_ids)
@@ -192,21 +208,24 @@ class SharedExpertMLP(nn.Module):
 class FusedMoE(nn.Module):
     """One layer's mixture-of-experts feed-forward. Submodules are named as the checkpoints name theirs: `gate`
     (router), `experts` (stacked weights), and with `shared_intermediate` `shared_expert` and
-    `shared_expert_gate`. `forward(x)` maps (T, H) to (T, H), the same on every rank."""
+    `shared_expert_gate`. `forward(x)` maps (T, H) to (T, H), the same on every rank of a tensor-parallel group.
+    With `ep` (`weavelm.layers.expert_parallel`) the experts are spread over the expert-parallel group instead of
+    sharded; routing stays over all experts, and the shared expert stays tensor-parallel."""
 
     lora_unsupported = ("the experts and router of a mixture-of-experts layer (FusedMoE) take no LoRA adapters; "
                         "adapt the attention and dense layers (and a shared expert) instead, and drop the experts "
                         "from target_modules")
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool,
-                 tp: TensorParallelGroup = TensorParallelGroup(), shared_intermediate: int = 0):
+                 tp: TensorParallelGroup = TensorParallelGroup(), shared_intermediate: int = 0,
+                 ep: ExpertParallel | None = None):
         super().__init__()
         if not 0 < top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok ({top_k}) must be between 1 and the number of experts "
                              f"({num_experts})")
-        self.tp, self.top_k, self.renormalize = tp, top_k, renormalize
+        self.tp, self.top_k, self.renormalize, self.ep, self.num_experts = tp, top_k, renormalize, ep, num_experts
         self.gate = ReplicatedLinear(hidden, num_experts)
-        self.experts = FusedExperts(num_experts, hidden, intermediate, tp)
+        self.experts = FusedExperts(num_experts, hidden, intermediate, tp, ep)
         self.shared_expert = SharedExpertMLP(hidden, shared_intermediate, tp) if shared_intermediate else None
         self.shared_expert_gate = ReplicatedLinear(hidden, 1) if shared_intermediate else None
 
@@ -216,7 +235,10 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
-        out = self.tp.all_reduce(self.experts(x, weights, ids))
+        if self.ep is None:
+            out = self.tp.all_reduce(self.experts(x, weights, ids))
+        else:
+            out = self.ep.combine(x, weights, ids, self.num_experts, self.experts)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -26,13 +26,14 @@ import triton.language as tl
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, w_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
-    N, K, num_valid, stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    N, K, num_valid, num_experts, stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (padded pairs / BLOCK_M, cdiv(N, BLOCK_N)). C[pair, n] = sum_k A[pair // TOP_K, k] * B[e, n, k]
     (times the pair's routing weight when MUL_WEIGHT), for the BLOCK_M sorted pairs of this block, all of expert
-    e = expert_ids[block]; sentinel pairs (>= num_valid) are neither read nor written."""
+    e = expert_ids[block]; sentinel pairs (>= num_valid) are neither read nor written, nor are blocks of the
+    marker expert `num_experts` (pairs another expert-parallel rank holds)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -41,6 +42,8 @@ def _grouped_gemm_kernel(
     pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
     pmask = pair < num_valid
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert >= num_experts:
+        return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -71,7 +74,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sorted_ids (P,) int32: pair indices grouped by expert, each group padded to a multiple of `block_m` with
     `T * top_k`; expert_ids (P / block_m,) int32: each block's expert; num_padded (1,) int32: the used length of
-    sorted_ids). P = the bound `T * top_k + E * (block_m - 1)` rounded up to `block_m`, so nothing syncs."""
+    sorted_ids). P = the bound `T * top_k + E * (block_m - 1)` rounded up to `block_m`, so nothing syncs. Ids may
+    include a marker expert as the last of the `num_experts` groups (the caller counts it)."""
     flat = topk_ids.reshape(-1)
     n, dev = flat.numel(), flat.device
     bound = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
@@ -94,14 +98,14 @@ def _interpreted() -> bool:
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor | None, sorted_ids, expert_ids,
-            num_padded, top_k: int, block_m: int) -> None:
+            num_padded, top_k: int, block_m: int, num_experts: int) -> None:
     n_out, k_in = b.shape[1], b.shape[2]
     block_n = 64 if n_out >= 64 else 32
     block_k = 64 if k_in >= 64 else 32
     grid = (sorted_ids.numel() // block_m, triton.cdiv(n_out, block_n))
     _grouped_gemm_kernel[grid](
         a, b, c, weights if weights is not None else c, sorted_ids, expert_ids, num_padded,
-        n_out, k_in, c.shape[0], a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
+        n_out, k_in, c.shape[0], num_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), c.stride(1),
         TOP_K=top_k, MUL_WEIGHT=weights is not None,
         IEEE=a.dtype == torch.float32, UPCAST=a.dtype == torch.bfloat16 and _interpreted(),
@@ -110,9 +114,10 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Te
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, block_m: int | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, block_m: int | None = None, skip_marked: bool = False) -> torch.Tensor:
     """The routed experts' output (T, H) of x (T, H) with w13 (E, 2I, H), w2 (E, H, I) and the routing (T, k):
-    `moe_reference`'s result, in two grouped-GEMM launches."""
+    `moe_reference`'s result, in two grouped-GEMM launches. `skip_marked`: ids may be `E` (a pair another
+    expert-parallel rank holds), which contributes nothing."""
     from weavelm.layers import triton_ops
 
     t, k = topk_ids.shape
@@ -120,11 +125,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if block_m is None:
         block_m = 16 if t * k <= 4 * num_experts else 64
     x = x.contiguous()
-    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, block_m, num_experts)
+    groups = num_experts + 1 if skip_marked else num_experts
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, block_m, groups)
     gate_up = torch.empty((t * k, w13.shape[1]), dtype=x.dtype, device=x.device)
-    _launch(x, w13, gate_up, None, sorted_ids, expert_ids, num_padded, k, block_m)
+    _launch(x, w13, gate_up, None, sorted_ids, expert_ids, num_padded, k, block_m, num_experts)
     inter = triton_ops.silu_and_mul(gate_up)
-    out = torch.empty((t * k, w2.shape[1]), dtype=x.dtype, device=x.device)
+    alloc = torch.zeros if skip_marked else torch.empty  # marked pairs' rows stay zero
+    out = alloc((t * k, w2.shape[1]), dtype=x.dtype, device=x.device)
     _launch(inter, w2, out, topk_weights.reshape(-1).to(torch.float32).contiguous(), sorted_ids, expert_ids,
-            num_padded, 1, block_m)
+            num_padded, 1, block_m, num_experts)
     return out.view(t, k, w2.shape[1]).sum(dim=1)

@@ -5,6 +5,11 @@ when told) -> Worker -> ModelRunner. Every message is pickled once and broadcast
 measured choice on these machines: see benchmarks/RESULTS.md "executor message queue"); a step's
 `ModelRunnerOutput` comes back from rank 0 only. A rank that dies is noticed through its process sentinel within
 a second, and every caller then gets an `EngineDeadError` naming the rank, its pid and exit code.
+
+Across nodes (`nnodes > 1`, `weavelm.plugins.executors.multinode`): node 0 spawns its own ranks and accepts the other
+nodes' ranks over TCP connections that stand in for their pipes; the hooks here are `MultiNodeOptions` (the options),
+`local_ranks` / `init_method` / `check_driver` in `__init__`, `join_remote_workers`, and `death_reason` in
+`WorkerProcHandle.death`.
 """
 
 from __future__ import annotations
@@ -26,14 +31,18 @@ from weavelm.core.interfaces import Executor
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
 from weavelm.core.worker_wrapper import ERROR, RPC, SHUTDOWN, STEP, worker_proc_main
 from weavelm.errors import EngineDeadError, EngineError, WeaveError
+from weavelm.plugins.executors import multinode
 
 logger = logging.getLogger("weavelm.executor")
 POLL_S = 1.0
 
 
-class MultiprocOptions(BaseModel):
+class MultiprocOptions(multinode.MultiNodeOptions):
     model_config = ConfigDict(extra="forbid")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="Ranks (processes) the model is sharded over.")
+    enable_expert_parallel: bool = Field(False, description="Spread each MoE layer's experts over the ranks "
+                                         "(whole experts per rank, tokens dispatched to them) instead of sharding "
+                                         "every expert; attention stays tensor-parallel (vLLM's flag).")
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600, description="Wait for workers to exit before killing.")
 
 
@@ -50,6 +59,9 @@ class WorkerProcHandle:
         self.rank, self.process, self.conn = rank, process, conn
 
     def death(self) -> str:
+        remote = getattr(self.process, "describe", None)  # a rank on another node (multinode)
+        if remote is not None:
+            return f"{remote()} closed its connection: the worker or its node died"
         self.process.join(2)
         code = self.process.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
@@ -82,11 +94,12 @@ class MultiprocExecutor(Executor):
         self.world_size = options.tensor_parallel_size
         self.dead: str | None = None
         self._step_futures: list[_ProcStepFuture] = []
-        init_method = f"tcp://127.0.0.1:{free_port()}" if self.world_size > 1 else None
+        multinode.check_driver(options)
+        init_method = multinode.init_method(options, self.world_size, free_port())
         threads = context.config.num_threads or max(1, (os.cpu_count() or 1) // self.world_size)
         ctx = multiprocessing.get_context("spawn")
         self.handles: list[WorkerProcHandle] = []
-        for rank in range(self.world_size):
+        for rank in multinode.local_ranks(options, self.world_size):
             parent_conn, child_conn = ctx.Pipe(duplex=True)
             proc = ctx.Process(target=worker_proc_main, name=f"weavelm-worker-{rank}", daemon=True,
                                args=(context.build_worker, rank, self.world_size, init_method, child_conn, threads))
@@ -94,6 +107,12 @@ class MultiprocExecutor(Executor):
             child_conn.close()
             self.handles.append(WorkerProcHandle(rank, proc, parent_conn))
         self._finalizer = weakref.finalize(self, _shutdown, self.handles, options.shutdown_timeout_s)
+        try:
+            self.handles += multinode.join_remote_workers(options, self.world_size, context.build_worker,
+                                                          init_method, WorkerProcHandle)
+        except BaseException:
+            self._finalizer()
+            raise
         self.start_workers()
 
     # -- messages -----------------------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 `collective_rpc` and step messages as `multiproc` (each actor holds a `WorkerWrapperBase`).
 
 Across nodes: `ray start --head` on one node, `ray start --address=<head>:6379` on the others, then run weavelm with
-`executor: {name: ray, tensor_parallel_size: N, address: auto}`. Ray is imported only when this executor is built
-(extra `[ray]`).
+`executor: {name: ray, tensor_parallel_size: N, address: auto}` on the head (docs/parallel.md has the commands).
+The placement group's bundles land on the nodes by `placement_strategy` (PACK, as vLLM: fill a node before the
+next; STRICT_SPREAD: one rank per node); the ranks then join one torch.distributed group at rank 0's node address.
+A rank whose actor dies (its process, or its node) is an `EngineDeadError` naming the rank, its node and pid; a
+rank failing in a collective because a peer died reports the dead peer. Ray is imported only when this executor is
+built (extra `[ray]`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ logger = logging.getLogger("weavelm.executor")
 class RayOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tensor_parallel_size: int = Field(1, ge=1, le=512, description="Ranks (Ray actors) the model is sharded over.")
+    enable_expert_parallel: bool = Field(False, description="Spread each MoE layer's experts over the ranks "
+                                         "(whole experts per rank, tokens dispatched to them) instead of sharding "
+                                         "every expert; attention stays tensor-parallel (vLLM's flag).")
     address: str | None = Field(None, description="Ray cluster to join (`auto`, or host:port); default: the "
                                 "running local instance, else a new local one.")
     num_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs each rank's actor reserves.")
@@ -45,6 +52,12 @@ def _actor_class():
         def __init__(self, build_worker: Any, rank: int, world_size: int):
             self.args = (build_worker, rank, world_size)
             self.wrapper: WorkerWrapperBase | None = None
+
+        def where(self) -> tuple[str, int]:
+            """(node address, pid) of this rank."""
+            import os
+
+            return ray.util.get_node_ip_address(), os.getpid()
 
         def address(self) -> tuple[str, int]:
             import socket
@@ -104,25 +117,50 @@ class RayExecutor(Executor):
             host, port = self._get([self.actors[0].address.remote()])[0]
             init_method = f"tcp://{host}:{port}"
         self._finalizer = weakref.finalize(self, _release, ray, list(self.actors), self.placement)
+        self.locations = self._get([a.where.remote() for a in self.actors])
         self._get([a.setup.remote(init_method) for a in self.actors])
         self.start_workers()
 
-    def _get(self, refs: list[Any]) -> list[Any]:
+    def _describe(self, rank: int) -> str:
+        where = getattr(self, "locations", None)
+        if where is None or rank >= len(where):
+            return f"Ray worker rank {rank}"
+        return f"Ray worker rank {rank} (node {where[rank][0]}, pid {where[rank][1]})"
+
+    def _get(self, refs: list[Any], ranks: list[int] | None = None) -> list[Any]:
+        """The results of `refs` (one per rank of `ranks`, default 0..). A dead actor is an EngineDeadError naming
+        its rank; a task error waits up to 2 s for the other ranks, so that a peer's death (the usual cause of a
+        failed collective) is what gets reported."""
         ray = self._ray
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayActorError as e:
-            raise EngineDeadError(f"a Ray worker actor died: {e}") from e
-        except ray.exceptions.RayTaskError as e:
+        ranks = list(range(len(refs))) if ranks is None else list(ranks)
+        pending = dict(zip(refs, ranks))
+        results: dict[int, Any] = {}
+        failed: tuple[int, Any] | None = None
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if failed is None else 2.0)
+            if not ready:
+                break  # after a failure: the other ranks are stuck in a collective
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    raise EngineDeadError(f"{self._describe(rank)} died: {e}") from e
+                except ray.exceptions.RayTaskError as e:
+                    failed = failed or (rank, e)
+        if failed is not None:
+            rank, e = failed
             cause = e.as_instanceof_cause()
             if isinstance(cause, WeaveError):
                 raise cause from e
-            raise EngineError(f"a Ray worker failed: {e}") from e
+            raise EngineError(f"{self._describe(rank)} failed: {e}") from e
+        return [results[r] for r in ranks]
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:
         ranks = list(range(self.world_size)) if ranks is None else list(ranks)
-        return self._get([self.actors[r].execute_method.remote(method, tuple(args), kwargs or {}) for r in ranks])
+        return self._get([self.actors[r].execute_method.remote(method, tuple(args), kwargs or {}) for r in ranks],
+                         ranks)
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> RunnerFuture:
         refs = [a.execute_step.remote(scheduler_output) for a in self.actors]

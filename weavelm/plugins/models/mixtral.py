@@ -20,7 +20,7 @@ class MixtralForCausalLM(MoeForCausalLM):
 
     def feed_forward(self, cfg: Any, d: DecoderDims, layer_idx: int, tp: TensorParallelGroup) -> nn.Module:
         return FusedMoE(d.hidden, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
-                        renormalize=True, tp=tp)
+                        renormalize=True, tp=tp, ep=self.expert_parallel)
 
 
 @hookimpl

@@ -3,6 +3,9 @@
 the layers a checkpoint keeps dense, the dense MLP). A subclass says how one layer's feed-forward is built and under
 which checkpoint name (`moe_attr`: Mixtral's `block_sparse_moe`, Qwen's `mlp`).
 
+With expert parallelism (`parallel.layout.expert`, vLLM's `enable_expert_parallel`) every `FusedMoE` holds only its
+rank's experts (`weavelm.layers.expert_parallel`); attention and dense layers stay tensor-parallel.
+
 Expert weights load through `load_moe_checkpoint` (per-expert checkpoint tensors into the stacked `w13` / `w2`); the
 experts take no LoRA, the attention, dense MLPs and shared experts do (the LoRA manager wraps them by type).
 """
@@ -14,8 +17,10 @@ from typing import Any
 
 from torch import nn
 
+from weavelm.distributed import ParallelContext
 from weavelm.layers import (FusedMoE, ParallelLMHead, RMSNorm, RotaryEmbedding, TensorParallelGroup,
                             VocabParallelEmbedding, load_moe_checkpoint)
+from weavelm.layers.expert_parallel import ExpertParallel
 from weavelm.plugin import ModelArchitecture
 from weavelm.plugins.models.decoder import MLP, STACKED, DecoderDims, LlamaAttention, LlamaForCausalLM
 
@@ -43,13 +48,18 @@ class MoeDecoderLayer(nn.Module):
 
 
 class MoeForCausalLM(LlamaForCausalLM):
-    """Base of the MoE architectures; subclasses implement `feed_forward` and set `moe_attr`."""
+    """Base of the MoE architectures; subclasses implement `feed_forward` (passing `self.expert_parallel` to their
+    `FusedMoE`) and set `moe_attr`. `parallel`: the rank's groups; its expert group spreads the experts when the
+    layout asks for expert parallelism."""
 
     moe_attr = "mlp"
+    supports_expert_parallel = True
 
-    def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
+    def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup(),
+                 parallel: ParallelContext | None = None):
         ModelArchitecture.__init__(self)
         self.hf_config, self.tp = hf_config, tp
+        self.expert_parallel = ExpertParallel.from_context(parallel)
         d = self.dims = DecoderDims(hf_config)
         qkv_bias, o_bias = self._biases(hf_config)
         self.embed_tokens = VocabParallelEmbedding(d.vocab, d.hidden, tp)
@@ -78,7 +88,7 @@ class MoeForCausalLM(LlamaForCausalLM):
 
 
 def qwen_moe_layer(cfg: Any, d: DecoderDims, layer_idx: int, tp: TensorParallelGroup,
-                   shared_intermediate: int) -> nn.Module:
+                   shared_intermediate: int, ep: ExpertParallel | None = None) -> nn.Module:
     """Qwen2-MoE / Qwen3-MoE's rule: dense where `mlp_only_layers` lists the layer or it is not every
     `decoder_sparse_step`-th layer, else sparse."""
     step = getattr(cfg, "decoder_sparse_step", 1) or 1
@@ -86,4 +96,4 @@ def qwen_moe_layer(cfg: Any, d: DecoderDims, layer_idx: int, tp: TensorParallelG
             (layer_idx + 1) % step:
         return MLP(d, False, tp)
     return FusedMoE(d.hidden, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                    bool(getattr(cfg, "norm_topk_prob", False)), tp, shared_intermediate=shared_intermediate)
+                    bool(getattr(cfg, "norm_topk_prob", False)), tp, shared_intermediate=shared_intermediate, ep=ep)

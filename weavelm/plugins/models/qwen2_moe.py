@@ -22,7 +22,8 @@ class Qwen2MoeForCausalLM(MoeForCausalLM):
         return bool(getattr(cfg, "qkv_bias", True)), False
 
     def feed_forward(self, cfg: Any, d: DecoderDims, layer_idx: int, tp: TensorParallelGroup) -> nn.Module:
-        return qwen_moe_layer(cfg, d, layer_idx, tp, getattr(cfg, "shared_expert_intermediate_size", 0) or 0)
+        return qwen_moe_layer(cfg, d, layer_idx, tp, getattr(cfg, "shared_expert_intermediate_size", 0) or 0,
+                              self.expert_parallel)
 
 
 @hookimpl

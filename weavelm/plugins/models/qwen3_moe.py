@@ -19,7 +19,7 @@ class Qwen3MoeForCausalLM(MoeForCausalLM):
     qk_norm = True
 
     def feed_forward(self, cfg: Any, d: DecoderDims, layer_idx: int, tp: TensorParallelGroup) -> nn.Module:
-        return qwen_moe_layer(cfg, d, layer_idx, tp, 0)
+        return qwen_moe_layer(cfg, d, layer_idx, tp, 0, self.expert_parallel)
 
 
 @hookimpl

@@ -56,7 +56,7 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     dtype = resolve_dtype(config, hf_config, device)
     check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp)
     with default_dtype(dtype), torch.device(device):
-        model = build_model(model_cls, hf_config, tp)
+        model = build_model(model_cls, hf_config, tp, context.parallel)
     quant = quantization_config(context, loader, device, dtype, hf_config)
     attach(model, quant)                                 # 1. methods claim their layers
     loader.load_weights(model, config.model)             # 2. the checkpoint streams in

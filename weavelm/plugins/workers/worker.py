@@ -29,10 +29,11 @@ class DeviceWorker(Worker):
             self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
         if self.world_size > 1:
-            from weavelm.distributed import init_distributed
+            from weavelm.distributed import init_parallel, layout_from_options
 
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            init_distributed(self.rank, self.world_size, self.context.distributed_init_method, backend)
+            layout = layout_from_options(self.config.executor.options, self.world_size)
+            init_parallel(layout, self.rank, self.context.distributed_init_method, backend)
         torch.manual_seed(self.config.seed)
         self.runner = self.context.build_runner(self.device)
 
