@@ -14,6 +14,8 @@ from weavelm.errors import WeaveError
 # vLLM's engine flags, mapped onto their sections by weavelm.core.compat (dest -> argparse kwargs)
 VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "tensor_parallel_size": {"type": int, "help": "executor.tensor_parallel_size (picks the multiproc executor)"},
+    "pipeline_parallel_size": {"type": int, "help": "executor.pipeline_parallel_size: layers split over stages "
+                               "(picks the multiproc executor)"},
     "gpu_memory_utilization": {"type": float, "help": "cache.gpu_memory_utilization"},
     "max_num_seqs": {"type": int, "help": "scheduler.max_num_seqs"},
     "max_num_batched_tokens": {"type": int, "help": "scheduler.max_num_batched_tokens"},

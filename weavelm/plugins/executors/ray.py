@@ -1,5 +1,6 @@
-"""The Ray executor: one Ray actor per tensor-parallel rank, placed with a placement group, speaking the same
-`collective_rpc` and step messages as `multiproc` (each actor holds a `WorkerWrapperBase`).
+"""The Ray executor: one Ray actor per rank (tensor x pipeline parallel), placed with a placement group, speaking
+the same `collective_rpc` and step messages as `multiproc` (each actor holds a `WorkerWrapperBase`); the output rank
+(tensor rank 0 of the last pipeline stage) answers steps.
 
 Across nodes: `ray start --head` on one node, `ray start --address=<head>:6379` on the others, then run weavelm with
 `executor: {name: ray, tensor_parallel_size: N, address: auto}`. Ray is imported only when this executor is built
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +20,7 @@ from weavelm.core.contexts import ExecutorContext
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import Executor
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
+from weavelm.distributed import ParallelLayout, check_pipeline_config
 from weavelm.errors import ConfigError, EngineDeadError, EngineError, WeaveError
 
 logger = logging.getLogger("weavelm.executor")
@@ -26,6 +29,8 @@ logger = logging.getLogger("weavelm.executor")
 class RayOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tensor_parallel_size: int = Field(1, ge=1, le=512, description="Ranks (Ray actors) the model is sharded over.")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Pipeline stages the layers are split over "
+                                        "(each stage has tensor_parallel_size actors).")
     address: str | None = Field(None, description="Ray cluster to join (`auto`, or host:port); default: the "
                                 "running local instance, else a new local one.")
     num_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs each rank's actor reserves.")
@@ -42,8 +47,9 @@ def _actor_class():
     class RayWorker:
         """One rank: a WorkerWrapperBase inside a Ray actor."""
 
-        def __init__(self, build_worker: Any, rank: int, world_size: int):
+        def __init__(self, build_worker: Any, rank: int, world_size: int, output_rank: int = 0):
             self.args = (build_worker, rank, world_size)
+            self.output_rank = output_rank
             self.wrapper: WorkerWrapperBase | None = None
 
         def address(self) -> tuple[str, int]:
@@ -61,14 +67,14 @@ def _actor_class():
 
         def execute_step(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
             output = self.wrapper.worker.execute_model(scheduler_output)
-            return output if self.wrapper.rank == 0 else None
+            return output if self.wrapper.rank == self.output_rank else None
 
     return RayWorker
 
 
 class RayExecutor(Executor):
     name = "ray"
-    description = "One Ray actor per tensor-parallel rank (placement group); local or multi-node."
+    description = "One Ray actor per rank (tensor x pipeline parallel, placement group); local or multi-node."
     Options = RayOptions
 
     def __init__(self, options: RayOptions, context: ExecutorContext):
@@ -80,9 +86,11 @@ class RayExecutor(Executor):
         except ImportError as e:
             raise ConfigError([("executor", f"the ray executor needs Ray: pip install 'weavelm[ray]' ({e})")]) from e
         self._ray = ray
+        check_pipeline_config(context.config, options.pipeline_parallel_size)
         if not ray.is_initialized():
             ray.init(address=options.address, ignore_reinit_error=True, log_to_driver=False)
-        self.world_size = options.tensor_parallel_size
+        self.layout = ParallelLayout(tensor=options.tensor_parallel_size, pipeline=options.pipeline_parallel_size)
+        self.world_size, self.output_rank = self.layout.world_size, self.layout.output_rank
         gpus = 1 if context.config.device == "cuda" else 0
         bundle = {"CPU": options.num_cpus_per_worker, **({"GPU": gpus} if gpus else {})}
         self.placement = placement_group([dict(bundle) for _ in range(self.world_size)],
@@ -97,7 +105,7 @@ class RayExecutor(Executor):
         self.actors = [
             actor.options(num_cpus=options.num_cpus_per_worker, num_gpus=gpus,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, rank)).remote(
-                context.build_worker, rank, self.world_size)
+                partial(context.build_worker, layout=self.layout), rank, self.world_size, self.output_rank)
             for rank in range(self.world_size)]
         init_method = None
         if self.world_size > 1:
@@ -118,6 +126,10 @@ class RayExecutor(Executor):
             if isinstance(cause, WeaveError):
                 raise cause from e
             raise EngineError(f"a Ray worker failed: {e}") from e
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.layout.pipeline
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:
@@ -157,7 +169,7 @@ class _RayStepFuture(RunnerFuture):
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
-            self._output = self._executor._get(self._refs)[0]
+            self._output = self._executor._get(self._refs)[self._executor.output_rank]
         return self._output
 
 

@@ -46,6 +46,7 @@ class MoeForCausalLM(LlamaForCausalLM):
     """Base of the MoE architectures; subclasses implement `feed_forward` and set `moe_attr`."""
 
     moe_attr = "mlp"
+    supports_pp = False  # builds every layer itself (no `pp` keyword); pipeline parallelism is refused
 
     def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
         ModelArchitecture.__init__(self)

@@ -28,11 +28,11 @@ class DeviceWorker(Worker):
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
-        if self.world_size > 1:
-            from weavelm.distributed import init_distributed
+        if self.world_size > 1:  # the default group, then every tensor-parallel group and pipeline of the layout
+            from weavelm.distributed import default_backend, init_parallel
 
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            init_distributed(self.rank, self.world_size, self.context.distributed_init_method, backend)
+            init_parallel(self.context.layout, self.rank, self.context.distributed_init_method,
+                          default_backend(self.device.type))
         torch.manual_seed(self.config.seed)
         self.runner = self.context.build_runner(self.device)
 
