@@ -3,8 +3,8 @@
 - Engines (one per layout): `pipeline_parallel_size=2` (Qwen3, 3 layers: an uneven split, tied embeddings on the
   last stage) and `tensor_parallel_size=2, pipeline_parallel_size=2` (Llama, 4 gloo ranks), set through `LLM(...)`
   keywords, give greedy tokens identical to transformers on a mixed batch (chunked prefills beside decodes, more
-  than one micro-batch in flight, preemption forced by a small KV pool); one `weavelm generate
-  --pipeline-parallel-size 2` run prints transformers' greedy text.
+  than one micro-batch in flight, preemption forced by a small KV pool); so does the `ray` executor at pp=2, and
+  one `weavelm generate --pipeline-parallel-size 2` run prints transformers' greedy text.
 - A killed stage is an EngineDeadError naming its rank and stage within 10 s, and no worker process survives.
 - Stage split and loading: a stage builds and reads only its layers (other stages' tensors are never read).
 - The group collectives over gloo sub-groups of a tp=2 x pp=2 layout (all-reduce inside a stage, send / isend /
@@ -136,6 +136,26 @@ def test_tp2_pp2_greedy_tokens_match_transformers(models):
              **ENGINE) as llm:
         assert len(llm.collective_rpc("pid")) == 4
         assert run_mixed(llm, observer) == want_tokens(models["llama"])
+
+
+@pytest.mark.slow
+def test_ray_pp2_greedy_tokens_match_transformers(models):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'weavelm[ray]')")
+    try:
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as e:  # noqa: BLE001 - any failure to start Ray is a skip with its reason
+        pytest.skip(f"Ray could not start here: {e}")
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    want = [hf_greedy(models["qwen3"], p, 4) for p in PROMPTS[:3]]
+    llm = LLM(model=models["qwen3"], distributed_executor_backend="ray", pipeline_parallel_size=2,
+              **{**ENGINE, "cache": {"num_blocks": 32, "block_size": 4}})
+    try:
+        assert llm.llm_engine.config.executor.name == "ray"
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], params)
+        assert [o.outputs[0].token_ids for o in outs] == want
+    finally:
+        llm.shutdown()
 
 
 def test_cli_pipeline_parallel_size_flag(smol_tokenizer_model, capsys):

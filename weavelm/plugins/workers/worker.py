@@ -86,6 +86,12 @@ class DeviceWorker(Worker):
     def apply_proposer(self, func) -> Any:
         return func(self.runner.get_proposer())
 
+    def pipeline_timeline(self) -> list:
+        """This pipeline stage's compute spans since the last call (`pipeline_stage.StageSpan`); [] without
+        pipeline parallelism."""
+        link = getattr(self.runner, "pipeline", None)
+        return link.take_timeline() if link is not None else []
+
 
 @hookimpl
 def weavelm_register(registry) -> None:
