@@ -22,6 +22,8 @@ VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "node_rank": {"type": int, "help": "executor.node_rank: this node's index (others than 0 need --headless)"},
     "master_addr": {"help": "executor.master_addr: node 0's address, reachable from every node"},
     "master_port": {"type": int, "help": "executor.master_port: node 0's port the other nodes' workers join"},
+    "pipeline_parallel_size": {"type": int, "help": "executor.pipeline_parallel_size: layers split over stages "
+                               "(picks the multiproc executor)"},
     "gpu_memory_utilization": {"type": float, "help": "cache.gpu_memory_utilization"},
     "max_num_seqs": {"type": int, "help": "scheduler.max_num_seqs"},
     "max_num_batched_tokens": {"type": int, "help": "scheduler.max_num_batched_tokens"},

@@ -47,16 +47,18 @@ class ModelBundle:
 
 def load_model_bundle(context: RunnerContext) -> ModelBundle:
     """Read the config through the context's loader, build the architecture on the device in the engine's dtype
-    with the rank's tensor-parallel group (`context.tp`), and load its weights (each rank reads its shard)."""
+    with the rank's tensor-parallel group (`context.tp`) and pipeline stage (`context.parallel.pp`), and load its
+    weights (each rank reads its shard)."""
     config, device, loader, tp = context.config, context.device, context.loader, context.tp
     if not config.model:
         raise ConfigError([("model", "no model given; set `model:` to a model directory or .gguf file")])
     hf_config = loader.load_hf_config(config.model)
     model_cls = context.model_class(hf_config)
     dtype = resolve_dtype(config, hf_config, device)
-    check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp)
+    pp = context.parallel.pp if context.parallel is not None else None
+    check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp, pp)
     with default_dtype(dtype), torch.device(device):
-        model = build_model(model_cls, hf_config, tp, context.parallel)
+        model = build_model(model_cls, hf_config, tp, pp, context.parallel)
     quant = quantization_config(context, loader, device, dtype, hf_config)
     attach(model, quant)                                 # 1. methods claim their layers
     loader.load_weights(model, config.model)             # 2. the checkpoint streams in
