@@ -143,6 +143,10 @@ class EngineConfig(BaseModel):
     runner: str = Field("generate", description="generate or pooling (embeddings).")
     pooler: PoolerConfig | None = Field(None, description="The pooler's overrides (runner: pooling only).")
     data_parallel_size: int = Field(1, description="Engine-core replicas behind one client (core/dp_client.py).")
+    # set by the data-parallel client in each replica's copy (not configurable): with expert parallelism the
+    # replicas' workers form one torch.distributed world rendezvousing at `data_parallel_master`
+    data_parallel_rank: int = Field(0, description="This replica's index (set by the data-parallel client).")
+    data_parallel_master: str | None = Field(None, description="The replicas' shared init method (expert parallel).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     kernels: KernelConfig = Field(default_factory=KernelConfig, description="Kernel switches (`weavelm.ops`).")
     scheduler: ComponentConfig

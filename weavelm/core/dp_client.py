@@ -20,7 +20,9 @@ serves blocking callers (`LLMEngine`), `AsyncDPClient` asyncio (`AsyncLLM`); `ma
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import socket
 import time
 from collections import OrderedDict, deque
 from typing import Any
@@ -28,13 +30,14 @@ from typing import Any
 from weavelm.core import serial
 from weavelm.core.client import EngineCoreClient
 from weavelm.core.config import EngineConfig
-from weavelm.core.core_process import POLL_MS, CoreProcess
-from weavelm.core.dp_engine import ReplicaLoad, replica_specs, run_replica
+from weavelm.core.core_process import POLL_MS, CoreProcess, dead_error, stop_process
+from weavelm.core.dp_engine import ReplicaLoad, ReplicaSpec, replica_specs, run_replica
+from weavelm.core.dp_layout import shares_experts
 from weavelm.core.dp_stats import DataParallelStats, ReplicaStats, aggregate
 from weavelm.core.outputs import EngineCoreOutput, SchedulerStats
 from weavelm.core.registry import Registry
 from weavelm.core.request import Request
-from weavelm.errors import EngineDeadError, EngineError, ReplicaDeadError
+from weavelm.errors import ConfigError, EngineDeadError, EngineError, ReplicaDeadError
 
 WAITING_WEIGHT = 4  # a waiting request counts this many running ones (vLLM's DP balancer)
 KV_WEIGHT = 2.0  # a full KV pool counts as this many running requests
@@ -76,10 +79,11 @@ class _DPClient(EngineCoreClient):
 
     def __init__(self, config: EngineConfig, registry: Registry):
         self.block_size = config.cache.block_size
+        self.lockstep = shares_experts(config)  # DP attention + EP MoE: one world, replicas step together
         cores: list[CoreProcess] = []
         try:
-            for spec in replica_specs(config):
-                cores.append(CoreProcess(config, registry, entry=run_replica, entry_kwargs={"replica": spec},
+            for spec, replica_config in _replica_configs(config):
+                cores.append(CoreProcess(replica_config, registry, entry=run_replica, entry_kwargs={"replica": spec},
                                          wait=False))
             for core in cores:  # the replicas load their models at the same time
                 core.wait_ready()
@@ -132,10 +136,14 @@ class _DPClient(EngineCoreClient):
         self.owner[request.request_id] = replica
 
     def _flush(self) -> None:
+        sent = False
         for replica in self.replicas:
             if replica.adds and replica.alive:
                 adds, replica.adds = replica.adds, []
-                self._send(replica, serial.ADD, adds)
+                sent = self._send(replica, serial.ADD, adds) or sent
+        if sent and self.lockstep:  # wake the others: a new wave starts on every replica at once
+            for replica in self.live():
+                self._send(replica, serial.ADD, [])
 
     def _send(self, replica: Replica, kind: int, payload: Any) -> bool:
         """Send to a replica; False (and the replica is lost) when it is dead."""
@@ -180,12 +188,15 @@ class _DPClient(EngineCoreClient):
         on. When it was the last one, the engine is dead."""
         if replica.dead is not None:
             return
-        dead = ReplicaDeadError(f"data-parallel replica {replica.index} is dead: {error}; its requests failed, the "
-                                f"other replicas keep serving", replica.index, replica.core.pid,
-                                getattr(error, "exitcode", None))
+        what = f"data-parallel replica {replica.index} is dead: {error}"
+        dead = ReplicaDeadError(what if self.lockstep else f"{what}; its requests failed, the other replicas keep "
+                                f"serving", replica.index, replica.core.pid, getattr(error, "exitcode", None))
         dead.__cause__ = error
         replica.dead = dead
         replica.core.shutdown()
+        if self.lockstep:  # the others wait in collectives for it, and its experts are gone: the engine is lost
+            self._stop_lockstep(replica, dead)
+            dead = replica.dead
         lost, replica.adds = sorted(replica.unfinished), []
         replica.unfinished.clear()
         for rid in lost:
@@ -193,12 +204,38 @@ class _DPClient(EngineCoreClient):
             self._record_lost(rid, dead)
         self._fail_calls(replica, dead)
         if not self.live():
-            self.dead = EngineDeadError(f"every data-parallel replica is dead (the last: {dead})")
+            self.dead = dead if self.lockstep else EngineDeadError(f"every data-parallel replica is dead (the last: "
+                                                                   f"{dead})")
         if lost:
             text = f"{type(dead).__name__}: {dead}"
             self._deliver([EngineCoreOutput(rid, [], finish_reason="error", error=text) for rid in lost])
         if self.dead is not None:
             self._deliver_dead(self.dead)
+
+    def _stop_lockstep(self, replica: Replica, dead: ReplicaDeadError) -> None:
+        """Expert parallelism over the replicas: one dead replica ends them all (each waits in collectives for
+        it). Every request fails with the error naming the replica that died first: one killed from outside if
+        any (the others then fail in its collectives)."""
+        live = self.live()
+        for other in live:
+            code = other.core.proc.exitcode if not other.core.proc.is_alive() else None
+            if code is not None and code < 0:
+                cause = dead_error(other.core.pid, code, None)
+                dead = ReplicaDeadError(f"data-parallel replica {other.index} is dead: {cause}", other.index,
+                                        other.core.pid, code)
+                break
+        cause = dead
+        dead = ReplicaDeadError(f"{dead}; with expert parallelism the replicas share the experts, so every replica "
+                                f"stopped", dead.replica, dead.pid, dead.exitcode)
+        dead.__cause__ = cause
+        replica.dead = dead
+        for other in live:
+            other.dead = dead
+            stop_process(other.core.proc, 1.0)
+            other.core.shutdown()
+            replica.unfinished |= other.unfinished
+            other.unfinished.clear()
+            self._fail_calls(other, dead)
 
     def _record_lost(self, request_id: str, error: ReplicaDeadError) -> None:
         pass
@@ -247,6 +284,30 @@ class _DPClient(EngineCoreClient):
     def shutdown(self) -> None:
         for replica in self.replicas:
             replica.core.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _replica_configs(config: EngineConfig) -> list[tuple[ReplicaSpec, EngineConfig]]:
+    """Each replica's spec and config. With expert parallelism over the replicas: one world for their workers (a
+    shared rendezvous), a gloo group for their engine cores, plain synchronous eager steps (the lockstep rounds
+    count one launch per step), and one rank per replica (the in-process worker of `uniproc`)."""
+    specs = replica_specs(config)
+    if not shares_experts(config):
+        return [(spec, config) for spec in specs]
+    if config.executor.name != "uniproc":
+        raise ConfigError([("executor.name", f"data_parallel_size > 1 with enable_expert_parallel runs one rank per "
+                                             f"replica (the uniproc executor), not {config.executor.name}; leave "
+                                             f"tensor_parallel_size and pipeline_parallel_size at 1")])
+    master, lockstep = f"tcp://127.0.0.1:{free_port()}", free_port()
+    return [(dataclasses.replace(spec, lockstep_port=lockstep),
+             config.model_copy(update={"data_parallel_rank": spec.index, "data_parallel_master": master,
+                                       "async_scheduling": False, "enforce_eager": True}))
+            for spec in specs]
 
 
 def _unwrap(method: str, replica: Replica, ok: bool, value: Any) -> Any:
@@ -456,6 +517,31 @@ class AsyncDPClient(_DPClient):
     def _deliver_dead(self, error: EngineDeadError) -> None:
         if self._queue is not None:
             self._queue.put_nowait(error)
+
+    def _stop_lockstep(self, replica: Replica, dead: ReplicaDeadError) -> None:
+        """Expert parallelism over the replicas: one dead replica ends them all (each waits in collectives for
+        it). Every request fails with the error naming the replica that died first: one killed from outside if
+        any (the others then fail in its collectives)."""
+        live = self.live()
+        for other in live:
+            code = other.core.proc.exitcode if not other.core.proc.is_alive() else None
+            if code is not None and code < 0:
+                cause = dead_error(other.core.pid, code, None)
+                dead = ReplicaDeadError(f"data-parallel replica {other.index} is dead: {cause}", other.index,
+                                        other.core.pid, code)
+                break
+        cause = dead
+        dead = ReplicaDeadError(f"{dead}; with expert parallelism the replicas share the experts, so every replica "
+                                f"stopped", dead.replica, dead.pid, dead.exitcode)
+        dead.__cause__ = cause
+        replica.dead = dead
+        for other in live:
+            other.dead = dead
+            stop_process(other.core.proc, 1.0)
+            other.core.shutdown()
+            replica.unfinished |= other.unfinished
+            other.unfinished.clear()
+            self._fail_calls(other, dead)
 
     def _record_lost(self, request_id: str, error: ReplicaDeadError) -> None:
         self._lost[request_id] = error

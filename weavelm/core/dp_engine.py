@@ -6,10 +6,21 @@ device it narrows `CUDA_VISIBLE_DEVICES` to its own slice of the devices (replic
 devices `[i*R, (i+1)*R)` of those the frontend sees; on the CPU nothing changes), and its loop (`ReplicaCoreProc`)
 reports its load (`ReplicaLoad`: waiting and running requests, KV usage, preemptions so far) after every step that
 changed it, so the client can balance new requests without asking.
+
+DP attention + EP MoE (`enable_expert_parallel` with several replicas, `LockstepCoreProc`): the replicas' workers
+form one world (`dp_layout.replica_world`) and every MoE layer dispatches tokens over an expert-parallel group that
+spans the replicas, so the replicas step in lockstep. Each round every replica contributes (wants to run a forward,
+holds unfinished requests, is stopping) to an all-reduce over a gloo group of the engine-core processes, then runs
+its step's forward, or, when it has none but another replica does, a dummy forward (`dummy_moe_forward`: every MoE
+layer on zero tokens, which joins the same collectives; vLLM's execute_dummy_batch). While no replica holds a
+request they all wait for input up to `IDLE_TICK_MS` between rounds (the client also wakes every replica whenever
+it sends one a request), so a new wave starts together; a stop (SHUTDOWN, or the parent gone) ends every replica
+after the same round.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +40,7 @@ class ReplicaSpec:
     index: int
     size: int
     env: dict[str, str] = field(default_factory=dict)
+    lockstep_port: int | None = None  # DP attention + EP MoE: the engine cores' gloo group (replica 0 hosts it)
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,9 @@ def run_replica(config: EngineConfig, registry_spec: RegistrySpec, input_addr: s
     """Process entry point of replica `replica.index`: its devices, then `run_engine_core` with a loop that
     reports its load."""
     os.environ.update(replica.env)
+    proc_cls = ReplicaCoreProc if replica.lockstep_port is None else LockstepCoreProc
     run_engine_core(config, registry_spec, input_addr, output_addr, parent_pid,
-                    proc_factory=partial(ReplicaCoreProc, replica=replica))
+                    proc_factory=partial(proc_cls, replica=replica))
 
 
 class ReplicaCoreProc(EngineCoreProc):
@@ -108,3 +121,116 @@ class ReplicaCoreProc(EngineCoreProc):
         if load != self._last_load:
             self._last_load = load
             self.send(serial.LOAD, load)
+
+
+IDLE_TICK_MS = 50  # lockstep replicas with no request anywhere meet this often
+LOCKSTEP_TIMEOUT_S = 600.0  # a collective waiting this long for a replica fails (the client notices deaths sooner)
+
+
+def dummy_moe_forward(model: Any) -> None:
+    """Every MoE layer of `model` on zero tokens, in model order: the expert-parallel collectives of one forward,
+    for a replica with nothing to run while another replica runs a step."""
+    import torch
+
+    from weavelm.layers.fused_moe import FusedMoE
+
+    for module in model.modules():
+        if isinstance(module, FusedMoE):
+            weight = module.gate.weight
+            module(torch.empty((0, weight.shape[1]), dtype=weight.dtype, device=weight.device))
+
+
+class _Rounds:
+    """The lockstep rounds of one replica: an all-reduce of (forward wanted, unfinished requests, stopping) over
+    the engine cores' gloo group, and the dummy forward when another replica runs one."""
+
+    def __init__(self, replica: ReplicaSpec, executor: Any):
+        import torch
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=LOCKSTEP_TIMEOUT_S)
+        store = dist.TCPStore("127.0.0.1", replica.lockstep_port, replica.size, is_master=replica.index == 0,
+                              timeout=timeout)
+        self.group = dist.ProcessGroupGloo(dist.PrefixStore("weavelm-dp-lockstep", store), replica.index,
+                                           replica.size, timeout)
+        self.store = store  # kept alive with the group
+        self.executor = executor
+        self.flags = torch.zeros(3, dtype=torch.int64)
+        self.agreed = False  # this round's all-reduce is done
+        self.any_forward = self.any_unfinished = self.stop = False
+
+    def agree(self, forward: bool, unfinished: bool, stopping: bool) -> bool:
+        """Meet the other replicas for this round; True when some replica runs a forward in it."""
+        flags = self.flags
+        flags[0], flags[1], flags[2] = int(forward), int(unfinished), int(stopping)
+        self.group.allreduce([flags]).wait()
+        self.agreed = True
+        self.any_forward, self.any_unfinished = bool(flags[0]), bool(flags[1])
+        self.stop = self.stop or bool(flags[2])
+        return self.any_forward
+
+    def dummy(self) -> None:
+        self.executor.collective_rpc("apply_model", (dummy_moe_forward,))
+
+
+class _LockstepExecutor:
+    """The replica's executor as its `EngineCore` sees it: a step's launch first meets the other replicas (and runs
+    a dummy forward when this step is empty but another replica's is not). Everything else is the executor's."""
+
+    def __init__(self, executor: Any, rounds: _Rounds, proc: LockstepCoreProc):
+        self._executor, self._rounds, self._proc = executor, rounds, proc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._executor, name)
+
+    def execute_model_async(self, scheduler_output: Any) -> Any:
+        self._meet(scheduler_output)
+        return self._executor.execute_model_async(scheduler_output)
+
+    def execute_model(self, scheduler_output: Any) -> Any:
+        self._meet(scheduler_output)
+        return self._executor.execute_model(scheduler_output)
+
+    def _meet(self, scheduler_output: Any) -> None:
+        if self._rounds.agreed:
+            raise AssertionError("a lockstep replica launched two steps in one round")
+        empty = scheduler_output.is_empty
+        if self._rounds.agree(not empty, True, self._proc.stopping) and empty:
+            self._rounds.dummy()
+
+
+class LockstepCoreProc(ReplicaCoreProc):
+    """The loop of a replica whose MoE layers span the replicas (see the module's docstring): one round per
+    iteration, plain (unpipelined) steps."""
+
+    def __init__(self, *args: Any, replica: ReplicaSpec, **kwargs: Any):
+        super().__init__(*args, replica=replica, **kwargs)
+        core = self.core
+        self.rounds = _Rounds(replica, core.executor)
+        core.executor = _LockstepExecutor(core.executor, self.rounds, self)
+        core.step_fn = core.step  # one launch per round
+
+    def run(self) -> None:
+        rounds = self.rounds
+        idle = True
+        while True:
+            self._wait_inputs(IDLE_TICK_MS if idle else 0)
+            rounds.agreed = False
+            if not self.stopping and self.core.has_unfinished_requests():
+                self._send_outputs(self.core.step_fn())
+                self.report_load()
+            if not rounds.agreed:  # no launch this round: meet anyway, and keep the others' forward company
+                if rounds.agree(False, self.core.has_unfinished_requests(), self.stopping):
+                    rounds.dummy()
+            if rounds.stop:
+                self.stopping = True
+                return
+            idle = not rounds.any_unfinished
+
+    def _wait_inputs(self, timeout_ms: int) -> None:
+        """Apply every queued message, first waiting up to `timeout_ms` for one."""
+        if timeout_ms and not self.poller.poll(timeout_ms):
+            if os.getppid() != self.parent_pid:
+                self.stopping = True
+            return
+        self._handle_inputs(block=False)
