@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests.dp_utils import alive, slow_steps, wait_gone
 from tests.model_fixtures import hf_greedy
 from weavelm import LLM, SamplingParams
 from weavelm.core.dp_client import AsyncDPClient, DPClient
@@ -28,7 +29,6 @@ ENGINE = dict(dtype="float32", device="cpu", loader="safetensors", num_threads=1
               scheduler={"max_num_seqs": 4})
 MAX_TOKENS = 12
 SLOW_TOKENS = 24
-SLOW_STEP_S = 0.05
 
 
 def _prompts() -> list[list[int]]:
@@ -42,29 +42,6 @@ PROMPTS = _prompts()
 SLOW_PROMPTS = [[9, 8, 7], [31, 32, 33, 34], [50, 51], [77, 78, 79]]
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 SLOW = SamplingParams(max_tokens=SLOW_TOKENS, temperature=0.0, ignore_eos=True)
-
-
-def slow_steps(req_ids, logits):
-    """A logits hook (pickled by reference into the replicas): steps holding a `slow-` request take 50 ms, so they
-    are still running when a replica is killed. It leaves the logits alone."""
-    if any(r.startswith("slow-") for r in req_ids):
-        time.sleep(SLOW_STEP_S)
-    return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
-def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
 
 
 @pytest.fixture(scope="module")
