@@ -20,8 +20,10 @@ after the same round.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -29,8 +31,9 @@ from typing import Any
 from weavelm.core import serial
 from weavelm.core.config import EngineConfig
 from weavelm.core.engine_proc import EngineCoreProc, run_engine_core
+from weavelm.core.outputs import RunnerFuture
 from weavelm.core.registry import RegistrySpec
-from weavelm.errors import ConfigError
+from weavelm.errors import ConfigError, EngineDeadError
 
 
 @dataclass(frozen=True)
@@ -184,12 +187,14 @@ class _LockstepExecutor:
         return getattr(self._executor, name)
 
     def execute_model_async(self, scheduler_output: Any) -> Any:
-        self._meet(scheduler_output)
-        return self._executor.execute_model_async(scheduler_output)
+        with _fatal(self._proc.replica):
+            self._meet(scheduler_output)
+            return _FatalFuture(self._executor.execute_model_async(scheduler_output), self._proc.replica)
 
     def execute_model(self, scheduler_output: Any) -> Any:
-        self._meet(scheduler_output)
-        return self._executor.execute_model(scheduler_output)
+        with _fatal(self._proc.replica):
+            self._meet(scheduler_output)
+            return self._executor.execute_model(scheduler_output)
 
     def _meet(self, scheduler_output: Any) -> None:
         if self._rounds.agreed:
@@ -197,6 +202,31 @@ class _LockstepExecutor:
         empty = scheduler_output.is_empty
         if self._rounds.agree(not empty, True, self._proc.stopping) and empty:
             self._rounds.dummy()
+
+
+@contextlib.contextmanager
+def _fatal(replica: ReplicaSpec) -> Iterator[None]:
+    """A lockstep step that fails is never isolated to its requests (the engine core's rule for one replica): the
+    other replicas wait in its collectives, or a peer is gone. EngineDeadError ends this replica's loop."""
+    try:
+        yield
+    except EngineDeadError:
+        raise
+    except Exception as e:
+        raise EngineDeadError(f"data-parallel replica {replica.index}: a lockstep step failed (a peer replica died, "
+                              f"or its collectives broke): {type(e).__name__}: {e}") from e
+
+
+class _FatalFuture(RunnerFuture):
+    """A launched lockstep step whose failure, when collected, is fatal too (see `_fatal`)."""
+
+    def __init__(self, future: RunnerFuture, replica: ReplicaSpec):
+        super().__init__()
+        self._future, self._replica = future, replica
+
+    def result(self) -> Any:
+        with _fatal(self._replica):
+            return self._future.result()
 
 
 class LockstepCoreProc(ReplicaCoreProc):
