@@ -85,7 +85,8 @@ def test_stats_sum_the_replicas_with_a_row_each(llm):
     assert stats.num_waiting_reqs == sum(r.num_waiting_reqs for r in stats.replicas)
     assert stats.num_used_blocks == sum(r.num_used_blocks for r in stats.replicas) > 0
     assert stats.kv_cache_usage == pytest.approx(stats.num_used_blocks / 18)
-    assert all(r.num_running_reqs + r.num_waiting_reqs > 0 for r in stats.replicas), "one replica held them all"
+    assert all(r.num_running_reqs + r.num_waiting_reqs > 0 for r in stats.replicas), \
+        f"one replica held them all: {stats.replicas}, owners {[engine.client.owner[r].index for r in ids]}"
     _drain(engine, ids)
     idle = llm.get_stats()
     assert (idle.num_running_reqs, idle.num_waiting_reqs, idle.num_used_blocks) == (0, 0, 0)
