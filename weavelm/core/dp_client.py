@@ -384,7 +384,7 @@ class DPClient(_DPClient):
             poller.register(replica.core.output, zmq.POLLIN)
         ready = dict(poller.poll(POLL_MS))
         for replica in live:
-            if replica.core.output not in ready:
+            if not replica.alive or replica.core.output not in ready:  # (lost meanwhile: its sockets are closed)
                 continue
             try:
                 while True:
@@ -496,12 +496,13 @@ class AsyncDPClient(_DPClient):
         core = replica.core
         socket = zmq.asyncio.Socket.shadow(core.output.underlying)
         try:
-            while True:
+            while replica.alive:
                 if not await socket.poll(POLL_MS, zmq.POLLIN):
-                    waiting = bool(replica.unfinished) or any(k[0] == replica.index for k in self._waiters)
-                    core.check_liveness(waiting=waiting)
+                    if replica.alive:
+                        waiting = bool(replica.unfinished) or any(k[0] == replica.index for k in self._waiters)
+                        core.check_liveness(waiting=waiting)
                     continue
-                while True:
+                while replica.alive:
                     try:
                         data = core.output.recv(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
@@ -509,6 +510,9 @@ class AsyncDPClient(_DPClient):
                     self._file(replica, *core.decode(data.buffer))
         except EngineDeadError as e:
             self._lose(replica, e)
+        except zmq.ZMQError:
+            if replica.alive:  # its sockets close only once it is lost (or at shutdown)
+                raise
 
     def _deliver(self, batch: list[EngineCoreOutput]) -> None:
         if self._queue is not None:
