@@ -4,7 +4,8 @@ attention + EP MoE), one FusedMoE layer, timed per call on every rank (rank 0 re
     python benchmarks/moe_ep_dispatch.py --out benchmarks/results/moe_ep_dispatch.json           # CPU, gloo, 2 ranks
     python benchmarks/moe_ep_dispatch.py --device cuda --world 2 --shape qwen3-30b-a3b --out $OUT/ep.json   # nccl
 
-Each row: tokens per rank, the combine path, median ms per layer call (the slowest rank's), and for reference
+Each row: tokens per rank, the combine path, median ms per layer call (the slowest rank's; the paths are
+interleaved call by call, so a shared machine's load hits them alike), and for reference
 `replicated` (every rank the same tokens, local experts + all-reduce: EP over tensor-parallel ranks). Token counts
 are equal on all ranks except rank 0, which holds half (uneven batches are the DP case).
 """
@@ -46,31 +47,35 @@ def _rank(rank: int, args: argparse.Namespace, port: int, queue) -> None:
     group = TensorParallelGroup(rank, args.world)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
+    paths = ("replicated", "all2all", "allgather")
     for tokens in args.tokens:
         mine = max(1, tokens // 2) if rank == 0 else tokens
-        x = torch.randn(mine, shape["hidden"], device=device, dtype=dtype)
-        for path in ("replicated", "all2all", "allgather"):
+        layers, inputs = {}, {}
+        for path in paths:
             ep = ExpertParallel(group, tokens_replicated=path == "replicated",
                                 dispatch="all2all" if path == "replicated" else path)
+            torch.set_default_dtype(dtype)
             with torch.device(device):
-                torch.set_default_dtype(dtype)
-                moe = FusedMoE(shape["hidden"], shape["intermediate"], shape["experts"], shape["top_k"], True,
-                               tp=group, ep=ep)
-                torch.set_default_dtype(torch.float32)
-            for p in moe.parameters():
+                layers[path] = FusedMoE(shape["hidden"], shape["intermediate"], shape["experts"], shape["top_k"],
+                                        True, tp=group, ep=ep)
+            torch.set_default_dtype(torch.float32)
+            for p in layers[path].parameters():
                 p.data.normal_(0, 0.05)
-            xi = torch.randn(tokens, shape["hidden"], device=device, dtype=dtype) if path == "replicated" else x
-            times = []
-            with torch.no_grad():
-                for i in range(args.warmup + args.iters):
+            inputs[path] = torch.randn(tokens if path == "replicated" else mine, shape["hidden"], device=device,
+                                       dtype=dtype)
+        times: dict[str, list[float]] = {path: [] for path in paths}
+        with torch.no_grad():
+            for i in range(args.warmup + args.iters):
+                for path in paths:  # interleaved, so load on a shared machine hits every path alike
                     dist.barrier()
                     sync()
                     t0 = time.perf_counter()
-                    moe(xi)
+                    layers[path](inputs[path])
                     sync()
                     if i >= args.warmup:
-                        times.append(time.perf_counter() - t0)
-            med = torch.tensor([statistics.median(times) * 1e3], dtype=torch.float64)
+                        times[path].append(time.perf_counter() - t0)
+        for path in paths:
+            med = torch.tensor([statistics.median(times[path]) * 1e3], dtype=torch.float64)
             dist.all_reduce(med, op=dist.ReduceOp.MAX)  # the step waits for the slowest rank
             rows.append({"tokens_per_rank": tokens, "rank0_tokens": max(1, tokens // 2), "path": path,
                          "ms": round(med.item(), 4)})

@@ -7,7 +7,8 @@
   rank holds 2 experts, and a mixed batch under chunked prefill and forced preemption gives transformers' greedy
   tokens; in the same two gloo ranks, the three combine paths (replicated tokens + all-reduce, all-to-all dispatch,
   all-gather + reduce-scatter) on ranks holding different token counts (one rank none) equal one whole FusedMoE.
-  The CLI flag `--enable-expert-parallel` sets the same option.
+  Killing rank 1 mid-generation is an EngineDeadError naming it within 10 s, and no worker survives.
+- The CLI flag `--enable-expert-parallel` sets the same option.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from __future__ import annotations
 import argparse
 import functools
 import operator
+import os
 import random
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -26,7 +31,7 @@ from weavelm.core.hookspecs import hookimpl
 from weavelm.core.model_files import LazyTensor
 from weavelm.core.registry import Registry
 from weavelm.distributed import ParallelContext, ParallelLayout, TensorParallelGroup
-from weavelm.errors import ConfigError
+from weavelm.errors import ConfigError, EngineDeadError
 from weavelm.layers.expert_parallel import ExpertParallel, to_local
 from weavelm.layers.fused_moe import FusedExperts, FusedMoE, moe_reference, moe_sorted, select_experts
 from weavelm.testing.attention import triton_interpreter_without_cuda
@@ -144,6 +149,34 @@ def hf_greedy(path: str) -> list[list[int]]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _kill_rank_mid_generation(llm: LLM, pid: int) -> None:
+    caught: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            llm.generate([{"prompt_token_ids": [1, 2, 3]}] * 4, SamplingParams(max_tokens=30, ignore_eos=True))
+        except BaseException as e:  # noqa: BLE001 - inspected below
+            caught["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 10, "no error within 10 s of the kill"
+    assert isinstance(caught.get("error"), EngineDeadError), caught
+    assert f"worker rank 1 (pid {pid})" in str(caught["error"])
+
+
 def test_tp2_expert_parallel_matches_transformers_with_preemption(checkpoint):
     want = hf_greedy(checkpoint)
     observer = StepObserver()
@@ -157,6 +190,12 @@ def test_tp2_expert_parallel_matches_transformers_with_preemption(checkpoint):
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
         # the dispatch paths (for ranks with different tokens: DP attention + EP), in the engine's gloo ranks
         dispatch = llm.collective_rpc("apply_model", (functools.partial(rank_dispatch_errors, tokens=(5, 0)),))
+        pids = llm.collective_rpc("pid")
+        _kill_rank_mid_generation(llm, pids[1])  # a dead expert rank: typed, named, within 10 s
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "a worker process survived shutdown"
     assert [tuple(s) for s in shapes] == [(2, 64, 64)] * 2  # 2 whole experts (2 x 32 intermediate) per rank
     assert [o.outputs[0].token_ids for o in outs] == want
     assert sum(s.num_preempted for s in observer.stats) > 0, "the KV budget did not force a preemption"

@@ -97,7 +97,7 @@ def test_two_nodes_over_torch_distributed(model):
         assert time.monotonic() - started < 10
         error = caught.get("error")
         assert isinstance(error, EngineDeadError), error
-        assert f"worker rank 1 on node 1" in str(error) and f"pid {pids[1]}" in str(error), error
+        assert "worker rank 1 on node 1" in str(error) and f"pid {pids[1]}" in str(error), error
         llm.shutdown()
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
@@ -107,6 +107,20 @@ def test_two_nodes_over_torch_distributed(model):
         if node1.poll() is None:
             os.killpg(node1.pid, signal.SIGKILL)
         node1.wait(10)
+
+
+def test_cli_flags_set_the_rendezvous(model):
+    import argparse
+
+    from weavelm.cli import add_engine_args, engine_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    args = p.parse_args(["--model", model[0], "--device", "cpu", "--tensor-parallel-size", "2", "--nnodes", "2",
+                         "--node-rank", "0", "--master-addr", "10.0.0.1", "--master-port", "29600"])
+    options = engine_config_from_args(args).executor.options
+    assert (options.nnodes, options.node_rank, options.master_addr, options.master_port) == (2, 0, "10.0.0.1", 29600)
+    assert not args.headless
 
 
 def test_a_node_other_than_0_without_headless_is_refused(model):

@@ -41,6 +41,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "max_lora_rank": ("lora", "max_lora_rank"),
     "max_cpu_loras": ("lora", "max_cpu_loras"),
 }
+EXECUTOR_DEFAULTS = {"enable_expert_parallel": False, "nnodes": 1, "node_rank": 0}
 EXECUTOR_BACKENDS = {"mp": "multiproc", "uni": "uniproc", "ray": "ray"}
 DTYPES = {"half": "float16", "float": "float32"}
 IGNORED = {  # accepted so ported code runs; each logs why it has no effect
@@ -111,6 +112,11 @@ def _special_cases(raw: dict[str, Any], base: dict[str, Any], registry: Any, err
             if registry is None or MULTI_WORKER_EXECUTOR in registry.names("executor"):
                 executor["name"] = MULTI_WORKER_EXECUTOR  # vLLM too picks its multiprocessing backend for TP/PP > 1
                 raw["executor"] = executor
+    known = _plugin_fields(raw, base, "executor", registry)
+    for flat, default in EXECUTOR_DEFAULTS.items():  # vLLM's defaults pass on an executor without the option
+        if flat in raw and type(raw[flat]) is type(default) and raw[flat] == default and known is not None \
+                and flat not in known[1]:
+            raw.pop(flat)
 
 
 TASKS = {"auto": None, "generate": "generate", "embed": "pooling", "embedding": "pooling"}  # vLLM's older `task`

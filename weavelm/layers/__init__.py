@@ -11,9 +11,10 @@ LoRA manager replaces layers by type, guided by the model's `packed_modules_mapp
 Names exported here follow `weavelm.plugin.API_VERSION`.
 """
 
-from weavelm.distributed import TensorParallelGroup
+from weavelm.distributed import ParallelContext, TensorParallelGroup
 from weavelm.layers.activation import GeluAndMul, SiluAndMul
 from weavelm.layers.attention import Attention
+from weavelm.layers.expert_parallel import ExpertParallel
 from weavelm.layers.fused_moe import FusedMoE, load_moe_checkpoint
 from weavelm.layers.layernorm import GemmaRMSNorm, RMSNorm
 from weavelm.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, OutputSegment,
@@ -27,12 +28,12 @@ from weavelm.layers.windows import layer_windows
 
 __all__ = [
     "layer_windows",
-    "TensorParallelGroup",
+    "TensorParallelGroup", "ParallelContext",
     "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear",
     "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead",
     "RMSNorm", "GemmaRMSNorm", "SiluAndMul", "GeluAndMul",
     "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention",
     "WeightsMapper", "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply",
-    "FusedMoE", "load_moe_checkpoint",
+    "FusedMoE", "load_moe_checkpoint", "ExpertParallel",
     "IntermediateTensors", "PipelineStage", "PPMissingLayer", "make_layers",
 ]

@@ -1,8 +1,8 @@
-"""Checking expert-parallel MoE layers on several gloo ranks in spawned processes (run inside an engine's workers, which
-have joined torch.distributed already).
+"""Checking expert-parallel MoE layers on several ranks (gloo or NCCL), run inside an engine's workers, which have
+joined torch.distributed already.
 
     check = functools.partial(rank_dispatch_errors, tokens=(5, 0))
-    errors = llm.collective_rpc("apply_model", (check,))   # per rank: {"replicated" | "all2all" | "allgather": max |diff|}
+    errors = llm.collective_rpc("apply_model", (check,))   # per rank: {path: max |diff|}
 
 Each rank builds the same seeded `FusedMoE` whole and spread over the ranks (`ExpertParallel`), runs its own tokens
 (`tokens[rank]` rows; a rank may hold none) through every combine path, and reports the largest difference from the
@@ -49,11 +49,12 @@ def rank_dispatch_errors(model: Any = None, tokens: tuple[int, ...] = (5, 0)) ->
     if world != len(tokens):
         raise ValueError(f"{len(tokens)} token counts for {world} ranks")
     group = TensorParallelGroup(rank, world)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     g = torch.Generator().manual_seed(10)
-    xs = [torch.randn(t, HIDDEN, generator=g) for t in tokens]
-    whole = seeded_moe()
+    xs = [torch.randn(t, HIDDEN, generator=g).to(device) for t in tokens]
     out: dict[str, float] = {}
-    with torch.no_grad():
+    with torch.no_grad(), torch.device(device):
+        whole = seeded_moe()
         same = seeded_moe(group, ExpertParallel(group, tokens_replicated=True))(xs[0])
         out["replicated"] = (same - whole(xs[0])).abs().max().item()
         for dispatch in ("all2all", "allgather"):

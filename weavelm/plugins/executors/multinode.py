@@ -124,9 +124,9 @@ class RemoteWorkerProcess:
         return self.exitcode is None
 
     def join(self, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or 0)
-        while self.is_alive() and time.monotonic() < deadline:
-            mpc.wait([self.alive], timeout=max(0.0, deadline - time.monotonic()))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_alive() and (deadline is None or time.monotonic() < deadline):
+            mpc.wait([self.alive], timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def kill(self) -> None:  # cannot signal another node: closing its connections ends it
         try:
@@ -262,14 +262,12 @@ def run_headless(options: Any, world_size: int, num_threads: int | None = None) 
 def run_headless_from_args(args: Any) -> int:
     """`weavelm <command> --headless ...`: the node's config from the same flags, then `run_headless`."""
     from weavelm.cli import engine_config_from_args
-    from weavelm.distributed import layout_from_options
 
     config = engine_config_from_args(args)
     options = config.executor.options
     if not isinstance(options, MultiNodeOptions):
         raise ConfigError([("headless", f"the {config.executor.name} executor does not run across nodes with "
                             f"--nnodes; use the multiproc executor (or Ray)")])
-    tp = getattr(options, "tensor_parallel_size", 1)
-    layout = layout_from_options(options, tp * (getattr(options, "pipeline_parallel_size", 1) or 1))
-    return run_headless(options, layout.world_size, config.num_threads)
+    world_size = getattr(options, "tensor_parallel_size", 1) * (getattr(options, "pipeline_parallel_size", 1) or 1)
+    return run_headless(options, world_size, config.num_threads)
 

@@ -10,8 +10,8 @@ pipeline stage, its pid and exit code.
 
 Across nodes (`nnodes > 1`, `weavelm.plugins.executors.multinode`): node 0 spawns its own ranks and accepts the other
 nodes' ranks over TCP connections that stand in for their pipes; the hooks here are `MultiNodeOptions` (the options),
-`local_ranks` / `init_method` / `check_driver` in `__init__`, `join_remote_workers`, and `death_reason` in
-`WorkerProcHandle.death`.
+`local_ranks` / `init_method` / `check_driver` in `__init__`, `join_remote_workers`, and a remote process's
+`describe` in `WorkerProcHandle.death`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import weakref
 from functools import partial
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from weavelm.core.contexts import ExecutorContext
 from weavelm.core.hookspecs import hookimpl

@@ -17,10 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from weavelm.distributed import ParallelContext
-from weavelm.layers import (FusedMoE, ParallelLMHead, RMSNorm, RotaryEmbedding, TensorParallelGroup,
-                            VocabParallelEmbedding, load_moe_checkpoint)
-from weavelm.layers.expert_parallel import ExpertParallel
+from weavelm.layers import (ExpertParallel, FusedMoE, ParallelContext, ParallelLMHead, RMSNorm, RotaryEmbedding,
+                            TensorParallelGroup, VocabParallelEmbedding, load_moe_checkpoint)
 from weavelm.plugin import ModelArchitecture
 from weavelm.plugins.models.decoder import MLP, STACKED, DecoderDims, LlamaAttention, LlamaForCausalLM
 
