@@ -120,12 +120,27 @@ class RayExecutor(Executor):
         try:
             return ray.get(refs)
         except ray.exceptions.RayActorError as e:
-            raise EngineDeadError(f"a Ray worker actor died: {e}") from e
+            raise EngineDeadError(f"{self._dead_rank(refs)}a Ray worker actor died: {e}") from e
         except ray.exceptions.RayTaskError as e:
             cause = e.as_instanceof_cause()
             if isinstance(cause, WeaveError):
                 raise cause from e
             raise EngineError(f"a Ray worker failed: {e}") from e
+
+    def _dead_rank(self, refs: list[Any]) -> str:
+        """"worker rank R of pipeline stage S: " for the first of `refs` (one per rank, in rank order, when a step
+        or an RPC to every rank) whose actor is gone; "" when that cannot be told."""
+        ray = self._ray
+        if len(refs) != self.world_size:
+            return ""
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=0.5)
+            except ray.exceptions.RayActorError:
+                return f"worker rank {rank}{self.layout.where(rank)}: "
+            except Exception:  # noqa: BLE001 - still running, or failed otherwise: not the dead one
+                continue
+        return ""
 
     @property
     def max_concurrent_batches(self) -> int:
