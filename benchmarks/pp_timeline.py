@@ -70,8 +70,21 @@ def run(llm, args: argparse.Namespace, depth: int) -> dict:
                        "mean_recv_wait_ms": 1e3 * sum(s.recv_wait for s in inside) / max(1, len(inside)),
                        "spans": [(s.start - start, s.end - start, s.num_tokens) for s in inside]})
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    both = overlap([(a, b) for a, b, _ in stages[0]["spans"]], [(a, b) for a, b, _ in stages[1]["spans"]])
     return {"queue_depth": depth, "wall_s": wall, "output_tokens": tokens, "tok_s": tokens / wall,
-            "stages": stages}
+            "both_busy_s": both, "both_busy_frac": both / wall, "stages": stages}
+
+
+def overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Seconds during which a span of `a` and a span of `b` run at once (each list sorted, non-overlapping)."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 def ascii_timeline(result: dict, t0: float, width: int, seconds: float) -> list[str]:
@@ -119,14 +132,14 @@ def main() -> None:
     print(f"# Llama {args.layers} layers x hidden {args.hidden} fp32, 2 stages, {args.requests} requests "
           f"({args.prompt_len}-token prompts, {args.output_len} output tokens), step budget {budget} tokens "
           f"-> {args.micro_batches} micro-batches")
-    print("| queue depth | stage | steps | busy s | busy % of wall | mean step ms | mean recv wait ms | wall s | "
-          "output tok/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| queue depth | stage | steps | busy s | busy % of wall | both stages busy % | mean step ms | "
+          "mean recv wait ms | wall s | output tok/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         for st in r["stages"]:
             print(f"| {r['queue_depth']} | {st['stage']} | {st['steps']} | {st['busy_s']:.2f} | "
-                  f"{100 * st['busy_frac']:.0f}% | {st['mean_step_ms']:.1f} | {st['mean_recv_wait_ms']:.1f} | "
-                  f"{r['wall_s']:.2f} | {r['tok_s']:.1f} |")
+                  f"{100 * st['busy_frac']:.0f}% | {100 * r['both_busy_frac']:.0f}% | {st['mean_step_ms']:.1f} | "
+                  f"{st['mean_recv_wait_ms']:.1f} | {r['wall_s']:.2f} | {r['tok_s']:.1f} |")
     for r in results:
         mid = r["wall_s"] / 2
         print(f"\nqueue depth {r['queue_depth']}: 0.5 s of the run from t = {mid:.2f} s ('#' = computing)")

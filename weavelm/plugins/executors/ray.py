@@ -133,8 +133,8 @@ class RayExecutor(Executor):
     def _describe(self, rank: int) -> str:
         where = getattr(self, "locations", None)
         if where is None or rank >= len(where):
-            return f"Ray worker rank {rank}"
-        return f"Ray worker rank {rank} (node {where[rank][0]}, pid {where[rank][1]})"
+            return f"Ray worker rank {rank}{self.layout.where(rank)}"
+        return f"Ray worker rank {rank}{self.layout.where(rank)} (node {where[rank][0]}, pid {where[rank][1]})"
 
     def _get(self, refs: list[Any], ranks: list[int] | None = None) -> list[Any]:
         """The results of `refs` (one per rank of `ranks`, default 0..). A dead actor is an EngineDeadError naming

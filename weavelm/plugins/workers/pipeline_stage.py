@@ -5,7 +5,8 @@ Every stage sees the same `SchedulerOutput`, so the receiving side knows the ste
 buffers (`model.make_empty_intermediate_tensors`) without any shape message. Sends are asynchronous (`isend`): a
 stage starts its next micro-batch while the last one travels; a stage waits for its previous sends before issuing
 new ones, so at most one step's tensors are in flight per link. Each step's compute span (after the receive, before
-the send) is kept for the pipeline timeline (`benchmarks/pp_timeline.py`).
+the send) is kept for the pipeline timeline (`benchmarks/pp_timeline.py`); on CUDA a span is the host's share
+(launches), since the stage does not wait for its device.
 """
 
 from __future__ import annotations
@@ -66,8 +67,6 @@ class PipelineLink:
         if not isinstance(out, IntermediateTensors):
             raise TypeError(f"pipeline stage {self.pp.rank} of {type(self.model).__name__} returned "
                             f"{type(out).__name__}, not IntermediateTensors")
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the span ends when the stage's work does
         self._record(waited, start, input_ids.shape[0])
         self.wait_sends()
         for _, t in out.items():
