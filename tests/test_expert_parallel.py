@@ -106,7 +106,7 @@ def test_uneven_experts_and_dense_models_are_config_errors():
     from weavelm.plugins.models.qwen3 import Qwen3ForCausalLM
     with pytest.raises(ConfigError, match="no mixture-of-experts layers"):
         build_model(Qwen3ForCausalLM, None, TensorParallelGroup(0, 2),
-                    ParallelContext.for_rank(ParallelLayout(tensor=2, expert=True), 0))
+                    parallel=ParallelContext.for_rank(ParallelLayout(tensor=2, expert=True), 0))
 
 
 # -- the combine paths on two gloo ranks ---------------------------------------------------------------------

@@ -17,7 +17,8 @@ LIBRARY = ["layer_windows", "TensorParallelGroup", "ColumnParallelLinear", "Merg
            "RowParallelLinear", "OutputSegment", "VocabParallelEmbedding", "ParallelLMHead", "RMSNorm", "SiluAndMul",
            "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention", "WeightsMapper",
            "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply", "FusedMoE", "load_moe_checkpoint",
-           "GemmaRMSNorm", "GeluAndMul", "ParallelContext", "ExpertParallel"]
+           "GemmaRMSNorm", "GeluAndMul", "ParallelContext", "ExpertParallel", "IntermediateTensors", "PipelineStage",
+           "PPMissingLayer", "make_layers"]
 
 
 def test_library_exports_are_frozen_and_the_facade_re_exports_them():

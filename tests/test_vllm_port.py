@@ -48,7 +48,7 @@ VLLM_ENGINE_UNSUPPORTED = {
     "revision": "main", "tokenizer_revision": "main", "cpu_offload_gb": 4, "max_seq_len_to_capture": 1024,
     "disable_async_output_proc": True, "hf_token": "t", "hf_overrides": {"a": 1}, "mm_processor_kwargs": {"a": 1},
     "compilation_config": 3, "kv_cache_memory_bytes": 1 << 30, "logits_processors": ["p"], "kv_cache_dtype": "fp8_inc",
-    "max_logprobs": 5, "load_format": "bitsandbytes", "download_dir": "/d", "data_parallel_size": 2,
+    "max_logprobs": 5, "load_format": "bitsandbytes", "download_dir": "/d",
     "lora_dtype": "float16", "fully_sharded_loras": True,
     "scheduling_policy": "lottery", "generation_config": "vllm", "override_generation_config": {"a": 1},
     "enable_sleep_mode": True, "calculate_kv_scales": True, "limit_mm_per_prompt": {"image": 1},

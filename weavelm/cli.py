@@ -14,12 +14,16 @@ from weavelm.errors import WeaveError
 # vLLM's engine flags, mapped onto their sections by weavelm.core.compat (dest -> argparse kwargs)
 VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "tensor_parallel_size": {"type": int, "help": "executor.tensor_parallel_size (picks the multiproc executor)"},
+    "data_parallel_size": {"type": int, "help": "data_parallel_size: engine-core replicas, each in its own process "
+                           "with its own devices, behind one load-balancing client"},
     "enable_expert_parallel": {"action": "store_const", "const": True,
                                "help": "executor.enable_expert_parallel: spread MoE experts over the ranks"},
     "nnodes": {"type": int, "help": "executor.nnodes: nodes the ranks span (multiproc; node 0 runs the engine)"},
     "node_rank": {"type": int, "help": "executor.node_rank: this node's index (others than 0 need --headless)"},
     "master_addr": {"help": "executor.master_addr: node 0's address, reachable from every node"},
     "master_port": {"type": int, "help": "executor.master_port: node 0's port the other nodes' workers join"},
+    "pipeline_parallel_size": {"type": int, "help": "executor.pipeline_parallel_size: layers split over stages "
+                               "(picks the multiproc executor)"},
     "gpu_memory_utilization": {"type": float, "help": "cache.gpu_memory_utilization"},
     "max_num_seqs": {"type": int, "help": "scheduler.max_num_seqs"},
     "max_num_batched_tokens": {"type": int, "help": "scheduler.max_num_batched_tokens"},

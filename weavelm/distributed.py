@@ -129,6 +129,15 @@ class TensorParallelGroup:
 
         dist.send(t.contiguous(), dst=self.global_rank(dst), group=self.process_group)
 
+    def isend(self, t: torch.Tensor, dst: int) -> Any:
+        """Start sending the contiguous `t` to group rank `dst` and return the torch work handle (keep `t` alive and
+        `wait()` the handle before reusing it): a pipeline stage goes on to its next micro-batch while data travels."""
+        import torch.distributed as dist
+
+        if not t.is_contiguous():
+            raise ValueError("isend needs a contiguous tensor (the caller keeps it alive until the send completes)")
+        return dist.isend(t, dst=self.global_rank(dst), group=self.process_group)
+
     def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
         """Receive into `t` from group rank `src`; returns `t`."""
         import torch.distributed as dist
@@ -166,6 +175,19 @@ class ParallelLayout:
 
     def global_rank(self, dp: int, pp: int, tp: int) -> int:
         return (dp * self.pipeline + pp) * self.tensor + tp
+
+    @property
+    def output_rank(self) -> int:
+        """The rank whose step output an executor returns: tensor rank 0 of the last pipeline stage (of replica 0)."""
+        return self.global_rank(0, self.pipeline - 1, 0)
+
+    def where(self, global_rank: int) -> str:
+        """`global_rank`'s place for messages: "" without pipeline or data parallelism, else e.g. " of pipeline
+        stage 1"."""
+        dp, pp, _ = self.coords(global_rank)
+        parts = ([f"data-parallel replica {dp}"] if self.data > 1 else []) + \
+            ([f"pipeline stage {pp}"] if self.pipeline > 1 else [])
+        return " of " + ", ".join(parts) if parts else ""
 
     def coords(self, global_rank: int) -> tuple[int, int, int]:
         """(dp_rank, pp_rank, tp_rank) of `global_rank`."""
@@ -247,6 +269,16 @@ def init_parallel(layout: ParallelLayout, global_rank: int, init_method: str | N
         if ranks not in _PROCESS_GROUPS and ranks != tuple(range(layout.world_size)):
             _PROCESS_GROUPS[ranks] = dist.new_group(list(ranks))
     return ctx
+
+
+def check_pipeline_config(config: Any, pipeline_parallel_size: int) -> None:
+    """ConfigError for what pipeline parallelism does not combine with (the multi-rank executors call it with the
+    engine config): speculative decoding (its proposer runs beside the whole model)."""
+    if pipeline_parallel_size > 1 and getattr(config, "speculative", None) is not None:
+        from weavelm.errors import ConfigError
+
+        raise ConfigError([("executor.pipeline_parallel_size", "speculative decoding needs the whole model on one "
+                                                               "rank; use pipeline_parallel_size 1 with `speculative:`")])
 
 
 def default_backend(device_type: str) -> str:

@@ -42,6 +42,19 @@ class EngineDeadError(EngineError):
     The message names the process and, where known, its exit code or signal and traceback."""
 
 
+class ReplicaDeadError(EngineDeadError):
+    """One data-parallel replica (an engine-core process of `data_parallel_size: N`) died: its in-flight requests
+    fail with this error, which names it (`replica`: its index; `pid`, `exitcode` as known); the other replicas
+    keep serving."""
+
+    def __init__(self, message: str, replica: int, pid: int | None = None, exitcode: int | None = None):
+        super().__init__(message)
+        self.replica, self.pid, self.exitcode = replica, pid, exitcode
+
+    def __reduce__(self):
+        return type(self), (str(self), self.replica, self.pid, self.exitcode)
+
+
 class LoRAError(RequestError):
     """A LoRA adapter cannot serve a request: unknown name, missing or unsafe files, a rank above
     `lora.max_lora_rank`, a module the model lacks, or tensors whose shapes do not fit the model. Only the request

@@ -21,7 +21,7 @@ from weavelm.core.forward import AttentionSpec
 from weavelm.core.interfaces import (AttentionBackend, Executor, ModelArchitecture, ModelLoader, ModelRunner,
                                      Scheduler, Worker)
 from weavelm.core.registry import Registry, RegistrySpec
-from weavelm.distributed import ParallelContext, layout_from_options
+from weavelm.distributed import ParallelContext, ParallelLayout
 from weavelm.ops import settings as kernel_settings
 
 
@@ -69,9 +69,10 @@ class RunnerBuilder(_RegistryHolder):
     """`build_runner(device)` of a WorkerContext."""
 
     def __init__(self, config: EngineConfig, spec: RegistrySpec, registry: Registry | None, limits: SchedulerLimits,
-                 rank: int, world_size: int, loader: ModelLoader | None = None):
+                 rank: int, world_size: int, loader: ModelLoader | None = None, layout: ParallelLayout | None = None):
         super().__init__(config, spec, registry, loader)
         self.limits, self.rank, self.world_size = limits, rank, world_size
+        self.layout = layout or ParallelLayout(tensor=world_size)
 
     def __call__(self, device: torch.device) -> ModelRunner:
         registry, config = self.registry, self.config
@@ -81,15 +82,10 @@ class RunnerBuilder(_RegistryHolder):
                                 model_class=self.model_class, attention_backend=self.attention_backend,
                                 lora_manager=self.lora_manager if config.lora is not None else None,
                                 build_proposer=self.build_proposer if config.speculative is not None else None,
-                                quantization=self.quantization, parallel=self.parallel())
+                                quantization=self.quantization,
+                                parallel=ParallelContext.for_rank(self.layout, self.rank))
         cls = registry.get("model_runner", config.model_runner.name)
         return cls(config.model_runner.options, context)
-
-    def parallel(self) -> ParallelContext | None:
-        """This rank's groups, from the executor's options (None on one rank: tensor parallelism alone)."""
-        if self.world_size == 1:
-            return None
-        return ParallelContext.for_rank(layout_from_options(self.config.executor.options, self.world_size), self.rank)
 
     def build_proposer(self, context: RunnerContext, block_size: int, load_model: Any) -> Any:
         """The configured speculative-decoding proposer for a runner built with `context`; `load_model(model,
@@ -129,19 +125,24 @@ class RunnerBuilder(_RegistryHolder):
 
 
 class WorkerBuilder(_RegistryHolder):
-    """`build_worker(rank, world_size)` of an ExecutorContext; picklable."""
+    """`build_worker(rank, world_size, distributed_init_method=None, layout=None)` of an ExecutorContext;
+    picklable."""
 
     def __init__(self, config: EngineConfig, spec: RegistrySpec, registry: Registry | None,
                  limits: SchedulerLimits, loader: ModelLoader | None = None):
         super().__init__(config, spec, registry, loader)
         self.limits = limits
 
-    def __call__(self, rank: int, world_size: int, distributed_init_method: str | None = None) -> Worker:
+    def __call__(self, rank: int, world_size: int, distributed_init_method: str | None = None,
+                 layout: ParallelLayout | None = None) -> Worker:
         config = self.config
+        layout = layout or ParallelLayout(tensor=world_size)
+        if layout.world_size != world_size:
+            raise ValueError(f"parallel layout {layout} spans {layout.world_size} ranks, not {world_size}")
         runner_builder = RunnerBuilder(config, self.spec, self._registry, self.limits, rank, world_size,
-                                       self._loader)
+                                       self._loader, layout)
         context = WorkerContext(config=config, rank=rank, world_size=world_size, build_runner=runner_builder,
-                                distributed_init_method=distributed_init_method)
+                                distributed_init_method=distributed_init_method, layout=layout)
         cls = self.registry.get("worker", config.worker.name)
         return cls(config.worker.options, context)
 

@@ -366,14 +366,16 @@ class AsyncLLM:
                 for start in range(0, len(outputs), OUTPUT_CHUNK):
                     if start:
                         await asyncio.sleep(0)  # let the loop write what is ready
-                    processed = processor.process_outputs(outputs[start:start + OUTPUT_CHUNK], delta=True)
+                    chunk = outputs[start:start + OUTPUT_CHUNK]
+                    lost = self._lost_requests(chunk)
+                    processed = processor.process_outputs(chunk, delta=True)
                     for out in processed.request_outputs:
                         stream = self._streams.get(out.request_id)
                         if stream is not None:
                             if out.finished:
                                 del self._streams[out.request_id]
                                 self._open.pop(out.request_id, None)
-                            stream.push(out)
+                            stream.push(lost.get(out.request_id, out) if out.finished else out)
                     if processed.reqs_to_abort:
                         client.abort_requests(processed.reqs_to_abort)
         except asyncio.CancelledError:
@@ -381,6 +383,17 @@ class AsyncLLM:
         except BaseException as e:  # the core died, or the frontend's own processing failed: the engine is lost
             if not self._stopping:
                 self._die(e)
+
+    def _lost_requests(self, outputs: list) -> dict[str, BaseException]:
+        """{request id: the typed error its stream raises} for the error outputs of requests the client failed
+        itself (a data-parallel replica died under them; `EngineCoreClient.request_error`)."""
+        lost: dict[str, BaseException] = {}
+        for co in outputs:
+            if co.error is not None and (error := self.client.request_error(co.request_id)) is not None:
+                state = self.output_processor.states.get(co.request_id)
+                parent = state.parent if state is not None else None
+                lost[parent.request_id if parent is not None else co.request_id] = error
+        return lost
 
     def _left_waiting(self) -> None:
         self._num_waiting -= 1

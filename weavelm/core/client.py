@@ -27,7 +27,7 @@ from weavelm.core.engine_core import EngineCore
 from weavelm.core.outputs import EngineCoreOutput, SchedulerStats
 from weavelm.core.registry import Registry
 from weavelm.core.request import Request
-from weavelm.errors import EngineDeadError, EngineError
+from weavelm.errors import ConfigError, EngineDeadError, EngineError
 
 
 class EngineCoreClient(ABC):
@@ -42,7 +42,16 @@ class EngineCoreClient(ABC):
     def make_client(config: EngineConfig, registry: Registry, *, multiprocess_mode: bool, asyncio_mode: bool,
                     attachment: Any = None, loader: Any = None) -> EngineCoreClient:
         """The client for a core in this process or its own (`attachment`: join one started elsewhere). `loader`:
-        the frontend's, which an in-process core reuses (one loader per engine per process)."""
+        the frontend's, which an in-process core reuses (one loader per engine per process). With
+        `data_parallel_size > 1` the replicas always run in their own processes (core/dp_client.py)."""
+        if config.data_parallel_size > 1:
+            from weavelm.core.dp_client import AsyncDPClient, DPClient
+
+            if attachment is not None:
+                raise ConfigError([("data_parallel_size", "a frontend attached to a shared engine core "
+                                    "(--api-server-count > 1) cannot start data-parallel replicas; use "
+                                    "--api-server-count 1 with data_parallel_size > 1")])
+            return (AsyncDPClient if asyncio_mode else DPClient)(config, registry)
         if multiprocess_mode:
             from weavelm.core.mp_client import AsyncMPClient, SyncMPClient
 
@@ -90,6 +99,11 @@ class EngineCoreClient(ABC):
     async def call_utility_async(self, method: str, *args: Any) -> Any:
         """`get_stats()` or `collective_rpc(...)` on the core, awaited."""
         raise NotImplementedError(f"{type(self).__name__} has no async verbs")
+
+    def request_error(self, request_id: str) -> BaseException | None:
+        """The typed error of a request the client failed on its own (a data-parallel replica died under it),
+        handed out once; None for every other request."""
+        return None
 
     def check_health(self) -> None:
         """Raise EngineDeadError when the core (its process or its thread) has died."""

@@ -23,6 +23,7 @@ logger = logging.getLogger("weavelm.compat")
 # vLLM name -> (section, option)
 ALIASES: dict[str, tuple[str, str]] = {
     "tensor_parallel_size": ("executor", "tensor_parallel_size"),
+    "pipeline_parallel_size": ("executor", "pipeline_parallel_size"),
     "gpu_memory_utilization": ("cache", "gpu_memory_utilization"),
     "block_size": ("cache", "block_size"),
     "enable_prefix_caching": ("cache", "enable_prefix_caching"),
@@ -90,8 +91,6 @@ def _special_cases(raw: dict[str, Any], base: dict[str, Any], registry: Any, err
         raw["dtype"] = DTYPES[raw["dtype"]]
     _lora_flags(raw, errors)
     _runner_flags(raw, errors)
-    if raw.get("pipeline_parallel_size") in (1, None) and "pipeline_parallel_size" in raw:
-        raw.pop("pipeline_parallel_size")
     if "distributed_executor_backend" in raw:
         backend = raw.pop("distributed_executor_backend")
         name = EXECUTOR_BACKENDS.get(backend, backend) if isinstance(backend, str) else backend
@@ -104,15 +103,16 @@ def _special_cases(raw: dict[str, Any], base: dict[str, Any], registry: Any, err
             raw["executor"] = current
     if "speculative_config" in raw:
         _speculative_config(raw, errors)
-    tp = raw.get("tensor_parallel_size")
-    executor = _section(raw, "executor")
-    if tp == 1 and _chosen(raw, base, "executor") == "uniproc":
-        raw.pop("tensor_parallel_size")
-    elif (isinstance(tp, int) and not isinstance(tp, bool) and tp > 1 and "name" not in executor
-          and "name" not in _section(base, "executor")):
-        if registry is None or MULTI_WORKER_EXECUTOR in registry.names("executor"):
-            executor["name"] = MULTI_WORKER_EXECUTOR  # vLLM too picks its multiprocessing backend for TP > 1
-            raw["executor"] = executor
+    for flat in ("tensor_parallel_size", "pipeline_parallel_size"):
+        size = raw.get(flat)
+        executor = _section(raw, "executor")
+        if size == 1 and (flat == "pipeline_parallel_size" or _chosen(raw, base, "executor") == "uniproc"):
+            raw.pop(flat)  # vLLM's default: nothing to set (every executor runs one stage)
+        elif (isinstance(size, int) and not isinstance(size, bool) and size > 1 and "name" not in executor
+              and "name" not in _section(base, "executor")):
+            if registry is None or MULTI_WORKER_EXECUTOR in registry.names("executor"):
+                executor["name"] = MULTI_WORKER_EXECUTOR  # vLLM too picks its multiprocessing backend for TP/PP > 1
+                raw["executor"] = executor
     known = _plugin_fields(raw, base, "executor", registry)
     for flat, default in EXECUTOR_DEFAULTS.items():  # vLLM's defaults pass on an executor without the option
         if flat in raw and type(raw[flat]) is type(default) and raw[flat] == default and known is not None \
@@ -257,9 +257,9 @@ def _move(raw: dict[str, Any], base: dict[str, Any], flat: str, section: str, op
 
 
 def _not_taken(section: str, plugin: str, option: str, value: Any) -> str:
-    if section == "executor" and option == "tensor_parallel_size":
+    if section == "executor" and option in ("tensor_parallel_size", "pipeline_parallel_size"):
         return (f"the {plugin} executor runs one worker; use executor: {{name: {MULTI_WORKER_EXECUTOR}, "
-                f"tensor_parallel_size: {echo(value)}}}")
+                f"{option}: {echo(value)}}}")
     return (f"the {plugin} {section} does not take `{option}`; choose a {section} that does, or remove "
             f"{option}={echo(value)}")
 

@@ -38,7 +38,8 @@ MAX_ECHO = 200  # characters of a user value repeated in an error message
 MIN_KV_SLOTS = 2  # a prompt must be shorter than max_model_len, which the KV pool caps
 
 SCALAR_FIELDS = ("model", "tokenizer", "dtype", "device", "seed", "max_model_len", "enforce_eager",
-                 "async_scheduling", "engine_process", "engine_iteration_timeout_s", "num_threads", "runner")
+                 "async_scheduling", "engine_process", "engine_iteration_timeout_s", "num_threads", "runner",
+                 "data_parallel_size")
 # Sections that exist only when written: key -> (kind, default plugin)
 OPTIONAL_SECTIONS = {"lora": ("lora_manager", "punica"), "speculative": ("proposer", "")}  # "": name required
 
@@ -98,6 +99,10 @@ class _TopLevel(BaseModel):
                                                    "tokens) or pooling (embed prompts: `LLM.embed`, /v1/embeddings).")
     pooler: PoolerConfig | None = Field(None, description="With runner: pooling, the pooling type and normalization "
                                         "(default: the model's sentence-transformers config, else LAST, normalized).")
+    data_parallel_size: int = Field(1, ge=1, le=256, description="Engine-core replicas, each in its own process "
+                                    "with its own executor and devices (replica i takes GPUs [i*R, (i+1)*R) for R "
+                                    "ranks per replica), behind one client that balances requests by load (vLLM's "
+                                    "data_parallel_size).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     kernels: KernelConfig = Field(default_factory=KernelConfig)
     scheduler: Any = None
@@ -142,6 +147,11 @@ class EngineConfig(BaseModel):
     num_threads: int | None = Field(None, description="torch CPU threads per model-running process (None: auto).")
     runner: str = Field("generate", description="generate or pooling (embeddings).")
     pooler: PoolerConfig | None = Field(None, description="The pooler's overrides (runner: pooling only).")
+    data_parallel_size: int = Field(1, description="Engine-core replicas behind one client (core/dp_client.py).")
+    # set by the data-parallel client in each replica's copy (not configurable): with expert parallelism the
+    # replicas' workers form one torch.distributed world rendezvousing at `data_parallel_master`
+    data_parallel_rank: int = Field(0, description="This replica's index (set by the data-parallel client).")
+    data_parallel_master: str | None = Field(None, description="The replicas' shared init method (expert parallel).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     kernels: KernelConfig = Field(default_factory=KernelConfig, description="Kernel switches (`weavelm.ops`).")
     scheduler: ComponentConfig

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from weavelm.distributed import ParallelContext, TensorParallelGroup
+from weavelm.distributed import ParallelContext, ParallelLayout, TensorParallelGroup
 
 if TYPE_CHECKING:
     import torch
@@ -52,9 +52,11 @@ class SchedulerContext:
 
 @dataclass
 class ExecutorContext:
-    """What an executor is built with. `build_worker(rank, world_size, distributed_init_method=None)` builds and
-    returns the configured worker (not yet initialised); it pickles, so a multi-process executor sends it to each
-    worker process and calls it there, where it rebuilds the registry from entry points."""
+    """What an executor is built with. `build_worker(rank, world_size, distributed_init_method=None, layout=None)`
+    builds and returns the configured worker (not yet initialised); it pickles, so a multi-process executor sends it
+    to each worker process and calls it there, where it rebuilds the registry from entry points. `layout` (a
+    `weavelm.distributed.ParallelLayout` of `world_size` ranks) says how the ranks split into tensor-parallel groups
+    and pipeline stages; None: `world_size` tensor-parallel ranks."""
 
     config: EngineConfig
     build_worker: Callable[..., Worker]
@@ -71,6 +73,11 @@ class WorkerContext:
     world_size: int
     build_runner: Callable[[torch.device], ModelRunner]
     distributed_init_method: str | None = None  # e.g. tcp://127.0.0.1:port when world_size > 1
+    layout: ParallelLayout | None = None  # how the ranks split (tensor x pipeline); None: world_size TP ranks
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = ParallelLayout(tensor=self.world_size)
 
 
 @dataclass

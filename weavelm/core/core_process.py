@@ -24,6 +24,7 @@ import tempfile
 import time
 import weakref
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from weavelm.core import serial
@@ -53,7 +54,12 @@ class CoreProcess:
     """One engine-core process and the frontend's two sockets to it. `send` and `recv` move messages; every
     failure to reach the core ends in `EngineDeadError` (kept in `dead`, raised again by every later call)."""
 
-    def __init__(self, config: EngineConfig, registry: Registry, attachment: CoreAttachment | None = None):
+    def __init__(self, config: EngineConfig, registry: Registry, attachment: CoreAttachment | None = None, *,
+                 entry: Callable[..., None] = run_engine_core, entry_kwargs: dict[str, Any] | None = None,
+                 wait: bool = True):
+        """`entry(config, registry_spec, input_addr, output_addr, parent_pid, **entry_kwargs)` runs in the spawned
+        process (a data-parallel replica passes its own, which wraps `run_engine_core`). `wait=False` returns
+        once the process is started; `wait_ready()` then waits for its READY (several cores start together)."""
         import zmq
 
         self.zmq = zmq
@@ -73,8 +79,8 @@ class CoreProcess:
             sock.bind(addr)
         if attachment is None:
             self.proc: Any = multiprocessing.get_context("spawn").Process(
-                target=run_engine_core, args=(config, registry.spec, input_addr, output_addr, os.getpid()),
-                name="EngineCore", daemon=False)  # not daemonic: the core may start worker processes of its own
+                target=entry, args=(config, registry.spec, input_addr, output_addr, os.getpid()),
+                kwargs=entry_kwargs or {}, name="EngineCore", daemon=False)  # not daemonic: the core may start worker processes of its own
             self.proc.start()
             self._finalizer = weakref.finalize(self, _stop_core, self.proc, ctx, self.input, self.output, tmpdir,
                                                self.serializer.encode(serial.SHUTDOWN, None))
@@ -84,7 +90,9 @@ class CoreProcess:
         _FINALIZERS.add(self._finalizer)
         self.dead: EngineDeadError | None = None
         self.last_heard = time.monotonic()  # the last message from the core, or the last send that awaits one
-        self.ready = self._wait_ready()
+        self.ready: dict[str, Any] = {}
+        if wait:
+            self.wait_ready()
 
     @property
     def pid(self) -> int:
@@ -153,7 +161,11 @@ class CoreProcess:
         self._finalizer()
         _FINALIZERS.discard(self._finalizer)
 
-    def _wait_ready(self) -> dict[str, Any]:
+    def wait_ready(self) -> dict[str, Any]:
+        """Wait for the core's READY (its `model_info`, `max_model_len`, ...) and keep it in `ready`; a core that
+        fails to start raises its typed startup error (ConfigError, LoadError, ...) or EngineDeadError."""
+        if self.ready:
+            return self.ready
         try:
             while (message := self.recv(waiting=False)) is None:
                 pass
@@ -165,6 +177,7 @@ class CoreProcess:
             raise
         kind, payload = message
         assert kind == serial.READY, kind
+        self.ready = payload
         return payload
 
 

@@ -71,6 +71,10 @@ class EngineCore:
         self.lora = build_lora_manager(config, registry)
         if self.lora is not None:
             self.lora.set_targets(self.model_info["lora_targets"])
+        # pipeline parallelism: one launched step per stage (vLLM's batch queue), so the stages work on different
+        # micro-batches at once; the sampled tokens reach every stage through the next step's scheduler output
+        self.max_concurrent_batches = self.executor.max_concurrent_batches
+        self._stage_tokens: dict[str, list[int]] | None = {} if self.max_concurrent_batches > 1 else None
         self.async_scheduling = self._use_async_scheduling()
         self.scheduler = self.assembly.build_scheduler(SchedulerContext(
             num_blocks=self.num_blocks, block_size=block_size, max_model_len=max_len,
@@ -83,6 +87,8 @@ class EngineCore:
         # outputs (two in flight with async scheduling)
         pipelined = self.async_scheduling or not str(self.model_info.get("device", "cpu")).startswith("cpu")
         self.step_fn = self.step_with_batch_queue if pipelined else self.step
+        if self.max_concurrent_batches > 1:  # on every device, the CPU included
+            self.step_fn = self.step_with_pipeline
         self.batch_queue: deque[PendingStep] = deque()  # launched steps, oldest first
         self._deferred: deque[list[EngineCoreOutput]] = deque()  # aborts' finals, steps collected by a utility
         self._num_inflight = 0
@@ -99,6 +105,10 @@ class EngineCore:
     def _use_async_scheduling(self) -> bool:
         """`async_scheduling` as configured, else on for a device that runs asynchronously (CUDA); never with
         speculative decoding, nor for a scheduler class that does not declare support."""
+        if self.max_concurrent_batches > 1:  # stages need each token before its next step: never placeholders
+            if self.config.async_scheduling:
+                logger.warning("async scheduling is off with pipeline parallelism (its batch queue overlaps steps)")
+            return False
         if not self.assembly.scheduler_cls.supports_async_scheduling:
             if self.config.async_scheduling:
                 logger.warning("scheduler %s does not support async scheduling; running synchronously",
@@ -196,16 +206,33 @@ class EngineCore:
             self._launch()
         return outputs
 
-    def _launch(self) -> None:
-        pending = self.step_begin()
+    def step_with_pipeline(self) -> list[EngineCoreOutput]:
+        """Pipeline parallelism: launch scheduled steps until one per stage is in flight (or the scheduler has no
+        new work: requests whose last token is still in flight wait for it), then collect the oldest."""
+        if self._deferred:
+            return self._deferred.popleft()
+        queue = self.batch_queue
+        while len(queue) < self.max_concurrent_batches and self._launch(skip_empty=bool(queue)):
+            pass
+        return self.step_end(queue.popleft()) if queue else []
+
+    def _launch(self, skip_empty: bool = False) -> bool:
+        pending = self.step_begin(skip_empty)
         if pending is not None:
             self.batch_queue.append(pending)
+        return pending is not None
 
-    def step_begin(self) -> PendingStep | None:
-        """Schedule and launch a step without waiting for the device; None when there is nothing to run."""
+    def step_begin(self, skip_empty: bool = False) -> PendingStep | None:
+        """Schedule and launch a step without waiting for the device; None when there is nothing to run (with
+        `skip_empty`, also when the step would carry nothing for the workers)."""
         if not self.scheduler.has_unfinished_requests():
             return None
         scheduler_output = self.scheduler.schedule()
+        if skip_empty and scheduler_output.is_empty and not (scheduler_output.finished_req_ids or
+                                                             scheduler_output.preempted_req_ids):
+            return None
+        if self._stage_tokens:
+            scheduler_output.new_token_ids, self._stage_tokens = self._stage_tokens, {}
         if scheduler_output.is_empty and not self._num_inflight:  # with a step in flight, waiting is progress
             self._idle_steps += 1
             if self._idle_steps > MAX_IDLE_STEPS:
@@ -230,6 +257,10 @@ class EngineCore:
         try:
             outputs = self.scheduler.update_from_output(scheduler_output, pending.future.result())
             self._consecutive_failures = 0
+            if self._stage_tokens is not None:
+                for out in outputs:
+                    if out.new_token_ids:
+                        self._stage_tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
         except EngineDeadError:
             raise  # a worker process is gone: nothing to isolate
         except Exception as e:

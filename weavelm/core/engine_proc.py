@@ -18,6 +18,7 @@ import pickle
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from weavelm.core import serial
@@ -34,8 +35,10 @@ UTILITY_METHODS = ("get_stats", "collective_rpc", "add_lora", "load_lora_adapter
 
 
 def run_engine_core(config: EngineConfig, registry_spec: RegistrySpec, input_addr: str | list[str],
-                    output_addr: str | list[str], parent_pid: int) -> None:
+                    output_addr: str | list[str], parent_pid: int,
+                    proc_factory: Callable[..., EngineCoreProc] | None = None) -> None:
     """Process entry point. Exits 0 after a SHUTDOWN (or SIGTERM, or its parent's death), 1 after an error.
+    `proc_factory` builds the loop (default `EngineCoreProc`; a data-parallel replica's reports its load too).
 
     Several frontends (API-server processes, `weavelm serve --api-server-count N`) pass lists of addresses:
     frontend `k` sends on `input_addr[k]` and reads `output_addr[k]`; each request's outputs go back to the
@@ -62,7 +65,7 @@ def run_engine_core(config: EngineConfig, registry_spec: RegistrySpec, input_add
         from weavelm.core.registry import Registry
 
         core = EngineCore(config, Registry.from_spec(registry_spec))
-        proc = EngineCoreProc(core, input_sockets, output_sockets, serializer, parent_pid)
+        proc = (proc_factory or EngineCoreProc)(core, input_sockets, output_sockets, serializer, parent_pid)
         proc.broadcast(serial.READY, {"model_info": core.model_info, "max_model_len": core.max_model_len,
                                       "num_blocks": core.num_blocks, "pid": os.getpid()})
         freeze_gc_heap()

@@ -183,6 +183,12 @@ class Executor(Component, ABC):
         """Run one step and wait for its output."""
         return self.execute_model_async(scheduler_output).result()
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        """How many launched steps the engine core keeps in flight at once: the number of pipeline stages (each
+        works on its own micro-batch); 1 without pipeline parallelism."""
+        return 1
+
     def start_workers(self) -> None:
         """For executors whose workers sit behind a `WorkerWrapperBase` (other processes, Ray actors): build each
         rank's worker, initialise its device and load the model, all ranks together (collectives need every rank);
@@ -411,6 +417,10 @@ class ModelArchitecture(torch.nn.Module):
     layer's checkpoint parts, e.g. `{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}`; empty when the checkpoint is
     already fused) and `hf_to_weavelm_mapper` (a `weavelm.layers.WeightsMapper` from checkpoint module names to its
     own; None: the same names).
+
+    Pipeline parallelism (`pipeline_parallel_size` > 1): an architecture that sets `supports_pp = True` is built as
+    `cls(hf_config, tp, pp=pp)` and holds only its stage's layers; its `forward` takes and returns
+    `IntermediateTensors` between stages (`weavelm.layers.pipeline` states the contract). Others are refused.
     """
 
     name: ClassVar[str] = ""
@@ -419,6 +429,7 @@ class ModelArchitecture(torch.nn.Module):
     hf_architectures: ClassVar[tuple[str, ...]] = ()
     packed_modules_mapping: ClassVar[dict[str, list[str]]] = {}
     hf_to_weavelm_mapper: ClassVar[Any] = None
+    supports_pp: ClassVar[bool] = False  # takes `pp=` and splits its layers over pipeline stages
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         raise NotImplementedError

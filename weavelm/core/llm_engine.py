@@ -42,6 +42,8 @@ class EngineStats:
     # holds twice num_total_blocks
     kv_cache_dtype: str = ""  # the torch dtype the cache is allocated in ("float8_e4m3fn", "bfloat16", ...)
     kv_block_bytes: int = 0  # bytes of one KV block over all layers, on one worker (a draft model's cache is extra)
+    # data parallelism (`data_parallel_size > 1`): one `dp_stats.ReplicaStats` per replica; the fields above sum them
+    replicas: tuple = ()
 
 
 class LLMEngine:
@@ -218,4 +220,5 @@ def engine_stats(s: Any, model_info: dict[str, Any] | None = None) -> EngineStat
                        spec_mean_accepted_length=s.spec_mean_accepted_length,
                        spec_proposer_time_s=s.spec_proposer_time_s,
                        kv_cache_dtype=str(model_info.get("kv_cache_dtype", "")),
-                       kv_block_bytes=int(model_info.get("kv_block_bytes", 0)))
+                       kv_block_bytes=int(model_info.get("kv_block_bytes", 0)),
+                       replicas=tuple(getattr(s, "replicas", ())))

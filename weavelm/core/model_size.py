@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from weavelm.distributed import TensorParallelGroup
-from weavelm.errors import LoadError
+from weavelm.errors import ConfigError, LoadError
 
 logger = logging.getLogger("weavelm.loading")
 
@@ -79,14 +79,26 @@ def validate_dims(hf_config: Any, source: str) -> None:
         raise LoadError(f"{_config_file(source)}: " + "; ".join(problems))
 
 
-def build_model(model_cls: type, hf_config: Any, tp: TensorParallelGroup, parallel: Any = None) -> torch.nn.Module:
+def build_model(model_cls: type, hf_config: Any, tp: TensorParallelGroup,
+                pp: TensorParallelGroup | None = None, parallel: Any = None) -> torch.nn.Module:
     """`model_cls(hf_config, tp)` (`model_cls(hf_config)` on one rank, so single-rank architectures need no `tp`
-    argument); in the caller's device and default-dtype context. With expert parallelism (`parallel`, a
-    `ParallelContext` whose layout has `expert` and whose expert group has several ranks) `model_cls(hf_config, tp,
-    parallel=parallel)`, for architectures that declare `supports_expert_parallel` (ConfigError otherwise)."""
+    argument); with several pipeline stages `model_cls(hf_config, tp, pp=pp)`, for an architecture that declares
+    `supports_pp` (ConfigError otherwise); with expert parallelism (`parallel`, a `ParallelContext` whose layout has
+    `expert` and whose expert group has several ranks) `model_cls(hf_config, tp, parallel=parallel)`, for
+    architectures that declare `supports_expert_parallel` (ConfigError otherwise). In the caller's device and
+    default-dtype context."""
+    if pp is not None and pp.world_size > 1:
+        if not getattr(model_cls, "supports_pp", False):
+            raise ConfigError([("executor.pipeline_parallel_size", f"the {model_cls.__name__} architecture does not "
+                                f"support pipeline parallelism (it does not declare supports_pp); use "
+                                f"pipeline_parallel_size 1 (tensor_parallel_size splits it instead)")])
+        num_layers = getattr(hf_config, "num_hidden_layers", None)
+        if isinstance(num_layers, int) and num_layers < pp.world_size:
+            raise ConfigError([("executor.pipeline_parallel_size", f"{pp.world_size} stages but the model has "
+                                f"{num_layers} layers; use pipeline_parallel_size <= {num_layers}")])
+        return model_cls(hf_config, tp, pp=pp)
     if parallel is not None and parallel.layout.expert and parallel.ep.world_size > 1:
         if not getattr(model_cls, "supports_expert_parallel", False):
-            from weavelm.errors import ConfigError
             raise ConfigError([("executor.enable_expert_parallel", f"{model_cls.__name__} has no mixture-of-experts "
                                 "layers to spread; turn enable_expert_parallel off")])
         return model_cls(hf_config, tp, parallel=parallel)
@@ -96,13 +108,15 @@ def build_model(model_cls: type, hf_config: Any, tp: TensorParallelGroup, parall
 
 
 def measure(model_cls: type, hf_config: Any, dtype: torch.dtype, source: str,
-            tp: TensorParallelGroup = TensorParallelGroup(), quant: Any = None) -> ModelSize:
+            tp: TensorParallelGroup = TensorParallelGroup(), pp: TensorParallelGroup | None = None,
+            quant: Any = None) -> ModelSize:
     """Build the architecture on the meta device and count its parameters and bytes (exact for any architecture;
-    nothing is allocated): bytes of `tp`'s rank, parameters of the whole (single-rank) model. With a quantization
-    config (`quant`), the bytes are those of the weights its methods create (e.g. fp8), as far as they are known
-    before loading (a method that repacks after loading is counted dense)."""
-    shard = _meta_build(model_cls, hf_config, dtype, source, tp)
-    whole = shard if tp.world_size == 1 else _meta_build(model_cls, hf_config, dtype, source, TensorParallelGroup())
+    nothing is allocated): bytes of the rank's shard (`tp` rank of pipeline stage `pp`), parameters of the whole
+    (single-rank) model. With a quantization config (`quant`), the bytes are those of the weights its methods create
+    (e.g. fp8), as far as they are known before loading (a method that repacks after loading is counted dense)."""
+    shard = _meta_build(model_cls, hf_config, dtype, source, tp, pp)
+    one_rank = tp.world_size == 1 and (pp is None or pp.world_size == 1)
+    whole = shard if one_rank else _meta_build(model_cls, hf_config, dtype, source, TensorParallelGroup())
     num_params = sum(p.numel() for p in whole.parameters())
     if quant is not None:
         from weavelm.core.quantization import attach
@@ -156,24 +170,29 @@ def check_fits_memory(num_bytes: int, device: torch.device, what: str) -> None:
 
 
 def check_model_size(model_cls: type, hf_config: Any, dtype: torch.dtype, device: torch.device, loader: Any,
-                     path: str, tp: TensorParallelGroup = TensorParallelGroup(), quant: Any = None) -> ModelSize:
+                     path: str, tp: TensorParallelGroup = TensorParallelGroup(),
+                     pp: TensorParallelGroup | None = None, quant: Any = None) -> ModelSize:
     """Everything above, in order, before the model is built on `device`. Called by the model runner's loading
     code with the loader that will load `path` and the rank's tensor-parallel group;
     `loader.checkpoint_num_elements(path)` (None when the loader cannot tell, e.g. `dummy`) gives the checkpoint
     side. `quant`: the engine's quantization config, whose methods' weights are counted (see `measure`)."""
     validate_dims(hf_config, path)
-    size = measure(model_cls, hf_config, dtype, path, tp, quant)
+    size = measure(model_cls, hf_config, dtype, path, tp, pp, quant)
     check_checkpoint(size, loader.checkpoint_num_elements(path), path)
     what = "the model" if tp.world_size == 1 else f"rank {tp.rank}'s shard of the model"
+    if pp is not None and pp.world_size > 1:
+        what = f"pipeline stage {pp.rank}'s " + ("layers" if tp.world_size == 1 else f"tensor rank {tp.rank} shard")
     check_fits_memory(size.num_bytes, device, f"{path}: {what} ({size.num_params:,} parameters in {dtype})")
     return size
 
 
 def _meta_build(model_cls: type, hf_config: Any, dtype: torch.dtype, source: str,
-                tp: TensorParallelGroup) -> torch.nn.Module:
+                tp: TensorParallelGroup, pp: TensorParallelGroup | None = None) -> torch.nn.Module:
     try:
         with default_dtype(dtype), torch.device("meta"):
-            return build_model(model_cls, hf_config, tp)
+            return build_model(model_cls, hf_config, tp, pp)
+    except ConfigError:
+        raise
     except TypeError as e:
         if tp.world_size > 1 and "positional argument" in str(e):
             raise LoadError(f"the {model_cls.__name__} architecture does not support tensor parallelism (its "

@@ -79,6 +79,8 @@ class SchedulerOutput:
     finish); `finished_req_ids` finished since the last step and can be dropped by the worker.
     `scheduled_spec_decode_tokens[req_id]`: the draft tokens a decode verifies this step (speculative decoding);
     such a request's `num_scheduled_tokens` is 1 + len(drafts): its last token, then the drafts.
+    `new_token_ids[req_id]`: with pipeline parallelism, the output tokens the engine core accepted for the request
+    since the last step it launched (the last stage samples; every stage's runner appends these before the step).
     """
 
     scheduled_new_reqs: list[NewRequestData]
@@ -90,6 +92,7 @@ class SchedulerOutput:
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
     scheduled_encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
     num_common_prefix_blocks: int = 0
+    new_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

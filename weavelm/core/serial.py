@@ -7,7 +7,8 @@ A message is `(kind, payload)`. Kinds and payloads:
   SHUTDOWN `None`.
 - core -> frontend: READY `dict` (model_info, max_model_len, num_blocks, pid); OUTPUTS `list[EngineCoreOutput]`
   (one step's deltas); UTILITY_RESULT `(call_id, ok, value)` (value: the result, or the exception when not ok);
-  DEAD `(message, traceback_text, exception_or_None)`, sent by the core just before it exits on an error.
+  DEAD `(message, traceback_text, exception_or_None)`, sent by the core just before it exits on an error;
+  LOAD `ReplicaLoad` (a data-parallel replica's queue lengths and KV usage after a step, core/dp_engine.py).
 
 `SERIALIZER` (`MsgpackSerializer`, msgspec) is the one in use: `benchmarks/engine_process_overhead.py` measures
 it against plain pickle (protocol 5) on a 1000-token request and a 256-request step, where pickle spends its
@@ -28,7 +29,7 @@ from weavelm.lora.request import LoRARequest
 # frontend -> core
 ADD, ABORT, UTILITY, SHUTDOWN = 0, 1, 2, 3
 # core -> frontend
-READY, OUTPUTS, UTILITY_RESULT, DEAD = 10, 11, 12, 13
+READY, OUTPUTS, UTILITY_RESULT, DEAD, LOAD = 10, 11, 12, 13, 14
 
 
 def request_to_wire(r: Request) -> tuple:

@@ -50,7 +50,6 @@ DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
                                       "scales from the first batch"),
     "max_logprobs": ((20,), "weavelm's limit is 20 logprobs per token"),
     "logprobs_mode": (("raw_logprobs",), "weavelm returns the model's raw log-probabilities"),
-    "data_parallel_size": ((1,), "weavelm runs one engine per process; start one server per replica"),
     "lora_dtype": (("auto", None), "adapters run in the model's dtype"),
     "fully_sharded_loras": ((False,), "weavelm shards LoRA with tensor parallelism its own way"),
     "lora_extra_vocab_size": ((256, 0), "weavelm's LoRA adapters do not extend the vocabulary"),
@@ -133,7 +132,7 @@ CLI_TYPES: dict[str, Any] = {
     "max_num_batched_tokens": _INT, "enable_chunked_prefill": _BOOL, "long_prefill_token_threshold": _INT,
     "enable_lora": _BOOL, "max_loras": _INT, "max_lora_rank": _INT, "max_cpu_loras": _INT,
     "speculative_config": _JSON, "load_format": _STR, "scheduling_policy": _STR, "quantization": _STR,
-    "swap_space": _FLOAT, "disable_log_stats": _BOOL, "kv_cache_dtype": _STR,
+    "swap_space": _FLOAT, "disable_log_stats": _BOOL, "kv_cache_dtype": _STR, "data_parallel_size": _INT,
     **{name: (_BOOL if isinstance(a[0], bool) else _JSON if a[0] is None or isinstance(a[0], dict)
               else type(a[0])) for name, (a, _) in DEFAULT_ONLY.items()},
 }

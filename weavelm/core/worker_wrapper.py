@@ -52,9 +52,10 @@ def _reply(conn: Any, status: str, payload: Any) -> None:
 
 
 def worker_proc_main(build_worker: Any, rank: int, world_size: int, distributed_init_method: str | None,
-                     conn: Any, num_threads: int | None = None) -> None:
+                     conn: Any, num_threads: int | None = None, output_rank: int = 0) -> None:
     """The WorkerProc loop: receive broadcast messages on `conn`, run them, reply. Every rank replies to an RPC;
-    only rank 0 replies to a step (its `ModelRunnerOutput`), any rank replies when its step raised. Ctrl-C is left
+    only `output_rank` replies to a step (its `ModelRunnerOutput`: rank 0, or with pipeline parallelism the first
+    rank of the last stage), any rank replies when its step raised. Ctrl-C is left
     to the parent, which shuts the workers down. `num_threads`: torch's CPU threads in this process until the
     runner sets its own (the executor passes the config's `num_threads`, else its share of the cores)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -74,7 +75,7 @@ def worker_proc_main(build_worker: Any, rank: int, world_size: int, distributed_
         try:
             if kind == STEP:
                 output = wrapper.worker.execute_model(payload)
-                if rank == 0:
+                if rank == output_rank:
                     _reply(conn, OK, output)
             else:
                 method, args, kwargs = payload

@@ -20,6 +20,7 @@ from weavelm.layers.layernorm import GemmaRMSNorm, RMSNorm
 from weavelm.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, OutputSegment,
                                    QKVParallelLinear, RowParallelLinear, copy_shard, default_weight_loader,
                                    linear_apply)
+from weavelm.layers.pipeline import IntermediateTensors, PipelineStage, PPMissingLayer, make_layers
 from weavelm.layers.rotary import ROPE_TYPES, RopeParameters, RotaryEmbedding, rope_parameters
 from weavelm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from weavelm.layers.weights import WeightsMapper, load_checkpoint
@@ -34,4 +35,5 @@ __all__ = [
     "RotaryEmbedding", "RopeParameters", "rope_parameters", "ROPE_TYPES", "Attention",
     "WeightsMapper", "load_checkpoint", "copy_shard", "default_weight_loader", "linear_apply",
     "FusedMoE", "load_moe_checkpoint", "ExpertParallel",
+    "IntermediateTensors", "PipelineStage", "PPMissingLayer", "make_layers",
 ]

@@ -36,11 +36,15 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, Any]], *, map
                     stacked: Mapping[str, tuple[str, object]], skip: Iterable[str] = ()) -> set[str]:
     """Hand each checkpoint tensor (whole-model shape; a tensor or LazyTensor) to its parameter's `weight_loader`,
     which copies this rank's shard. `stacked[part] = (packed module, shard_id)` routes a part's tensor to its
-    packed layer; names in `skip` (after mapping) are ignored, and so are rotary `inv_freq` buffers. Returns the
+    packed layer; names in `skip` (after mapping) are ignored, and so are rotary `inv_freq` buffers and the tensors of
+    modules another pipeline stage holds (`weavelm.layers.pipeline.PPMissingLayer`). Returns the
     parameters filled, a packed one once each of its parts arrived (or its fused tensor did). KeyError naming the
     tensor for a name the model lacks; ValueError naming it for a shape that does not fit."""
+    from weavelm.layers.pipeline import missing_prefixes
+
     params = dict(model.named_parameters())
     skip = set(skip)
+    other_stages = missing_prefixes(model)  # pipeline parallelism: modules another stage holds
     expected: dict[str, set] = {}
     for packed, shard_id in stacked.values():
         expected.setdefault(packed, set()).add(shard_id)
@@ -48,8 +52,8 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, Any]], *, map
     shards_seen: dict[str, set] = {}
     for ckpt_name, tensor in weights:
         name = mapper.map_name(ckpt_name)
-        if name.endswith("rotary_emb.inv_freq") or name in skip:
-            continue
+        if name.endswith("rotary_emb.inv_freq") or name in skip or name.startswith(other_stages):
+            continue  # another stage's tensor is never read (a LazyTensor stays on disk)
         shard_id, parts = None, name.split(".")
         if len(parts) >= 2 and parts[-2] in stacked:
             packed, shard_id = stacked[parts[-2]]

@@ -68,6 +68,8 @@ class ServerMetrics:
         self._finished = Counter("weavelm:request_success", "Finished requests by finish reason.",
                                  labels + ["finished_reason"], registry=r)
         self._model_name = model_name
+        self._registry, self._gauge_mode = r, gauge_mode
+        self._replica_gauges: dict[str, Gauge] | None = None  # data parallelism: made on the first replica stats
 
     def observe(self, stream: RequestStream, out: RequestOutput, new_tokens: int, previous_token_time: float | None,
                 now: float) -> None:
@@ -98,6 +100,31 @@ class ServerMetrics:
         self.spec_acceptance.set(stats.spec_acceptance_rate)
         self.spec_mean_len.set(stats.spec_mean_accepted_length)
         self.spec_proposer_time.set(stats.spec_proposer_time_s)
+        if stats.replicas:
+            self._set_replica_stats(stats.replicas)
+
+    def _set_replica_stats(self, replicas: tuple) -> None:
+        """Data parallelism: the gauges above sum the replicas; these show each one, labelled `engine` (its
+        index, as vLLM labels its data-parallel engines)."""
+        if self._replica_gauges is None:
+            docs = {"num_requests_running": "Requests in the replica's running batch.",
+                    "num_requests_waiting": "Requests waiting in the replica's queue.",
+                    "kv_cache_usage_perc": "Share of the replica's KV cache blocks in use.",
+                    "num_requests_routed": "Requests the client sent to the replica since start.",
+                    "num_preemptions": "The replica's preemptions since start.",
+                    "alive": "1 while the replica's engine core is alive, 0 once it died."}
+            self._replica_gauges = {
+                name: Gauge(f"weavelm:dp_replica_{name}", doc, ["model_name", "engine"], registry=self._registry,
+                            **self._gauge_mode) for name, doc in docs.items()}
+        g = self._replica_gauges
+        for row in replicas:
+            labels = (self._model_name, str(row.index))
+            g["num_requests_running"].labels(*labels).set(row.num_running_reqs)
+            g["num_requests_waiting"].labels(*labels).set(row.num_waiting_reqs)
+            g["kv_cache_usage_perc"].labels(*labels).set(row.kv_cache_usage)
+            g["num_requests_routed"].labels(*labels).set(row.num_requests)
+            g["num_preemptions"].labels(*labels).set(row.num_preemptions)
+            g["alive"].labels(*labels).set(1 if row.alive else 0)
 
     def render(self) -> bytes:
         if self.multiprocess_dir is None:

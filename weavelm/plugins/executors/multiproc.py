@@ -1,10 +1,12 @@
-"""The multiproc executor: one `WorkerProc` per tensor-parallel rank, each its own spawned process.
+"""The multiproc executor: one `WorkerProc` per rank (tensor x pipeline parallel), each its own spawned process.
 
 MultiprocExecutor -> WorkerProc (spawned; never forked after CUDA init) -> WorkerWrapperBase (builds the worker
 when told) -> Worker -> ModelRunner. Every message is pickled once and broadcast to every rank over its own pipe (the
 measured choice on these machines: see benchmarks/RESULTS.md "executor message queue"); a step's
-`ModelRunnerOutput` comes back from rank 0 only. A rank that dies is noticed through its process sentinel within
-a second, and every caller then gets an `EngineDeadError` naming the rank, its pid and exit code.
+`ModelRunnerOutput` comes back from the output rank only (rank 0; with pipeline parallelism tensor rank 0 of the
+last stage, and one launched step per stage is in flight: `max_concurrent_batches`). A rank that dies is noticed
+through its process sentinel within a second, and every caller then gets an `EngineDeadError` naming the rank, its
+pipeline stage, its pid and exit code.
 
 Across nodes (`nnodes > 1`, `weavelm.plugins.executors.multinode`): node 0 spawns its own ranks and accepts the other
 nodes' ranks over TCP connections that stand in for their pipes; the hooks here are `MultiNodeOptions` (the options),
@@ -21,6 +23,7 @@ import os
 import pickle
 import socket
 import weakref
+from functools import partial
 from typing import Any
 
 from pydantic import ConfigDict, Field
@@ -30,6 +33,7 @@ from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import Executor
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
 from weavelm.core.worker_wrapper import ERROR, RPC, SHUTDOWN, STEP, worker_proc_main
+from weavelm.distributed import ParallelLayout, check_pipeline_config
 from weavelm.errors import EngineDeadError, EngineError, WeaveError
 from weavelm.plugins.executors import multinode
 
@@ -43,6 +47,8 @@ class MultiprocOptions(multinode.MultiNodeOptions):
     enable_expert_parallel: bool = Field(False, description="Spread each MoE layer's experts over the ranks "
                                          "(whole experts per rank, tokens dispatched to them) instead of sharding "
                                          "every expert; attention stays tensor-parallel (vLLM's flag).")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Pipeline stages the layers are split over "
+                                        "(each stage has tensor_parallel_size ranks).")
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600, description="Wait for workers to exit before killing.")
 
 
@@ -53,10 +59,11 @@ def free_port() -> int:
 
 
 class WorkerProcHandle:
-    """The parent's end of one WorkerProc: its process and its pipe."""
+    """The parent's end of one WorkerProc: its process and its pipe. `where`: its place in the layout, for
+    messages (e.g. " of pipeline stage 1")."""
 
-    def __init__(self, rank: int, process: Any, conn: Any):
-        self.rank, self.process, self.conn = rank, process, conn
+    def __init__(self, rank: int, process: Any, conn: Any, where: str = ""):
+        self.rank, self.process, self.conn, self.where = rank, process, conn, where
 
     def death(self) -> str:
         remote = getattr(self.process, "describe", None)  # a rank on another node (multinode)
@@ -65,7 +72,8 @@ class WorkerProcHandle:
         self.process.join(2)
         code = self.process.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        return f"worker rank {self.rank} (pid {self.process.pid}) {how}"
+        return f"worker rank {self.rank} (pid {self.process.pid}){self.where} {how}"
+
 
 
 def _shutdown(handles: list[WorkerProcHandle], timeout: float) -> None:
@@ -86,12 +94,17 @@ def _shutdown(handles: list[WorkerProcHandle], timeout: float) -> None:
 
 class MultiprocExecutor(Executor):
     name = "multiproc"
-    description = "One spawned worker process per tensor-parallel rank; broadcasts steps, rank 0 answers."
+    description = ("One spawned worker process per rank (tensor x pipeline parallel); broadcasts steps, the last "
+                   "stage's first rank answers.")
     Options = MultiprocOptions
 
     def __init__(self, options: MultiprocOptions, context: ExecutorContext):
         super().__init__(options, context)
-        self.world_size = options.tensor_parallel_size
+        check_pipeline_config(context.config, options.pipeline_parallel_size)
+        self.layout = ParallelLayout(tensor=options.tensor_parallel_size, pipeline=options.pipeline_parallel_size,
+                                     expert=options.enable_expert_parallel)
+        self.world_size = self.layout.world_size
+        self.output_rank = self.layout.output_rank
         self.dead: str | None = None
         self._step_futures: list[_ProcStepFuture] = []
         multinode.check_driver(options)
@@ -99,16 +112,18 @@ class MultiprocExecutor(Executor):
         threads = context.config.num_threads or max(1, (os.cpu_count() or 1) // self.world_size)
         ctx = multiprocessing.get_context("spawn")
         self.handles: list[WorkerProcHandle] = []
+        build_worker = partial(context.build_worker, layout=self.layout)
         for rank in multinode.local_ranks(options, self.world_size):
             parent_conn, child_conn = ctx.Pipe(duplex=True)
             proc = ctx.Process(target=worker_proc_main, name=f"weavelm-worker-{rank}", daemon=True,
-                               args=(context.build_worker, rank, self.world_size, init_method, child_conn, threads))
+                               args=(build_worker, rank, self.world_size, init_method, child_conn, threads,
+                                     self.output_rank))
             proc.start()
             child_conn.close()
-            self.handles.append(WorkerProcHandle(rank, proc, parent_conn))
+            self.handles.append(WorkerProcHandle(rank, proc, parent_conn, self.layout.where(rank)))
         self._finalizer = weakref.finalize(self, _shutdown, self.handles, options.shutdown_timeout_s)
         try:
-            self.handles += multinode.join_remote_workers(options, self.world_size, context.build_worker,
+            self.handles += multinode.join_remote_workers(options, self.world_size, build_worker,
                                                           init_method, WorkerProcHandle)
         except BaseException:
             self._finalizer()
@@ -176,12 +191,16 @@ class MultiprocExecutor(Executor):
             dead = self._wait_for_a_death(2.0)
             if dead is not None:
                 self._die(f"{dead.death()} (rank {rank} then failed: {text})")
-            self._die(f"worker rank {rank} failed during a tensor-parallel step: {text}\n{tb}")
+            self._die(f"worker rank {rank}{self.layout.where(rank)} failed during a parallel step: {text}\n{tb}")
         if isinstance(error, WeaveError):
             raise error
         raise EngineError(f"worker rank {rank}: {text}")
 
     # -- Executor -----------------------------------------------------------------------------------------
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.layout.pipeline
+
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:
         ranks = list(range(self.world_size)) if ranks is None else list(ranks)
@@ -197,7 +216,7 @@ class MultiprocExecutor(Executor):
 
     def _collect_step(self) -> ModelRunnerOutput:
         try:
-            return self._receive([0], watch_all=True)[0]
+            return self._receive([self.output_rank], watch_all=True)[self.output_rank]
         finally:
             self._step_futures.pop(0)
 

@@ -1,5 +1,6 @@
-"""The Ray executor: one Ray actor per tensor-parallel rank, placed with a placement group, speaking the same
-`collective_rpc` and step messages as `multiproc` (each actor holds a `WorkerWrapperBase`).
+"""The Ray executor: one Ray actor per rank (tensor x pipeline parallel), placed with a placement group, speaking
+the same `collective_rpc` and step messages as `multiproc` (each actor holds a `WorkerWrapperBase`); the output rank
+(tensor rank 0 of the last pipeline stage) answers steps.
 
 Across nodes: `ray start --head` on one node, `ray start --address=<head>:6379` on the others, then run weavelm with
 `executor: {name: ray, tensor_parallel_size: N, address: auto}` on the head (docs/parallel.md has the commands).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +24,7 @@ from weavelm.core.contexts import ExecutorContext
 from weavelm.core.hookspecs import hookimpl
 from weavelm.core.interfaces import Executor
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
+from weavelm.distributed import ParallelLayout, check_pipeline_config
 from weavelm.errors import ConfigError, EngineDeadError, EngineError, WeaveError
 
 logger = logging.getLogger("weavelm.executor")
@@ -33,6 +36,8 @@ class RayOptions(BaseModel):
     enable_expert_parallel: bool = Field(False, description="Spread each MoE layer's experts over the ranks "
                                          "(whole experts per rank, tokens dispatched to them) instead of sharding "
                                          "every expert; attention stays tensor-parallel (vLLM's flag).")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Pipeline stages the layers are split over "
+                                        "(each stage has tensor_parallel_size actors).")
     address: str | None = Field(None, description="Ray cluster to join (`auto`, or host:port); default: the "
                                 "running local instance, else a new local one.")
     num_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs each rank's actor reserves.")
@@ -49,8 +54,9 @@ def _actor_class():
     class RayWorker:
         """One rank: a WorkerWrapperBase inside a Ray actor."""
 
-        def __init__(self, build_worker: Any, rank: int, world_size: int):
+        def __init__(self, build_worker: Any, rank: int, world_size: int, output_rank: int = 0):
             self.args = (build_worker, rank, world_size)
+            self.output_rank = output_rank
             self.wrapper: WorkerWrapperBase | None = None
 
         def where(self) -> tuple[str, int]:
@@ -74,14 +80,14 @@ def _actor_class():
 
         def execute_step(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
             output = self.wrapper.worker.execute_model(scheduler_output)
-            return output if self.wrapper.rank == 0 else None
+            return output if self.wrapper.rank == self.output_rank else None
 
     return RayWorker
 
 
 class RayExecutor(Executor):
     name = "ray"
-    description = "One Ray actor per tensor-parallel rank (placement group); local or multi-node."
+    description = "One Ray actor per rank (tensor x pipeline parallel, placement group); local or multi-node."
     Options = RayOptions
 
     def __init__(self, options: RayOptions, context: ExecutorContext):
@@ -93,9 +99,12 @@ class RayExecutor(Executor):
         except ImportError as e:
             raise ConfigError([("executor", f"the ray executor needs Ray: pip install 'weavelm[ray]' ({e})")]) from e
         self._ray = ray
+        check_pipeline_config(context.config, options.pipeline_parallel_size)
         if not ray.is_initialized():
             ray.init(address=options.address, ignore_reinit_error=True, log_to_driver=False)
-        self.world_size = options.tensor_parallel_size
+        self.layout = ParallelLayout(tensor=options.tensor_parallel_size, pipeline=options.pipeline_parallel_size,
+                                     expert=options.enable_expert_parallel)
+        self.world_size, self.output_rank = self.layout.world_size, self.layout.output_rank
         gpus = 1 if context.config.device == "cuda" else 0
         bundle = {"CPU": options.num_cpus_per_worker, **({"GPU": gpus} if gpus else {})}
         self.placement = placement_group([dict(bundle) for _ in range(self.world_size)],
@@ -110,7 +119,7 @@ class RayExecutor(Executor):
         self.actors = [
             actor.options(num_cpus=options.num_cpus_per_worker, num_gpus=gpus,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, rank)).remote(
-                context.build_worker, rank, self.world_size)
+                partial(context.build_worker, layout=self.layout), rank, self.world_size, self.output_rank)
             for rank in range(self.world_size)]
         init_method = None
         if self.world_size > 1:
@@ -124,8 +133,8 @@ class RayExecutor(Executor):
     def _describe(self, rank: int) -> str:
         where = getattr(self, "locations", None)
         if where is None or rank >= len(where):
-            return f"Ray worker rank {rank}"
-        return f"Ray worker rank {rank} (node {where[rank][0]}, pid {where[rank][1]})"
+            return f"Ray worker rank {rank}{self.layout.where(rank)}"
+        return f"Ray worker rank {rank}{self.layout.where(rank)} (node {where[rank][0]}, pid {where[rank][1]})"
 
     def _get(self, refs: list[Any], ranks: list[int] | None = None) -> list[Any]:
         """The results of `refs` (one per rank of `ranks`, default 0..). A dead actor is an EngineDeadError naming
@@ -155,6 +164,10 @@ class RayExecutor(Executor):
                 raise cause from e
             raise EngineError(f"{self._describe(rank)} failed: {e}") from e
         return [results[r] for r in ranks]
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.layout.pipeline
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        ranks: list[int] | None = None) -> list[Any]:
@@ -195,7 +208,7 @@ class _RayStepFuture(RunnerFuture):
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
-            self._output = self._executor._get(self._refs)[0]
+            self._output = self._executor._get(self._refs)[self._executor.output_rank]
         return self._output
 
 

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from weavelm.layers import (layer_windows, Attention, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+from weavelm.layers import (layer_windows, Attention, IntermediateTensors, MergedColumnParallelLinear,
+                            ParallelLMHead, PipelineStage, PPMissingLayer, QKVParallelLinear, RMSNorm,
                             RotaryEmbedding, RowParallelLinear, SiluAndMul, TensorParallelGroup,
-                            VocabParallelEmbedding, WeightsMapper, load_checkpoint)
+                            VocabParallelEmbedding, WeightsMapper, load_checkpoint, make_layers)
 from weavelm.plugin import ForwardBatch, ModelArchitecture
 from weavelm.plugins.models.native_stack import NativeStack
 
@@ -115,21 +116,28 @@ class LlamaForCausalLM(ModelArchitecture):
     qk_norm = False
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     hf_to_weavelm_mapper = WeightsMapper({"model.": ""})
+    supports_pp = True
+    stage = PipelineStage()  # one stage (subclasses that build their own layers); an instance sets its own
 
-    def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
+    def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup(),
+                 pp: TensorParallelGroup | None = None):
         super().__init__()
         self.hf_config, self.tp = hf_config, tp
         d = self.dims = DecoderDims(hf_config)
+        stage = self.stage = PipelineStage.of(d.num_layers, pp)
         qkv_bias, o_bias = self._biases(hf_config)
         mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
-        self.embed_tokens = VocabParallelEmbedding(d.vocab, d.hidden, tp)
-        windows = layer_windows(hf_config, d.num_layers)
-        self.layers = nn.ModuleList(DecoderLayer(d, i, qkv_bias, o_bias, mlp_bias, self.qk_norm, tp, windows[i])
-                                    for i in range(d.num_layers))
-        self.norm = RMSNorm(d.hidden, d.eps)
-        self.rotary = RotaryEmbedding(hf_config, d.head_dim, d.max_positions)
         self.tie_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_embeddings else ParallelLMHead(d.vocab, d.hidden, tp)
+        # a tied head is the embedding: the last stage keeps it too
+        has_embedding = stage.is_first or (stage.is_last and self.tie_embeddings)
+        self.embed_tokens = VocabParallelEmbedding(d.vocab, d.hidden, tp) if has_embedding else PPMissingLayer()
+        windows = layer_windows(hf_config, d.num_layers)
+        self.layers = make_layers(d.num_layers, stage, lambda i: DecoderLayer(
+            d, stage.kv_index(i), qkv_bias, o_bias, mlp_bias, self.qk_norm, tp, windows[i]))
+        self.norm = RMSNorm(d.hidden, d.eps) if stage.is_last else PPMissingLayer()
+        self.rotary = RotaryEmbedding(hf_config, d.head_dim, d.max_positions)
+        self.lm_head = None if self.tie_embeddings else \
+            ParallelLMHead(d.vocab, d.hidden, tp) if stage.is_last else PPMissingLayer()
 
     @staticmethod
     def _biases(cfg: Any) -> tuple[bool, bool]:
@@ -140,10 +148,16 @@ class LlamaForCausalLM(ModelArchitecture):
 
     def attention_layout(self) -> tuple[int, int, int, int]:
         """Per rank: (num_layers, this rank's query heads, this rank's KV heads, head_size)."""
-        attn = self.layers[0].self_attn
-        return self.dims.num_layers, attn.num_heads, attn.num_kv_heads, attn.head_dim
+        stage = self.stage
+        num_layers = stage.num_layers if stage.size > 1 else self.dims.num_layers  # the class default: all layers
+        attn = self.layers[stage.start].self_attn
+        return num_layers, attn.num_heads, attn.num_kv_heads, attn.head_dim
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        stage = self.stage
+        if stage.size > 1:  # pipeline parallelism: this stage's layers only
+            return self._stage_forward(positions, batch, input_ids, intermediate_tensors)
         x, residual = self.embed_tokens(input_ids), None
         if x.is_cpu:  # small fp32 CPU steps: the whole stack in one native call (native_stack.py)
             stack = self.__dict__.get("_native_stack")
@@ -157,6 +171,27 @@ class LlamaForCausalLM(ModelArchitecture):
             x, residual = layer(positions, x, residual, batch, self.rotary)
         x, _ = self.norm(x, residual)
         return x
+
+    def _stage_forward(self, positions: torch.Tensor, batch: ForwardBatch, input_ids: torch.Tensor,
+                       intermediate_tensors: IntermediateTensors | None) -> torch.Tensor | IntermediateTensors:
+        stage = self.stage
+        if stage.is_first:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
+        for layer in self.layers[stage.start:stage.end]:
+            x, residual = layer(positions, x, residual, batch, self.rotary)
+        if not stage.is_last:
+            return IntermediateTensors({"hidden_states": x, "residual": residual})
+        x, _ = self.norm(x, residual)
+        return x
+
+    def make_empty_intermediate_tensors(self, num_tokens: int, dtype: torch.dtype,
+                                        device: torch.device) -> IntermediateTensors:
+        """The buffers a non-first stage receives a step of `num_tokens` tokens into."""
+        shape = (num_tokens, self.dims.hidden)
+        return IntermediateTensors({name: torch.empty(shape, dtype=dtype, device=device)
+                                    for name in ("hidden_states", "residual")})
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits on every rank (the shards are all-gathered)."""

@@ -52,6 +52,7 @@ class MoeForCausalLM(LlamaForCausalLM):
 
     moe_attr = "mlp"
     supports_expert_parallel = True
+    supports_pp = False  # builds every layer itself (no `pp` keyword); pipeline parallelism is refused
 
     def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup(),
                  parallel: ParallelContext | None = None):

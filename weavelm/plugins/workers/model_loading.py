@@ -52,17 +52,19 @@ class ModelBundle:
 
 def load_model_bundle(context: RunnerContext) -> ModelBundle:
     """Read the config through the context's loader, build the architecture on the device in the engine's dtype
-    with the rank's tensor-parallel group (`context.tp`), and load its weights (each rank reads its shard)."""
+    with the rank's tensor-parallel group (`context.tp`) and pipeline stage (`context.parallel.pp`), and load its
+    weights (each rank reads its shard)."""
     config, device, loader, tp = context.config, context.device, context.loader, context.tp
     if not config.model:
         raise ConfigError([("model", "no model given; set `model:` to a model directory or .gguf file")])
     hf_config = loader.load_hf_config(config.model)
     model_cls = context.model_class(hf_config)
     dtype = resolve_dtype(config, hf_config, device)
+    pp = context.parallel.pp if context.parallel is not None else None
     quant = quantization_config(context, loader, device, dtype, hf_config)
-    check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp, quant)
+    check_model_size(model_cls, hf_config, dtype, device, loader, config.model, tp, pp, quant)
     with default_dtype(dtype), torch.device(device), parameters_on_meta() if quant else nullcontext():
-        model = build_model(model_cls, hf_config, tp, context.parallel)
+        model = build_model(model_cls, hf_config, tp, pp, context.parallel)
     attach(model, quant)                                 # 1. methods claim their layers
     if quant is not None and hasattr(loader, "check_checkpoint"):
         loader.check_checkpoint(model, config.model)     #    a corrupt checkpoint fails before any allocation

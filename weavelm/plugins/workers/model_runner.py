@@ -21,6 +21,7 @@ from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutpu
 from weavelm.plugins.workers.cpu_threads import choose_cpu_threads
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
+from weavelm.plugins.workers.pipeline_stage import PipelineLink
 from weavelm.sample.sampler import SampledLogprobs, SamplingMetadata, compute_logprobs, sample
 from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata
 from weavelm.sample.logprobs import to_token_logprobs
@@ -74,6 +75,7 @@ class PagedModelRunner(ModelRunner):
         self._sampling_rng = random.Random(context.config.seed)  # per-step seeds of the one-pass sampler
         self.pooler = None  # `runner: pooling`: weavelm.pooling.Pooler, built in load_model
         self.structured = StructuredOutputs(self._grammar_compiler)  # grammar matchers of constrained requests
+        self.pipeline: PipelineLink | None = None  # pipeline parallelism: the link to the neighbour stages
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -81,6 +83,7 @@ class PagedModelRunner(ModelRunner):
             torch.set_num_threads(choose_cpu_threads(self.context.config.num_threads))
         self.bundle = load_model_bundle(self.context)
         b = self.bundle
+        self.pipeline = PipelineLink.build(self.context.parallel.pp, b.model, b.dtype, self.device)
         if self.config.runner == "pooling":
             from weavelm.pooling.config import resolve_pooler
             from weavelm.pooling.pooler import Pooler
@@ -155,7 +158,8 @@ class PagedModelRunner(ModelRunner):
         if self.spec is not None:
             self.spec.proposer.initialize_kv_cache(num_blocks)
         if (self.device.type == "cuda" and not self.config.enforce_eager and self.options.cuda_graph_max_bs > 0
-                and self.pooler is None):  # a pooling engine runs prompts only: no decode to capture
+                and self.pooler is None  # a pooling engine runs prompts only: no decode to capture
+                and self.pipeline is None):  # a pipeline stage's step sends and receives: eager
             if not self.attn_backend.graph_safe:
                 logger.warning("attention backend %s is not CUDA-graph safe; running eagerly",
                                self.attn_backend.name)
@@ -187,6 +191,8 @@ class PagedModelRunner(ModelRunner):
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.batch
+        for rid, tokens in scheduler_output.new_token_ids.items():  # pipeline parallelism: every stage's tokens
+            self._fold_sampled([rid] * len(tokens), tokens)
         if self.spec is not None:
             self.spec.forget_requests(scheduler_output)
         for rid in scheduler_output.finished_req_ids:
@@ -298,7 +304,10 @@ class PagedModelRunner(ModelRunner):
         step_seed = self._sampling_rng.getrandbits(31) if self.device.type == "cuda" else None
         return build_sampling_metadata(self.batch, rows, self.device, vocab_size, self._to_device, step_seed)
 
-    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor | None:
+        """The forward's hidden states; None on a pipeline stage before the last (it sent them on)."""
+        if self.pipeline is not None:
+            return self.pipeline.forward(input_ids, positions, fb)
         return self.bundle.model(input_ids, positions, fb)
 
     @torch.inference_mode()
@@ -334,6 +343,8 @@ class PagedModelRunner(ModelRunner):
         else:
             fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
             hidden = self.run_model(input_ids, positions, fb)
+            if hidden is None:  # a pipeline stage before the last: the last one samples
+                return RunnerFuture(ModelRunnerOutput([], {}, [], None))
             logits_hidden = hidden[logits_indices]
             logits = self.bundle.model.compute_logits(logits_hidden)
             if len(prompt_lp_rows):
@@ -374,6 +385,8 @@ class PagedModelRunner(ModelRunner):
         inputs = self._prepare_inputs(scheduler_output)
         fb = ForwardBatch(self.attn_builder.build(inputs.common), self.kv_caches, self.attn_impls)
         hidden = self.run_model(inputs.input_ids, inputs.positions, fb)
+        if hidden is None:  # a pipeline stage before the last: the last one pools
+            return ModelRunnerOutput([], {}, [], None)
         n = batch.num_reqs
         pooled = self.pooler.pool(hidden, req_ids, inputs.common.query_start_loc_cpu.tolist(),
                                   batch.num_computed[:n].tolist(), [len(s.prompt_token_ids) for s in batch.states[:n]])
@@ -500,7 +513,8 @@ class _AsyncStepFuture(RunnerFuture):
             runner, req_ids, rows, sampled_req_ids, host, want, prompt_logprobs, proposer_hidden = self._args
             host.wait()  # the step's one device -> host sync
             ids = host.ids.tolist()
-            runner._fold_sampled(sampled_req_ids, ids)
+            if runner.pipeline is None:  # with a pipeline the engine core sends every stage the kept tokens
+                runner._fold_sampled(sampled_req_ids, ids)
             sampled: list[list[int]] = [[] for _ in req_ids]
             for row, tok in zip(rows, ids):
                 sampled[row] = [tok]

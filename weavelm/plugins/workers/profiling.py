@@ -38,6 +38,8 @@ def profile_run(runner) -> int:
     fb = ForwardBatch(runner.attn_builder.build(common), kv, runner.attn_impls)
     ids = torch.zeros(total, dtype=torch.long, device=dev)
     hidden = runner.run_model(ids, torch.from_numpy(positions).to(dev), fb)
+    if hidden is None:  # a pipeline stage before the last (its step's output went to the next stage)
+        return _peak(dev)
     rows = min(runner.max_num_reqs, total)
     logits = runner.bundle.model.compute_logits(hidden[:rows]).float()
     one = torch.ones(rows, device=dev)
@@ -45,6 +47,10 @@ def profile_run(runner) -> int:
                           False, True, True, False, {}, True)
     sample(logits, sm)
     del hidden, logits, kv
+    return _peak(dev)
+
+
+def _peak(dev: torch.device) -> int:
     if dev.type != "cuda":
         return 0
     torch.cuda.synchronize(dev)

@@ -28,12 +28,11 @@ class DeviceWorker(Worker):
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
-        if self.world_size > 1:
-            from weavelm.distributed import init_parallel, layout_from_options
+        if self.world_size > 1:  # the default group, then every tensor-parallel group and pipeline of the layout
+            from weavelm.distributed import default_backend, init_parallel
 
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            layout = layout_from_options(self.config.executor.options, self.world_size)
-            init_parallel(layout, self.rank, self.context.distributed_init_method, backend)
+            init_parallel(self.context.layout, self.rank, self.context.distributed_init_method,
+                          default_backend(self.device.type))
         torch.manual_seed(self.config.seed)
         self.runner = self.context.build_runner(self.device)
 
@@ -86,6 +85,12 @@ class DeviceWorker(Worker):
 
     def apply_proposer(self, func) -> Any:
         return func(self.runner.get_proposer())
+
+    def pipeline_timeline(self) -> list:
+        """This pipeline stage's compute spans since the last call (`pipeline_stage.StageSpan`); [] without
+        pipeline parallelism."""
+        link = getattr(self.runner, "pipeline", None)
+        return link.take_timeline() if link is not None else []
 
 
 @hookimpl
