@@ -12,23 +12,15 @@ IMAGE_SIZE, PATCH = 56, 14
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # "default" strategy: the CLS feature is dropped
 
 
-def smol_tokenizer():
-    from transformers import AutoTokenizer
-
-    from weavelm.default_model import default_gguf_file
-
-    gguf = default_gguf_file()
-    return AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
-
-
-def build_tiny_llava(path: str, seed: int = 0) -> str:
-    """Save a seeded random LLaVA and its processor to `path` (once) and return it."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+def build_tiny_llava(path: str, tokenizer_dir: str, seed: int = 0) -> str:
+    """Save a seeded random LLaVA and its processor to `path` (once) and return it; `tokenizer_dir` holds SmolLM2's
+    tokenizer (the `smol_tokenizer_model` fixture's folder)."""
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    tok = smol_tokenizer()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token_id = tok.convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -60,3 +52,29 @@ def make_image(seed: int, size: tuple[int, int] = (64, 48)):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def data_url(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class HFLlava:
+    """transformers' LlavaForConditionalGeneration and LlavaProcessor on the same folder: the reference."""
+
+    def __init__(self, path: str):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+    def greedy(self, prompt: str, images: list | None, max_new_tokens: int) -> list[int]:
+        inputs = self.processor(text=prompt, images=images or None, return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
