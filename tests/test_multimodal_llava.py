@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.mm_fixtures import IMAGE_TOKENS, HFLlava, build_tiny_llava, data_url, make_image
+from tests.mm_fixtures import IMAGE_TOKENS, HFLlava, data_url, llava_registry, make_image, tiny_llava  # noqa: F401
 from weavelm import LLM, SamplingParams
-from weavelm.core.registry import Registry, RegistrySpec
 from weavelm.errors import MultiModalInputError, RequestError
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
@@ -23,14 +22,13 @@ ENGINE = dict(dtype="float32", device="cpu", loader="safetensors", cache={"num_b
 
 
 @pytest.fixture(scope="module")
-def llava(smol_tokenizer_model, tmp_path_factory) -> str:
-    return build_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")), smol_tokenizer_model)
+def llava(tiny_llava) -> str:
+    return tiny_llava
 
 
 @pytest.fixture(scope="module")
-def registry() -> Registry:
-    # the `llava` entry point is visible once the package is reinstalled; register the module explicitly meanwhile
-    return Registry.from_spec(RegistrySpec(modules=("weavelm.plugins.models.llava",)))
+def registry(llava_registry):
+    return llava_registry
 
 
 @pytest.fixture(scope="module")
