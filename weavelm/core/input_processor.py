@@ -67,7 +67,7 @@ class InputProcessor:
     @property
     def image_placeholder(self) -> str | None:
         """The text that marks an image's place in a prompt (LLaVA: "<image>"); None for a text-only model."""
-        return self.mm.hf_processor.image_token if self.mm is not None else None
+        return self.mm.placeholder_str() if self.mm is not None else None
 
     def set_max_model_len(self, max_model_len: int, model_info: dict[str, Any]) -> None:
         """The context limit the core runs with: the model's (or the configured) one, or less when the KV cache
