@@ -183,6 +183,9 @@ def test_scheduler_runs_each_encoder_once_and_frees_it_after_its_run():
     big = make_request("b", list(range(40)), max_tokens=2)
     big.mm_features = [MultiModalFeature("image", {}, PlaceholderRange(0, 11), "big")]
     assert "encoder budget is 10" in sched.check_request(big)
+    whole = make_scheduler("fcfs", num_blocks=64, block_size=4, max_num_batched_tokens=64,
+                           enable_chunked_prefill=False, max_num_encoder_input_tokens=10, encoder_cache_size=10)
+    assert "in its one prefill step" in whole.check_request(req)
 
 
 def test_runner_mrope_positions_follow_the_model_across_chunks():
