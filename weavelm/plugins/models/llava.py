@@ -13,11 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from weavelm.core.model_size import build_model
-from weavelm.core.multimodal import split_by_rows
-from weavelm.errors import LoadError
 from weavelm.layers import TensorParallelGroup, WeightsMapper, load_checkpoint
-from weavelm.plugin import ForwardBatch, ModelArchitecture, hookimpl
+from weavelm.plugin import ForwardBatch, LoadError, ModelArchitecture, hookimpl, split_by_rows
 from weavelm.plugins.models.clip import CLIPVisionTower, activation
 
 # checkpoint prefixes, transformers 4 layout first, then transformers 5's (`model.` holds the sub-models)
@@ -75,7 +72,8 @@ class LlavaForConditionalGeneration(ModelArchitecture):
         if self.select_strategy not in ("default", "full"):
             raise LoadError(f"vision_feature_select_strategy {self.select_strategy!r} is not supported; "
                             f"'default' or 'full'")
-        self.language_model = build_model(self.language_model_cls, text, tp)
+        text_cls = self.language_model_cls  # single-rank architectures may take no `tp` (ModelArchitecture)
+        self.language_model = text_cls(text) if tp.world_size == 1 else text_cls(text, tp)
         self.vision_tower = CLIPVisionTower(vision)
         n = self.vision_tower.num_layers
         self.num_vision_layers = max(li % (n + 1) for li in self.feature_layers)  # layers to run
