@@ -73,11 +73,12 @@ def _imports(path: Path) -> set[str]:
 @pytest.mark.parametrize("path", ["weavelm/plugins/models/decoder.py", "weavelm/plugins/models/llama.py",
                                   "weavelm/plugins/models/qwen3.py", "weavelm/plugins/models/moe_decoder.py",
                                   "weavelm/plugins/models/mixtral.py", "weavelm/plugins/models/qwen2_moe.py",
-                                  "weavelm/plugins/models/qwen3_moe.py",
+                                  "weavelm/plugins/models/qwen3_moe.py", "weavelm/plugins/models/llava.py",
+                                  "weavelm/plugins/models/clip.py",
                                   "examples/weavelm-model-phi3/weavelm_model_phi3/model.py"])
 def test_models_are_built_from_the_library_and_the_facade_only(path):
     own = {"weavelm.plugins.models.decoder", "weavelm.plugins.models.native_stack",  # the built-ins' own package
-           "weavelm.plugins.models", "weavelm.plugins.models.moe_decoder"}
+           "weavelm.plugins.models", "weavelm.plugins.models.moe_decoder", "weavelm.plugins.models.clip"}
     weavelm = {i for i in _imports(ROOT / path) if i.startswith("weavelm")}
     assert weavelm - own <= {"weavelm.layers", "weavelm.plugin"}, weavelm
 

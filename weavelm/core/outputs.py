@@ -51,6 +51,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     lora_request: Any = None  # weavelm.LoRARequest or None
+    mm_features: list | None = None  # the request's weavelm.core.multimodal.MultiModalFeature items (None: text)
 
 
 @dataclass
@@ -81,6 +82,9 @@ class SchedulerOutput:
     such a request's `num_scheduled_tokens` is 1 + len(drafts): its last token, then the drafts.
     `new_token_ids[req_id]`: with pipeline parallelism, the output tokens the engine core accepted for the request
     since the last step it launched (the last stage samples; every stage's runner appends these before the step).
+    `scheduled_encoder_inputs[req_id]`: indices into the request's `mm_features` whose encoder runs this step
+    (before the forward); the runner keeps each output until `free_encoder_input_ids` names `(req_id, index)` (or
+    the request finishes), since later chunks of the placeholder run read it too.
     """
 
     scheduled_new_reqs: list[NewRequestData]
@@ -93,6 +97,7 @@ class SchedulerOutput:
     scheduled_encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
     num_common_prefix_blocks: int = 0
     new_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    free_encoder_input_ids: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -62,9 +62,25 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
 
 
+class ImageURL(_Strict):
+    url: str
+    detail: str | None = None  # OpenAI's "auto" | "low" | "high": accepted, the model's processor decides
+
+
 class ContentPart(_Strict):
-    type: Literal["text"]
-    text: str
+    """A text part, or an image as a base64 data URL (`image_url`; remote URLs are refused)."""
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _has_its_field(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs `text`")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an image_url part needs `image_url` ({\"url\": \"data:image/png;base64,...\"})")
+        return self
 
 
 class ChatMessage(_Strict):

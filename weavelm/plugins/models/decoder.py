@@ -153,12 +153,20 @@ class LlamaForCausalLM(ModelArchitecture):
         attn = self.layers[stage.start].self_attn
         return num_layers, attn.num_heads, attn.num_kv_heads, attn.head_dim
 
+    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
-                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
+        """`inputs_embeds` (num_tokens, hidden), when given, replaces the embedding of `input_ids` (a
+        vision-language model's text with image embeddings scattered in); `intermediate_tensors`: a pipeline
+        stage's input from the stage before."""
         stage = self.stage
         if stage.size > 1:  # pipeline parallelism: this stage's layers only
-            return self._stage_forward(positions, batch, input_ids, intermediate_tensors)
-        x, residual = self.embed_tokens(input_ids), None
+            return self._stage_forward(positions, batch, input_ids, intermediate_tensors, inputs_embeds)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
         if x.is_cpu:  # small fp32 CPU steps: the whole stack in one native call (native_stack.py)
             stack = self.__dict__.get("_native_stack")
             if stack is None:
@@ -173,10 +181,12 @@ class LlamaForCausalLM(ModelArchitecture):
         return x
 
     def _stage_forward(self, positions: torch.Tensor, batch: ForwardBatch, input_ids: torch.Tensor,
-                       intermediate_tensors: IntermediateTensors | None) -> torch.Tensor | IntermediateTensors:
+                       intermediate_tensors: IntermediateTensors | None,
+                       inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
         stage = self.stage
         if stage.is_first:
-            x, residual = self.embed_tokens(input_ids), None
+            x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            residual = None
         else:
             x, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
         for layer in self.layers[stage.start:stage.end]:

@@ -20,6 +20,8 @@ from weavelm.core.interfaces import ModelRunner
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
 from weavelm.plugins.workers.cpu_threads import choose_cpu_threads
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
+from weavelm.core.multimodal import supports_multimodal
+from weavelm.errors import ConfigError
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
 from weavelm.plugins.workers.pipeline_stage import PipelineLink
 from weavelm.sample.sampler import SampledLogprobs, SamplingMetadata, compute_logprobs, sample
@@ -76,6 +78,7 @@ class PagedModelRunner(ModelRunner):
         self.pooler = None  # `runner: pooling`: weavelm.pooling.Pooler, built in load_model
         self.structured = StructuredOutputs(self._grammar_compiler)  # grammar matchers of constrained requests
         self.pipeline: PipelineLink | None = None  # pipeline parallelism: the link to the neighbour stages
+        self.mm = None  # EncoderRunner for a multimodal model (plugins/workers/multimodal.py)
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -92,6 +95,9 @@ class PagedModelRunner(ModelRunner):
                         resolved.source)
             self.pooler = Pooler(resolved)
         self.max_model_len = b.max_model_len
+        if supports_multimodal(b.model):
+            from weavelm.plugins.workers.multimodal import EncoderRunner
+            self.mm = EncoderRunner(b.model, self.device, b.dtype)
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         num_layers, num_heads, num_kv_heads, head_size = b.model.attention_layout()
@@ -193,6 +199,8 @@ class PagedModelRunner(ModelRunner):
         batch = self.batch
         for rid, tokens in scheduler_output.new_token_ids.items():  # pipeline parallelism: every stage's tokens
             self._fold_sampled([rid] * len(tokens), tokens)
+        if self.mm is not None:
+            self.mm.update(scheduler_output)
         if self.spec is not None:
             self.spec.forget_requests(scheduler_output)
         for rid in scheduler_output.finished_req_ids:
@@ -304,11 +312,32 @@ class PagedModelRunner(ModelRunner):
         step_seed = self._sampling_rng.getrandbits(31) if self.device.type == "cuda" else None
         return build_sampling_metadata(self.batch, rows, self.device, vocab_size, self._to_device, step_seed)
 
-    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor | None:
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
+                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
         """The forward's hidden states; None on a pipeline stage before the last (it sent them on)."""
         if self.pipeline is not None:
+            if inputs_embeds is not None:
+                raise ConfigError([("executor.pipeline_parallel_size", "multimodal inputs do not run on pipeline "
+                                                                        "stages yet; use pipeline_parallel_size 1")])
             return self.pipeline.forward(input_ids, positions, fb)
+        if inputs_embeds is not None:
+            return self.bundle.model(input_ids, positions, fb, inputs_embeds=inputs_embeds)
         return self.bundle.model(input_ids, positions, fb)
+
+    def _preprocess(self, scheduler_output: SchedulerOutput, input_ids: torch.Tensor, positions: torch.Tensor
+                    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Multimodal models: run the scheduled encoders; return the step's `inputs_embeds` (None: no placeholder
+        among this step's tokens) and the positions the model takes ((3, tokens) for M-RoPE models). A step with
+        either runs eagerly; others keep the plain path and CUDA graphs."""
+        if self.mm is None:
+            return None, positions
+        batch, n = self.batch, self.batch.num_reqs
+        req_ids, num_computed = batch.req_ids[:n], batch.num_computed[:n]
+        if self.mm.uses_mrope:
+            counts = scheduler_output.num_scheduled_tokens
+            num_scheduled = np.fromiter((counts[r] for r in req_ids), dtype=np.int64, count=n)
+            positions = self.mm.mrope_positions(req_ids, num_computed, num_scheduled, positions.device)
+        return self.mm.preprocess(scheduler_output, req_ids, num_computed, input_ids), positions
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -328,6 +357,7 @@ class PagedModelRunner(ModelRunner):
         inputs = self._prepare_inputs(scheduler_output)
         input_ids, positions, common = inputs.input_ids, inputs.positions, inputs.common
         logits_indices, rows = inputs.logits_indices, inputs.logits_rows
+        inputs_embeds, positions = self._preprocess(scheduler_output, input_ids, positions)
         step = sample_rows = None
         if spec is not None:
             step = self.spec.make_step(spec, rows)
@@ -337,12 +367,13 @@ class PagedModelRunner(ModelRunner):
                 counts = np.diff(common.query_start_loc_cpu.numpy())
                 self.lora.prepare([s.lora_request for s in batch.states[:batch.num_reqs]], counts, sample_rows)
         prompt_lp_rows = np.nonzero(batch.wants_prompt_logprobs[:batch.num_reqs])[0]
-        if self.graphs is not None and not len(prompt_lp_rows) and self.graphs.can_run(common):
+        if (self.graphs is not None and not len(prompt_lp_rows) and inputs_embeds is None and positions.dim() == 1
+                and self.graphs.can_run(common)):
             hidden, logits = self.graphs.run(input_ids, positions, common)
             logits_hidden, logits = hidden[logits_indices], logits[logits_indices]
         else:
             fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
-            hidden = self.run_model(input_ids, positions, fb)
+            hidden = self.run_model(input_ids, positions, fb, inputs_embeds)
             if hidden is None:  # a pipeline stage before the last: the last one samples
                 return RunnerFuture(ModelRunnerOutput([], {}, [], None))
             logits_hidden = hidden[logits_indices]
@@ -384,7 +415,8 @@ class PagedModelRunner(ModelRunner):
             return ModelRunnerOutput([], {}, [], None)
         inputs = self._prepare_inputs(scheduler_output)
         fb = ForwardBatch(self.attn_builder.build(inputs.common), self.kv_caches, self.attn_impls)
-        hidden = self.run_model(inputs.input_ids, inputs.positions, fb)
+        inputs_embeds, positions = self._preprocess(scheduler_output, inputs.input_ids, inputs.positions)
+        hidden = self.run_model(inputs.input_ids, positions, fb, inputs_embeds)
         if hidden is None:  # a pipeline stage before the last: the last one pools
             return ModelRunnerOutput([], {}, [], None)
         n = batch.num_reqs
