@@ -1,0 +1,187 @@
+"""Qwen2-VL's pieces against transformers on the same tiny random weights (fp32, CPU): the vision tower, the M-RoPE
+positions (`get_rope_index`), and the whole model's logits over a paged KV cache (batched, chunked, decode)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.qwen2_vl_fixtures import build_tiny_qwen2_vl, hf_processor, image, image_prompt
+from weavelm.plugins.models.mrope_positions import MRopePositions, VisionPlacement, mrope_positions
+
+BLOCK = 8
+# fp32 on the CPU; the two sides differ in summation order only (matmul vs Conv3d, paged vs dense attention)
+ATOL = RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory) -> str:
+    return build_tiny_qwen2_vl(str(tmp_path_factory.mktemp("qwen2_vl")))
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from weavelm.plugins.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    import glob
+    model = Qwen2VLForConditionalGeneration(AutoConfig.from_pretrained(path)).eval()
+    weights = {}
+    for f in glob.glob(f"{path}/*.safetensors"):
+        weights.update(load_file(f))
+    loaded = model.load_weights(weights.items())
+    assert loaded == {n for n, _ in model.named_parameters()}
+    return model
+
+
+@pytest.fixture(scope="module")
+def processed(path):
+    """Two image prompts (one image of 4x6 patches; two images of 8x4 and 4x4) and a text-only prompt, processed
+    one by one (no padding)."""
+    proc = hf_processor(path)
+    cases = [(image_prompt(1, "Describe this picture."), [image(0, 56, 84)]),
+             (image_prompt(2, "Which is brighter?"), [image(1, 100, 70), image(2, 60, 60)]),
+             ("A text prompt without pictures", None)]
+    return [proc(text=[text], images=images, return_tensors="pt") for text, images in cases]
+
+
+def test_vision_tower_matches_transformers(hf, ours, processed):
+    for p in processed[:2]:
+        with torch.no_grad():
+            ref = hf.model.visual(p["pixel_values"], grid_thw=p["image_grid_thw"]).pooler_output
+            got = ours.visual(p["pixel_values"], p["image_grid_thw"].tolist())
+        assert got.shape == ref.shape == (p["input_ids"].eq(hf.config.image_token_id).sum(), 64)
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_positions_match_get_rope_index(hf, ours, processed):
+    for p in processed:
+        ids = p["input_ids"][0].tolist()
+        grids = p["image_grid_thw"].tolist() if "image_grid_thw" in p else []
+        got = ours.mrope_positions(ids, grids)
+        if grids:
+            ref, delta = hf.model.get_rope_index(p["input_ids"], p["mm_token_type_ids"], p["image_grid_thw"])
+            assert got.delta == int(delta) and got.delta != 0
+            np.testing.assert_array_equal(got.prompt, ref[:, 0].numpy())
+        else:
+            assert got.delta == 0
+            np.testing.assert_array_equal(got.prompt, np.tile(np.arange(len(ids)), (3, 1)))
+        tail = got.rows(np.arange(len(ids) - 2, len(ids) + 3))  # the prompt's end, then generated tokens
+        np.testing.assert_array_equal(tail[:, :2], got.prompt[:, -2:])
+        np.testing.assert_array_equal(tail[:, 2:], np.tile(np.arange(len(ids), len(ids) + 3) + got.delta, (3, 1)))
+
+
+def test_positions_interleave_images_and_videos(hf):
+    """image, video (2 frames), image, with text between: the same rows as transformers for mixed token types."""
+    img, vid, m = hf.config.image_token_id, hf.config.video_token_id, 2
+    grids = {"i0": (1, 4, 6), "v": (2, 4, 4), "i1": (1, 2, 4)}
+    layout = [5, 6, ("i0", img), 7, ("v", vid), 8, 9, ("i1", img), 10]
+    ids, types = [], []
+    for piece in layout:
+        if isinstance(piece, tuple):
+            t, h, w = grids[piece[0]]
+            n = t * h * w // m ** 2
+            ids += [piece[1]] * n
+            types += [1 if piece[1] == img else 2] * n
+        else:
+            ids.append(piece)
+            types.append(0)
+    ref, delta = hf.model.get_rope_index(torch.tensor([ids]), torch.tensor([types]),
+                                         torch.tensor([grids["i0"], grids["i1"]]), torch.tensor([grids["v"]]))
+    got = mrope_positions(ids, [VisionPlacement(img, grids["i0"]), VisionPlacement(img, grids["i1"]),
+                                VisionPlacement(vid, grids["v"])], m)
+    np.testing.assert_array_equal(got.prompt, ref[:, 0].numpy())
+    assert got.delta == int(delta)
+
+
+def test_positions_reject_mismatched_placeholders():
+    with pytest.raises(ValueError, match="needs 6 consecutive placeholder tokens 9 at index 1"):
+        mrope_positions([1, 9, 9, 9, 2], [VisionPlacement(9, (1, 4, 6))], 2)
+    with pytest.raises(ValueError, match="more placeholder tokens than its 1 image"):
+        mrope_positions([1, 9, 9, 2, 9], [VisionPlacement(9, (1, 2, 4))], 2)
+    with pytest.raises(ValueError, match="no placeholder run left"):
+        mrope_positions([1, 2, 3], [VisionPlacement(9, (1, 2, 2))], 2)
+
+
+class PagedModel:
+    """Our model over a paged KV cache with the reference attention backend: feed each request's next tokens (as
+    embeddings) with their M-RoPE positions, get every fed token's logits."""
+
+    def __init__(self, model, num_reqs: int, max_len: int = 64):
+        from weavelm.core.registry import Registry
+
+        backend_cls = Registry.load().get("attention", "torch_ref")
+        backend = backend_cls(backend_cls.Options())
+        layers, heads, kv_heads, head = model.attention_layout()
+        blocks = -(-max_len // BLOCK)
+        self.model, self.builder = model, backend.make_builder(torch.device("cpu"))
+        self.kv = [torch.zeros(backend.kv_cache_shape(num_reqs * blocks, BLOCK, kv_heads, head))
+                   for _ in range(layers)]
+        self.impls = [backend.make_impl(heads, kv_heads, head, head ** -0.5) for _ in range(layers)]
+        self.table = torch.arange(num_reqs * blocks, dtype=torch.int32).view(num_reqs, blocks)
+        self.computed = [0] * num_reqs
+
+    def step(self, embeds: list[torch.Tensor], positions: list[np.ndarray]) -> torch.Tensor:
+        from weavelm.core.forward import CommonAttentionMetadata, ForwardBatch
+
+        lens = [e.shape[0] for e in embeds]
+        index = torch.cat([torch.arange(c, c + n) for c, n in zip(self.computed, lens)])
+        rows = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
+        slots = self.table[rows, index // BLOCK].long() * BLOCK + index % BLOCK
+        start = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+        self.computed = [c + n for c, n in zip(self.computed, lens)]
+        seq_lens = torch.tensor(self.computed, dtype=torch.int32)
+        common = CommonAttentionMetadata(
+            query_start_loc=start, seq_lens=seq_lens, block_table=self.table, slot_mapping=slots,
+            query_start_loc_cpu=start, seq_lens_cpu=seq_lens, num_reqs=len(lens), num_actual_tokens=sum(lens),
+            max_query_len=max(lens), max_seq_len=max(self.computed), block_size=BLOCK)
+        batch = ForwardBatch(self.builder.build(common), self.kv, self.impls)
+        with torch.no_grad():
+            hidden = self.model(None, torch.from_numpy(np.concatenate(positions, axis=1)), batch, torch.cat(embeds))
+            return self.model.compute_logits(hidden)
+
+
+def _prompt_embeds(model, p) -> tuple[torch.Tensor, MRopePositions]:
+    ids = p["input_ids"][0]
+    with torch.no_grad():
+        x = model.embed_input_ids(ids)
+        if "pixel_values" in p:
+            grids = p["image_grid_thw"].tolist()
+            images = torch.cat(model.embed_images(p["pixel_values"], grids))
+            x[ids == model.image_token_id] = images
+    return x, model.mrope_positions(ids.tolist(), p["image_grid_thw"].tolist() if "pixel_values" in p else [])
+
+
+def test_logits_match_transformers_batched_chunked_and_decode(hf, ours, processed):
+    """The three prompts in one batch, prefilled in two chunks (the first image's placeholder run spans them), then
+    one decode step each; every token's logits against transformers' full forward."""
+    embeds, positions = zip(*(_prompt_embeds(ours, p) for p in processed))
+    paged = PagedModel(ours, len(processed))
+    cut = [5, 9, 4]  # inside each prompt's first placeholder run (indices 1..6 / 1..8) and in the text
+    first = paged.step([e[:c] for e, c in zip(embeds, cut)], [pos.prompt[:, :c] for pos, c in zip(positions, cut)])
+    second = paged.step([e[c:] for e, c in zip(embeds, cut)], [pos.prompt[:, c:] for pos, c in zip(positions, cut)])
+    nexts = [7, 123, 4567]
+    with torch.no_grad():
+        decode = paged.step([ours.embed_input_ids(torch.tensor([t])) for t in nexts],
+                            [pos.rows(np.array([e.shape[0]])) for pos, e in zip(positions, embeds)])
+    offsets = np.cumsum([0] + cut), np.cumsum([0] + [e.shape[0] - c for e, c in zip(embeds, cut)])
+    for i, (p, c, t) in enumerate(zip(processed, cut, nexts)):
+        ids = torch.cat([p["input_ids"], torch.tensor([[t]])], dim=1)
+        kw = {k: p[k] for k in ("pixel_values", "image_grid_thw") if k in p}
+        types = torch.cat([p["mm_token_type_ids"], torch.zeros(1, 1, dtype=p["mm_token_type_ids"].dtype)], dim=1)
+        with torch.no_grad():
+            ref = hf(input_ids=ids, mm_token_type_ids=types, **kw).logits[0]
+        got = torch.cat([first[offsets[0][i]:offsets[0][i + 1]], second[offsets[1][i]:offsets[1][i + 1]],
+                         decode[i:i + 1]])
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+    assert (first.abs().max() > 1).item()  # logits of a size where the tolerance means something
