@@ -19,13 +19,21 @@ SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>
 MAX_PIXELS = 28 * 28 * 30
 
 
-def tiny_qwen2_vl_config(tok):
-    from transformers import Qwen2VLConfig
+VISION = {  # Qwen2-VL; Qwen2.5-VL (windows of 2x2 merged patches, block 1 of 3 attending over the whole frame)
+    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+    "qwen2_5_vl": dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
+                       window_size=56, fullatt_block_indexes=[1], tokens_per_second=2),
+}
+
+
+def tiny_config(tok, kind: str = "qwen2_vl"):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     ids = tok.convert_tokens_to_ids(SPECIAL)
-    return Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                           temporal_patch_size=2, spatial_merge_size=2, initializer_range=0.3),
+    config_class = Qwen2VLConfig if kind == "qwen2_vl" else Qwen2_5_VLConfig
+    return config_class(
+        vision_config=dict(patch_size=14, temporal_patch_size=2, spatial_merge_size=2, initializer_range=0.3,
+                           **VISION[kind]),
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          rms_norm_eps=1e-6, initializer_range=0.3, bos_token_id=tok.bos_token_id,
@@ -35,9 +43,11 @@ def tiny_qwen2_vl_config(tok):
         tie_word_embeddings=False)
 
 
-def build_tiny_qwen2_vl(path: str, seed: int = 0) -> str:
-    """Save a seeded random Qwen2-VL and its processor to `path` (once) and return it."""
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+def build_tiny_qwen2_vl(path: str, seed: int = 0, kind: str = "qwen2_vl") -> str:
+    """Save a seeded random Qwen2-VL (`kind` "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl") and its processor's parts to
+    `path` (once) and return it."""
+    from transformers import (AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor)
 
     from weavelm.default_model import default_model_path
 
@@ -50,20 +60,23 @@ def build_tiny_qwen2_vl(path: str, seed: int = 0) -> str:
     image_processor.save_pretrained(path)
     tok.save_pretrained(path)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(tok)).to(torch.float32)
+    model_class = Qwen2VLForConditionalGeneration if kind == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    model = model_class(tiny_config(tok, kind)).to(torch.float32)
     model.save_pretrained(path)
     return path
 
 
-def hf_processor(path: str):
-    """transformers' `Qwen2VLProcessor` over the saved image processor and tokenizer (see the module docstring)."""
+def hf_processor(path: str, kind: str = "qwen2_vl"):
+    """transformers' `Qwen2VLProcessor` (or `Qwen2_5_VLProcessor`) over the saved image processor and tokenizer
+    (see the module docstring)."""
     from unittest import mock
 
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
+    processor_class = Qwen2VLProcessor if kind == "qwen2_vl" else Qwen2_5_VLProcessor
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
-        return Qwen2VLProcessor(image_processor=AutoImageProcessor.from_pretrained(path),
+        return processor_class(image_processor=AutoImageProcessor.from_pretrained(path),
                                 tokenizer=AutoTokenizer.from_pretrained(path))
 
 

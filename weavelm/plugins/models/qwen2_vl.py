@@ -68,12 +68,17 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
     def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
         super().__init__()
         self.hf_config, self.tp = hf_config, tp
-        self.visual = Qwen2VisionTransformer(hf_config.vision_config, tp)
+        self.visual = self.build_vision_tower(hf_config.vision_config, tp)
         tie = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.language_model = Qwen2VLTextModel(hf_config.text_config, tp, tie)
         self.image_token_id = hf_config.image_token_id
         self.video_token_id = getattr(hf_config, "video_token_id", None)
         self.spatial_merge_size = hf_config.vision_config.spatial_merge_size
+
+    @staticmethod
+    def build_vision_tower(vision_config: Any, tp: TensorParallelGroup) -> torch.nn.Module:
+        """The tower: `forward(pixel_values, grids)` -> (placeholder tokens, hidden), and `num_tokens(grid)`."""
+        return Qwen2VisionTransformer(vision_config, tp)
 
     # -- multimodal -------------------------------------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

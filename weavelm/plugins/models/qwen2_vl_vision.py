@@ -15,6 +15,7 @@ like the decoder does. Parameter names are the checkpoint's (`patch_embed.proj`,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,26 +45,39 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+@dataclass(frozen=True)
 class VisionDims:
-    """The vision config's numbers (whole-model values)."""
+    """The vision config's numbers (whole-model values); Qwen2-VL and Qwen2.5-VL name some differently."""
 
-    def __init__(self, cfg: Any):
-        self.embed_dim = cfg.embed_dim
-        self.num_heads = cfg.num_heads
-        self.head_dim = self.embed_dim // self.num_heads
-        self.depth = cfg.depth
-        self.mlp_hidden = int(cfg.embed_dim * cfg.mlp_ratio)
-        self.hidden_act = cfg.hidden_act
-        self.in_channels = cfg.in_channels
-        self.patch_size = cfg.patch_size
-        self.temporal_patch_size = cfg.temporal_patch_size
-        self.merge_size = cfg.spatial_merge_size
-        self.out_hidden = cfg.hidden_size
+    embed_dim: int
+    num_heads: int
+    depth: int
+    mlp_hidden: int
+    hidden_act: str
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    out_hidden: int
+    rope_theta: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @classmethod
+    def from_config(cls, cfg: Any, embed_dim: int, mlp_hidden: int, out_hidden: int) -> VisionDims:
         rope = getattr(cfg, "rope_parameters", None) or {}
-        self.rope_theta = float(rope.get("rope_theta", 10000.0))
-        if self.head_dim % 4:
-            raise ConfigError([("vision_config.num_heads", f"the head size ({self.head_dim}) must be a multiple of "
+        d = cls(embed_dim, cfg.num_heads, cfg.depth, mlp_hidden, cfg.hidden_act, cfg.in_channels, cfg.patch_size,
+                cfg.temporal_patch_size, cfg.spatial_merge_size, out_hidden, float(rope.get("rope_theta", 10000.0)))
+        if d.head_dim % 4:
+            raise ConfigError([("vision_config.num_heads", f"the head size ({d.head_dim}) must be a multiple of "
                                 f"4 for the 2D rotary embedding")])
+        return d
+
+    @classmethod
+    def qwen2_vl(cls, cfg: Any) -> VisionDims:
+        return cls.from_config(cfg, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.hidden_size)
 
 
 class PatchEmbed(nn.Module):
@@ -161,12 +175,13 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """Each window of `merge_size ** 2` patches -> one embedding of the text model's width."""
+    """Each window of `merge_size ** 2` patches -> one embedding of the text model's width. `norm`: the patch norm
+    (Qwen2-VL a LayerNorm, Qwen2.5-VL an RMSNorm)."""
 
-    def __init__(self, d: VisionDims, tp: TensorParallelGroup):
+    def __init__(self, d: VisionDims, tp: TensorParallelGroup, norm: nn.Module | None = None):
         super().__init__()
         self.window = d.embed_dim * d.merge_size ** 2
-        self.ln_q = nn.LayerNorm(d.embed_dim, eps=1e-6)
+        self.ln_q = nn.LayerNorm(d.embed_dim, eps=1e-6) if norm is None else norm
         self.mlp = nn.Sequential(ColumnParallelLinear(self.window, self.window, True, tp), nn.GELU(),
                                  RowParallelLinear(self.window, d.out_hidden, True, tp))
 
@@ -180,7 +195,7 @@ class Qwen2VisionTransformer(nn.Module):
 
     def __init__(self, vision_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
         super().__init__()
-        d = self.dims = VisionDims(vision_config)
+        d = self.dims = VisionDims.qwen2_vl(vision_config)
         self.patch_embed = PatchEmbed(d)
         self.rotary = VisionRotary(d.head_dim, d.rope_theta)
         self.blocks = nn.ModuleList(VisionBlock(d, tp) for _ in range(d.depth))
