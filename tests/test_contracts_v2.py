@@ -156,7 +156,7 @@ def test_incompatible_api_major_is_refused_naming_the_distribution(tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = Registry.load()
     record = registry.plugins["old_sched"]
-    assert "weavelm-old" in record.error and "API 1.1" in record.error and "2.4" in record.error
+    assert "weavelm-old" in record.error and "API 1.1" in record.error and "2.5" in record.error
     from weavelm.cli import main
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out

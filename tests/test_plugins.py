@@ -144,7 +144,7 @@ def test_hookspecs_are_frozen():
     specs = sorted(n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("weavelm_"))
     assert specs == ["weavelm_engine_started", "weavelm_register", "weavelm_request_finished",
                      "weavelm_step_finished"]
-    assert interfaces.API_VERSION == "2.4"
+    assert interfaces.API_VERSION == "2.5"
 
 
 def test_public_exports_are_frozen():

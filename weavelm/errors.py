@@ -33,6 +33,11 @@ class RequestError(WeaveError, ValueError):
     """A request (prompt or sampling parameters) is invalid. The engine keeps serving other requests."""
 
 
+class MultiModalInputError(RequestError):
+    """A request's images (or other media) are invalid: undecodable, too large, too many, a URL that is not
+    fetched. Only that request fails."""
+
+
 class EngineError(WeaveError, RuntimeError):
     """The engine itself failed (a worker died, the core process exited)."""
 

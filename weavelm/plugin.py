@@ -25,6 +25,8 @@ from weavelm.core.interfaces import (API_VERSION, COMPONENT_KINDS, AttentionBack
                                      AttentionMetadataBuilder, Component, Executor, LoRAManager,
                                      ModelArchitecture, ModelLoader, ModelRunner, NoOptions, Scheduler, Worker)
 from weavelm.core.kv_cache import KVCacheManager, KVCacheStats
+from weavelm.core.multimodal import (MultiModalFeature, PlaceholderRange, SupportsMultiModal, split_by_rows,
+                                     supports_multimodal)
 from weavelm.core.proposer import Proposal, ProposeInput, Proposer, ProposerContext, ProposerOptions
 from weavelm.core.quantization import QuantizationConfig, QuantizedTensor, QuantizeMethodBase, QuantSpec
 from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
@@ -66,4 +68,5 @@ __all__ = [
     "Attention", "WeightsMapper", "load_checkpoint",
     "ToolParser", "ReasoningParser", "ExtractedToolCalls", "ToolCall", "FunctionCall", "DeltaMessage",
     "DeltaToolCall", "DeltaFunctionCall",
+    "SupportsMultiModal", "MultiModalFeature", "PlaceholderRange", "supports_multimodal", "split_by_rows",
 ]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from weavelm.core.contexts import SchedulerContext, SchedulerLimits
+from weavelm.core.encoder_cache import EncoderCacheManager, check_encoder_limits, plan_encoder_inputs
 from weavelm.core.interfaces import Scheduler
 from weavelm.core.kv_cache import KVCacheManager
 from weavelm.core.outputs import (CachedRequestsData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
@@ -35,6 +36,12 @@ class SchedulerOptions(BaseModel):
     enable_chunked_prefill: bool = Field(True, description="Split prompts across steps to fit the budget.")
     long_prefill_token_threshold: int = Field(
         0, ge=0, le=1 << 20, description="Cap on one request's prefill chunk per step (with chunked prefill); 0: none.")
+    max_num_encoder_input_tokens: int = Field(
+        8192, ge=1, le=1 << 22, description="Multimodal encoder budget of one step, in encoder output tokens "
+        "(placeholder tokens); an item larger than it is refused (vLLM's name).")
+    encoder_cache_size: int = Field(
+        8192, ge=1, le=1 << 22, description="Encoder outputs the runner keeps between the chunks of a placeholder "
+        "run, in tokens (vLLM's name).")
 
 
 @dataclass
@@ -50,6 +57,8 @@ class _StepPlan:
     admitted: set[str] = field(default_factory=set)  # moved from waiting to running this step
     preempted: set[str] = field(default_factory=set)
     spec_tokens: dict[str, list[int]] = field(default_factory=dict)  # drafts scheduled for verification
+    encoder_budget: int = 0  # encoder tokens left this step (multimodal)
+    encoder_inputs: dict[str, list[int]] = field(default_factory=dict)  # req_id -> mm items encoded this step
 
 
 class BaseScheduler(Scheduler):
@@ -84,6 +93,7 @@ class BaseScheduler(Scheduler):
         # token is its last (max_tokens / max_model_len); a stop token ends it one step late, and the extra
         # step's output is dropped.
         self.async_scheduling = context.async_scheduling and self.spec is None
+        self.encoder_cache = EncoderCacheManager(options.encoder_cache_size)
 
     # -- policy hooks -------------------------------------------------------------------------------------
     def next_waiting_index(self) -> int:
@@ -110,6 +120,10 @@ class BaseScheduler(Scheduler):
             return (f"prompt: has {request.num_prompt_tokens} tokens but chunked prefill is off and the step budget "
                     f"is scheduler.max_num_batched_tokens={opts.max_num_batched_tokens}; shorten the prompt, raise "
                     f"the budget or set scheduler.enable_chunked_prefill: true")
+        if request.mm_features:
+            reason = check_encoder_limits(request, opts.max_num_encoder_input_tokens, opts.encoder_cache_size)
+            if reason is not None:
+                return reason
         longest = min(request.num_prompt_tokens + request.sampling_params.max_tokens, ctx.max_model_len)
         needed = self.kv.blocks_for_tokens(longest)
         if needed > ctx.num_blocks:
@@ -127,7 +141,8 @@ class BaseScheduler(Scheduler):
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        plan = _StepPlan(self.options.max_num_batched_tokens)
+        plan = _StepPlan(self.options.max_num_batched_tokens,
+                         encoder_budget=self.options.max_num_encoder_input_tokens)
         self._step_preemptions = 0
         self._schedule_running(plan)
         if not plan.preempted:
@@ -160,6 +175,10 @@ class BaseScheduler(Scheduler):
                     n += len(drafts)
             else:
                 n = self._chunk(req, plan.budget, computed)
+            encoder = None
+            if req.mm_features and n > 0:
+                encoder = plan_encoder_inputs(req, computed, n, plan.encoder_budget, self.encoder_cache)
+                n = encoder.num_tokens
             if n <= 0:
                 i += 1
                 continue
@@ -185,6 +204,8 @@ class BaseScheduler(Scheduler):
             plan.new_blocks[req.request_id] = blocks
             if drafts:
                 plan.spec_tokens[req.request_id] = drafts
+            if encoder is not None and encoder.items:
+                self._commit_encoder(req, encoder.items, plan)
             plan.budget -= n
             i += 1
 
@@ -220,6 +241,12 @@ class BaseScheduler(Scheduler):
                 break
             computed = self.kv.get_computed_blocks(req)
             n = self._chunk(req, plan.budget, computed.num_tokens)
+            encoder = None
+            if req.mm_features:
+                encoder = plan_encoder_inputs(req, computed.num_tokens, n, plan.encoder_budget, self.encoder_cache)
+                n = encoder.num_tokens
+                if n <= 0:
+                    break
             if not opts.enable_chunked_prefill and n < req.num_tokens - computed.num_tokens:
                 break
             reserve = n + self.spec.lookahead_for(req, computed.num_tokens, n) if self.spec is not None else n
@@ -238,7 +265,17 @@ class BaseScheduler(Scheduler):
             plan.admitted.add(req.request_id)
             plan.num_sched[req.request_id] = n
             plan.new_blocks[req.request_id] = blocks
+            if encoder is not None and encoder.items:
+                self._commit_encoder(req, encoder.items, plan)
             plan.budget -= n
+
+    def _commit_encoder(self, request: Request, items: list[int], plan: _StepPlan) -> None:
+        """Run these items' encoders this step: their outputs take cache space until their runs are computed."""
+        for index in items:
+            length = request.mm_features[index].num_embeds
+            self.encoder_cache.allocate(request.request_id, index, length)
+            plan.encoder_budget -= length
+        plan.encoder_inputs[request.request_id] = items
 
     def _preempt_for_waiting(self, waiting: Request, plan: _StepPlan) -> bool:
         # requests admitted this step are not candidates: the worker has not seen the new ones yet
@@ -259,6 +296,10 @@ class BaseScheduler(Scheduler):
             del plan.new_blocks[rid]
             del plan.running[rid]
             plan.spec_tokens.pop(rid, None)
+        if request.mm_features:
+            for index in plan.encoder_inputs.pop(rid, ()):
+                plan.encoder_budget += request.mm_features[index].num_embeds
+            self.encoder_cache.free(rid)
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -270,7 +311,8 @@ class BaseScheduler(Scheduler):
 
     def _make_output(self, plan: _StepPlan) -> SchedulerOutput:
         new_data = [NewRequestData(r.request_id, r.prompt_token_ids, r.sampling_params,
-                                   plan.new_blocks[r.request_id], r.num_computed_tokens, r.lora_request)
+                                   plan.new_blocks[r.request_id], r.num_computed_tokens, r.lora_request,
+                                   r.mm_features)
                     for r in plan.new]
         new_blocks = plan.new_blocks
         ids = list(plan.running)
@@ -291,6 +333,8 @@ class BaseScheduler(Scheduler):
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids=plan.preempted,
             scheduled_spec_decode_tokens=plan.spec_tokens,
+            scheduled_encoder_inputs=plan.encoder_inputs,
+            free_encoder_input_ids=self.encoder_cache.take_freed(),
         )
         self.finished_req_ids = set()
         requests = self.requests
@@ -335,6 +379,8 @@ class BaseScheduler(Scheduler):
                                                 pooling_output=pooled[rid]))
                 finished.append(req)
                 continue
+            if req.mm_features:
+                self.encoder_cache.free_computed(req)
             if not sampled:
                 # the step computed these tokens: full blocks among them may now be shared
                 if caching:
@@ -410,6 +456,8 @@ class BaseScheduler(Scheduler):
 
     def _release(self, req: Request) -> None:
         self.kv.free(req)
+        if req.mm_features:  # the runner drops a finished request's encoder outputs itself
+            self.encoder_cache.forget(req.request_id)
         self.finished_req_ids.add(req.request_id)
         del self.requests[req.request_id]
 

@@ -105,7 +105,9 @@ class RunnerBuilder(_RegistryHolder):
                                          f"[\"LlamaForCausalLM\"] (got {archs!r})")])
         if not archs:
             raise ConfigError([("model", f"{self.config.model}: config.json names no `architectures`")])
-        return self.registry.find_model(archs[0])
+        from weavelm.core.multimodal import resolve_language_model
+
+        return resolve_language_model(self.registry.find_model(archs[0]), hf_config, self.registry.find_model)
 
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
         section, registry = self.config.attention, self.registry

@@ -237,14 +237,15 @@ class AsyncLLM:
         stream, which the caller must iterate to the end or `release`. A request the core refuses ends its stream
         with an output whose `error` is set."""
         self.check_health()
-        text, ids, params = self.processor.prepare(prompt, params)
+        text, ids, params, mm_features = self.processor.prepare(prompt, params)
         rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
         if not isinstance(rid, str):
             raise RequestError(f"request_id: must be a str (got {type(rid).__name__})")
         if rid in self._streams:
             raise RequestError(f"request_id: {rid!r} is already in use")
         requests = self.output_processor.add_request(rid, text, ids, params, lora_request=lora_request,
-                                                     eos_token_id=self.processor.eos_token_id)
+                                                     eos_token_id=self.processor.eos_token_id,
+                                                     mm_features=mm_features)
         stream = RequestStream(rid, asyncio.get_running_loop(), delta)
         stream.observer = self.output_observer
         self._num_waiting += 1

@@ -14,7 +14,7 @@ import copy
 import logging
 from typing import Any
 
-from weavelm.core.config import COMPONENT_SECTIONS, CacheConfig, EngineConfig, echo
+from weavelm.core.config import COMPONENT_SECTIONS, CacheConfig, EngineConfig, MultiModalConfig, echo
 from weavelm.core.vllm_args import take_default_only
 from weavelm.errors import ConfigError, PluginError
 
@@ -34,6 +34,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "max_loras": ("lora", "max_loras"),
     "max_lora_rank": ("lora", "max_lora_rank"),
     "max_cpu_loras": ("lora", "max_cpu_loras"),
+    "limit_mm_per_prompt": ("multimodal", "limit_mm_per_prompt"),
+    "allowed_local_media_path": ("multimodal", "allowed_local_media_path"),
 }
 EXECUTOR_BACKENDS = {"mp": "multiproc", "uni": "uniproc", "ray": "ray"}
 DTYPES = {"half": "float16", "float": "float32"}
@@ -215,6 +217,8 @@ def _plugin_fields(raw: dict[str, Any], base: dict[str, Any], section: str, regi
     """(plugin name, its option names) for a component section, None when unknown."""
     if section == "cache":
         return "cache", set(CacheConfig.model_fields)
+    if section == "multimodal":
+        return "multimodal", set(MultiModalConfig.model_fields)
     if registry is None or section not in COMPONENT_SECTIONS:
         return None
     kind, _ = COMPONENT_SECTIONS[section]

@@ -65,6 +65,28 @@ class CacheConfig(BaseModel):
         return self
 
 
+class MultiModalConfig(BaseModel):
+    """Limits on multimodal inputs (images), checked in the frontend before a request reaches the core."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    limit_mm_per_prompt: dict[str, int] = Field(
+        default_factory=lambda: {"image": 4}, description="Most items of each modality in one prompt (vLLM's "
+        "name), e.g. {image: 1}; a prompt with more is refused.")
+    allowed_local_media_path: str = Field(
+        "", description="Directory whose files chat `image_url` parts may name as file:// URLs (vLLM's name); "
+        "empty: none. Remote (http/https) URLs are never fetched.")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, le=1 << 31, description="Largest image accepted, in pixels (width x height), checked "
+        "before it is decoded.")
+
+    @model_validator(mode="after")
+    def _limits_are_counts(self) -> MultiModalConfig:
+        bad = {k: v for k, v in self.limit_mm_per_prompt.items() if v < 0}
+        if bad:
+            raise ValueError(f"limit_mm_per_prompt: counts must be >= 0 (got {bad})")
+        return self
+
+
 class _TopLevel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = Field(None, description="Model directory (config.json + weights) or .gguf file.")
@@ -95,6 +117,7 @@ class _TopLevel(BaseModel):
                                         "(default: the model's sentence-transformers config, else LAST, normalized).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     kernels: KernelConfig = Field(default_factory=KernelConfig)
+    multimodal: MultiModalConfig = Field(default_factory=MultiModalConfig)
     scheduler: Any = None
     executor: Any = None
     worker: Any = None
@@ -139,6 +162,8 @@ class EngineConfig(BaseModel):
     pooler: PoolerConfig | None = Field(None, description="The pooler's overrides (runner: pooling only).")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     kernels: KernelConfig = Field(default_factory=KernelConfig, description="Kernel switches (`weavelm.ops`).")
+    multimodal: MultiModalConfig = Field(default_factory=MultiModalConfig,
+                                         description="Multimodal input limits (images per prompt, size, local files).")
     scheduler: ComponentConfig
     executor: ComponentConfig
     worker: ComponentConfig
@@ -180,7 +205,7 @@ class EngineConfig(BaseModel):
         if errors:
             raise ConfigError(errors)
         assert top is not None
-        fields = {k: getattr(top, k) for k in (*SCALAR_FIELDS, "cache", "kernels", "pooler")}
+        fields = {k: getattr(top, k) for k in (*SCALAR_FIELDS, "cache", "kernels", "pooler", "multimodal")}
         return cls(**fields, **sections)
 
     @classmethod
@@ -192,6 +217,7 @@ class EngineConfig(BaseModel):
         out: dict[str, Any] = {k: getattr(self, k) for k in SCALAR_FIELDS}
         out["cache"] = self.cache.model_dump()
         out["kernels"] = self.kernels.model_dump()
+        out["multimodal"] = self.multimodal.model_dump()
         if self.pooler is not None:
             out["pooler"] = self.pooler.model_dump()
         for key in COMPONENT_SECTIONS:

@@ -6,19 +6,29 @@ from __future__ import annotations
 import logging
 import numbers
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from weavelm.core.assembly import build_loader
 from weavelm.core.config import EngineConfig
 from weavelm.core.generation_defaults import default_sampling_params
 from weavelm.core.model_files import resolve_model
+from weavelm.core.multimodal import text_config_of
 from weavelm.core.registry import Registry
 from weavelm.core.request import SamplingParams, show_value
 from weavelm.errors import RequestError
 
 logger = logging.getLogger("weavelm.llm")
 PromptType = str | dict[str, Any] | list[int]
-Prepared = tuple[str | None, list[int], SamplingParams]  # (prompt text or None, prompt token ids, params)
+
+
+class Prepared(NamedTuple):
+    """A validated request: prompt text (or None), prompt token ids (placeholders expanded), params, and its
+    multimodal items (None: text only)."""
+
+    text: str | None
+    token_ids: list[int]
+    params: SamplingParams
+    mm_features: list | None = None
 
 
 class InputProcessor:
@@ -31,11 +41,33 @@ class InputProcessor:
         self.loader = build_loader(config, registry)  # handed on to an in-process core: one per engine
         self.hf_config = self.loader.load_hf_config(config.model)
         self.tokenizer = self._load_tokenizer(self.loader)
-        self.vocab_size: int = self.hf_config.vocab_size
+        self.vocab_size: int = text_config_of(self.hf_config).vocab_size
         self.eos_token_id, self.extra_eos = self._eos_ids()
         self.max_model_len = 0  # set by set_max_model_len once the core is up
         self._model_max_len = 0
         self._grammars = None  # structured outputs' GrammarCompiler, built on the first constrained request
+        self.mm = self._multimodal_processor(registry)  # MultiModalProcessor, or None for a text-only model
+
+    def _multimodal_processor(self, registry: Registry) -> Any:
+        from weavelm.core.multimodal import supports_multimodal
+
+        archs = getattr(self.hf_config, "architectures", None)
+        if not isinstance(archs, (list, tuple)) or not archs or not isinstance(archs[0], str):
+            return None
+        try:
+            model_cls = registry.find_model(archs[0])
+        except Exception:  # the runner reports an unsupported architecture
+            return None
+        if not supports_multimodal(model_cls):
+            return None
+        from weavelm.core.mm_processor import MultiModalProcessor
+
+        return MultiModalProcessor(self.config.model, self.hf_config, model_cls, self.config.multimodal)
+
+    @property
+    def image_placeholder(self) -> str | None:
+        """The text that marks an image's place in a prompt (LLaVA: "<image>"); None for a text-only model."""
+        return self.mm.hf_processor.image_token if self.mm is not None else None
 
     def set_max_model_len(self, max_model_len: int, model_info: dict[str, Any]) -> None:
         """The context limit the core runs with: the model's (or the configured) one, or less when the KV cache
@@ -78,10 +110,10 @@ class InputProcessor:
         """A prompt's text (None for token ids) and token ids. A str is text; a list or tuple holds token ids; a
         dict has `prompt` (text) and/or `prompt_token_ids` (which wins). Raises RequestError on any other shape."""
         if isinstance(prompt, dict):
-            unknown = sorted(map(str, set(prompt) - {"prompt", "prompt_token_ids"}))
+            unknown = sorted(map(str, set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}))
             if unknown:
                 raise RequestError(f"prompt: unknown key(s) {unknown}; a dict prompt takes `prompt` and/or "
-                                   f"`prompt_token_ids`")
+                                   f"`prompt_token_ids`, and `multi_modal_data`")
             text = prompt.get("prompt")
             if text is not None and not isinstance(text, str):
                 raise RequestError(f"prompt: must be a str (got {type(text).__name__})")
@@ -176,14 +208,36 @@ class InputProcessor:
             self._default_params = default_sampling_params(self.config.model)
         return replace(self._default_params)
 
-    def prepare(self, prompt: PromptType, params: SamplingParams | None = None
-                ) -> tuple[str | None, list[int], SamplingParams]:
+    def prepare(self, prompt: PromptType, params: SamplingParams | None = None) -> Prepared:
         """Tokenize and validate a whole request without queueing anything; raises RequestError."""
-        text, ids = self.tokenize(prompt)
+        mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         keep = getattr(params, "truncate_prompt_tokens", None)
-        if keep is not None and len(ids) > keep:  # vLLM's: keep the prompt's last `keep` tokens
-            text, ids = None, ids[-keep:]
-        return text, ids, self.validate(ids, SamplingParams() if params is None else params)
+        features = None
+        if mm_data is not None:
+            text, ids, features = self._process_multimodal(prompt, mm_data)
+            if keep is not None and len(ids) > keep:
+                raise RequestError("SamplingParams.truncate_prompt_tokens: cannot cut a prompt with images; "
+                                   "shorten its text instead")
+        else:
+            text, ids = self.tokenize(prompt)
+            if keep is not None and len(ids) > keep:  # vLLM's: keep the prompt's last `keep` tokens
+                text, ids = None, ids[-keep:]
+        return Prepared(text, ids, self.validate(ids, SamplingParams() if params is None else params), features)
+
+    def _process_multimodal(self, prompt: dict[str, Any], mm_data: Any) -> tuple[str | None, list[int], list]:
+        unknown = sorted(map(str, set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}))
+        text = prompt.get("prompt")
+        if unknown or (text is not None and not isinstance(text, str)):
+            raise RequestError(f"prompt: a dict prompt takes `prompt` (a str) and/or `prompt_token_ids`, and "
+                               f"`multi_modal_data` (got keys {sorted(map(str, prompt))})")
+        if text is None and "prompt_token_ids" not in prompt:
+            raise RequestError("prompt: a dict prompt needs `prompt` or `prompt_token_ids`")
+        if self.mm is None:
+            archs = getattr(self.hf_config, "architectures", None)
+            raise RequestError(f"multi_modal_data: this model ({archs}) takes no images; send a text prompt or "
+                               f"serve a vision-language model")
+        ids = _token_id_list(prompt["prompt_token_ids"]) if "prompt_token_ids" in prompt else None
+        return self.mm.process(text, ids, mm_data)
 
 
 

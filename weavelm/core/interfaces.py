@@ -35,7 +35,7 @@ if TYPE_CHECKING:
                                       SchedulerStats)
     from weavelm.core.request import Request, RequestStatus
 
-API_VERSION = "2.4"
+API_VERSION = "2.5"
 """The plugin API: bumped on any change to the interfaces below, the contexts in contexts.py or the data in
 outputs.py / forward.py. Major: existing plugins break (refused at load); minor: additions only.
 1.1: execute_model_async. 2.0: components built by the assembler with typed contexts; Scheduler.limits and
@@ -53,7 +53,11 @@ sliding-window attention (AttentionSpec.sliding_window, AttentionImpl.sliding_wi
 SchedulerContext.sliding_window). 2.4: ModelArchitecture.packed_modules_mapping / hf_to_weavelm_mapper (LoRA by
 type over `weavelm.layers`), CudaGraphVariants, the typed speculative-decoding batch view and ProposeInput's hidden
 states, QuantizedTensor and QuantizeMethodBase.native_pack, LoRAManager's run-time add/remove, the `tool_parser`
-and `reasoning_parser` kinds, ModelRunnerOutput.pooler_output / EngineCoreOutput.pooling_output."""
+and `reasoning_parser` kinds, ModelRunnerOutput.pooler_output / EngineCoreOutput.pooling_output. 2.5: multimodal inputs
+(`weavelm.core.multimodal`: SupportsMultiModal, MultiModalFeature, PlaceholderRange; Request.mm_features,
+NewRequestData.mm_features, SchedulerOutput.scheduled_encoder_inputs written and free_encoder_input_ids;
+SchedulerOptions.max_num_encoder_input_tokens / encoder_cache_size; composite architectures'
+`with_language_model`)."""
 
 COMPONENT_KINDS = ("scheduler", "executor", "worker", "model_runner", "loader", "attention", "model",
                    "lora_manager", "proposer", "quantization", "tool_parser", "reasoning_parser")

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from weavelm.utils import cdiv
+from weavelm.core.multimodal import block_mm_keys
 from weavelm.core.request import Request
 
 NONE_HASH = 0
@@ -63,8 +64,10 @@ def root_hash(request: Request) -> int:
     return NONE_HASH if lora is None else hash(("lora", lora.lora_int_id))
 
 
-def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
-    return hash((parent_hash, token_ids))
+def hash_block(parent_hash: int, token_ids: tuple[int, ...], mm_keys: tuple[str, ...] = ()) -> int:
+    """A full block's key; `mm_keys`: content hashes of the multimodal items its tokens cover (placeholder tokens
+    are equal for every image, so the image content must join the key)."""
+    return hash((parent_hash, token_ids, mm_keys)) if mm_keys else hash((parent_hash, token_ids))
 
 
 class BlockPool:
@@ -236,11 +239,13 @@ class KVCacheManager:
 
     def _update_hashes(self, request: Request) -> None:
         tokens, bs = request.all_token_ids, self.block_size
-        hashes = request.block_hashes
+        hashes, mm = request.block_hashes, request.mm_features
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
             parent = hashes[-1] if hashes else root_hash(request)
-            hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs])))
+            block = tuple(tokens[i * bs:(i + 1) * bs])
+            keys = block_mm_keys(mm, i * bs, (i + 1) * bs) if mm else ()
+            hashes.append(hash_block(parent, block, keys) if keys else hash_block(parent, block))
 
     def get_computed_blocks(self, request: Request) -> ComputedBlocks:
         """Longest cached prefix of a request without blocks, leaving at least one token to compute."""

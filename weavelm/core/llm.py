@@ -10,6 +10,7 @@ from typing import Any
 from weavelm.chat_template import render_chat
 from weavelm.core.compat import apply_vllm_aliases
 from weavelm.core.config import EngineConfig, merge_overrides, read_yaml
+from weavelm.core.chat_media import ChatMedia, flatten_chat_media, has_media
 from weavelm.core.input_processor import PromptType, _is_token_id
 from weavelm.core.llm_engine import EngineStats, LLMEngine
 from weavelm.core.output_processor import Outbox
@@ -204,10 +205,27 @@ class LLM(PoolingMethods):
                                f"use 'auto'")
         conversations = _conversations(messages)
         tok = self.get_tokenizer()
-        prompts = [render_chat(tok, conv, add_generation_prompt=add_generation_prompt,
-                               continue_final_message=continue_final_message, chat_template=chat_template,
-                               chat_template_kwargs=chat_template_kwargs) for conv in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+        params = self._params_list(len(conversations), sampling_params)
+        loras = _lora_list(len(conversations), lora_request)
+        prompts, failed = [], {}
+        for i, conv in enumerate(conversations):
+            try:  # image_url parts: decoded here; a bad one fails its conversation only
+                media = flatten_chat_media(conv, self.engine.processor.image_placeholder, self.config.multimodal) \
+                    if has_media(conv) else ChatMedia(conv)
+            except RequestError as e:
+                failed[i] = e
+                continue
+            prompts.append(media.add_to(render_chat(
+                tok, media.conversation, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, chat_template=chat_template,
+                chat_template_kwargs=chat_template_kwargs)))
+        if not failed:
+            return self.generate(prompts, params, use_tqdm, loras)
+        keep = [i for i in range(len(conversations)) if i not in failed]
+        outs = iter(self.generate(prompts, [params[i] for i in keep], use_tqdm, [loras[i] for i in keep])
+                    if keep else [])
+        return [error_output({}, failed[i], f"chat-{i}") if i in failed else next(outs)
+                for i in range(len(conversations))]
 
     def shutdown(self) -> None:
         """Stop the engine: its core process and workers, if any. Idempotent; the LLM cannot be used after."""

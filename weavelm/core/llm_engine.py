@@ -95,12 +95,12 @@ class LLMEngine:
         RequestError (nothing kept) when the core rejects it."""
         if request_id is not None and not isinstance(request_id, str):
             raise RequestError(f"request_id: must be a str (got {show_value(request_id)})")
-        text, ids, params = prepared
+        text, ids, params, mm_features = prepared
         with self._lock:
             rid = request_id or self.new_request_id()
             requests = self.output_processor.add_request(rid, text, ids, params, outbox=outbox,
                                                          eos_token_id=self.processor.eos_token_id,
-                                                         lora_request=lora_request)
+                                                         lora_request=lora_request, mm_features=mm_features)
             added = []
             try:
                 for request in requests:

@@ -73,9 +73,10 @@ class OutputProcessor:
         self._token_text: dict[int, str] = {}  # token id -> its text, for Logprob.decoded_token
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                    *, eos_token_id: int | None, lora_request: Any = None, outbox: Outbox | None = None
-                    ) -> list[Request]:
-        """Track a request (fanned out into `params.n` children) and return the core requests to add."""
+                    *, eos_token_id: int | None, lora_request: Any = None, outbox: Outbox | None = None,
+                    mm_features: list | None = None) -> list[Request]:
+        """Track a request (fanned out into `params.n` children) and return the core requests to add (each
+        carries the prompt's multimodal items, `mm_features`)."""
         if request_id in self.states or request_id in self.parents:
             raise RequestError(f"request_id: {request_id!r} is already in use")
         parent = ParentRequest(request_id, params.n) if params.n > 1 else None
@@ -87,7 +88,7 @@ class OutputProcessor:
         for index, rid in enumerate(ids):
             child = child_params(params, index) if parent is not None else params
             requests.append(Request(rid, prompt_token_ids, child, eos_token_id=eos_token_id,
-                                    lora_request=lora_request))
+                                    lora_request=lora_request, mm_features=mm_features))
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child.stop,
                                            child.include_stop_str_in_output)
             self.states[rid] = RequestState(rid, prompt, prompt_token_ids, detok,

@@ -51,6 +51,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     lora_request: Any = None  # weavelm.LoRARequest or None
+    mm_features: list | None = None  # the request's weavelm.core.multimodal.MultiModalFeature items (None: text)
 
 
 @dataclass
@@ -79,6 +80,9 @@ class SchedulerOutput:
     finish); `finished_req_ids` finished since the last step and can be dropped by the worker.
     `scheduled_spec_decode_tokens[req_id]`: the draft tokens a decode verifies this step (speculative decoding);
     such a request's `num_scheduled_tokens` is 1 + len(drafts): its last token, then the drafts.
+    `scheduled_encoder_inputs[req_id]`: indices into the request's `mm_features` whose encoder runs this step
+    (before the forward); the runner keeps each output until `free_encoder_input_ids` names `(req_id, index)` (or
+    the request finishes), since later chunks of the placeholder run read it too.
     """
 
     scheduled_new_reqs: list[NewRequestData]
@@ -90,6 +94,7 @@ class SchedulerOutput:
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
     scheduled_encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
     num_common_prefix_blocks: int = 0
+    free_encoder_input_ids: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

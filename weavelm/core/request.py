@@ -322,10 +322,12 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "sampling_params",
         "eos_token_id", "arrival_time", "status", "num_computed_tokens", "num_cached_tokens",
         "num_preemptions", "block_hashes", "stop_reason", "logprobs", "lora_request", "num_output_placeholders",
+        "mm_features",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 eos_token_id: int | None = None, arrival_time: float | None = None, lora_request: Any = None):
+                 eos_token_id: int | None = None, arrival_time: float | None = None, lora_request: Any = None,
+                 mm_features: list | None = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -343,6 +345,8 @@ class Request:
         self.lora_request = lora_request  # weavelm.LoRARequest or None (the base model)
         # async scheduling: tokens sampled by launched steps whose output has not been folded in yet
         self.num_output_placeholders = 0
+        # multimodal items (weavelm.core.multimodal.MultiModalFeature), in prompt order; None: text only
+        self.mm_features = mm_features or None
 
     @property
     def priority(self) -> int:

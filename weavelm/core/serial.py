@@ -3,7 +3,8 @@
 A message is `(kind, payload)`. Kinds and payloads:
 
 - frontend -> core: ADD `list[tuple]` (`request_to_wire` of each new request: only its constructor arguments
-  travel, not the core-side state a `Request` also holds); ABORT `list[str]`; UTILITY `(call_id, method, args)`;
+  travel, not the core-side state a `Request` also holds; multimodal items as `MultiModalFeature.to_row()` lists,
+  their tensors as embedded pickles); ABORT `list[str]`; UTILITY `(call_id, method, args)`;
   SHUTDOWN `None`.
 - core -> frontend: READY `dict` (model_info, max_model_len, num_blocks, pid); OUTPUTS `list[EngineCoreOutput]`
   (one step's deltas); UTILITY_RESULT `(call_id, ok, value)` (value: the result, or the exception when not ok);
@@ -21,6 +22,7 @@ import operator
 import pickle
 from typing import Any
 
+from weavelm.core.multimodal import MultiModalFeature
 from weavelm.core.outputs import EngineCoreOutput
 from weavelm.core.request import Request, SamplingParams, StructuredOutputsParams
 from weavelm.lora.request import LoRARequest
@@ -32,12 +34,15 @@ READY, OUTPUTS, UTILITY_RESULT, DEAD = 10, 11, 12, 13
 
 
 def request_to_wire(r: Request) -> tuple:
-    return (r.request_id, r.prompt_token_ids, r.sampling_params, r.eos_token_id, r.arrival_time, r.lora_request)
+    mm = [f.to_row() for f in r.mm_features] if r.mm_features else None
+    return (r.request_id, r.prompt_token_ids, r.sampling_params, r.eos_token_id, r.arrival_time, r.lora_request, mm)
 
 
 def request_from_wire(row: tuple | list) -> Request:
-    rid, ids, params, eos, arrival, lora = row
-    return Request(rid, ids, params, eos_token_id=eos, arrival_time=arrival, lora_request=lora)
+    rid, ids, params, eos, arrival, lora, mm = row
+    features = [MultiModalFeature.from_row(f) for f in mm] if mm else None
+    return Request(rid, ids, params, eos_token_id=eos, arrival_time=arrival, lora_request=lora,
+                   mm_features=features)
 
 
 class MsgpackSerializer:
@@ -60,8 +65,8 @@ class MsgpackSerializer:
 
     def encode(self, kind: int, payload: Any) -> bytes:
         if kind == ADD:
-            body: Any = [[rid, ids, self._sp_values(sp), eos, arrival, _lora_row(lora)]
-                         for rid, ids, sp, eos, arrival, lora in payload]
+            body: Any = [[rid, ids, self._sp_values(sp), eos, arrival, _lora_row(lora), mm]
+                         for rid, ids, sp, eos, arrival, lora, mm in payload]
         elif kind == OUTPUTS:
             body = list(map(self._out_values, payload))
         elif kind == ABORT:
@@ -73,8 +78,8 @@ class MsgpackSerializer:
     def decode(self, data: bytes | memoryview) -> tuple[int, Any]:
         kind, body = self._dec.decode(data)
         if kind == ADD:
-            return kind, [(rid, ids, self._params(sp_row), eos, arrival, _lora_from_row(lora))
-                          for rid, ids, sp_row, eos, arrival, lora in body]
+            return kind, [(rid, ids, self._params(sp_row), eos, arrival, _lora_from_row(lora), mm)
+                          for rid, ids, sp_row, eos, arrival, lora, mm in body]
         if kind == OUTPUTS:
             return kind, [EngineCoreOutput(*o) for o in body]
         if kind == ABORT:

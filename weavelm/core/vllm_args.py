@@ -13,7 +13,7 @@ from typing import Any
 from weavelm.core.config import echo
 
 _LOCAL = "weavelm loads local folders and files only (no hub downloads)"
-_NO_MM = "weavelm serves text-only models"
+_NO_MM = "weavelm has no such multimodal option (see the `multimodal:` config section)"
 _NO_POOL = "weavelm has no such feature"
 
 # vLLM name -> (the values accepted silently: vLLM's defaults, or values meaning what weavelm always does; why any
@@ -21,7 +21,6 @@ _NO_POOL = "weavelm has no such feature"
 DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "tokenizer_mode": (("auto", "hf"), "weavelm loads Hugging Face tokenizers (tokenizer_mode 'auto')"),
     "skip_tokenizer_init": ((False,), "weavelm detokenizes every output and needs the tokenizer"),
-    "allowed_local_media_path": (("",), _NO_MM),
     "allowed_media_domains": ((None,), _NO_MM),
     "revision": ((None,), _LOCAL),
     "tokenizer_revision": ((None,), _LOCAL),
@@ -41,7 +40,6 @@ DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "disable_custom_all_reduce": ((False, True), ""),  # weavelm always all-reduces through NCCL
     "disable_async_output_proc": ((False,), "weavelm always processes outputs off the step"),
     "mm_processor_kwargs": ((None,), _NO_MM),
-    "limit_mm_per_prompt": ((None,), _NO_MM),
     "mm_processor_cache_gb": ((4, 4.0), _NO_MM),
     "enable_multimodal_encoder_data_parallel": ((False,), _NO_MM),
     "logits_processors": ((None,), "per-engine logits processors are not supported; use logit_bias, bad_words "

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from weavelm.core.chat_media import ChatMedia, flatten_chat_media, has_media
 from weavelm.core.fanout import child_params
 from weavelm.core.outputs import RequestOutput
 from weavelm.core.request import StructuredOutputsParams
@@ -33,10 +34,13 @@ RENAMES = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "to
 
 def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """The API's messages as the chat template's conversation ({"role", "content"} with text content, plus an
-    assistant's `tool_calls` and a tool message's `tool_call_id` and `name`)."""
+    assistant's `tool_calls` and a tool message's `tool_call_id` and `name`). Content with image parts stays a list
+    of part dicts, for `flatten_chat_media`."""
     turns = []
     for m in messages:
         turn: dict[str, Any] = {"role": m.role, "content": _content(m.content)}
+        if isinstance(m.content, list) and any(part.type != "text" for part in m.content):
+            turn["content"] = [part.model_dump(exclude_none=True) for part in m.content]
         if m.tool_calls:
             turn["tool_calls"] = [_template_call(c) for c in m.tool_calls]
         for key in ("tool_call_id", "name"):
@@ -64,7 +68,7 @@ def _content(content: Any) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "\n".join(part.text for part in content)
+    return "\n".join(part.text or "" for part in content if part.type == "text")
 
 
 async def create_chat_completion(state: ServeState, req: ChatCompletionRequest, raw: Request) -> Response:
@@ -86,8 +90,13 @@ async def create_chat_completion(state: ServeState, req: ChatCompletionRequest, 
             # compact JSON (", " and ": " separators): a call needs no other whitespace, and a weak model could
             # otherwise write whitespace until max_tokens
             base.structured_outputs = StructuredOutputsParams(json=plan.schema, disable_any_whitespace=True)
-        prompt = await state.prompts.chat(conversation(req.messages), req.add_generation_prompt is not False,
-                                          tools=plan.tools)
+        turns = conversation(req.messages)
+        media = ChatMedia(turns)
+        if has_media(turns):
+            engine = state.engine
+            media = flatten_chat_media(turns, engine.processor.image_placeholder, engine.config.multimodal)
+        prompt = media.add_to(await state.prompts.chat(media.conversation, req.add_generation_prompt is not False,
+                                                       tools=plan.tools))
         if max_tokens is None:  # the rest of the context, as vLLM does
             base.max_tokens = max(1, state.engine.max_model_len - len(prompt["prompt_token_ids"]))
         else:  # vLLM's 400 for a completion that cannot fit the context

@@ -62,9 +62,17 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
 
 
+class ImageURL(_Strict):
+    url: str
+    detail: str | None = None  # OpenAI's "auto" | "low" | "high": accepted, the model's processor decides
+
+
 class ContentPart(_Strict):
-    type: Literal["text"]
-    text: str
+    """A text part, or an image as a base64 data URL (`image_url`; remote URLs are refused)."""
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(_Strict):

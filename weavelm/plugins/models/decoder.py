@@ -143,8 +143,15 @@ class LlamaForCausalLM(ModelArchitecture):
         attn = self.layers[0].self_attn
         return self.dims.num_layers, attn.num_heads, attn.num_kv_heads, attn.head_dim
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
+    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs_embeds` (num_tokens, hidden), when given, replaces the embedding of `input_ids` (a
+        vision-language model's text with image embeddings scattered in)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
         if x.is_cpu:  # small fp32 CPU steps: the whole stack in one native call (native_stack.py)
             stack = self.__dict__.get("_native_stack")
             if stack is None:

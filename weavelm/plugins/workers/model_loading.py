@@ -9,6 +9,7 @@ import torch
 
 from weavelm.core.config import EngineConfig
 from weavelm.core.contexts import RunnerContext
+from weavelm.core.multimodal import text_config_of
 from weavelm.core.model_size import build_model, check_model_size, default_dtype
 from weavelm.core.quantization import QuantSpec, attach, process_weights_after_loading
 from weavelm.errors import ConfigError
@@ -27,7 +28,7 @@ def resolve_dtype(config: EngineConfig, hf_config: Any, device: torch.device) ->
 
 
 def model_max_len(config: EngineConfig, hf_config: Any) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None) or 4096
+    limit = getattr(text_config_of(hf_config), "max_position_embeddings", None) or 4096
     if config.max_model_len is None:
         return int(limit)
     if config.max_model_len > limit:
@@ -62,7 +63,8 @@ def load_model_bundle(context: RunnerContext) -> ModelBundle:
     loader.load_weights(model, config.model)             # 2. the checkpoint streams in
     process_weights_after_loading(model)                 # 3. methods repack once
     model.eval()
-    return ModelBundle(model, hf_config, dtype, model_max_len(config, hf_config), hf_config.vocab_size)
+    return ModelBundle(model, hf_config, dtype, model_max_len(config, hf_config),
+                       text_config_of(hf_config).vocab_size)
 
 
 def quantization_config(context: RunnerContext, loader: Any, device: torch.device, dtype: torch.dtype,

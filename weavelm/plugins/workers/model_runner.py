@@ -20,6 +20,7 @@ from weavelm.core.interfaces import ModelRunner
 from weavelm.core.outputs import ModelRunnerOutput, RunnerFuture, SchedulerOutput
 from weavelm.plugins.workers.cpu_threads import choose_cpu_threads
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
+from weavelm.core.multimodal import supports_multimodal
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
 from weavelm.sample.sampler import SampledLogprobs, SamplingMetadata, compute_logprobs, sample
 from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata
@@ -73,6 +74,7 @@ class PagedModelRunner(ModelRunner):
         self._sampling_rng = random.Random(context.config.seed)  # per-step seeds of the one-pass sampler
         self.pooler = None  # `runner: pooling`: weavelm.pooling.Pooler, built in load_model
         self.structured = StructuredOutputs(self._grammar_compiler)  # grammar matchers of constrained requests
+        self.mm = None  # EncoderRunner for a multimodal model (plugins/workers/multimodal.py)
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -88,6 +90,9 @@ class PagedModelRunner(ModelRunner):
                         resolved.source)
             self.pooler = Pooler(resolved)
         self.max_model_len = b.max_model_len
+        if supports_multimodal(b.model):
+            from weavelm.plugins.workers.multimodal import EncoderRunner
+            self.mm = EncoderRunner(b.model, self.device, b.dtype)
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         num_layers, num_heads, num_kv_heads, head_size = b.model.attention_layout()
@@ -178,6 +183,8 @@ class PagedModelRunner(ModelRunner):
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.batch
+        if self.mm is not None:
+            self.mm.update(scheduler_output)
         if self.spec is not None:
             self.spec.forget_requests(scheduler_output)
         for rid in scheduler_output.finished_req_ids:
@@ -289,8 +296,19 @@ class PagedModelRunner(ModelRunner):
         step_seed = self._sampling_rng.getrandbits(31) if self.device.type == "cuda" else None
         return build_sampling_metadata(self.batch, rows, self.device, vocab_size, self._to_device, step_seed)
 
-    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
+                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if inputs_embeds is not None:
+            return self.bundle.model(input_ids, positions, fb, inputs_embeds=inputs_embeds)
         return self.bundle.model(input_ids, positions, fb)
+
+    def _preprocess(self, scheduler_output: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Multimodal models: run the scheduled encoders and return the step's `inputs_embeds` (None: a text-only
+        step, which keeps the plain path and CUDA graphs)."""
+        if self.mm is None:
+            return None
+        n = self.batch.num_reqs
+        return self.mm.preprocess(scheduler_output, self.batch.req_ids[:n], self.batch.num_computed[:n], input_ids)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -310,6 +328,7 @@ class PagedModelRunner(ModelRunner):
         inputs = self._prepare_inputs(scheduler_output)
         input_ids, positions, common = inputs.input_ids, inputs.positions, inputs.common
         logits_indices, rows = inputs.logits_indices, inputs.logits_rows
+        inputs_embeds = self._preprocess(scheduler_output, input_ids)
         step = sample_rows = None
         if spec is not None:
             step = self.spec.make_step(spec, rows)
@@ -319,12 +338,13 @@ class PagedModelRunner(ModelRunner):
                 counts = np.diff(common.query_start_loc_cpu.numpy())
                 self.lora.prepare([s.lora_request for s in batch.states[:batch.num_reqs]], counts, sample_rows)
         prompt_lp_rows = np.nonzero(batch.wants_prompt_logprobs[:batch.num_reqs])[0]
-        if self.graphs is not None and not len(prompt_lp_rows) and self.graphs.can_run(common):
+        if (self.graphs is not None and not len(prompt_lp_rows) and inputs_embeds is None
+                and self.graphs.can_run(common)):
             hidden, logits = self.graphs.run(input_ids, positions, common)
             logits_hidden, logits = hidden[logits_indices], logits[logits_indices]
         else:
             fb = ForwardBatch(self.attn_builder.build(common), self.kv_caches, self.attn_impls)
-            hidden = self.run_model(input_ids, positions, fb)
+            hidden = self.run_model(input_ids, positions, fb, inputs_embeds)
             logits_hidden = hidden[logits_indices]
             logits = self.bundle.model.compute_logits(logits_hidden)
             if len(prompt_lp_rows):
@@ -364,7 +384,8 @@ class PagedModelRunner(ModelRunner):
             return ModelRunnerOutput([], {}, [], None)
         inputs = self._prepare_inputs(scheduler_output)
         fb = ForwardBatch(self.attn_builder.build(inputs.common), self.kv_caches, self.attn_impls)
-        hidden = self.run_model(inputs.input_ids, inputs.positions, fb)
+        hidden = self.run_model(inputs.input_ids, inputs.positions, fb,
+                                self._preprocess(scheduler_output, inputs.input_ids))
         n = batch.num_reqs
         pooled = self.pooler.pool(hidden, req_ids, inputs.common.query_start_loc_cpu.tolist(),
                                   batch.num_computed[:n].tolist(), [len(s.prompt_token_ids) for s in batch.states[:n]])

@@ -1,0 +1,185 @@
+"""Images through the engine (issue 27) on a tiny random LLaVA (CLIP vision tower + Llama text model) saved by
+transformers with its LlavaProcessor and SmolLM2's tokenizer plus `<image>`: greedy tokens equal transformers'
+LlavaForConditionalGeneration (fp32, CPU) in a mixed batch, with a 16-token chunked prefill that splits the
+placeholder run, and with an encoder cache too small for two images at once; prefix caching keys on the image;
+bad images fail only their own request, with a typed error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.mm_fixtures import IMAGE_TOKENS, HFLlava, build_tiny_llava, data_url, make_image
+from weavelm import LLM, SamplingParams
+from weavelm.core.registry import Registry, RegistrySpec
+from weavelm.errors import MultiModalInputError, RequestError
+
+PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
+TWO_IMAGES = "USER: <image>\nand <image>\nCompare them. ASSISTANT:"
+MAX_TOKENS = 8
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+ENGINE = dict(dtype="float32", device="cpu", loader="safetensors", cache={"num_blocks": 256, "block_size": 16},
+              multimodal={"limit_mm_per_prompt": {"image": 2}, "max_image_pixels": 80 * 80})
+
+
+@pytest.fixture(scope="module")
+def llava(smol_tokenizer_model, tmp_path_factory) -> str:
+    return build_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")), smol_tokenizer_model)
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    # the `llava` entry point is visible once the package is reinstalled; register the module explicitly meanwhile
+    return Registry.from_spec(RegistrySpec(modules=("weavelm.plugins.models.llava",)))
+
+
+@pytest.fixture(scope="module")
+def hf(llava) -> HFLlava:
+    return HFLlava(llava)
+
+
+@pytest.fixture(scope="module")
+def llm(llava, registry, one_torch_thread):
+    llm = LLM(llava, registry=registry, **ENGINE)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chunked(llava, registry, one_torch_thread):
+    """16-token steps, and an encoder cache that holds one image: a second image waits for the first to be read."""
+    llm = LLM(llava, registry=registry, scheduler={"max_num_batched_tokens": 16, "encoder_cache_size": IMAGE_TOKENS,
+                                                   "max_num_encoder_input_tokens": IMAGE_TOKENS}, **ENGINE)
+    yield llm
+    llm.shutdown()
+
+
+def image_prompt(text: str, *images) -> dict:
+    return {"prompt": text, "multi_modal_data": {"image": list(images)}}
+
+
+def tokens(outputs) -> list[list[int]]:
+    assert all(o.error is None for o in outputs), [o.error for o in outputs]
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_batch_of_two_images_and_text_matches_transformers(llm, hf):
+    images = [make_image(0), make_image(1)]
+    got = tokens(llm.generate([image_prompt(PROMPT, images[0]), image_prompt(PROMPT, images[1]),
+                               "Hello there, how are"], GREEDY, use_tqdm=False))
+    want = [hf.greedy(PROMPT, [images[0]], MAX_TOKENS), hf.greedy(PROMPT, [images[1]], MAX_TOKENS),
+            hf.greedy("Hello there, how are", None, MAX_TOKENS)]
+    assert got == want
+    assert got[0] != got[1]  # the image steers the output
+    # token-id prompts: one placeholder per image, expanded by the engine
+    ids = hf.processor.tokenizer.encode(PROMPT)
+    assert ids.count(llm.engine.processor.mm.placeholder_id) == 1
+    got_ids = tokens(llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": images[0]}}], GREEDY,
+                                  use_tqdm=False))
+    assert got_ids == want[:1]
+
+
+def test_chunked_prefill_splits_the_placeholder_run(chunked, hf):
+    one, two = make_image(2), make_image(3)
+    got = tokens(chunked.generate([image_prompt(PROMPT, one), image_prompt(TWO_IMAGES, one, two)], GREEDY,
+                                  use_tqdm=False))
+    prompt_ids = chunked.engine.prepare(image_prompt(PROMPT, one)).token_ids
+    run = prompt_ids.index(chunked.engine.processor.mm.placeholder_id)
+    assert run < 16 < run + IMAGE_TOKENS  # the 16-token chunks cut the run
+    assert got == [hf.greedy(PROMPT, [one], MAX_TOKENS), hf.greedy(TWO_IMAGES, [one, two], MAX_TOKENS)]
+
+
+def test_prefix_cache_keys_on_the_image(llm):
+    text = "USER: <image>\nDescribe the picture. ASSISTANT:"
+    first, again, other = (llm.generate([image_prompt(text, make_image(seed))], GREEDY, use_tqdm=False)[0]
+                           for seed in (4, 4, 5))
+    assert first.num_cached_tokens == 0
+    assert again.num_cached_tokens >= 16 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert other.num_cached_tokens == 0  # same text and token ids, another image: no shared block
+    assert llm.get_stats().prefix_cache_hit_rate > 0
+
+
+def test_chat_with_a_data_url_matches_transformers(llm, hf):
+    image = make_image(6)
+    conv = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                         {"type": "text", "text": "What is this?"}]}]
+    out = llm.chat(conv, GREEDY, use_tqdm=False)
+    text = hf.processor.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nWhat is this?"}],
+                                                      add_generation_prompt=True, tokenize=False)
+    assert tokens(out) == [hf.greedy(text, [image], MAX_TOKENS)]
+
+
+def test_bad_images_fail_alone_with_typed_errors(llm, tmp_path):
+    good = image_prompt(PROMPT, make_image(7))
+    bad = {"undecodable": image_prompt(PROMPT, b"\x89PNG not really an image"),
+           "too many": image_prompt("<image> <image> <image>", make_image(1), make_image(2), make_image(3)),
+           "too large": image_prompt(PROMPT, make_image(8, size=(100, 100))),
+           "placeholder count": image_prompt("no placeholder here", make_image(9))}
+    messages = {"undecodable": "cannot decode", "too many": "limit_mm_per_prompt", "too large": "max_image_pixels",
+                "placeholder count": "placeholder"}
+    for name, prompt in bad.items():
+        with pytest.raises(MultiModalInputError, match=messages[name]):
+            llm.engine.prepare(prompt, GREEDY)
+    outs = llm.generate([good, *bad.values(), good], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outs] == ["length"] + ["error"] * len(bad) + ["length"]
+    assert outs[0].outputs[0].token_ids == outs[-1].outputs[0].token_ids
+    for out, name in zip(outs[1:], bad):
+        assert messages[name] in out.error
+    # chat: a remote URL is never fetched; a local file only under allowed_local_media_path
+    image_path = tmp_path / "cat.png"
+    make_image(7).save(image_path)
+    convs = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                           {"type": "text", "text": "What is this?"}]}]
+             for url in ("https://example.com/cat.png", f"file://{image_path}", data_url(make_image(7)))]
+    outs = llm.chat(convs, GREEDY, use_tqdm=False)
+    assert "remote URLs are not fetched" in outs[0].error and "allowed_local_media_path" in outs[1].error
+    assert outs[2].error is None and len(outs[2].outputs[0].token_ids) == MAX_TOKENS
+
+
+def test_text_only_model_refuses_images(smol_tokenizer_model, registry, one_torch_thread):
+    llm = LLM(smol_tokenizer_model, registry=registry, dtype="float32", device="cpu", cache={"num_blocks": 64})
+    try:
+        with pytest.raises(RequestError, match="takes no images"):
+            llm.engine.prepare(image_prompt("<image> hi", make_image(0)))
+    finally:
+        llm.shutdown()
+
+
+def test_request_with_images_crosses_the_process_wire(llm):
+    from weavelm.core import serial
+    from weavelm.core.request import Request
+
+    prepared = llm.engine.prepare(image_prompt(PROMPT, make_image(0)), GREEDY)
+    request = Request("r", prepared.token_ids, prepared.params, mm_features=prepared.mm_features)
+    ser = serial.SERIALIZER()
+    _, rows = ser.decode(ser.encode(serial.ADD, [serial.request_to_wire(request)]))
+    back = serial.request_from_wire(rows[0]).mm_features[0]
+    sent = prepared.mm_features[0]
+    assert (back.placeholder, back.identifier, back.modality) == (sent.placeholder, sent.identifier, "image")
+    assert torch.equal(back.data["pixel_values"], sent.data["pixel_values"])
+
+
+def test_scheduler_runs_each_encoder_once_and_frees_it_after_its_run():
+    """Scheduler level: 16-token steps over two 10-token image runs, with room for one encoder output at a time."""
+    from tests.scheduler_utils import make_request, make_scheduler
+    from weavelm.core.multimodal import MultiModalFeature, PlaceholderRange
+    from weavelm.core.outputs import ModelRunnerOutput
+
+    sched = make_scheduler("fcfs", num_blocks=64, block_size=4, max_num_batched_tokens=16,
+                           max_num_encoder_input_tokens=10, encoder_cache_size=10)
+    req = make_request("a", list(range(40)), max_tokens=2)
+    req.mm_features = [MultiModalFeature("image", {}, PlaceholderRange(offset, 10), f"img{offset}")
+                       for offset in (10, 22)]
+    assert sched.check_request(req) is None
+    sched.add_request(req)
+    steps = []
+    for _ in range(4):
+        out = sched.schedule()
+        steps.append((out.num_scheduled_tokens["a"], out.scheduled_encoder_inputs, out.free_encoder_input_ids))
+        sched.update_from_output(out, ModelRunnerOutput(["a"], {"a": 0}, [[]]))
+    # 1: image 0 encoded, its run split at 16; 2: image 0 is still cached for this chunk, so the chunk stops
+    # before image 1's run; 3: image 0 freed, image 1 encoded; 4: the prompt's end, image 1 freed after step 3
+    assert steps == [(16, {"a": [0]}, []), (6, {}, []), (16, {"a": [1]}, [("a", 0)]), (2, {}, [("a", 1)])]
+    big = make_request("b", list(range(40)), max_tokens=2)
+    big.mm_features = [MultiModalFeature("image", {}, PlaceholderRange(0, 11), "big")]
+    assert "encoder budget is 10" in sched.check_request(big)
