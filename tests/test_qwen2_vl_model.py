@@ -166,7 +166,7 @@ class PagedModel:
 def _prompt_embeds(model, p) -> tuple[torch.Tensor, MRopePositions]:
     ids = p["input_ids"][0]
     with torch.no_grad():
-        x = model.embed_input_ids(ids)
+        x = model.get_input_embeddings(ids)
         if "pixel_values" in p:
             grids = p["image_grid_thw"].tolist()
             images = torch.cat(model.embed_images(p["pixel_values"], grids))
@@ -184,7 +184,7 @@ def test_logits_match_transformers_batched_chunked_and_decode(hf, ours, processe
     second = paged.step([e[c:] for e, c in zip(embeds, cut)], [pos.prompt[:, c:] for pos, c in zip(positions, cut)])
     nexts = [7, 123, 4567]
     with torch.no_grad():
-        decode = paged.step([ours.embed_input_ids(torch.tensor([t])) for t in nexts],
+        decode = paged.step([ours.get_input_embeddings(torch.tensor([t])) for t in nexts],
                             [pos.rows(np.array([e.shape[0]])) for pos, e in zip(positions, embeds)])
     offsets = np.cumsum([0] + cut), np.cumsum([0] + [e.shape[0] - c for e, c in zip(embeds, cut)])
     for i, (p, c, t) in enumerate(zip(processed, cut, nexts)):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weavelm.layers import MergedColumnParallelLinear, RMSNorm, RowParallelLinear, TensorParallelGroup
-from weavelm.plugins.models.mrope_positions import MRopePositions, VisionPlacement, mrope_positions, text_positions
+from weavelm.plugin import hookimpl
 from weavelm.plugins.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from weavelm.plugins.models.qwen2_vl_vision import (Grid, PatchEmbed, PatchMerger, VisionAttention, VisionDims,
                                                     VisionRotary, activation, patch_positions)
@@ -125,15 +125,11 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     def build_vision_tower(vision_config: Any, tp: TensorParallelGroup) -> torch.nn.Module:
         return Qwen2_5VisionTransformer(vision_config, tp)
 
-    def mrope_positions(self, prompt_token_ids: Sequence[int], image_grids: Sequence[Grid] = (),
-                        video_grids: Sequence[Grid] = (),
-                        second_per_grid_ts: Sequence[float] = ()) -> MRopePositions:
-        """As Qwen2-VL's, with each video's frames `tokens_per_second * second_per_grid_t` apart (1 s when the
-        processor gave no `second_per_grid_ts`)."""
-        if not image_grids and not video_grids:
-            return text_positions(len(prompt_token_ids))
-        seconds = list(second_per_grid_ts) or [1.0] * len(video_grids)
-        placements = [VisionPlacement(self.image_token_id, tuple(g)) for g in image_grids]
-        placements += [VisionPlacement(self.video_token_id, tuple(g), self.tokens_per_second * s)
-                       for g, s in zip(video_grids, seconds)]
-        return mrope_positions(prompt_token_ids, placements, self.spatial_merge_size)
+    def video_time_interval(self, second_per_grid_t: float) -> float:
+        """A video's frames are `tokens_per_second * second_per_grid_t` positions apart."""
+        return self.tokens_per_second * second_per_grid_t
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("model", Qwen2_5_VLForConditionalGeneration.name, Qwen2_5_VLForConditionalGeneration)

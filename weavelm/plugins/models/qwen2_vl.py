@@ -1,10 +1,12 @@
 """Qwen2-VL (`Qwen2VLForConditionalGeneration`): the vision tower of `qwen2_vl_vision.py` and the Qwen2 decoder
 with multimodal rotary positions (M-RoPE, `weavelm.layers.rotary.MRotaryEmbedding`).
 
-Each image becomes a run of `<|image_pad|>` placeholder tokens in the prompt (the processor expands one per merged
-patch); the runner embeds the prompt, overwrites the placeholder rows with the tower's output
-(`embed_image`) and runs `forward` on `inputs_embeds` with three position rows per token computed by
-`mrope_positions` (`weavelm/plugins/models/mrope_positions.py`). Text-only batches may pass (tokens,) positions.
+A `SupportsMultiModal` model (`weavelm.core.multimodal`) that also computes its own positions
+(`weavelm.core.model_positions.SupportsRequestPositions`, three rows). Each image becomes a run of `<|image_pad|>`
+placeholder tokens in the prompt (the processor expands one per merged patch: `qwen2_vl_processor.py`); the runner
+embeds the prompt, overwrites the placeholder rows with the tower's output (`get_multimodal_embeddings`) and runs
+`forward` on `inputs_embeds` with the three position rows per token of `request_positions`
+(`mrope_positions.py`). (tokens,) positions are accepted too (text only: the three rows are equal).
 
 Checkpoint names: transformers 5 saves `model.visual.*`, `model.language_model.*` and `lm_head.*`; original
 Qwen2-VL checkpoints use `visual.*`, `model.*` and `lm_head.*`. Both load.
@@ -12,18 +14,21 @@ Qwen2-VL checkpoints use `visual.*`, `model.*` and `lm_head.*`. Both load.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from weavelm.layers import ParallelLMHead, TensorParallelGroup, WeightsMapper, load_checkpoint
 from weavelm.layers.rotary import MRotaryEmbedding
-from weavelm.plugin import ForwardBatch, ModelArchitecture
+from weavelm.plugin import ForwardBatch, ModelArchitecture, hookimpl
 from weavelm.plugins.models.decoder import STACKED, LlamaForCausalLM
 from weavelm.plugins.models.mrope_positions import (MRopePositions, VisionPlacement, mrope_positions,
                                                     text_positions)
+from weavelm.plugins.models.qwen2_vl_processor import load_processor
 from weavelm.plugins.models.qwen2_vl_vision import Grid, Qwen2VisionTransformer
+
+ENCODER_KEYS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
 
 
 class Qwen2VLTextModel(LlamaForCausalLM):
@@ -62,8 +67,9 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
     hf_to_weavelm_mapper = WeightsMapper({"model.visual.": "visual.", "model.language_model.": "language_model.",
                                           "visual.": "visual.", "model.": "language_model.",
                                           "lm_head.": "language_model.lm_head."})
+    supports_multimodal: ClassVar[bool] = True
     # how many position rows `forward` takes per token (the runner asks the model for them: `request_positions`)
-    position_rows = 3
+    position_rows: ClassVar[int] = 3
 
     def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
         super().__init__()
@@ -80,10 +86,42 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
         """The tower: `forward(pixel_values, grids)` -> (placeholder tokens, hidden), and `num_tokens(grid)`."""
         return Qwen2VisionTransformer(vision_config, tp)
 
-    # -- multimodal -------------------------------------------------------------------------------------------
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+    # -- SupportsMultiModal: frontend -------------------------------------------------------------------------
+    @classmethod
+    def load_hf_processor(cls, model_path: str) -> Any:
+        """transformers' processor, or the same image path without torchvision (`qwen2_vl_processor.py`)."""
+        return load_processor(model_path)
+
+    @classmethod
+    def get_placeholder_token_id(cls, hf_config: Any, modality: str) -> int:
+        return int(hf_config.video_token_id if modality == "video" else hf_config.image_token_id)
+
+    @classmethod
+    def split_mm_inputs(cls, processor_output: Mapping[str, Any], modality: str,
+                        num_items: int) -> list[dict[str, torch.Tensor]]:
+        """Per item: its patches' rows of `pixel_values` (t * h * w of them) and its `image_grid_thw` row."""
+        values_key, grid_key = ENCODER_KEYS[modality]
+        grids = torch.as_tensor(processor_output[grid_key])
+        values = torch.as_tensor(processor_output[values_key])
+        if grids.shape[0] != num_items or int(grids.prod(-1).sum()) != values.shape[0]:
+            raise ValueError(f"{values_key}: {values.shape[0]} patch rows and {grids.shape[0]} grids for "
+                             f"{num_items} items")
+        rows = values.split(grids.prod(-1).tolist())
+        return [{values_key: r.contiguous(), grid_key: g[None].contiguous()} for r, g in zip(rows, grids)]
+
+    # -- SupportsMultiModal: runner ----------------------------------------------------------------------------
+    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(tokens,) -> (tokens, hidden): the text embedding (placeholders included, to be overwritten)."""
         return self.language_model.embed_tokens(input_ids)
+
+    def get_multimodal_embeddings(self, pixel_values: torch.Tensor | None = None,
+                                  image_grid_thw: torch.Tensor | None = None,
+                                  **videos: torch.Tensor) -> list[torch.Tensor]:
+        """One (placeholders, hidden) tensor per item of a batch of images (or of videos: `pixel_values_videos`,
+        `video_grid_thw`), in order."""
+        if pixel_values is None:
+            pixel_values, image_grid_thw = videos["pixel_values_videos"], videos["video_grid_thw"]
+        return self.embed_images(pixel_values, image_grid_thw.tolist())
 
     def embed_images(self, pixel_values: torch.Tensor, grids: Sequence[Grid]) -> list[torch.Tensor]:
         """The placeholder embeddings of each image: pixel_values (patches of all images, C*T*P*P) as the
@@ -91,15 +129,36 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
         merged = self.visual(pixel_values, grids)
         return list(merged.split([self.visual.num_tokens(g) for g in grids]))
 
+    # -- SupportsRequestPositions ------------------------------------------------------------------------------
+    def request_positions(self, prompt_token_ids: Sequence[int], mm_features: Sequence[Any] | None
+                          ) -> MRopePositions:
+        """The request's M-RoPE positions from its prompt and its items' grids (`MultiModalFeature.data`)."""
+        images, videos, seconds = [], [], []
+        for f in mm_features or ():
+            if f.modality == "video":
+                videos.append(f.data["video_grid_thw"][0].tolist())
+                seconds.append(float(f.data["second_per_grid_ts"][0]) if "second_per_grid_ts" in f.data else 1.0)
+            else:
+                images.append(f.data["image_grid_thw"][0].tolist())
+        return self.mrope_positions(prompt_token_ids, images, videos, seconds)
+
+    def video_time_interval(self, second_per_grid_t: float) -> float:
+        """Temporal-row positions between a video's frames (Qwen2-VL: 1)."""
+        return 1.0
+
     def mrope_positions(self, prompt_token_ids: Sequence[int], image_grids: Sequence[Grid] = (),
-                        video_grids: Sequence[Grid] = ()) -> MRopePositions:
+                        video_grids: Sequence[Grid] = (), second_per_grid_ts: Sequence[float] = ()
+                        ) -> MRopePositions:
         """The prompt's three position rows and the delta of the tokens after it. `image_grids` / `video_grids`:
-        each image's / video's (t, h, w) patch grid, in prompt order (the processor's `image_grid_thw` rows).
-        ValueError when the placeholder runs do not match the grids."""
+        each image's / video's (t, h, w) patch grid, in prompt order (the processor's `image_grid_thw` rows);
+        `second_per_grid_ts`: each video's seconds per temporal patch (default 1). ValueError when the
+        placeholder runs do not match the grids."""
         if not image_grids and not video_grids:
             return text_positions(len(prompt_token_ids))
+        seconds = list(second_per_grid_ts) or [1.0] * len(video_grids)
         placements = [VisionPlacement(self.image_token_id, tuple(g)) for g in image_grids]
-        placements += [VisionPlacement(self.video_token_id, tuple(g)) for g in video_grids]
+        placements += [VisionPlacement(self.video_token_id, tuple(g), self.video_time_interval(s))
+                       for g, s in zip(video_grids, seconds)]
         return mrope_positions(prompt_token_ids, placements, self.spatial_merge_size)
 
     # -- decoder -----------------------------------------------------------------------------------------------
@@ -119,3 +178,8 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
         skip = {"language_model.lm_head.weight"} if self.language_model.lm_head is None else ()
         return load_checkpoint(self, weights, mapper=self.hf_to_weavelm_mapper, stacked=STACKED, skip=skip)
 
+
+
+@hookimpl
+def weavelm_register(registry) -> None:
+    registry.add("model", Qwen2VLForConditionalGeneration.name, Qwen2VLForConditionalGeneration)
