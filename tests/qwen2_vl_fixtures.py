@@ -66,6 +66,11 @@ def build_tiny_qwen2_vl(path: str, seed: int = 0, kind: str = "qwen2_vl") -> str
     return path
 
 
+def session_model(tmp_path_factory, kind: str = "qwen2_vl") -> str:
+    """The test session's tiny model of `kind` (seed 0), built once and shared by every module that asks."""
+    return build_tiny_qwen2_vl(str(tmp_path_factory.getbasetemp() / f"tiny_{kind}"), kind=kind)
+
+
 def hf_processor(path: str, kind: str = "qwen2_vl"):
     """transformers' `Qwen2VLProcessor` (or `Qwen2_5_VLProcessor`) over the saved image processor and tokenizer
     (see the module docstring)."""

@@ -1,14 +1,14 @@
 """Images through the engine on a tiny random Qwen2-VL (issue 27): greedy tokens equal transformers'
 Qwen2VLForConditionalGeneration (fp32, CPU) for two prompts with different images and a text prompt in one batch,
 and for an image prompt under a 16-token chunked-prefill budget whose chunks split the placeholder run (the M-RoPE
-positions of each chunk come from the model's `request_positions`)."""
+positions of each chunk come from the model's `request_positions`); and a mixed batch on a tiny Qwen2.5-VL."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.qwen2_vl_fixtures import build_tiny_qwen2_vl, hf_processor, image, image_prompt
+from tests.qwen2_vl_fixtures import hf_processor, image, image_prompt, session_model
 from weavelm import LLM, SamplingParams
 from weavelm.core.registry import Registry, RegistrySpec
 
@@ -27,23 +27,24 @@ LATE = ("Here is a long preamble of several words before the picture arrives:"
 
 @pytest.fixture(scope="module")
 def path(tmp_path_factory) -> str:
-    return build_tiny_qwen2_vl(str(tmp_path_factory.mktemp("qwen2_vl_e2e")), seed=1)
+    return session_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def registry() -> Registry:
     # the `qwen2_vl` entry point is visible once the package is reinstalled; register the module explicitly meanwhile
-    return Registry.from_spec(RegistrySpec(modules=("weavelm.plugins.models.qwen2_vl",)))
+    return Registry.from_spec(RegistrySpec(modules=("weavelm.plugins.models.qwen2_vl",
+                                                    "weavelm.plugins.models.qwen2_5_vl")))
 
 
 class HFQwen2VL:
     """transformers' model and processor on the same folder: the reference."""
 
-    def __init__(self, path: str):
-        from transformers import Qwen2VLForConditionalGeneration
+    def __init__(self, path: str, kind: str = "qwen2_vl"):
+        from transformers import AutoModelForImageTextToText
 
-        self.processor = hf_processor(path)
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        self.processor = hf_processor(path, kind)
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
 
     def inputs(self, prompt: str, images: list | None):
         return self.processor(text=[prompt], images=images, return_tensors="pt")
@@ -77,12 +78,17 @@ def test_batch_of_image_prompts_and_text_matches_transformers(path, registry, hf
         got = tokens(llm.generate([request(ONE, images[:1]), request(TWO, images[1:]), TEXT], GREEDY,
                                   use_tqdm=False))
         swapped = tokens(llm.generate([request(ONE, images[2:])], GREEDY, use_tqdm=False))
+        # a token-id prompt with one placeholder per image, expanded by the engine
+        ids = hf.processor.tokenizer.encode(TWO)
+        by_ids = tokens(llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": images[1:]}}], GREEDY,
+                                     use_tqdm=False))
     finally:
         llm.shutdown()
     want = [hf.greedy(ONE, images[:1]), hf.greedy(TWO, images[1:]), hf.greedy(TEXT, None)]
     assert got == want
     assert swapped == [hf.greedy(ONE, images[2:])]
     assert swapped[0] != got[0]  # the image steers the output
+    assert by_ids == want[1:2]
 
 
 def test_chunked_prefill_splits_the_placeholder_run(path, registry, hf, one_torch_thread):
@@ -96,3 +102,16 @@ def test_chunked_prefill_splits_the_placeholder_run(path, registry, hf, one_torc
     finally:
         llm.shutdown()
     assert got == [hf.greedy(LATE, [picture]), hf.greedy(TEXT, None)]
+
+
+def test_qwen2_5_vl_batch_matches_transformers(tmp_path_factory, registry, one_torch_thread):
+    """Qwen2.5-VL (windowed tower): an image prompt with two images beside a text prompt."""
+    path = session_model(tmp_path_factory, "qwen2_5_vl")
+    hf = HFQwen2VL(path, "qwen2_5_vl")
+    images = [image(4, 100, 70), image(5, 56, 84)]
+    llm = LLM(path, registry=registry, **ENGINE)
+    try:
+        got = tokens(llm.generate([request(TWO, images), TEXT], GREEDY, use_tqdm=False))
+    finally:
+        llm.shutdown()
+    assert got == [hf.greedy(TWO, images), hf.greedy(TEXT, None)]

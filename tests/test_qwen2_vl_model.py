@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.qwen2_vl_fixtures import build_tiny_qwen2_vl, hf_processor, image, image_prompt
+from tests.qwen2_vl_fixtures import hf_processor, image, image_prompt, session_model
 from weavelm.plugins.models.mrope_positions import MRopePositions, VisionPlacement, mrope_positions
 
 BLOCK = 8
@@ -25,7 +25,7 @@ def kind(request) -> str:
 
 @pytest.fixture(scope="module")
 def path(tmp_path_factory, kind) -> str:
-    return build_tiny_qwen2_vl(str(tmp_path_factory.mktemp(kind)), kind=kind)
+    return session_model(tmp_path_factory, kind)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,60 @@ def test_vision_tower_matches_transformers(hf, ours, processed):
             got = ours.visual(p["pixel_values"], p["image_grid_thw"].tolist())
         assert got.shape == ref.shape == (p["input_ids"].eq(hf.config.image_token_id).sum(), 64)
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_encoder_inputs_split_per_image_and_batch_back(hf, ours, processed):
+    """The frontend's per-image split (`split_mm_inputs`) batched again by the runner gives each image's rows of
+    transformers' tower output."""
+    from weavelm.core.multimodal import batch_mm_kwargs
+
+    p = processed[1]
+    items = ours.split_mm_inputs(p, "image", 2)
+    assert [tuple(i["pixel_values"].shape) for i in items] == [(32, 1176), (16, 1176)]
+    with torch.no_grad():
+        got = ours.get_multimodal_embeddings(**batch_mm_kwargs(items[::-1], torch.device("cpu"), torch.float32))
+        ref = hf.model.visual(p["pixel_values"], grid_thw=p["image_grid_thw"]).pooler_output
+    assert [g.shape[0] for g in got] == [4, 8]
+    torch.testing.assert_close(torch.cat(got[::-1]), ref, atol=ATOL, rtol=RTOL)
+
+
+def test_processor_without_torchvision_matches_transformers(tmp_path_factory):
+    """`load_hf_processor` (transformers' class where it loads; here, without torchvision, the same image path from
+    the saved parts) gives the tensors transformers' processor gives (the same for both kinds: one image
+    processor)."""
+    from weavelm.plugins.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    path = session_model(tmp_path_factory)
+    ours, ref = Qwen2VLForConditionalGeneration.load_hf_processor(path), hf_processor(path)
+    for text, images in [(image_prompt(2, "Hi there"), [image(1, 100, 70), image(2, 60, 60)]), ("plain", None)]:
+        got, want = ours(text=text, images=images, return_tensors="pt"), ref(text=[text], images=images,
+                                                                              return_tensors="pt")
+        assert sorted(got.keys()) == sorted(want.keys())
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_mrotary_rows_and_config_errors():
+    from transformers import Qwen2VLTextConfig
+
+    from weavelm.errors import ConfigError
+    from weavelm.layers.rotary import MRotaryEmbedding
+
+    cfg = Qwen2VLTextConfig(hidden_size=64, num_attention_heads=4,
+                            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
+    rope = MRotaryEmbedding(cfg, 16, 64)
+    q, k = torch.randn(5, 4, 16), torch.randn(5, 2, 16)
+    flat = torch.tensor([0, 3, 9, 20, 62])
+    for a, b in zip(rope(flat.expand(3, -1), q, k), rope(flat, q, k)):  # equal rows: the plain rotary
+        torch.testing.assert_close(a, b)
+    rows = torch.stack([flat, flat + 1, flat * 0])
+    moved = rope(rows, q, k)[0]
+    assert torch.equal(moved[..., :2], rope(flat, q, k)[0][..., :2])  # run 0 (2 frequencies) follows row 0
+    assert not torch.allclose(moved[..., 2:8], rope(flat, q, k)[0][..., 2:8])
+    cfg.rope_parameters["mrope_section"] = [2, 3, 4]
+    with pytest.raises(ConfigError, match=r"mrope_section: must be three positive integers summing to half the "
+                                          r"rotary dimension \(8\) \(got \[2, 3, 4\]\)"):
+        MRotaryEmbedding(cfg, 16, 64)
 
 
 def test_positions_match_get_rope_index(hf, ours, processed):
