@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 
 IMAGE_SIZE, PATCH = 56, 14
@@ -78,3 +79,17 @@ class HFLlava:
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                       do_sample=False, eos_token_id=None, pad_token_id=0)
         return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(smol_tokenizer_model, tmp_path_factory) -> str:
+    """The tiny LLaVA folder, built once per session (import this fixture into a test module to use it)."""
+    return build_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")), smol_tokenizer_model)
+
+
+@pytest.fixture(scope="session")
+def llava_registry():
+    """A registry with the `llava` model plugin (its entry point is visible once the package is reinstalled)."""
+    from weavelm.core.registry import Registry, RegistrySpec
+
+    return Registry.from_spec(RegistrySpec(modules=("weavelm.plugins.models.llava",)))

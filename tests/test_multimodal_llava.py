@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.mm_fixtures import IMAGE_TOKENS, HFLlava, build_tiny_llava, data_url, make_image
+from tests.mm_fixtures import IMAGE_TOKENS, HFLlava, data_url, llava_registry, make_image, tiny_llava  # noqa: F401
 from weavelm import LLM, SamplingParams
-from weavelm.core.registry import Registry, RegistrySpec
 from weavelm.errors import MultiModalInputError, RequestError
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
@@ -23,14 +22,13 @@ ENGINE = dict(dtype="float32", device="cpu", loader="safetensors", cache={"num_b
 
 
 @pytest.fixture(scope="module")
-def llava(smol_tokenizer_model, tmp_path_factory) -> str:
-    return build_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")), smol_tokenizer_model)
+def llava(tiny_llava) -> str:
+    return tiny_llava
 
 
 @pytest.fixture(scope="module")
-def registry() -> Registry:
-    # the `llava` entry point is visible once the package is reinstalled; register the module explicitly meanwhile
-    return Registry.from_spec(RegistrySpec(modules=("weavelm.plugins.models.llava",)))
+def registry(llava_registry):
+    return llava_registry
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +113,8 @@ def test_bad_images_fail_alone_with_typed_errors(llm, tmp_path):
            "too many": image_prompt("<image> <image> <image>", make_image(1), make_image(2), make_image(3)),
            "too large": image_prompt(PROMPT, make_image(8, size=(100, 100))),
            "placeholder count": image_prompt("no placeholder here", make_image(9))}
+    with pytest.raises(MultiModalInputError, match="no image"):
+        llm.engine.prepare(PROMPT, GREEDY)
     messages = {"undecodable": "cannot decode", "too many": "limit_mm_per_prompt", "too large": "max_image_pixels",
                 "placeholder count": "placeholder"}
     for name, prompt in bad.items():
@@ -183,3 +183,61 @@ def test_scheduler_runs_each_encoder_once_and_frees_it_after_its_run():
     big = make_request("b", list(range(40)), max_tokens=2)
     big.mm_features = [MultiModalFeature("image", {}, PlaceholderRange(0, 11), "big")]
     assert "encoder budget is 10" in sched.check_request(big)
+
+
+def test_runner_mrope_positions_follow_the_model_across_chunks():
+    """The M-RoPE hook (for Qwen2-VL-style models): prompt positions from the model, then p + delta."""
+    import numpy as np
+
+    from weavelm.core.outputs import CachedRequestsData, NewRequestData, SchedulerOutput
+    from weavelm.plugins.workers.multimodal import EncoderRunner
+
+    class FakeMRoPEModel(torch.nn.Module):
+        supports_multimodal = True
+        uses_mrope = True
+
+        def get_mrope_input_positions(self, ids, features):
+            grid = torch.arange(len(ids)).expand(3, -1).clone()
+            grid[1:, 2:4] = torch.tensor([[2, 2], [2, 3]])  # a 1x2 "image" at positions 2..3
+            return grid, -1
+
+    runner = EncoderRunner(FakeMRoPEModel(), torch.device("cpu"), torch.float32)
+    new = NewRequestData("r", [5, 6, 7, 7, 8], GREEDY, [0], 0)
+    runner.update(SchedulerOutput([new], CachedRequestsData(), {"r": 3}, 3))
+    first = runner.mrope_positions(["r"], np.array([0]), np.array([3]), torch.device("cpu"))
+    rest = runner.mrope_positions(["r"], np.array([3]), np.array([4]), torch.device("cpu"))
+    assert first.tolist() == [[0, 1, 2], [0, 1, 2], [0, 1, 2]]
+    assert rest.tolist() == [[3, 4, 4, 5], [2, 4, 4, 5], [3, 4, 4, 5]]
+
+
+@pytest.mark.parametrize("tower,layer,strategy", [("clip", [-3, -1], "full"), ("clip", -1, "default"),
+                                                 ("siglip", -2, "full")])
+def test_image_features_match_transformers_for_each_tower_and_layer_setting(tower, layer, strategy):
+    """get_multimodal_embeddings == transformers' get_image_features, loading transformers' in-memory names."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, SiglipVisionConfig
+    from transformers import LlavaForConditionalGeneration as HFModel
+
+    from weavelm.plugins.models.decoder import LlamaForCausalLM
+    from weavelm.plugins.models.llava import LlavaForConditionalGeneration
+
+    vision = (CLIPVisionConfig if tower == "clip" else SiglipVisionConfig)(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+        patch_size=14)
+    text = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=63, vision_feature_layer=layer,
+                         vision_feature_select_strategy=strategy)
+    torch.manual_seed(0)
+    ref = HFModel(config).eval()
+    ours = LlavaForConditionalGeneration.with_language_model(LlamaForCausalLM)(config).eval()
+    loaded = ours.load_weights(ref.state_dict().items())
+    assert loaded == {n for n, _ in ours.named_parameters()}
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        want = ref.model.get_image_features(pixel_values=pixels, vision_feature_layer=layer,
+                                            vision_feature_select_strategy=strategy).pooler_output
+        got = ours.get_multimodal_embeddings(pixel_values=pixels)
+    cls = tower == "clip" and strategy == "full"
+    assert [g.shape for g in got] == [w.shape for w in want] == [(4 + cls, 48)] * 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -44,14 +44,14 @@ VLLM_ENGINE_DEFAULTS = {
 # a value other than the default for every argument weavelm does not implement
 VLLM_ENGINE_UNSUPPORTED = {
     "tokenizer_mode": "mistral", "skip_tokenizer_init": True, "trust_remote_code": True,
-    "allowed_local_media_path": "/data", "allowed_media_domains": ["x.org"], "quantization": "awq",
+    "allowed_media_domains": ["x.org"], "quantization": "awq",
     "revision": "main", "tokenizer_revision": "main", "cpu_offload_gb": 4, "max_seq_len_to_capture": 1024,
     "disable_async_output_proc": True, "hf_token": "t", "hf_overrides": {"a": 1}, "mm_processor_kwargs": {"a": 1},
     "compilation_config": 3, "kv_cache_memory_bytes": 1 << 30, "logits_processors": ["p"], "kv_cache_dtype": "fp8",
     "max_logprobs": 5, "load_format": "bitsandbytes", "download_dir": "/d", "data_parallel_size": 2,
     "enable_expert_parallel": True, "lora_dtype": "float16", "fully_sharded_loras": True,
     "scheduling_policy": "lottery", "generation_config": "vllm", "override_generation_config": {"a": 1},
-    "enable_sleep_mode": True, "calculate_kv_scales": True, "limit_mm_per_prompt": {"image": 1},
+    "enable_sleep_mode": True, "calculate_kv_scales": True,
     "code_revision": "x", "config_format": "mistral", "rope_scaling": {"type": "yarn"}, "rope_theta": 1e6,
     "logprobs_mode": "processed_logprobs", "disable_sliding_window": True, "disable_cascade_attn": True,
     "enable_prompt_embeds": True, "max_num_partial_prefills": 2, "max_long_partial_prefills": 2,
@@ -108,6 +108,8 @@ def test_implemented_engine_arguments_map_onto_sections(registry):
     assert raw == {"loader": {"name": "dummy"}, "scheduler": {"name": "priority"}, "quantization": {"name": "int8"}}
     with pytest.raises(ConfigError, match="conflicts with loader.name"):
         apply_vllm_aliases({"load_format": "dummy", "loader": {"name": "safetensors"}}, registry)
+    mm = apply_vllm_aliases({"limit_mm_per_prompt": {"image": 1}, "allowed_local_media_path": "/data"}, registry)
+    assert mm == {"multimodal": {"limit_mm_per_prompt": {"image": 1}, "allowed_local_media_path": "/data"}}
 
 
 def test_every_vllm_sampling_argument_is_accepted_at_its_default():

@@ -15,7 +15,7 @@ from weavelm.core.model_files import resolve_model
 from weavelm.core.multimodal import text_config_of
 from weavelm.core.registry import Registry
 from weavelm.core.request import SamplingParams, show_value
-from weavelm.errors import RequestError
+from weavelm.errors import MultiModalInputError, RequestError
 
 logger = logging.getLogger("weavelm.llm")
 PromptType = str | dict[str, Any] | list[int]
@@ -222,6 +222,10 @@ class InputProcessor:
             text, ids = self.tokenize(prompt)
             if keep is not None and len(ids) > keep:  # vLLM's: keep the prompt's last `keep` tokens
                 text, ids = None, ids[-keep:]
+            if self.mm is not None and self.mm.placeholder_id in ids:
+                raise MultiModalInputError(f"prompt: holds the image placeholder "
+                                           f"{self.image_placeholder!r} but no image; pass the image in "
+                                           f"multi_modal_data, or drop the placeholder")
         return Prepared(text, ids, self.validate(ids, SamplingParams() if params is None else params), features)
 
     def _process_multimodal(self, prompt: dict[str, Any], mm_data: Any) -> tuple[str | None, list[int], list]:

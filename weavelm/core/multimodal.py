@@ -104,6 +104,29 @@ class SupportsMultiModal(Protocol):
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class SupportsMRoPE(Protocol):
+    """A multimodal model whose rotary positions are 3-D (Qwen2-VL's M-RoPE: temporal, height, width). The runner
+    then hands `forward` positions of shape (3, num_tokens) instead of (num_tokens,) and runs every step eagerly
+    (no CUDA graphs); attention metadata still uses the 1-D token positions.
+
+    - `uses_mrope = True`.
+    - `get_mrope_input_positions(prompt_token_ids, mm_features) -> (positions, delta)`: called once per request
+      when the runner first sees it; `positions` (3, len(prompt_token_ids)) int64 for the prompt, and `delta`: a
+      later position p (output tokens) is (p + delta) on all three axes. `mm_features` is [] for a text prompt.
+    """
+
+    uses_mrope: ClassVar[bool]
+
+    def get_mrope_input_positions(self, prompt_token_ids: list[int], mm_features: list[MultiModalFeature]
+                                  ) -> tuple[torch.Tensor, int]: ...
+
+
+def uses_mrope(model: Any) -> bool:
+    """Whether an architecture (class or instance) declares `uses_mrope = True`."""
+    return bool(getattr(model, "uses_mrope", False))
+
+
 def supports_multimodal(model: Any) -> bool:
     """Whether an architecture (class or instance) declares `supports_multimodal = True`."""
     return bool(getattr(model, "supports_multimodal", False))

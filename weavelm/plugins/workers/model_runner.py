@@ -314,13 +314,20 @@ class PagedModelRunner(ModelRunner):
             return self.bundle.model(input_ids, positions, fb, inputs_embeds=inputs_embeds)
         return self.bundle.model(input_ids, positions, fb)
 
-    def _preprocess(self, scheduler_output: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Multimodal models: run the scheduled encoders and return the step's `inputs_embeds` (None: a text-only
-        step, which keeps the plain path and CUDA graphs)."""
+    def _preprocess(self, scheduler_output: SchedulerOutput, input_ids: torch.Tensor, positions: torch.Tensor
+                    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Multimodal models: run the scheduled encoders; return the step's `inputs_embeds` (None: no placeholder
+        among this step's tokens) and the positions the model takes ((3, tokens) for M-RoPE models). A step with
+        either runs eagerly; others keep the plain path and CUDA graphs."""
         if self.mm is None:
-            return None
-        n = self.batch.num_reqs
-        return self.mm.preprocess(scheduler_output, self.batch.req_ids[:n], self.batch.num_computed[:n], input_ids)
+            return None, positions
+        batch, n = self.batch, self.batch.num_reqs
+        req_ids, num_computed = batch.req_ids[:n], batch.num_computed[:n]
+        if self.mm.uses_mrope:
+            counts = scheduler_output.num_scheduled_tokens
+            num_scheduled = np.fromiter((counts[r] for r in req_ids), dtype=np.int64, count=n)
+            positions = self.mm.mrope_positions(req_ids, num_computed, num_scheduled, positions.device)
+        return self.mm.preprocess(scheduler_output, req_ids, num_computed, input_ids), positions
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -340,7 +347,7 @@ class PagedModelRunner(ModelRunner):
         inputs = self._prepare_inputs(scheduler_output)
         input_ids, positions, common = inputs.input_ids, inputs.positions, inputs.common
         logits_indices, rows = inputs.logits_indices, inputs.logits_rows
-        inputs_embeds = self._preprocess(scheduler_output, input_ids)
+        inputs_embeds, positions = self._preprocess(scheduler_output, input_ids, positions)
         step = sample_rows = None
         if spec is not None:
             step = self.spec.make_step(spec, rows)
@@ -350,7 +357,7 @@ class PagedModelRunner(ModelRunner):
                 counts = np.diff(common.query_start_loc_cpu.numpy())
                 self.lora.prepare([s.lora_request for s in batch.states[:batch.num_reqs]], counts, sample_rows)
         prompt_lp_rows = np.nonzero(batch.wants_prompt_logprobs[:batch.num_reqs])[0]
-        if (self.graphs is not None and not len(prompt_lp_rows) and inputs_embeds is None
+        if (self.graphs is not None and not len(prompt_lp_rows) and inputs_embeds is None and positions.dim() == 1
                 and self.graphs.can_run(common)):
             hidden, logits = self.graphs.run(input_ids, positions, common)
             logits_hidden, logits = hidden[logits_indices], logits[logits_indices]
@@ -396,8 +403,8 @@ class PagedModelRunner(ModelRunner):
             return ModelRunnerOutput([], {}, [], None)
         inputs = self._prepare_inputs(scheduler_output)
         fb = ForwardBatch(self.attn_builder.build(inputs.common), self.kv_caches, self.attn_impls)
-        hidden = self.run_model(inputs.input_ids, inputs.positions, fb,
-                                self._preprocess(scheduler_output, inputs.input_ids))
+        inputs_embeds, positions = self._preprocess(scheduler_output, inputs.input_ids, inputs.positions)
+        hidden = self.run_model(inputs.input_ids, positions, fb, inputs_embeds)
         n = batch.num_reqs
         pooled = self.pooler.pool(hidden, req_ids, inputs.common.query_start_loc_cpu.tolist(),
                                   batch.num_computed[:n].tolist(), [len(s.prompt_token_ids) for s in batch.states[:n]])

@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from weavelm.core.multimodal import MultiModalFeature, batch_mm_kwargs
+from weavelm.core.multimodal import MultiModalFeature, batch_mm_kwargs, uses_mrope
 from weavelm.core.outputs import SchedulerOutput
 
 
@@ -20,19 +20,26 @@ class EncoderRunner:
         self.model, self.device, self.dtype = model, device, dtype
         self.features: dict[str, list[MultiModalFeature]] = {}
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.uses_mrope = uses_mrope(model)
+        self.mrope: dict[str, tuple[torch.Tensor, int]] = {}  # req_id -> (prompt positions (3, L), delta)
 
     def update(self, scheduler_output: SchedulerOutput) -> None:
         """Take the step's new requests' items; drop the outputs the scheduler freed and finished requests'."""
         for key in scheduler_output.free_encoder_input_ids:
             self.cache.pop(tuple(key), None)
         finished = scheduler_output.finished_req_ids
-        if finished and self.features:
+        if finished and (self.features or self.mrope):
             for rid in finished:
+                self.mrope.pop(rid, None)
                 for index in range(len(self.features.pop(rid, ()))):
                     self.cache.pop((rid, index), None)
         for new in scheduler_output.scheduled_new_reqs:
             if new.mm_features:
                 self.features[new.req_id] = new.mm_features
+            if self.uses_mrope:
+                positions, delta = self.model.get_mrope_input_positions(list(new.prompt_token_ids),
+                                                                        list(new.mm_features or ()))
+                self.mrope[new.req_id] = (positions.to(torch.int64).cpu(), int(delta))
 
     def execute_encoders(self, scheduler_output: SchedulerOutput) -> None:
         """Run the scheduled items' encoders, batched per modality, into the cache."""
@@ -75,6 +82,21 @@ class EncoderRunner:
                     embeds.append(out[a - offset:b - offset])
             query_start += n
         return positions, embeds
+
+    def mrope_positions(self, req_ids: list[str], num_computed: np.ndarray, num_scheduled: np.ndarray,
+                        device: torch.device) -> torch.Tensor:
+        """(3, total tokens) M-RoPE positions of this step's tokens, row by row: the prompt's from
+        `get_mrope_input_positions`, later ones p + delta."""
+        parts = []
+        for row, rid in enumerate(req_ids):
+            start, end = int(num_computed[row]), int(num_computed[row] + num_scheduled[row])
+            prompt, delta = self.mrope[rid]
+            length = prompt.shape[1]
+            if start < length:
+                parts.append(prompt[:, start:min(end, length)])
+            if end > length:
+                parts.append((torch.arange(max(start, length), end) + delta).expand(3, -1))
+        return torch.cat(parts, dim=1).to(device)
 
     def preprocess(self, scheduler_output: SchedulerOutput, req_ids: list[str], num_computed: np.ndarray,
                    input_ids: torch.Tensor) -> torch.Tensor | None:
