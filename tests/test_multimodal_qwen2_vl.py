@@ -1,7 +1,7 @@
 """Images through the engine on a tiny random Qwen2-VL (issue 27): greedy tokens equal transformers'
 Qwen2VLForConditionalGeneration (fp32, CPU) for two prompts with different images and a text prompt in one batch,
 and for an image prompt under a 16-token chunked-prefill budget whose chunks split the placeholder run (the M-RoPE
-positions of each chunk come from the model's `request_positions`); and a mixed batch on a tiny Qwen2.5-VL."""
+positions of each chunk come from the model's `get_mrope_input_positions`); and a mixed batch on a tiny Qwen2.5-VL."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """Qwen2-VL (`Qwen2VLForConditionalGeneration`): the vision tower of `qwen2_vl_vision.py` and the Qwen2 decoder
 with multimodal rotary positions (M-RoPE, `weavelm.layers.rotary.MRotaryEmbedding`).
 
-A `SupportsMultiModal` model (`weavelm.core.multimodal`) that also computes its own positions
-(`weavelm.core.model_positions.SupportsRequestPositions`, three rows). Each image becomes a run of `<|image_pad|>`
-placeholder tokens in the prompt (the processor expands one per merged patch: `qwen2_vl_processor.py`); the runner
-embeds the prompt, overwrites the placeholder rows with the tower's output (`get_multimodal_embeddings`) and runs
-`forward` on `inputs_embeds` with the three position rows per token of `request_positions`
-(`mrope_positions.py`). (tokens,) positions are accepted too (text only: the three rows are equal).
+A `SupportsMultiModal` and `SupportsMRoPE` model (`weavelm.core.multimodal`). Each image becomes a run of
+`<|image_pad|>` placeholder tokens in the prompt (the processor expands one per merged patch:
+`qwen2_vl_processor.py`); the runner embeds the prompt, overwrites the placeholder rows with the tower's output
+(`get_multimodal_embeddings`) and runs `forward` on `inputs_embeds` with three position rows per token, from
+`get_mrope_input_positions` (`mrope_positions.py`). (tokens,) positions are accepted too (text only: the three
+rows are equal).
 
 Checkpoint names: transformers 5 saves `model.visual.*`, `model.language_model.*` and `lm_head.*`; original
 Qwen2-VL checkpoints use `visual.*`, `model.*` and `lm_head.*`. Both load.
@@ -68,8 +68,7 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
                                           "visual.": "visual.", "model.": "language_model.",
                                           "lm_head.": "language_model.lm_head."})
     supports_multimodal: ClassVar[bool] = True
-    # how many position rows `forward` takes per token (the runner asks the model for them: `request_positions`)
-    position_rows: ClassVar[int] = 3
+    uses_mrope: ClassVar[bool] = True  # forward takes (3, tokens) positions: get_mrope_input_positions
 
     def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
         super().__init__()
@@ -129,10 +128,17 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
         merged = self.visual(pixel_values, grids)
         return list(merged.split([self.visual.num_tokens(g) for g in grids]))
 
-    # -- SupportsRequestPositions ------------------------------------------------------------------------------
+    # -- SupportsMRoPE ------------------------------------------------------------------------------------------
+    def get_mrope_input_positions(self, prompt_token_ids: Sequence[int], mm_features: Sequence[Any] | None
+                                  ) -> tuple[torch.Tensor, int]:
+        """(3, prompt length) int64 positions of the prompt and the delta of later tokens (p + delta on every
+        row), from the prompt and its items' grids (`MultiModalFeature.data`)."""
+        positions = self.request_positions(prompt_token_ids, mm_features)
+        return torch.from_numpy(positions.prompt), positions.delta
+
     def request_positions(self, prompt_token_ids: Sequence[int], mm_features: Sequence[Any] | None
                           ) -> MRopePositions:
-        """The request's M-RoPE positions from its prompt and its items' grids (`MultiModalFeature.data`)."""
+        """The request's `MRopePositions` (`rows(index)` gives any token's three positions)."""
         images, videos, seconds = [], [], []
         for f in mm_features or ():
             if f.modality == "video":
@@ -177,7 +183,6 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         skip = {"language_model.lm_head.weight"} if self.language_model.lm_head is None else ()
         return load_checkpoint(self, weights, mapper=self.hf_to_weavelm_mapper, stacked=STACKED, skip=skip)
-
 
 
 @hookimpl

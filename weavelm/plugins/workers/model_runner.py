@@ -22,7 +22,6 @@ from weavelm.plugins.workers.cpu_threads import choose_cpu_threads
 from weavelm.plugins.workers.input_batch import CachedRequestState, InputBatch
 from weavelm.core.multimodal import supports_multimodal
 from weavelm.plugins.workers.model_loading import ModelBundle, load_model_bundle
-from weavelm.plugins.workers.request_positions import PositionTable
 from weavelm.sample.sampler import SampledLogprobs, SamplingMetadata, compute_logprobs, sample
 from weavelm.plugins.workers.sampling_inputs import build_sampling_metadata
 from weavelm.sample.logprobs import to_token_logprobs
@@ -41,8 +40,7 @@ class RunnerOptions(BaseModel):
 
 @dataclasses.dataclass
 class StepInputs:
-    """One step's prepared inputs (`_prepare_inputs`). input_ids, positions: (total tokens,) int64 on the device
-    (positions (rows, total tokens) for a model taking several position rows: `weavelm.core.model_positions`);
+    """One step's prepared inputs (`_prepare_inputs`). input_ids, positions: (total tokens,) int64 on the device;
     common: the attention metadata; logits_indices: (sampled rows,) int64, the flat index of each sampled row's last
     token; logits_rows: (sampled rows,) int64 host array, the batch rows that sample this step."""
 
@@ -77,7 +75,6 @@ class PagedModelRunner(ModelRunner):
         self.pooler = None  # `runner: pooling`: weavelm.pooling.Pooler, built in load_model
         self.structured = StructuredOutputs(self._grammar_compiler)  # grammar matchers of constrained requests
         self.mm = None  # EncoderRunner for a multimodal model (plugins/workers/multimodal.py)
-        self.position_table = None  # PositionTable of a model taking several position rows (request_positions.py)
 
     # -- setup --------------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -96,7 +93,6 @@ class PagedModelRunner(ModelRunner):
         if supports_multimodal(b.model):
             from weavelm.plugins.workers.multimodal import EncoderRunner
             self.mm = EncoderRunner(b.model, self.device, b.dtype)
-        self.position_table = PositionTable.for_model(b.model)
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         num_layers, num_heads, num_kv_heads, head_size = b.model.attention_layout()
@@ -155,8 +151,7 @@ class PagedModelRunner(ModelRunner):
         if self.spec is not None:
             self.spec.proposer.initialize_kv_cache(num_blocks)
         if (self.device.type == "cuda" and not self.config.enforce_eager and self.options.cuda_graph_max_bs > 0
-                and self.pooler is None  # a pooling engine runs prompts only: no decode to capture
-                and self.position_table is None):  # the graphs are captured with one position row
+                and self.pooler is None):  # a pooling engine runs prompts only: no decode to capture
             if not self.attn_backend.graph_safe:
                 logger.warning("attention backend %s is not CUDA-graph safe; running eagerly",
                                self.attn_backend.name)
@@ -194,8 +189,6 @@ class PagedModelRunner(ModelRunner):
             self.spec.forget_requests(scheduler_output)
         for rid in scheduler_output.finished_req_ids:
             self.requests.pop(rid, None)
-        if self.position_table is not None:
-            self.position_table.remove(scheduler_output.finished_req_ids)
         self.structured.remove(scheduler_output.finished_req_ids)
         unscheduled = {r for r in batch.req_ids if r not in scheduler_output.num_scheduled_tokens}
         batch.remove(set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids) | unscheduled)
@@ -210,8 +203,6 @@ class PagedModelRunner(ModelRunner):
                 state.prompt_logprobs = [None] * len(nr.prompt_token_ids)
             self.requests[nr.req_id] = state
             self.structured.add_request(nr.req_id, sp)
-            if self.position_table is not None:
-                self.position_table.add(nr.req_id, nr.prompt_token_ids, nr.mm_features)
             batch.add(state)
         c = scheduler_output.scheduled_cached_reqs
         for rid, resumed, new_blocks, num_computed in zip(c.req_ids, c.resumed_from_preemption, c.new_block_ids,
@@ -287,11 +278,8 @@ class PagedModelRunner(ModelRunner):
             seq_lens_cpu=torch.from_numpy(int32_inputs[num_reqs + 1:2 * num_reqs + 1]), num_reqs=num_reqs,
             num_actual_tokens=total, max_query_len=int(num_scheduled.max()), max_seq_len=int(seq_lens.max()),
             block_size=bs)
-        positions_dev = dev_int64[total:2 * total]
-        if self.position_table is not None:  # the model's own position rows (M-RoPE), (rows, total)
-            positions_dev = self._to_device(self.position_table.build(batch.req_ids[:num_reqs], num_scheduled,
-                                                                      positions))
-        return StepInputs(dev_int64[:total], positions_dev, common, dev_int64[3 * total:logits_end], logits_rows)
+        return StepInputs(dev_int64[:total], dev_int64[total:2 * total], common, dev_int64[3 * total:logits_end],
+                          logits_rows)
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         """A fresh device tensor of `a`. On CUDA the copy is asynchronous, through pinned memory from torch's
