@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.mm_fixtures import data_url
 from tests.qwen2_vl_fixtures import hf_processor, image, image_prompt, session_model
 from weavelm import LLM, SamplingParams
 from weavelm.core.registry import Registry, RegistrySpec
@@ -82,6 +83,10 @@ def test_batch_of_image_prompts_and_text_matches_transformers(path, registry, hf
         ids = hf.processor.tokenizer.encode(TWO)
         by_ids = tokens(llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": images[1:]}}], GREEDY,
                                      use_tqdm=False))
+        # a chat turn with a data URL: the image goes between the vision start and end tokens
+        conv = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[0])}},
+                                             {"type": "text", "text": "What is this?"}]}]
+        chat = tokens(llm.chat(conv, GREEDY, use_tqdm=False))
     finally:
         llm.shutdown()
     want = [hf.greedy(ONE, images[:1]), hf.greedy(TWO, images[1:]), hf.greedy(TEXT, None)]
@@ -89,6 +94,9 @@ def test_batch_of_image_prompts_and_text_matches_transformers(path, registry, hf
     assert swapped == [hf.greedy(ONE, images[2:])]
     assert swapped[0] != got[0]  # the image steers the output
     assert by_ids == want[1:2]
+    turn = {"role": "user", "content": image_prompt(1, "\nWhat is this?")}
+    text = hf.processor.tokenizer.apply_chat_template([turn], add_generation_prompt=True, tokenize=False)
+    assert chat == [hf.greedy(text, images[:1])]
 
 
 def test_chunked_prefill_splits_the_placeholder_run(path, registry, hf, one_torch_thread):

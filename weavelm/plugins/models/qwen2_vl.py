@@ -69,6 +69,8 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
                                           "lm_head.": "language_model.lm_head."})
     supports_multimodal: ClassVar[bool] = True
     uses_mrope: ClassVar[bool] = True  # forward takes (3, tokens) positions: get_mrope_input_positions
+    # how a chat turn's image is written (Qwen2-VL's chat template: the image token between vision start and end)
+    chat_image_placeholder: ClassVar[str] = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
         super().__init__()
