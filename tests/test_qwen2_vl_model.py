@@ -69,6 +69,13 @@ def test_vision_tower_matches_transformers(hf, ours, processed):
             got = ours.visual(p["pixel_values"], p["image_grid_thw"].tolist())
         assert got.shape == ref.shape == (p["input_ids"].eq(hf.config.image_token_id).sum(), 64)
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+    # a video of two temporal patches (each frame attends within itself) beside an image, from raw patch rows
+    grids = [[2, 4, 6], [1, 4, 4]]
+    pixels = torch.randn(2 * 4 * 6 + 16, 1176, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf.model.visual(pixels, grid_thw=torch.tensor(grids)).pooler_output
+        got = ours.visual(pixels, grids)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
 
 
 def test_encoder_inputs_split_per_image_and_batch_back(hf, ours, processed):

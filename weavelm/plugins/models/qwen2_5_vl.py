@@ -21,7 +21,7 @@ from weavelm.layers import MergedColumnParallelLinear, RMSNorm, RowParallelLinea
 from weavelm.plugin import hookimpl
 from weavelm.plugins.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from weavelm.plugins.models.qwen2_vl_vision import (Grid, PatchEmbed, PatchMerger, VisionAttention, VisionDims,
-                                                    VisionRotary, activation, patch_positions)
+                                                    VisionRotary, activation, patch_positions, segments_by_length)
 
 
 def window_index(grids: Sequence[Grid], merge_size: int, window: int) -> tuple[torch.Tensor, list[int]]:
@@ -68,8 +68,9 @@ class WindowVisionBlock(nn.Module):
         self.attn = VisionAttention(d, tp)
         self.mlp = GatedVisionMLP(d, tp)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x: torch.Tensor, segments: list[torch.Tensor], cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), segments, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -107,6 +108,7 @@ class Qwen2_5VisionTransformer(nn.Module):
 
         x = regroup(self.patch_embed(pixel_values))
         cos, sin = (regroup(c) for c in self.rotary(patch_positions(grids, self.dims.merge_size)))
+        frames, windows = segments_by_length(frames), segments_by_length(windows)
         for i, block in enumerate(self.blocks):
             x = block(x, frames if i in self.full_attention else windows, cos, sin)
         return self.merger(x)[torch.argsort(order)]

@@ -130,8 +130,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def segments_by_length(cu_seqlens: Sequence[int]) -> list[torch.Tensor]:
+    """The segments [cu[i], cu[i+1]) grouped by length: one (segments, length) int64 row index per length, so
+    equal-sized frames or windows run as one batched attention call."""
+    groups: dict[int, list[int]] = {}
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        groups.setdefault(end - start, []).append(start)
+    return [torch.tensor(starts)[:, None] + torch.arange(n) for n, starts in groups.items()]
+
+
 class VisionAttention(nn.Module):
-    """Bidirectional attention within each frame (`cu_seqlens` bounds), over this rank's heads."""
+    """Bidirectional attention within each segment (a frame, or a window) of `cu_seqlens`, over this rank's
+    heads; segments of one length are batched into one attention call."""
 
     def __init__(self, d: VisionDims, tp: TensorParallelGroup):
         super().__init__()
@@ -139,14 +149,17 @@ class VisionAttention(nn.Module):
         self.num_heads, self.head_dim = self.qkv.num_heads, d.head_dim
         self.proj = RowParallelLinear(d.embed_dim, d.embed_dim, True, tp)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: list[torch.Tensor], cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """x (patches, embed); `segments`: `segments_by_length` of the attention bounds."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = torch.empty_like(q)
-        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
+        for rows in segments:
+            rows = rows.to(x.device)
+            qs, ks, vs = (t[rows].transpose(1, 2) for t in (q, k, v))  # (segments, heads, length, head_dim)
+            out[rows] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
         return self.proj(out.reshape(n, -1))
 
 
@@ -169,8 +182,9 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(d, tp)
         self.mlp = VisionMLP(d, tp)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x: torch.Tensor, segments: list[torch.Tensor], cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), segments, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -217,6 +231,7 @@ class Qwen2VisionTransformer(nn.Module):
                              f"{cu_seqlens[-1]}")
         x = self.patch_embed(pixel_values)
         cos, sin = self.rotary(patch_positions(grids, self.dims.merge_size))
+        frames = segments_by_length(cu_seqlens)
         for block in self.blocks:
-            x = block(x, cu_seqlens, cos, sin)
+            x = block(x, frames, cos, sin)
         return self.merger(x)
