@@ -62,6 +62,26 @@ def processed(path, kind):
     return [proc(text=[text], images=images, return_tensors="pt") for text, images in cases]
 
 
+def test_loads_the_original_checkpoint_layout(path, kind, ours):
+    """Qwen's own checkpoints name the tensors `visual.*`, `model.*` and `lm_head.*` (transformers 5 saves
+    `model.visual.*`, `model.language_model.*`): both fill every parameter with the same values."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    renamed = {}
+    for name, tensor in load_file(f"{path}/model.safetensors").items():
+        for new, old in (("model.visual.", "visual."), ("model.language_model.", "model.")):
+            if name.startswith(new):
+                name = old + name[len(new):]
+                break
+        renamed[name] = tensor
+    assert any(n.startswith("visual.") for n in renamed) and any(n.startswith("model.layers.") for n in renamed)
+    fresh = type(ours)(AutoConfig.from_pretrained(path))
+    assert fresh.load_weights(renamed.items()) == {n for n, _ in fresh.named_parameters()}
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_vision_tower_matches_transformers(hf, ours, processed):
     for p in processed[:2]:
         with torch.no_grad():

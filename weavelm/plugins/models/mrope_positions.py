@@ -3,8 +3,9 @@
 Text tokens carry one position on all three rows, counting on from the previous token. An image's (or video's)
 run of placeholder tokens, `t * (h / m) * (w / m)` of them for a grid of `(t, h, w)` patches merged `m x m`, takes
 the positions of its merged grid offset by the current position `p`: row 0 `p + frame * time_interval`, row 1
-`p + grid row`, row 2 `p + grid column`; the text after it resumes at `p + max(h, w) / m` (transformers'
-`Qwen2VLModel.get_rope_index`). Every token past the prompt (the generated ones) is at `index + delta` on all three
+`p + grid row`, row 2 `p + grid column`; the text after it resumes at `p + max(h, w) / m` (transformers 5's
+`Qwen2VLModel.get_rope_index`, the reference here; for images this is the largest position + 1, as in Qwen's own
+code and vLLM, which also resume there after a video whose frames reach further). Every token past the prompt (the generated ones) is at `index + delta` on all three
 rows, `delta` being the prompt's largest position + 1 - its length.
 
 Pure functions of the token ids and the grids, so the frontend, the runner (chunked prefill, decode) and tests
