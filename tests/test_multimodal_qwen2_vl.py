@@ -1,7 +1,8 @@
 """Images through the engine on a tiny random Qwen2-VL (issue 27): greedy tokens equal transformers'
 Qwen2VLForConditionalGeneration (fp32, CPU) for two prompts with different images and a text prompt in one batch,
 and for an image prompt under a 16-token chunked-prefill budget whose chunks split the placeholder run (the M-RoPE
-positions of each chunk come from the model's `get_mrope_input_positions`); and a mixed batch on a tiny Qwen2.5-VL."""
+positions of each chunk come from the model's `get_mrope_input_positions`), also when it resumes from the prefix
+cache; and a mixed batch on a tiny Qwen2.5-VL."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ ENGINE = dict(dtype="float32", device="cpu", loader="safetensors", cache={"num_b
 TEXT = "A text prompt without pictures:"
 ONE = image_prompt(1, "Describe this picture.")
 TWO = image_prompt(2, "Which is brighter?")
-# 18 text tokens, then an image of 8 x 4 merged patches: its run covers prompt positions 19..26, across the
-# first 16-token chunk's end
+# 14 text tokens and <|vision_start|>, then an image of 8 x 4 merged patches: its run covers prompt positions
+# 15..22, across the first 16-token chunk's end; 38 tokens in all (two full 16-token KV blocks, both with image)
 LATE = ("Here is a long preamble of several words before the picture arrives:"
-        + image_prompt(1, "What is it?"))
+        + image_prompt(1, "What is it? Say it in a few short words, please."))
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +108,15 @@ def test_chunked_prefill_splits_the_placeholder_run(path, registry, hf, one_torc
     llm = LLM(path, registry=registry, scheduler={"max_num_batched_tokens": 16}, **ENGINE)
     try:
         got = tokens(llm.generate([request(LATE, [picture]), TEXT], GREEDY, use_tqdm=False))
+        # prefix caching: the same image resumes past the cached blocks (its positions taken from the middle of the
+        # prompt's M-RoPE rows); another image shares no block (each holds placeholder tokens)
+        again, other = (llm.generate([request(LATE, [p])], GREEDY, use_tqdm=False)[0]
+                        for p in (picture, image(4, 100, 70)))
     finally:
         llm.shutdown()
     assert got == [hf.greedy(LATE, [picture]), hf.greedy(TEXT, None)]
+    assert again.num_cached_tokens == 32 and tokens([again]) == got[:1]
+    assert other.num_cached_tokens == 0
 
 
 def test_qwen2_5_vl_batch_matches_transformers(tmp_path_factory, registry, one_torch_thread):
