@@ -35,7 +35,24 @@ VLLM_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "quantization": {"help": "the quantization plugin (auto, int8, gguf, none); vLLM's other methods are refused"},
     "trust_remote_code": {"action": "store_const", "const": True,
                           "help": "refused: weavelm never runs code shipped with a model"},
+    "limit_mm_per_prompt": {"type": lambda text: _mm_limits(text), "metavar": "JSON",
+                            "help": "multimodal.limit_mm_per_prompt, e.g. '{\"image\": 2}' (or image=2)"},
+    "allowed_local_media_path": {"metavar": "DIR", "help": "multimodal.allowed_local_media_path (file:// images)"},
 }
+
+
+def _mm_limits(text: str) -> dict[str, int]:
+    """vLLM's --limit-mm-per-prompt: JSON ({"image": 2}) or the older image=2,video=1."""
+    import json
+
+    try:
+        value = json.loads(text) if text.lstrip().startswith("{") else \
+            {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"expected JSON such as '{{\"image\": 2}}' ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"image\": 2}'")
+    return value
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

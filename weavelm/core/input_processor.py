@@ -66,12 +66,8 @@ class InputProcessor:
 
     @property
     def image_placeholder(self) -> str | None:
-        """The text that marks an image's place in a chat turn (LLaVA: "<image>"; an architecture may name its
-        own with `chat_image_placeholder`, Qwen2-VL's wraps its image token in vision start/end tokens); None for a
-        text-only model."""
-        if self.mm is None:
-            return None
-        return getattr(self.mm.model_cls, "chat_image_placeholder", None) or self.mm.hf_processor.image_token
+        """The text that marks an image's place in a prompt (LLaVA: "<image>"); None for a text-only model."""
+        return self.mm.placeholder_str() if self.mm is not None else None
 
     def set_max_model_len(self, max_model_len: int, model_info: dict[str, Any]) -> None:
         """The context limit the core runs with: the model's (or the configured) one, or less when the KV cache

@@ -42,6 +42,12 @@ class MultiModalProcessor:
                                    f"({type(e).__name__}: {e}); save the model with its AutoProcessor") from e
         return self._hf_processor
 
+    def placeholder_str(self, index: int = 0) -> str:
+        """The text that marks the `index`-th image of a chat message (the model's `get_placeholder_str`, else
+        the processor's `image_token`)."""
+        custom = getattr(self.model_cls, "get_placeholder_str", None)
+        return custom("image", index) if custom is not None else self.hf_processor.image_token
+
     def images(self, multi_modal_data: Any) -> list[Any]:
         """The prompt's images as PIL images, checked against the limits (count first, then each size)."""
         if not isinstance(multi_modal_data, Mapping):

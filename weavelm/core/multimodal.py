@@ -74,6 +74,9 @@ class SupportsMultiModal(Protocol):
     Frontend (the caller's process), as classmethods on the architecture class:
     - `get_placeholder_token_id(hf_config, modality)`: the token id whose runs the processor's output holds for
       each item (LLaVA: `image_token_index`; Qwen2-VL: `image_token_id`).
+    - optional `get_placeholder_str(modality, index)`: the text a chat message's i-th item becomes before the chat
+      template runs (Qwen2-VL: "<|vision_start|><|image_pad|><|vision_end|>"); default: the processor's
+      `image_token` (LLaVA: "<image>").
     - `split_mm_inputs(processor_output, modality, num_items)`: the processor's batched output (a mapping of
       tensors, e.g. `pixel_values`) as one dict of encoder inputs per item, in prompt order. `split_by_rows` is the
       default for processors that return one row per item.

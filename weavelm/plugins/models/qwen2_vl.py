@@ -69,8 +69,6 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
                                           "lm_head.": "language_model.lm_head."})
     supports_multimodal: ClassVar[bool] = True
     uses_mrope: ClassVar[bool] = True  # forward takes (3, tokens) positions: get_mrope_input_positions
-    # how a chat turn's image is written (Qwen2-VL's chat template: the image token between vision start and end)
-    chat_image_placeholder: ClassVar[str] = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def __init__(self, hf_config: Any, tp: TensorParallelGroup = TensorParallelGroup()):
         super().__init__()
@@ -92,6 +90,12 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
     def load_hf_processor(cls, model_path: str) -> Any:
         """transformers' processor, or the same image path without torchvision (`qwen2_vl_processor.py`)."""
         return load_processor(model_path)
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, index: int) -> str:
+        """How a chat message's item is written (Qwen2-VL's chat template: its token between vision start / end)."""
+        pad = "<|video_pad|>" if modality == "video" else "<|image_pad|>"
+        return f"<|vision_start|>{pad}<|vision_end|>"
 
     @classmethod
     def get_placeholder_token_id(cls, hf_config: Any, modality: str) -> int:
