@@ -21,7 +21,8 @@ from weavelm.layers import MergedColumnParallelLinear, RMSNorm, RowParallelLinea
 from weavelm.plugin import hookimpl
 from weavelm.plugins.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from weavelm.plugins.models.qwen2_vl_vision import (Grid, PatchEmbed, PatchMerger, VisionAttention, VisionDims,
-                                                    VisionRotary, activation, patch_positions, segments_by_length)
+                                                    VisionRotary, activation, frame_bounds, patch_positions,
+                                                    segments_by_length)
 
 
 def window_index(grids: Sequence[Grid], merge_size: int, window: int) -> tuple[torch.Tensor, list[int]]:
@@ -94,12 +95,7 @@ class Qwen2_5VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
         grids = [tuple(int(v) for v in g) for g in grids]
-        frames = [0]
-        for t, h, w in grids:
-            for _ in range(t):
-                frames.append(frames[-1] + h * w)
-        if pixel_values.shape[0] != frames[-1]:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, the grids {grids} need {frames[-1]}")
+        frames = frame_bounds(grids, pixel_values.shape[0])
         unit = self.dims.merge_size ** 2
         order, windows = window_index(grids, self.dims.merge_size, self.window)
 

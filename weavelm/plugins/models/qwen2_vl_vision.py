@@ -130,6 +130,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def frame_bounds(grids: Sequence[Grid], num_patches: int) -> list[int]:
+    """Cumulative patch counts at each frame's end (frames attend within themselves); ValueError when the
+    grids need another number of patch rows than `num_patches`."""
+    bounds = [0]
+    for t, h, w in grids:
+        for _ in range(t):
+            bounds.append(bounds[-1] + h * w)
+    if num_patches != bounds[-1]:
+        raise ValueError(f"pixel_values has {num_patches} patches, the grids {list(grids)} need {bounds[-1]}")
+    return bounds
+
+
 def segments_by_length(cu_seqlens: Sequence[int]) -> list[torch.Tensor]:
     """The segments [cu[i], cu[i+1]) grouped by length: one (segments, length) int64 row index per length, so
     equal-sized frames or windows run as one batched attention call."""
@@ -222,16 +234,9 @@ class Qwen2VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
         grids = [tuple(int(v) for v in g) for g in grids]
-        cu_seqlens = [0]  # frame boundaries: attention stays within one frame
-        for t, h, w in grids:
-            for _ in range(t):
-                cu_seqlens.append(cu_seqlens[-1] + h * w)
-        if pixel_values.shape[0] != cu_seqlens[-1]:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, the grids {grids} need "
-                             f"{cu_seqlens[-1]}")
+        frames = segments_by_length(frame_bounds(grids, pixel_values.shape[0]))
         x = self.patch_embed(pixel_values)
         cos, sin = self.rotary(patch_positions(grids, self.dims.merge_size))
-        frames = segments_by_length(cu_seqlens)
         for block in self.blocks:
             x = block(x, frames, cos, sin)
         return self.merger(x)
