@@ -111,6 +111,10 @@ def test_encoder_inputs_split_per_image_and_batch_back(hf, ours, processed):
         ref = hf.model.visual(p["pixel_values"], grid_thw=p["image_grid_thw"]).pooler_output
     assert [g.shape[0] for g in got] == [4, 8]
     torch.testing.assert_close(torch.cat(got[::-1]), ref, atol=ATOL, rtol=RTOL)
+    from weavelm.errors import MultiModalInputError
+
+    with pytest.raises(MultiModalInputError, match="48 patch rows and 2 grids for 3 items"):
+        ours.split_mm_inputs(p, "image", 3)
 
 
 def test_processor_without_torchvision_matches_transformers(tmp_path_factory):

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from weavelm.errors import MultiModalInputError
 from weavelm.layers import ParallelLMHead, TensorParallelGroup, WeightsMapper, load_checkpoint
 from weavelm.layers.rotary import MRotaryEmbedding
 from weavelm.plugin import ForwardBatch, ModelArchitecture, hookimpl
@@ -109,8 +110,9 @@ class Qwen2VLForConditionalGeneration(ModelArchitecture):
         grids = torch.as_tensor(processor_output[grid_key])
         values = torch.as_tensor(processor_output[values_key])
         if grids.shape[0] != num_items or int(grids.prod(-1).sum()) != values.shape[0]:
-            raise ValueError(f"{values_key}: {values.shape[0]} patch rows and {grids.shape[0]} grids for "
-                             f"{num_items} items")
+            raise MultiModalInputError(f"{values_key}: the processor gave {values.shape[0]} patch rows and "
+                                       f"{grids.shape[0]} grids for {num_items} items; check the model folder's "
+                                       f"preprocessor_config.json")
         rows = values.split(grids.prod(-1).tolist())
         return [{values_key: r.contiguous(), grid_key: g[None].contiguous()} for r, g in zip(rows, grids)]
 
