@@ -1,8 +1,10 @@
 """Images through the engine (issue 27) on a tiny random LLaVA (CLIP vision tower + Llama text model) saved by
-transformers with its LlavaProcessor and SmolLM2's tokenizer plus `<image>`: greedy tokens equal transformers'
-LlavaForConditionalGeneration (fp32, CPU) in a mixed batch, with a 16-token chunked prefill that splits the
-placeholder run, and with an encoder cache too small for two images at once; prefix caching keys on the image;
-bad images fail only their own request, with a typed error."""
+transformers with its LlavaProcessor and SmolLM2's tokenizer plus `<image>`. The shipped contract
+(`weavelm.testing.multimodal`) checks greedy tokens against transformers' LlavaForConditionalGeneration (fp32, CPU)
+for two images and a text prompt in one batch and with a 16-token chunked prefill that splits the placeholder run,
+prefix caching keyed on the image, and a bad image failing alone. Here, on top: token-id prompts, two images with an
+encoder cache that holds one, chat image_url parts, every bad input's typed error, the scheduler's encoder fields,
+the wire format, the M-RoPE hook, and image features of CLIP / SigLIP towers per feature-layer setting."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from tests.mm_fixtures import IMAGE_TOKENS, HFLlava, data_url, llava_registry, make_image, tiny_llava  # noqa: F401
 from weavelm import LLM, SamplingParams
 from weavelm.errors import MultiModalInputError, RequestError
+from weavelm.testing.multimodal import MultiModalContract
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\nand <image>\nCompare them. ASSISTANT:"
@@ -52,6 +55,17 @@ def chunked(llava, registry, one_torch_thread):
     llm.shutdown()
 
 
+class TestLlavaContract(MultiModalContract):
+    """The shipped vision-language contract on the tiny LLaVA."""
+
+    prompt = PROMPT
+    plugin_modules = ("weavelm.plugins.models.llava",)
+
+    @pytest.fixture(scope="class")
+    def checkpoint(self, tiny_llava, one_torch_thread) -> str:
+        return tiny_llava
+
+
 def image_prompt(text: str, *images) -> dict:
     return {"prompt": text, "multi_modal_data": {"image": list(images)}}
 
@@ -61,20 +75,14 @@ def tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def test_batch_of_two_images_and_text_matches_transformers(llm, hf):
-    images = [make_image(0), make_image(1)]
-    got = tokens(llm.generate([image_prompt(PROMPT, images[0]), image_prompt(PROMPT, images[1]),
-                               "Hello there, how are"], GREEDY, use_tqdm=False))
-    want = [hf.greedy(PROMPT, [images[0]], MAX_TOKENS), hf.greedy(PROMPT, [images[1]], MAX_TOKENS),
-            hf.greedy("Hello there, how are", None, MAX_TOKENS)]
-    assert got == want
-    assert got[0] != got[1]  # the image steers the output
-    # token-id prompts: one placeholder per image, expanded by the engine
+def test_token_id_prompt_and_text_prompt_match_transformers(llm, hf):
+    """A token-id prompt carries one placeholder per image; the engine expands it as the processor does."""
+    image = make_image(0)
     ids = hf.processor.tokenizer.encode(PROMPT)
     assert ids.count(llm.engine.processor.mm.placeholder_id) == 1
-    got_ids = tokens(llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": images[0]}}], GREEDY,
-                                  use_tqdm=False))
-    assert got_ids == want[:1]
+    got = tokens(llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": image}},
+                               image_prompt(PROMPT, image)], GREEDY, use_tqdm=False))
+    assert got == [hf.greedy(PROMPT, [image], MAX_TOKENS)] * 2
 
 
 def test_chunked_prefill_splits_the_placeholder_run(chunked, hf):
@@ -85,16 +93,6 @@ def test_chunked_prefill_splits_the_placeholder_run(chunked, hf):
     run = prompt_ids.index(chunked.engine.processor.mm.placeholder_id)
     assert run < 16 < run + IMAGE_TOKENS  # the 16-token chunks cut the run
     assert got == [hf.greedy(PROMPT, [one], MAX_TOKENS), hf.greedy(TWO_IMAGES, [one, two], MAX_TOKENS)]
-
-
-def test_prefix_cache_keys_on_the_image(llm):
-    text = "USER: <image>\nDescribe the picture. ASSISTANT:"
-    first, again, other = (llm.generate([image_prompt(text, make_image(seed))], GREEDY, use_tqdm=False)[0]
-                           for seed in (4, 4, 5))
-    assert first.num_cached_tokens == 0
-    assert again.num_cached_tokens >= 16 and again.outputs[0].token_ids == first.outputs[0].token_ids
-    assert other.num_cached_tokens == 0  # same text and token ids, another image: no shared block
-    assert llm.get_stats().prefix_cache_hit_rate > 0
 
 
 def test_chat_with_a_data_url_matches_transformers(llm, hf):
@@ -183,6 +181,9 @@ def test_scheduler_runs_each_encoder_once_and_frees_it_after_its_run():
     big = make_request("b", list(range(40)), max_tokens=2)
     big.mm_features = [MultiModalFeature("image", {}, PlaceholderRange(0, 11), "big")]
     assert "encoder budget is 10" in sched.check_request(big)
+    whole = make_scheduler("fcfs", num_blocks=64, block_size=4, max_num_batched_tokens=64,
+                           enable_chunked_prefill=False, max_num_encoder_input_tokens=10, encoder_cache_size=10)
+    assert "in its one prefill step" in whole.check_request(req)
 
 
 def test_runner_mrope_positions_follow_the_model_across_chunks():

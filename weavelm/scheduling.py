@@ -121,7 +121,8 @@ class BaseScheduler(Scheduler):
                     f"is scheduler.max_num_batched_tokens={opts.max_num_batched_tokens}; shorten the prompt, raise "
                     f"the budget or set scheduler.enable_chunked_prefill: true")
         if request.mm_features:
-            reason = check_encoder_limits(request, opts.max_num_encoder_input_tokens, opts.encoder_cache_size)
+            reason = check_encoder_limits(request, opts.max_num_encoder_input_tokens, opts.encoder_cache_size,
+                                          opts.enable_chunked_prefill)
             if reason is not None:
                 return reason
         longest = min(request.num_prompt_tokens + request.sampling_params.max_tokens, ctx.max_model_len)

@@ -14,8 +14,17 @@ from weavelm import LLM, SamplingParams  # noqa: E402
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 
 
+@pytest.fixture
+def exact_conv():
+    """cuDNN convolutions (the patch embedding) default to TF32 on Ampere+; the CPU reference is exact fp32."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.mark.parametrize("budget", [8192, 16])
-def test_llava_on_cuda_matches_transformers(tiny_llava, llava_registry, budget):
+def test_llava_on_cuda_matches_transformers(tiny_llava, llava_registry, budget, exact_conv):
     llm = LLM(tiny_llava, registry=llava_registry, dtype="float32", device="cuda",
               cache={"num_blocks": 64, "block_size": 16}, model_runner={"cuda_graph_max_bs": 8},
               scheduler={"max_num_batched_tokens": budget, "encoder_cache_size": max(budget, IMAGE_TOKENS)})

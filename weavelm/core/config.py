@@ -70,8 +70,8 @@ class MultiModalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     limit_mm_per_prompt: dict[str, int] = Field(
-        default_factory=lambda: {"image": 4}, description="Most items of each modality in one prompt (vLLM's "
-        "name), e.g. {image: 1}; a prompt with more is refused.")
+        default_factory=lambda: {"image": 999}, description="Most items of each modality in one prompt (vLLM's "
+        "name and V1 default, 999), e.g. {image: 1}; a prompt with more is refused.")
     allowed_local_media_path: str = Field(
         "", description="Directory whose files chat `image_url` parts may name as file:// URLs (vLLM's name); "
         "empty: none. Remote (http/https) URLs are never fetched.")

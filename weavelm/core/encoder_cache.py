@@ -102,13 +102,21 @@ def plan_encoder_inputs(request: Request, num_computed: int, num_tokens: int, bu
     return EncoderPlan(num_tokens, items, cost)
 
 
-def check_encoder_limits(request: Request, max_encoder_tokens: int, cache_size: int) -> str | None:
-    """Why the request's items can never be encoded under these limits, or None."""
+def check_encoder_limits(request: Request, max_encoder_tokens: int, cache_size: int,
+                         chunked_prefill: bool = True) -> str | None:
+    """Why the request's items can never be encoded under these limits, or None. Without chunked prefill a prompt
+    runs in one step, so all its items must fit the limits together."""
     limit = min(max_encoder_tokens, cache_size)
-    for index, feature in enumerate(request.mm_features or ()):
+    features = request.mm_features or ()
+    for index, feature in enumerate(features):
         if feature.num_embeds > limit:
             return (f"multi_modal_data: {feature.modality} {index} needs {feature.num_embeds} encoder tokens but "
                     f"the encoder budget is {limit} (scheduler.max_num_encoder_input_tokens="
                     f"{max_encoder_tokens}, scheduler.encoder_cache_size={cache_size}); send a smaller "
                     f"{feature.modality} or raise both limits")
+    total = sum(f.num_embeds for f in features)
+    if not chunked_prefill and total > limit:
+        return (f"multi_modal_data: the prompt's items need {total} encoder tokens in its one prefill step but the "
+                f"encoder budget is {limit}; send fewer images, raise scheduler.max_num_encoder_input_tokens and "
+                f"scheduler.encoder_cache_size, or enable chunked prefill")
     return None

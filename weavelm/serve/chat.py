@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -94,7 +95,8 @@ async def create_chat_completion(state: ServeState, req: ChatCompletionRequest, 
         media = ChatMedia(turns)
         if has_media(turns):
             engine = state.engine
-            media = flatten_chat_media(turns, engine.processor.image_placeholder, engine.config.multimodal)
+            media = await asyncio.to_thread(  # images are decoded (and the processor loaded) off the event loop
+                lambda: flatten_chat_media(turns, engine.processor.image_placeholder, engine.config.multimodal))
         prompt = media.add_to(await state.prompts.chat(media.conversation, req.add_generation_prompt is not False,
                                                        tools=plan.tools))
         if max_tokens is None:  # the rest of the context, as vLLM does
