@@ -31,9 +31,12 @@ class MultiModalProcessor:
         if self._hf_processor is None:
             from transformers import AutoProcessor
 
+            # an architecture may load its processor itself (`load_hf_processor(path)`, e.g. where transformers'
+            # class needs a library the machine lacks); else transformers' AutoProcessor
+            load = getattr(self.model_cls, "load_hf_processor", None)
             try:
-                self._hf_processor = AutoProcessor.from_pretrained(self.model_path, trust_remote_code=False,
-                                                                   local_files_only=True)
+                self._hf_processor = load(self.model_path) if load is not None else AutoProcessor.from_pretrained(
+                    self.model_path, trust_remote_code=False, local_files_only=True)
             except Exception as e:
                 raise RequestError(f"multi_modal_data: this model has no usable processor beside its weights "
                                    f"({type(e).__name__}: {e}); save the model with its AutoProcessor") from e

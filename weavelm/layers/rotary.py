@@ -17,6 +17,10 @@ factor list of the wrong length, an unknown type) is a `ConfigError` naming the 
   context), cos/sin scaled by `sqrt(1 + ln(factor) / ln(original))`.
 
 `partial_rotary_factor` < 1 rotates only the first `rotary_dim` features of each head and passes the rest.
+
+`MRotaryEmbedding` is the multimodal rotary of Qwen2-VL / Qwen2.5-VL (M-RoPE): each token has three positions
+(temporal, height, width) and the rotary frequencies are split into `mrope_section` runs, run i rotating by row
+i % 3 (transformers reads a checkpoint's rope type `mrope` as `default` plus `mrope_section`).
 """
 
 from __future__ import annotations
@@ -269,3 +273,55 @@ class RotaryEmbedding(nn.Module):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def mrope_section(params: RopeParameters) -> tuple[int, ...]:
+    """The checked `mrope_section` of a multimodal rope section: three positive ints (the frequencies rotated by
+    the temporal, height and width positions) summing to `rotary_dim // 2`; ConfigError otherwise."""
+    section = params.extra.get("mrope_section")
+    half = params.rotary_dim // 2
+    ok = (isinstance(section, (list, tuple)) and len(section) == 3 and
+          all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in section) and sum(section) == half)
+    if not ok:
+        raise ConfigError([("rope_parameters.mrope_section", f"must be three positive integers summing to half the "
+                            f"rotary dimension ({half}) (got {section!r})")])
+    return tuple(section)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal rotary embedding (M-RoPE, Qwen2-VL): `forward` takes positions (3, tokens) - temporal, height
+    and width rows - and rotates frequency run i of `mrope_section` by row i % 3. Text tokens carry the same
+    position on all three rows, so (tokens,) positions are accepted too and rotate exactly as the plain rotary
+    (which also keeps the in-place native path for them)."""
+
+    def _setup(self, params: RopeParameters, max_positions: int) -> None:
+        super()._setup(params, max_positions)
+        self.mrope_section = mrope_section(params)
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (tokens, rotary_dim // 2) in fp32 for (3, tokens) positions."""
+        bounds, start = [], 0
+        for n in self.mrope_section:
+            bounds.append((start, start + n))
+            start += n
+        cos3, sin3 = self.cos_cache[positions], self.sin_cache[positions]  # (3, tokens, rotary_dim // 2)
+        cos = torch.cat([cos3[i % 3, :, a:b] for i, (a, b) in enumerate(bounds)], dim=-1)
+        sin = torch.cat([sin3[i % 3, :, a:b] for i, (a, b) in enumerate(bounds)], dim=-1)
+        return cos, sin
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim); positions: (3, tokens) or (tokens,) int.
+        Rounds cos/sin to q's dtype as transformers does."""
+        if positions.ndim == 1:
+            return super().forward(positions, q, k)
+        cos, sin = self._cos_sin(positions)
+        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+        if self.rotary_dim == self.head_dim:
+            return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        r = self.rotary_dim
+        return (torch.cat((_rotate(q[..., :r], cos, sin), q[..., r:]), dim=-1),
+                torch.cat((_rotate(k[..., :r], cos, sin), k[..., r:]), dim=-1))
+
+    def inplace_ok(self, positions: torch.Tensor, qkv: torch.Tensor) -> bool:
+        """Only (tokens,) positions take the native in-place path."""
+        return positions.ndim == 1 and super().inplace_ok(positions, qkv)
