@@ -37,6 +37,9 @@ class DeviceWorker(Worker):
         self.runner = self.context.build_runner(self.device)
 
     def load_model(self) -> None:
+        # what this process already held on the device (another engine, a test's reference model): not this
+        # engine's, so the KV budget below does not charge it to `gpu_memory_utilization`
+        self._baseline = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         self.runner.load_model()
 
     def model_info(self) -> dict[str, Any]:
@@ -53,7 +56,12 @@ class DeviceWorker(Worker):
             peak = self.runner.profile_peak_memory()
             torch.cuda.empty_cache()
             total = torch.cuda.get_device_properties(self.device).total_memory
-            free_for_kv = int(total * cache.gpu_memory_utilization) - peak
+            own_peak = peak - getattr(self, "_baseline", 0)  # weights + the worst step's activations
+            activations = peak - torch.cuda.memory_allocated(self.device)
+            free_now, _ = torch.cuda.mem_get_info(self.device)
+            # vLLM's rule (this engine's share of the card, minus what it needs besides the KV cache), capped by
+            # what is actually free (other processes or engines on the card keep theirs)
+            free_for_kv = min(int(total * cache.gpu_memory_utilization) - own_peak, free_now - activations)
             n = free_for_kv // per_block
             logger.info("KV cache: peak step %.2f GiB, %d blocks (%.2f GiB)", peak / GIB, n, n * per_block / GIB)
         else:
