@@ -71,8 +71,9 @@ def test_multiproc_tp1_matches_uniproc(tiny_llama):
 
 def test_ray_tp2_matches_tp1(tp_models):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'weavelm[ray]')")
+    started = not ray.is_initialized()
     try:
-        if not ray.is_initialized():
+        if started:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     except Exception as e:  # noqa: BLE001 - any failure to start Ray is a skip with its reason
         print(f"Ray could not start: {e}")
@@ -84,6 +85,9 @@ def test_ray_tp2_matches_tp1(tp_models):
         assert tokens(llm, GREEDY) == want
     finally:
         llm.shutdown()
+        del llm
+        if started:
+            ray.shutdown()  # the local instance this test started (later modules start their own clusters)
 
 
 def test_killed_worker_rank_is_a_typed_error_within_seconds(tiny_llama):

@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -174,8 +177,10 @@ def ray_cluster():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'weavelm[ray]')")
     if shutil.which("ray") is None:
         pytest.skip("the `ray` command is not on PATH")
+    gc.collect()  # another module's engines release their actors in the Ray session they were made in
     if ray.is_initialized():
         ray.shutdown()  # this process's own local Ray (another module's): the engine must join the test cluster
+    saved_address = os.environ.pop("RAY_ADDRESS", None)  # a local ray.init() leaves its address here
     temp = tempfile.mkdtemp(prefix="wlray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     port = _free_port()
     env = {**_env(), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -195,29 +200,58 @@ def ray_cluster():
             ray.shutdown()
         _end_processes(_descendants(temp))
         shutil.rmtree(temp, ignore_errors=True)
+        if saved_address is not None:
+            os.environ["RAY_ADDRESS"] = saved_address
         if saved is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = saved
 
 
-def test_ray_tp2_across_two_nodes(model, ray_cluster):
-    import ray
+RAY_DRIVER = """
+import json, os, signal, sys, time
+import ray
+from tests.test_multinode import ENGINE, GREEDY, _tokens
+from weavelm import LLM
+from weavelm.errors import EngineDeadError
 
-    path, want = model
-    executor = {"name": "ray", "tensor_parallel_size": 2, "address": ray_cluster,
-                "placement_strategy": "STRICT_SPREAD"}
-    llm = LLM(model=path, executor=executor, **ENGINE)
+path, address = sys.argv[1], sys.argv[2]
+executor = {"name": "ray", "tensor_parallel_size": 2, "address": address, "placement_strategy": "STRICT_SPREAD"}
+llm = LLM(model=path, executor=executor, **ENGINE)
+report = {}
+try:
+    report["tokens"] = _tokens(llm)
+    report["nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    table = ray.util.placement_group_table(llm.engine.client.core.executor.placement)
+    report["placed"] = sorted(table["bundles_to_node_id"].values())
+    where = llm.engine.client.core.executor.locations
+    report["pid"] = where[1][1]
+    os.kill(where[1][1], signal.SIGKILL)  # rank 1, on the second node
+    started = time.monotonic()
     try:
-        assert _tokens(llm) == want
-        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        placed = ray.util.placement_group_table(llm.engine.client.core.executor.placement)["bundles_to_node_id"]
-        assert len(nodes) == 2 and set(placed.values()) == nodes  # one rank on each node
-        where = llm.engine.client.core.executor.locations
-        os.kill(where[1][1], signal.SIGKILL)  # rank 1, on the second node
-        started = time.monotonic()
-        with pytest.raises(EngineDeadError, match=f"Ray worker rank 1 .*pid {where[1][1]}"):
-            llm.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY)
-        assert time.monotonic() - started < 10
-    finally:
-        llm.shutdown()
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY)
+        report["error"] = None
+    except EngineDeadError as e:
+        report["error"] = str(e)
+    report["seconds"] = time.monotonic() - started
+finally:
+    llm.shutdown()
+print("REPORT " + json.dumps(report))
+"""
+
+
+def test_ray_tp2_across_two_nodes(model, ray_cluster):
+    """tp=2 over two Ray nodes (one rank each, STRICT_SPREAD) gives transformers' tokens, and killing the rank on the
+    second node is an EngineDeadError naming it within 10 s. The driver is its own process, as a user's is (a Ray
+    session this pytest process started earlier for another module would otherwise be reused)."""
+    path, want = model
+    done = subprocess.run([sys.executable, "-c", RAY_DRIVER, path, ray_cluster], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**_env(), "RAY_AUTH_MODE": "disabled"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    report = json.loads(lines[-1][len("REPORT "):])
+    assert report["tokens"] == want
+    assert len(report["nodes"]) == 2 and sorted(set(report["placed"])) == report["nodes"]  # one rank on each node
+    assert report["error"] is not None and re.search(f"Ray worker rank 1 .*pid {report['pid']}", report["error"]), \
+        report["error"]
+    assert report["seconds"] < 10

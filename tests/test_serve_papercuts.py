@@ -75,7 +75,7 @@ def test_serve_takes_the_model_positionally_and_quantization(tiny_llama):
     args = build_parser().parse_args(["serve", tiny_llama, "--model", "/elsewhere"])
     with pytest.raises(WeaveError, match="MODEL .* and --model '/elsewhere' disagree"):
         _check_args(args)
-    args = build_parser().parse_args(["serve", tiny_llama, "--quantization", "awq"])
+    args = build_parser().parse_args(["serve", tiny_llama, "--quantization", "bitsandbytes"])
     _check_args(args)
-    with pytest.raises(ConfigError, match="quantization: 'awq' is unsupported: weavelm's quantization plugins are"):
+    with pytest.raises(ConfigError, match="quantization: 'bitsandbytes' is unsupported: weavelm's quantization plugins are"):
         engine_config_from_args(args)

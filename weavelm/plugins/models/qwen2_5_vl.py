@@ -19,7 +19,7 @@ from torch import nn
 
 from weavelm.layers import MergedColumnParallelLinear, RMSNorm, RowParallelLinear, TensorParallelGroup
 from weavelm.plugin import hookimpl
-from weavelm.plugins.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from weavelm.plugins.models.qwen2_vl_model import Qwen2VLForConditionalGeneration
 from weavelm.plugins.models.qwen2_vl_vision import (Grid, PatchEmbed, PatchMerger, VisionAttention, VisionDims,
                                                     VisionRotary, activation, frame_bounds, patch_positions,
                                                     segments_by_length)
