@@ -522,31 +522,6 @@ class AsyncDPClient(_DPClient):
         if self._queue is not None:
             self._queue.put_nowait(error)
 
-    def _stop_lockstep(self, replica: Replica, dead: ReplicaDeadError) -> None:
-        """Expert parallelism over the replicas: one dead replica ends them all (each waits in collectives for
-        it). Every request fails with the error naming the replica that died first: one killed from outside if
-        any (the others then fail in its collectives)."""
-        live = self.live()
-        for other in live:
-            code = other.core.proc.exitcode if not other.core.proc.is_alive() else None
-            if code is not None and code < 0:
-                cause = dead_error(other.core.pid, code, None)
-                dead = ReplicaDeadError(f"data-parallel replica {other.index} is dead: {cause}", other.index,
-                                        other.core.pid, code)
-                break
-        cause = dead
-        dead = ReplicaDeadError(f"{dead}; with expert parallelism the replicas share the experts, so every replica "
-                                f"stopped", dead.replica, dead.pid, dead.exitcode)
-        dead.__cause__ = cause
-        replica.dead = dead
-        for other in live:
-            other.dead = dead
-            stop_process(other.core.proc, 1.0)
-            other.core.shutdown()
-            replica.unfinished |= other.unfinished
-            other.unfinished.clear()
-            self._fail_calls(other, dead)
-
     def _record_lost(self, request_id: str, error: ReplicaDeadError) -> None:
         self._lost[request_id] = error
 
